@@ -1,0 +1,27 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both set up a virtual environment in .venv on first use (CPU only; nothing is downloaded at run time).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/synthmed validate dataset_specs/*.yaml
+	$(BIN)/synthmed plan dataset_specs/pneumonia.yaml -o out/demo/cases.jsonl
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_plan.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

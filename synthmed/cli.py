@@ -1,0 +1,177 @@
+"""The ``synthmed`` command: one thin command per library entry point.
+
+Exit codes: 0 ok, 1 failure, 2 usage or spec error. Expected errors print a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .spec import SpecError, load_spec
+
+
+def _fail_spec(e: SpecError) -> None:
+    click.echo(str(e), err=True)
+    raise SystemExit(2)
+
+
+def _print_warnings(spec) -> None:
+    for w in spec.warnings:
+        click.echo(w.format(spec.source), err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="synthmed")
+def main() -> None:
+    """Build labelled synthetic chest X-ray training sets from a YAML spec.
+
+    \b
+    synthmed validate dataset_specs/pneumonia.yaml
+    synthmed plan dataset_specs/pneumonia.yaml -o out/cases.jsonl
+    """
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
+def validate(specs: tuple[Path, ...], quiet: bool) -> None:
+    """Check one or more specs: strict YAML, the JSON Schema, then meaning.
+
+    Every problem is listed with its file, line, column and JSON path. Exits 2 if any spec is wrong.
+    """
+    failed = 0
+    for path in specs:
+        try:
+            spec = load_spec(path)
+        except SpecError as e:
+            click.echo(str(e), err=True)
+            failed += 1
+            continue
+        _print_warnings(spec)
+        if not quiet:
+            click.echo(f"ok: {path}: '{spec.name}', {spec.count:,} cases, {len(spec.findings)} finding entries, "
+                       f"spec sha256 {spec.spec_hash[:12]}")
+    if failed:
+        click.echo(f"{failed} of {len(specs)} spec{'s' if len(specs) != 1 else ''} failed validation", err=True)
+        raise SystemExit(2)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the cases to this file: .jsonl (one Case per line) or .csv (flat, with CheXpert columns and prompts).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the summary table as CSV instead of text.")
+@click.option("--show", default=5, show_default=True, type=click.IntRange(0, 1000), help="How many prompts to print.")
+@click.option("--limit", type=click.IntRange(1), help="Plan only the first N cases (the same ones a full run starts with).")
+def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: int | None) -> None:
+    """Show what a spec will produce: counts per finding x location x severity x split, and the first prompts."""
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        _fail_spec(e)
+    _print_warnings(spec)
+    if output is not None and output.suffix.lower() not in (".jsonl", ".csv"):
+        raise click.UsageError(f"--output must end in .jsonl or .csv, got '{output.name}'")
+    from .prompts import build_prompt
+    from .sampler import sample_cases
+
+    cases = sample_cases(spec, limit=limit)
+    rows = cases.counts()
+    splits = list(spec.splits.keys)
+    if as_csv:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["finding", "location", "severity", *splits, "total", "target"],
+                                lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "target": f"{row['target']:.4f}"})
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        click.echo(_summary_text(spec, cases, rows, splits, show, build_prompt))
+    if output is not None:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            if output.suffix.lower() == ".jsonl":
+                cases.write_jsonl(output)
+            else:
+                _write_cases_csv(cases, spec, output)
+        except OSError as e:
+            click.echo(f"error: could not write {output}: {e.strerror or e}", err=True)
+            raise SystemExit(1)
+        click.echo(f"wrote {len(cases):,} cases to {output}", err=as_csv)
+
+
+def _summary_text(spec, cases, rows, splits, show, build_prompt) -> str:
+    import numpy as np
+
+    lines = [f"{spec.name}  ({spec.source})",
+             f"{len(cases):,} cases · allocation {spec.allocation} · seed {spec.seed} · spec sha256 {spec.spec_hash[:12]}"]
+    widths = [max(7, *(len(r["finding"]) for r in rows)), max(8, *(len(r["location"]) for r in rows)),
+              max(8, *(len(r["severity"]) for r in rows))]
+    num_w = [max(len(s), 6) for s in splits]
+    head = (f"{'finding':<{widths[0]}}  {'location':<{widths[1]}}  {'severity':<{widths[2]}}  "
+            + "  ".join(f"{s:>{w}}" for s, w in zip(splits, num_w)) + f"  {'total':>7}  {'target':>9}")
+    lines += ["", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['finding']:<{widths[0]}}  {r['location']:<{widths[1]}}  {r['severity']:<{widths[2]}}  "
+                     + "  ".join(f"{r[s]:>{w}}" for s, w in zip(splits, num_w))
+                     + f"  {r['total']:>7}  {r['target']:>9.2f}")
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<{widths[0] + widths[1] + widths[2] + 4}}  "
+                 + "  ".join(f"{sum(r[s] for r in rows):>{w}}" for s, w in zip(splits, num_w))
+                 + f"  {len(cases):>7}")
+    cols = cases.columns()
+
+    def shares(names, column):
+        counts = np.bincount(column, minlength=len(names))
+        return ", ".join(f"{n} {c:,} ({100 * c / max(len(cases), 1):.1f}%)" for n, c in zip(names, counts))
+
+    ages = cols["age"].astype(float)
+    lines += ["", f"sex:  {shares(spec.sex.keys, cols['sex'])}",
+              f"view: {shares(spec.view.keys, cols['view'])}",
+              f"age:  mean {ages.mean():.1f}, sd {ages.std():.1f}, range {int(ages.min())}-{int(ages.max())}"]
+    if show:
+        lines += ["", f"first prompts (template {spec.prompt.template_id}):"]
+        for case in cases[:show]:
+            lines.append(f"  {case.case_id}  {build_prompt(case, spec.prompt).text}")
+        if spec.prompt.negative:
+            lines.append(f"  negative: {spec.prompt.negative}")
+    return "\n".join(lines)
+
+
+def _write_cases_csv(cases, spec, output: Path) -> None:
+    from .atomic import atomic_write_text_lines
+    from .prompts import build_prompt
+    from .vocabulary import CHEXPERT_COLUMNS, get_vocabulary
+
+    vocab = get_vocabulary()
+    fields = ["case_id", "index", "split", "seed", "findings", *CHEXPERT_COLUMNS, "sex", "age", "view",
+              "prompt", "negative_prompt", "prompt_template"]
+
+    def lines():
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="")
+        writer.writerow(fields)
+        yield buf.getvalue()
+        for case in cases:
+            buf.seek(0)
+            buf.truncate()
+            prompt = build_prompt(case, spec.prompt, vocab)
+            long_form = "|".join(":".join(x or "" for x in (f.finding, f.location, f.severity)) for f in case.findings)
+            labels = case.chexpert_labels(vocab)
+            writer.writerow([case.case_id, case.index, case.split, case.seed, long_form,
+                             *(labels[c] for c in CHEXPERT_COLUMNS), case.sex, case.age, case.view,
+                             prompt.text, prompt.negative, prompt.template_id])
+            yield buf.getvalue()
+
+    atomic_write_text_lines(output, lines())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""Load and validate dataset specs: strict YAML, then JSON Schema, then meaning.
+
+Every problem found is collected into one :class:`SpecError`, each with its JSON path and
+its line and column in the file, so a user fixes a spec in one pass.
+
+Example:
+    >>> spec = load_spec('''
+    ... spec_version: 1
+    ... name: demo
+    ... count: 10
+    ... findings:
+    ...   - {finding: pneumonia, weight: 1, location: right_lower_lobe, severity: {mild: 1, severe: 1}}
+    ... ''')
+    >>> spec.findings[0].severity.as_dict()
+    {'mild': 0.5, 'severe': 0.5}
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .strict_yaml import StrictYamlError, YamlDocument, load_strict_yaml
+from .vocabulary import get_vocabulary, schemas_dir
+
+SPEC_VERSION = 1
+DEFAULT_AGE = {"distribution": "truncated_normal", "mean": 55, "sd": 15, "min": 18, "max": 90}
+
+
+# ----------------------------------------------------------------------------- errors
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """One problem in a spec: where (JSON path, line, column) and what."""
+
+    path: tuple
+    message: str
+    line: int | None = None
+    column: int | None = None
+    level: str = "error"  # or "warning"
+
+    @property
+    def json_path(self) -> str:
+        """The path written as ``findings[1].location.rll`` (``<root>`` for the whole spec)."""
+        return format_path(self.path)
+
+    def format(self, source: str) -> str:
+        where = source if self.line is None else f"{source}:{self.line}:{self.column}"
+        prefix = "warning: " if self.level == "warning" else ""
+        return f"{where}: {prefix}{self.json_path}: {self.message}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``.problems`` lists every problem found.
+
+    Example:
+        >>> try:
+        ...     load_spec("spec_version: 1\\nname: x\\ncount: 0\\nfindings: []")
+        ... except SpecError as e:
+        ...     print(len(e.problems))
+        2
+    """
+
+    def __init__(self, problems: list[SpecProblem], source: str = "<spec>"):
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.column or 0))
+        self.source = source
+        n = len(self.problems)
+        header = f"{source}: {n} problem{'s' if n != 1 else ''} in this spec"
+        super().__init__("\n".join([header] + ["  " + p.format(source) for p in self.problems]))
+
+
+def format_path(path: tuple) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+# ----------------------------------------------------------------------------- the typed spec
+
+@dataclass(frozen=True)
+class Distribution:
+    """Choices with probabilities that sum to 1, in the order the spec gave them."""
+
+    items: tuple[tuple[str, float], ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k for k, _ in self.items)
+
+    @property
+    def probs(self) -> tuple[float, ...]:
+        return tuple(p for _, p in self.items)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.items)
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, float]) -> "Distribution":
+        total = math.fsum(weights.values())
+        return cls(tuple((k, float(w) / total) for k, w in weights.items()))
+
+
+@dataclass(frozen=True)
+class AgeSpec:
+    """Age distribution in whole years; see the schema for the four kinds."""
+
+    distribution: str
+    mean: float | None = None
+    sd: float | None = None
+    min: int | None = None
+    max: int | None = None
+    value: int | None = None
+    bins: tuple[tuple[int, int, float], ...] = ()  # (low, high inclusive, probability)
+
+
+@dataclass(frozen=True)
+class FindingComponent:
+    """One entry of the finding mixture, with canonical ids and normalised weights."""
+
+    index: int
+    findings: tuple[str, ...]
+    weight: float
+    location: Distribution | None
+    severity: Distribution | None
+    remarks: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.findings)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    width: int = 256
+    height: int = 256
+    formats: tuple[str, ...] = ("dicom", "png")
+    bit_depth: int = 16
+    dicom_iod: str = "sc"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    template: str
+    template_id: str  # a built-in name, or "custom-<sha256[:8]>": the prompt version recorded with every case
+    emphasis: tuple[tuple[str, float], ...] = ()
+    negative: str = ""
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    backend: str = "diffusion"
+    model: str = "default"
+    steps: int = 20
+    guidance_scale: float = 4.0
+    scheduler: str = "dpm_solver"
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A validated, immutable dataset spec. Build it with :func:`load_spec`."""
+
+    name: str
+    seed: int
+    count: int
+    allocation: str
+    splits: Distribution
+    image: ImageSpec
+    sex: Distribution
+    age: AgeSpec
+    view: Distribution
+    findings: tuple[FindingComponent, ...]
+    prompt: PromptSpec
+    generator: GeneratorSpec
+    spec_hash: str
+    canonical_json: str = field(repr=False)
+    description: str = ""
+    source: str = "<spec>"
+    warnings: tuple[SpecProblem, ...] = ()
+    spec_version: int = SPEC_VERSION
+
+    def to_dict(self) -> dict:
+        """The spec document as written (a fresh copy), e.g. for a dataset card."""
+        return json.loads(self.canonical_json)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | None = None) -> DatasetSpec:
+    """Load a spec from a path, YAML text, bytes or a mapping, and validate it fully.
+
+    Raises:
+        SpecError: listing every problem, each with its JSON path and line:column.
+
+    Example:
+        >>> load_spec("dataset_specs/pneumonia.yaml").count  # doctest: +SKIP
+        1000
+    """
+    if isinstance(spec, Mapping):
+        doc = YamlDocument(data=json.loads(json.dumps(spec)), source=source or "<mapping>")
+    else:
+        try:
+            doc = load_strict_yaml(spec, source)
+        except StrictYamlError as e:
+            raise SpecError([SpecProblem(p.path, p.message, p.line, p.column) for p in e.problems], e.source) from None
+    return _build(doc)
+
+
+
+
+_SCHEMA_VALIDATOR = None
+
+
+def _schema_validator():
+    global _SCHEMA_VALIDATOR
+    if _SCHEMA_VALIDATOR is None:
+        import jsonschema
+
+        schema = json.loads((schemas_dir() / "dataset_spec.schema.json").read_text(encoding="utf-8"))
+        _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(schema)
+    return _SCHEMA_VALIDATOR
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "text", list: "a list",
+            dict: "a mapping", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
+
+
+def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
+    """JSON Schema errors, rewritten to say what is wrong in the user's words."""
+    problems: list[SpecProblem] = []
+    seen: set = set()
+
+    def add(path: tuple, message: str, key: bool = False):
+        if (path, message) in seen:
+            return
+        seen.add((path, message))
+        line, col = doc.position(path, key=key) or (None, None)
+        problems.append(SpecProblem(path, message, line, col))
+
+    def visit(error, base_path=()):
+        path = tuple(base_path) + tuple(error.absolute_path)
+        v, inst, sch = error.validator, error.instance, error.schema
+        if v == "additionalProperties" and isinstance(inst, dict):
+            allowed = list(sch.get("properties", {}))
+            for k in inst:
+                if k not in allowed:
+                    extra = _suggest(k, allowed) if allowed else ""
+                    where = f" (allowed: {', '.join(allowed)})" if allowed and not extra else ""
+                    add(path + (k,), f"unknown key '{k}'{extra}{where}", key=True)
+            if not allowed:  # additionalProperties is a sub-schema (weights): type errors inside
+                for sub in error.context or ():
+                    visit(sub)
+        elif v == "additionalProperties":
+            pass
+        elif v == "required":
+            missing = error.message.split("'")[1] if "'" in error.message else error.message
+            add(path, f"missing required key '{missing}'")
+        elif v == "type":
+            want = sch["type"] if isinstance(sch["type"], list) else [sch["type"]]
+            names = {"string": "text", "object": "a mapping", "array": "a list", "integer": "an integer",
+                     "number": "a number", "boolean": "true or false"}
+            add(path, f"expected {' or '.join(names.get(w, w) for w in want)}, got {_type_name(inst)} {inst!r}"[:300])
+        elif v == "enum":
+            choices = sch["enum"]
+            add(path, f"{inst!r} is not one of {', '.join(map(str, choices))}{_suggest(inst, choices)}")
+        elif v == "const":
+            add(path, f"must be {sch['const']!r}, got {inst!r}")
+        elif v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            bound = sch[v]
+            rel = {"minimum": f"at least {bound}", "maximum": f"at most {bound}",
+                   "exclusiveMinimum": f"greater than {bound}", "exclusiveMaximum": f"less than {bound}"}[v]
+            hint = " (weights must be positive; remove an entry instead of giving it 0)" if v == "exclusiveMinimum" and bound == 0 else ""
+            add(path, f"must be {rel}, got {inst!r}{hint}")
+        elif v == "multipleOf":
+            add(path, f"must be a multiple of {sch['multipleOf']}, got {inst!r}")
+        elif v == "pattern":
+            if path and path[-1] == "name" or path == ("name",):
+                add(path, f"{inst!r} is not safe as a file name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            else:
+                add(path, f"{inst!r} does not match the pattern {sch['pattern']}")
+        elif v == "propertyNames":
+            for sub in error.context or ():
+                key_path = path + (str(sub.instance),)
+                add(key_path, f"'{sub.instance}' is not allowed as a name here: use letters, digits, '_' or '-'"
+                    if "pattern" in sub.schema else sub.message, key=True)
+        elif v in ("minItems", "maxItems", "minProperties", "maxProperties", "minLength", "maxLength"):
+            bound = sch[v]
+            what = {"minItems": f"at least {bound} item(s)", "maxItems": f"at most {bound} items",
+                    "minProperties": f"at least {bound} entr{'y' if bound == 1 else 'ies'}",
+                    "maxProperties": f"at most {bound} entries", "minLength": f"at least {bound} character(s)",
+                    "maxLength": f"at most {bound} characters"}[v]
+            add(path, f"must have {what}")
+        elif v == "uniqueItems":
+            add(path, f"has repeated items: {inst!r}")
+        elif v == "anyOf":
+            if path and path[-1] == "size":
+                add(path, f"expected a size (integer 64..1024, a multiple of 8) or [width, height], got {inst!r}")
+            else:
+                add(path, error.message)
+        else:
+            add(path, error.message)
+
+    for error in _schema_validator().iter_errors(doc.data):
+        visit(error)
+    return problems
+
+
+def _build(doc: YamlDocument) -> DatasetSpec:
+    source = doc.source
+    problems = _schema_problems(doc)
+    bad_paths = [p.path for p in problems]
+    checker = _MeaningChecker(doc, bad_paths)
+    result = checker.run()
+    problems += checker.problems
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise SpecError(errors, source)
+    assert result is not None
+    return result
+
+
+class _MeaningChecker:
+    """Second layer: what the schema cannot say (vocabulary, combinations, ranges that depend on each other)."""
+
+    def __init__(self, doc: YamlDocument, bad_paths: list[tuple]):
+        self.doc = doc
+        self.data = doc.data if isinstance(doc.data, dict) else {}
+        self.bad_paths = bad_paths
+        self.problems: list[SpecProblem] = []
+        self.vocab = get_vocabulary()
+
+    def error(self, path: tuple, message: str, *, key: bool = False, level: str = "error"):
+        line, col = self.doc.position(path, key=key) or (None, None)
+        self.problems.append(SpecProblem(tuple(path), message, line, col, level))
+
+    def ok(self, path: tuple) -> bool:
+        """True when the schema found nothing wrong at or under ``path``."""
+        n = len(path)
+        return not any(tuple(b[:n]) == tuple(path) for b in self.bad_paths)
+
+    def get(self, *path, default=None):
+        node: Any = self.data
+        for part in path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                return default
+        return node
+
+    # -- helpers
+    def weights(self, path: tuple, value: Any, section: str | None) -> dict[str, float] | None:
+        """Resolve a weights mapping (or one value) to canonical ids; report unknown and repeated keys."""
+        if not self.ok(path) or value is None:
+            return None
+        if isinstance(value, str):
+            value = {value: 1.0}
+            single = True
+        else:
+            single = False
+        out: dict[str, float] = {}
+        for key, w in value.items():
+            kpath = path if single else path + (key,)
+            canonical = key
+            if section is not None:
+                canonical = self.vocab.resolve(section, key)
+                if canonical is None:
+                    hints = self.vocab.suggest(section, key)
+                    hint = f"; did you mean '{hints[0]}'?" if hints else ""
+                    known = "" if hint else f" (known: {', '.join(self.vocab.section(section))})"
+                    self.error(kpath, f"unknown {section} '{key}'{hint}{known}", key=not single)
+                    continue
+            if canonical in out:
+                self.error(kpath, f"'{key}' means '{canonical}', which is already listed", key=not single)
+                continue
+            out[canonical] = float(w)
+        total = math.fsum(out.values())
+        if out and not single and len(out) > 1 and 0.9 < total < 1.1 and abs(total - 1) > 1e-9:
+            self.error(path, f"weights sum to {total:g}, not 1; they are divided by their sum", level="warning")
+        return out or None
+
+    # -- sections
+    def run(self) -> DatasetSpec | None:
+        d = self.data
+        splits = self.weights(("splits",), d.get("splits", {"train": 1}), None)
+        sex = self.weights(("patient", "sex"), self.get("patient", "sex", default={"F": 1, "M": 1}), "sex")
+        view = self.weights(("view",), d.get("view", {"PA": 1}), "view")
+        age = self.age()
+        image = self.image()
+        components = self.components()
+        prompt = self.prompt()
+        generator = self.generator()
+        count, allocation = d.get("count"), d.get("allocation", "exact")
+        if components and isinstance(count, int) and allocation == "exact":
+            from .sampler import enumerate_cells  # no numpy needed
+
+            n_cells = len(enumerate_cells(components, self.vocab))
+            if count < n_cells:
+                self.error(("count",), f"{count} cases cannot cover all {n_cells} finding x location x severity cells; "
+                           "some cells get no case", level="warning")
+        if any(p.level == "error" for p in self.problems) or self.bad_paths:
+            return None
+        canonical = json.dumps(d, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return DatasetSpec(
+            name=d["name"], seed=int(d.get("seed", 0)), count=int(d["count"]), allocation=allocation,
+            splits=Distribution.from_weights(splits), image=image, sex=Distribution.from_weights(sex), age=age,
+            view=Distribution.from_weights(view), findings=tuple(components), prompt=prompt, generator=generator,
+            spec_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(), canonical_json=canonical,
+            description=d.get("description", ""), source=self.doc.source,
+            warnings=tuple(p for p in self.problems if p.level == "warning"))
+
+    def age(self) -> AgeSpec | None:
+        path = ("patient", "age")
+        a = self.get(*path, default=DEFAULT_AGE)
+        if not self.ok(path) or not isinstance(a, dict):
+            return None
+        kind = a["distribution"]
+        if kind == "fixed":
+            return AgeSpec("fixed", value=int(a["value"]))
+        if kind == "categorical":
+            bins = []
+            for label, w in a["bins"].items():
+                lo, _, hi = label.partition("-")
+                lo_i, hi_i = int(lo), int(hi or lo)
+                if lo_i > hi_i or hi_i > 120:
+                    self.error(path + ("bins", label), f"age bin '{label}' must be 'low-high' with low <= high <= 120", key=True)
+                    continue
+                bins.append((lo_i, hi_i, float(w)))
+            bins.sort()
+            for (l1, h1, _), (l2, h2, _) in zip(bins, bins[1:]):
+                if l2 <= h1:
+                    self.error(path + ("bins",), f"age bins {l1}-{h1} and {l2}-{h2} overlap")
+            total = math.fsum(w for *_, w in bins) or 1.0
+            return AgeSpec("categorical", bins=tuple((lo, hi, w / total) for lo, hi, w in bins))
+        lo, hi = int(a["min"]), int(a["max"])
+        if lo > hi:
+            self.error(path + ("min",), f"min ({lo}) is greater than max ({hi})")
+            return None
+        if kind == "uniform":
+            return AgeSpec("uniform", min=lo, max=hi)
+        mean, sd = float(a["mean"]), float(a["sd"])
+        from statistics import NormalDist
+
+        nd = NormalDist(mean, sd)
+        if nd.cdf(hi + 1) - nd.cdf(lo) < 1e-6:
+            self.error(path + ("mean",), f"a normal distribution with mean {mean:g} and sd {sd:g} has almost no mass "
+                       f"between min {lo} and max {hi}")
+            return None
+        return AgeSpec("truncated_normal", mean=mean, sd=sd, min=lo, max=hi)
+
+    def image(self) -> ImageSpec | None:
+        im = self.get("image", default={})
+        if not self.ok(("image",)):
+            return None
+        size = im.get("size", 256)
+        width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return ImageSpec(width=width, height=height, formats=tuple(im.get("formats", ("dicom", "png"))),
+                         bit_depth=int(im.get("bit_depth", 16)), dicom_iod=im.get("dicom_iod", "sc"))
+
+    def components(self) -> list[FindingComponent] | None:
+        items = self.get("findings")
+        if not isinstance(items, list) or not items:
+            return None
+        total = math.fsum(float(c["weight"]) for c in items
+                          if isinstance(c, dict) and isinstance(c.get("weight"), (int, float)) and not isinstance(c.get("weight"), bool))
+        comps: list[FindingComponent] = []
+        seen_sets: dict[tuple, int] = {}
+        for i, c in enumerate(items):
+            path = ("findings", i)
+            if not self.ok(path) or not isinstance(c, dict):
+                continue
+            comp = self.component(path, c, i, total)
+            if comp is None:
+                continue
+            key = (tuple(sorted(comp.findings)), comp.location, comp.severity)
+            if key in seen_sets:
+                self.error(path, f"same findings, locations and severities as findings[{seen_sets[key]}]; "
+                           "merge the two entries (add their weights)", level="warning")
+            seen_sets[key] = i
+            comps.append(comp)
+        return comps if len(comps) == len(items) else None
+
+    def component(self, path: tuple, c: dict, index: int, total: float) -> FindingComponent | None:
+        raw = c["finding"]
+        names = [raw] if isinstance(raw, str) else list(raw)
+        findings: list[str] = []
+        n_errors = len(self.problems)
+        for j, name in enumerate(names):
+            fpath = path + ("finding",) + (() if isinstance(raw, str) else (j,))
+            fid = self.vocab.resolve("finding", name)
+            if fid is None:
+                hints = self.vocab.suggest("finding", name)
+                hint = f"; did you mean '{hints[0]}'?" if hints else f" (known: {', '.join(self.vocab.findings)})"
+                self.error(fpath, f"unknown finding '{name}'{hint}")
+            elif fid in findings:
+                self.error(fpath, f"'{name}' is listed twice in one entry")
+            else:
+                findings.append(fid)
+        if len(self.problems) > n_errors:
+            return None
+        for fid in findings:
+            f = self.vocab.findings[fid]
+            if f.exclusive and len(findings) > 1:
+                self.error(path + ("finding",), f"'{fid}' cannot occur together with other findings")
+                return None
+            if f.parent and f.parent in findings:
+                self.error(path + ("finding",), f"'{fid}' is a kind of '{f.parent}'; list only one of them")
+                return None
+        located = [f for f in findings if self.vocab.findings[f].location_kinds]
+        graded = [f for f in findings if self.vocab.findings[f].severity]
+        location = severity = None
+        if "location" in c:
+            if not located:
+                self.error(path + ("location",), f"{' and '.join(findings)} take{'s' if len(findings) == 1 else ''} no location; remove 'location'", key=True)
+            loc = self.weights(path + ("location",), c["location"], "location")
+            if loc and located:
+                for lid in loc:
+                    for fid in located:
+                        if self.vocab.project_location(lid, fid) is None:
+                            admitted = ", ".join(self.vocab.admitted_locations(fid))
+                            lpath = path + ("location",) + (() if isinstance(c["location"], str) else (lid,))
+                            self.error(lpath, f"'{fid}' cannot be at '{lid}' (it admits: {admitted})",
+                                       key=not isinstance(c["location"], str))
+                location = Distribution.from_weights(loc)
+        if "severity" in c:
+            if not graded:
+                self.error(path + ("severity",), f"{' and '.join(findings)} take{'s' if len(findings) == 1 else ''} no severity; remove 'severity'", key=True)
+            sev = self.weights(path + ("severity",), c["severity"], "severity")
+            if sev:
+                order = list(self.vocab.severities)
+                severity = Distribution.from_weights(dict(sorted(sev.items(), key=lambda kv: order.index(kv[0]))))
+        if len(self.problems) > n_errors and any(p.level == "error" for p in self.problems[n_errors:]):
+            return None
+        return FindingComponent(index=index, findings=tuple(findings), weight=float(c["weight"]) / total,
+                                location=location, severity=severity, remarks=c.get("remarks"))
+
+    def prompt(self) -> PromptSpec | None:
+        from .prompts import BUILTIN_TEMPLATES, EMPHASIS_ROLES, check_template
+
+        p = self.get("prompt", default={})
+        if not self.ok(("prompt",)):
+            return None
+        template = p.get("template", "synthmed-v1")
+        by_text = {text: name for name, text in BUILTIN_TEMPLATES.items()}
+        if template in BUILTIN_TEMPLATES:
+            text, template_id = BUILTIN_TEMPLATES[template], template
+        elif template in by_text:  # a built-in written out keeps its version id
+            text, template_id = template, by_text[template]
+        else:
+            text = template
+            template_id = "custom-" + hashlib.sha256(template.encode("utf-8")).hexdigest()[:8]
+            for message in check_template(template):
+                self.error(("prompt", "template"), message)
+        emphasis = p.get("emphasis", {})
+        for role in emphasis:
+            if role not in EMPHASIS_ROLES:
+                self.error(("prompt", "emphasis", role), f"unknown role '{role}'{_suggest(role, EMPHASIS_ROLES)} "
+                           f"(roles: {', '.join(EMPHASIS_ROLES)})", key=True)
+        return PromptSpec(template=text, template_id=template_id,
+                          emphasis=tuple((k, float(v)) for k, v in emphasis.items()), negative=p.get("negative", ""))
+
+    def generator(self) -> GeneratorSpec | None:
+        g = self.get("generator", default={})
+        if not self.ok(("generator",)):
+            return None
+        defaults = GeneratorSpec()
+        return GeneratorSpec(**{k: g.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__})
