@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,11 +17,15 @@ demo: $(STAMP)
 	$(BIN)/synthmed validate dataset_specs/*.yaml
 	$(BIN)/synthmed plan dataset_specs/pneumonia.yaml -o out/demo/cases.jsonl
 
-test: $(STAMP)
+system-deps:
+	./scripts/install-system-deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_plan.py
+	$(BIN)/python benchmarks/bench_writers.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -38,7 +38,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
 def validate(specs: tuple[Path, ...], quiet: bool) -> None:
     """Check one or more specs: strict YAML, the JSON Schema, then meaning.
@@ -63,7 +63,7 @@ def validate(specs: tuple[Path, ...], quiet: bool) -> None:
 
 
 @main.command()
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the cases to this file: .jsonl (one Case per line) or .csv (flat, with CheXpert columns and prompts).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the summary table as CSV instead of text.")
@@ -105,6 +105,53 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
             click.echo(f"error: could not write {output}: {e.strerror or e}", err=True)
             raise SystemExit(1)
         click.echo(f"wrote {len(cases):,} cases to {output}", err=as_csv)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: new, empty, or one an earlier run wrote (with --resume or --overwrite).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run: verify what is there by sha256, redo the rest.")
+@click.option("--overwrite", is_flag=True, help="Delete what an earlier run wrote in the folder and start again.")
+@click.option("--limit", type=click.IntRange(1), help="Build only the first N cases (the same ones a full run starts with).")
+@click.option("--backend", type=click.Choice(["diffusion", "phantom", "pattern"]),
+              help="Override generator.backend (pattern: a fast test pattern with exact masks, for dry runs).")
+@click.option("--model", help="Override generator.model: 'default' or a local diffusers pipeline folder.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), help="Override generator.batch_size; never changes an image.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: int | None, backend: str | None,
+             model: str | None, batch_size: int | None, quiet: bool) -> None:
+    """Build the dataset: images (DICOM, PNG), masks, manifest.csv and the dataset card.
+
+    Ctrl-C finishes the current batch and stops; rerun with --resume to finish.
+    """
+    from .build import BuildError
+    from .build import generate as run_generate
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        _fail_spec(e)
+    _print_warnings(spec)
+    try:
+        result = run_generate(spec, out, resume=resume, overwrite=overwrite, limit=limit, backend=backend,
+                              model=model, batch_size=batch_size, progress=not quiet)
+    except BuildError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; rerun with --resume to finish: synthmed generate {spec_path} -o {out} --resume", err=True)
+        raise SystemExit(130)
+    if result.interrupted:
+        click.echo(f"interrupted after {result.written} new images; rerun with --resume to finish: "
+                   f"synthmed generate {spec_path} -o {out} --resume", err=True)
+        raise SystemExit(130)
+    rate = result.written / result.seconds if result.seconds > 0 else 0.0
+    click.echo(f"wrote {result.written:,} images ({result.reused:,} kept from before) of {result.total:,} "
+               f"in {result.seconds:.1f} s ({rate:.1f} images/s)")
+    click.echo(f"  images:   {out / 'images'}  {out / 'dicom'}")
+    click.echo(f"  manifest: {result.manifest}")
+    click.echo(f"  card:     {out / 'dataset_card.json'}")
 
 
 def _summary_text(spec, cases, rows, splits, show, build_prompt) -> str:

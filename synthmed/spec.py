@@ -210,7 +210,11 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
         1000
     """
     if isinstance(spec, Mapping):
-        doc = YamlDocument(data=json.loads(json.dumps(spec)), source=source or "<mapping>")
+        source = source or "<mapping>"
+        bad = list(_non_json_values(spec, ()))
+        if bad:
+            raise SpecError([SpecProblem(path, message) for path, message in bad], source)
+        doc = YamlDocument(data=json.loads(json.dumps(spec)), source=source)
     else:
         try:
             doc = load_strict_yaml(spec, source)
@@ -219,6 +223,22 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
     return _build(doc)
 
 
+
+
+def _non_json_values(value: Any, path: tuple):
+    """(path, message) for every value of a mapping spec that JSON (and so YAML) cannot hold."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                yield path, f"key {k!r} must be text"
+            yield from _non_json_values(v, path + (str(k),))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _non_json_values(v, path + (i,))
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield path, f"{value!r}: NaN and infinity are not allowed"
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        yield path, f"expected text, a number, true/false, a list or a mapping, got {type(value).__name__}"
 
 
 _SCHEMA_VALIDATOR = None
@@ -292,6 +312,8 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
             add(path, f"must be {rel}, got {inst!r}{hint}")
         elif v == "multipleOf":
             add(path, f"must be a multiple of {sch['multipleOf']}, got {inst!r}")
+        elif v == "pattern" and "propertyNames" in error.schema_path:
+            add(path + (str(inst),), f"'{inst}' is not allowed as a name here: use letters, digits, '_' or '-'", key=True)
         elif v == "pattern":
             if path and path[-1] == "name" or path == ("name",):
                 add(path, f"{inst!r} is not safe as a file name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -473,7 +495,7 @@ class _MeaningChecker:
         if not self.ok(("image",)):
             return None
         size = im.get("size", 256)
-        width, height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        width, height = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
         return ImageSpec(width=width, height=height, formats=tuple(im.get("formats", ("dicom", "png"))),
                          bit_depth=int(im.get("bit_depth", 16)), dicom_iod=im.get("dicom_iod", "sc"))
 
@@ -483,6 +505,8 @@ class _MeaningChecker:
             return None
         total = math.fsum(float(c["weight"]) for c in items
                           if isinstance(c, dict) and isinstance(c.get("weight"), (int, float)) and not isinstance(c.get("weight"), bool))
+        if len(items) > 1 and 0.9 < total < 1.1 and abs(total - 1) > 1e-9:
+            self.error(("findings",), f"weights sum to {total:g}, not 1; they are divided by their sum", level="warning")
         comps: list[FindingComponent] = []
         seen_sets: dict[tuple, int] = {}
         for i, c in enumerate(items):

@@ -69,7 +69,7 @@ class YamlDocument:
             if path in self.value_marks:
                 return self.value_marks[path]
             path = path[:-1]
-        return self.value_marks.get((), (1, 1))
+        return self.value_marks.get(())  # None for data that came without text (a mapping)
 
 
 # YAML 1.2 core schema
@@ -103,7 +103,10 @@ def _resolve_plain(value: str) -> tuple[Any, str | None]:
     if _INT.match(value):
         return int(value), None
     if _FLOAT.match(value):
-        return float(value), None
+        number = float(value)
+        if number in (float("inf"), float("-inf")):
+            return value, f"'{value}' is too large a number (it overflows to infinity)"
+        return number, None
     if _UNDERSCORE_NUM.match(value) and any(c.isdigit() for c in value):
         return value, f"'{value}' is a number in YAML 1.1 but a string in YAML 1.2; write it without '_', or quote it"
     if _SEXAGESIMAL.match(value):
@@ -115,11 +118,19 @@ def _resolve_plain(value: str) -> tuple[Any, str | None]:
     return value, None
 
 
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long or not a valid path: it is text
+        return False
+
+
 def read_text(path_or_text: str | Path | bytes, source: str | None = None) -> tuple[str, str]:
     """Return (text, source name) from a path, bytes or text; refuse binary, non-UTF-8 and >1 MiB input."""
     raw: bytes
     if isinstance(path_or_text, Path) or (isinstance(path_or_text, str) and "\n" not in path_or_text and (
-            path_or_text.strip().endswith((".yaml", ".yml", ".json")) or Path(path_or_text).is_file())):
+            path_or_text.strip().endswith((".yaml", ".yml", ".json")) or _is_file(path_or_text)
+            or (path_or_text.strip() and not any(c in path_or_text for c in ":{[")))):
         p = Path(path_or_text)
         source = source or str(path_or_text)
         if not p.exists():
@@ -176,17 +187,27 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
     def mark(ev) -> tuple[int, int]:
         return ev.start_mark.line + 1, ev.start_mark.column + 1
 
-    try:
-        events = list(yaml.parse(text, Loader=yaml.SafeLoader))
-    except yaml.MarkedYAMLError as e:
-        m = e.problem_mark or e.context_mark
-        msg = " ".join(s for s in (e.context, e.problem) if s)
-        raise StrictYamlError([YamlProblem(f"YAML syntax error: {msg}", m.line + 1 if m else None,
-                                           m.column + 1 if m else None)], source) from None
-    except yaml.YAMLError as e:
-        raise StrictYamlError([YamlProblem(f"YAML syntax error: {e}")], source) from None
+    stream = yaml.parse(text, Loader=yaml.SafeLoader)
+    lookahead: list = []
 
-    pos = 0
+    def peek():
+        """The next event, parsed lazily so that excessive nesting stops the parse early."""
+        if not lookahead:
+            try:
+                lookahead.append(next(stream))
+            except yaml.MarkedYAMLError as e:
+                m = e.problem_mark or e.context_mark
+                msg = " ".join(s for s in (e.context, e.problem) if s)
+                raise StrictYamlError([YamlProblem(f"YAML syntax error: {msg}", m.line + 1 if m else None,
+                                                   m.column + 1 if m else None)], source) from None
+            except yaml.YAMLError as e:
+                raise StrictYamlError([YamlProblem(f"YAML syntax error: {e}")], source) from None
+        return lookahead[0]
+
+    def take():
+        ev = peek()
+        lookahead.pop()
+        return ev
 
     def check_node_event(ev, path):
         if getattr(ev, "anchor", None):
@@ -196,9 +217,7 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
             problems.append(YamlProblem(f"explicit tags ('{tag}') are not allowed", *mark(ev), path))
 
     def build(path: tuple, depth: int):
-        nonlocal pos
-        ev = events[pos]
-        pos += 1
+        ev = take()
         if depth > MAX_DEPTH:
             raise StrictYamlError([YamlProblem(f"nesting deeper than {MAX_DEPTH} levels", *mark(ev), path)], source)
         doc.value_marks[path] = mark(ev)
@@ -215,21 +234,21 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
             return ev.value
         if isinstance(ev, yaml.SequenceStartEvent):
             items = []
-            while not isinstance(events[pos], yaml.SequenceEndEvent):
+            while not isinstance(peek(), yaml.SequenceEndEvent):
                 items.append(build(path + (len(items),), depth + 1))
-            pos += 1
+            take()
             return items
         if isinstance(ev, yaml.MappingStartEvent):
             result: dict = {}
-            while not isinstance(events[pos], yaml.MappingEndEvent):
-                kev = events[pos]
+            while not isinstance(peek(), yaml.MappingEndEvent):
+                kev = peek()
                 if not isinstance(kev, yaml.ScalarEvent):
                     problems.append(YamlProblem("mapping keys must be plain text, not lists, mappings or aliases",
                                                 *mark(kev), path))
                     build(path + ("?",), depth + 1)  # skip the key
                     build(path + ("?",), depth + 1)  # and its value
                     continue
-                pos += 1
+                take()
                 check_node_event(kev, path)
                 key: Any = kev.value
                 if kev.style is None and kev.implicit[0]:
@@ -249,20 +268,20 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
                     continue
                 doc.key_marks[kpath] = mark(kev)
                 result[key] = build(kpath, depth + 1)
-            pos += 1
+            take()
             return result
         raise StrictYamlError([YamlProblem(f"unexpected YAML event {type(ev).__name__}", *mark(ev), path)], source)
 
     # StreamStart, DocumentStart, node, DocumentEnd, [DocumentStart ...], StreamEnd
-    pos = 1
-    if isinstance(events[pos], yaml.StreamEndEvent):
+    take()
+    if isinstance(peek(), yaml.StreamEndEvent):
         raise StrictYamlError([YamlProblem("the spec is empty")], source)
-    pos += 1  # DocumentStart
-    root_ev = events[pos]
+    take()  # DocumentStart
+    root_ev = peek()
     doc.data = build((), 0)
-    pos += 1  # DocumentEnd
-    if not isinstance(events[pos], yaml.StreamEndEvent):
-        problems.append(YamlProblem("several YAML documents ('---') in one file; a spec is one document", *mark(events[pos])))
+    take()  # DocumentEnd
+    if not isinstance(peek(), yaml.StreamEndEvent):
+        problems.append(YamlProblem("several YAML documents ('---') in one file; a spec is one document", *mark(peek())))
     if not problems and not isinstance(doc.data, dict):
         kind = "empty" if doc.data is None else type(doc.data).__name__.replace("str", "text").replace("list", "a list")
         problems.append(YamlProblem(f"the spec must be a mapping of keys to values (found {kind})", *mark(root_ev)))

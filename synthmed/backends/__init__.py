@@ -1,0 +1,80 @@
+"""Image backends behind one small protocol: cases and prompts in, images (and masks) out.
+
+A backend is a pure function of each case: the same case gives the same image whatever
+batch it is generated in. Backends are looked up by name with :func:`create_backend`;
+the heavy ones import their libraries only when created.
+
+Example:
+    >>> from synthmed.spec import load_spec
+    >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 2\\nfindings: [{finding: cardiomegaly, weight: 1}]")
+    >>> backend = create_backend(spec, backend="pattern")
+    >>> backend.info.name
+    'pattern'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from ..prompts import Prompt
+    from ..sampler import Case
+    from ..spec import DatasetSpec
+
+BACKENDS = ("diffusion", "phantom", "pattern")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What made the images, as recorded in the manifest and the dataset card."""
+
+    name: str
+    model_id: str
+    model_hash: str
+    settings: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image: float32 pixels in [0, 1] (height x width), optional masks and measurements.
+
+    Args:
+        pixels: 2-D float32 array in [0, 1]; 0 is black (air), 1 is white (bone, metal).
+        masks: finding id -> 2-D bool array of the same shape, where the backend knows it.
+        measurements: named figures a backend measured on the image, e.g. ``cardiothoracic_ratio``.
+    """
+
+    pixels: "np.ndarray"
+    masks: Mapping[str, "np.ndarray"] = field(default_factory=dict)
+    measurements: Mapping[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """What :func:`synthmed.generate` needs from an image source."""
+
+    info: BackendInfo
+
+    def generate(self, cases: Sequence["Case"], prompts: Sequence["Prompt"]) -> list[GeneratedImage]:
+        """One image per case, in order; each a pure function of its case (and prompt)."""
+        ...  # pragma: no cover
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend named in a spec or option cannot run here (not built, or a missing extra)."""
+
+
+def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None) -> Backend:
+    """Build the backend a spec asks for (``backend``/``model`` override the spec's generator)."""
+    name = backend or spec.generator.backend
+    if name == "pattern":
+        from ..testing import PatternBackend
+
+        return PatternBackend(spec.image.width, spec.image.height)
+    if name in ("diffusion", "phantom"):
+        raise BackendUnavailable(
+            f"the '{name}' backend is not part of this version of synthmed yet; "
+            "use --backend pattern to build with the deterministic test-pattern backend")
+    raise BackendUnavailable(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")

@@ -1,0 +1,488 @@
+"""generate(): plan -> batches -> backend -> writers -> manifest, resumable and deterministic.
+
+The case list is cut into fixed chunks of ``CHUNK_SIZE`` cases (independent of the batch
+size). A chunk is done when its manifest part exists and every file it lists still has
+the sha256 the part recorded; ``--resume`` redoes every chunk that is not done. Every file
+is written under a temp name and renamed, so a final name never holds a partial file.
+
+Output folder:
+
+    OUT/images/<split>/<case_id>.png        OUT/dicom/<split>/<case_id>.dcm
+    OUT/masks/<split>/<case_id>_mask_<finding>.png
+    OUT/images/<split>/metadata.csv        the split's manifest rows, for Hugging Face imagefolder
+    OUT/manifest.csv
+    OUT/cases.jsonl   OUT/dataset_card.json   OUT/README.md
+    OUT/.synthmed/    run state: run.json, lock, parts/
+
+Example:
+    >>> import tempfile
+    >>> from synthmed.spec import load_spec
+    >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 3\\nimage: {size: 64}\\nfindings: [{finding: cardiomegaly, weight: 1}]")
+    >>> result = generate(spec, tempfile.mkdtemp() + "/out", backend="pattern", progress=False)
+    >>> result.written, result.manifest.name
+    (3, 'manifest.csv')
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .spec import DatasetSpec, load_spec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends import Backend, GeneratedImage
+    from .sampler import Case
+
+CHUNK_SIZE = 64
+STATE_DIR = ".synthmed"
+RUN_FORMAT = 1
+INTENDED_USE = "synthetic data for research and development; not for diagnostic use"
+OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
+             "README.md", STATE_DIR)
+
+
+class BuildError(RuntimeError):
+    """An expected failure of a build, with the exit code the CLI should use (1 failure, 2 usage)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a call to :func:`generate` did."""
+
+    out: Path
+    total: int          # cases in the planned range
+    written: int        # images written by this call
+    reused: int         # images kept from an earlier run (verified by sha256)
+    interrupted: bool
+    seconds: float
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "manifest.csv"
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+class _RunFolder:
+    """The output folder: foreign-file check, run state, lock."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.state = out / STATE_DIR
+        self.parts = self.state / "parts"
+        self._lock_fh = None
+
+    def prepare(self, run: dict, *, resume: bool, overwrite: bool) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise BuildError(f"{out} exists and is not a folder", 2)
+        run_file = self.state / "run.json"
+        if out.exists():
+            entries = [p.name for p in out.iterdir()]
+            if entries and not run_file.exists():
+                foreign = sorted(e for e in entries if e not in OUR_NAMES)[:3]
+                raise BuildError(f"{out} already holds files synthmed did not write ({', '.join(foreign or entries[:3])}"
+                                 f"{', ...' if len(entries) > 3 else ''}); choose an empty or new folder", 2)
+        out.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(exist_ok=True)
+        self._lock()
+        if run_file.exists():
+            try:
+                previous = json.loads(run_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = {}
+            if overwrite:
+                self._clear()
+            elif not resume:
+                raise BuildError(f"{out} already holds a synthmed run ('{previous.get('name', '?')}'); "
+                                 "rerun with --resume to finish it, or --overwrite to start again", 2)
+            else:
+                changed = [k for k in run if previous.get(k) != run[k]]
+                if changed:
+                    what = ", ".join(changed)
+                    raise BuildError(f"{out} was built from a different spec or settings ({what} changed); "
+                                     "rerun with --overwrite to start again", 2)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _atomic_json(run_file, run)
+        self._remove_stale_temp_files()
+
+    def _lock(self) -> None:
+        import fcntl
+
+        fh = open(self.state / "lock", "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise BuildError(f"another synthmed run is writing to {self.out}; wait for it to finish", 1) from None
+        self._lock_fh = fh
+
+    def release(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def _clear(self) -> None:
+        for name in OUR_NAMES:
+            target = self.out / name
+            if name == STATE_DIR:
+                for child in self.state.iterdir():
+                    if child.name != "lock":
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of a killed run (``.name.PID.tmp``) are never final; remove them."""
+        for top in ("images", "dicom", "masks", STATE_DIR):
+            root = self.out / top
+            if root.is_dir():
+                for tmp in root.rglob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+        for tmp in self.out.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    from .atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- one case's files
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _bbox(mask) -> list[int] | None:
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+
+
+class _CaseWriter:
+    """Turns (case, prompt, image) into files and one manifest row. Pure apart from the writes."""
+
+    def __init__(self, spec: DatasetSpec, out: Path, backend_info, generation: dict):
+        from .vocabulary import CHEXPERT_COLUMNS, get_vocabulary
+
+        self.spec, self.out, self.info = spec, out, backend_info
+        self.vocab = get_vocabulary()
+        self.chexpert = CHEXPERT_COLUMNS
+        self.generation = json.dumps(generation, sort_keys=True, separators=(",", ":"))
+        self.made_dirs: set[Path] = set()
+
+    def _put(self, rel: str, data: bytes) -> str:
+        from .atomic import atomic_write_bytes
+
+        path = self.out / rel
+        if path.parent not in self.made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.made_dirs.add(path.parent)
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as e:
+            raise _WriteFailed(rel, e) from e
+        return _sha256(data)
+
+    def write(self, case: "Case", prompt, image: "GeneratedImage") -> dict:
+        from .writers.png import png_bytes, png_values, to_stored
+
+        spec = self.spec
+        h, w = image.pixels.shape
+        if (w, h) != (spec.image.width, spec.image.height):
+            raise BuildError(f"the backend made a {w}x{h} image for {case.case_id}, but the spec asks for "
+                             f"{spec.image.width}x{spec.image.height}")
+        stored = to_stored(image.pixels, spec.image.bit_depth)
+        row: dict[str, Any] = {c: "" for c in _manifest_columns()}
+        stem = f"{case.split}/{case.case_id}"
+        if "png" in spec.image.formats:
+            rel = f"images/{stem}.png"
+            text = {"case_id": case.case_id, "spec_hash": spec.spec_hash, "synthetic": "yes",
+                    "Description": f"SYNTHETIC image made by synthmed {__version__}; not a real patient",
+                    "prompt": prompt.text}
+            row["png_path"], row["png_sha256"] = rel, self._put(rel, png_bytes(png_values(stored), text))
+        if "dicom" in spec.image.formats:
+            from .writers.dicom import dicom_bytes
+
+            rel = f"dicom/{stem}.dcm"
+            data = dicom_bytes(stored, case, iod=spec.image.dicom_iod, bits_stored=12 if spec.image.bit_depth == 16 else 8,
+                               dataset_name=spec.name, spec_hash=spec.spec_hash, backend=self.info.name,
+                               model_id=self.info.model_id, model_hash=self.info.model_hash, prompt=prompt.text,
+                               synthmed_version=__version__)
+            row["dicom_path"], row["dicom_sha256"] = rel, self._put(rel, data)
+        mask_paths, mask_hashes, boxes = [], [], {}
+        for finding, mask in image.masks.items():
+            rel = f"masks/{stem}_mask_{finding}.png"
+            mask_paths.append(rel)
+            mask_hashes.append(self._put(rel, png_bytes(mask.astype(bool), {"case_id": case.case_id, "finding": finding})))
+            box = _bbox(mask)
+            if box:
+                boxes[finding] = box
+        labels = case.chexpert_labels(self.vocab)
+        row.update({
+            "file_name": row["png_path"] or row["dicom_path"], "case_id": case.case_id, "index": case.index,
+            "split": case.split, "seed": case.seed,
+            "findings": "|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in case.findings),
+            "finding_codes": "|".join(str(self.vocab.findings[f.finding].code) for f in case.findings),
+            "location": "|".join(f.location or "" for f in case.findings),
+            "severity": "|".join(f.severity or "" for f in case.findings),
+            **labels, "sex": case.sex, "age": case.age, "view": case.view,
+            "width": w, "height": h, "bit_depth": spec.image.bit_depth,
+            "prompt": prompt.text, "negative_prompt": prompt.negative, "prompt_template": prompt.template_id,
+            "mask_paths": "|".join(mask_paths), "mask_sha256": "|".join(mask_hashes),
+            "bboxes": json.dumps(boxes, sort_keys=True, separators=(",", ":")) if boxes else "",
+            "cardiothoracic_ratio": (f"{image.measurements['cardiothoracic_ratio']:.4f}"
+                                     if "cardiothoracic_ratio" in image.measurements else ""),
+            "backend": self.info.name, "model_id": self.info.model_id, "model_hash": self.info.model_hash,
+            "generation": self.generation, "spec_hash": spec.spec_hash, "synthmed_version": __version__,
+        })
+        return {k: ("" if v is None else str(v)) for k, v in row.items()}
+
+
+class _WriteFailed(Exception):
+    def __init__(self, rel: str, error: OSError):
+        super().__init__(rel)
+        self.rel, self.error = rel, error
+
+
+def _manifest_columns():
+    from .writers.manifest import MANIFEST_COLUMNS
+
+    return MANIFEST_COLUMNS
+
+
+def _part_is_done(out: Path, part: Path, case_ids: list[str]) -> bool:
+    """True when the part lists these cases first and every file it names has its recorded sha256."""
+    from .writers.manifest import read_part
+
+    try:
+        rows = read_part(part)
+    except (OSError, ValueError):
+        return False
+    if [r["case_id"] for r in rows[: len(case_ids)]] != case_ids:
+        return False
+    for row in rows[: len(case_ids)]:
+        pairs = [(row["png_path"], row["png_sha256"]), (row["dicom_path"], row["dicom_sha256"])]
+        pairs += zip(row["mask_paths"].split("|"), row["mask_sha256"].split("|")) if row["mask_paths"] else []
+        for rel, digest in pairs:
+            if rel and _file_sha256(out / rel) != digest:
+                return False
+    return True
+
+
+# ----------------------------------------------------------------------------- generate
+
+def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+             limit: int | None = None, backend: "str | Backend | None" = None, model: str | None = None,
+             batch_size: int | None = None, progress: bool = True) -> BuildResult:
+    """Build the dataset a spec describes into ``out``.
+
+    Args:
+        spec: a DatasetSpec, or a path to a spec file.
+        out: output folder; new, empty, or one this function wrote before (with ``resume``/``overwrite``).
+        resume: finish an interrupted run; files already written are verified by sha256 and kept.
+        overwrite: delete what an earlier run wrote in ``out`` and start again.
+        limit: build only the first ``limit`` cases (the same ones a full run starts with).
+        backend: a backend name (diffusion, phantom, pattern) or a Backend object; default: the spec's.
+        model: a model override for the diffusion backend.
+        batch_size: images per backend call; never changes any image. Default: the spec's.
+        progress: show a progress bar with images/s and ETA.
+
+    Raises:
+        BuildError: an expected failure (folder in use, disk full, changed spec, ...), with an exit code.
+
+    Example:
+        >>> generate("dataset_specs/pneumonia.yaml", "out/pneumonia", backend="pattern", limit=16)  # doctest: +SKIP
+    """
+    from .backends import BackendUnavailable, create_backend
+    from .prompts import build_prompt
+    from .sampler import sample_cases
+    from .writers.manifest import merge_parts, write_part, write_split_metadata
+
+    started = time.perf_counter()
+    # 1. Check inputs
+    if not isinstance(spec, DatasetSpec):
+        spec = load_spec(spec)
+    if limit is not None and limit < 1:
+        raise BuildError(f"limit must be at least 1, got {limit}", 2)
+    if batch_size is not None and batch_size < 1:
+        raise BuildError(f"batch_size must be at least 1, got {batch_size}", 2)
+    if resume and overwrite:
+        raise BuildError("--resume and --overwrite exclude each other", 2)
+    out = Path(out)
+    backend_name = backend if isinstance(backend, str) or backend is None else backend.info.name
+    run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,
+           "backend": backend_name or spec.generator.backend, "model": model or spec.generator.model,
+           "synthmed_version": __version__}
+    folder = _RunFolder(out)
+    folder.prepare(run, resume=resume, overwrite=overwrite)
+    try:
+        # 2. Plan
+        cases = sample_cases(spec, limit=limit)
+        total = len(cases)
+        chunks = [(start, min(start + CHUNK_SIZE, total)) for start in range(0, total, CHUNK_SIZE)]
+        todo = []
+        for k, (start, stop) in enumerate(chunks):
+            part = folder.parts / f"part-{k:06d}.csv"
+            ids = [cases[i].case_id for i in range(start, stop)]
+            if not (resume and part.exists() and _part_is_done(out, part, ids)):
+                todo.append(k)
+        todo_set = set(todo)
+        reused = sum(stop - start for k, (start, stop) in enumerate(chunks) if k not in todo_set)
+        _write_cases_jsonl(out, cases)
+        # 3. Backend (only now: loading a model is the slow part)
+        written, interrupted = 0, False
+        if todo:
+            try:
+                engine = backend if backend is not None and not isinstance(backend, str) else \
+                    create_backend(spec, backend=backend, model=model)
+            except BackendUnavailable as e:
+                raise BuildError(str(e), 2) from None
+            generation = {"backend": engine.info.name, **dict(engine.info.settings)}
+            writer = _CaseWriter(spec, out, engine.info, generation)
+            batch = batch_size or spec.generator.batch_size
+            written, interrupted = _run_chunks(spec, cases, chunks, todo, folder, engine, writer, batch,
+                                               build_prompt, write_part, progress)
+        # 4. Manifest, card
+        if not interrupted:
+            parts = [(folder.parts / f"part-{k:06d}.csv", stop - start) for k, (start, stop) in enumerate(chunks)]
+            merge_parts(parts, out / "manifest.csv")
+            write_split_metadata(out / "manifest.csv", out)
+            _write_card(spec, out, cases, run)
+        return BuildResult(out=out, total=total, written=written, reused=reused, interrupted=interrupted,
+                           seconds=time.perf_counter() - started)
+    except _WriteFailed as e:
+        err = e.error
+        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        raise BuildError(f"could not write {out / e.rel}: {reason}. No partial file was kept; "
+                         f"free space and rerun with --resume to finish") from None
+    except OSError as e:
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise BuildError(f"could not write to {out}: {reason} ({e.filename or ''}). "
+                         "Rerun with --resume to finish") from None
+    finally:
+        folder.release()
+
+
+def _run_chunks(spec, cases, chunks, todo, folder, engine, writer, batch, build_prompt, write_part, progress):
+    """Generate and write the chunks in ``todo``; writing overlaps the next batch's generation."""
+    stop_requested = threading.Event()
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            if stop_requested.is_set():
+                raise KeyboardInterrupt
+            stop_requested.set()
+            print("\nstopping after the current batch (Ctrl-C again to stop now)...", file=sys.stderr)
+
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    bar = _progress(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
+    written = 0
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthmed-writer")
+    try:
+        for k in todo:
+            start, stop = chunks[k]
+            pending: list[Future] = []
+            for b0 in range(start, stop, batch):
+                if stop_requested.is_set():
+                    break
+                batch_cases = [cases[i] for i in range(b0, min(b0 + batch, stop))]
+                prompts = [build_prompt(c, spec.prompt, writer.vocab) for c in batch_cases]
+                images = engine.generate(batch_cases, prompts)
+                if len(images) != len(batch_cases):
+                    raise BuildError(f"the backend returned {len(images)} images for {len(batch_cases)} cases")
+                pending += [pool.submit(writer.write, c, p, im) for c, p, im in zip(batch_cases, prompts, images)]
+                bar.update(len(batch_cases))
+            rows = [f.result() for f in pending]
+            written += len(rows)
+            if len(rows) < stop - start:  # interrupted inside this chunk: no part, --resume redoes it
+                return written, True
+            write_part(folder.parts / f"part-{k:06d}.csv", rows)
+            if stop_requested.is_set():
+                return written, k != todo[-1]
+        return written, False
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled or None, dynamic_ncols=True, file=sys.stderr)
+
+
+def _write_cases_jsonl(out: Path, cases) -> None:
+    from .atomic import atomic_write_text_lines
+
+    atomic_write_text_lines(out / "cases.jsonl", cases.iter_jsonl())
+
+
+def _write_card(spec: DatasetSpec, out: Path, cases, run: dict) -> None:
+    """dataset_card.json and a short README.md: what this set is, where it came from, how it may be used."""
+    import platform
+
+    import numpy
+
+    from .atomic import atomic_write_bytes
+
+    versions = {"synthmed": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
+    for name in ("pydicom", "PIL", "torch", "diffusers", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    counts = cases.counts()
+    card = {
+        "name": spec.name, "description": spec.description, "synthetic": True, "intended_use": INTENDED_USE,
+        "count": len(cases), "spec_hash": spec.spec_hash, "spec": spec.to_dict(),
+        "backend": {"name": run["backend"], "model": run["model"]},
+        "counts": [{k: v for k, v in r.items() if k != "target"} | {"target": round(r["target"], 6)} for r in counts],
+        "software": versions,
+        "files": {"manifest": "manifest.csv", "metadata": "images/<split>/metadata.csv", "cases": "cases.jsonl",
+                  "images": "images/<split>/<case_id>.png", "dicom": "dicom/<split>/<case_id>.dcm",
+                  "masks": "masks/<split>/<case_id>_mask_<finding>.png",
+                  "manifest_columns": "https://github.com/synthmed/synthmed/blob/main/schemas/manifest_columns.json"},
+    }
+    _atomic_json(out / "dataset_card.json", card)
+    splits = ", ".join(f"{s} {sum(r[s] for r in counts):,}" for s in spec.splits.keys)
+    readme = (f"# {spec.name}\n\nSYNTHETIC chest X-ray dataset made by synthmed {__version__}: {len(cases):,} images "
+              f"({splits}).\nNo image shows a real patient. Intended use: {INTENDED_USE}.\n\n"
+              f"- `manifest.csv`: one row per image: what it shows (findings, location, severity, the 14 CheXpert "
+              f"columns), patient, view, prompt, seed, file paths and sha256.\n"
+              f"- `dataset_card.json`: the spec (sha256 {spec.spec_hash[:12]}), counts per cell, software versions.\n"
+              f"- Load with Hugging Face: `datasets.load_dataset('imagefolder', data_dir='.')`.\n")
+    atomic_write_bytes(out / "README.md", readme.encode("utf-8"))

@@ -1,0 +1,455 @@
+"""DICOM writer: one synthetic image -> one DICOM Part 10 file, marked synthetic, with deterministic bytes.
+
+Two IODs:
+
+- ``iod="sc"`` (default): Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7), Conversion Type
+  ``SYN`` (synthetic image), Modality ``OT`` -- the image was not acquired by any modality.
+- ``iod="dx"``: Digital X-Ray Image Storage - For Presentation (1.2.840.10008.5.1.4.1.1.1.1), Modality
+  ``DX``, with the DX Series, DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, VOI LUT and
+  Acquisition Context modules.
+
+Both are MONOCHROME2, one sample per pixel, unsigned, explicit VR little endian, uncompressed:
+BitsAllocated/BitsStored/HighBit 16/12/11 (``bits_stored=12``, uint16 input) or 8/8/7 (uint8 input);
+the window (centre 2**(b-1), width 2**b) covers the whole stored range.
+
+How an object says it is synthetic (every IOD):
+    Image Type DERIVED\\SECONDARY; Contributing Equipment Sequence, purpose (DCM, 109100, "Synthesizing
+    Equipment"); Manufacturer ``synthmed``, Manufacturer's Model Name ``<backend>/<model id>``, Software
+    Versions = synthmed version; Patient Identity Removed YES + De-identification Method text; Burned In
+    Annotation NO; Patient's Name ``SYNTHETIC^<case id>``; Study/Series Description, Image Comments and
+    Derivation Description all start with SYNTHETIC.
+
+Determinism: no clock, host, user or path is read. Dates and times are fixed placeholders
+(:data:`PLACEHOLDER_DATE`, :data:`PLACEHOLDER_TIME`); UIDs come from :func:`derive_uid`; the file meta
+carries synthmed's own Implementation Class UID (not pydicom's, which changes with pydicom's version).
+
+Findings. DICOM has no standard attribute of an *image* IOD that holds finding + location + severity
+(findings belong in a Structured Report, TID 1500, which is a separate object), so they live in a
+private block, described here (VRs are written explicitly, so any reader gets them without a
+private dictionary)::
+
+    (0009,0010) LO  private creator "SYNTHMED 1.0"          -> block elements (0009,10xx)
+    (0009,1001) LO  dataset name
+    (0009,1002) LT  spec hash
+    (0009,1003) LO  backend
+    (0009,1004) LT  model id
+    (0009,1005) LT  model hash
+    (0009,1006) LO  synthmed version
+    (0009,1007) LO  case split (train/val/test; absent if None)
+    (0009,1008) LO  case image seed, decimal (absent if None)
+    (0009,1009) UT  prompt, in full
+    (0009,1010) SQ  Finding Sequence, one item per FindingLabel, in the Case's order; each item:
+        (0009,0010) LO  private creator "SYNTHMED 1.0" (private creators are per dataset)
+        (0009,1011) LO  finding id (synthmed vocabulary, e.g. "pleural_effusion")
+        (0009,1012) SQ  finding code sequence, 1 item
+        (0009,1013) LO  location id, empty if none
+        (0009,1014) SQ  location code sequence, 1 item or empty
+        (0009,1015) LO  severity id, empty if none
+        (0009,1016) SQ  severity code sequence, 1 item or empty
+
+Each code item is a standard Code Sequence Macro item: Code Value (or Long Code Value when the code
+is longer than 16 characters), Coding Scheme Designator (SCT, DCM or 99SYNTHMED -- the vocabulary's
+systems map one to one), Code Meaning. 99SYNTHMED is described in the Coding Scheme Identification
+Sequence when used. Image Comments repeats the findings as plain text, followed by the prompt.
+
+Example:
+    >>> from synthmed.sampler import Case, FindingLabel
+    >>> import numpy as np
+    >>> case = Case("case-0000001", 1, "train", 7, (FindingLabel("pleural_effusion", "right", "moderate"),),
+    ...             sex="F", age=58, view="PA")
+    >>> data = dicom_bytes(np.zeros((8, 8), np.uint16), case, dataset_name="demo", spec_hash="ab12",
+    ...                    backend="toy", model_id="toy-1", model_hash="0", prompt="chest x-ray",
+    ...                    synthmed_version="0.1.0")
+    >>> data[128:132]
+    b'DICM'
+    >>> derive_uid("ab12", "case-0000001", "study")[:5]
+    '2.25.'
+"""
+
+# The construction of the SC object (modules, Conversion Type, refusing bad dtypes up front) follows
+# highdicom's src/highdicom/sc/sop.py; the code is our own (highdicom hard-codes Conversion Type DI).
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..vocabulary import Code, Vocabulary, get_vocabulary
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom import Dataset
+
+    from ..sampler import Case, FindingLabel
+
+SOP_CLASS_UIDS = {
+    "sc": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "dx": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+}
+BITS_STORED = (8, 12)
+
+# Fixed placeholders instead of real dates and times: a synthetic image has no acquisition time, and
+# reading the clock would break byte-identical reruns. 2000-01-01 00:00:00 is obviously artificial,
+# valid for every DA/TM consumer, and sorts all synthetic studies together.
+PLACEHOLDER_DATE = "20000101"
+PLACEHOLDER_TIME = "000000"
+
+PRIVATE_GROUP = 0x0009
+PRIVATE_CREATOR = "SYNTHMED 1.0"
+
+# Our own implementation identity in the file meta, a constant derived like any other synthmed UID.
+IMPLEMENTATION_CLASS_UID = "2.25." + str(int.from_bytes(
+    hashlib.sha256(b"synthmed\x00dicom-writer\x00implementation-class").digest()[:16], "big"))
+
+# Vocabulary code system -> DICOM Coding Scheme Designator.
+CODING_SCHEME_DESIGNATORS = {"SCT": "SCT", "DCM": "DCM", "99SYNTHMED": "99SYNTHMED"}
+
+SYNTHESIZING_EQUIPMENT = Code("DCM", "109100", "Synthesizing Equipment")  # PS3.16 CID 7005
+# Body Part Examined CHEST <-> SCT 816094009 "Chest" (PS3.16 Annex L and CID 4031 as tabulated in
+# pydicom 3.0.2). The older 51185008 ("Thoracic structure") is in no current CID.
+CHEST = Code("SCT", "816094009", "Chest")
+
+# A synthetic image has no physical pixel size, but DX requires Imager Pixel Spacing (type 1): we state
+# a nominal 430 mm (a 17-inch detector) across the longer side and say so in Detector Description.
+NOMINAL_FIELD_MM = 430.0
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
+
+
+# ----------------------------------------------------------------------------- public API
+
+def derive_uid(spec_hash: str, case_id: str, kind: str) -> str:
+    """A deterministic UID: ``2.25.`` + the first 128 bits of sha256(spec_hash NUL case_id NUL kind), in decimal.
+
+    Args:
+        spec_hash: the dataset spec's hash.
+        case_id: the case, e.g. ``case-0000001``.
+        kind: which object: ``study``, ``series``, ``instance``, ``frame-of-reference``, ...
+
+    (``pydicom.uid.generate_uid`` is not used: without a prefix it ignores its entropy inputs.)
+
+    Example:
+        >>> derive_uid("ab12", "case-0000001", "study") == derive_uid("ab12", "case-0000001", "study")
+        True
+        >>> derive_uid("ab12", "case-0000001", "study") != derive_uid("ab12", "case-0000001", "series")
+        True
+    """
+    for name, value in (("spec_hash", spec_hash), ("case_id", case_id), ("kind", kind)):
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise ValueError(f"`{name}` must be a non-empty string without NUL characters, got {value!r}")
+    digest = hashlib.sha256("\x00".join((spec_hash, case_id, kind)).encode("utf-8")).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_stored: int = 12,
+                dataset_name: str, spec_hash: str, backend: str, model_id: str, model_hash: str,
+                prompt: str, synthmed_version: str) -> bytes:
+    """A DICOM Part 10 file for one synthetic image.
+
+    Args:
+        pixels: 2-D (rows, columns) array; uint16 with every value < 4096 when ``bits_stored`` is 12,
+            uint8 when it is 8.
+        case: the Case the image shows (id, sex, age, view, findings).
+        iod: ``"sc"`` (Secondary Capture, Conversion Type SYN) or ``"dx"`` (Digital X-Ray, For Presentation).
+        bits_stored: 12 (16-bit container) or 8.
+        dataset_name, spec_hash, backend, model_id, model_hash, prompt, synthmed_version: provenance,
+            written into descriptions, Contributing Equipment and the private block.
+
+    Returns:
+        The bytes of the file; the same inputs always give the same bytes.
+
+    Example:
+        >>> from synthmed.sampler import Case, FindingLabel
+        >>> case = Case("case-0000002", 2, None, None, (FindingLabel("cardiomegaly", None, "mild"),))
+        >>> data = dicom_bytes(np.zeros((4, 4), np.uint8), case, iod="dx", bits_stored=8, dataset_name="d",
+        ...                    spec_hash="h", backend="b", model_id="m", model_hash="x", prompt="p",
+        ...                    synthmed_version="0.1.0")
+        >>> len(data) > 132
+        True
+    """
+    pydicom = _import_pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    # 1. Check inputs
+    if iod not in SOP_CLASS_UIDS:
+        raise ValueError(f"`iod` must be one of {sorted(SOP_CLASS_UIDS)}, got {iod!r}")
+    pixel_bytes = _check_pixels(pixels, bits_stored)
+    provenance = {"dataset_name": dataset_name, "spec_hash": spec_hash, "backend": backend, "model_id": model_id,
+                  "model_hash": model_hash, "prompt": prompt, "synthmed_version": synthmed_version}
+    for name, value in provenance.items():
+        if not isinstance(value, str):
+            raise ValueError(f"`{name}` must be a string, got {value!r}")
+    for name in ("dataset_name", "spec_hash", "backend", "model_id", "synthmed_version"):
+        if not provenance[name].strip():
+            raise ValueError(f"`{name}` must not be empty, got {provenance[name]!r}")
+    vocab = get_vocabulary()
+    case_id = _check_case(case, vocab)
+    rows, columns = pixels.shape
+    uid = {kind: derive_uid(spec_hash, case_id, kind) for kind in ("study", "series", "instance")}
+    model = f"{backend}/{model_id}"
+
+    ds = Dataset()
+    # 2. Patient and study: who (nobody) and when (placeholders)
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: prompts and dataset names may be any language
+    ds.PatientName = f"SYNTHETIC^{case_id}"
+    ds.PatientID = case_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = {None: "", "F": "F", "M": "M"}[case.sex]
+    if case.age is not None:
+        ds.PatientAge = f"{int(case.age):03d}Y"
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "SYNTHETIC image, no real patient (synthmed)"
+    ds.StudyInstanceUID = uid["study"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = PLACEHOLDER_DATE
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = PLACEHOLDER_TIME
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = case_id if len(case_id) <= 16 else hashlib.sha256(case_id.encode()).hexdigest()[:16]
+    ds.AccessionNumber = ""
+    ds.StudyDescription = _lo(f"SYNTHETIC chest X-ray - {dataset_name}")
+
+    # 3. Series and equipment: marked synthetic
+    ds.Modality = "DX" if iod == "dx" else "OT"
+    ds.SeriesInstanceUID = uid["series"]
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = _lo(f"SYNTHETIC {dataset_name}")
+    ds.BodyPartExamined = "CHEST"
+    ds.Manufacturer = "synthmed"
+    ds.ManufacturerModelName = _lo(model)
+    ds.SoftwareVersions = _lo(synthmed_version)
+    contributor = Dataset()
+    contributor.PurposeOfReferenceCodeSequence = [_code_item(SYNTHESIZING_EQUIPMENT)]
+    contributor.Manufacturer = "synthmed"
+    contributor.ManufacturerModelName = _lo(model)
+    contributor.SoftwareVersions = _lo(synthmed_version)
+    contributor.ContributionDescription = _text(
+        f"SYNTHETIC image generated by backend {backend}, model {model_id} (hash {model_hash}), "
+        f"synthmed {synthmed_version}, spec hash {spec_hash}; no real patient", 1024)
+    ds.ContributingEquipmentSequence = [contributor]
+    if iod == "sc":
+        ds.ConversionType = "SYN"
+        ds.SecondaryCaptureDeviceManufacturer = "synthmed"
+        ds.SecondaryCaptureDeviceManufacturerModelName = _lo(model)
+        ds.SecondaryCaptureDeviceSoftwareVersions = _lo(synthmed_version)
+
+    # 4. Image: what it is and what it shows
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.InstanceNumber = 1
+    # Conventional radiograph display: rows run to the patient's left, columns to the feet.
+    ds.PatientOrientation = ["L", "F"]
+    ds.BurnedInAnnotation = "NO"
+    ds.RecognizableVisualFeatures = "NO"
+    ds.LossyImageCompression = "00"
+    ds.DerivationDescription = _text(f"SYNTHETIC: generated by {model}, not acquired from a patient", 1024)
+    ds.ImageComments = _text(_comments(case, dataset_name, prompt, vocab), 10240)
+    ds.AnatomicRegionSequence = [_code_item(CHEST)]
+    if iod == "dx":
+        _add_dx_modules(ds, case, rows, columns, vocab)
+
+    # 5. Pixels
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = 16 if bits_stored == 12 else 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 2 ** (bits_stored - 1)
+    ds.WindowWidth = 2 ** bits_stored
+    ds.WindowCenterWidthExplanation = "FULL STORED RANGE"
+    ds.add_new(0x7FE00010, "OW" if bits_stored == 12 else "OB", pixel_bytes)
+
+    # 6. Findings and provenance, private block (layout in the module docstring)
+    _add_private_block(ds, case, provenance, vocab)
+    used_schemes = {item.CodingSchemeDesignator for item in _all_code_items(ds)}
+    if "99SYNTHMED" in used_schemes:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = "99SYNTHMED"
+        scheme.CodingSchemeName = _lo(vocab.code_systems.get("99SYNTHMED", {}).get("name", "synthmed local codes"))
+        scheme.CodingSchemeVersion = str(vocab.version)
+        scheme.CodingSchemeResponsibleOrganization = "synthmed"
+        ds.CodingSchemeIdentificationSequence = [scheme]
+
+    # 7. SOP common and file meta, then encode
+    ds.SOPClassUID = SOP_CLASS_UIDS[iod]
+    ds.SOPInstanceUID = uid["instance"]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = _implementation_version(synthmed_version)
+    ds.file_meta = meta
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_pixels(pixels: np.ndarray, bits_stored: int) -> bytes:
+    """Refuse anything but a 2-D uint16 (< 2**12) or uint8 array; return its little-endian bytes, even length."""
+    if bits_stored not in BITS_STORED:
+        raise ValueError(f"`bits_stored` must be one of {BITS_STORED}, got {bits_stored!r}")
+    if not isinstance(pixels, np.ndarray):
+        raise ValueError(f"`pixels` must be a numpy array, got {type(pixels).__name__}")
+    if pixels.ndim != 2:
+        raise ValueError(f"`pixels` must be 2-D (rows, columns), got shape {pixels.shape}")
+    if not (0 < pixels.shape[0] <= 0xFFFF and 0 < pixels.shape[1] <= 0xFFFF):
+        raise ValueError(f"`pixels` must have 1 to 65535 rows and columns, got shape {pixels.shape}")
+    want = np.dtype(np.uint16) if bits_stored == 12 else np.dtype(np.uint8)
+    if pixels.dtype.kind != "u" or pixels.dtype.itemsize != want.itemsize:
+        raise ValueError(f"`pixels` must be {want.name} when bits_stored is {bits_stored}, got dtype {pixels.dtype}")
+    top = int(pixels.max())
+    if top >= 2 ** bits_stored:
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(pixels)), pixels.shape))
+        raise ValueError(f"`pixels` must be < 2**{bits_stored} = {2 ** bits_stored} when bits_stored is "
+                         f"{bits_stored}, got max {top} at {where}")
+    data = np.ascontiguousarray(pixels, dtype=want.newbyteorder("<")).tobytes()
+    return data + b"\x00" if len(data) % 2 else data  # DICOM values have even length
+
+
+def _check_case(case: "Case", vocab: Vocabulary) -> str:
+    case_id = getattr(case, "case_id", None)
+    if not isinstance(case_id, str) or not case_id or len(case_id) > 64 or _CONTROL.search(case_id) \
+            or any(c in case_id for c in "\\^="):
+        raise ValueError(f"`case.case_id` must be 1-64 characters without control characters, '\\', '^' or '=', "
+                         f"got {case_id!r}")
+    if case.sex not in (None, "F", "M"):
+        raise ValueError(f"`case.sex` must be 'F', 'M' or None, got {case.sex!r}")
+    if case.age is not None and not (isinstance(case.age, (int, np.integer)) and 0 <= case.age <= 999):
+        raise ValueError(f"`case.age` must be an integer from 0 to 999 or None, got {case.age!r}")
+    if case.view is not None and case.view not in vocab.views:
+        raise ValueError(f"`case.view` must be one of {sorted(vocab.views)} or None, got {case.view!r}")
+    for i, label in enumerate(case.findings):
+        for field, known in (("finding", vocab.findings), ("location", vocab.locations),
+                             ("severity", vocab.severities)):
+            value = getattr(label, field)
+            if (value is not None or field == "finding") and value not in known:
+                raise ValueError(f"`case.findings[{i}].{field}` is not in the vocabulary, got {value!r}")
+    return case_id
+
+
+def _import_pydicom():
+    try:
+        import pydicom
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("Writing DICOM needs pydicom: pip install 'pydicom>=3.0'") from err
+    return pydicom
+
+
+# ----------------------------------------------------------------------------- parts
+
+def _add_dx_modules(ds: "Dataset", case: "Case", rows: int, columns: int, vocab: Vocabulary) -> None:
+    """DX Series, DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, Acquisition Context."""
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    # Image Laterality is type 1 here; the thorax is an unpaired body part, hence U.
+    ds.ImageLaterality = "U"
+    # A displayed radiograph: brighter (higher) values mean less X-ray beam intensity.
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.DetectorType = ""
+    ds.DetectorDescription = "SYNTHETIC - no physical detector; nominal pixel spacing"
+    spacing = NOMINAL_FIELD_MM / max(rows, columns)
+    ds.ImagerPixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
+    ds.AcquisitionContextSequence = []
+    ds.PositionerType = ""  # type 2 in DX Positioning: there is no positioner to name
+    if case.view is not None:
+        ds.ViewPosition = case.view
+        ds.ViewCodeSequence = [_code_item(vocab.views[case.view].code)]
+        ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
+    else:
+        ds.ViewPosition = ""
+
+
+def _add_private_block(ds: "Dataset", case: "Case", provenance: dict[str, str], vocab: Vocabulary) -> None:
+    from pydicom.dataset import Dataset
+
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    block.add_new(0x01, "LO", _lo(provenance["dataset_name"]))
+    block.add_new(0x02, "LT", _text(provenance["spec_hash"], 10240))
+    block.add_new(0x03, "LO", _lo(provenance["backend"]))
+    block.add_new(0x04, "LT", _text(provenance["model_id"], 10240))
+    block.add_new(0x05, "LT", _text(provenance["model_hash"], 10240))
+    block.add_new(0x06, "LO", _lo(provenance["synthmed_version"]))
+    if case.split is not None:
+        block.add_new(0x07, "LO", _lo(str(case.split)))
+    if case.seed is not None:
+        block.add_new(0x08, "LO", str(int(case.seed)))
+    block.add_new(0x09, "UT", _text(provenance["prompt"], 2 ** 32 - 2))
+    items = []
+    for label in case.findings:
+        item = Dataset()
+        item_block = item.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+        finding, location, severity = _label_codes(label, vocab)
+        item_block.add_new(0x11, "LO", label.finding)
+        item_block.add_new(0x12, "SQ", [_code_item(finding)])
+        item_block.add_new(0x13, "LO", label.location or "")
+        item_block.add_new(0x14, "SQ", [_code_item(location)] if location else [])
+        item_block.add_new(0x15, "LO", label.severity or "")
+        item_block.add_new(0x16, "SQ", [_code_item(severity)] if severity else [])
+        items.append(item)
+    block.add_new(0x10, "SQ", items)
+
+
+def _label_codes(label: "FindingLabel", vocab: Vocabulary) -> tuple[Code, Code | None, Code | None]:
+    return (vocab.findings[label.finding].code,
+            vocab.locations[label.location].code if label.location else None,
+            vocab.severities[label.severity].code if label.severity else None)
+
+
+def _code_item(code: Code) -> "Dataset":
+    """A Code Sequence Macro item; codes over 16 characters go in Long Code Value."""
+    from pydicom.dataset import Dataset
+
+    if code.system not in CODING_SCHEME_DESIGNATORS:
+        raise ValueError(f"code system must be one of {sorted(CODING_SCHEME_DESIGNATORS)}, got {code.system!r}")
+    item = Dataset()
+    if len(code.code) <= 16:
+        item.CodeValue = code.code
+    else:
+        item.LongCodeValue = code.code
+    item.CodingSchemeDesignator = CODING_SCHEME_DESIGNATORS[code.system]
+    item.CodeMeaning = _lo(code.display)
+    return item
+
+
+def _all_code_items(ds: "Dataset"):
+    """Every dataset (at any depth) that carries a Coding Scheme Designator."""
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            for item in elem.value:
+                if "CodingSchemeDesignator" in item:
+                    yield item
+
+
+def _comments(case: "Case", dataset_name: str, prompt: str, vocab: Vocabulary) -> str:
+    """Plain-text summary for Image Comments: SYNTHETIC, dataset, case, view, findings, prompt."""
+    findings = []
+    for label in case.findings:
+        details = [vocab.locations[label.location].text if label.location else None, label.severity]
+        details = [d for d in details if d]
+        findings.append(vocab.findings[label.finding].text + (f" ({', '.join(details)})" if details else ""))
+    return (f"SYNTHETIC image - no real patient. Dataset: {dataset_name}. Case: {case.case_id}. "
+            f"View: {case.view or 'unspecified'}. Findings: {'; '.join(findings) or 'none'}. Prompt: {prompt}")
+
+
+def _lo(text: str) -> str:
+    """A value fit for LO/SH-like strings: no backslash (the value separator), no control characters, <= 64."""
+    return re.sub(r"[\t\n\r]", " ", _CONTROL.sub(" ", str(text))).replace("\\", "/").strip()[:64]
+
+
+def _text(text: str, limit: int) -> str:
+    """A value fit for ST/LT/UT: no control characters but CR/LF, at most ``limit`` characters."""
+    return _CONTROL.sub(" ", str(text)).rstrip()[:limit]
+
+
+def _implementation_version(synthmed_version: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"SYNTHMED_{synthmed_version}")[:16]
