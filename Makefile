@@ -2,6 +2,10 @@
 # Both set up a virtual environment in .venv on first use (CPU only; nothing is downloaded at run time).
 PY ?= python3
 VENV ?= .venv
+# torch is installed first, pinned, so that pip takes a CPU build where one is on offer (a local wheel, or
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu) instead of pulling a multi-GB CUDA build through diffusers.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -10,6 +14,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

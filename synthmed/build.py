@@ -96,13 +96,23 @@ class _RunFolder:
         run_file = self.state / "run.json"
         if out.exists():
             entries = [p.name for p in out.iterdir()]
-            if entries and not run_file.exists():
+            # a run killed before it wrote run.json leaves only our own names, with .synthmed among them
+            ours = STATE_DIR in entries and set(entries) <= set(OUR_NAMES)
+            if entries and not run_file.exists() and not ours:
                 foreign = sorted(e for e in entries if e not in OUR_NAMES)[:3]
                 raise BuildError(f"{out} already holds files synthmed did not write ({', '.join(foreign or entries[:3])}"
                                  f"{', ...' if len(entries) > 3 else ''}); choose an empty or new folder", 2)
         out.mkdir(parents=True, exist_ok=True)
         self.state.mkdir(exist_ok=True)
         self._lock()
+        try:
+            self._check_previous_run(run, run_file, resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.release()  # a refused run must not keep the folder locked
+            raise
+
+    def _check_previous_run(self, run: dict, run_file: Path, *, resume: bool, overwrite: bool) -> None:
+        out = self.out
         if run_file.exists():
             try:
                 previous = json.loads(run_file.read_text(encoding="utf-8"))
@@ -373,6 +383,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             generation = {"backend": engine.info.name, **dict(engine.info.settings)}
             writer = _CaseWriter(spec, out, engine.info, generation)
             batch = batch_size or spec.generator.batch_size
+            multiple = getattr(engine, "micro_batch", 1)  # a backend that runs fixed micro-batches wastes no padding
+            batch = -(-batch // multiple) * multiple
             written, interrupted = _run_chunks(spec, cases, chunks, todo, folder, engine, writer, batch,
                                                build_prompt, write_part, progress)
         # 4. Manifest, card

@@ -203,9 +203,9 @@ def _write_cases_csv(cases, spec, output: Path) -> None:
 
     def lines():
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="")
+        writer = csv.writer(buf, lineterminator="\r\n")  # quotes fields with line breaks; stripped below
         writer.writerow(fields)
-        yield buf.getvalue()
+        yield buf.getvalue()[:-2]
         for case in cases:
             buf.seek(0)
             buf.truncate()
@@ -215,7 +215,7 @@ def _write_cases_csv(cases, spec, output: Path) -> None:
             writer.writerow([case.case_id, case.index, case.split, case.seed, long_form,
                              *(labels[c] for c in CHEXPERT_COLUMNS), case.sex, case.age, case.view,
                              prompt.text, prompt.negative, prompt.template_id])
-            yield buf.getvalue()
+            yield buf.getvalue()[:-2]
 
     atomic_write_text_lines(output, lines())
 

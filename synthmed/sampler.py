@@ -1,7 +1,8 @@
 """DatasetSpec -> cases. The only place in synthmed where randomness is drawn.
 
 Case ``i`` owns ``numpy.random.SeedSequence(spec.seed, spawn_key=(i,))``: its image seed is
-the first 64 bits of that sequence's state, and under ``allocation: random`` its labels come
+the first 64 bits of that sequence's state with the top bit cleared (so it fits a signed
+64-bit integer everywhere), and under ``allocation: random`` its labels come
 from the following words. Under ``allocation: exact`` the counts per finding x location x
 severity cell are fixed by largest-remainder rounding, splits, sexes and views are rounded
 within each cell (so every cell and every total is within one case of its target), ages are
@@ -188,16 +189,20 @@ def largest_remainder(total: int, probs: Sequence[float]) -> list[int]:
 
 
 def controlled_rounding(group_totals: Sequence[int], probs: Sequence[float]) -> list[list[int]]:
-    """Split each group's total over the choices, each count the floor or ceiling of its target.
+    """Split each group's total over the choices so that every count and every choice's total stays within one.
 
-    Which choices get the leftover units is decided by the running deficit of each choice
-    over the groups so far, so that the totals over all groups also stay within about one of
-    ``sum(group_totals) * p`` (error diffusion).
+    Each count is the floor or ceiling of ``total * p``; each choice's total over all groups
+    is within one of ``sum(group_totals) * p``. The leftover units first go by the running
+    deficit of each choice (error diffusion); where that leaves a choice's total a whole
+    case off, units are moved along a path of groups, each move keeping its counts at the
+    floor or ceiling (a controlled rounding of the groups x choices table).
 
     Example:
         >>> controlled_rounding([1, 1, 1, 1], [0.5, 0.5])
         [[1, 0], [0, 1], [1, 0], [0, 1]]
     """
+    import numpy as np
+
     k = len(probs)
     deficit = [0.0] * k
     result: list[list[int]] = []
@@ -213,7 +218,55 @@ def controlled_rounding(group_totals: Sequence[int], probs: Sequence[float]) -> 
         for j in range(k):
             deficit[j] += targets[j] - counts[j]
         result.append(counts)
-    return result
+    if k < 3 or not result:
+        return result  # with two choices error diffusion already keeps the totals within one
+    counts_arr = np.array(result, dtype=np.int64)
+    targets_arr = np.array(group_totals, dtype=np.float64)[:, None] * np.array(probs, dtype=np.float64)[None, :]
+    for _ in range(4 * k * len(group_totals) + 10):
+        excess = counts_arr.sum(axis=0) - targets_arr.sum(axis=0)
+        if np.all(np.abs(excess) < 1 - 1e-9):
+            break
+        source = int(np.argmax(excess)) if excess.max() >= 1 - 1e-9 else None
+        sinks = [j for j in np.argsort(excess) if excess[j] < 0] if source is not None else \
+            [int(np.argmin(excess))]
+        if source is None:  # a choice is a whole case short: feed it from the most over-served one
+            source = int(np.argmax(excess))
+        path = _move_path(counts_arr, targets_arr, source, set(int(j) for j in sinks))
+        if path is None:
+            break
+        for group, a, b in path:
+            counts_arr[group, a] -= 1
+            counts_arr[group, b] += 1
+    return counts_arr.tolist()
+
+
+def _move_path(counts, targets, source: int, sinks: set) -> list[tuple[int, int, int]] | None:
+    """Breadth-first search over choices for moves (group, from, to) carrying one unit from source to a sink."""
+    diff = counts - targets
+    can_give = diff > 1e-9    # rounded up: may go down to the floor
+    can_take = diff < -1e-9   # rounded down: may go up to the ceiling
+    k = counts.shape[1]
+    previous: dict[int, tuple[int, int]] = {source: (-1, -1)}
+    frontier = [source]
+    while frontier:
+        nxt = []
+        for a in frontier:
+            for b in range(k):
+                if b in previous:
+                    continue
+                groups = (can_give[:, a] & can_take[:, b]).nonzero()[0]
+                if groups.size:
+                    previous[b] = (a, int(groups[0]))
+                    if b in sinks:
+                        path, node = [], b
+                        while node != source:
+                            a_, g = previous[node]
+                            path.append((g, a_, node))
+                            node = a_
+                        return path[::-1]
+                    nxt.append(b)
+        frontier = nxt
+    return None
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -468,7 +521,8 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
         age_rng = _spec_rng(spec.seed, _AGE_KEY)
         strata = (age_rng.permutation(n) + age_rng.random(n)) / n  # one draw per 1/n-quantile stratum
         age = _age_from_uniform(spec.age, strata)
-    seed = words[:, 0].astype(np.uint64) | (words[:, 1].astype(np.uint64) << np.uint64(32))
+    # 63 bits, so the seed fits a signed 64-bit integer in every tool (pandas, Arrow, SQL, Java)
+    seed = (words[:, 0].astype(np.uint64) | (words[:, 1].astype(np.uint64) << np.uint64(32))) & np.uint64(2**63 - 1)
     stop = n if limit is None else min(limit, n)
     return CaseList(spec, cells, cell[:stop], split[:stop], sex[:stop], view[:stop], age[:stop], seed[:stop])
 

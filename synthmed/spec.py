@@ -167,6 +167,10 @@ class GeneratorSpec:
     dtype: str = "float32"
     device: str = "auto"
     allow_pickle: bool = False
+    compile: bool = False
+    quantize: str = "none"
+    coarse_to_fine: dict | None = None
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -608,4 +612,7 @@ class _MeaningChecker:
         if not self.ok(("generator",)):
             return None
         defaults = GeneratorSpec()
-        return GeneratorSpec(**{k: g.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__})
+        values = {k: g.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}
+        if values["coarse_to_fine"] is False:
+            values["coarse_to_fine"] = None
+        return GeneratorSpec(**values)

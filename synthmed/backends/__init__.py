@@ -73,8 +73,49 @@ def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: st
         from ..testing import PatternBackend
 
         return PatternBackend(spec.image.width, spec.image.height)
-    if name in ("diffusion", "phantom"):
-        raise BackendUnavailable(
-            f"the '{name}' backend is not part of this version of synthmed yet; "
-            "use --backend pattern to build with the deterministic test-pattern backend")
+    if name == "phantom":
+        try:
+            from .phantom import PhantomBackend
+        except ImportError:  # pragma: no cover - until the phantom lands
+            raise BackendUnavailable("the phantom backend is not part of this installation") from None
+        return PhantomBackend(spec.image.width, spec.image.height)
+    if name == "diffusion":
+        return _diffusion_backend(spec, model)
     raise BackendUnavailable(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
+
+
+def default_model_dir():
+    """Where the shipped default model lives inside the package."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def _diffusion_backend(spec: "DatasetSpec", model: str | None):
+    g = spec.generator
+    model = model or g.model
+    if model == "default":
+        path = default_model_dir()
+        if not (path / "model_index.json").is_file():
+            raise BackendUnavailable(
+                "the shipped default model is not in this installation; set generator.model (or --model) to a local "
+                "diffusers pipeline folder, or use --backend phantom")
+        model_id = "synthmed-default"
+    else:
+        path, model_id = model, None
+    try:
+        import torch  # noqa: F401
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"the diffusion backend needs torch, diffusers and transformers ({e.name} is missing): "
+                                 "pip install 'synthmed[diffusion]'") from None
+    from .diffusion import DiffusionBackend, ModelFolderError
+
+    try:
+        return DiffusionBackend(path, width=spec.image.width, height=spec.image.height, steps=g.steps,
+                                guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype, device=g.device,
+                                allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
+                                coarse_to_fine=g.coarse_to_fine, threads=g.threads, model_id=model_id)
+    except ModelFolderError as e:
+        raise BackendUnavailable(str(e)) from None

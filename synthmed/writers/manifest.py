@@ -28,17 +28,36 @@ def _columns() -> tuple[str, ...]:
 MANIFEST_COLUMNS = _columns()
 
 
+class _RowFormatter:
+    """One CSV line (without its newline) per row; fields holding \r or \n are quoted."""
+
+    def __init__(self):
+        self.buf = io.StringIO()
+        # "\r\n" as terminator makes the writer quote fields holding \r or \n; it is cut off each line
+        self.writer = csv.DictWriter(self.buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\r\n",
+                                     extrasaction="raise")
+
+    def _take(self) -> str:
+        line = self.buf.getvalue()[:-2]
+        self.buf.seek(0)
+        self.buf.truncate()
+        return line
+
+    def header(self) -> str:
+        self.writer.writeheader()
+        return self._take()
+
+    def row(self, row: dict) -> str:
+        self.writer.writerow(row)
+        return self._take()
+
+
 def _csv_lines(rows: Iterable[dict], header: bool) -> Iterator[str]:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="", extrasaction="raise")
+    fmt = _RowFormatter()
     if header:
-        writer.writeheader()
-        yield buf.getvalue()
+        yield fmt.header()
     for row in rows:
-        buf.seek(0)
-        buf.truncate()
-        writer.writerow(row)
-        yield buf.getvalue()
+        yield fmt.row(row)
 
 
 def write_part(path: Path, rows: list[dict]) -> None:
@@ -82,6 +101,7 @@ def write_split_metadata(manifest: Path, out: Path) -> list[Path]:
     from ..atomic import _commit, _temp_name
 
     handles: dict[str, tuple] = {}
+    fmt = _RowFormatter()
     try:
         with open(manifest, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
@@ -93,15 +113,13 @@ def write_split_metadata(manifest: Path, out: Path) -> list[Path]:
                     path = folder / "metadata.csv"
                     tmp = _temp_name(path)
                     f = open(tmp, "w", newline="", encoding="utf-8")
-                    w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-                    w.writeheader()
-                    handles[key] = (path, tmp, f, w)
-                w = handles[key][3]
-                w.writerow({**row, "file_name": os.path.basename(row["png_path"])})
-        for path, tmp, f, _ in handles.values():
+                    f.write(fmt.header() + "\n")
+                    handles[key] = (path, tmp, f)
+                handles[key][2].write(fmt.row({**row, "file_name": os.path.basename(row["png_path"])}) + "\n")
+        for path, tmp, f in handles.values():
             _commit(tmp, path, f)
     except BaseException:
-        for _, tmp, f, _ in handles.values():
+        for _, tmp, f in handles.values():
             f.close()
             tmp.unlink(missing_ok=True)
         raise

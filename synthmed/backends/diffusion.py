@@ -1,0 +1,413 @@
+"""The diffusion backend: any local diffusers latent-diffusion text-to-image model.
+
+Loads a Stable-Diffusion-shaped folder (model_index.json naming a unet, vae, text_encoder,
+tokenizer and scheduler) offline, component by component, from safetensors unless pickle is
+explicitly allowed, never with remote code. Then runs its own denoising loop so that:
+
+- every case has its own CPU ``torch.Generator`` seeded from the case seed: an image does
+  not depend on its batch, the batch size or the shard;
+- each distinct (prompt, emphasis) is encoded once per run, in a bounded LRU cache;
+- emphasis weights scale the embeddings of the emphasised words only.
+
+With no emphasis, the result equals ``StableDiffusionPipeline(..., generator=[g])`` for the
+same settings (tests check this).
+
+Example:
+    >>> backend = DiffusionBackend("path/to/model", width=256, height=256, steps=20)  # doctest: +SKIP
+    >>> images = backend.generate(cases, prompts)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import BackendInfo, GeneratedImage
+
+# name -> (diffusers scheduler class, config overrides)
+SCHEDULERS = {
+    "dpm_solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+SAFE_LIBRARIES = ("diffusers", "transformers")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DTYPES = ("float32", "bfloat16", "float16")
+# The UNet and VAE always run on exactly this many cases (padded), because CPU convolution
+# kernels pick their algorithm by batch size: the same case in a batch of 1 and of 4 differs
+# in the last float bits. At a fixed batch size a case's result does not depend on its
+# position or its neighbours, so fixed micro-batches make images independent of batch_size.
+# Dynamic int8 quantisation scales activations over the whole batch, so with it each case runs alone.
+MICRO_BATCH = 8
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be used; the message names the folder and the file."""
+
+
+# ----------------------------------------------------------------------------- checks (no torch)
+
+def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: int | None = None,
+                       height: int | None = None) -> dict:
+    """Check a diffusers folder before anything is loaded; returns its model_index.json.
+
+    Raises:
+        ModelFolderError: naming the folder and the file at fault.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder {root} does not exist (generator.model must be 'default' or a local "
+                               "diffusers pipeline folder)")
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise ModelFolderError(f"{index_file} is missing: {root} is not a diffusers pipeline folder "
+                               "(save one with pipeline.save_pretrained)")
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{index_file} is not valid JSON: {e}") from None
+    class_name = index.get("_class_name", "")
+    if "text_encoder_2" in index or "XL" in class_name:
+        raise ModelFolderError(f"{index_file}: {class_name} has two text encoders (SDXL-style); synthmed runs "
+                               "single-text-encoder latent-diffusion pipelines (Stable Diffusion 1.x/2.x style)")
+    missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0])]
+    if missing:
+        raise ModelFolderError(f"{index_file}: {class_name or 'this pipeline'} is not a latent-diffusion text-to-image "
+                               f"pipeline (no {', '.join(missing)})")
+    for name in REQUIRED_COMPONENTS:
+        library, cls = index[name]
+        if library not in SAFE_LIBRARIES:
+            raise ModelFolderError(f"{index_file}: component '{name}' comes from '{library}.{cls}', which would run code "
+                                   f"from the model folder; only diffusers and transformers classes are loaded")
+        folder = root / name
+        if not folder.is_dir():
+            raise ModelFolderError(f"{folder} is missing (model_index.json lists '{name}')")
+        config = "scheduler_config.json" if name == "scheduler" else None if name == "tokenizer" else "config.json"
+        if config and not (folder / config).is_file():
+            raise ModelFolderError(f"{folder / config} is missing")
+        if name in WEIGHTED_COMPONENTS:
+            files = [p.name for p in folder.iterdir() if p.is_file()]
+            if not any(f.endswith(".safetensors") for f in files):
+                pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+                if not pickled:
+                    raise ModelFolderError(f"{folder} has no weights (*.safetensors)")
+                if not allow_pickle:
+                    raise ModelFolderError(f"{folder / pickled[0]} is a pickle file, which can run code when loaded; "
+                                           "convert it to safetensors, or set generator.allow_pickle: true if you trust it")
+    vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
+    unet_config = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+    factor = 2 ** (len(vae_config.get("block_out_channels", [1])) - 1)
+    factor *= 2 ** (len(unet_config.get("block_out_channels", [1])) - 1)
+    for label, size in (("width", width), ("height", height)):
+        if size is not None and size % factor:
+            raise ModelFolderError(f"{label} {size} does not suit {root}: sizes must be multiples of {factor} "
+                                   "(the VAE's scale factor times the UNet's downsampling)")
+    return index
+
+
+def model_hash(path: str | Path) -> str:
+    """sha256 over the relative path and bytes of every config, tokenizer and weight file of a model folder."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(str(file.relative_to(root)).encode("utf-8") + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the backend
+
+class DiffusionBackend:
+    """Generate images from a local diffusers latent-diffusion folder (see the module docstring).
+
+    Args:
+        model: path of the diffusers folder.
+        width, height: image size; multiples of the model's VAE x UNet factor.
+        steps, guidance_scale, scheduler: sampling settings (scheduler: a key of ``SCHEDULERS``).
+        dtype: float32, bfloat16 or float16.
+        device: auto, cpu, cuda or mps.
+        allow_pickle: allow .bin/.ckpt weights (they can run code when loaded).
+        compile: wrap the UNet in ``torch.compile``.
+        quantize: ``"int8"`` for dynamic int8 quantisation of the UNet's Linear layers (CPU).
+        coarse_to_fine: ``{"scale": 0.5, "strength": 0.6}``: generate at scale x size, upscale, refine.
+        threads: torch CPU threads (default: all cores).
+        cache_size: prompt embeddings kept.
+    """
+
+    def __init__(self, model: str | Path, *, width: int = 256, height: int = 256, steps: int = 20,
+                 guidance_scale: float = 4.0, scheduler: str = "dpm_solver", dtype: str = "float32",
+                 device: str = "auto", allow_pickle: bool = False, compile: bool = False,
+                 quantize: str | None = None, coarse_to_fine: dict | None = None, threads: int | None = None,
+                 cache_size: int = 1024, model_id: str | None = None):
+        # 1. Check inputs (before torch or any weight is touched)
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}")
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if coarse_to_fine:
+            scale, strength = coarse_to_fine.get("scale", 0.5), coarse_to_fine.get("strength", 0.6)
+            if not (0.1 <= scale < 1 and 0 < strength <= 1):
+                raise ValueError(f"coarse_to_fine needs 0.1 <= scale < 1 and 0 < strength <= 1, got {coarse_to_fine}")
+            self.coarse_to_fine = {"scale": float(scale), "strength": float(strength)}
+        else:
+            self.coarse_to_fine = None
+        self.root = Path(model)
+        self.index = check_model_folder(self.root, allow_pickle=allow_pickle, width=width, height=height)
+        self.width, self.height, self.steps = int(width), int(height), int(steps)
+        self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler
+        self.allow_pickle = allow_pickle
+        self.quantize = None if quantize in (None, "none") else quantize
+        self.micro_batch = 1 if self.quantize else MICRO_BATCH
+
+        import torch
+
+        # 2. Threads and device
+        self.threads = int(threads or os.cpu_count() or 1)
+        torch.set_num_threads(self.threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+        if self.quantize and device != "cpu":
+            raise ValueError("quantize: int8 (dynamic quantisation) runs on the CPU only")
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+
+        # 3. Load components (offline, safetensors first, no remote code)
+        self.unet = self._load("unet").to(self.device).eval()
+        self.vae = self._load("vae").to(self.device).eval()
+        self.text_encoder = self._load("text_encoder").to(self.device).eval()
+        self.tokenizer = self._load("tokenizer")
+        hidden = getattr(self.text_encoder.config, "hidden_size", None) or getattr(self.text_encoder.config, "d_model", None)
+        if hidden != self.unet.config.cross_attention_dim:
+            raise ModelFolderError(f"{self.root}: the text encoder's width ({hidden}) does not match the UNet's "
+                                   f"cross_attention_dim ({self.unet.config.cross_attention_dim})")
+        import diffusers
+
+        base = self._load("scheduler")
+        cls_name, overrides = SCHEDULERS[scheduler]
+        self.scheduler_config = getattr(diffusers, cls_name).from_config(base.config, **overrides).config
+        self._scheduler_cls = getattr(diffusers, cls_name)
+        if self.quantize == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            self.unet = quantize_dynamic(self.unet, {torch.nn.Linear}, dtype=torch.qint8)
+        if compile:
+            self.unet = torch.compile(self.unet)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.max_length = self._max_length()
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self.cache_size = int(cache_size)
+        self.cache_stats = {"hits": 0, "misses": 0, "size": 0}
+        settings = {"micro_batch": self.micro_batch, "steps": self.steps, "guidance_scale": self.guidance_scale, "scheduler": scheduler,
+                    "dtype": dtype, "device": str(self.device), "threads": self.threads, "compile": bool(compile),
+                    "quantize": self.quantize or "none", "coarse_to_fine": self.coarse_to_fine,
+                    "width": self.width, "height": self.height, "torch": torch.__version__,
+                    "diffusers": diffusers.__version__}
+        self.info = BackendInfo(name="diffusion", model_id=model_id or self.root.name, model_hash=model_hash(self.root),
+                                settings=settings)
+
+    def _load(self, name: str):
+        import diffusers
+        import transformers
+
+        library, cls_name = self.index[name]
+        module = diffusers if library == "diffusers" else transformers
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            raise ModelFolderError(f"{self.root / 'model_index.json'}: {library} has no class {cls_name} "
+                                   f"(component '{name}'); is {library} too old?")
+        folder = self.root / name
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if name in WEIGHTED_COMPONENTS:
+            has_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
+            kwargs["use_safetensors"] = True if has_safetensors or not self.allow_pickle else False
+            kwargs["torch_dtype" if library == "diffusers" else "dtype"] = self.dtype
+        try:
+            return cls.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {e}") from None
+
+    def _max_length(self) -> int:
+        length = getattr(self.tokenizer, "model_max_length", None)
+        positions = getattr(self.text_encoder.config, "max_position_embeddings", None)
+        if not length or length > 100_000:
+            length = positions or 77
+        return int(min(length, positions or length))
+
+    # -- prompts
+    def embed(self, text: str, weights: Sequence = ()):
+        """The text encoder's output for a prompt, [1, L, D], with emphasis applied; cached."""
+        key = (text, tuple((e.start, e.end, float(e.weight)) for e in weights if e.weight != 1.0))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self.cache_stats["hits"] += 1
+            return self._cache[key]
+        self.cache_stats["misses"] += 1
+        value = self._encode(text, key[1])
+        self._cache[key] = value
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        self.cache_stats["size"] = len(self._cache)
+        return value
+
+    def _encode(self, text: str, spans: tuple):
+        import torch
+
+        tok = self.tokenizer
+        if not spans:
+            ids = tok(text, padding="max_length", max_length=self.max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            token_weights = None
+        else:
+            from ..prompts import Emphasis, Prompt
+
+            pieces = Prompt(text, weights=tuple(Emphasis(s, e, w, "") for s, e, w in spans)).segments()
+            body, body_w = [], []
+            for piece, weight in pieces:
+                piece_ids = tok(piece, add_special_tokens=False).input_ids
+                body += piece_ids
+                body_w += [weight] * len(piece_ids)
+            prefix, suffix = self._special_tokens()
+            keep = max(self.max_length - len(prefix) - len(suffix), 0)
+            body, body_w = body[:keep], body_w[:keep]
+            full = prefix + body + suffix
+            weights = [1.0] * len(prefix) + body_w + [1.0] * len(suffix)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            full += [pad] * (self.max_length - len(full))
+            weights += [1.0] * (self.max_length - len(weights))
+            ids = torch.tensor([full])
+            token_weights = torch.tensor(weights)
+        kwargs = {}
+        if getattr(self.text_encoder.config, "use_attention_mask", False) or \
+                "Bert" in type(self.text_encoder).__name__:
+            pad = tok.pad_token_id
+            kwargs["attention_mask"] = (ids != pad).long().to(self.device) if pad is not None else None
+        with torch.inference_mode():
+            hidden = self.text_encoder(ids.to(self.device), **kwargs)[0]
+        if token_weights is not None:
+            hidden = hidden * token_weights.to(hidden.device, hidden.dtype)[None, :, None]
+        return hidden
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids a tokenizer puts before and after a text (e.g. CLIP's BOS/EOS, BERT's CLS/SEP)."""
+        tok = self.tokenizer
+        plain = tok("a", add_special_tokens=False).input_ids
+        full = tok("a").input_ids
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        return [], []
+
+    # -- generation
+    def generate(self, cases: Sequence, prompts: Sequence) -> list[GeneratedImage]:
+        """One image per case; each depends only on its case (seed) and its prompt."""
+        images: list[GeneratedImage] = []
+        m = self.micro_batch
+        for i in range(0, len(cases), m):
+            images += self._generate_micro_batch(cases[i:i + m], prompts[i:i + m])
+        return images
+
+    def _generate_micro_batch(self, cases: Sequence, prompts: Sequence) -> list[GeneratedImage]:
+        import torch
+
+        n, pad = len(cases), self.micro_batch - len(cases)
+        with torch.inference_mode():
+            # 1. Prompt embeddings, [negative..., prompt...] as diffusers orders them; padding rows are zeros
+            cond = [self.embed(p.text, p.weights) for p in prompts]
+            cond = torch.cat(cond + [torch.zeros_like(cond[0])] * pad)
+            guided = self.guidance_scale > 1.0
+            if guided:
+                uncond = [self.embed(p.negative) for p in prompts]
+                embeddings = torch.cat(uncond + [torch.zeros_like(uncond[0])] * pad + [cond])
+            else:
+                embeddings = cond
+            # 2. One CPU generator per case (padding rows get throwaway ones)
+            generators = [torch.Generator("cpu").manual_seed(int(c.seed)) for c in cases]
+            generators += [torch.Generator("cpu").manual_seed(0) for _ in range(pad)]
+            if self.coarse_to_fine:
+                f = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+                scale = self.coarse_to_fine["scale"]
+                h0 = max(f, int(round(self.height * scale / f)) * f)
+                w0 = max(f, int(round(self.width * scale / f)) * f)
+                latents = self._denoise(self._initial_latents(generators, h0, w0), embeddings, generators)
+                coarse = self._decode(latents)
+                fine = torch.nn.functional.interpolate(coarse.float(), size=(self.height, self.width), mode="bicubic",
+                                                       align_corners=False).clamp(-1, 1)
+                latents = self._refine(fine, embeddings, generators)
+            else:
+                latents = self._denoise(self._initial_latents(generators, self.height, self.width),
+                                        embeddings, generators)
+            decoded = self._decode(latents)[:n]
+            gray = (decoded.float() / 2 + 0.5).clamp(0, 1).mean(dim=1).cpu().numpy()
+        return [GeneratedImage(pixels=g.astype("float32")) for g in gray]
+
+    def _initial_latents(self, generators, height, width):
+        import torch
+
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        return noise.to(self.device, self.dtype)
+
+    def _scheduler(self):
+        scheduler = self._scheduler_cls.from_config(self.scheduler_config)
+        scheduler.set_timesteps(self.steps, device=self.device)
+        return scheduler
+
+    def _denoise(self, latents, embeddings, generators, scheduler=None, timesteps=None):
+        scheduler = scheduler or self._scheduler()
+        if timesteps is None:
+            timesteps = scheduler.timesteps
+            latents = latents * scheduler.init_noise_sigma
+        accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+        guided = self.guidance_scale > 1.0
+        import torch
+
+        for t in timesteps:
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if guided:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + self.guidance_scale * (cond - uncond)
+            extra = {"generator": generators} if accepts_generator else {}
+            latents = scheduler.step(noise, t, latents, return_dict=False, **extra)[0]
+        return latents
+
+    def _refine(self, images, embeddings, generators):
+        """Image-to-image at the target size: encode, noise to the strength's step, denoise the rest."""
+        import torch
+
+        scheduler = self._scheduler()
+        init_steps = min(int(self.steps * self.coarse_to_fine["strength"]), self.steps)
+        t_start = max(self.steps - init_steps, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        posterior = self.vae.encode(images.to(self.dtype)).latent_dist
+        latents = posterior.mode() * self.vae.config.scaling_factor  # the mode: no randomness outside the generators
+        noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=torch.float32) for g in generators])
+        latents = scheduler.add_noise(latents, noise.to(self.device, self.dtype), timesteps[:1].repeat(len(generators)))
+        return self._denoise(latents, embeddings, generators, scheduler=scheduler, timesteps=timesteps)
+
+    def _decode(self, latents):
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
