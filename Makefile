@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/synthmed validate dataset_specs/*.yaml
-	$(BIN)/synthmed plan dataset_specs/pneumonia.yaml -o out/demo/cases.jsonl
+	$(BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --backend phantom --limit 64 --overwrite
 
 system-deps:
 	./scripts/install-system-deps.sh

@@ -124,10 +124,16 @@ class _RunFolder:
                 raise BuildError(f"{out} already holds a synthmed run ('{previous.get('name', '?')}'); "
                                  "rerun with --resume to finish it, or --overwrite to start again", 2)
             else:
-                changed = [k for k in run if previous.get(k) != run[k]]
+                changed = []
+                for key in run:
+                    old, new = previous.get(key), run[key]
+                    if isinstance(old, dict) and isinstance(new, dict):
+                        changed += [f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+                    elif old != new:
+                        changed.append(key if key == "spec_hash" else f"{key} {old!r} -> {new!r}")
                 if changed:
-                    what = ", ".join(changed)
-                    raise BuildError(f"{out} was built from a different spec or settings ({what} changed); "
+                    what = "; ".join(changed)
+                    raise BuildError(f"{out} was built from a different spec or settings (changed: {what}); "
                                      "rerun with --overwrite to start again", 2)
         self.parts.mkdir(parents=True, exist_ok=True)
         _atomic_json(run_file, run)
@@ -353,8 +359,12 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         raise BuildError("--resume and --overwrite exclude each other", 2)
     out = Path(out)
     backend_name = backend if isinstance(backend, str) or backend is None else backend.info.name
+    import dataclasses
+
+    generator = {k: v for k, v in dataclasses.asdict(spec.generator).items() if k != "batch_size"}
+    generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,
-           "backend": backend_name or spec.generator.backend, "model": model or spec.generator.model,
+           "backend": generator["backend"], "model": generator["model"], "generator": generator,
            "synthmed_version": __version__}
     folder = _RunFolder(out)
     folder.prepare(run, resume=resume, overwrite=overwrite)

@@ -118,9 +118,20 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
               help="Override generator.backend (pattern: a fast test pattern with exact masks, for dry runs).")
 @click.option("--model", help="Override generator.model: 'default' or a local diffusers pipeline folder.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Override generator.batch_size; never changes an image.")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Override generator.steps.")
+@click.option("--guidance-scale", type=click.FloatRange(0, 50), help="Override generator.guidance_scale.")
+@click.option("--scheduler", type=click.Choice(["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc"]),
+              help="Override generator.scheduler.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Override generator.dtype.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Override generator.device.")
+@click.option("--compile/--no-compile", default=None, help="Wrap the UNet in torch.compile.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), help="Dynamic int8 quantisation of the UNet (CPU).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="torch CPU threads.")
+@click.option("--allow-pickle", is_flag=True, default=None,
+              help="Allow pickled (.bin/.ckpt) model weights, which can run code. Only for models you trust.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: int | None, backend: str | None,
-             model: str | None, batch_size: int | None, quiet: bool) -> None:
+             model: str | None, batch_size: int | None, quiet: bool, **generator_options) -> None:
     """Build the dataset: images (DICOM, PNG), masks, manifest.csv and the dataset card.
 
     Ctrl-C finishes the current batch and stops; rerun with --resume to finish.
@@ -133,6 +144,11 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     except SpecError as e:
         _fail_spec(e)
     _print_warnings(spec)
+    overrides = {k: v for k, v in generator_options.items() if v is not None}
+    if overrides:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, **overrides))
     try:
         result = run_generate(spec, out, resume=resume, overwrite=overwrite, limit=limit, backend=backend,
                               model=model, batch_size=batch_size, progress=not quiet)

@@ -84,6 +84,7 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
     if missing:
         raise ModelFolderError(f"{index_file}: {class_name or 'this pipeline'} is not a latent-diffusion text-to-image "
                                f"pipeline (no {', '.join(missing)})")
+    _check_pipeline_class(class_name, index_file)
     for name in REQUIRED_COMPONENTS:
         library, cls = index[name]
         if library not in SAFE_LIBRARIES:
@@ -113,6 +114,21 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
             raise ModelFolderError(f"{label} {size} does not suit {root}: sizes must be multiples of {factor} "
                                    "(the VAE's scale factor times the UNet's downsampling)")
     return index
+
+
+def _check_pipeline_class(class_name: str, index_file: Path) -> None:
+    """The folder's pipeline class must be a diffusers text-to-image latent-diffusion pipeline."""
+    try:
+        import diffusers
+    except ImportError:  # checked again when the backend loads
+        return
+    cls = getattr(diffusers, class_name, None) if class_name else None
+    if cls is None:
+        raise ModelFolderError(f"{index_file}: _class_name {class_name!r} is not a diffusers pipeline class")
+    params = inspect.signature(cls.__init__).parameters
+    if not all(c in params for c in REQUIRED_COMPONENTS):
+        raise ModelFolderError(f"{index_file}: {class_name} is not a latent-diffusion text-to-image pipeline "
+                               f"(it does not take {', '.join(c for c in REQUIRED_COMPONENTS if c not in params)})")
 
 
 def model_hash(path: str | Path) -> str:
@@ -297,8 +313,7 @@ class DiffusionBackend:
             ids = torch.tensor([full])
             token_weights = torch.tensor(weights)
         kwargs = {}
-        if getattr(self.text_encoder.config, "use_attention_mask", False) or \
-                "Bert" in type(self.text_encoder).__name__:
+        if getattr(self.text_encoder.config, "use_attention_mask", False):  # as diffusers' encode_prompt does
             pad = tok.pad_token_id
             kwargs["attention_mask"] = (ids != pad).long().to(self.device) if pad is not None else None
         with torch.inference_mode():

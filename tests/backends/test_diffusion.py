@@ -1,0 +1,625 @@
+"""The diffusion backend on tiny random diffusers pipelines (see conftest.py): loading, shapes,
+exactness across batches, equality with diffusers' own StableDiffusionPipeline, every scheduler,
+the prompt-embedding cache, emphasis, save/reload, int8 / coarse-to-fine / bfloat16, the folder
+checks made before any weight is loaded, the model hash, and a build through ``synthmed.build``.
+
+Every image is 64x64 (or smaller) with 2 denoising steps, so a generate call takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from conftest import SIZE, emphasised, make_case, make_prompt  # noqa: E402
+
+from synthmed.backends import BackendInfo, GeneratedImage  # noqa: E402
+from synthmed.backends.diffusion import SCHEDULERS, DiffusionBackend, ModelFolderError, check_model_folder  # noqa: E402
+from synthmed.prompts import Prompt  # noqa: E402
+from synthmed.writers.png import to_stored  # noqa: E402
+
+STEPS = 2
+GUIDANCE = 4.0
+THREADS = 1  # the same for every backend and pipeline in this file (CPU kernels may differ by thread count)
+NEGATIVE = "text, letters, watermark"
+
+
+def make_backend(folder, **kwargs) -> DiffusionBackend:
+    settings = dict(width=SIZE, height=SIZE, steps=STEPS, guidance_scale=GUIDANCE, scheduler="dpm_solver",
+                    dtype="float32", device="cpu", threads=THREADS)
+    settings.update(kwargs)
+    return DiffusionBackend(folder, **settings)
+
+
+def stored(image: GeneratedImage) -> np.ndarray:
+    """The 12-bit values a build would write."""
+    return to_stored(image.pixels, 16)
+
+
+def assert_valid(images, n: int, height: int = SIZE, width: int = SIZE) -> None:
+    assert len(images) == n
+    for image in images:
+        assert isinstance(image, GeneratedImage)
+        assert image.pixels.shape == (height, width)
+        assert image.pixels.dtype == np.float32
+        assert np.isfinite(image.pixels).all()
+        assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
+        assert image.pixels.std() > 0  # not a blank image
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_sd_dir) -> DiffusionBackend:
+    """The default settings (DPM-Solver++) on the tiny SD folder, shared by the read-only tests."""
+    return make_backend(tiny_sd_dir)
+
+
+@pytest.fixture(scope="module")
+def sd_pipeline(tiny_sd_dir):
+    """diffusers' own pipeline loaded from the same folder, for the equivalence tests."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_images(pipe, scheduler: str, case, prompt: Prompt, width: int = SIZE, height: int = SIZE) -> np.ndarray:
+    """``pipe`` run the way the backend promises to match: one CPU generator seeded with the case seed."""
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[scheduler]
+    base = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(base.config, **overrides)
+    try:
+        out = pipe(prompt.text, negative_prompt=prompt.negative or None, num_inference_steps=STEPS,
+                   guidance_scale=GUIDANCE, width=width, height=height,
+                   generator=[torch.Generator("cpu").manual_seed(case.seed)], output_type="np").images
+    finally:
+        pipe.scheduler = base
+    return out[0].mean(axis=-1)
+
+
+# ----------------------------------------------------------------------------- loading and shapes
+
+def test_tiny_sd_folder_generates_grayscale_images(backend, cases):
+    images = backend.generate(cases, [make_prompt(c) for c in cases])
+    assert_valid(images, len(cases))
+    info = backend.info
+    assert isinstance(info, BackendInfo)
+    assert info.name == "diffusion"
+    assert info.model_id and len(info.model_hash) >= 16
+    assert info.settings["steps"] == STEPS and info.settings["scheduler"] == "dpm_solver"
+    assert info.settings["width"] == SIZE and info.settings["height"] == SIZE
+    json.dumps(dict(info.settings))  # recorded in the manifest: must be JSON-serialisable
+
+
+def test_rgb_vae_output_is_the_channel_mean(backend, sd_pipeline):
+    """Through the pipeline the tiny RGB VAE gives three different channels; the backend returns their mean."""
+    case = make_case(seed=5)
+    prompt = make_prompt(case)
+    out = sd_pipeline(prompt.text, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
+                      generator=[torch.Generator("cpu").manual_seed(case.seed)], output_type="np").images[0]
+    assert out.shape == (SIZE, SIZE, 3)
+    assert np.abs(out[..., 0] - out[..., 1]).max() > 1e-3  # the channels really differ
+    import diffusers
+
+    sd_pipeline.scheduler, base = diffusers.DPMSolverMultistepScheduler.from_config(
+        sd_pipeline.scheduler.config, **SCHEDULERS["dpm_solver"][1]), sd_pipeline.scheduler
+    try:
+        out = sd_pipeline(prompt.text, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
+                          generator=[torch.Generator("cpu").manual_seed(case.seed)], output_type="np").images[0]
+    finally:
+        sd_pipeline.scheduler = base
+    ours = backend.generate([case], [prompt])[0].pixels
+    np.testing.assert_allclose(ours, out.mean(axis=-1), atol=1e-5, rtol=0)
+
+
+def test_one_channel_vae_folder(tiny_sd_gray_dir, cases):
+    from diffusers import StableDiffusionPipeline
+
+    gray = make_backend(tiny_sd_gray_dir, scheduler="ddim")
+    case, prompt = cases[0], make_prompt(cases[0])
+    image = gray.generate([case], [prompt])[0]
+    assert_valid([image], 1)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_gray_dir, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipeline_images(pipe, "ddim", case, prompt)
+    np.testing.assert_allclose(image.pixels, expected, atol=1e-5, rtol=0)
+
+
+def test_bert_text_encoder_folder(tiny_bert_dir, cases):
+    bert = make_backend(tiny_bert_dir)
+    images = bert.generate(cases, [make_prompt(c) for c in cases])
+    assert_valid(images, len(cases))
+    assert type(bert.text_encoder).__name__ == "BertModel"
+    alone = bert.generate(cases[2:3], [make_prompt(cases[2])])[0]
+    assert np.array_equal(stored(alone), stored(images[2]))
+
+
+def test_non_square_size_is_height_by_width(tiny_sd_dir):
+    wide = make_backend(tiny_sd_dir, width=64, height=32)
+    case = make_case()
+    assert_valid(wide.generate([case], [make_prompt(case)]), 1, height=32, width=64)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+def test_batch_equals_one_at_a_time(backend, cases):
+    prompts = [make_prompt(c) for c in cases]
+    together = backend.generate(cases, prompts)
+    for case, prompt, image in zip(cases, prompts, together):
+        alone = backend.generate([case], [prompt])[0]
+        assert np.array_equal(stored(alone), stored(image)), case.case_id
+
+
+def test_batch_larger_than_a_micro_batch_equals_one_at_a_time(backend):
+    """Cases on both sides of a micro-batch boundary, in different positions than when alone."""
+    cases = [make_case(i, seed=100 + i, severity=("mild", "moderate", "severe")[i % 3]) for i in range(10)]
+    prompts = [make_prompt(c) for c in cases]
+    together = backend.generate(cases, prompts)
+    for i in (0, 7, 8, 9):
+        alone = backend.generate([cases[i]], [prompts[i]])[0]
+        assert np.array_equal(stored(alone), stored(together[i])), cases[i].case_id
+    reversed_ = backend.generate(cases[::-1], prompts[::-1])[::-1]
+    for a, b in zip(together, reversed_):
+        assert np.array_equal(stored(a), stored(b))
+
+
+def test_same_case_twice_is_identical_and_seeds_differ(backend):
+    case = make_case(seed=77)
+    prompt = make_prompt(case)
+    first, second = backend.generate([case, case], [prompt, prompt])
+    assert np.array_equal(first.pixels, second.pixels)
+    again = backend.generate([case], [prompt])[0]
+    assert np.array_equal(stored(first), stored(again))
+    other = make_case(seed=78)
+    different = backend.generate([other], [make_prompt(other)])[0]
+    assert np.abs(different.pixels - first.pixels).max() > 1e-2
+
+
+def test_a_new_backend_gives_the_same_images(backend, tiny_sd_dir, cases):
+    prompts = [make_prompt(c) for c in cases]
+    fresh = make_backend(tiny_sd_dir)
+    for a, b in zip(backend.generate(cases, prompts), fresh.generate(cases, prompts)):
+        assert np.array_equal(stored(a), stored(b))
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_equals_diffusers_pipeline(tiny_sd_dir, sd_pipeline, scheduler):
+    """No emphasis: the backend's image is StableDiffusionPipeline's (generator=[seeded CPU generator])."""
+    ours = make_backend(tiny_sd_dir, scheduler=scheduler)
+    case = make_case(seed=2024)
+    prompt = make_prompt(case, negative=NEGATIVE)
+    assert prompt.weights == ()
+    image = ours.generate([case], [prompt])[0].pixels
+    expected = pipeline_images(sd_pipeline, scheduler, case, prompt)
+    np.testing.assert_allclose(image, expected, atol=1e-5, rtol=0)
+    # and inside a batch, at another position
+    other = make_case(1, seed=9)
+    batched = ours.generate([other, case], [make_prompt(other, negative=NEGATIVE), prompt])[1].pixels
+    np.testing.assert_allclose(batched, expected, atol=1e-5, rtol=0)
+
+
+def test_equals_diffusers_pipeline_without_guidance(tiny_sd_dir, sd_pipeline):
+    ours = make_backend(tiny_sd_dir, scheduler="ddim", guidance_scale=1.0)
+    case = make_case(seed=31)
+    prompt = make_prompt(case)
+    image = ours.generate([case], [prompt])[0].pixels
+    out = sd_pipeline(prompt.text, num_inference_steps=STEPS, guidance_scale=1.0, width=SIZE, height=SIZE,
+                      generator=[torch.Generator("cpu").manual_seed(case.seed)], output_type="np").images[0]
+    np.testing.assert_allclose(image, out.mean(axis=-1), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- schedulers
+
+def test_scheduler_names_match_the_spec_schema():
+    schema = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "dataset_spec.schema.json")
+                        .read_text(encoding="utf-8"))
+    names = schema["properties"]["generator"]["properties"]["scheduler"]["enum"]
+    assert sorted(SCHEDULERS) == sorted(names) == sorted(
+        ["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc"])
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_scheduler_runs_and_is_batch_invariant(tiny_sd_dir, cases, scheduler):
+    ours = make_backend(tiny_sd_dir, scheduler=scheduler, steps=3)
+    assert ours.info.settings["scheduler"] == scheduler
+    prompts = [make_prompt(c) for c in cases]
+    together = ours.generate(cases, prompts)
+    assert_valid(together, len(cases))
+    for i in (1, 3):
+        alone = ours.generate([cases[i]], [prompts[i]])[0]
+        assert np.array_equal(stored(alone), stored(together[i])), (scheduler, cases[i].case_id)
+
+
+def test_euler_ancestral_noise_comes_from_the_case_seed(tiny_sd_dir):
+    """The stochastic sampler's per-step noise must also be drawn from the case's own generator."""
+    ours = make_backend(tiny_sd_dir, scheduler="euler_ancestral", steps=3)
+    a, b = make_case(0, seed=1), make_case(1, seed=2)
+    pa, pb = make_prompt(a), make_prompt(b)
+    ab = ours.generate([a, b], [pa, pb])
+    ba = ours.generate([b, a], [pb, pa])
+    assert np.array_equal(stored(ab[0]), stored(ba[1]))
+    assert np.array_equal(stored(ab[1]), stored(ba[0]))
+
+
+def test_unknown_scheduler_is_refused_before_loading(tiny_sd_dir):
+    with pytest.raises(ValueError, match="dpm_solver"):
+        DiffusionBackend(tiny_sd_dir, width=SIZE, height=SIZE, scheduler="lms")
+
+
+# ----------------------------------------------------------------------------- prompt-embedding cache
+
+def test_cache_encodes_each_distinct_prompt_once(tiny_sd_dir):
+    ours = make_backend(tiny_sd_dir)
+    first, second = make_case(0, seed=1), make_case(1, seed=2, finding="no_finding")
+    cases = [first, second, make_case(2, seed=3), make_case(3, seed=4, finding="no_finding")]
+    prompts = [make_prompt(c, negative=NEGATIVE) for c in cases]
+    assert len({p.text for p in prompts}) == 2 and len({p.negative for p in prompts}) == 1
+    ours.generate(cases, prompts)
+    stats = dict(ours.cache_stats)
+    assert stats["misses"] == 2 + 1  # two prompts and the one negative prompt
+    assert stats["size"] == 3
+    assert stats["hits"] >= 1
+    ours.generate(cases, prompts)
+    again = dict(ours.cache_stats)
+    assert again["misses"] == stats["misses"]
+    assert again["hits"] > stats["hits"]
+    assert again["size"] == 3
+
+
+def test_cache_is_bounded_and_evicts(tiny_sd_dir):
+    ours = make_backend(tiny_sd_dir, cache_size=2)
+    texts = ["mild pneumonia", "right lower lobe", "chest radiograph"]
+    first = ours.embed(texts[0], ()).clone()
+    for text in texts[1:]:
+        ours.embed(text, ())
+    assert ours.cache_stats["size"] == 2
+    assert ours.cache_stats["misses"] == 3
+    again = ours.embed(texts[0], ())  # evicted: encoded again, to the same values
+    assert ours.cache_stats["misses"] == 4
+    assert ours.cache_stats["size"] == 2
+    assert torch.equal(again, first)
+    ours.embed(texts[0], ())
+    assert ours.cache_stats["hits"] == 1
+
+
+def test_cached_images_equal_uncached_images(tiny_sd_dir, cases):
+    prompts = [make_prompt(c) for c in cases]
+    tiny_cache = make_backend(tiny_sd_dir, cache_size=1)
+    big_cache = make_backend(tiny_sd_dir)
+    big_cache.generate(cases, prompts)  # warm
+    for a, b in zip(tiny_cache.generate(cases, prompts), big_cache.generate(cases, prompts)):
+        assert np.array_equal(a.pixels, b.pixels)
+
+
+# ----------------------------------------------------------------------------- emphasis
+
+def _word_positions(tokenizer, text: str, word: str) -> list[int]:
+    """Token positions of ``word`` in the encoded ``text`` (after the leading special token)."""
+    start = text.index(word)
+    before = tokenizer(text[:start], add_special_tokens=False).input_ids
+    inside = tokenizer(word, add_special_tokens=False).input_ids
+    lead = len(tokenizer("").input_ids) - len(tokenizer("", add_special_tokens=False).input_ids)
+    lead = 1 if lead >= 1 else 0  # CLIP: <|startoftext|>; BERT: [CLS]
+    return list(range(lead + len(before), lead + len(before) + len(inside)))
+
+
+@pytest.mark.parametrize("folder", ["tiny_sd_dir", "tiny_bert_dir"])
+def test_emphasis_scales_only_the_emphasised_tokens(request, folder):
+    path = request.getfixturevalue(folder)
+    ours = make_backend(path)
+    text = make_prompt(make_case()).text
+    assert "pneumonia" in text
+    weight = 1.5
+    weighted = emphasised(text, "pneumonia", weight)
+    plain = ours.embed(text, ())
+    heavy = ours.embed(weighted.text, weighted.weights)
+    assert plain.shape == heavy.shape and plain.ndim == 3 and plain.shape[0] == 1
+    assert plain.shape[2] == 16
+    positions = _word_positions(ours.tokenizer, text, "pneumonia")
+    assert positions
+    changed = [i for i in range(plain.shape[1]) if not torch.equal(plain[0, i], heavy[0, i])]
+    assert changed == positions
+    torch.testing.assert_close(heavy[0, positions], plain[0, positions] * weight, rtol=1e-6, atol=0)
+    # weight 1.0 is no emphasis at all
+    neutral = emphasised(text, "pneumonia", 1.0)
+    assert torch.equal(ours.embed(neutral.text, neutral.weights), plain)
+
+
+def test_emphasis_changes_the_image_and_is_cached_separately(tiny_sd_dir):
+    ours = make_backend(tiny_sd_dir)
+    case = make_case(seed=8)
+    plain = make_prompt(case)
+    heavy = make_prompt(case, emphasis={"finding": 1.4})
+    assert heavy.text == plain.text and heavy.weights
+    a, b = ours.generate([case, case], [plain, heavy])
+    assert np.abs(a.pixels - b.pixels).max() > 1e-4
+    assert ours.cache_stats["misses"] == 3  # plain, emphasised, negative
+    alone = ours.generate([case], [heavy])[0]
+    assert np.array_equal(stored(alone), stored(b))
+
+
+# ----------------------------------------------------------------------------- save / reload
+
+def test_resaved_folder_gives_identical_images(backend, tmp_path, cases):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=backend.vae, text_encoder=backend.text_encoder, tokenizer=backend.tokenizer,
+                                   unet=backend.unet, scheduler=StableDiffusionPipeline.from_pretrained(
+                                       backend.root, local_files_only=True, safety_checker=None,
+                                       requires_safety_checker=False).scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "resaved", safe_serialization=True)
+    check_model_folder(tmp_path / "resaved")
+    reloaded = make_backend(tmp_path / "resaved")
+    prompts = [make_prompt(c) for c in cases]
+    for a, b in zip(backend.generate(cases, prompts), reloaded.generate(cases, prompts)):
+        assert np.array_equal(a.pixels, b.pixels)
+
+
+# ----------------------------------------------------------------------------- int8, coarse-to-fine, bfloat16
+
+def test_int8_quantisation_runs(tiny_sd_dir, cases):
+    ours = make_backend(tiny_sd_dir, quantize="int8")
+    prompts = [make_prompt(c) for c in cases]
+    images = ours.generate(cases, prompts)
+    assert_valid(images, len(cases))
+    assert ours.info.settings["quantize"] == "int8"
+    alone = ours.generate(cases[2:3], prompts[2:3])[0]
+    assert np.array_equal(stored(alone), stored(images[2]))
+
+
+def test_coarse_to_fine_runs(tiny_sd_dir, cases):
+    ours = make_backend(tiny_sd_dir, coarse_to_fine={"scale": 0.5, "strength": 0.6}, steps=3)
+    prompts = [make_prompt(c) for c in cases]
+    images = ours.generate(cases, prompts)
+    assert_valid(images, len(cases))
+    assert ours.info.settings["coarse_to_fine"] == {"scale": 0.5, "strength": 0.6}
+    alone = ours.generate(cases[1:2], prompts[1:2])[0]
+    assert np.array_equal(stored(alone), stored(images[1]))
+    plain = make_backend(tiny_sd_dir, steps=3).generate(cases[:1], prompts[:1])[0]
+    assert not np.array_equal(plain.pixels, images[0].pixels)
+
+
+@pytest.mark.parametrize("bad", [{"scale": 1.5, "strength": 0.6}, {"scale": 0.5, "strength": 0.0}])
+def test_coarse_to_fine_settings_are_checked(tiny_sd_dir, bad):
+    with pytest.raises(ValueError, match="coarse_to_fine"):
+        make_backend(tiny_sd_dir, coarse_to_fine=bad)
+
+
+def test_bfloat16_runs_on_cpu(tiny_sd_dir, cases):
+    ours = make_backend(tiny_sd_dir, dtype="bfloat16")
+    assert ours.unet.dtype == torch.bfloat16
+    prompts = [make_prompt(c) for c in cases[:2]]
+    images = ours.generate(cases[:2], prompts)
+    assert_valid(images, 2)
+    assert ours.info.settings["dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------- folder checks (before loading)
+
+def _edit_index(folder: Path, **changes) -> Path:
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        if value is None:
+            index.pop(key, None)
+        else:
+            index[key] = value
+    index_file.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return index_file
+
+
+def _unet_to_pickle(folder: Path) -> Path:
+    from safetensors.torch import load_file
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    pickled = folder / "unet" / "diffusion_pytorch_model.bin"
+    torch.save(state, pickled)
+    weights.unlink()
+    return pickled
+
+
+def _no_weights_loaded():
+    """Patches under which loading any diffusers or transformers model fails the test."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import diffusers
+    import transformers
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__} weights were loaded: the folder was not refused by the checks made before loading")
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(diffusers.ModelMixin, "from_pretrained", classmethod(refuse)))
+    stack.enter_context(mock.patch.object(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse)))
+    return stack
+
+
+def _assert_refused(folder: Path, *needles: str, **kwargs) -> str:
+    """The backend refuses ``folder`` with a ModelFolderError naming it (and ``needles``), before loading weights."""
+    with _no_weights_loaded(), pytest.raises(ModelFolderError) as excinfo:
+        make_backend(folder, **kwargs)
+    message = str(excinfo.value)
+    assert isinstance(excinfo.value, ValueError)
+    assert str(folder) in message, message
+    for needle in needles:
+        assert needle in message, message
+    # the same problem is found by the check alone
+    check_kwargs = {k: v for k, v in kwargs.items() if k in ("allow_pickle", "width", "height")}
+    check_kwargs.setdefault("width", SIZE)
+    check_kwargs.setdefault("height", SIZE)
+    with pytest.raises(ModelFolderError):
+        check_model_folder(folder, **check_kwargs)
+    return message
+
+
+def test_missing_folder(tmp_path):
+    _assert_refused(tmp_path / "no-such-model")
+
+
+def test_missing_model_index(model_copy):
+    folder = model_copy()
+    (folder / "model_index.json").unlink()
+    _assert_refused(folder, "model_index.json")
+
+
+def test_missing_component_folder(model_copy):
+    folder = model_copy()
+    shutil.rmtree(folder / "vae")
+    _assert_refused(folder, "vae")
+
+
+def test_missing_component_config(model_copy):
+    folder = model_copy()
+    (folder / "unet" / "config.json").unlink()
+    _assert_refused(folder, str(Path("unet") / "config.json"))
+
+
+def test_missing_weights(model_copy):
+    folder = model_copy()
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    _assert_refused(folder, "text_encoder")
+
+
+def test_pickle_weights_refused_unless_allowed(model_copy, backend, cases):
+    folder = model_copy()
+    _unet_to_pickle(folder)
+    _assert_refused(folder, str(Path("unet") / "diffusion_pytorch_model.bin"), "allow_pickle")
+    allowed = make_backend(folder, allow_pickle=True)
+    prompts = [make_prompt(c) for c in cases]
+    for a, b in zip(allowed.generate(cases, prompts), backend.generate(cases, prompts)):
+        assert np.array_equal(a.pixels, b.pixels)
+
+
+def test_custom_code_component_refused(model_copy):
+    folder = model_copy()
+    _edit_index(folder, unet=["my_module", "UNet2DConditionModel"])
+    _assert_refused(folder, "model_index.json", "my_module", "unet")
+
+
+@pytest.mark.parametrize("class_name", ["StableDiffusionXLPipeline", "DDPMPipeline"])
+def test_pipeline_class_that_is_not_latent_text_to_image_refused(model_copy, class_name):
+    folder = model_copy()
+    _edit_index(folder, _class_name=class_name)
+    _assert_refused(folder, "model_index.json", class_name)
+
+
+def test_unconditional_ddpm_folder_refused(model_copy):
+    """A real DDPMPipeline folder: a UNet and a scheduler, no text encoder, tokenizer or VAE."""
+    folder = model_copy()
+    for name in ("vae", "text_encoder", "tokenizer"):
+        shutil.rmtree(folder / name)
+    _edit_index(folder, _class_name="DDPMPipeline", vae=None, text_encoder=None, tokenizer=None, safety_checker=None,
+                feature_extractor=None, image_encoder=None, requires_safety_checker=None)
+    _assert_refused(folder, "model_index.json", "DDPMPipeline")
+
+
+@pytest.mark.parametrize("width,height", [(60, 64), (64, 36), (68, 64)])
+def test_size_not_a_multiple_of_the_model_factor(tiny_sd_dir, width, height):
+    # VAE factor 4 x UNet factor 2 = 8
+    message = _assert_refused(tiny_sd_dir, "8", width=width, height=height)
+    assert str(width if width % 8 else height) in message
+
+
+def test_sizes_that_are_multiples_pass_the_check(tiny_sd_dir):
+    index = check_model_folder(tiny_sd_dir, width=72, height=40)
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+# ----------------------------------------------------------------------------- model hash
+
+def test_model_hash_is_stable_and_follows_the_weights(backend, tiny_sd_dir, model_copy):
+    from safetensors.torch import load_file, save_file
+
+    from synthmed.backends.diffusion import model_hash
+
+    assert model_hash(tiny_sd_dir) == model_hash(tiny_sd_dir) == backend.info.model_hash
+    copy = model_copy("elsewhere")
+    assert model_hash(copy) == backend.info.model_hash  # a content hash: the folder's location does not count
+    assert make_backend(copy).info.model_hash == backend.info.model_hash
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1e-3
+    save_file(state, weights, metadata={"format": "pt"})
+    changed = model_hash(copy)
+    assert changed != backend.info.model_hash
+    assert make_backend(copy).info.model_hash == changed
+
+
+# ----------------------------------------------------------------------------- through the build
+
+def _spec_text(model: Path, **generator) -> str:
+    settings = {"backend": "diffusion", "model": str(model), "steps": STEPS, "threads": THREADS, **generator}
+    gen = ", ".join(f"{k}: {json.dumps(v)}" for k, v in settings.items())
+    return (
+        "spec_version: 1\n"
+        "name: tiny-diffusion\n"
+        "seed: 20261121\n"
+        "count: 5\n"
+        f"image: {{size: {SIZE}, formats: [png]}}\n"
+        "findings:\n"
+        "  - {finding: no_finding, weight: 0.4}\n"
+        "  - {finding: pneumonia, weight: 0.6, location: {right_lower_lobe: 0.5, left_lower_lobe: 0.5}}\n"
+        "prompt: {emphasis: {finding: 1.3}, negative: \"text, letters, watermark\"}\n"
+        f"generator: {{{gen}}}\n"
+    )
+
+
+def _manifest(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_build_with_the_diffusion_backend(tiny_sd_dir, tmp_path):
+    from synthmed.build import generate
+    from synthmed.spec import load_spec
+
+    from synthmed.backends.diffusion import model_hash
+
+    spec = load_spec(_spec_text(tiny_sd_dir))
+    assert spec.generator.backend == "diffusion" and spec.generator.steps == STEPS
+    one = generate(spec, tmp_path / "one", batch_size=1, progress=False)
+    three = generate(spec, tmp_path / "three", batch_size=3, progress=False)
+    assert one.written == three.written == 5
+    rows_one, rows_three = _manifest(tmp_path / "one"), _manifest(tmp_path / "three")
+    assert len(rows_one) == len(rows_three) == 5
+    expected_hash = model_hash(tiny_sd_dir)
+    for a, b in zip(rows_one, rows_three):
+        assert a["case_id"] == b["case_id"]
+        assert a["backend"] == "diffusion"
+        assert a["model_hash"] == expected_hash
+        generation = json.loads(a["generation"])
+        assert generation["backend"] == "diffusion"
+        assert generation["steps"] == STEPS and generation["scheduler"] == "dpm_solver"
+        assert generation["width"] == SIZE and generation["height"] == SIZE
+        assert a["png_sha256"] and a["png_sha256"] == b["png_sha256"], a["case_id"]
+        assert (tmp_path / "one" / a["png_path"]).read_bytes() == (tmp_path / "three" / b["png_path"]).read_bytes()
+    assert len({r["png_sha256"] for r in rows_one}) == 5
+
+
+def test_build_refuses_a_bad_model_folder_with_its_name(model_copy, tmp_path):
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    folder = model_copy()
+    _unet_to_pickle(folder)
+    with pytest.raises(BuildError) as excinfo:
+        generate(load_spec(_spec_text(folder)), tmp_path / "out", progress=False)
+    assert "diffusion_pytorch_model.bin" in str(excinfo.value)
+    assert excinfo.value.exit_code == 2
