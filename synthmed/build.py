@@ -320,9 +320,13 @@ def _part_is_done(out: Path, part: Path, case_ids: list[str]) -> bool:
 
 # ----------------------------------------------------------------------------- generate
 
+EXECUTORS = ("local", "ray")
+
+
 def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
              limit: int | None = None, backend: "str | Backend | None" = None, model: str | None = None,
-             batch_size: int | None = None, progress: bool = True) -> BuildResult:
+             batch_size: int | None = None, progress: bool = True, executor: str = "local",
+             ray_address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0) -> BuildResult:
     """Build the dataset a spec describes into ``out``.
 
     Args:
@@ -335,6 +339,11 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         model: a model override for the diffusion backend.
         batch_size: images per backend call; never changes any image. Default: the spec's.
         progress: show a progress bar with images/s and ETA.
+        executor: ``"local"`` (this process) or ``"ray"`` (the chunks spread over Ray workers, each with its
+            own backend; ``out`` must then be a folder every worker can write). Both write the same bytes.
+        ray_address: the Ray cluster to join (``executor="ray"``); default: ``RAY_ADDRESS``, else a local Ray.
+        workers: Ray workers, one backend each; default: the cluster's CPUs (or GPUs / ``gpus_per_worker``).
+        gpus_per_worker: GPUs each Ray worker reserves (fractions share a GPU); 0 for CPU backends.
 
     Raises:
         BuildError: an expected failure (folder in use, disk full, changed spec, ...), with an exit code.
@@ -342,11 +351,6 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     Example:
         >>> generate("dataset_specs/pneumonia.yaml", "out/pneumonia", backend="pattern", limit=16)  # doctest: +SKIP
     """
-    from .backends import BackendUnavailable, create_backend
-    from .prompts import build_prompt
-    from .sampler import sample_cases
-    from .writers.manifest import merge_parts, write_part, write_split_metadata
-
     started = time.perf_counter()
     # 1. Check inputs
     if not isinstance(spec, DatasetSpec):
@@ -357,6 +361,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         raise BuildError(f"batch_size must be at least 1, got {batch_size}", 2)
     if resume and overwrite:
         raise BuildError("--resume and --overwrite exclude each other", 2)
+    _check_executor(executor, backend, ray_address, workers, gpus_per_worker)
     out = Path(out)
     backend_name = backend if isinstance(backend, str) or backend is None else backend.info.name
     import dataclasses
@@ -369,57 +374,146 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     folder = _RunFolder(out)
     folder.prepare(run, resume=resume, overwrite=overwrite)
     try:
-        # 2. Plan
-        cases = sample_cases(spec, limit=limit)
-        total = len(cases)
-        chunks = [(start, min(start + CHUNK_SIZE, total)) for start in range(0, total, CHUNK_SIZE)]
-        todo = []
-        for k, (start, stop) in enumerate(chunks):
-            part = folder.parts / f"part-{k:06d}.csv"
-            ids = [cases[i].case_id for i in range(start, stop)]
-            if not (resume and part.exists() and _part_is_done(out, part, ids)):
-                todo.append(k)
+        # 2. Plan: the chunks still to do
+        cases, chunks, todo = _plan(spec, folder, limit=limit, resume=resume)
         todo_set = set(todo)
         reused = sum(stop - start for k, (start, stop) in enumerate(chunks) if k not in todo_set)
         _write_cases_jsonl(out, cases)
-        # 3. Backend (only now: loading a model is the slow part)
-        written, interrupted = 0, False
-        if todo:
-            try:
-                engine = backend if backend is not None and not isinstance(backend, str) else \
-                    create_backend(spec, backend=backend, model=model)
-            except BackendUnavailable as e:
-                raise BuildError(str(e), 2) from None
-            generation = {"backend": engine.info.name, **dict(engine.info.settings)}
-            writer = _CaseWriter(spec, out, engine.info, generation)
-            batch = batch_size or spec.generator.batch_size
-            multiple = getattr(engine, "micro_batch", 1)  # a backend that runs fixed micro-batches wastes no padding
-            batch = -(-batch // multiple) * multiple
-            written, interrupted = _run_chunks(spec, cases, chunks, todo, folder, engine, writer, batch,
-                                               build_prompt, write_part, progress)
+        # 3. Backend and chunks (the backend only now: loading a model is the slow part)
+        written, interrupted, versions = 0, False, None
+        if todo and executor == "ray":
+            from .ray_executor import run_chunks_on_ray
+
+            written, versions = run_chunks_on_ray(
+                spec, folder, chunks, todo, limit=limit, backend=backend, model=model, batch_size=batch_size,
+                progress=progress, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+        elif todo:
+            maker = _ChunkMaker(spec, out, _load_backend(spec, backend, model), batch_size)
+            written, interrupted = _run_chunks(maker, cases, chunks, todo, progress)
         # 4. Manifest, card
         if not interrupted:
-            parts = [(folder.parts / f"part-{k:06d}.csv", stop - start) for k, (start, stop) in enumerate(chunks)]
-            merge_parts(parts, out / "manifest.csv")
-            write_split_metadata(out / "manifest.csv", out)
-            _write_card(spec, out, cases, run)
-        return BuildResult(out=out, total=total, written=written, reused=reused, interrupted=interrupted,
+            _finish(spec, folder, cases, chunks, run, versions)
+        return BuildResult(out=out, total=len(cases), written=written, reused=reused, interrupted=interrupted,
                            seconds=time.perf_counter() - started)
     except _WriteFailed as e:
-        err = e.error
-        reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        raise BuildError(f"could not write {out / e.rel}: {reason}. No partial file was kept; "
-                         f"free space and rerun with --resume to finish") from None
+        raise BuildError(_write_failed_message(out, e)) from None
     except OSError as e:
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-        raise BuildError(f"could not write to {out}: {reason} ({e.filename or ''}). "
-                         "Rerun with --resume to finish") from None
+        raise BuildError(_os_error_message(out, e)) from None
     finally:
         folder.release()
 
 
-def _run_chunks(spec, cases, chunks, todo, folder, engine, writer, batch, build_prompt, write_part, progress):
-    """Generate and write the chunks in ``todo``; writing overlaps the next batch's generation."""
+def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) -> None:
+    if executor not in EXECUTORS:
+        raise BuildError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}", 2)
+    if executor == "local":
+        given = [f"{name}={value!r}" for name, value in
+                 (("ray_address", ray_address), ("workers", workers), ("gpus_per_worker", gpus_per_worker or None))
+                 if value is not None]
+        if given:
+            raise BuildError(f"{', '.join(given)} only apply to the Ray executor (executor='ray', --executor ray)", 2)
+        return
+    if backend is not None and not isinstance(backend, str):
+        raise BuildError(f"executor='ray' needs a backend name (each worker builds its own), got a "
+                         f"{type(backend).__name__} object", 2)
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise BuildError(f"workers must be a whole number of at least 1, got {workers!r}", 2)
+    if not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0:
+        raise BuildError(f"gpus_per_worker must be 0 or more, got {gpus_per_worker!r}", 2)
+    from .ray_executor import require_ray
+
+    require_ray()
+
+
+def _write_failed_message(out: Path, e: "_WriteFailed") -> str:
+    err = e.error
+    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return (f"could not write {out / e.rel}: {reason}. No partial file was kept; "
+            f"free space and rerun with --resume to finish")
+
+
+def _os_error_message(out: Path, e: OSError) -> str:
+    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    return f"could not write to {out}: {reason} ({e.filename or ''}). Rerun with --resume to finish"
+
+
+def _part_path(parts: Path, k: int) -> Path:
+    return parts / f"part-{k:06d}.csv"
+
+
+def _plan(spec: DatasetSpec, folder: _RunFolder, *, limit: int | None, resume: bool):
+    """The cases, their chunks as (start, stop), and the indices of the chunks still to do."""
+    from .sampler import sample_cases
+
+    cases = sample_cases(spec, limit=limit)
+    total = len(cases)
+    chunks = [(start, min(start + CHUNK_SIZE, total)) for start in range(0, total, CHUNK_SIZE)]
+    todo = []
+    for k, (start, stop) in enumerate(chunks):
+        part = _part_path(folder.parts, k)
+        ids = [cases[i].case_id for i in range(start, stop)]
+        if not (resume and part.exists() and _part_is_done(folder.out, part, ids)):
+            todo.append(k)
+    return cases, chunks, todo
+
+
+def _load_backend(spec: DatasetSpec, backend: "str | Backend | None", model: str | None) -> "Backend":
+    from .backends import BackendUnavailable, create_backend
+
+    if backend is not None and not isinstance(backend, str):
+        return backend
+    try:
+        return create_backend(spec, backend=backend, model=model)
+    except BackendUnavailable as e:
+        raise BuildError(str(e), 2) from None
+
+
+class _ChunkMaker:
+    """Makes whole chunks: prompts -> backend -> files -> the chunk's manifest part, written last and atomically.
+
+    Both executors use it: the local one in this process, the Ray one once per worker. Files are
+    written by a background thread while the backend makes the next batch.
+    """
+
+    def __init__(self, spec: DatasetSpec, out: Path, engine: "Backend", batch_size: int | None):
+        from .prompts import build_prompt
+
+        self.spec, self.engine, self._build_prompt = spec, engine, build_prompt
+        generation = {"backend": engine.info.name, **dict(engine.info.settings)}
+        self.writer = _CaseWriter(spec, out, engine.info, generation)
+        self.parts = out / STATE_DIR / "parts"
+        batch = batch_size or spec.generator.batch_size
+        multiple = getattr(engine, "micro_batch", 1)  # a backend that runs fixed micro-batches wastes no padding
+        self.batch = -(-batch // multiple) * multiple
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthmed-writer")
+
+    def make(self, k: int, cases: list, *, stop: threading.Event | None = None, on_batch=None) -> int:
+        """Write chunk ``k`` (its ``cases``); returns the images written. The part is written only if all were."""
+        from .writers.manifest import write_part
+
+        pending: list[Future] = []
+        for b0 in range(0, len(cases), self.batch):
+            if stop is not None and stop.is_set():
+                break
+            batch_cases = cases[b0:b0 + self.batch]
+            prompts = [self._build_prompt(c, self.spec.prompt, self.writer.vocab) for c in batch_cases]
+            images = self.engine.generate(batch_cases, prompts)
+            if len(images) != len(batch_cases):
+                raise BuildError(f"the backend returned {len(images)} images for {len(batch_cases)} cases")
+            pending += [self.pool.submit(self.writer.write, c, p, im) for c, p, im in zip(batch_cases, prompts, images)]
+            if on_batch is not None:
+                on_batch(len(batch_cases))
+        rows = [f.result() for f in pending]
+        if len(rows) == len(cases):  # interrupted inside this chunk: no part, --resume redoes it
+            write_part(_part_path(self.parts, k), rows)
+        return len(rows)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _run_chunks(maker: _ChunkMaker, cases, chunks, todo, progress) -> tuple[int, bool]:
+    """The local executor: make the chunks in ``todo`` in this process; Ctrl-C stops after the current batch."""
     stop_requested = threading.Event()
     previous_handler = None
     if threading.current_thread() is threading.main_thread():
@@ -432,34 +526,32 @@ def _run_chunks(spec, cases, chunks, todo, folder, engine, writer, batch, build_
         previous_handler = signal.signal(signal.SIGINT, on_sigint)
     bar = _progress(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
     written = 0
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthmed-writer")
     try:
         for k in todo:
             start, stop = chunks[k]
-            pending: list[Future] = []
-            for b0 in range(start, stop, batch):
-                if stop_requested.is_set():
-                    break
-                batch_cases = [cases[i] for i in range(b0, min(b0 + batch, stop))]
-                prompts = [build_prompt(c, spec.prompt, writer.vocab) for c in batch_cases]
-                images = engine.generate(batch_cases, prompts)
-                if len(images) != len(batch_cases):
-                    raise BuildError(f"the backend returned {len(images)} images for {len(batch_cases)} cases")
-                pending += [pool.submit(writer.write, c, p, im) for c, p, im in zip(batch_cases, prompts, images)]
-                bar.update(len(batch_cases))
-            rows = [f.result() for f in pending]
-            written += len(rows)
-            if len(rows) < stop - start:  # interrupted inside this chunk: no part, --resume redoes it
+            made = maker.make(k, [cases[i] for i in range(start, stop)], stop=stop_requested, on_batch=bar.update)
+            written += made
+            if made < stop - start:
                 return written, True
-            write_part(folder.parts / f"part-{k:06d}.csv", rows)
             if stop_requested.is_set():
                 return written, k != todo[-1]
         return written, False
     finally:
-        pool.shutdown(wait=True)
+        maker.close()
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
+
+
+def _finish(spec: DatasetSpec, folder: _RunFolder, cases, chunks, run: dict, versions: dict | None) -> None:
+    """Merge the parts into manifest.csv, then the split metadata and the card (the same for every executor)."""
+    from .writers.manifest import merge_parts, write_split_metadata
+
+    out = folder.out
+    merge_parts([(_part_path(folder.parts, k), stop - start) for k, (start, stop) in enumerate(chunks)],
+                out / "manifest.csv")
+    write_split_metadata(out / "manifest.csv", out)
+    _write_card(spec, out, cases, run, versions)
 
 
 def _progress(total: int, enabled: bool):
@@ -474,19 +566,34 @@ def _write_cases_jsonl(out: Path, cases) -> None:
     atomic_write_text_lines(out / "cases.jsonl", cases.iter_jsonl())
 
 
-def _write_card(spec: DatasetSpec, out: Path, cases, run: dict) -> None:
-    """dataset_card.json and a short README.md: what this set is, where it came from, how it may be used."""
+def _software_versions(spec: DatasetSpec, backend: str) -> dict[str, str]:
+    """Versions of the software that makes a run's files here: decided by the spec and backend, not by what
+    this process happens to have imported (so that every executor writes the same card)."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import numpy
 
+    used = [("pydicom", "pydicom")] if "dicom" in spec.image.formats else []
+    if backend == "diffusion":
+        used += [("PIL", "Pillow"), ("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers")]
+    versions = {"synthmed": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
+    for module, dist in used:
+        try:
+            versions[module] = getattr(sys.modules.get(module), "__version__", None) or version(dist)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions: dict | None = None) -> None:
+    """dataset_card.json and a short README.md: what this set is, where it came from, how it may be used.
+
+    ``worker_versions``: the software versions of the processes that made the images, where that was not this one.
+    """
     from .atomic import atomic_write_bytes
 
-    versions = {"synthmed": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
-    for name in ("pydicom", "PIL", "torch", "diffusers", "transformers"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
+    versions = {**_software_versions(spec, run["backend"]), **(worker_versions or {})}
     counts = cases.counts()
     card = {
         "name": spec.name, "description": spec.description, "synthetic": True, "intended_use": INTENDED_USE,

@@ -129,12 +129,23 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--threads", type=click.IntRange(1, 1024), help="torch CPU threads.")
 @click.option("--allow-pickle", is_flag=True, default=None,
               help="Allow pickled (.bin/.ckpt) model weights, which can run code. Only for models you trust.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the chunks are made: this process, or Ray workers (pip install 'synthmed[ray]'); "
+                   "both write the same bytes.")
+@click.option("--address", "ray_address", metavar="ADDR",
+              help="Ray cluster to join (--executor ray), e.g. ray://head:10001; default: $RAY_ADDRESS, else a local Ray.")
+@click.option("--workers", type=click.IntRange(1), help="Ray workers, one backend each (default: the cluster's CPUs, "
+                                                        "or its GPUs / --gpus-per-worker).")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True,
+              help="GPUs each Ray worker reserves (0.5: two workers share a GPU).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: int | None, backend: str | None,
-             model: str | None, batch_size: int | None, quiet: bool, **generator_options) -> None:
+             model: str | None, batch_size: int | None, executor: str, ray_address: str | None, workers: int | None,
+             gpus_per_worker: float, quiet: bool, **generator_options) -> None:
     """Build the dataset: images (DICOM, PNG), masks, manifest.csv and the dataset card.
 
     Ctrl-C finishes the current batch and stops; rerun with --resume to finish.
+    With --executor ray, OUT must be a folder every Ray worker can write (a shared file system).
     """
     from .build import BuildError
     from .build import generate as run_generate
@@ -151,7 +162,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
         spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, **overrides))
     try:
         result = run_generate(spec, out, resume=resume, overwrite=overwrite, limit=limit, backend=backend,
-                              model=model, batch_size=batch_size, progress=not quiet)
+                              model=model, batch_size=batch_size, progress=not quiet, executor=executor,
+                              ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     except BuildError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)

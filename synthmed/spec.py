@@ -196,9 +196,11 @@ class DatasetSpec:
     warnings: tuple[SpecProblem, ...] = ()
     spec_version: int = SPEC_VERSION
 
+    document_json: str = field(default="", repr=False)  # as written, key order kept (order matters to the sampler)
+
     def to_dict(self) -> dict:
-        """The spec document as written (a fresh copy), e.g. for a dataset card."""
-        return json.loads(self.canonical_json)
+        """The spec document as written, key order kept (a fresh copy); ``load_spec(spec.to_dict())`` is the same spec."""
+        return json.loads(self.document_json or self.canonical_json)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -452,6 +454,7 @@ class _MeaningChecker:
             splits=Distribution.from_weights(splits), image=image, sex=Distribution.from_weights(sex), age=age,
             view=Distribution.from_weights(view), findings=tuple(components), prompt=prompt, generator=generator,
             spec_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(), canonical_json=canonical,
+            document_json=json.dumps(d, ensure_ascii=False),
             description=d.get("description", ""), source=self.doc.source,
             warnings=tuple(p for p in self.problems if p.level == "warning"))
 

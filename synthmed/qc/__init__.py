@@ -1,0 +1,1 @@
+"""Quality checks: per-image checks, set-level metrics, label fidelity, memorisation, report."""

@@ -1,0 +1,196 @@
+"""The Ray executor: the chunks still to do, made by Ray workers that each load the backend once.
+
+The chunk list becomes a Ray Data dataset, one row per chunk (index, start, stop), and
+``map_batches`` runs it through a pool of actors (:class:`ChunkWorker`). Each actor gets the
+spec (the validated DatasetSpec, pickled), re-samples the cases (the sampler is deterministic),
+builds its backend once and then makes whole chunks with the local executor's own chunk maker: the
+same files, written atomically under ``OUT`` by the worker itself, and the chunk's manifest
+part written last. Only (chunk, images written) comes back, so the object store carries almost
+nothing; ``OUT`` must be a folder that every worker can write (a shared file system).
+
+A worker that dies is restarted and its chunk retried by Ray Data (its default for actor pools);
+a retried chunk rewrites the same bytes. If the run fails anyway, ``--resume`` redoes only the chunks without
+a verified part. The driver merges the parts exactly as the local executor does.
+
+The idea of a callable class in ``Dataset.map_batches`` with ``concurrency`` actors (one model per
+actor) follows Ray Data's batch inference guide (docs.ray.io, "Transforming data", "Stateful transforms").
+
+Example:
+    >>> import tempfile
+    >>> from synthmed.build import generate
+    >>> from synthmed.spec import load_spec
+    >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 3\\nimage: {size: 64}\\nfindings: [{finding: cardiomegaly, weight: 1}]")
+    >>> generate(spec, tempfile.mkdtemp() + "/out", backend="pattern", executor="ray", workers=1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .build import BuildError, _ChunkMaker, _load_backend, _os_error_message, _progress, _software_versions, \
+    _write_failed_message, _WriteFailed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .build import _RunFolder
+    from .spec import DatasetSpec
+
+INSTALL_HINT = "pip install 'synthmed[ray]'"
+
+
+def require_ray():
+    """Import Ray (with Ray Data), or fail with the install command."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise BuildError(f"the Ray executor needs Ray with Ray Data ({e.name or 'ray'} is missing): {INSTALL_HINT}",
+                         2) from None
+    return ray
+
+
+class ChunkWorker:
+    """One Ray actor: loads the spec and the backend once, then makes whole chunks.
+
+    An expected failure (a model that cannot load, a full disk) comes back as data, the message and
+    exit code of the BuildError a local run would raise, because Ray re-wraps exceptions; after one,
+    the worker makes nothing more.
+
+    Args:
+        job: what every worker needs: the spec, absolute paths, the build options (see :func:`_job`).
+    """
+
+    def __init__(self, job: dict):
+        self.out = Path(job["out"])
+        self.error: tuple[str, int] | None = None
+        self.versions = ""
+        with self._failures_as_data():
+            self._load(job)
+
+    def _load(self, job: dict) -> None:
+        from .sampler import sample_cases
+
+        if job["synthmed_version"] != __version__:
+            raise BuildError(f"a Ray worker has synthmed {__version__}, the driver {job['synthmed_version']}; "
+                             "install the same version on every node", 2)
+        # the DatasetSpec object itself, not its canonical JSON: that sorts the keys of weight mappings,
+        # whose order the sampler uses (and it lacks command-line generator overrides)
+        spec = job["spec"]
+        self.cases = sample_cases(spec, limit=job["limit"])
+        engine = _load_backend(spec, job["backend"], job["model"])
+        self.maker = _ChunkMaker(spec, self.out, engine, job["batch_size"])
+        self.versions = json.dumps(_software_versions(spec, engine.info.name), sort_keys=True)
+
+    @contextlib.contextmanager
+    def _failures_as_data(self):
+        try:
+            yield
+        except BuildError as e:
+            self.error = (str(e), e.exit_code)
+        except _WriteFailed as e:
+            self.error = (_write_failed_message(self.out, e), 1)
+        except OSError as e:
+            self.error = (_os_error_message(self.out, e), 1)
+
+    def __call__(self, batch: dict) -> dict:
+        """Make the chunks of one batch of rows (chunk, start, stop); returns (chunk, written, error, ...)."""
+        import numpy as np
+
+        written = []
+        for k, start, stop in zip(batch["chunk"], batch["start"], batch["stop"]):
+            made = 0
+            if self.error is None:
+                with self._failures_as_data():
+                    made = self.maker.make(int(k), [self.cases[i] for i in range(int(start), int(stop))])
+            written.append(made)
+        n = len(written)
+        message, exit_code = self.error or ("", 0)
+        return {"chunk": np.asarray(batch["chunk"]), "written": np.asarray(written, dtype=np.int64),
+                "versions": np.asarray([self.versions] * n, dtype=object),
+                "error": np.asarray([message] * n, dtype=object), "exit_code": np.full(n, exit_code, dtype=np.int64)}
+
+
+def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tuple[int, int]], todo: list[int], *,
+                      limit: int | None, backend: str | None, model: str | None, batch_size: int | None,
+                      progress: bool, address: str | None, workers: int | None,
+                      gpus_per_worker: float) -> tuple[int, dict]:
+    """Make the chunks in ``todo`` on Ray workers; returns (images written, the workers' software versions)."""
+    ray = require_ray()
+    # 1. Connect (or start a local Ray); a Ray the caller started is left running
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+            raise BuildError(f"could not start or join Ray ({where}): {e}") from None
+    try:
+        # 2. The job every worker gets, and the pool size
+        job = _job(spec, folder.out, limit=limit, backend=backend, model=model, batch_size=batch_size)
+        workers = min(workers or _default_workers(ray, gpus_per_worker), len(todo))
+        # 3. One row per chunk, one block per row, so that chunks spread over the actors one at a time
+        rows = [{"chunk": k, "start": chunks[k][0], "stop": chunks[k][1]} for k in todo]
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        bars, context.enable_progress_bars = context.enable_progress_bars, False  # ours counts images
+        try:
+            # an actor pool restarts a dead actor and retries its task (Ray Data's default for actors)
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                ChunkWorker, fn_constructor_args=(job,), batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus_per_worker or None)
+            # 4. Stream the results: one row per finished chunk (its part is on disk by then)
+            bar = _progress(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
+            written, versions = 0, {}
+            try:
+                for row in dataset.iter_rows():
+                    if row["error"]:
+                        raise BuildError(row["error"], int(row["exit_code"]))
+                    written += int(row["written"])
+                    versions = versions or json.loads(row["versions"])
+                    bar.update(int(row["written"]))
+            except BuildError:
+                raise
+            except Exception as e:  # a worker's bug, or Ray itself failed
+                raise _ray_failure(e) from None
+            finally:
+                bar.close()
+        finally:
+            context.enable_progress_bars = bars
+        # a killed worker can leave a temp file behind (never under a final name); no worker runs now
+        folder._remove_stale_temp_files()
+        return written, versions
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _job(spec: "DatasetSpec", out: Path, *, limit, backend, model, batch_size) -> dict:
+    # workers have their own working folder: every path they get is absolute
+    model = model or spec.generator.model
+    if model and model != "default" and Path(model).exists():
+        model = os.path.abspath(model)
+    return {"spec": spec, "out": os.path.abspath(out), "limit": limit, "backend": backend, "model": model,
+            "batch_size": batch_size, "synthmed_version": __version__}
+
+
+def _default_workers(ray, gpus_per_worker: float) -> int:
+    resources = ray.cluster_resources()
+    if gpus_per_worker:
+        gpus = resources.get("GPU", 0)
+        if gpus < gpus_per_worker:
+            raise BuildError(f"gpus_per_worker={gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs; "
+                             "set workers (--workers) if the cluster adds GPU nodes on demand", 2)
+        return int(gpus // gpus_per_worker)
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def _ray_failure(error: Exception) -> BuildError:
+    text = str(error).strip()
+    last = text.splitlines()[-1] if text else type(error).__name__
+    return BuildError(f"the Ray run failed ({type(error).__name__}: {last}). Chunks already finished are kept; "
+                      "rerun with --resume to finish")
