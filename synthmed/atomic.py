@@ -56,17 +56,3 @@ def atomic_write_text_lines(path: Path, lines: Iterable[str]) -> None:
         tmp.unlink(missing_ok=True)
         raise
 
-
-def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically, streaming."""
-    import shutil
-
-    dst = Path(dst)
-    tmp = _temp_name(dst)
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-            _commit(tmp, dst, fout)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -189,18 +189,16 @@ class DatasetSpec:
     findings: tuple[FindingComponent, ...]
     prompt: PromptSpec
     generator: GeneratorSpec
-    spec_hash: str
-    canonical_json: str = field(repr=False)
+    spec_hash: str  # sha256 of the document as canonical JSON (sorted keys): comments and layout don't change it
+    document_json: str = field(repr=False)  # as written, key order kept (order matters to the sampler)
     description: str = ""
     source: str = "<spec>"
     warnings: tuple[SpecProblem, ...] = ()
     spec_version: int = SPEC_VERSION
 
-    document_json: str = field(default="", repr=False)  # as written, key order kept (order matters to the sampler)
-
     def to_dict(self) -> dict:
         """The spec document as written, key order kept (a fresh copy); ``load_spec(spec.to_dict())`` is the same spec."""
-        return json.loads(self.document_json or self.canonical_json)
+        return json.loads(self.document_json)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -453,7 +451,7 @@ class _MeaningChecker:
             name=d["name"], seed=int(d.get("seed", 0)), count=int(d["count"]), allocation=allocation,
             splits=Distribution.from_weights(splits), image=image, sex=Distribution.from_weights(sex), age=age,
             view=Distribution.from_weights(view), findings=tuple(components), prompt=prompt, generator=generator,
-            spec_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(), canonical_json=canonical,
+            spec_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
             document_json=json.dumps(d, ensure_ascii=False),
             description=d.get("description", ""), source=self.doc.source,
             warnings=tuple(p for p in self.problems if p.level == "warning"))
