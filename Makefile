@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps
+.PHONY: demo test bench clean system-deps default-model model-card
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/synthmed validate dataset_specs/*.yaml
 	$(BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --backend phantom --limit 64 --overwrite
+
+# Rebuild the shipped default model from its spec (CPU-hours: interrupt freely, rerun to resume).
+DEFAULT_TRAIN := out/default-train
+DEFAULT_WORK := out/default-model-training
+default-model: $(STAMP)
+	$(BIN)/synthmed generate dataset_specs/default_model_training.yaml -o $(DEFAULT_TRAIN) --resume
+	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base scratch -o out/default-model \
+		--work-dir $(DEFAULT_WORK) --steps $(or $(STEPS),30000) --vae-steps 2500 --checkpoint-every 200 \
+		--validate-every 1000 --resume
+	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
+	$(MAKE) model-card
+
+# Measure the shipped model (label fidelity, FID, memorisation, speed) into its model card.
+model-card: $(STAMP)
+	$(BIN)/python scripts/model_card.py --model synthmed/models/default --training $(DEFAULT_TRAIN)/manifest.csv
 
 system-deps:
 	./scripts/install-system-deps.sh

@@ -212,15 +212,45 @@ class DiffusionBackend:
         self.vae = self._load("vae").to(self.device).eval()
         self.text_encoder = self._load("text_encoder").to(self.device).eval()
         self.tokenizer = self._load("tokenizer")
+        self._setup(self._load("scheduler"), scheduler, dtype, compile, cache_size, model_id or self.root.name,
+                    model_hash(self.root))
+
+    @classmethod
+    def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler, width: int = 256, height: int = 256,
+                        steps: int = 20, guidance_scale: float = 4.0, scheduler_name: str = "dpm_solver",
+                        threads: int | None = None, model_id: str = "in-memory") -> "DiffusionBackend":
+        """A backend over components already in memory (e.g. a model being trained); float32 on their device.
+
+        Example:
+            >>> backend = DiffusionBackend.from_components(unet=u, vae=v, text_encoder=t, tokenizer=tok,
+            ...                                            scheduler=s, width=256, height=256)  # doctest: +SKIP
+        """
+        import torch
+
+        self = cls.__new__(cls)
+        self.root, self.index, self.allow_pickle = Path(model_id), {}, False
+        self.width, self.height, self.steps = int(width), int(height), int(steps)
+        self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler_name
+        self.quantize, self.micro_batch, self.coarse_to_fine = None, MICRO_BATCH, None
+        self.threads = int(threads or torch.get_num_threads())
+        self.device, self.dtype = next(unet.parameters()).device, torch.float32
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self._setup(scheduler, scheduler_name, "float32", False, 64, model_id, "in-memory")
+        return self
+
+    def _setup(self, base_scheduler, scheduler: str, dtype: str, compile: bool, cache_size: int, model_id: str,
+               weights_hash: str) -> None:
+        """Everything after the components are in place: checks, the scheduler, int8, compile, the cache."""
+        import torch
+
         hidden = getattr(self.text_encoder.config, "hidden_size", None) or getattr(self.text_encoder.config, "d_model", None)
         if hidden != self.unet.config.cross_attention_dim:
             raise ModelFolderError(f"{self.root}: the text encoder's width ({hidden}) does not match the UNet's "
                                    f"cross_attention_dim ({self.unet.config.cross_attention_dim})")
         import diffusers
 
-        base = self._load("scheduler")
         cls_name, overrides = SCHEDULERS[scheduler]
-        self.scheduler_config = getattr(diffusers, cls_name).from_config(base.config, **overrides).config
+        self.scheduler_config = getattr(diffusers, cls_name).from_config(base_scheduler.config, **overrides).config
         self._scheduler_cls = getattr(diffusers, cls_name)
         if self.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
@@ -233,13 +263,12 @@ class DiffusionBackend:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.cache_size = int(cache_size)
         self.cache_stats = {"hits": 0, "misses": 0, "size": 0}
-        settings = {"micro_batch": self.micro_batch, "steps": self.steps, "guidance_scale": self.guidance_scale, "scheduler": scheduler,
-                    "dtype": dtype, "device": str(self.device), "threads": self.threads, "compile": bool(compile),
-                    "quantize": self.quantize or "none", "coarse_to_fine": self.coarse_to_fine,
+        settings = {"micro_batch": self.micro_batch, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                    "scheduler": scheduler, "dtype": dtype, "device": str(self.device), "threads": self.threads,
+                    "compile": bool(compile), "quantize": self.quantize or "none", "coarse_to_fine": self.coarse_to_fine,
                     "width": self.width, "height": self.height, "torch": torch.__version__,
                     "diffusers": diffusers.__version__}
-        self.info = BackendInfo(name="diffusion", model_id=model_id or self.root.name, model_hash=model_hash(self.root),
-                                settings=settings)
+        self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings)
 
     def _load(self, name: str):
         import diffusers

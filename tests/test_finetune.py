@@ -1,0 +1,212 @@
+"""synthmed finetune: manifest checks, scratch / full / LoRA training, resume to the same state, loadable output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from synthmed.build import generate  # noqa: E402
+from synthmed.cli import main  # noqa: E402
+from synthmed.finetune import (ManifestError, build_word_tokenizer, finetune,  # noqa: E402
+                               read_training_manifest, vocabulary_words)
+
+SPEC = """
+spec_version: 1
+name: finetune-test
+seed: 7
+count: 8
+splits: {train: 1.0}
+image: {size: 64, formats: [png]}
+findings:
+  - finding: no_finding
+    weight: 1
+  - finding: pneumothorax
+    weight: 1
+    location: {right: 1, left: 1}
+    severity: {severe: 1}
+generator: {backend: phantom}
+"""
+FAST = dict(batch_size=2, vae_batch_size=2, vae_crop=32, checkpoint_every=2, threads=1, progress=False,
+            validation_prompts=["PA chest radiograph of a 40 year old female. Severe right pneumothorax."])
+
+
+@pytest.fixture(scope="module")
+def phantom_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantom") / "set"
+    spec = tmp_path_factory.mktemp("spec") / "spec.yaml"
+    spec.write_text(SPEC, encoding="utf-8")
+    generate(spec, out, backend="pattern", progress=False, qc=False)  # 64x64: below the phantom's 128 minimum
+    return out
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.glob("*/*.safetensors")) for k, v in load_file(p).items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny SD-shaped folder with an RGB VAE (the fine-tuning path must feed it gray images as RGB)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = build_word_tokenizer(max_length=32)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=32, projection_dim=16,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=2)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        norm_num_groups=4, sample_size=64)
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------- manifest checks
+
+def test_manifest_gives_the_generation_prompts(phantom_set):
+    examples, size = read_training_manifest(phantom_set / "manifest.csv")
+    assert size == (64, 64) and len(examples) == 8
+    with open(phantom_set / "manifest.csv", newline="", encoding="utf-8") as fh:
+        written = {r["case_id"]: r["prompt"] for r in csv.DictReader(fh)}
+    assert all(ex.prompt == written[ex.case_id] for ex in examples)  # the same template, the same text
+
+
+def _broken_copy(phantom_set: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "set"
+    shutil.copytree(phantom_set, out)
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    edit(out, rows)
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_bad_manifest_reports_every_problem_before_training(phantom_set, tmp_path):
+    def edit(out, rows):
+        (out / rows[0]["png_path"]).unlink()
+        rows[1]["findings"] = "pneumonitis:right_lower_lobe:mild"
+        rows[2]["findings"] = "pneumothorax:upper_left:severe"
+
+    out = _broken_copy(phantom_set, tmp_path, edit)
+    with pytest.raises(ManifestError) as err:
+        read_training_manifest(out)
+    text = str(err.value)
+    assert "3 problem(s)" in text and "row 2: image" in text and "does not exist" in text
+    assert "row 3: unknown finding 'pneumonitis'" in text and "row 4: unknown location 'upper_left'" in text
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(out), "--base", "scratch", "-o",
+                                       str(tmp_path / "model")])
+    assert result.exit_code == 2 and "unknown finding" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "model").exists()
+
+
+def test_mixed_sizes_are_refused(phantom_set, tmp_path):
+    from PIL import Image
+
+    def edit(out, rows):
+        Image.new("I;16", (32, 32)).save(out / rows[0]["png_path"])
+
+    with pytest.raises(ManifestError, match="mixed sizes: 64x64 \\(7 images\\), 32x32 \\(1 images\\)"):
+        read_training_manifest(_broken_copy(phantom_set, tmp_path, edit))
+
+
+def test_word_tokenizer_knows_every_prompt_word(phantom_set):
+    tok = build_word_tokenizer()
+    examples, _ = read_training_manifest(phantom_set)
+    for ex in examples:
+        ids = tok(ex.prompt).input_ids
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.unk_token_id not in ids, ex.prompt
+    assert {"pneumothorax", "lingular", "cardiomegaly", "58", "female", "pa"} <= set(vocabulary_words())
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.slow
+def test_scratch_trains_saves_and_loads_in_the_backend(phantom_set, tmp_path):
+    from synthmed.backends.diffusion import DiffusionBackend
+    from synthmed.prompts import Prompt
+    from synthmed.sampler import Case
+
+    result = finetune(phantom_set, "scratch", tmp_path / "model", steps=2, vae_steps=2, **FAST)
+    assert result.steps == 2 and result.vae_steps == 2 and set(result.losses) == {"vae", "unet"}
+    folder = result.model_dir
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "PreTrainedTokenizerFast"]
+    assert all(p.suffix != ".bin" for p in folder.rglob("*"))
+    weights = _weights(folder)
+    assert weights and all(v.dtype == torch.float16 for v in weights.values())
+    assert (result.work_dir / "validation" / "step-0000002.png").is_file()
+    backend = DiffusionBackend(folder, width=64, height=64, steps=2, threads=1)
+    case = Case("c", 0, "train", 5, (), "F", 40, "PA")
+    image = backend.generate([case], [Prompt("PA chest radiograph of a 40 year old female. Severe right pneumothorax.")])[0]
+    assert image.pixels.shape == (64, 64) and 0 <= image.pixels.min() <= image.pixels.max() <= 1
+
+
+@pytest.mark.slow
+def test_resume_reaches_the_same_weights(phantom_set, tmp_path):
+    straight = finetune(phantom_set, "scratch", tmp_path / "a", steps=4, vae_steps=2, **FAST)
+    finetune(phantom_set, "scratch", tmp_path / "b", steps=2, vae_steps=2, **FAST)
+    resumed = finetune(phantom_set, "scratch", tmp_path / "b", steps=4, vae_steps=2, resume=True, **FAST)
+    assert resumed.steps == 4
+    a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_settings_refuse_resume_and_existing_output_needs_overwrite(phantom_set, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "x").write_text("keep")
+    with pytest.raises(ValueError, match="already holds files"):
+        finetune(phantom_set, "scratch", tmp_path / "model", steps=0, vae_steps=0, **FAST)
+    assert (tmp_path / "model" / "x").read_text() == "keep"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "settings.json").write_text(json.dumps({"seed": 99}))
+    with pytest.raises(ValueError, match="other settings"):
+        finetune(phantom_set, "scratch", tmp_path / "m2", work_dir=work, resume=True, steps=0, vae_steps=0, **FAST)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fine_tunes_a_base_model(phantom_set, tiny_base, tmp_path, mode):
+    from synthmed.backends.diffusion import DiffusionBackend
+
+    before = _weights(tiny_base)
+    result = finetune(phantom_set, tiny_base, tmp_path / "model", mode=mode, steps=3, save_dtype="float32",
+                      learning_rate=1e-2, **FAST)
+    after = _weights(result.model_dir)
+    assert after.keys() == before.keys()  # LoRA is merged: a plain diffusers folder, no adapter keys
+    changed = {k.split("/")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"unet"}  # VAE frozen, text encoder frozen by default
+    if mode == "lora":  # only the attention projections the adapters wrap
+        moved = [k for k in after if k.startswith("unet/") and not torch.equal(after[k], before[k])]
+        assert moved and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in moved)
+    backend = DiffusionBackend(result.model_dir, width=64, height=64, steps=2, threads=1)
+    assert backend.vae.config.in_channels == 3
+
+
+def test_lora_from_scratch_is_refused(phantom_set, tmp_path):
+    with pytest.raises(ValueError, match="LoRA adapts existing weights"):
+        finetune(phantom_set, "scratch", tmp_path / "m", mode="lora", **FAST)
