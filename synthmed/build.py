@@ -12,7 +12,13 @@ Output folder:
     OUT/images/<split>/metadata.csv        the split's manifest rows, for Hugging Face imagefolder
     OUT/manifest.csv
     OUT/cases.jsonl   OUT/dataset_card.json   OUT/README.md
+    OUT/qc_report.json   OUT/report.html       the quality checks (the spec's ``qc:``; see synthmed.qc)
     OUT/.synthmed/    run state: run.json, lock, parts/
+
+Quality checks: when the spec's ``qc.enabled`` (the default), the cheap checks run at the end (per
+image, spec fidelity, duplicates) and fill the manifest's ``qc_status`` / ``qc_flags``. With
+``qc.reject.max_tries`` > 0, an image failing a gating pixel check (size, nan, blank, saturated) is
+made again from :func:`derive_retry_seed` before it is written; ``qc_tries`` and ``qc_seed`` say how.
 
 Example:
     >>> import tempfile
@@ -51,7 +57,7 @@ STATE_DIR = ".synthmed"
 RUN_FORMAT = 1
 INTENDED_USE = "synthetic data for research and development; not for diagnostic use"
 OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
-             "README.md", STATE_DIR)
+             "README.md", "qc_report.json", "report.html", STATE_DIR)
 
 
 class BuildError(RuntimeError):
@@ -72,10 +78,29 @@ class BuildResult:
     reused: int         # images kept from an earlier run (verified by sha256)
     interrupted: bool
     seconds: float
+    qc: Any = None      # the QCResult of the checks run at the end (None when the spec's qc is off)
 
     @property
     def manifest(self) -> Path:
         return self.out / "manifest.csv"
+
+    @property
+    def qc_passed(self) -> bool:
+        """False when a gating quality check failed; True when none did or none ran."""
+        return self.qc is None or self.qc.passed
+
+
+def derive_retry_seed(seed: int | None, try_number: int, case_id: str = "") -> int:
+    """The seed of a case's ``try_number``-th regeneration: 63 bits of sha256 over (seed, try number).
+
+    A pure function of the case, so a rerun, a resume or another executor regenerates the same image.
+
+    Example:
+        >>> derive_retry_seed(12345, 1) == derive_retry_seed(12345, 1) != derive_retry_seed(12345, 2)
+        True
+    """
+    key = f"synthmed-qc-retry\x00{case_id if seed is None else int(seed)}\x00{int(try_number)}".encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & (2 ** 63 - 1)
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -326,7 +351,8 @@ EXECUTORS = ("local", "ray")
 def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
              limit: int | None = None, backend: "str | Backend | None" = None, model: str | None = None,
              batch_size: int | None = None, progress: bool = True, executor: str = "local",
-             ray_address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0) -> BuildResult:
+             ray_address: str | None = None, workers: int | None = None, gpus_per_worker: float = 0,
+             qc: bool | None = None) -> BuildResult:
     """Build the dataset a spec describes into ``out``.
 
     Args:
@@ -344,6 +370,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         ray_address: the Ray cluster to join (``executor="ray"``); default: ``RAY_ADDRESS``, else a local Ray.
         workers: Ray workers, one backend each; default: the cluster's CPUs (or GPUs / ``gpus_per_worker``).
         gpus_per_worker: GPUs each Ray worker reserves (fractions share a GPU); 0 for CPU backends.
+        qc: run the cheap quality checks at the end (qc_report.json, report.html, the manifest's qc columns);
+            default: the spec's ``qc.enabled``. ``result.qc_passed`` says whether every gating check passed.
 
     Raises:
         BuildError: an expected failure (folder in use, disk full, changed spec, ...), with an exit code.
@@ -391,16 +419,29 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             maker = _ChunkMaker(spec, out, _load_backend(spec, backend, model), batch_size)
             written, interrupted = _run_chunks(maker, cases, chunks, todo, progress)
         # 4. Manifest, card
+        qc_result = None
         if not interrupted:
             _finish(spec, folder, cases, chunks, run, versions)
+            # 5. Quality checks: the cheap ones (the lock is ours already)
+            if spec.qc.enabled if qc is None else qc:
+                qc_result = _run_qc(out, progress)
         return BuildResult(out=out, total=len(cases), written=written, reused=reused, interrupted=interrupted,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, qc=qc_result)
     except _WriteFailed as e:
         raise BuildError(_write_failed_message(out, e)) from None
     except OSError as e:
         raise BuildError(_os_error_message(out, e)) from None
     finally:
         folder.release()
+
+
+def _run_qc(out: Path, progress: bool):
+    from .qc.run import QCError, qc
+
+    try:
+        return qc(out, full=False, lock=False, progress=progress)
+    except QCError as e:
+        raise BuildError(f"the quality checks could not run: {e}", e.exit_code) from None
 
 
 def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) -> None:
@@ -486,6 +527,7 @@ class _ChunkMaker:
         multiple = getattr(engine, "micro_batch", 1)  # a backend that runs fixed micro-batches wastes no padding
         self.batch = -(-batch // multiple) * multiple
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthmed-writer")
+        self.reject = _Rejecter(spec)
 
     def make(self, k: int, cases: list, *, stop: threading.Event | None = None, on_batch=None) -> int:
         """Write chunk ``k`` (its ``cases``); returns the images written. The part is written only if all were."""
@@ -500,7 +542,9 @@ class _ChunkMaker:
             images = self.engine.generate(batch_cases, prompts)
             if len(images) != len(batch_cases):
                 raise BuildError(f"the backend returned {len(images)} images for {len(batch_cases)} cases")
-            pending += [self.pool.submit(self.writer.write, c, p, im) for c, p, im in zip(batch_cases, prompts, images)]
+            made_from, tries = self.reject.apply(self.engine, batch_cases, prompts, images)
+            pending += [self.pool.submit(self._write, c, used, p, im, t)
+                        for c, used, p, im, t in zip(batch_cases, made_from, prompts, images, tries)]
             if on_batch is not None:
                 on_batch(len(batch_cases))
         rows = [f.result() for f in pending]
@@ -508,8 +552,65 @@ class _ChunkMaker:
             write_part(_part_path(self.parts, k), rows)
         return len(rows)
 
+    def _write(self, case: "Case", used: "Case", prompt, image: "GeneratedImage", tries: int) -> dict:
+        """Write one image made from ``used`` (the case, or it with a regeneration's seed) as ``case``'s row."""
+        import numpy as np
+
+        if not np.isfinite(image.pixels).all():
+            again = f" and on {tries} regeneration(s)" if tries else ""
+            raise BuildError(f"the backend made an image with NaN or infinite pixels for {case.case_id}{again}; "
+                             "set qc.reject.max_tries in the spec to regenerate such images")
+        row = self.writer.write(used, prompt, image)
+        row["seed"] = "" if case.seed is None else str(case.seed)
+        row["qc_tries"] = str(tries)
+        row["qc_seed"] = "" if used.seed is None else str(used.seed)
+        return row
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+class _Rejecter:
+    """Reject-and-regenerate: remake images failing a gating pixel check, each try from a derived seed."""
+
+    def __init__(self, spec: DatasetSpec):
+        from .qc.checks import PixelLimits
+        from .qc.run import generated_checks
+
+        qc = spec.qc
+        self.checks = generated_checks(qc.gate) if qc.enabled and qc.reject.max_tries > 0 else ()
+        self.max_tries = qc.reject.max_tries
+        self.limits = PixelLimits(min_dynamic_range=qc.thresholds.min_dynamic_range,
+                                  max_saturated_fraction=qc.thresholds.max_saturated_fraction)
+        self.size = (spec.image.width, spec.image.height, spec.image.bit_depth)
+
+    def failing(self, image: "GeneratedImage") -> bool:
+        from .qc.checks import check_generated
+
+        width, height, depth = self.size
+        flags = check_generated(image.pixels, width=width, height=height, bit_depth=depth, limits=self.limits)
+        return any(f in self.checks for f in flags)
+
+    def apply(self, engine: "Backend", cases: list, prompts: list, images: list) -> tuple[list, list[int]]:
+        """Regenerate in place the images that fail; returns the case each image was made from and its tries."""
+        import dataclasses
+
+        made_from, tries = list(cases), [0] * len(cases)
+        if not self.checks:
+            return made_from, tries
+        todo = [i for i, image in enumerate(images) if self.failing(image)]
+        for attempt in range(1, self.max_tries + 1):
+            if not todo:
+                break
+            retry = [dataclasses.replace(cases[i], seed=derive_retry_seed(cases[i].seed, attempt, cases[i].case_id))
+                     for i in todo]
+            remade = engine.generate(retry, [prompts[i] for i in todo])
+            if len(remade) != len(retry):
+                raise BuildError(f"the backend returned {len(remade)} images for {len(retry)} cases")
+            for i, case, image in zip(todo, retry, remade):
+                images[i], made_from[i], tries[i] = image, case, attempt
+            todo = [i for i in todo if self.failing(images[i])]
+        return made_from, tries
 
 
 def _run_chunks(maker: _ChunkMaker, cases, chunks, todo, progress) -> tuple[int, bool]:

@@ -173,6 +173,51 @@ class GeneratorSpec:
     threads: int | None = None
 
 
+# the per-image checks and the manifest's sha256 (see synthmed.qc.checks): what fails a run by default
+DEFAULT_QC_GATE = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match", "dciodvfy")
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    """Limits of the quality checks; None means "report the figure, give no verdict"."""
+
+    min_dynamic_range: float = 0.05
+    max_saturated_fraction: float = 0.2
+    intensity_k: float = 3.0
+    duplicate_hamming: int = 4
+    duplicate_cosine: float = 0.95
+    embedding_cosine: float = 0.98
+    max_duplicate_fraction: float = 0.01
+    min_spec_fidelity: float = 0.9
+    max_ms_ssim: float = 0.95
+    max_fid: float | None = None
+    max_kid: float | None = None
+    min_precision: float | None = None
+    min_recall: float | None = None
+    min_coverage: float | None = None
+    min_label_fidelity: float | None = None
+    max_memorised_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class RejectSpec:
+    """Reject-and-regenerate: how many times an image failing a gating pixel check is made again."""
+
+    max_tries: int = 0
+
+
+@dataclass(frozen=True)
+class QCSpec:
+    """The spec's ``qc:`` section: run the checks after generate, which of them gate, their limits."""
+
+    enabled: bool = True
+    gate: tuple[str, ...] = DEFAULT_QC_GATE
+    thresholds: QCThresholds = QCThresholds()
+    reject: RejectSpec = RejectSpec()
+    dciodvfy_sample: int = 5
+    samples_per_cell: int = 4
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A validated, immutable dataset spec. Build it with :func:`load_spec`."""
@@ -195,6 +240,7 @@ class DatasetSpec:
     source: str = "<spec>"
     warnings: tuple[SpecProblem, ...] = ()
     spec_version: int = SPEC_VERSION
+    qc: QCSpec = QCSpec()
 
     def to_dict(self) -> dict:
         """The spec document as written, key order kept (a fresh copy); ``load_spec(spec.to_dict())`` is the same spec."""
@@ -436,6 +482,7 @@ class _MeaningChecker:
         components = self.components()
         prompt = self.prompt()
         generator = self.generator()
+        qc = self.qc()
         count, allocation = d.get("count"), d.get("allocation", "exact")
         if components and isinstance(count, int) and allocation == "exact":
             from .sampler import enumerate_cells  # no numpy needed
@@ -454,7 +501,7 @@ class _MeaningChecker:
             spec_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
             document_json=json.dumps(d, ensure_ascii=False),
             description=d.get("description", ""), source=self.doc.source,
-            warnings=tuple(p for p in self.problems if p.level == "warning"))
+            warnings=tuple(p for p in self.problems if p.level == "warning"), qc=qc)
 
     def age(self) -> AgeSpec | None:
         path = ("patient", "age")
@@ -617,3 +664,19 @@ class _MeaningChecker:
         if values["coarse_to_fine"] is False:
             values["coarse_to_fine"] = None
         return GeneratorSpec(**values)
+
+    def qc(self) -> QCSpec | None:
+        q = self.get("qc", default={})
+        if not self.ok(("qc",)) or not isinstance(q, dict):
+            return None
+        thresholds = QCThresholds(**q.get("thresholds", {}))
+        reject = RejectSpec(**q.get("reject", {}))
+        gate = tuple(q.get("gate", DEFAULT_QC_GATE))
+        pixel_checks = ("size", "nan", "blank", "saturated")
+        if reject.max_tries and not any(c in gate for c in pixel_checks):
+            self.error(("qc", "reject", "max_tries"), f"no check that regeneration can fix ({', '.join(pixel_checks)}) "
+                       "is in qc.gate, so no image is ever regenerated", level="warning")
+        defaults = QCSpec()
+        return QCSpec(enabled=bool(q.get("enabled", True)), gate=gate, thresholds=thresholds, reject=reject,
+                      dciodvfy_sample=int(q.get("dciodvfy_sample", defaults.dciodvfy_sample)),
+                      samples_per_cell=int(q.get("samples_per_cell", defaults.samples_per_cell)))

@@ -1,0 +1,518 @@
+"""Per-image quality checks: one read of each file, then cheap tests on the bytes and pixels.
+
+Every check has a name (the word that goes into the manifest's ``qc_flags``), and each image
+gets a dict ``{check: message}`` of the checks it failed. Checks on files (:func:`check_row`)
+and on a backend's output before it is written (:func:`check_generated`) share the pixel
+tests, computed on the stored integer values, so an image that passes in memory passes on disk.
+
+Checks:
+
+- ``readable``: the PNG and DICOM files exist and decode.
+- ``size``: width x height as the spec says (PNG header and DICOM Rows / Columns).
+- ``bit_depth``: PNG bit depth and DICOM Bits Allocated / Bits Stored as the spec says.
+- ``nan``: no NaN or infinite pixel (images from a backend; integer files cannot hold one).
+- ``blank``: the 1st-99th percentile range covers at least ``min_dynamic_range`` of full scale.
+- ``saturated``: at most ``max_saturated_fraction`` of the pixels sit at full white, or at black.
+- ``sha256``: every file's sha256 (PNG, DICOM, masks) equals the manifest's.
+- ``dicom_match``: the DICOM pixels equal the PNG's stored values (``PNG >> 4`` at 16 bits).
+- ``intensity``: region means and histogram quantiles inside bands learned from a reference set
+  (MAISI's per-organ mean ± k·σ; set level, see :mod:`synthmed.qc.run`).
+- ``dciodvfy``: dciodvfy (dicom3tools) reports no error (run on a sample; it is slow per file).
+
+The set-level ``duplicates`` and ``memorisation`` checks (:mod:`synthmed.qc.run`) also name the
+images they concern in ``qc_flags``.
+
+Example:
+    >>> import numpy as np
+    >>> flags = check_generated(np.zeros((64, 64), np.float32), width=64, height=64, bit_depth=16)
+    >>> sorted(flags)
+    ['blank', 'saturated']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import struct
+import subprocess
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# name -> what failing it means; the order is the order of qc_flags
+CHECKS: dict[str, str] = {
+    "readable": "the file is missing or does not decode",
+    "size": "width x height differ from the spec",
+    "bit_depth": "bit depth differs from the spec",
+    "nan": "NaN or infinite pixels",
+    "blank": "(nearly) blank: the 1st-99th percentile range is below min_dynamic_range of full scale",
+    "saturated": "more than max_saturated_fraction of the pixels at full white or at black",
+    "sha256": "the file's sha256 differs from the manifest's",
+    "dicom_match": "the DICOM pixels differ from the PNG's",
+    "intensity": "region means or histogram quantiles outside the reference bands (mean ± k·σ)",
+    "dciodvfy": "dciodvfy (dicom3tools) reports errors",
+    # set level, but named on the images they concern
+    "duplicates": "a near-duplicate of another image of the set",
+    "memorisation": "closer to a training image than the training images are to each other",
+}
+PER_IMAGE_CHECKS = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match")
+# statistical checks (intensity) are reported but do not gate unless a spec asks: at k = 3 a large
+# clean set still has images in the tails, and regenerating them would bend the distribution
+DEFAULT_GATE = PER_IMAGE_CHECKS + ("dciodvfy",)
+# what reject-and-regenerate can fix: checks on the pixels a backend made
+GENERATED_CHECKS = ("size", "nan", "blank", "saturated")
+
+HISTOGRAM_BINS = 32
+THUMB_SIDE = 32        # residual-hash thumbnails
+REGION_SIDE = 64       # region means are taken on a 64 x 64 box-filtered copy
+
+# Fixed boxes on a frontal chest film, as (x0, y0, x1, y1) fractions; the image's left is the
+# patient's right. The backends give no anatomy masks, so these stand in for MAISI's organs.
+REGIONS: dict[str, tuple[float, float, float, float]] = {
+    "whole": (0.0, 0.0, 1.0, 1.0),
+    "right_lung": (0.12, 0.2, 0.42, 0.75),
+    "left_lung": (0.58, 0.2, 0.88, 0.75),
+    "mediastinum": (0.43, 0.15, 0.57, 0.85),
+}
+
+
+@dataclass(frozen=True)
+class PixelLimits:
+    """Thresholds of the pixel checks, as fractions of full scale."""
+
+    min_dynamic_range: float = 0.05
+    max_saturated_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the spec says every image is."""
+
+    width: int
+    height: int
+    bit_depth: int  # 8 or 16 (16: 12 bits stored in DICOM)
+    formats: tuple[str, ...] = ("dicom", "png")
+
+
+@dataclass
+class PixelStats:
+    """Summary of one image's stored values, as fractions of full scale."""
+
+    mean: float
+    std: float
+    p1: float
+    p50: float
+    p99: float
+    low_fraction: float    # pixels at 0
+    high_fraction: float   # pixels at full scale
+    histogram: np.ndarray  # float64 [HISTOGRAM_BINS], sums to 1
+
+    @property
+    def dynamic_range(self) -> float:
+        return self.p99 - self.p1
+
+    def features(self) -> dict[str, float]:
+        """The histogram figures the intensity check bounds."""
+        return {"p1": self.p1, "p50": self.p50, "p99": self.p99, "dynamic_range": self.dynamic_range}
+
+
+@dataclass
+class ImageResult:
+    """What the per-image checks found for one manifest row."""
+
+    case_id: str
+    flags: dict[str, str] = field(default_factory=dict)  # failed check -> message
+    stats: PixelStats | None = None
+    regions: dict[str, float] = field(default_factory=dict)  # region -> mean, fraction of full scale
+    thumb: np.ndarray | None = None  # float16 [THUMB_SIDE, THUMB_SIDE]
+    dhash: int | None = None         # filled at set level (residual hash)
+
+    def fail(self, check: str, message: str) -> None:
+        if check in self.flags:
+            self.flags[check] += "; " + message
+        else:
+            self.flags[check] = message
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [c for c in CHECKS if c in self.flags]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def decode_png(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode a grayscale PNG: (pixels uint8 or uint16 [H, W], bit depth).
+
+    Unfiltered, non-interlaced grayscale (what synthmed writes) is decoded with zlib alone;
+    anything else goes through Pillow. Raises ValueError when the bytes are not a PNG image.
+
+    Example:
+        >>> from synthmed.writers.png import png_bytes
+        >>> pixels, depth = decode_png(png_bytes(np.arange(12, dtype=np.uint16).reshape(3, 4)))
+        >>> depth, int(pixels[2, 3])
+        (16, 11)
+    """
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG file (bad signature)")
+    pos, header, idat = 8, None, []
+    try:
+        while pos < len(data):
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            payload = data[pos + 8:pos + 8 + length]
+            if len(payload) != length:
+                raise ValueError("truncated PNG chunk")
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", payload)
+            elif kind == b"IDAT":
+                idat.append(payload)
+            elif kind == b"IEND":
+                break
+            pos += 12 + length
+    except struct.error:
+        raise ValueError("truncated PNG") from None
+    if header is None or not idat:
+        raise ValueError("PNG without IHDR or IDAT")
+    width, height, depth, colour, _, _, interlace = header
+    if colour == 0 and interlace == 0 and depth in (8, 16):
+        try:
+            raw = zlib.decompress(b"".join(idat))
+        except zlib.error as e:
+            raise ValueError(f"PNG image data do not decompress: {e}") from None
+        row = 1 + width * depth // 8
+        if len(raw) != row * height:
+            raise ValueError(f"PNG image data hold {len(raw)} bytes, expected {row * height}")
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, row)
+        if not rows[:, 0].any():  # every row unfiltered: the samples are the bytes
+            samples = rows[:, 1:]
+            if depth == 16:
+                return samples.copy().view(">u2").astype(np.uint16), 16
+            return samples.copy(), 8
+    return _decode_png_pillow(data, depth)
+
+
+def _decode_png_pillow(data: bytes, depth: int) -> tuple[np.ndarray, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode not in ("L", "I;16", "I;16B", "I", "1"):
+                im = im.convert("L")
+                depth = 8
+            pixels = np.asarray(im)
+    except Exception as e:  # Pillow raises many kinds on a broken file
+        raise ValueError(f"PNG does not decode: {e}") from None
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8) * 255, 8
+    if depth == 16 or pixels.dtype.itemsize > 1:
+        return np.clip(pixels, 0, 65535).astype(np.uint16), 16
+    return pixels.astype(np.uint8), 8
+
+
+@dataclass
+class DicomPixels:
+    pixels: np.ndarray
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+
+
+def decode_dicom(data: bytes) -> DicomPixels:
+    """Read a DICOM file's pixels and their geometry with pydicom. Raises ValueError when it does not decode."""
+    import pydicom
+
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        rows, columns, allocated = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        plain = (syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) and allocated in (8, 16)
+                 and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("PixelRepresentation", 0)) == 0
+                 and int(ds.get("NumberOfFrames", 1) or 1) == 1)
+        if plain:  # what synthmed writes: the pixels are the bytes, no decoder needed (twice as fast)
+            raw = np.frombuffer(ds.PixelData, dtype="<u2" if allocated == 16 else np.uint8)
+            if raw.size < rows * columns:
+                raise ValueError(f"Pixel Data holds {raw.size} values, Rows x Columns is {rows * columns}")
+            pixels = raw[: rows * columns].reshape(rows, columns)
+            stored = int(ds.BitsStored)
+            if stored < allocated:
+                pixels = pixels & ((1 << stored) - 1)
+            pixels = pixels.astype(np.uint16 if allocated == 16 else np.uint8)
+        else:
+            pixels = np.asarray(ds.pixel_array)
+        return DicomPixels(pixels=pixels, rows=rows, columns=columns, bits_allocated=allocated,
+                           bits_stored=int(ds.BitsStored))
+    except Exception as e:  # pydicom raises many kinds on a broken file
+        raise ValueError(f"DICOM does not decode: {type(e).__name__}: {e}") from None
+
+
+def stored_values(png: np.ndarray, depth: int) -> tuple[np.ndarray, int]:
+    """PNG samples -> (stored values, their full scale): 16-bit PNGs hold 12 stored bits (``>> 4``)."""
+    if depth == 16:
+        return png >> 4, 4095
+    return png, 255
+
+
+# ----------------------------------------------------------------------------- pixel tests
+
+def pixel_stats(values: np.ndarray, full_scale: int) -> PixelStats:
+    """Histogram figures of integer stored values in ``[0, full_scale]`` (one ``bincount``, no sort).
+
+    Example:
+        >>> s = pixel_stats(np.array([[0, 255], [255, 255]], np.uint8), 255)
+        >>> s.mean, s.high_fraction, s.low_fraction
+        (0.75, 0.75, 0.25)
+    """
+    flat = values.reshape(-1)
+    counts = np.bincount(flat, minlength=full_scale + 1)[: full_scale + 1].astype(np.float64)
+    n = float(flat.size)
+    levels = np.arange(full_scale + 1, dtype=np.float64) / full_scale
+    mean = float(counts @ levels / n)
+    std = float(np.sqrt(max(counts @ (levels * levels) / n - mean * mean, 0.0)))
+    cdf = np.cumsum(counts) / n
+    p1, p50, p99 = (float(np.searchsorted(cdf, q, side="left")) / full_scale for q in (0.01, 0.5, 0.99))
+    edges = np.linspace(0, full_scale + 1, HISTOGRAM_BINS + 1).astype(np.int64)
+    histogram = np.add.reduceat(counts, edges[:-1]) / n
+    return PixelStats(mean=mean, std=std, p1=p1, p50=p50, p99=p99, low_fraction=float(counts[0] / n),
+                      high_fraction=float(counts[full_scale] / n), histogram=histogram)
+
+
+def pixel_flags(stats: PixelStats, limits: PixelLimits = PixelLimits()) -> dict[str, str]:
+    """``blank`` and ``saturated`` from an image's stats, each with a message giving the figure."""
+    flags = {}
+    if stats.dynamic_range < limits.min_dynamic_range:
+        flags["blank"] = (f"1st-99th percentile range {stats.dynamic_range:.4f} of full scale "
+                          f"< min_dynamic_range {limits.min_dynamic_range:g}")
+    worst = max(stats.high_fraction, stats.low_fraction)
+    if worst > limits.max_saturated_fraction:
+        where = "full white" if stats.high_fraction >= stats.low_fraction else "black"
+        flags["saturated"] = (f"{100 * worst:.1f}% of pixels at {where} "
+                              f"> max_saturated_fraction {limits.max_saturated_fraction:g}")
+    return flags
+
+
+def check_generated(pixels: np.ndarray, *, width: int, height: int, bit_depth: int,
+                    limits: PixelLimits = PixelLimits()) -> dict[str, str]:
+    """The pixel checks on a backend's float image, before it is written (for reject-and-regenerate).
+
+    The image is stored exactly as the writers store it, so the verdict equals the one the file gets.
+
+    Args:
+        pixels: float [H, W] in [0, 1].
+        width, height, bit_depth: what the spec asks for.
+
+    Returns:
+        {check: message} of the failed checks among ``size``, ``nan``, ``blank``, ``saturated``.
+    """
+    from ..writers.png import to_stored
+
+    flags: dict[str, str] = {}
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.shape != (height, width):
+        flags["size"] = f"{'x'.join(map(str, pixels.shape[::-1]))} image, the spec asks for {width}x{height}"
+        return flags
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        flags["nan"] = f"{int(pixels.size - finite.sum())} NaN or infinite pixels"
+        return flags
+    stored = to_stored(pixels, bit_depth)
+    flags.update(pixel_flags(pixel_stats(stored, 4095 if bit_depth == 16 else 255), limits))
+    return flags
+
+
+def box_downsample(image: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """Float32 [height, width] box-filtered copy of a 2-D image (exact block means when the sizes divide).
+
+    Example:
+        >>> box_downsample(np.arange(16, dtype=np.float32).reshape(4, 4), 2).tolist()
+        [[2.5, 4.5], [10.5, 12.5]]
+    """
+    width = height if width is None else width
+    h, w = image.shape
+    if (h, w) == (height, width):
+        return np.asarray(image, dtype=np.float32)
+    if h % height == 0 and w % width == 0:
+        return image.reshape(height, h // height, width, w // width).mean(axis=(1, 3), dtype=np.float32)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+                      .resize((width, height), Image.Resampling.BOX), dtype=np.float32)
+
+
+_REGION_MASKS: dict[int, dict[str, np.ndarray]] = {}
+
+
+def region_masks(side: int = REGION_SIDE) -> dict[str, np.ndarray]:
+    """Boolean [side, side] masks of :data:`REGIONS`."""
+    if side not in _REGION_MASKS:
+        masks = {}
+        for name, (x0, y0, x1, y1) in REGIONS.items():
+            mask = np.zeros((side, side), dtype=bool)
+            mask[int(round(y0 * side)):int(round(y1 * side)), int(round(x0 * side)):int(round(x1 * side))] = True
+            masks[name] = mask
+        _REGION_MASKS[side] = masks
+    return _REGION_MASKS[side]
+
+
+def region_means(small: np.ndarray) -> dict[str, float]:
+    """Mean of each region of :data:`REGIONS` on a [REGION_SIDE, REGION_SIDE] image."""
+    from .metrics import region_stats
+
+    return {name: region_stats(small, mask)[0] for name, mask in region_masks(small.shape[0]).items()}
+
+
+# ----------------------------------------------------------------------------- one row
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def check_row(out: Path, row: Mapping[str, str], expected: Expected,
+              limits: PixelLimits = PixelLimits()) -> tuple[ImageResult, np.ndarray | None]:
+    """Run the per-image checks on one manifest row's files; each file is read once.
+
+    Args:
+        out: the output folder the row's paths are relative to.
+        row: a manifest row (``png_path``, ``png_sha256``, ``dicom_path``, ...).
+        expected: what the spec says the image is.
+
+    Returns:
+        (result, pixels): pixels are float32 [H, W] in [0, 1] (the PNG's, else the DICOM's), or
+        None when no image decoded.
+    """
+    result = ImageResult(case_id=row.get("case_id", ""))
+    stored = None
+    full_scale = 4095 if expected.bit_depth == 16 else 255
+    # 1. PNG: bytes -> sha256 -> pixels -> size and depth
+    if row.get("png_path"):
+        data = _read(out / row["png_path"])
+        if data is None:
+            result.fail("readable", f"{row['png_path']} is missing")
+        else:
+            if row.get("png_sha256") and _sha256(data) != row["png_sha256"]:
+                result.fail("sha256", f"{row['png_path']} does not match the manifest's sha256")
+            try:
+                png, depth = decode_png(data)
+            except ValueError as e:
+                result.fail("readable", f"{row['png_path']}: {e}")
+            else:
+                if png.shape != (expected.height, expected.width):
+                    result.fail("size", f"PNG is {png.shape[1]}x{png.shape[0]}, the spec asks for "
+                                        f"{expected.width}x{expected.height}")
+                if depth != expected.bit_depth:
+                    result.fail("bit_depth", f"PNG is {depth}-bit, the spec asks for {expected.bit_depth}")
+                stored, full_scale = stored_values(png, depth)
+    elif "png" in expected.formats:
+        result.fail("readable", "the manifest names no PNG file")
+    # 2. DICOM: bytes -> sha256 -> pixels -> geometry, then the PNG's values
+    if row.get("dicom_path"):
+        data = _read(out / row["dicom_path"])
+        if data is None:
+            result.fail("readable", f"{row['dicom_path']} is missing")
+        else:
+            if row.get("dicom_sha256") and _sha256(data) != row["dicom_sha256"]:
+                result.fail("sha256", f"{row['dicom_path']} does not match the manifest's sha256")
+            try:
+                dicom = decode_dicom(data)
+            except ValueError as e:
+                result.fail("readable", f"{row['dicom_path']}: {e}")
+            else:
+                _check_dicom(result, dicom, expected, stored)
+                if stored is None and dicom.pixels.ndim == 2:
+                    full_scale = (1 << dicom.bits_stored) - 1
+                    stored = np.clip(dicom.pixels, 0, full_scale).astype(np.uint16 if full_scale > 255 else np.uint8)
+    elif "dicom" in expected.formats:
+        result.fail("readable", "the manifest names no DICOM file")
+    # 3. masks: sha256 only
+    if row.get("mask_paths"):
+        for rel, digest in zip(row["mask_paths"].split("|"), (row.get("mask_sha256") or "").split("|")):
+            data = _read(out / rel)
+            if data is None:
+                result.fail("readable", f"{rel} is missing")
+            elif digest and _sha256(data) != digest:
+                result.fail("sha256", f"{rel} does not match the manifest's sha256")
+    if stored is None:
+        return result, None
+    # 4. pixels: histogram figures, blank, saturated; small copies for the set-level checks
+    result.stats = pixel_stats(stored, full_scale)
+    for check, message in pixel_flags(result.stats, limits).items():
+        result.fail(check, message)
+    pixels = stored.astype(np.float32) * np.float32(1.0 / full_scale)
+    if min(pixels.shape) >= REGION_SIDE:
+        small = box_downsample(pixels, REGION_SIDE)
+        result.regions = region_means(small)
+        result.thumb = box_downsample(small, THUMB_SIDE).astype(np.float16)
+    elif min(pixels.shape) >= 1:
+        result.thumb = box_downsample(pixels, THUMB_SIDE).astype(np.float16)
+    return result, pixels
+
+
+def _check_dicom(result: ImageResult, dicom: DicomPixels, expected: Expected, stored: np.ndarray | None) -> None:
+    if (dicom.columns, dicom.rows) != (expected.width, expected.height):
+        result.fail("size", f"DICOM is {dicom.columns}x{dicom.rows}, the spec asks for "
+                            f"{expected.width}x{expected.height}")
+    want = (16, 12) if expected.bit_depth == 16 else (8, 8)
+    if (dicom.bits_allocated, dicom.bits_stored) != want:
+        result.fail("bit_depth", f"DICOM has Bits Allocated {dicom.bits_allocated}, Bits Stored "
+                                 f"{dicom.bits_stored}; the spec asks for {want[0]} and {want[1]}")
+    if stored is not None:
+        if dicom.pixels.shape != stored.shape:
+            result.fail("dicom_match", f"DICOM pixels are {dicom.pixels.shape}, the PNG's {stored.shape}")
+        elif not np.array_equal(dicom.pixels, stored):
+            differ = int(np.count_nonzero(dicom.pixels != stored))
+            result.fail("dicom_match", f"{differ} of {stored.size} DICOM pixels differ from the PNG's")
+
+
+# ----------------------------------------------------------------------------- dciodvfy
+
+def dciodvfy_available() -> bool:
+    return shutil.which("dciodvfy") is not None
+
+
+def dciodvfy_errors(path: Path, timeout: float = 60.0) -> list[str]:
+    """dciodvfy's error lines for one file; its exit code is not reliable, so its output is read."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=timeout)
+    return [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def dciodvfy_sample(out: Path, rows: Sequence[Mapping[str, str]], sample: int) -> dict:
+    """Run dciodvfy on the first ``sample`` DICOM files of the manifest (it costs a process per file).
+
+    Returns:
+        {"status", "checked", "available", "sample", "failures": {case_id: [error lines]}, "reason"?}
+    """
+    if not dciodvfy_available():
+        return {"status": "skipped", "available": False, "checked": 0, "sample": sample, "failures": {},
+                "reason": "dciodvfy is not installed (Debian package dicom3tools)"}
+    with_dicom = [r for r in rows if r.get("dicom_path")]
+    if not with_dicom:
+        return {"status": "skipped", "available": True, "checked": 0, "sample": sample, "failures": {},
+                "reason": "no DICOM files"}
+    failures: dict[str, list[str]] = {}
+    checked = 0
+    for row in with_dicom[:max(sample, 0)]:
+        path = out / row["dicom_path"]
+        if not path.is_file():
+            continue  # the readable check names it
+        try:
+            errors = dciodvfy_errors(path)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            errors = [f"Error - dciodvfy did not run: {e}"]
+        checked += 1
+        if errors:
+            failures[row["case_id"]] = errors
+    return {"status": "fail" if failures else "pass", "available": True, "checked": checked, "sample": sample,
+            "of": len(with_dicom), "failures": failures}

@@ -1,0 +1,1088 @@
+"""qc(): read an output folder, run every check, write qc_report.json and report.html, fill the manifest.
+
+The per-image checks read each file once (:func:`synthmed.qc.checks.check_row`); everything
+set-level works from what that pass kept: histogram figures, region means, 32 x 32 thumbnails,
+a few images per finding cell, and features when a feature extractor is at hand.
+
+Set-level checks:
+
+- ``spec_fidelity``: per attribute (finding, location, severity, sex, view, split, age band) and
+  per pair, TVD + chi-square + a 0-1 score (``1 - TVD``) against the spec's distribution.
+- ``duplicates``: a residual dHash (the 32 x 32 thumbnail minus the set's mean thumbnail, so the
+  anatomy every chest film shares does not make all images alike) finds candidate pairs, which
+  count when their residuals' cosine is high too; and pairs of centred embeddings with a high cosine.
+- ``diversity``: mean MS-SSIM among images of one finding cell (RoentGen's intra-prompt MS-SSIM;
+  the prompt itself also varies with age, sex and view).
+- ``intensity``: region means and histogram quantiles within mean ± k·σ of a reference set
+  (MAISI's per-organ check; fixed lung and mediastinum boxes stand in for organ masks).
+- ``fid``, ``kid``, ``precision``, ``recall``, ``coverage``: against a reference manifest's images.
+- ``label_fidelity`` and an IS-style figure: from the auditor's class probabilities.
+- ``memorisation``: nearest training images, from a training manifest.
+
+Example:
+    >>> result = qc("out/pneumonia")  # doctest: +SKIP
+    >>> result.passed, result.report_path.name  # doctest: +SKIP
+    (True, 'qc_report.json')
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .. import __version__
+from .report import MAX_FAILURE_THUMBS
+from .checks import (CHECKS, GENERATED_CHECKS, PER_IMAGE_CHECKS, Expected, ImageResult, PixelLimits, box_downsample,
+                     check_row, decode_dicom, decode_png, dciodvfy_sample, pixel_stats, region_means, stored_values,
+                     REGION_SIDE, REGIONS)
+
+REPORT_FORMAT = 1
+REPORT_JSON = "qc_report.json"
+REPORT_HTML = "report.html"
+DIVERSITY_PER_GROUP = 6      # images per finding cell for MS-SSIM: 15 pairs
+DIVERSITY_SIDE = 128         # MS-SSIM on images no larger than this (4 scales)
+DISPLAY_SIDE = 96            # thumbnails in report.html
+FEATURE_BATCH = 32
+SET_CHECKS = ("intensity", "dciodvfy", "spec_fidelity", "duplicates", "diversity", "fid", "kid", "precision",
+              "recall", "coverage", "label_fidelity", "memorisation")
+ALL_CHECKS = PER_IMAGE_CHECKS + tuple(c for c in SET_CHECKS if c not in PER_IMAGE_CHECKS)
+
+
+class QCError(RuntimeError):
+    """An expected failure of ``qc`` (not an output folder, a missing reference), with the CLI's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+try:  # the auditor module defines the protocol; a checkout without it still runs every other check
+    from .auditor import FeatureExtractor
+except ImportError:  # pragma: no cover
+    class FeatureExtractor(Protocol):  # type: ignore[no-redef]
+        """Anything with a ``name`` that maps float32 images [N, H, W] in [0, 1] to features [N, D]."""
+
+        name: str
+
+        def __call__(self, images) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class QCResult:
+    """What :func:`qc` found: the verdict, the report, and the images it flagged."""
+
+    out: Path
+    passed: bool
+    report: dict
+    failed_checks: tuple[str, ...]          # gating checks that failed
+    flagged: dict[str, tuple[str, ...]]     # case_id -> checks it failed
+    report_path: Path | None
+    html_path: Path | None
+    seconds: float
+    per_image_seconds: float                # the per-image pass alone (reads, decodes, checks)
+
+    @property
+    def images_checked(self) -> int:
+        return int(self.report["images"]["checked"])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _read_manifest(path: Path) -> list[dict]:
+    from ..writers.manifest import read_part
+
+    try:
+        return read_part(path)
+    except FileNotFoundError:
+        raise QCError(f"{path.parent} is not a synthmed output folder: it has no manifest.csv") from None
+    except (OSError, ValueError, csv.Error) as e:
+        raise QCError(f"{path} is not a manifest this synthmed version reads: {e}") from None
+
+
+def _load_spec(out: Path):
+    from ..spec import SpecError, load_spec
+
+    card_path = out / "dataset_card.json"
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        return load_spec(card["spec"], source=str(card_path))
+    except FileNotFoundError:
+        raise QCError(f"{out} is not a synthmed output folder: it has no dataset_card.json") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QCError(f"{card_path} does not hold a readable spec: {e}") from None
+    except SpecError as e:
+        raise QCError(f"{card_path}: its spec does not validate:\n{e}") from None
+
+
+def _lock(out: Path):
+    """Hold the folder's run lock while the manifest is rewritten, so qc never races a generate.
+
+    A copied dataset without the run state (``.synthmed/``) has no generate to race; it gets no lock file.
+    """
+    import fcntl
+
+    state = out / ".synthmed"
+    if not state.is_dir():
+        return None
+    fh = open(state / "lock", "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise QCError(f"another synthmed run is writing to {out}; wait for it to finish", 1) from None
+    return fh
+
+
+# ----------------------------------------------------------------------------- the auditor and features
+
+def _load_auditor(auditor) -> tuple[Any, str | None]:
+    """(auditor or None, why not). ``auditor``: True (the shipped one), False, or an Auditor object."""
+    if auditor is False or auditor is None:
+        return None, "not requested"
+    if auditor is not True:
+        return auditor, None
+    try:
+        from .auditor import Auditor  # written separately; absent in older checkouts
+    except (ImportError, AttributeError) as e:
+        return None, f"the auditor module is not available ({type(e).__name__}: {e})"
+    try:
+        return Auditor.load(), None
+    except Exception as e:  # no shipped weights, a broken file: the sections are skipped, qc goes on
+        return None, f"the auditor could not be loaded ({type(e).__name__}: {e})"
+
+
+class _AuditorEmbedding:
+    """The auditor's embedding as a FeatureExtractor (the default one)."""
+
+    def __init__(self, auditor):
+        self.auditor = auditor
+        self.name = f"auditor:{getattr(auditor, 'name', None) or getattr(auditor, 'model_id', None) or 'shipped'}"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.auditor.embed(images), dtype=np.float64)
+
+
+def _concat_predictions(parts: list):
+    """Join per-batch AuditorPredictions: array fields are concatenated, the others taken from the first."""
+    import dataclasses
+
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if hasattr(type(first), "concatenate"):
+        return type(first).concatenate(parts)
+    if dataclasses.is_dataclass(first):
+        values = {}
+        for f in dataclasses.fields(first):
+            value = getattr(first, f.name)
+            if isinstance(value, np.ndarray) and value.ndim >= 1:
+                values[f.name] = np.concatenate([getattr(p, f.name) for p in parts], axis=0)
+            else:
+                values[f.name] = value
+        return dataclasses.replace(first, **values)
+    raise TypeError(f"cannot join {type(first).__name__} predictions of several batches")
+
+
+class _Batcher:
+    """Collects images into batches for the feature extractor and the auditor's predict."""
+
+    def __init__(self, shape: tuple[int, int], extractor=None, auditor=None, batch: int = FEATURE_BATCH):
+        self.shape, self.extractor, self.auditor, self.batch = shape, extractor, auditor, batch
+        self.ids: list[str] = []
+        self.pending: list[np.ndarray] = []
+        self.features: list[np.ndarray] = []
+        self.predictions: list = []
+        self.errors: dict[str, str] = {}
+        self.seconds = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.extractor is not None or self.auditor is not None
+
+    def add(self, case_id: str, pixels: np.ndarray) -> None:
+        if not self.active:
+            return
+        if pixels.shape != self.shape:
+            pixels = box_downsample(pixels, *self.shape) if pixels.shape[0] >= self.shape[0] else _resize(pixels, self.shape)
+        self.ids.append(case_id)
+        self.pending.append(pixels.astype(np.float32, copy=False))
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        images = np.stack(self.pending)
+        self.pending = []
+        if self.extractor is not None and "features" not in self.errors:
+            try:
+                self.features.append(np.asarray(self.extractor(images), dtype=np.float64))
+            except Exception as e:  # a user's extractor: report, never crash the checks
+                self.errors["features"] = f"{type(e).__name__}: {e}"
+        if self.auditor is not None and "auditor" not in self.errors:
+            try:
+                self.predictions.append(self.auditor.predict(images))
+            except Exception as e:
+                self.errors["auditor"] = f"{type(e).__name__}: {e}"
+        self.seconds += time.perf_counter() - started
+
+    def feature_matrix(self) -> np.ndarray | None:
+        if "features" in self.errors or not self.features:
+            return None
+        return np.concatenate(self.features, axis=0)
+
+    def prediction(self):
+        if "auditor" in self.errors or not self.predictions:
+            return None
+        try:
+            return _concat_predictions(self.predictions)
+        except Exception as e:
+            self.errors["auditor"] = f"{type(e).__name__}: {e}"
+            return None
+
+
+def _resize(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
+                      .resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _import_extractor(text: str):
+    """``module:attribute`` -> a FeatureExtractor (the attribute itself, or what calling it with no argument gives)."""
+    import importlib
+
+    module_name, _, attribute = text.partition(":")
+    if not module_name or not attribute:
+        raise QCError(f"a feature extractor is given as module:attribute, got {text!r}")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise QCError(f"cannot import the feature extractor {text!r}: {e}") from None
+    if isinstance(target, type) or not hasattr(target, "name"):
+        target = target()
+    if not callable(target):
+        raise QCError(f"the feature extractor {text!r} is not callable")
+    return target
+
+
+# ----------------------------------------------------------------------------- other image sets
+
+@dataclass
+class _ImageSet:
+    """A reference or training set, read once: stats, region means, features, thumbnails."""
+
+    ids: list[str] = field(default_factory=list)
+    features: np.ndarray | None = None
+    features_error: str | None = None
+    stats: list = field(default_factory=list)
+    regions: list[dict[str, float]] = field(default_factory=list)
+    thumbs: list[np.ndarray] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def _image_path_column(rows: list[dict]) -> str | None:
+    for column in ("png_path", "file_name", "path", "image", "dicom_path"):
+        if rows and column in rows[0]:
+            return column
+    return None
+
+
+def _read_any_image(path: Path) -> tuple[np.ndarray, int] | None:
+    """(stored integer pixels, full scale) of a PNG, DICOM or any Pillow-readable image; None if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            return stored_values(*decode_png(data))
+        if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
+            dicom = decode_dicom(data)
+            full = (1 << dicom.bits_stored) - 1
+            pixels = np.clip(dicom.pixels, 0, full)
+            return pixels.astype(np.uint16 if full > 255 else np.uint8), full
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("L")), 255
+    except Exception:
+        return None
+
+
+def _read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_thumbs: bool) -> _ImageSet:
+    """Read every image a manifest (CSV with png_path / file_name / path) lists, relative to its folder."""
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise QCError(f"cannot read the manifest {manifest}: {e}") from None
+    column = _image_path_column(rows)
+    if column is None:
+        raise QCError(f"{manifest} lists no images: it needs a png_path, file_name, path or dicom_path column")
+    found = _ImageSet()
+    batcher = _Batcher(shape, extractor=extractor)
+    for n, row in enumerate(rows):
+        rel = row.get(column) or row.get("dicom_path") or ""
+        image_id = row.get("case_id") or rel or str(n)
+        read = _read_any_image(manifest.parent / rel) if rel else None
+        if read is None:
+            found.unreadable.append(image_id)
+            continue
+        stored, full = read
+        pixels = stored.astype(np.float32) * np.float32(1.0 / full)
+        found.ids.append(image_id)
+        found.stats.append(pixel_stats(stored, full))
+        found.regions.append(region_means(box_downsample(pixels, REGION_SIDE)))
+        if keep_thumbs:
+            found.thumbs.append(box_downsample(pixels, REGION_SIDE))
+        batcher.add(image_id, pixels)
+    batcher.flush()
+    found.features = batcher.feature_matrix()
+    found.features_error = batcher.errors.get("features")
+    if not found.ids:
+        raise QCError(f"none of the {len(rows)} images {manifest} lists could be read")
+    return found
+
+
+# ----------------------------------------------------------------------------- spec fidelity
+
+def _labels_of(findings_field: str) -> tuple[str, str, str]:
+    """(finding, location, severity) labels of a manifest row, as the sampler's Cell names them."""
+    parts = [p.split(":") for p in findings_field.split("|") if p]
+    finding = "+".join(p[0] for p in parts) or "-"
+    location = "/".join(dict.fromkeys(p[1] for p in parts if len(p) > 1 and p[1])) or "-"
+    severity = "/".join(dict.fromkeys(p[2] for p in parts if len(p) > 2 and p[2])) or "-"
+    return finding, location, severity
+
+
+def _age_band(age: int) -> str:
+    low = (int(age) // 10) * 10
+    return f"{low}-{low + 9}"
+
+
+def _age_band_probs(age_spec) -> dict[str, float]:
+    """Probability of each 10-year band under the spec's age distribution, by the sampler's own inverse CDF."""
+    from ..sampler import _age_from_uniform
+
+    grid = (np.arange(200_000, dtype=np.float64) + 0.5) / 200_000  # midpoints: exact to 5e-6 per band
+    values, freq = np.unique(_age_from_uniform(age_spec, grid).astype(np.int64), return_counts=True)
+    probs: dict[str, float] = {}
+    for value, f in zip(values.tolist(), freq.tolist()):
+        band = _age_band(value)
+        probs[band] = probs.get(band, 0.0) + f / grid.size
+    return probs
+
+
+ATTRIBUTES = ("finding", "location", "severity", "sex", "view", "split", "age")
+PAIRS = (("finding", "location"), ("finding", "severity"), ("finding", "location", "severity"),
+         ("finding", "split"), ("finding", "sex"), ("finding", "view"), ("sex", "view"))
+
+
+def expected_distributions(spec) -> tuple[dict[str, dict], dict[tuple, dict]]:
+    """The spec's distribution of every attribute and of every pair in :data:`PAIRS`."""
+    from ..sampler import enumerate_cells
+
+    cells = enumerate_cells(spec.findings)
+    marginal: dict[str, dict] = {name: {} for name in ATTRIBUTES}
+    joint_cell: dict[tuple, float] = {}
+    for cell in cells:
+        key = (cell.finding, cell.location, cell.severity)
+        joint_cell[key] = joint_cell.get(key, 0.0) + cell.prob
+        for name, value in zip(("finding", "location", "severity"), key):
+            marginal[name][value] = marginal[name].get(value, 0.0) + cell.prob
+    marginal["sex"] = spec.sex.as_dict()
+    marginal["view"] = spec.view.as_dict()
+    marginal["split"] = spec.splits.as_dict()
+    marginal["age"] = _age_band_probs(spec.age)
+    position = {"finding": 0, "location": 1, "severity": 2}
+    pairs: dict[tuple, dict] = {}
+    for pair in PAIRS:
+        if all(p in position for p in pair):
+            table: dict[tuple, float] = {}
+            for key, prob in joint_cell.items():
+                sub = tuple(key[position[p]] for p in pair)
+                table[sub] = table.get(sub, 0.0) + prob
+        else:  # the sampler draws sex, view and split independently of the finding cell
+            table = {}
+            for a, pa in marginal[pair[0]].items():
+                for b, pb in marginal[pair[1]].items():
+                    table[(a, b)] = pa * pb
+        pairs[pair] = table
+    return marginal, pairs
+
+
+def _observed(rows: list[dict]) -> tuple[dict[str, Counter], dict[tuple, Counter]]:
+    marginal = {name: Counter() for name in ATTRIBUTES}
+    pairs = {pair: Counter() for pair in PAIRS}
+    for row in rows:
+        finding, location, severity = _labels_of(row.get("findings", ""))
+        values = {"finding": finding, "location": location, "severity": severity, "sex": row.get("sex") or "-",
+                  "view": row.get("view") or "-", "split": row.get("split") or "-",
+                  "age": _age_band(int(row["age"])) if (row.get("age") or "").lstrip("-").isdigit() else "-"}
+        for name in ATTRIBUTES:
+            marginal[name][values[name]] += 1
+        for pair in PAIRS:
+            pairs[pair][tuple(values[p] for p in pair)] += 1
+    return marginal, pairs
+
+
+def spec_fidelity_report(spec, rows: list[dict], min_score: float) -> dict:
+    """Spec fidelity of the manifest's rows: every attribute and pair, and the overall score (the lowest)."""
+    from .metrics import pair_fidelity, spec_fidelity
+
+    expected, expected_pairs = expected_distributions(spec)
+    observed, observed_pairs = _observed(rows)
+    attributes = {}
+    for name in ATTRIBUTES:
+        attributes[name] = _json_fidelity(spec_fidelity(expected[name], dict(observed[name])))
+    pairs = {}
+    for pair in PAIRS:
+        result = pair_fidelity(expected_pairs[pair], dict(observed_pairs[pair]))
+        pairs[" x ".join(pair)] = _json_fidelity(result)
+    scores = [r["score"] for r in attributes.values()] + [r["score"] for r in pairs.values()]
+    overall = min(scores)
+    worst = min(list(attributes.items()) + list(pairs.items()), key=lambda kv: kv[1]["score"])[0]
+    return {"status": "pass" if overall >= min_score else "fail", "value": overall, "threshold": min_score,
+            "score": overall, "mean_score": float(np.mean(scores)), "worst": worst, "n": len(rows),
+            "attributes": attributes, "pairs": pairs}
+
+
+def _json_fidelity(result: dict) -> dict:
+    def key(k):
+        return " | ".join(k) if isinstance(k, tuple) else k
+
+    out = dict(result)
+    out["pooled"] = [key(k) for k in result["pooled"]]
+    out["unexpected"] = [key(k) for k in result["unexpected"]]
+    out["cells"] = [{**c, "category": key(c["category"])} for c in result["cells"]]
+    if out["chi2"] is not None and math.isinf(out["chi2"]):
+        out["chi2"] = "inf"
+    return out
+
+
+# ----------------------------------------------------------------------------- duplicates, diversity, intensity
+
+def duplicates_report(results: list[ImageResult], features: np.ndarray | None, feature_ids: list[str],
+                      thresholds) -> dict:
+    """Near-duplicate pairs by residual dHash (confirmed by the residuals' cosine) and by embedding cosine."""
+    from .metrics import dhash, embedding_near_duplicates, near_duplicates
+
+    with_thumb = [r for r in results if r.thumb is not None]
+    n = len(results)
+    if len(with_thumb) < 3:
+        return {"status": "skipped", "reason": f"needs at least 3 readable images, got {len(with_thumb)}",
+                "pairs": [], "fraction": 0.0, "threshold": thresholds.max_duplicate_fraction}
+    thumbs = np.stack([r.thumb.astype(np.float32) for r in with_thumb])
+    residual = thumbs - thumbs.mean(axis=0)
+    for r, res in zip(with_thumb, residual):
+        r.dhash = dhash(res)
+    ids = [r.case_id for r in with_thumb]
+    flat = residual.reshape(len(residual), -1).astype(np.float64)
+    flat -= flat.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(flat, axis=1)
+    candidates = near_duplicates([r.dhash for r in with_thumb], list(range(len(with_thumb))),
+                                 max_distance=thresholds.duplicate_hamming)
+    pairs = []
+    for i, j, distance in candidates:
+        cosine = float(flat[i] @ flat[j] / (norms[i] * norms[j])) if norms[i] > 0 and norms[j] > 0 else 1.0
+        if cosine >= thresholds.duplicate_cosine:
+            pairs.append({"a": ids[i], "b": ids[j], "method": "dhash", "hamming": int(distance),
+                          "cosine": round(cosine, 6)})
+    embedding = {"status": "skipped", "reason": "no features"}
+    if features is not None and len(feature_ids) >= 3:
+        centred = features - features.mean(axis=0)
+        keep = np.linalg.norm(centred, axis=1) > 0
+        kept_ids = [i for i, k in zip(feature_ids, keep) if k]
+        found = embedding_near_duplicates(centred[keep], kept_ids, min_cosine=thresholds.embedding_cosine)
+        for a, b, cosine in found:
+            pairs.append({"a": a, "b": b, "method": "embedding", "cosine": round(float(cosine), 6)})
+        embedding = {"status": "done", "pairs": len(found), "min_cosine": thresholds.embedding_cosine}
+    involved = sorted({p["a"] for p in pairs} | {p["b"] for p in pairs})
+    fraction = len(involved) / max(n, 1)
+    return {"status": "pass" if fraction <= thresholds.max_duplicate_fraction else "fail", "value": fraction,
+            "fraction": fraction, "threshold": thresholds.max_duplicate_fraction, "images": involved,
+            "pairs": pairs, "candidates": len(candidates), "embedding": embedding,
+            "method": (f"residual dHash (32x32 thumbnail minus the set's mean thumbnail), Hamming <= "
+                       f"{thresholds.duplicate_hamming}, confirmed by residual cosine >= {thresholds.duplicate_cosine}")}
+
+
+def diversity_report(groups: dict[str, list[np.ndarray]], max_ms_ssim: float) -> dict:
+    from .metrics import intra_prompt_diversity
+
+    usable = {k: v for k, v in groups.items() if len(v) >= 2}
+    if not usable:
+        return {"status": "skipped", "reason": "no finding cell has two readable images", "threshold": max_ms_ssim}
+    result = intra_prompt_diversity(usable, data_range=1.0)
+    overall = result["overall"]
+    return {"status": "pass" if overall <= max_ms_ssim else "fail", "value": overall, "threshold": max_ms_ssim,
+            "overall": overall, "per_group": result["per_prompt"], "pairs": result["pairs"],
+            "images_per_group": DIVERSITY_PER_GROUP,
+            "method": "mean pairwise MS-SSIM within a finding cell (finding:location:severity); lower is more diverse"}
+
+
+def _band(values: Sequence[float], k: float) -> tuple[float, float]:
+    """mean ± k·σ (``ddof=1``), the rule of :func:`synthmed.qc.metrics.fit_intensity_bounds`, on per-image figures.
+
+    The half-width is never below 0.01 of full scale, so a reference of near-identical images does not
+    flag an image for quantisation noise.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    spread = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    half = max(k * spread, 0.01)
+    return float(x.mean()) - half, float(x.mean()) + half
+
+
+def _intensity_figures(regions: Mapping[str, float], stats) -> dict[str, float]:
+    return {**{f"region:{name}": value for name, value in regions.items()}, **stats.features()}
+
+
+def intensity_report(results: list[ImageResult], reference: _ImageSet | None, k: float) -> dict:
+    """Bands per region mean and histogram quantile, learned from a reference set (MAISI's per-organ
+    mean ± k·σ), and the images outside them. Without a reference there is nothing to learn from: skipped
+    (a set's own spread is no standard: its findings alone move region means)."""
+    if reference is None:
+        return {"status": "skipped", "k": k, "reason": "no reference set given (--reference MANIFEST): the bands "
+                                                       "are learned from one"}
+    fitted = [_intensity_figures(regions, s) for regions, s in zip(reference.regions, reference.stats)]
+    if len(fitted) < 3:
+        return {"status": "skipped", "k": k, "reason": f"needs at least 3 reference images, got {len(fitted)}"}
+    names = list(fitted[0])
+    bounds = {name: _band([f[name] for f in fitted], k) for name in names}
+    measured = [r for r in results if r.stats is not None and r.regions]
+    outside = 0
+    for r in measured:
+        values = _intensity_figures(r.regions, r.stats)
+        bad = [f"{name} {values[name]:.3f} outside [{bounds[name][0]:.3f}, {bounds[name][1]:.3f}]"
+               for name in names if not bounds[name][0] <= values[name] <= bounds[name][1]]
+        if bad:
+            outside += 1
+            r.fail("intensity", "; ".join(bad))
+    return {"status": "fail" if outside else "pass", "k": k,
+            "fitted_on": f"reference set ({len(fitted)} images), mean ± k·σ",
+            "regions": {name: list(box) for name, box in REGIONS.items()},
+            "bounds": {n: [round(lo, 6), round(hi, 6)] for n, (lo, hi) in bounds.items()},
+            "failed": outside, "checked": len(measured)}
+
+
+def _histogram_summary(results: list[ImageResult], reference: _ImageSet | None) -> dict:
+    hists = np.stack([r.stats.histogram for r in results if r.stats is not None]) if any(
+        r.stats is not None for r in results) else np.zeros((0, 1))
+    out = {}
+    if hists.shape[0]:
+        out["set"] = {"mean": hists.mean(axis=0).tolist(), "p5": np.percentile(hists, 5, axis=0).tolist(),
+                      "p95": np.percentile(hists, 95, axis=0).tolist()}
+    if reference is not None and reference.stats:
+        ref = np.stack([s.histogram for s in reference.stats])
+        out["reference"] = {"mean": ref.mean(axis=0).tolist()}
+    return out
+
+
+# ----------------------------------------------------------------------------- reference metrics, auditor, memorisation
+
+def reference_report(gen: np.ndarray | None, ref: _ImageSet | None, extractor_name: str | None,
+                     thresholds, why_no_features: str | None) -> dict:
+    from .metrics import fid_from_features, kid_from_features, precision_recall_density_coverage
+
+    if ref is None:
+        return {"status": "skipped", "reason": "no reference set given (--reference MANIFEST)"}
+    if gen is None or ref.features is None:
+        return {"status": "skipped", "reason": why_no_features or ref.features_error or "no features"}
+    n_gen, n_ref = gen.shape[0], ref.features.shape[0]
+    out: dict[str, Any] = {"status": "done", "feature_extractor": extractor_name, "n_generated": n_gen,
+                           "n_reference": n_ref, "dimensions": int(gen.shape[1])}
+    if min(n_gen, n_ref) < 2:
+        return {**out, "status": "skipped", "reason": f"FID needs at least 2 images per set, got {n_gen} and {n_ref}"}
+    method = "eigh" if gen.shape[1] > 64 else "sqrtm"
+    out["fid"] = fid_from_features(ref.features, gen, method=method)
+    kid_mean, kid_std = kid_from_features(ref.features, gen, subset_size=min(100, n_gen, n_ref))
+    out["kid"], out["kid_std"] = kid_mean, kid_std
+    if min(n_gen, n_ref) > 5:
+        out.update(precision_recall_density_coverage(ref.features, gen, k=5))
+    else:
+        out["prdc_reason"] = f"precision/recall/density/coverage need more than 5 images per set, got {n_gen} and {n_ref}"
+    if n_gen < 1000:
+        out["note"] = f"FID and KID are biased upwards at small N ({n_gen} generated images); compare sets of equal size"
+    return out
+
+
+def _verdict(value, threshold, higher_is_better: bool) -> str:
+    if value is None:
+        return "skipped"
+    if threshold is None:
+        return "info"
+    return "pass" if (value >= threshold if higher_is_better else value <= threshold) else "fail"
+
+
+def _label_fidelity_score(fidelity) -> float | None:
+    """The one figure the gate compares: the share of images whose predicted set of findings is exactly the label's."""
+    if not isinstance(fidelity, Mapping):
+        return None
+    for value in ((fidelity.get("findings") or {}).get("exact_set_agreement"), fidelity.get("score")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def auditor_report(prediction, rows: list[dict], why_not: str | None, min_label_fidelity) -> dict:
+    """Label fidelity of the auditor's reading of each image, and an IS-style figure of its finding probabilities.
+
+    ``rows``: the manifest rows of the predicted images, in the prediction's order.
+    """
+    from .metrics import inception_score
+
+    if prediction is None:
+        return {"status": "skipped", "reason": why_not or "no prediction"}
+    out: dict[str, Any] = {"status": "done"}
+    try:
+        from .auditor import label_fidelity
+
+        fidelity = label_fidelity(prediction, rows)
+        out["label_fidelity"] = _jsonable(fidelity)
+        score = _label_fidelity_score(fidelity)
+        out["label_fidelity_score"] = score
+        out["label_fidelity_score_is"] = "findings.exact_set_agreement: share of images whose predicted findings equal the label's"
+        out["label_fidelity_status"] = _verdict(score, min_label_fidelity, True)
+    except Exception as e:
+        out["label_fidelity"] = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
+        out["label_fidelity_status"] = "skipped"
+    try:
+        probs = np.asarray(prediction.finding_probs, dtype=np.float64)
+        probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)  # per-image class shares
+        out["inception_score"] = inception_score(probs)
+        out["inception_score_note"] = ("IS-style figure from the auditor's finding probabilities, normalised per "
+                                       f"image over {probs.shape[1]} classes (1 = one class for all, "
+                                       f"{probs.shape[1]} = confident and evenly spread)")
+    except Exception as e:
+        out["inception_score_reason"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def memorisation_report(gen: np.ndarray | None, gen_ids: list[str], gen_pixels: np.ndarray | None,
+                        training: _ImageSet | None, why_not: str | None, max_fraction: float) -> dict:
+    """Nearest training image of every generated one (encoder and pixel space); fails above ``max_fraction`` flagged."""
+    if training is None:
+        return {"status": "skipped", "reason": "no training manifest given (--training-manifest MANIFEST)"}
+    if gen is None or training.features is None:
+        return {"status": "skipped", "reason": why_not or training.features_error or "no features"}
+    try:
+        from .auditor import memorisation_audit
+    except (ImportError, AttributeError) as e:
+        return {"status": "skipped", "reason": f"the memorisation audit is not available ({type(e).__name__}: {e})"}
+    train_pixels = np.stack(training.thumbs) if training.thumbs and gen_pixels is not None else None
+    try:
+        result = memorisation_audit(gen, gen_ids, training.features, training.ids,
+                                    gen_pixels=gen_pixels if train_pixels is not None else None,
+                                    train_pixels=train_pixels, threshold=None)
+    except Exception as e:
+        return {"status": "skipped", "reason": f"the memorisation audit failed ({type(e).__name__}: {e})"}
+    result = _jsonable(result)
+    flagged = _flagged_ids(result)
+    fraction = len(flagged) / max(len(gen_ids), 1)
+    for space in ("encoder", "pixel"):  # the per-image lists are long; the report keeps the flagged ones
+        if isinstance(result.get(space), dict):
+            result[space].pop("nearest", None)
+    return {"status": "pass" if fraction <= max_fraction else "fail", "value": fraction, "threshold": max_fraction,
+            "flagged": flagged, "audit": result, "n_training": len(training.ids)}
+
+
+def _flagged_ids(result) -> list[str]:
+    """Generated ids flagged in any space of a memorisation audit, in first-seen order."""
+    found: dict[str, None] = {}
+    for space in ("encoder", "pixel"):
+        section = result.get(space) if isinstance(result, dict) else None
+        for item in (section or {}).get("flagged", []) if isinstance(section, dict) else []:
+            if isinstance(item, dict) and item.get("generated_id") is not None:
+                found[str(item["generated_id"])] = None
+    return list(found)
+
+
+def _jsonable(value):
+    """A JSON-safe copy: numpy scalars and arrays become numbers and lists, tuples lists, NaN/inf strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _selection(rows: list[dict], samples_per_cell: int) -> tuple[dict[tuple, list[str]], dict[str, list[str]]]:
+    """Which images the report shows per finding x severity, and which feed the diversity check (first in order)."""
+    grid: dict[tuple, list[str]] = {}
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        finding, _, severity = _labels_of(row.get("findings", ""))
+        cell = grid.setdefault((finding, severity), [])
+        if len(cell) < samples_per_cell:
+            cell.append(row["case_id"])
+        group = groups.setdefault(row.get("findings", "") or "-", [])
+        if len(group) < DIVERSITY_PER_GROUP:
+            group.append(row["case_id"])
+    return grid, groups
+
+
+def _display_thumb(pixels: np.ndarray) -> np.ndarray:
+    h, w = pixels.shape
+    scale = DISPLAY_SIDE / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = box_downsample(pixels, *size) if scale <= 1 else _resize(pixels, size)
+    return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
+
+
+def qc(out: str | Path, *, reference: str | Path | None = None, training_manifest: str | Path | None = None,
+       config=None, feature_extractor: FeatureExtractor | str | None = None, auditor: Any = True,
+       full: bool = True, dciodvfy_sample: int | None = None, write: bool = True, lock: bool = True,
+       progress: bool = False) -> QCResult:
+    """Check a synthmed output folder and write its quality report.
+
+    Args:
+        out: the output folder (manifest.csv, dataset_card.json, images/, dicom/).
+        reference: a manifest (CSV with png_path, file_name or path, relative to its folder) of reference
+            images: the intensity bands are fitted on them and FID / KID / PRDC computed against them.
+        training_manifest: the manifest of the images the generator was trained on, for the memorisation audit.
+        config: a ``QCSpec`` (thresholds, gate); default: the spec's ``qc:`` section (from dataset_card.json).
+        feature_extractor: for FID / KID / PRDC, embedding duplicates and memorisation: an object with ``name``
+            and ``__call__(images float32 [N, H, W] in [0, 1]) -> [N, D]``, or ``"module:attribute"``;
+            default: the shipped auditor's embedding.
+        auditor: True (load the shipped auditor), False (no auditor sections) or an auditor object.
+        full: False runs only the cheap part (per-image checks, intensity, spec fidelity, duplicates, dciodvfy
+            sample; FID when a reference is given), as ``generate`` does.
+        dciodvfy_sample: how many DICOM files dciodvfy checks (default: the config's ``dciodvfy_sample``).
+        write: write qc_report.json and report.html, and fill the manifest's qc_status / qc_flags / metadata.csv.
+        lock: hold the folder's run lock (``generate`` already holds it when it calls this).
+        progress: a progress bar over the images.
+
+    Raises:
+        QCError: not an output folder, an unreadable reference, a folder in use (``exit_code`` 2 or 1).
+
+    Example:
+        >>> result = qc("out/pneumonia", reference="real/manifest.csv")  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    # 1. Check inputs
+    out = Path(out)
+    if not out.is_dir():
+        raise QCError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
+    rows = _read_manifest(out / "manifest.csv")
+    spec = _load_spec(out)
+    config = config if config is not None else spec.qc
+    if dciodvfy_sample is not None:
+        import dataclasses
+
+        if dciodvfy_sample < 0:
+            raise QCError(f"dciodvfy_sample must be 0 or more, got {dciodvfy_sample}")
+        config = dataclasses.replace(config, dciodvfy_sample=int(dciodvfy_sample))
+    unknown = [c for c in config.gate if c not in ALL_CHECKS]
+    if unknown:
+        raise QCError(f"unknown check(s) in gate: {', '.join(unknown)} (known: {', '.join(ALL_CHECKS)})")
+    paths = {}
+    for name, value in (("reference", reference), ("training manifest", training_manifest)):
+        if value is not None:
+            path = Path(value)
+            if not path.is_file():
+                raise QCError(f"the {name} {path} is not a file")
+            paths[name] = path
+    if isinstance(feature_extractor, str):
+        feature_extractor = _import_extractor(feature_extractor)
+    thresholds = config.thresholds
+    limits = PixelLimits(min_dynamic_range=thresholds.min_dynamic_range,
+                         max_saturated_fraction=thresholds.max_saturated_fraction)
+    expected = Expected(width=spec.image.width, height=spec.image.height, bit_depth=spec.image.bit_depth,
+                        formats=spec.image.formats)
+    handle = _lock(out) if lock and write else None
+    try:
+        return _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, write,
+                    progress, started)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, write, progress,
+         started) -> QCResult:
+    thresholds = config.thresholds
+    notes: list[str] = []
+    # 2. The auditor and the feature extractor. The cheap run computes features only for a reference or a
+    #    training set (FID, memorisation), and never the auditor's predictions.
+    wants_features = full or bool(paths)
+    wants_auditor = full or (wants_features and feature_extractor is None)
+    auditor_obj, auditor_why = _load_auditor(auditor if wants_auditor else False)
+    extractor = feature_extractor if wants_features else None
+    extractor_why = None if wants_features else "features are computed by the full run, or with a reference"
+    if extractor is None and wants_features and auditor_obj is not None:
+        # the Auditor is itself a FeatureExtractor (name + __call__ = embed); wrap objects that only embed
+        extractor = (auditor_obj if callable(auditor_obj) and hasattr(auditor_obj, "name")
+                     else _AuditorEmbedding(auditor_obj) if hasattr(auditor_obj, "embed") else None)
+    if extractor is None and wants_features:
+        extractor_why = (f"no feature extractor: the default is the auditor's embedding, and {auditor_why}"
+                         if auditor_why else "no feature extractor")
+    extractor_name = getattr(extractor, "name", type(extractor).__name__) if extractor is not None else None
+    predictor = auditor_obj if full else None
+    if not full and auditor is not False:
+        auditor_why = "skipped at the end of generate to keep it cheap; run `synthmed qc OUT` for the full report"
+    grid, groups = _selection(rows, config.samples_per_cell)
+    shown = {cid for ids in grid.values() for cid in ids}
+    diverse = {cid for ids in groups.values() for cid in ids} if full else set()
+    batcher = _Batcher((expected.height, expected.width), extractor=extractor, auditor=predictor)
+
+    # 3. The per-image pass: each file read once
+    results: list[ImageResult] = []
+    thumbs: dict[str, np.ndarray] = {}
+    diversity_images: dict[str, np.ndarray] = {}
+    small_copies: dict[str, np.ndarray] = {}  # 64 x 64 copies for the pixel-space memorisation audit
+    keep_small = "training manifest" in paths and extractor is not None
+    bar = _progress(len(rows), progress)
+    per_image = 0.0
+    failure_thumbs = 0
+    try:
+        for row in rows:
+            t0 = time.perf_counter()
+            result, pixels = check_row(out, row, expected, limits)
+            per_image += time.perf_counter() - t0
+            results.append(result)
+            if pixels is not None:
+                if result.case_id in shown or (result.flags and failure_thumbs < MAX_FAILURE_THUMBS):
+                    thumbs[result.case_id] = _display_thumb(pixels)
+                    failure_thumbs += bool(result.flags)
+                if result.case_id in diverse and "size" not in result.flags:  # MS-SSIM pairs need one shape
+                    side = min(DIVERSITY_SIDE, *pixels.shape)
+                    diversity_images[result.case_id] = box_downsample(pixels, side)
+                batcher.add(result.case_id, pixels)
+                if keep_small:
+                    small_copies[result.case_id] = box_downsample(pixels, REGION_SIDE)
+            bar.update(1)
+        batcher.flush()
+    finally:
+        bar.close()
+    by_id = {r.case_id: r for r in results}
+    features = batcher.feature_matrix()
+    if batcher.errors.get("features"):
+        extractor_why = f"the feature extractor failed ({batcher.errors['features']})"
+    if batcher.errors.get("auditor"):
+        auditor_why = f"the auditor failed ({batcher.errors['auditor']})"
+
+    # 4. Other image sets
+    shape = (expected.height, expected.width)
+    reference_set = (_read_image_set(paths["reference"], shape, extractor, keep_thumbs=False)
+                     if "reference" in paths else None)
+    training_set = (_read_image_set(paths["training manifest"], shape, extractor, keep_thumbs=True)
+                    if "training manifest" in paths else None)
+
+    # 5. Set-level checks
+    sections: dict[str, dict] = {}
+    sections["intensity"] = intensity_report(results, reference_set, thresholds.intensity_k)
+    sections["dciodvfy"] = dciodvfy_sample(out, rows, config.dciodvfy_sample)
+    for case_id, errors in sections["dciodvfy"].get("failures", {}).items():
+        by_id[case_id].fail("dciodvfy", "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""))
+    sections["spec_fidelity"] = spec_fidelity_report(spec, rows, thresholds.min_spec_fidelity)
+    sections["duplicates"] = duplicates_report(results, features, batcher.ids, thresholds)
+    for pair in sections["duplicates"].get("pairs", []):
+        by_id[pair["a"]].fail("duplicates", f"near-duplicate of {pair['b']} ({pair['method']})")
+        by_id[pair["b"]].fail("duplicates", f"near-duplicate of {pair['a']} ({pair['method']})")
+    if full:
+        sections["diversity"] = diversity_report(
+            {g: [diversity_images[c] for c in ids if c in diversity_images] for g, ids in groups.items()},
+            thresholds.max_ms_ssim)
+    else:
+        sections["diversity"] = {"status": "skipped", "reason": "skipped at the end of generate to keep it cheap; "
+                                                               "run `synthmed qc OUT` for it"}
+    sections["reference"] = reference_report(features, reference_set, extractor_name, thresholds, extractor_why)
+    rows_by_id = {r["case_id"]: r for r in rows}
+    sections["auditor"] = auditor_report(batcher.prediction(), [rows_by_id[i] for i in batcher.ids], auditor_why,
+                                         thresholds.min_label_fidelity)
+    if batcher.errors.get("auditor") and sections["auditor"]["status"] == "skipped":
+        sections["auditor"]["reason"] = auditor_why
+    gen_pixels = np.stack([small_copies[i] for i in batcher.ids]) if training_set is not None and batcher.ids else None
+    sections["memorisation"] = memorisation_report(features, batcher.ids, gen_pixels, training_set, extractor_why,
+                                                   thresholds.max_memorised_fraction)
+    for case_id in sections["memorisation"].get("flagged", []):
+        if case_id in by_id:
+            by_id[case_id].fail("memorisation", "close to a training image")
+
+    # 6. Thumbnails of images flagged at set level (intensity, duplicates, ...), read again: only those shown
+    wanted = [r.case_id for r in results if r.flags][:MAX_FAILURE_THUMBS]
+    wanted += [i for p in sections["duplicates"].get("pairs", [])[:24] for i in (p["a"], p["b"])]
+    _add_thumbs(out, rows_by_id, [i for i in dict.fromkeys(wanted) if i not in thumbs], thumbs)
+
+    # 7. Verdicts
+    checks = _check_table(results, sections, config, thresholds)
+    failed_gates = tuple(name for name, c in checks.items() if c["gating"] and c["status"] == "fail")
+    passed = not failed_gates
+    gated_but_skipped = [name for name, c in checks.items() if c["gating"] and c["status"] == "skipped"]
+    if gated_but_skipped:
+        notes.append(f"gating check(s) skipped, so they could not fail: {', '.join(gated_but_skipped)}")
+    gate = set(config.gate)
+    flagged = {r.case_id: tuple(r.flag_names) for r in results if r.flags}
+    statuses = {r.case_id: ("fail" if any(f in gate for f in r.flags) else "warn" if r.flags else "pass")
+                for r in results}
+    report = {
+        "format": REPORT_FORMAT, "synthmed_version": __version__,
+        "dataset": {"name": spec.name, "spec_hash": spec.spec_hash, "count": len(rows),
+                    "width": expected.width, "height": expected.height, "bit_depth": expected.bit_depth,
+                    "formats": list(expected.formats)},
+        "verdict": "pass" if passed else "fail", "failed_checks": list(failed_gates), "gate": list(config.gate),
+        "mode": "full" if full else "fast",
+        "thresholds": {k: getattr(thresholds, k) for k in thresholds.__dataclass_fields__},
+        "checks": checks,
+        "images": {"checked": len(results), "passed": sum(s == "pass" for s in statuses.values()),
+                   "warned": sum(s == "warn" for s in statuses.values()),
+                   "failed": sum(s == "fail" for s in statuses.values()),
+                   "failures": [{"case_id": r.case_id, "status": statuses[r.case_id], "flags": r.flag_names,
+                                 "messages": {k: r.flags[k] for k in r.flag_names}} for r in results if r.flags]},
+        "sections": sections,
+        "histograms": _histogram_summary(results, reference_set),
+        "feature_extractor": extractor_name, "feature_extractor_reason": extractor_why,
+        "reference": str(paths["reference"]) if "reference" in paths else None,
+        "training_manifest": str(paths["training manifest"]) if "training manifest" in paths else None,
+        "notes": notes,
+    }
+    if reference_set is not None and reference_set.unreadable:
+        report["notes"].append(f"{len(reference_set.unreadable)} reference image(s) could not be read")
+    report = _jsonable(report)
+
+    # 8. Outputs
+    report_path = html_path = None
+    if write:
+        from ..atomic import atomic_write_bytes
+        from .report import render_html
+
+        report_path, html_path = out / REPORT_JSON, out / REPORT_HTML
+        atomic_write_bytes(report_path, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False)
+                                         + "\n").encode("utf-8"))
+        atomic_write_bytes(html_path, render_html(report, thumbs=thumbs, grid=grid).encode("utf-8"))
+        _fill_manifest(out, rows, statuses, flagged)
+    return QCResult(out=out, passed=passed, report=report, failed_checks=failed_gates, flagged=flagged,
+                    report_path=report_path, html_path=html_path, seconds=time.perf_counter() - started,
+                    per_image_seconds=per_image)
+
+
+def _add_thumbs(out: Path, rows_by_id: Mapping[str, dict], case_ids: Iterable[str], thumbs: dict) -> None:
+    for case_id in case_ids:
+        row = rows_by_id.get(case_id, {})
+        rel = row.get("png_path") or row.get("dicom_path")
+        read = _read_any_image(out / rel) if rel else None
+        if read is not None:
+            stored, full = read
+            thumbs[case_id] = _display_thumb(stored.astype(np.float32) * np.float32(1.0 / full))
+
+
+def _check_table(results: list[ImageResult], sections: dict, config, thresholds) -> dict[str, dict]:
+    """One row per check: what it tests, whether it gates, its status, how many images failed, its limit."""
+    gate = set(config.gate)
+    table: dict[str, dict] = {}
+    n = len(results)
+    for name in PER_IMAGE_CHECKS + ("intensity", "dciodvfy"):
+        failed = sum(name in r.flags for r in results)
+        entry = {"description": CHECKS[name], "gating": name in gate, "failed": failed, "checked": n,
+                 "status": "fail" if failed else "pass"}
+        if name == "nan":
+            entry["note"] = "files hold integers; NaN is checked on a backend's output when reject.max_tries > 0"
+        if name == "intensity":
+            section = sections["intensity"]
+            entry.update(threshold=thresholds.intensity_k, checked=section.get("checked", 0))
+            if section["status"] == "skipped":
+                entry.update(status="skipped", reason=section.get("reason"))
+        if name == "dciodvfy":
+            section = sections["dciodvfy"]
+            entry.update(checked=section.get("checked", 0), sample=section.get("sample"))
+            if section["status"] == "skipped":
+                entry.update(status="skipped", reason=section.get("reason"))
+        if name == "blank":
+            entry["threshold"] = thresholds.min_dynamic_range
+        if name == "saturated":
+            entry["threshold"] = thresholds.max_saturated_fraction
+        table[name] = entry
+
+    def set_level(name, description, section, value, threshold, status):
+        entry = {"description": description, "gating": name in gate, "status": status, "value": value,
+                 "threshold": threshold}
+        if status == "skipped":
+            entry["reason"] = section.get("reason")
+        table[name] = entry
+
+    for name, description in (("spec_fidelity", "lowest 1 - TVD of an attribute or pair against the spec"),
+                              ("duplicates", "fraction of images in a near-duplicate pair"),
+                              ("diversity", "mean MS-SSIM within a finding cell (lower is more diverse)")):
+        section = sections[name]
+        set_level(name, description, section, section.get("value"), section.get("threshold"), section["status"])
+    ref = sections["reference"]
+    for name, key, threshold, higher in (("fid", "fid", thresholds.max_fid, False),
+                                         ("kid", "kid", thresholds.max_kid, False),
+                                         ("precision", "precision", thresholds.min_precision, True),
+                                         ("recall", "recall", thresholds.min_recall, True),
+                                         ("coverage", "coverage", thresholds.min_coverage, True)):
+        value = ref.get(key) if ref["status"] == "done" else None
+        description = {"fid": "Fréchet distance to the reference set's features",
+                       "kid": "kernel (MMD²) distance to the reference set's features",
+                       "precision": "share of generated images inside the reference manifold",
+                       "recall": "share of reference images inside the generated manifold",
+                       "coverage": "share of reference neighbourhoods holding a generated image"}[name]
+        status = _verdict(value, threshold, higher)
+        set_level(name, description, ref if value is None else {}, value, threshold, status)
+        if value is None:
+            table[name]["reason"] = ref.get("reason") or ref.get("prdc_reason")
+    aud = sections["auditor"]
+    score = aud.get("label_fidelity_score")
+    status = aud.get("label_fidelity_status", "skipped") if aud["status"] == "done" else "skipped"
+    set_level("label_fidelity", "agreement of the auditor's predictions with the manifest's labels", aud, score,
+              thresholds.min_label_fidelity, status)
+    if status == "skipped" and aud["status"] == "done":
+        table["label_fidelity"]["reason"] = aud.get("label_fidelity", {}).get("reason")
+    mem = sections["memorisation"]
+    set_level("memorisation", "fraction of generated images closer to a training image than training images are "
+              "to each other (1st percentile)", mem, mem.get("value"), mem.get("threshold"), mem["status"])
+    return table
+
+
+def _fill_manifest(out: Path, rows: list[dict], statuses: dict[str, str], flagged: dict[str, tuple]) -> None:
+    """Rewrite manifest.csv (atomically) with qc_status and qc_flags, and the split metadata.csv copies."""
+    from ..atomic import atomic_write_text_lines
+    from ..writers.manifest import _csv_lines, write_split_metadata
+
+    def updated() -> Iterable[dict]:
+        for row in rows:
+            yield {**row, "qc_status": statuses.get(row["case_id"], ""),
+                   "qc_flags": "|".join(flagged.get(row["case_id"], ()))}
+
+    atomic_write_text_lines(out / "manifest.csv", _csv_lines(updated(), header=True))
+    write_split_metadata(out / "manifest.csv", out)
+
+
+def _progress(total: int, enabled: bool):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="qc", disable=not enabled or None, dynamic_ncols=True, file=sys.stderr)
+
+
+def generated_checks(gate: Sequence[str]) -> tuple[str, ...]:
+    """The gating checks that regenerating an image can fix."""
+    return tuple(c for c in GENERATED_CHECKS if c in gate)
+
+
+__all__ = ["QCError", "QCResult", "FeatureExtractor", "qc", "expected_distributions", "spec_fidelity_report",
+           "generated_checks"]
