@@ -138,14 +138,17 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
                                                         "or its GPUs / --gpus-per-worker).")
 @click.option("--gpus-per-worker", type=click.FloatRange(0), default=0, show_default=True,
               help="GPUs each Ray worker reserves (0.5: two workers share a GPU).")
+@click.option("--qc/--no-qc", "run_qc", default=None,
+              help="Run the cheap quality checks at the end (default: the spec's qc.enabled, true).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: int | None, backend: str | None,
              model: str | None, batch_size: int | None, executor: str, ray_address: str | None, workers: int | None,
-             gpus_per_worker: float, quiet: bool, **generator_options) -> None:
+             gpus_per_worker: float, run_qc: bool | None, quiet: bool, **generator_options) -> None:
     """Build the dataset: images (DICOM, PNG), masks, manifest.csv and the dataset card.
 
     Ctrl-C finishes the current batch and stops; rerun with --resume to finish.
     With --executor ray, OUT must be a folder every Ray worker can write (a shared file system).
+    The quality checks run at the end (qc_report.json, report.html); exits 1 when a gating check fails.
     """
     from .build import BuildError
     from .build import generate as run_generate
@@ -163,7 +166,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     try:
         result = run_generate(spec, out, resume=resume, overwrite=overwrite, limit=limit, backend=backend,
                               model=model, batch_size=batch_size, progress=not quiet, executor=executor,
-                              ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+                              ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                              qc=run_qc)
     except BuildError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)
@@ -180,6 +184,132 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     click.echo(f"  images:   {out / 'images'}  {out / 'dicom'}")
     click.echo(f"  manifest: {result.manifest}")
     click.echo(f"  card:     {out / 'dataset_card.json'}")
+    if result.qc is not None:
+        images = result.qc.report["images"]
+        verdict = "PASS" if result.qc.passed else f"FAIL ({', '.join(result.qc.failed_checks)})"
+        click.echo(f"  qc:       {verdict}: {images['failed']:,} of {images['checked']:,} images failed a gating check")
+        click.echo(f"            {result.qc.report_path}  {result.qc.html_path}")
+        if not result.qc.passed:
+            raise SystemExit(1)
+
+
+@main.command()
+@click.option("--manifest", required=True, type=click.Path(path_type=Path),
+              help="A synthmed manifest.csv (or its folder): phantom images, or your own described in the same columns.")
+@click.option("--base", required=True, help="'scratch' (the small default design) or a local diffusers model folder.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The model folder to write (a diffusers pipeline, safetensors).")
+@click.option("--mode", type=click.Choice(["full", "lora"]), default="full", show_default=True,
+              help="Train every UNet weight, or LoRA adapters (merged into the saved UNet).")
+@click.option("--train-text-encoder/--freeze-text-encoder", default=None,
+              help="Also train the text encoder (always on from scratch; off by default for a base model).")
+@click.option("--steps", type=click.IntRange(0), default=2000, show_default=True, help="UNet optimiser steps.")
+@click.option("--vae-steps", type=click.IntRange(0), default=1000, show_default=True, help="VAE steps (scratch only).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--vae-batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--vae-crop", type=click.IntRange(8), default=64, show_default=True,
+              help="Side of the random crops the VAE trains on (it is fully convolutional).")
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True),
+              help="UNet learning rate (default: 5e-4 scratch, 1e-4 LoRA, 1e-5 full fine-tune).")
+@click.option("--template", default="synthmed-v1", show_default=True,
+              help="Prompt template (a built-in name or a template string), the same as generation uses.")
+@click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=250, show_default=True)
+@click.option("--validate-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Write a validation image grid every N steps (0: at the end only).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints, latent cache, logs, validation grids (default: OUTPUT.training).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing model folder / earlier checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
+              help="auto uses a GPU through accelerate when there is one.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Allow a base model with pickled weights (only if you trust it).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> None:
+    """Train a latent-diffusion model on a manifest, with the prompts generation uses.
+
+    \b
+    synthmed finetune --manifest out/phantom/manifest.csv --base scratch -o models/mine --steps 8000
+    synthmed finetune --manifest my_cxr/manifest.csv --base ./roentgen --mode lora -o models/roentgen-lora
+
+    Interrupt at any time; rerun with --resume to continue from the last checkpoint.
+    """
+    from .finetune import ManifestError
+    from .finetune import finetune as run_finetune
+
+    try:
+        result = run_finetune(manifest, base, out, progress=not quiet, **options)
+    except (ManifestError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; rerun the same command with --resume to continue from the last checkpoint", err=True)
+        raise SystemExit(130)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
+    click.echo(f"trained {result.steps:,} UNet steps ({result.vae_steps:,} VAE) in {result.seconds / 60:.1f} min; "
+               f"last losses: {losses or 'n/a'}")
+    click.echo(f"  model:       {result.model_dir}  (use it: generator.model: {result.model_dir})")
+    click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
+    click.echo(f"  validation:  {result.work_dir / 'validation'}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), metavar="MANIFEST",
+              help="Manifest (CSV with png_path, file_name or path) of reference images: intensity bands are "
+                   "fitted on them, and FID, KID, precision/recall/density/coverage computed against them.")
+@click.option("--training-manifest", type=click.Path(dir_okay=False, path_type=Path), metavar="MANIFEST",
+              help="Manifest of the images the generator was trained on, for the memorisation audit.")
+@click.option("--features", metavar="MODULE:ATTR",
+              help="Feature extractor for FID, duplicates and memorisation (an object with name and __call__, or "
+                   "a class making one); default: the shipped auditor's embedding.")
+@click.option("--no-auditor", is_flag=True, help="Skip the auditor (label fidelity, IS-style figure, default features).")
+@click.option("--fast", is_flag=True, help="Only the cheap checks, as at the end of generate: per-image, intensity, "
+                                           "spec fidelity, duplicates (FID only with --reference).")
+@click.option("--dciodvfy-sample", type=click.IntRange(0), metavar="N",
+              help="How many DICOM files dciodvfy checks (default: the spec's qc.dciodvfy_sample, 5).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def qc(out: Path, reference: Path | None, training_manifest: Path | None, features: str | None, no_auditor: bool,
+       fast: bool, dciodvfy_sample: int | None, quiet: bool) -> None:
+    """Check an output folder: per-image checks, spec fidelity, duplicates, diversity, FID, label fidelity.
+
+    Writes OUT/qc_report.json and OUT/report.html and fills the manifest's qc_status and qc_flags.
+    Exits 1 when a gating check (the spec's qc.gate) fails, 2 when OUT is not a synthmed output folder.
+    """
+    from .qc.run import QCError
+    from .qc.run import qc as run_qc
+
+    try:
+        result = run_qc(out, reference=reference, training_manifest=training_manifest, feature_extractor=features,
+                        auditor=not no_auditor, full=not fast, dciodvfy_sample=dciodvfy_sample, progress=not quiet)
+    except QCError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(e.exit_code)
+    report = result.report
+    images = report["images"]
+    click.echo(f"{'PASS' if result.passed else 'FAIL'}: {images['checked']:,} images checked in {result.seconds:.1f} s; "
+               f"{images['failed']:,} failed a gating check, {images['warned']:,} flagged by other checks")
+    for name, check in report["checks"].items():
+        if check["status"] == "fail":
+            value = check.get("value")
+            detail = (f"{check['failed']} of {check['checked']} images" if "failed" in check
+                      else f"{value:.4g} (limit {check.get('threshold')})" if isinstance(value, float) else f"{value}")
+            click.echo(f"  {'FAIL' if check['gating'] else 'warn'} {name}: {detail}")
+    skipped = {name: section.get("reason") for name, section in report["sections"].items()
+               if section.get("status") == "skipped" and name in ("reference", "auditor", "memorisation")}
+    for name, reason in skipped.items():
+        if not (name == "auditor" and no_auditor):
+            click.echo(f"  skipped {name}: {reason}")
+    click.echo(f"  report: {result.report_path}")
+    click.echo(f"  html:   {result.html_path}")
+    if not result.passed:
+        raise SystemExit(1)
 
 
 def _summary_text(spec, cases, rows, splits, show, build_prompt) -> str:

@@ -1,0 +1,353 @@
+"""Read a synthmed output folder for training: a torch ``Dataset`` and MONAI-style dict records.
+
+Both read ``manifest.csv`` (the columns of ``schemas/manifest_columns.json``): the image is the
+row's PNG (``png_path``), else its DICOM file (``dicom_path``), else ``file_name``; the label
+is the 14 CheXpert columns, in CheXpert's order; masks are ``mask_paths``.
+
+Importing this module is light; ``ManifestDataset`` imports torch when it is first used, and
+:func:`manifest_records` needs only numpy (MONAI's loaders read the files).
+
+Example:
+    >>> from synthmed.data import ManifestDataset  # doctest: +SKIP
+    >>> train = ManifestDataset("out/pneumonia", split="train", masks=True)  # doctest: +SKIP
+    >>> item = train[0]  # doctest: +SKIP
+    >>> item["image"].shape, item["label"].shape, sorted(item["masks"])  # doctest: +SKIP
+    (torch.Size([1, 256, 256]), torch.Size([14]), ['pneumonia'])
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .vocabulary import CHEXPERT_COLUMNS
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+__all__ = ["ManifestDataset", "manifest_records", "read_image", "read_mask"]
+
+MASK_INFIX = "_mask_"  # masks/<split>/<case_id>_mask_<finding>.png
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+@dataclass(frozen=True)
+class _Manifest:
+    """The columns of a manifest a loader needs, one list entry per selected row."""
+
+    path: Path                      # manifest.csv
+    root: Path                      # the folder its relative paths start from
+    case_ids: list[str]
+    splits: list[str]
+    findings: list[str]
+    images: list[str]               # relative path of the image to read ('' where the row has none)
+    mask_paths: list[list[str]]     # relative mask paths per row
+    lines: list[int]                # the row's last line number in the CSV (for error messages)
+    labels: "np.ndarray"            # float32 [N, len(label_columns)]
+
+    def where(self, i: int) -> str:
+        return f"case {self.case_ids[i]} (line {self.lines[i]} of {self.path})"
+
+
+def _manifest_path(root_or_manifest: str | os.PathLike) -> Path:
+    path = Path(root_or_manifest)
+    manifest = path / "manifest.csv" if path.is_dir() else path
+    if manifest.is_file():
+        return manifest
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give the output folder of `synthmed generate` "
+                                "or its manifest.csv")
+    hint = ""
+    if path.is_dir() and (path / ".synthmed").is_dir():
+        hint = " (the build there has not finished: rerun `synthmed generate ... --resume` to complete it)"
+    raise FileNotFoundError(f"no manifest at {manifest}{hint}")
+
+
+def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None,
+                   label_columns: Sequence[str], *, need_masks: bool = False) -> _Manifest:
+    import numpy as np
+
+    path = _manifest_path(root_or_manifest)
+    label_columns = list(label_columns)
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or ())
+        missing = [c for c in ("case_id", "split", *label_columns) if c not in columns]
+        if not any(c in columns for c in ("png_path", "dicom_path", "file_name")):
+            missing.append("png_path, dicom_path or file_name")
+        if need_masks and "mask_paths" not in columns:
+            missing.append("mask_paths")
+        if missing:
+            raise ValueError(f"{path} is not a synthmed manifest: it has no column {', '.join(map(repr, missing))}")
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
+
+    present = list(dict.fromkeys(r["split"] for r in rows))
+    wanted = [split] if isinstance(split, str) else None if split is None else list(split)
+    if wanted is not None:
+        unknown = [s for s in wanted if s not in present]
+        if unknown:
+            raise ValueError(f"split {', '.join(map(repr, unknown))} is not in {path}; "
+                             f"its splits are: {', '.join(present) or '(none: the manifest is empty)'}")
+        keep = [i for i, r in enumerate(rows) if r["split"] in wanted]
+        rows, lines = [rows[i] for i in keep], [lines[i] for i in keep]
+
+    labels = np.zeros((len(rows), len(label_columns)), dtype=np.float32)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(label_columns):
+            value = (row[column] or "").strip()
+            try:
+                labels[i, j] = float(value) if value else np.nan  # CheXpert's blank: not mentioned
+            except ValueError:
+                raise ValueError(f"{path}, line {lines[i]}: column {column!r} holds {value!r}, "
+                                 "not a number") from None
+    return _Manifest(
+        path=path, root=path.parent, case_ids=[r["case_id"] for r in rows], splits=[r["split"] for r in rows],
+        findings=[r.get("findings") or "" for r in rows],
+        images=[r.get("png_path") or r.get("dicom_path") or r.get("file_name") or "" for r in rows],
+        mask_paths=[[p for p in (r.get("mask_paths") or "").split("|") if p] for r in rows],
+        lines=lines, labels=labels)
+
+
+def _image_file(manifest: _Manifest, i: int) -> Path:
+    relative = manifest.images[i]
+    if not relative:
+        raise ValueError(f"{manifest.where(i)} names no image (png_path, dicom_path and file_name are empty)")
+    return manifest.root / relative
+
+
+def _mask_finding(relative: str) -> str:
+    stem = Path(relative).stem
+    if MASK_INFIX not in stem:
+        raise ValueError(f"mask file {relative!r} is not named <case_id>{MASK_INFIX}<finding>.png")
+    return stem.split(MASK_INFIX, 1)[1]
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def read_image(path: str | os.PathLike) -> "np.ndarray":
+    """An image file of a synthmed set as float32 [H, W] in [0, 1] (0 black).
+
+    PNG: 16-bit samples / 65535, 8-bit / 255 (read with Pillow). DICOM: stored values /
+    (2**BitsStored - 1), MONOCHROME1 inverted. A 16-bit PNG and its DICOM file agree to
+    within 2e-4 (the PNG holds the 12 DICOM bits widened by bit replication).
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file {path}")
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return _read_dicom(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # PNG holds 8 or 16 bits; Pillow opens 16 as I;16 or I
+            pixels, full_scale = np.asarray(im), 65535.0
+        elif im.mode == "1":
+            pixels, full_scale = np.asarray(im), 1.0
+        else:
+            pixels, full_scale = np.asarray(im if im.mode == "L" else im.convert("L")), 255.0
+    return (pixels.astype(np.float32) / np.float32(full_scale)).clip(0.0, 1.0)
+
+
+def _read_dicom(path: Path) -> "np.ndarray":
+    import numpy as np
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    stored = ds.pixel_array.astype(np.float32)
+    pixels = stored / np.float32(2 ** int(ds.BitsStored) - 1)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return pixels.clip(0.0, 1.0)
+
+
+def read_mask(path: str | os.PathLike) -> "np.ndarray":
+    """A mask PNG as a bool [H, W] array (any non-zero pixel is inside)."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no mask file {path}")
+    with Image.open(path) as im:
+        return np.asarray(im) > 0
+
+
+# ----------------------------------------------------------------------------- MONAI-style records
+
+def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None, *,
+                     label_columns: Sequence[str] = CHEXPERT_COLUMNS) -> list[dict[str, Any]]:
+    """The rows of a manifest as MONAI-style dicts: ``{"image": path, "label": [14], "case_id", ...}``.
+
+    Args:
+        root_or_manifest: an output folder of ``synthmed generate``, or its ``manifest.csv``.
+        split: keep only this split (or these splits); default: every row.
+        label_columns: manifest columns that make the label vector; default: the 14 CheXpert columns.
+
+    Returns:
+        One dict per row, in manifest order: ``image`` (absolute path str of the PNG, else the DICOM
+        file), ``label`` (float32 numpy array, ``label_columns`` order), ``case_id``, ``split``,
+        ``findings`` (``finding:location:severity`` joined by ``|``).
+
+    Example:
+        >>> from monai.data import Dataset  # doctest: +SKIP
+        >>> from monai.transforms import LoadImaged  # doctest: +SKIP
+        >>> records = manifest_records("out/pneumonia", split="train")  # doctest: +SKIP
+        >>> Dataset(data=records, transform=LoadImaged(keys="image", image_only=True))[0]["image"].shape  # doctest: +SKIP
+        torch.Size([256, 256])
+    """
+    manifest = _read_manifest(root_or_manifest, split, label_columns)
+    root = manifest.root.resolve()
+    records = []
+    for i in range(len(manifest.case_ids)):
+        if not manifest.images[i]:
+            _image_file(manifest, i)  # raises, naming the row
+        records.append({"image": str(root / manifest.images[i]), "label": manifest.labels[i].copy(),
+                        "case_id": manifest.case_ids[i], "split": manifest.splits[i],
+                        "findings": manifest.findings[i]})
+    return records
+
+
+# ----------------------------------------------------------------------------- the torch Dataset
+
+class _ManifestDatasetBase:
+    """A torch ``Dataset`` over a synthmed output folder (or its ``manifest.csv``).
+
+    Each item is a dict:
+
+    - ``image``: float tensor [1, H, W] in [0, 1] (the PNG, else the DICOM file);
+    - ``label``: float tensor [len(label_columns)], the 14 CheXpert columns in CheXpert's order by default;
+    - ``case_id``: str; ``findings``: the manifest's ``finding:location:severity`` joined by ``|``;
+    - ``masks`` (when ``masks`` is set): finding -> bool tensor [1, H, W].
+
+    Args:
+        root_or_manifest: an output folder of ``synthmed generate``, or its ``manifest.csv``.
+        split: keep only this split (or these splits); default: every row.
+        masks: ``True``: the masks the row has, keyed by finding (the keys differ between cases, so
+            batch them with your own ``collate_fn``); a list of findings: exactly those keys in every
+            item, all-False where a case has no such mask (batches with the default collate).
+        transform: called with each item dict; its return value is the item.
+        label_columns: manifest columns that make the label vector.
+        dtype: torch dtype of ``image`` and ``label``.
+
+    Raises:
+        FileNotFoundError: no manifest there (on construction); a missing image or mask file (on
+            access), naming the file and the manifest row.
+        ValueError: an unknown split (naming the splits there), or a manifest without the needed columns.
+
+    Example:
+        >>> from torch.utils.data import DataLoader  # doctest: +SKIP
+        >>> loader = DataLoader(ManifestDataset("out/pneumonia", split="train"), batch_size=32, shuffle=True)  # doctest: +SKIP
+        >>> next(iter(loader))["label"].shape  # doctest: +SKIP
+        torch.Size([32, 14])
+    """
+
+    def __init__(self, root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None,
+                 masks: bool | Sequence[str] = False, transform: Callable[[dict], Any] | None = None,
+                 label_columns: Sequence[str] = CHEXPERT_COLUMNS, dtype: "torch.dtype | None" = None):
+        import torch
+
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        if isinstance(masks, str):
+            masks = [masks]
+        if not isinstance(masks, bool):
+            masks = list(masks)
+            unknown = [f for f in masks if not isinstance(f, str)]
+            if unknown:
+                raise TypeError(f"masks must be True/False or a list of finding names, got {unknown[0]!r}")
+        dtype = torch.float32 if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
+        self.manifest = _read_manifest(root_or_manifest, split, label_columns, need_masks=bool(masks))
+        self.root, self.label_columns = self.manifest.root, tuple(label_columns)
+        self.split, self.masks, self.transform, self.dtype = split, masks, transform, dtype
+
+    def __len__(self) -> int:
+        return len(self.manifest.case_ids)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return list(self.manifest.case_ids)
+
+    @property
+    def labels(self) -> "torch.Tensor":
+        """Every item's label, [N, len(label_columns)] (for class weights and samplers)."""
+        import torch
+
+        return torch.from_numpy(self.manifest.labels.copy()).to(self.dtype)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        n = len(self)
+        if isinstance(i, slice) or not hasattr(i, "__index__"):
+            raise TypeError(f"ManifestDataset index must be an integer, got {type(i).__name__}")
+        i = i.__index__()
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} items")
+        m = self.manifest
+        path = _image_file(m, i)
+        try:
+            pixels = read_image(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file {path} is missing ({m.where(i)})") from None
+        item = {"image": torch.from_numpy(pixels)[None].to(self.dtype),
+                "label": torch.from_numpy(m.labels[i].copy()).to(self.dtype),
+                "case_id": m.case_ids[i], "findings": m.findings[i]}
+        if self.masks:
+            item["masks"] = self._masks(i, pixels.shape)
+        if self.transform is not None:
+            item = self.transform(item)
+        return item
+
+    def _masks(self, i: int, shape: tuple[int, int]) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        m = self.manifest
+        found = {}
+        for relative in m.mask_paths[i]:
+            path = m.root / relative
+            try:
+                found[_mask_finding(relative)] = torch.from_numpy(read_mask(path))[None]
+            except FileNotFoundError:
+                raise FileNotFoundError(f"mask file {path} is missing ({m.where(i)})") from None
+        if self.masks is True:
+            return found
+        return {f: found[f] if f in found else torch.zeros((1, *shape), dtype=torch.bool) for f in self.masks}
+
+    def __repr__(self) -> str:
+        split = "" if self.split is None else f", split={self.split!r}"
+        return f"ManifestDataset({str(self.manifest.path)!r}{split}: {len(self)} images)"
+
+
+def _make_manifest_dataset():
+    """ManifestDataset as a subclass of ``torch.utils.data.Dataset``, made when first used (torch loads then)."""
+    from torch.utils.data import Dataset
+
+    return type("ManifestDataset", (_ManifestDatasetBase, Dataset),
+                {"__module__": __name__, "__qualname__": "ManifestDataset", "__doc__": _ManifestDatasetBase.__doc__})
+
+
+def __getattr__(name: str):
+    if name == "ManifestDataset":
+        cls = globals()["ManifestDataset"] = _make_manifest_dataset()  # one class: pickling finds the same object
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    class ManifestDataset(_ManifestDatasetBase):  # noqa: F811 - what type checkers see
+        ...

@@ -1,0 +1,266 @@
+"""synthmed.data: ManifestDataset and manifest_records over small output folders of the pattern backend.
+
+The folders are 64 wide x 80 high (not square, so that [1, H, W] and MONAI's [W, H] are told
+apart), with every case's finding, location and severity fixed by the spec so that each split
+holds a pneumothorax, an effusion with cardiomegaly, and a normal film.
+"""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+
+from synthmed.build import generate  # noqa: E402
+from synthmed.data import manifest_records, read_image  # noqa: E402
+from synthmed.spec import load_spec  # noqa: E402
+from synthmed.vocabulary import CHEXPERT_COLUMNS  # noqa: E402
+
+WIDTH, HEIGHT = 64, 80
+SPEC = """\
+spec_version: 1
+name: data-loader-test
+seed: 11
+count: 9
+splits: {{train: 0.34, val: 0.33, test: 0.33}}
+image: {{size: [{w}, {h}], formats: {formats}, bit_depth: {bits}}}
+findings:
+  - {{finding: no_finding, weight: 1}}
+  - {{finding: pneumothorax, weight: 1, location: {{left: 1}}, severity: {{moderate: 1}}}}
+  - {{finding: [pleural_effusion, cardiomegaly], weight: 1, location: {{right: 1}}, severity: {{severe: 1}}}}
+"""
+
+
+def build(out: Path, formats: str = "[dicom, png]", bits: int = 16) -> Path:
+    spec = load_spec(SPEC.format(w=WIDTH, h=HEIGHT, formats=formats, bits=bits))
+    generate(spec, out, backend="pattern", progress=False)
+    return out
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("data") / "out")
+
+
+@pytest.fixture(scope="module")
+def ManifestDataset():
+    from synthmed.data import ManifestDataset
+
+    return ManifestDataset
+
+
+# ----------------------------------------------------------------------------- items
+
+def test_items_match_the_manifest(out, ManifestDataset):
+    rows = manifest_rows(out)
+    ds = ManifestDataset(out)
+    assert isinstance(ds, torch.utils.data.Dataset)
+    assert len(ds) == len(rows) == 9
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    for row, item in zip(rows, ds):
+        assert set(item) == {"image", "label", "case_id", "findings"}
+        assert item["case_id"] == row["case_id"]
+        assert item["findings"] == row["findings"]
+        image, label = item["image"], item["label"]
+        assert image.shape == (1, HEIGHT, WIDTH) and image.dtype == torch.float32
+        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert label.shape == (14,) and label.dtype == torch.float32
+        assert label.tolist() == [float(row[c]) for c in CHEXPERT_COLUMNS]
+    labels = {r["findings"].split(":")[0]: r for r in rows}
+    effusion = ds[[r["case_id"] for r in rows].index(labels["pleural_effusion"]["case_id"])]["label"]
+    assert [CHEXPERT_COLUMNS[j] for j in np.flatnonzero(effusion.numpy())] == ["Cardiomegaly", "Pleural Effusion"]
+    assert ds.labels.shape == (9, 14)
+    assert ds[-1]["case_id"] == rows[-1]["case_id"]
+    with pytest.raises(IndexError):
+        ds[9]
+
+
+def test_pixels_are_the_png_samples_scaled(out, ManifestDataset):
+    ds = ManifestDataset(out / "manifest.csv")  # the manifest path works as well as the folder
+    item = ds[0]
+    png = np.asarray(Image.open(out / manifest_rows(out)[0]["png_path"]))
+    assert png.dtype == np.uint16
+    np.testing.assert_array_equal(np.rint(item["image"][0].numpy() * 65535).astype(np.uint16), png)
+
+
+def test_dicom_when_no_png_and_8_bit_png(out, tmp_path, ManifestDataset):
+    sixteen = ManifestDataset(out)
+    dicom_only = ManifestDataset(build(tmp_path / "dicom", formats="[dicom]"))
+    assert all(r["png_path"] == "" and r["dicom_path"] for r in manifest_rows(tmp_path / "dicom"))
+    eight = ManifestDataset(build(tmp_path / "eight", formats="[png]", bits=8))
+    for i in range(len(sixteen)):
+        a = sixteen[i]["image"]
+        d, e = dicom_only[i]["image"], eight[i]["image"]
+        assert d.shape == e.shape == a.shape
+        assert float((a - d).abs().max()) < 2e-4     # the PNG holds the 12 DICOM bits, bit-replicated
+        assert float((a - e).abs().max()) <= 1 / 255 + 1e-6
+
+
+def test_dtype_and_label_columns(out, ManifestDataset):
+    ds = ManifestDataset(out, dtype=torch.float64, label_columns=["Pneumothorax", "No Finding"])
+    item = ds[0]
+    row = manifest_rows(out)[0]
+    assert item["image"].dtype == item["label"].dtype == torch.float64
+    assert item["label"].tolist() == [float(row["Pneumothorax"]), float(row["No Finding"])]
+    with pytest.raises(ValueError, match="'Lung Nodule'"):
+        ManifestDataset(out, label_columns=["Lung Nodule"])
+    with pytest.raises(TypeError, match="floating-point"):
+        ManifestDataset(out, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- splits, masks, transform
+
+def test_split_filter(out, ManifestDataset):
+    rows = manifest_rows(out)
+    for split in ("train", "val", "test"):
+        ds = ManifestDataset(out, split=split)
+        assert ds.case_ids == [r["case_id"] for r in rows if r["split"] == split]
+        assert len(ds) == 3
+    assert len(ManifestDataset(out, split=["train", "val"])) == 6
+    with pytest.raises(ValueError, match=r"split 'validation' is not in .*manifest.csv; its splits are: .*train"):
+        ManifestDataset(out, split="validation")
+
+
+def test_masks(out, ManifestDataset):
+    rows = manifest_rows(out)
+    ds = ManifestDataset(out, masks=True)
+    for row, item in zip(rows, ds):
+        expected = {Path(p).stem.split("_mask_")[1]: p for p in row["mask_paths"].split("|") if p}
+        assert set(item["masks"]) == set(expected)
+        for finding, relative in expected.items():
+            mask = item["masks"][finding]
+            assert mask.shape == (1, HEIGHT, WIDTH) and mask.dtype == torch.bool
+            np.testing.assert_array_equal(mask[0].numpy(), np.asarray(Image.open(out / relative)) > 0)
+            assert mask.any()
+    assert {f for item in ds for f in item["masks"]} == {"pneumothorax", "pleural_effusion", "cardiomegaly"}
+
+
+def test_masks_by_name_batch_with_the_default_collate(out, ManifestDataset):
+    ds = ManifestDataset(out, masks=["pneumothorax", "pleural_effusion"])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=9)))
+    assert batch["image"].shape == (9, 1, HEIGHT, WIDTH)
+    assert batch["label"].shape == (9, 14)
+    assert batch["masks"]["pneumothorax"].shape == (9, 1, HEIGHT, WIDTH)
+    has_mask = batch["masks"]["pneumothorax"].flatten(1).any(1)
+    assert has_mask.tolist() == (batch["label"][:, CHEXPERT_COLUMNS.index("Pneumothorax")] == 1).tolist()
+
+
+def test_transform_hook(out, ManifestDataset):
+    seen = []
+
+    def flip_and_keep(item):
+        seen.append(sorted(item))
+        return {"x": item["image"].flip(-1), "y": item["label"]}
+
+    plain = ManifestDataset(out, split="val")
+    ds = ManifestDataset(out, split="val", masks=True, transform=flip_and_keep)
+    item = ds[1]
+    assert seen == [["case_id", "findings", "image", "label", "masks"]]
+    assert torch.equal(item["x"], plain[1]["image"].flip(-1))
+    with pytest.raises(TypeError, match="transform must be callable"):
+        ManifestDataset(out, transform="flip")
+
+
+def test_pickles_for_worker_processes(out, ManifestDataset):
+    ds = ManifestDataset(out, split="train")
+    again = pickle.loads(pickle.dumps(ds))
+    assert type(again) is type(ds)
+    assert torch.equal(again[0]["image"], ds[0]["image"])
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_missing_manifest_names_the_path(tmp_path, ManifestDataset):
+    with pytest.raises(FileNotFoundError, match="nowhere.* does not exist"):
+        ManifestDataset(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=f"no manifest at {tmp_path / 'manifest.csv'}"):
+        ManifestDataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="manifest.csv"):
+        manifest_records(tmp_path)
+
+
+def test_missing_image_names_the_file_and_row(out, tmp_path, ManifestDataset):
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    row = manifest_rows(copy)[4]
+    (copy / row["png_path"]).unlink()
+    ds = ManifestDataset(copy)
+    with pytest.raises(FileNotFoundError) as e:
+        ds[4]
+    message = str(e.value)
+    assert row["png_path"] in message and row["case_id"] in message and "line 6 of" in message
+    assert ds[3]["case_id"]  # the other rows still load
+    mask_row = next(i for i, r in enumerate(manifest_rows(copy)) if r["mask_paths"])
+    mask = manifest_rows(copy)[mask_row]["mask_paths"].split("|")[0]
+    (copy / mask).unlink()
+    with pytest.raises(FileNotFoundError, match=f"mask file .*{mask}"):
+        ManifestDataset(copy, masks=True)[mask_row]
+
+
+def test_a_csv_that_is_not_a_manifest(tmp_path, ManifestDataset):
+    (tmp_path / "labels.csv").write_text("path,label\na.png,1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a synthmed manifest: it has no column 'case_id'"):
+        ManifestDataset(tmp_path / "labels.csv")
+
+
+def test_importing_synthmed_data_does_not_load_torch():
+    code = ("import sys, synthmed.data; from synthmed.data import manifest_records; "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ----------------------------------------------------------------------------- MONAI-style records
+
+def test_manifest_records(out):
+    rows = manifest_rows(out)
+    records = manifest_records(out)
+    assert [r["case_id"] for r in records] == [r["case_id"] for r in rows]
+    for record, row in zip(records, rows):
+        assert Path(record["image"]).is_absolute() and Path(record["image"]).is_file()
+        assert Path(record["image"]) == (out / row["png_path"]).resolve()
+        assert record["label"].dtype == np.float32
+        assert record["label"].tolist() == [float(row[c]) for c in CHEXPERT_COLUMNS]
+        assert (record["split"], record["findings"]) == (row["split"], row["findings"])
+    assert {r["split"] for r in manifest_records(out, split="test")} == {"test"}
+    with pytest.raises(ValueError, match="its splits are"):
+        manifest_records(out, split="holdout")
+
+
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")  # MONAI without NVIDIA's codec: expected
+def test_monai_reads_the_records_like_manifest_dataset(out, ManifestDataset):
+    pytest.importorskip("monai")
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import LoadImaged
+
+    records = manifest_records(out, split="train")
+    monai_set = Dataset(data=records, transform=LoadImaged(keys="image", image_only=True))
+    ours = ManifestDataset(out, split="train")
+    assert len(monai_set) == len(ours) == 3
+    for i in range(len(ours)):
+        theirs = monai_set[i]
+        # MONAI's PIL reader gives [W, H] (its spatial axes are x first) and the raw 16-bit samples
+        assert tuple(theirs["image"].shape) == (WIDTH, HEIGHT)
+        np.testing.assert_allclose(np.asarray(theirs["image"]).T / 65535.0, ours[i]["image"][0].numpy(), atol=1e-6)
+        np.testing.assert_array_equal(theirs["label"], ours[i]["label"].numpy())
+    batch = next(iter(DataLoader(monai_set, batch_size=3)))
+    assert tuple(batch["image"].shape) == (3, WIDTH, HEIGHT) and tuple(batch["label"].shape) == (3, 14)
+
+
+def test_read_image_refuses_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        read_image(tmp_path / "x.png")
