@@ -149,7 +149,7 @@ real radiographs**, and not evidence about any patient. Every image synthmed wri
 - Steps: VAE {training['vae_steps']:,} (batch {settings['vae_batch_size']}), UNet + text encoder
   {training['steps']:,} (batch {settings['batch_size']}, min-SNR 5, prompt dropout {settings['cond_dropout']},
   EMA {settings['ema_decay']}); last losses: VAE {fmt(training['losses'].get('vae'), 4)},
-  UNet {fmt(training['losses'].get('unet'), 4)}; wall time {training['seconds'] / 3600:.2f} h on a 2-core CPU
+  UNet {fmt(training['losses'].get('unet'), 4)}; training time {training.get('logged_seconds', training['seconds']) / 3600:.2f} h (from its log) on a 2-core CPU
   shared with other work.
 - Rebuild: `make default-model` (generates the training set, trains, resumes after an interruption).
 

@@ -9,7 +9,7 @@ for a ``ModuleType`` subclass with ``__call__`` (assigning ``module.__class__`` 
 since Python 3.5), and calling the module calls its function.
 
 ``synthmed/finetune.py`` ends with ``make_callable(__name__, "synthmed.finetune:finetune")``
-(``synthmed/qc/__init__.py`` swaps its class the same way, with its own small class); the lazy
+and ``synthmed/qc/__init__.py`` with ``make_callable(__name__, "synthmed.qc.run:qc")``; the lazy
 ``synthmed.__getattr__`` makes a module callable where it is not yet, so either order of import works.
 """
 

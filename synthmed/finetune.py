@@ -523,11 +523,21 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     prev = json.loads((work / "record.json").read_text(encoding="utf-8")) if (work / "record.json").is_file() else {}
     record["seconds"] = seconds + (prev.get("seconds", 0.0) if resume else 0.0)
     record["steps"], record["vae_steps"] = steps, settings["vae_steps"]
+    record["logged_seconds"] = _logged_seconds(work / "log.jsonl")  # across every resumed session
     (work / "record.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     _save_pipeline(out, {**parts, "vae": vae, "unet": unet, "text_encoder": text_encoder}, save_dtype,
                    record, manifest_path)
     return FinetuneResult(out, work, steps, settings["vae_steps"], {k: v for k, v in record["losses"].items()
                                                                     if v is not None}, record["seconds"], record)
+
+
+def _logged_seconds(path: Path) -> float:
+    """Training time the log spans (its first to its last entry), summed over the gaps between sessions < 10 min."""
+    try:
+        times = [json.loads(line)["t"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError):
+        return 0.0
+    return float(sum(b - a for a, b in zip(times, times[1:]) if b - a < 600))
 
 
 class _Log:

@@ -10,19 +10,10 @@ Example:
     True
 """
 
-import sys
-import types
-
+from .._callable import make_callable
 from .run import FeatureExtractor, QCError, QCResult, qc
 
 __all__ = ["FeatureExtractor", "QCError", "QCResult", "qc"]
 
-
-class _CallableModule(types.ModuleType):
-    """``synthmed.qc(...)`` calls :func:`qc`; ``synthmed.qc.metrics`` and the rest stay modules."""
-
-    def __call__(self, *args, **kwargs):
-        return qc(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+# `synthmed.qc(...)` calls qc(); synthmed.qc.metrics and the rest stay modules (see synthmed/_callable.py)
+make_callable(__name__, "synthmed.qc.run:qc")
