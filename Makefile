@@ -42,6 +42,7 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbmake -p no:cacheprovider notebooks/
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_plan.py

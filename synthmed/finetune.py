@@ -503,6 +503,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         vae, vae_loss, generator = _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
                                               checkpoint_every, progress)
         record["losses"]["vae"] = vae_loss
+        parts["vae"] = vae  # a resumed run loads the trained VAE as a new object
 
     # 4. The latent cache: every image encoded once (the posterior mean, scaled)
     latents = _latent_cache(vae, images, work, settings, accelerator, scratch, progress)

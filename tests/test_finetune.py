@@ -173,6 +173,8 @@ def test_resume_reaches_the_same_weights(phantom_set, tmp_path):
     assert resumed.steps == 4
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    grid = "validation/step-0000004.png"  # made with the trained VAE in both, not a fresh one
+    assert (straight.work_dir / grid).read_bytes() == (resumed.work_dir / grid).read_bytes()
 
 
 def test_changed_settings_refuse_resume_and_existing_output_needs_overwrite(phantom_set, tmp_path):
