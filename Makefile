@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/synthmed validate dataset_specs/*.yaml
-	$(BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --backend phantom --limit 64 --overwrite
+	$(BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --limit 64 --overwrite
 
 # Rebuild the shipped default model from its spec (CPU-hours: interrupt freely, rerun to resume).
 DEFAULT_TRAIN := out/default-train

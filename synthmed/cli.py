@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def main() -> None:
     synthmed validate dataset_specs/pneumonia.yaml
     synthmed plan dataset_specs/pneumonia.yaml -o out/cases.jsonl
     """
+    # transformers' advisory notes (e.g. that torchvision is absent) are noise on this command line
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 @main.command()

@@ -1,0 +1,62 @@
+"""The shipped default model: present, small, safe, offline, and it makes a labelled image."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from synthmed.backends import default_model_dir  # noqa: E402
+from synthmed.backends.diffusion import check_model_folder  # noqa: E402
+from synthmed.build import generate  # noqa: E402
+
+MODEL = default_model_dir()
+
+
+def test_shipped_model_is_a_small_fp16_safetensors_diffusers_folder():
+    index = check_model_folder(MODEL, width=256, height=256)  # raises if anything is missing or pickled
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
+    from safetensors import safe_open
+
+    for weights in MODEL.glob("*/*.safetensors"):
+        with safe_open(str(weights), "pt") as fh:
+            assert {str(fh.get_slice(k).get_dtype()) for k in fh.keys()} == {"F16"}, weights
+
+
+def test_model_card_records_training_and_quality():
+    card = (MODEL / "README.md").read_text(encoding="utf-8")
+    for heading in ("Training", "Label fidelity", "FID", "Memorisation", "Speed", "Intended use"):
+        assert heading in card, heading
+    training = json.loads((MODEL / "training.json").read_text(encoding="utf-8"))
+    assert training["settings"]["base"] == "scratch" and training["steps"] > 0
+
+
+@pytest.mark.slow
+def test_default_model_generates_a_labelled_image_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("""
+spec_version: 1
+name: default-model-smoke
+seed: 3
+count: 2
+image: {size: 256, formats: [png, dicom]}
+findings:
+  - finding: pleural_effusion
+    weight: 1
+    location: left
+    severity: severe
+generator: {backend: diffusion, model: default, steps: 4, threads: 1}
+""", encoding="utf-8")
+    result = generate(spec, tmp_path / "out", limit=1, progress=False, qc=False)
+    with open(result.manifest, newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["model_id"] == "synthmed-default" and row["findings"] == "pleural_effusion:left:severe"
+    assert row["Pleural Effusion"] == "1" and (tmp_path / "out" / row["png_path"]).is_file()
