@@ -249,6 +249,9 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
     except (ManifestError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(2)
+    except ImportError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
     except KeyboardInterrupt:
         click.echo(f"interrupted; rerun the same command with --resume to continue from the last checkpoint", err=True)
         raise SystemExit(130)

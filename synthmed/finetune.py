@@ -473,10 +473,15 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         work.mkdir(parents=True)
     settings_file.write_text(json.dumps(settings, indent=1), encoding="utf-8")
 
-    import torch
+    try:
+        import torch
+        from accelerate import Accelerator
 
+        if mode == "lora":
+            import peft  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"synthmed finetune needs {e.name}: pip install 'synthmed[finetune]'") from None
     torch.set_num_threads(int(threads or os.cpu_count() or 1))
-    from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
     started = time.time()
