@@ -132,10 +132,12 @@ def _check_pipeline_class(class_name: str, index_file: Path) -> None:
 
 
 def model_hash(path: str | Path) -> str:
-    """sha256 over the relative path and bytes of every config, tokenizer and weight file of a model folder."""
+    """sha256 over the relative path and bytes of model_index.json and every file of the components that make
+    an image (unet, vae, text_encoder, tokenizer, scheduler); a model card or notes beside them do not count."""
     root = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = [root / "model_index.json"] + [p for c in REQUIRED_COMPONENTS for p in (root / c).rglob("*")]
+    for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"):
         digest.update(str(file.relative_to(root)).encode("utf-8") + b"\0")
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):

@@ -551,6 +551,9 @@ def test_model_hash_is_stable_and_follows_the_weights(backend, tiny_sd_dir, mode
     copy = model_copy("elsewhere")
     assert model_hash(copy) == backend.info.model_hash  # a content hash: the folder's location does not count
     assert make_backend(copy).info.model_hash == backend.info.model_hash
+    (copy / "README.md").write_text("# a model card, rewritten after measuring\n")  # notes do not change images
+    (copy / "evaluation.json").write_text("{}")
+    assert model_hash(copy) == backend.info.model_hash
     weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     key = sorted(state)[0]
