@@ -311,17 +311,14 @@ def default_components(tokenizer, *, sample_size: int = 256) -> dict:
 
 def _load_base(base: Path, allow_pickle: bool) -> dict:
     """The components of a local diffusers folder, checked and loaded as the diffusion backend loads them."""
-    from .backends.diffusion import DiffusionBackend, check_model_folder
-
-    index = check_model_folder(base, allow_pickle=allow_pickle)
-    loader = DiffusionBackend.__new__(DiffusionBackend)  # only its _load: same offline, safetensors-first rules
-    loader.root, loader.index, loader.allow_pickle = base, index, allow_pickle
+    import diffusers
     import torch
 
-    loader.dtype = torch.float32
-    parts = {name: loader._load(name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
-    import diffusers
+    from .backends.diffusion import REQUIRED_COMPONENTS, check_model_folder, load_component
 
+    index = check_model_folder(base, allow_pickle=allow_pickle)
+    parts = {name: load_component(base, index, name, dtype=torch.float32, allow_pickle=allow_pickle)
+             for name in REQUIRED_COMPONENTS}
     parts["scheduler"] = diffusers.DDPMScheduler.from_config(parts["scheduler"].config)
     return parts
 

@@ -145,6 +145,29 @@ def model_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: bool = False):
+    """One component of a checked folder (see check_model_folder): offline, safetensors first, no remote code."""
+    import diffusers
+    import transformers
+
+    library, cls_name = index[name]
+    module = diffusers if library == "diffusers" else transformers
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ModelFolderError(f"{root / 'model_index.json'}: {library} has no class {cls_name} "
+                               f"(component '{name}'); is {library} too old?")
+    folder = root / name
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if name in WEIGHTED_COMPONENTS:
+        has_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
+        kwargs["use_safetensors"] = True if has_safetensors or not allow_pickle else False
+        kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- the backend
 
 class DiffusionBackend:
@@ -273,25 +296,7 @@ class DiffusionBackend:
         self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings)
 
     def _load(self, name: str):
-        import diffusers
-        import transformers
-
-        library, cls_name = self.index[name]
-        module = diffusers if library == "diffusers" else transformers
-        cls = getattr(module, cls_name, None)
-        if cls is None:
-            raise ModelFolderError(f"{self.root / 'model_index.json'}: {library} has no class {cls_name} "
-                                   f"(component '{name}'); is {library} too old?")
-        folder = self.root / name
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if name in WEIGHTED_COMPONENTS:
-            has_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
-            kwargs["use_safetensors"] = True if has_safetensors or not self.allow_pickle else False
-            kwargs["torch_dtype" if library == "diffusers" else "dtype"] = self.dtype
-        try:
-            return cls.from_pretrained(folder, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {e}") from None
+        return load_component(self.root, self.index, name, dtype=self.dtype, allow_pickle=self.allow_pickle)
 
     def _max_length(self) -> int:
         length = getattr(self.tokenizer, "model_max_length", None)
