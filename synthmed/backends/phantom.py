@@ -104,22 +104,35 @@ class _Splatter:
         y0 = np.floor(y).astype(np.int64)
         fx, fy = x - x0, y - y0
         weight = np.broadcast_to(weight, x.shape)
-        flat = np.zeros(self.w * self.h, dtype=np.float64)
-        for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-            xi, yi = x0 + dx, y0 + dy
-            ok = (xi >= 0) & (xi < self.w) & (yi >= 0) & (yi < self.h)
-            flat += np.bincount(yi[ok] * self.w + xi[ok], weights=(weight * wt)[ok], minlength=self.w * self.h)
-        out += flat.reshape(self.h, self.w).astype(np.float32)
+        xi = np.concatenate([x0, x0 + 1, x0, x0 + 1])
+        yi = np.concatenate([y0, y0, y0 + 1, y0 + 1])
+        wt = np.concatenate([weight * (1 - fx) * (1 - fy), weight * fx * (1 - fy),
+                             weight * (1 - fx) * fy, weight * fx * fy])
+        ok = (xi >= 0) & (xi < self.w) & (yi >= 0) & (yi < self.h)
+        if not ok.any():
+            return
+        xi, yi, wt = xi[ok], yi[ok], wt[ok]
+        # accumulate over the points' bounding box only: thin structures cover a small part of the image
+        xa, ya = int(xi.min()), int(yi.min())
+        bw, bh = int(xi.max()) - xa + 1, int(yi.max()) - ya + 1
+        acc = np.bincount((yi - ya) * bw + (xi - xa), weights=wt, minlength=bw * bh)
+        out[ya:ya + bh, xa:xa + bw] += acc.reshape(bh, bw).astype(np.float32)
 
     def curve(self, pts: np.ndarray, weight: float, out: np.ndarray) -> None:
         """Add a polyline (N x 2, normalised) sampled at a quarter pixel, weight per pixel length."""
         seg = np.diff(pts, axis=0)
         lengths = np.hypot(seg[:, 0], seg[:, 1]) * self.s
         n = np.maximum(1, np.ceil(lengths * 4).astype(int))
-        t = np.concatenate([np.arange(k) / k for k in n])
-        idx = np.repeat(np.arange(len(seg)), n)
+        idx, t = _subdivide(n)
         p = pts[idx] + seg[idx] * t[:, None]
         self.points(p[:, 0], p[:, 1], np.repeat(lengths / n, n) * weight, out)
+
+
+def _subdivide(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment index and fraction 0, 1/n, ..., (n-1)/n along it, for segments split in n[i] parts."""
+    idx = np.repeat(np.arange(len(n)), n)
+    start = np.cumsum(n) - n
+    return idx, (np.arange(int(n.sum())) - start[idx]) / n[idx]
 
 
 def _bezier(p0, p1, p2, n=48) -> np.ndarray:
@@ -143,7 +156,20 @@ def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
-    return ndimage.gaussian_filter(img, sigma_px, mode="nearest", truncate=3.0) if sigma_px > 0.05 else img
+    """Gaussian blur (3 sigma kernel) of the image's non-zero bounding box; the rest stays 0 exactly."""
+    if sigma_px <= 0.05:
+        return img
+    rows, cols = np.flatnonzero(img.any(axis=1)), np.flatnonzero(img.any(axis=0))
+    if rows.size == 0:
+        return img.copy()
+    pad = int(3.0 * sigma_px + 0.5) + 1  # the kernel's radius, plus a zero row so "nearest" pads zeros
+    r0, r1 = max(rows[0] - pad, 0), min(rows[-1] + pad + 1, img.shape[0])
+    c0, c1 = max(cols[0] - pad, 0), min(cols[-1] + pad + 1, img.shape[1])
+    if (r1 - r0) * (c1 - c0) >= 0.8 * img.size:
+        return ndimage.gaussian_filter(img, sigma_px, mode="nearest", truncate=3.0)
+    out = np.zeros_like(img)
+    out[r0:r1, c0:c1] = ndimage.gaussian_filter(img[r0:r1, c0:c1], sigma_px, mode="nearest", truncate=3.0)
+    return out
 
 
 # ----------------------------------------------------------------------------- anatomy
@@ -186,34 +212,28 @@ def _vessel_tree(rng: np.random.Generator, side_sign: int, depth: int = 5, roots
     n_seg = roots * (2 ** depth - 1)
     jitter = rng.normal(0.0, 1.0, size=(n_seg, 3))
     base_angles = np.linspace(-1.75, 1.45, roots) + rng.normal(0, 0.08, roots)  # 0 = lateral, - = up
-    segs = []  # (x0, y0, x1, y1, width)
-    k = 0
-    frontier = []
-    for a in base_angles:
-        length = 0.085 * (1.0 + 0.15 * np.sin(a))  # lower vessels longer
-        width = 0.0075 * (1.15 if a > 0 else 0.95)
-        # roots leave the hilum along its height, not from one point
-        frontier.append((side_sign * 0.012 * np.cos(a), 0.045 * np.sin(a), a, length, width))
+    # one level of the tree at a time, in the order the jitter was drawn (parent by parent)
+    length = 0.085 * (1.0 + 0.15 * np.sin(base_angles))  # lower vessels longer
+    width = 0.0075 * np.where(base_angles > 0, 1.15, 0.95)
+    # roots leave the hilum along its height, not from one point
+    x0, y0, a = side_sign * 0.012 * np.cos(base_angles), 0.045 * np.sin(base_angles), base_angles
+    segs, k = [], 0
     for level in range(depth):
-        nxt = []
-        for (x0, y0, a, length, width) in frontier:
-            j = jitter[k]
-            k += 1
-            a2 = a + 0.3 * j[0]
-            L = length * (1 + 0.2 * j[1])
-            x1 = x0 + side_sign * np.cos(a2) * L
-            y1 = y0 + np.sin(a2) * L
-            segs.append((x0, y0, x1, y1, width))
-            if level < depth - 1:
-                spread = 0.42 + 0.1 * j[2]
-                nxt.append((x1, y1, a2 - spread, length * 0.78, width * 0.7))
-                nxt.append((x1, y1, a2 + spread, length * 0.78, width * 0.7))
-        frontier = nxt
-    segs = np.array(segs)
+        j = jitter[k:k + len(a)]
+        k += len(a)
+        a2 = a + 0.3 * j[:, 0]
+        L = length * (1 + 0.2 * j[:, 1])
+        x1 = x0 + side_sign * np.cos(a2) * L
+        y1 = y0 + np.sin(a2) * L
+        segs.append(np.stack([x0, y0, x1, y1, width], axis=1))
+        spread = 0.42 + 0.1 * j[:, 2]
+        a = np.stack([a2 - spread, a2 + spread], axis=1).ravel()
+        x0, y0 = np.repeat(x1, 2), np.repeat(y1, 2)
+        length, width = np.repeat(length * 0.78, 2), np.repeat(width * 0.7, 2)
+    segs = np.concatenate(segs)
     step = 0.0025
     n = np.maximum(2, np.ceil(np.hypot(segs[:, 2] - segs[:, 0], segs[:, 3] - segs[:, 1]) / step).astype(int))
-    idx = np.repeat(np.arange(len(segs)), n)
-    t = np.concatenate([np.arange(m) / m for m in n])
+    idx, t = _subdivide(n)
     px = segs[idx, 0] + (segs[idx, 2] - segs[idx, 0]) * t
     py = segs[idx, 1] + (segs[idx, 3] - segs[idx, 1]) * t
     return px, py, segs[idx, 4]
@@ -415,9 +435,24 @@ class _Scene:
         self.X, self.Y = _grid(width, height, 1.0)
         self.px = 1.0 / min(width, height)
         self.e = 1.2 * self.px
-        self.lung = {s: _lung_field(g, self.X, self.Y, s, self.e) for s in ("R", "L")}
         self.splat = _Splatter(width, height)
         self._coords: dict = {}
+        self.lung = {s: self._lung_window(s) for s in ("R", "L")}
+
+    def _lung_window(self, side: str) -> np.ndarray:
+        """The lung field, computed only over the box it can occupy (it is exactly 0 outside)."""
+        g, a, e = self.g, self.g.a, self.e
+        if g.collapse[side] < 1.0:
+            return _lung_field(g, self.X, self.Y, side, e)
+        dome = a.dome[side] - g.raise_dia[side]
+        cp = a.cp[side] - 0.7 * g.raise_dia[side]
+        y_max = max(dome, dome + 1.69 * (cp - dome)) + 0.035  # highest _dia_y can reach (lat <= 1.3)
+        x_lo, x_hi = (a.xc - a.cage_w, a.xm) if side == "R" else (a.xm, a.xc + a.cage_w)
+        rows = _span(self, a.apex_y - e, y_max + e, "y")
+        cols = _span(self, x_lo - e, x_hi + e, "x")
+        out = np.zeros((self.h, self.w), np.float32)
+        out[rows, cols] = _lung_field(g, self.X[rows, cols], self.Y[rows, cols], side, e)
+        return out
 
     def lung_coords(self, side: str):
         """(lateral fraction, vertical fraction) of each pixel within one hemithorax."""
@@ -835,12 +870,7 @@ def _compose(scene: _Scene, layers: _Layers, fracture):
     bw = a.body_w * (1.0 - 0.1 * ((Y - 0.05) / 0.5) ** 2) + 0.05 * np.clip((a.apex_y + 0.05 - Y) / 0.1, 0, 1)
     torso = np.clip(1.0 - ((X - a.xm * 0.5) / bw) ** 2, 0.0, 1.0) ** 0.7 * _edge(Y - shoulder, 0.03)
     neck = 0.6 * np.clip(1.0 - ((X - a.xm) / 0.095) ** 2, 0.0, 1.0) ** 0.7
-    # upper arms beside the chest, held away from it
-    arms = 0.0
-    for sgn in (-1, 1):
-        ax_ = a.xm + sgn * (a.body_w + 0.085)
-        arms = arms + 0.6 * np.clip(1.0 - ((X - ax_) / 0.07) ** 2 - ((Y - a.apex_y + 0.02) / 0.16) ** 2, 0.0, 1.0) ** 0.7
-    soft = np.maximum(np.maximum(torso, neck), 0.0 * arms)
+    soft = np.maximum(torso, neck)
     # the abdomen below the diaphragm is a little thicker than the chest wall
     abdomen = _edge(Y - 0.5 * (a.dome["R"] + a.dome["L"]), 0.08)
     A = (1.55 + 0.2 * abdomen) * soft
@@ -881,6 +911,7 @@ def _compose(scene: _Scene, layers: _Layers, fracture):
 
     # vascular markings: branching trees from the hila, tapering to the periphery
     vess = [np.zeros((h, w), np.float32) for _ in range(3)]
+    pts = []  # (x, y, weight, class) of both sides, splatted once per class
     for side in ("R", "L"):
         vx, vy, vw = a.vessels[side]
         hx = a.xm + sg_of[side] * (a.med_w * g.med_scale + 0.035)
@@ -889,10 +920,11 @@ def _compose(scene: _Scene, layers: _Layers, fracture):
         ox, oy = a.xm + sg_of[side] * (a.med_w + 0.03), a.dome[side] - 0.06
         x, y = hx + vx, hy + vy * (1 + 0.15 * (a.dome[side] - 0.12))
         x, y = ox + (x - ox) * s, oy + (y - oy) * (0.35 + 0.65 * s)
-        cls = np.digitize(vw, [0.0022, 0.0045])
-        for c in range(3):
-            sel = cls == c
-            scene.splat.points(x[sel], y[sel], 80 * 0.785 * vw[sel] ** 2 * 0.0025 / px ** 2, vess[c])
+        pts.append((x, y, 80 * 0.785 * vw ** 2 * 0.0025 / px ** 2, np.digitize(vw, [0.0022, 0.0045])))
+    x, y, wt, cls = (np.concatenate(c) for c in zip(*pts))
+    for c in range(3):
+        sel = cls == c
+        scene.splat.points(x[sel], y[sel], wt[sel], vess[c])
     vmap = sum(_blur(v, max(0.5, sig / px)) for v, sig in zip(vess, (0.0012, 0.0024, 0.0045)))
     vis = np.clip(lung_soft * 1.3, 0, 1) * (1.0 - layers.no_vessels) * (1.0 - 0.8 * layers.fill)
     A += np.clip(vmap, 0, 2.0) * 0.6 * vis
@@ -982,8 +1014,11 @@ def _ribs(scene: _Scene, fracture):
     mid = _span(scene, a.xm, a.xm, "x").start + 1
     n = 11
     k = np.arange(n)
-    y_k = a.rib_y0 + a.rib_sp * k * (1 + 0.045 * k) * (1.0 if a.view == "PA" else 0.92)
-    t_k = 0.019 + 0.0012 * k
+    y_k = (a.rib_y0 + a.rib_sp * k * (1 + 0.045 * k) * (1.0 if a.view == "PA" else 0.92)).astype(np.float32)
+    t_k = (0.019 + 0.0012 * k).astype(np.float32)
+    # per-rib lookups, gathered by each pixel's rib index (float32, like the coordinate grids)
+    mid_k, fade_k = y_k + t_k / 2, (1.0 - 0.4 * k / n).astype(np.float32)
+    ant_half_k, ant_on_k = 0.55 * t_k, (k < 7).astype(np.float32)
     for side in ("R", "L"):
         sg = _sign(side)
         cols = slice(0, mid) if side == "R" else slice(mid, scene.w)
@@ -1001,10 +1036,10 @@ def _ribs(scene: _Scene, fracture):
             near = np.abs(F - (y_k[j] + t_k[j] / 2)) < a.rib_sp * 0.45
             F = F + np.where(near & (uu > uf), fracture["step"] * t_k[j], 0.0)
         idx = np.clip(np.searchsorted(y_k, F) - 1, 0, n - 1)
-        d = F - (y_k[idx] + t_k[idx] / 2)
+        d = F - mid_k[idx]
         post = _band(d, t_k[idx] / 2) * (u > -0.01) * _edge(cw + 0.03 - uu * cw, 0.01) \
             * (0.35 + 0.65 * _edge(a.cp[side] + 0.02 - Y, 0.1))
-        post *= 1.0 - 0.4 * (idx / n)
+        post *= fade_k[idx]
         if fracture is not None and fracture["side"] == side:
             j = fracture["rib"]
             uf = fracture["u"]
@@ -1022,8 +1057,8 @@ def _ribs(scene: _Scene, fracture):
         gant = lat_y + cw * (0.75 * v - 0.3 * v ** 2)
         Fa = Y - gant
         ia = np.clip(np.searchsorted(y_k, Fa) - 1, 0, n - 1)
-        da = Fa - (y_k[ia] + t_k[ia] / 2)
-        ant = _band(da, 0.55 * t_k[ia]) * _edge(0.62 - v, 0.12) * (u < cw + 0.005) * (ia < 7)
+        da = Fa - mid_k[ia]
+        ant = _band(da, ant_half_k[ia]) * _edge(0.62 - v, 0.12) * (u < cw + 0.005) * ant_on_k[ia]
         out[rows, cols] += 0.16 * ant
     return out
 
