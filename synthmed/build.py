@@ -408,13 +408,15 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         reused = sum(stop - start for k, (start, stop) in enumerate(chunks) if k not in todo_set)
         _write_cases_jsonl(out, cases)
         # 3. Backend and chunks (the backend only now: loading a model is the slow part)
-        written, interrupted, versions = 0, False, None
+        written, interrupted, versions, checked = 0, False, None, {}
+        run_qc = spec.qc.enabled if qc is None else qc
         if todo and executor == "ray":
             from .ray_executor import run_chunks_on_ray
 
-            written, versions = run_chunks_on_ray(
+            written, versions, checked = run_chunks_on_ray(
                 spec, folder, chunks, todo, limit=limit, backend=backend, model=model, batch_size=batch_size,
-                progress=progress, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+                progress=progress, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                qc=run_qc)
         elif todo:
             maker = _ChunkMaker(spec, out, _load_backend(spec, backend, model), batch_size)
             written, interrupted = _run_chunks(maker, cases, chunks, todo, progress)
@@ -423,8 +425,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         if not interrupted:
             _finish(spec, folder, cases, chunks, run, versions)
             # 5. Quality checks: the cheap ones (the lock is ours already)
-            if spec.qc.enabled if qc is None else qc:
-                qc_result = _run_qc(out, progress)
+            if run_qc:
+                qc_result = _run_qc(out, progress, checked)
         return BuildResult(out=out, total=len(cases), written=written, reused=reused, interrupted=interrupted,
                            seconds=time.perf_counter() - started, qc=qc_result)
     except _WriteFailed as e:
@@ -435,11 +437,11 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         folder.release()
 
 
-def _run_qc(out: Path, progress: bool):
+def _run_qc(out: Path, progress: bool, checked: dict):
     from .qc.run import QCError, qc
 
     try:
-        return qc(out, full=False, lock=False, progress=progress)
+        return qc(out, full=False, lock=False, progress=progress, precomputed=checked)
     except QCError as e:
         raise BuildError(f"the quality checks could not run: {e}", e.exit_code) from None
 

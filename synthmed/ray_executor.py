@@ -5,8 +5,10 @@ The chunk list becomes a Ray Data dataset, one row per chunk (index, start, stop
 spec (the validated DatasetSpec, pickled), re-samples the cases (the sampler is deterministic),
 builds its backend once and then makes whole chunks with the local executor's own chunk maker: the
 same files, written atomically under ``OUT`` by the worker itself, and the chunk's manifest
-part written last. Only (chunk, images written) comes back, so the object store carries almost
-nothing; ``OUT`` must be a folder that every worker can write (a shared file system).
+part written last. When the build ends with the quality checks, the worker also runs the per-image
+checks on the files it has just written (:func:`synthmed.qc.run.check_rows`), so the driver does not
+read every image back alone. Only (chunk, images written, those check results) comes back, so the
+object store carries little; ``OUT`` must be a folder that every worker can write (a shared file system).
 
 A worker that dies is restarted and its chunk retried by Ray Data (its default for actor pools);
 a retried chunk rewrites the same bytes. If the run fails anyway, ``--resume`` redoes only the chunks without
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +86,7 @@ class ChunkWorker:
         self.cases = sample_cases(spec, limit=job["limit"])
         engine = _load_backend(spec, job["backend"], job["model"])
         self.maker = _ChunkMaker(spec, self.out, engine, job["batch_size"])
+        self.spec, self.check = spec, job["qc"]
         self.versions = json.dumps(_software_versions(spec, engine.info.name), sort_keys=True)
 
     @contextlib.contextmanager
@@ -96,20 +100,32 @@ class ChunkWorker:
         except OSError as e:
             self.error = (_os_error_message(self.out, e), 1)
 
+    def _check(self, k: int) -> bytes:
+        """The per-image checks of chunk ``k``'s rows (its part was just written), pickled for the driver."""
+        from .build import _part_path
+        from .qc.run import check_rows
+        from .writers.manifest import read_part
+
+        return pickle.dumps(check_rows(self.out, self.spec, read_part(_part_path(self.maker.parts, k))))
+
     def __call__(self, batch: dict) -> dict:
         """Make the chunks of one batch of rows (chunk, start, stop); returns (chunk, written, error, ...)."""
         import numpy as np
 
-        written = []
+        written, checked = [], []
         for k, start, stop in zip(batch["chunk"], batch["start"], batch["stop"]):
-            made = 0
+            made, results = 0, b""
             if self.error is None:
                 with self._failures_as_data():
                     made = self.maker.make(int(k), [self.cases[i] for i in range(int(start), int(stop))])
+                    if self.check and made == int(stop) - int(start):
+                        results = self._check(int(k))
             written.append(made)
+            checked.append(results)
         n = len(written)
         message, exit_code = self.error or ("", 0)
         return {"chunk": np.asarray(batch["chunk"]), "written": np.asarray(written, dtype=np.int64),
+                "checked": np.asarray(checked, dtype=object),
                 "versions": np.asarray([self.versions] * n, dtype=object),
                 "error": np.asarray([message] * n, dtype=object), "exit_code": np.full(n, exit_code, dtype=np.int64)}
 
@@ -117,8 +133,12 @@ class ChunkWorker:
 def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tuple[int, int]], todo: list[int], *,
                       limit: int | None, backend: str | None, model: str | None, batch_size: int | None,
                       progress: bool, address: str | None, workers: int | None,
-                      gpus_per_worker: float) -> tuple[int, dict]:
-    """Make the chunks in ``todo`` on Ray workers; returns (images written, the workers' software versions)."""
+                      gpus_per_worker: float, qc: bool = False) -> tuple[int, dict, dict]:
+    """Make the chunks in ``todo`` on Ray workers.
+
+    Returns (images written, the workers' software versions, per-image check results by case id:
+    empty unless ``qc``, the quality checks that end the build, is set).
+    """
     ray = require_ray()
     # 1. Connect (or start a local Ray); a Ray the caller started is left running
     started_here = not ray.is_initialized()
@@ -130,9 +150,10 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tu
             raise BuildError(f"could not start or join Ray ({where}): {e}") from None
     try:
         # 2. The job every worker gets, and the pool size
-        job = _job(spec, folder.out, limit=limit, backend=backend, model=model, batch_size=batch_size)
+        job = _job(spec, folder.out, limit=limit, backend=backend, model=model, batch_size=batch_size, qc=qc)
         workers = min(workers or _default_workers(ray, gpus_per_worker), len(todo))
-        # 3. One row per chunk, one block per row, so that chunks spread over the actors one at a time
+        # 3. One row per chunk, one block per row, one chunk in flight per actor: the chunks spread over the
+        #    actors as they free up, so no actor sits on a queue while another idles at the end
         rows = [{"chunk": k, "start": chunks[k][0], "stop": chunks[k][1]} for k in todo]
         from ray.data import DataContext
 
@@ -142,15 +163,17 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tu
             # an actor pool restarts a dead actor and retries its task (Ray Data's default for actors)
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                 ChunkWorker, fn_constructor_args=(job,), batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus_per_worker or None)
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), num_cpus=1, num_gpus=gpus_per_worker or None)
             # 4. Stream the results: one row per finished chunk (its part is on disk by then)
             bar = _progress(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
-            written, versions = 0, {}
+            written, versions, checked = 0, {}, {}
             try:
                 for row in dataset.iter_rows():
                     if row["error"]:
                         raise BuildError(row["error"], int(row["exit_code"]))
                     written += int(row["written"])
+                    if row["checked"]:
+                        checked.update(pickle.loads(row["checked"]))  # from our own workers
                     versions = versions or json.loads(row["versions"])
                     bar.update(int(row["written"]))
             except BuildError:
@@ -163,19 +186,19 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tu
             context.enable_progress_bars = bars
         # a killed worker can leave a temp file behind (never under a final name); no worker runs now
         folder._remove_stale_temp_files()
-        return written, versions
+        return written, versions, checked
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _job(spec: "DatasetSpec", out: Path, *, limit, backend, model, batch_size) -> dict:
+def _job(spec: "DatasetSpec", out: Path, *, limit, backend, model, batch_size, qc=False) -> dict:
     # workers have their own working folder: every path they get is absolute
     model = model or spec.generator.model
     if model and model != "default" and Path(model).exists():
         model = os.path.abspath(model)
     return {"spec": spec, "out": os.path.abspath(out), "limit": limit, "backend": backend, "model": model,
-            "batch_size": batch_size, "synthmed_version": __version__}
+            "batch_size": batch_size, "qc": bool(qc), "synthmed_version": __version__}
 
 
 def _default_workers(ray, gpus_per_worker: float) -> int:

@@ -765,10 +765,33 @@ def _display_thumb(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
 
 
+def _limits(config) -> PixelLimits:
+    return PixelLimits(min_dynamic_range=config.thresholds.min_dynamic_range,
+                       max_saturated_fraction=config.thresholds.max_saturated_fraction)
+
+
+def _expected(spec) -> Expected:
+    return Expected(width=spec.image.width, height=spec.image.height, bit_depth=spec.image.bit_depth,
+                    formats=spec.image.formats)
+
+
+def check_rows(out: str | Path, spec, rows: Iterable[Mapping[str, str]]) -> dict[str, ImageResult]:
+    """The per-image checks of manifest rows, under the spec's ``qc:`` thresholds, by case id.
+
+    Where the images are written (a Ray worker, after its chunk), so the final :func:`qc` of a
+    scaled-out build does not read every file back on one machine.
+
+    Example:
+        >>> results = check_rows("out/pneumonia", spec, read_part(part_path))  # doctest: +SKIP
+    """
+    limits, expected = _limits(spec.qc), _expected(spec)
+    return {row["case_id"]: check_row(Path(out), row, expected, limits)[0] for row in rows}
+
+
 def qc(out: str | Path, *, reference: str | Path | None = None, training_manifest: str | Path | None = None,
        config=None, feature_extractor: FeatureExtractor | str | None = None, auditor: Any = True,
        full: bool = True, dciodvfy_sample: int | None = None, write: bool = True, lock: bool = True,
-       progress: bool = False) -> QCResult:
+       progress: bool = False, precomputed: Mapping[str, ImageResult] | None = None) -> QCResult:
     """Check a synthmed output folder and write its quality report.
 
     Args:
@@ -787,6 +810,9 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
         write: write qc_report.json and report.html, and fill the manifest's qc_status / qc_flags / metadata.csv.
         lock: hold the folder's run lock (``generate`` already holds it when it calls this).
         progress: a progress bar over the images.
+        precomputed: per-image results by case id, made by :func:`check_rows` with this folder's spec where
+            the images were written (the Ray workers do that); used instead of reading those files again
+            when the run needs no pixels of them (the cheap run without a reference or training set).
 
     Raises:
         QCError: not an output folder, an unreadable reference, a folder in use (``exit_code`` 2 or 1).
@@ -820,22 +846,20 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
             paths[name] = path
     if isinstance(feature_extractor, str):
         feature_extractor = _import_extractor(feature_extractor)
-    thresholds = config.thresholds
-    limits = PixelLimits(min_dynamic_range=thresholds.min_dynamic_range,
-                         max_saturated_fraction=thresholds.max_saturated_fraction)
-    expected = Expected(width=spec.image.width, height=spec.image.height, bit_depth=spec.image.bit_depth,
-                        formats=spec.image.formats)
+    limits, expected = _limits(config), _expected(spec)
+    if precomputed and (limits != _limits(spec.qc)):
+        precomputed = None  # made under the spec's own thresholds, not this config's
     handle = _lock(out) if lock and write else None
     try:
         return _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, write,
-                    progress, started)
+                    progress, started, precomputed or {})
     finally:
         if handle is not None:
             handle.close()
 
 
 def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, write, progress,
-         started) -> QCResult:
+         started, precomputed) -> QCResult:
     thresholds = config.thresholds
     notes: list[str] = []
     # 2. The auditor and the feature extractor. The cheap run computes features only for a reference or a
@@ -867,13 +891,19 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     diversity_images: dict[str, np.ndarray] = {}
     small_copies: dict[str, np.ndarray] = {}  # 64 x 64 copies for the pixel-space memorisation audit
     keep_small = "training manifest" in paths and extractor is not None
+    if batcher.active or diverse or keep_small:
+        precomputed = {}  # these need every image's pixels: read them all
     bar = _progress(len(rows), progress)
     per_image = 0.0
     failure_thumbs = 0
     try:
         for row in rows:
             t0 = time.perf_counter()
-            result, pixels = check_row(out, row, expected, limits)
+            result, pixels = precomputed.get(row.get("case_id", "")), None
+            if result is None:
+                result, pixels = check_row(out, row, expected, limits)
+            elif result.case_id in shown or (result.flags and failure_thumbs < MAX_FAILURE_THUMBS):
+                pixels = check_row(out, row, expected, limits)[1]  # a thumbnail needs its pixels
             per_image += time.perf_counter() - t0
             results.append(result)
             if pixels is not None:

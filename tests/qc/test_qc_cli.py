@@ -129,6 +129,31 @@ def test_generate_without_qc(tmp_path):
     assert result.qc is None
 
 
+def test_precomputed_per_image_results_replace_reading_every_file(out, monkeypatch):
+    """What a scaled-out build does: the workers check their images, the final qc only reads the thumbnails."""
+    from synthmed.qc import run as qc_run
+
+    config = dataclasses.replace(load_spec(spec_text()).qc, samples_per_cell=1)
+    qc(out, full=False, config=config)
+    want = {name: (out / name).read_bytes() for name in ("qc_report.json", "report.html", "manifest.csv")}
+    checked = qc_run.check_rows(out, qc_run._load_spec(out), manifest_rows(out))
+    assert sorted(checked) == sorted(r["case_id"] for r in manifest_rows(out))
+    read, real = [], qc_run.check_row
+    monkeypatch.setattr(qc_run, "check_row", lambda o, row, *a: read.append(row["case_id"]) or real(o, row, *a))
+    qc(out, full=False, config=config, precomputed=checked)
+    assert {name: (out / name).read_bytes() for name in want} == want
+    cells = {qc_run._labels_of(r["findings"])[::2] for r in manifest_rows(out)}
+    assert 0 < len(read) <= len(cells) < COUNT  # one thumbnail per grid cell, nothing else read
+    # what a worker found is what the report says (it is not checked again)...
+    case_id = manifest_rows(out)[-1]["case_id"]
+    checked[case_id].fail("blank", "the worker found it blank")
+    result = qc(out, full=False, config=config, precomputed=checked)
+    assert result.flagged == {case_id: ("blank",)} and not result.passed
+    # ...unless the run's thresholds differ from those the workers used
+    stricter = dataclasses.replace(config, thresholds=dataclasses.replace(config.thresholds, min_dynamic_range=0.01))
+    assert qc(out, full=False, config=stricter, precomputed=checked).flagged == {}
+
+
 # ----------------------------------------------------------------------------- synthmed qc
 
 def test_cli_clean_set_passes(out):
