@@ -153,7 +153,10 @@ real radiographs**, and not evidence about any patient. Every image synthmed wri
   EMA {settings['ema_decay']}); last losses: VAE {fmt(training['losses'].get('vae'), 4)},
   UNet {fmt(training['losses'].get('unet'), 4)}; training time {training.get('logged_seconds', training['seconds']) / 3600:.2f} h (from its log) on a 2-core CPU
   shared with other work.
-- Rebuild: `make default-model` (generates the training set, trains, resumes after an interruption).
+- Rebuild: `make default-model` (generates the training set, trains, resumes after an interruption). These
+  weights were trained on the set the spec gave before the sampler kept every mixture entry within one case
+  of its share: pneumonia had 603 cases and atelectasis 297 (targets 600 and 300); a rebuild now gives 600 and
+  300, so its cases differ from the shipped model's training set (`training.json` has that manifest's sha256).
 
 ## Label fidelity
 The auditor (`synthmed/models/auditor`, trained on phantom images) reads {len(gen_rows)} images the model made

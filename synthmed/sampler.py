@@ -4,7 +4,8 @@ Case ``i`` owns ``numpy.random.SeedSequence(spec.seed, spawn_key=(i,))``: its im
 the first 64 bits of that sequence's state with the top bit cleared (so it fits a signed
 64-bit integer everywhere), and under ``allocation: random`` its labels come
 from the following words. Under ``allocation: exact`` the counts per finding x location x
-severity cell are fixed by largest-remainder rounding, splits, sexes and views are rounded
+severity cell are fixed by largest-remainder rounding, then balanced so that each mixture entry's
+total is within one case of its share too (:func:`balance_groups`), splits, sexes and views are rounded
 within each cell (so every cell and every total is within one case of its target), ages are
 stratified over the distribution's quantiles, and one spec-level permutation spreads the
 cells over the case indices.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -185,6 +187,43 @@ def largest_remainder(total: int, probs: Sequence[float]) -> list[int]:
     order = sorted(range(len(probs)), key=lambda j: (-(targets[j] - counts[j]), j))
     for j in order[:left]:
         counts[j] += 1
+    return counts
+
+
+def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequence[int]) -> list[int]:
+    """Move units between counts until every group's total is within one of its target.
+
+    ``counts`` are floors or ceilings of ``targets`` (from :func:`largest_remainder`), whose
+    leftover units go to the largest remainders over *all* items: a group of many small items
+    (an entry spread over locations x severities) can lose every unit to other groups' items.
+    Each move takes a unit from a rounded-up item of the group most over its target to the
+    rounded-down item with the largest remainder of the group most under it, so every count
+    stays a floor or ceiling. Counts that already meet this are returned unchanged.
+
+    Example:
+        >>> balance_groups([1, 1, 0, 0, 0], [0.6, 0.6, 0.6, 0.6, 0.6], [0, 0, 1, 1, 1])
+        [1, 0, 1, 0, 0]
+    """
+    counts = list(counts)
+    n_groups = max(groups, default=-1) + 1
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    for j, g in enumerate(groups):
+        members[g].append(j)
+    want = [sum(targets[j] for j in m) for m in members]
+    for _ in range(len(counts) + 1):  # each move shrinks the total miss; a miss of k needs k moves
+        miss = [sum(counts[j] for j in m) - w for m, w in zip(members, want)]
+        worst = max(range(n_groups), key=lambda g: (abs(miss[g]), -g), default=None)
+        if worst is None or abs(miss[worst]) < 1 - 1e-9:
+            break
+        over = worst if miss[worst] > 0 else max(range(n_groups), key=lambda g: (miss[g], -g))
+        under = worst if miss[worst] < 0 else min(range(n_groups), key=lambda g: (miss[g], g))
+        # rounded up in `over` with the smallest remainder; rounded down in `under` with the largest
+        give = min((j for j in members[over] if counts[j] > targets[j] + 1e-12),
+                   key=lambda j: (targets[j] - math.floor(targets[j]), -j))
+        take = max((j for j in members[under] if counts[j] < targets[j] - 1e-12),
+                   key=lambda j: (targets[j] - math.floor(targets[j]), -j))
+        counts[give] -= 1
+        counts[take] += 1
     return counts
 
 
@@ -517,7 +556,7 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
         age = _age_from_uniform(spec.age, _uniforms(words, 4))
     else:
         words = seed_sequence_state(spec.seed, indices, 2)
-        cell, split, sex, view = _exact_allocation(spec, cell_probs, n)
+        cell, split, sex, view = _exact_allocation(spec, cell_probs, n, [c.component for c in cells])
         age_rng = _spec_rng(spec.seed, _AGE_KEY)
         strata = (age_rng.permutation(n) + age_rng.random(n)) / n  # one draw per 1/n-quantile stratum
         age = _age_from_uniform(spec.age, strata)
@@ -527,11 +566,17 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
     return CaseList(spec, cells, cell[:stop], split[:stop], sex[:stop], view[:stop], age[:stop], seed[:stop])
 
 
-def _exact_allocation(spec: "DatasetSpec", cell_probs, n: int):
-    """Columns for exact allocation: nested rounding cell -> split -> sex -> view, then one permutation."""
+def _exact_allocation(spec: "DatasetSpec", cell_probs, n: int, entries: Sequence[int]):
+    """Columns for exact allocation: nested rounding cell -> split -> sex -> view, then one permutation.
+
+    ``entries``: the mixture entry (component) of each cell.
+    """
     import numpy as np
 
-    cell_counts = largest_remainder(n, list(cell_probs))
+    # every cell within one of its target, and every entry of the mixture too
+    entry = {c: k for k, c in enumerate(dict.fromkeys(entries))}
+    cell_counts = balance_groups(largest_remainder(n, list(cell_probs)), [n * float(p) for p in cell_probs],
+                                 [entry[c] for c in entries])
     per_split = controlled_rounding(cell_counts, spec.splits.probs)
     groups = [(c, s) for c in range(len(cell_counts)) for s in range(len(spec.splits.probs))]
     per_sex = controlled_rounding([per_split[c][s] for c, s in groups], spec.sex.probs)

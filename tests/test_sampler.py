@@ -99,6 +99,44 @@ def test_exact_cell_counts_within_one_of_target(d):
 
 @PROPERTY
 @given(spec_dicts())
+def test_exact_entry_totals_within_one_of_target(d):
+    """Each entry of the mixture gets its weight's share within one case, however many cells it spans."""
+    from synthmed.sampler import balance_groups, largest_remainder
+
+    spec = load_spec(d)
+    cases = sample_cases(spec)
+    got, want = Counter(), Counter()
+    for cell, row in zip(cases.cells, cases.counts()):
+        got[cell.component] += row["total"]
+        want[cell.component] += row["target"]
+    for entry in want:
+        assert abs(got[entry] - want[entry]) < 1 + EPS, (entry, got[entry], want[entry])
+    # counts that already met this are not moved: largest remainder alone, where it suffices
+    probs = [c.prob for c in cases.cells]
+    plain = largest_remainder(spec.count, [p / sum(probs) for p in probs])
+    entries = [c.component for c in cases.cells]
+    plain_totals = Counter()
+    for e, k in zip(entries, plain):
+        plain_totals[e] += k
+    if all(abs(plain_totals[e] - want[e]) < 1 - EPS for e in want):
+        assert [r["total"] for r in cases.counts()] == plain
+        assert balance_groups(plain, [r["target"] for r in cases.counts()], entries) == plain
+
+
+def test_an_entry_spread_over_many_cells_keeps_its_share():
+    """Six findings at their default locations x severities and one pneumonia entry over 9 cells, 10 cases:
+    largest remainder over the cells alone gave pneumonia 8 cases (target 4) and four findings none."""
+    others = ["cardiomegaly", "edema", "nodule", "mass", "fracture", "pneumothorax"]
+    spec = make_spec([{"finding": f, "weight": 0.7} for f in others] + [
+        {"finding": "pneumonia", "weight": 2.8,
+         "location": {"right_lower_lobe": 1, "left_lower_lobe": 1, "right_upper_lobe": 1},
+         "severity": {"mild": 1, "moderate": 1, "severe": 1}}], count=10)
+    found = Counter(case.findings[0].finding for case in sample_cases(spec))
+    assert found == Counter({**{f: 1 for f in others}, "pneumonia": 4})
+
+
+@PROPERTY
+@given(spec_dicts())
 def test_exact_splits_within_one_inside_each_cell(d):
     spec = load_spec(d)
     for r in sample_cases(spec).counts():
