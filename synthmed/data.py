@@ -68,8 +68,12 @@ def _manifest_path(root_or_manifest: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no manifest at {manifest}{hint}")
 
 
+QC_STATUSES = ("pass", "warn", "fail")
+
+
 def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None,
-                   label_columns: Sequence[str], *, need_masks: bool = False) -> _Manifest:
+                   label_columns: Sequence[str], *, need_masks: bool = False,
+                   qc_status: str | Sequence[str] | None = None) -> _Manifest:
     import numpy as np
 
     path = _manifest_path(root_or_manifest)
@@ -97,6 +101,19 @@ def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[st
             raise ValueError(f"split {', '.join(map(repr, unknown))} is not in {path}; "
                              f"its splits are: {', '.join(present) or '(none: the manifest is empty)'}")
         keep = [i for i, r in enumerate(rows) if r["split"] in wanted]
+        rows, lines = [rows[i] for i in keep], [lines[i] for i in keep]
+    statuses = [qc_status] if isinstance(qc_status, str) else None if qc_status is None else list(qc_status)
+    if statuses is not None:
+        unknown = [s for s in statuses if s not in QC_STATUSES]
+        if unknown:
+            raise ValueError(f"qc_status {', '.join(map(repr, unknown))} is not one of {', '.join(QC_STATUSES)}")
+        if "qc_status" not in columns:
+            raise ValueError(f"{path} has no qc_status column (made by an older synthmed); drop the qc_status filter")
+        unchecked = sorted({lines[i] for i, r in enumerate(rows) if not r["qc_status"]})
+        if unchecked:
+            raise ValueError(f"{path}, line {unchecked[0]}: no qc_status (the quality checks did not run on this "
+                             "set); run `synthmed qc` on it first, or drop the qc_status filter")
+        keep = [i for i, r in enumerate(rows) if r["qc_status"] in statuses]
         rows, lines = [rows[i] for i in keep], [lines[i] for i in keep]
 
     labels = np.zeros((len(rows), len(label_columns)), dtype=np.float32)
@@ -186,13 +203,16 @@ def read_mask(path: str | os.PathLike) -> "np.ndarray":
 # ----------------------------------------------------------------------------- MONAI-style records
 
 def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None, *,
-                     label_columns: Sequence[str] = CHEXPERT_COLUMNS) -> list[dict[str, Any]]:
+                     label_columns: Sequence[str] = CHEXPERT_COLUMNS,
+                     qc_status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The rows of a manifest as MONAI-style dicts: ``{"image": path, "label": [14], "case_id", ...}``.
 
     Args:
         root_or_manifest: an output folder of ``synthmed generate``, or its ``manifest.csv``.
         split: keep only this split (or these splits); default: every row.
         label_columns: manifest columns that make the label vector; default: the 14 CheXpert columns.
+        qc_status: keep only rows whose quality-check verdict is this (or one of these): ``"pass"``,
+            ``"warn"``, ``"fail"``; e.g. ``("pass", "warn")`` leaves out the images that failed a gating check.
 
     Returns:
         One dict per row, in manifest order: ``image`` (absolute path str of the PNG, else the DICOM
@@ -206,7 +226,7 @@ def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[
         >>> Dataset(data=records, transform=LoadImaged(keys="image", image_only=True))[0]["image"].shape  # doctest: +SKIP
         torch.Size([256, 256])
     """
-    manifest = _read_manifest(root_or_manifest, split, label_columns)
+    manifest = _read_manifest(root_or_manifest, split, label_columns, qc_status=qc_status)
     root = manifest.root.resolve()
     records = []
     for i in range(len(manifest.case_ids)):
@@ -239,11 +259,14 @@ class _ManifestDatasetBase:
         transform: called with each item dict; its return value is the item.
         label_columns: manifest columns that make the label vector.
         dtype: torch dtype of ``image`` and ``label``.
+        qc_status: keep only rows with this quality-check verdict (or these): ``"pass"``, ``"warn"``,
+            ``"fail"``; ``("pass", "warn")`` leaves out the images that failed a gating check.
 
     Raises:
         FileNotFoundError: no manifest there (on construction); a missing image or mask file (on
             access), naming the file and the manifest row.
-        ValueError: an unknown split (naming the splits there), or a manifest without the needed columns.
+        ValueError: an unknown split (naming the splits there) or qc_status, a qc_status filter on a set
+            the quality checks did not run on, or a manifest without the needed columns.
 
     Example:
         >>> from torch.utils.data import DataLoader  # doctest: +SKIP
@@ -254,7 +277,8 @@ class _ManifestDatasetBase:
 
     def __init__(self, root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None,
                  masks: bool | Sequence[str] = False, transform: Callable[[dict], Any] | None = None,
-                 label_columns: Sequence[str] = CHEXPERT_COLUMNS, dtype: "torch.dtype | None" = None):
+                 label_columns: Sequence[str] = CHEXPERT_COLUMNS, dtype: "torch.dtype | None" = None,
+                 qc_status: str | Sequence[str] | None = None):
         import torch
 
         if transform is not None and not callable(transform):
@@ -269,7 +293,8 @@ class _ManifestDatasetBase:
         dtype = torch.float32 if dtype is None else dtype
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch dtype, got {dtype}")
-        self.manifest = _read_manifest(root_or_manifest, split, label_columns, need_masks=bool(masks))
+        self.manifest = _read_manifest(root_or_manifest, split, label_columns, need_masks=bool(masks),
+                                       qc_status=qc_status)
         self.root, self.label_columns = self.manifest.root, tuple(label_columns)
         self.split, self.masks, self.transform, self.dtype = split, masks, transform, dtype
 

@@ -135,6 +135,44 @@ def test_split_filter(out, ManifestDataset):
         ManifestDataset(out, split="validation")
 
 
+def with_statuses(out: Path, target: Path, statuses: dict[int, str]) -> Path:
+    """A copy of the manifest (and nothing else: paths stay relative to ``out``) with some qc_status changed."""
+    rows = manifest_rows(out)
+    for i, status in statuses.items():
+        rows[i]["qc_status"] = status
+    path = out / target.name  # beside the images, so the relative paths still resolve
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_qc_status_filter(out, ManifestDataset, tmp_path):
+    from synthmed.data import manifest_records
+
+    rows = manifest_rows(out)
+    assert {r["qc_status"] for r in rows} == {"pass"}
+    manifest = with_statuses(out, tmp_path / "qc-manifest.csv", {1: "fail", 4: "warn", 7: "fail"})
+    try:
+        ids = [r["case_id"] for r in rows]
+        usable = ManifestDataset(manifest, qc_status=("pass", "warn"))
+        assert usable.case_ids == [c for i, c in enumerate(ids) if i not in (1, 7)]
+        assert [r["case_id"] for r in manifest_records(manifest, qc_status="fail")] == [ids[1], ids[7]]
+        assert ManifestDataset(manifest, split=rows[4]["split"], qc_status="warn").case_ids == [ids[4]]
+        with pytest.raises(ValueError, match="qc_status 'ok' is not one of pass, warn, fail"):
+            ManifestDataset(manifest, qc_status="ok")
+    finally:
+        manifest.unlink()
+    unchecked = with_statuses(out, tmp_path / "unchecked.csv", {i: "" for i in range(len(rows))})
+    try:
+        with pytest.raises(ValueError, match=r"unchecked.csv, line 2: no qc_status .*synthmed qc"):
+            manifest_records(unchecked, qc_status="pass")
+        assert len(manifest_records(unchecked)) == len(rows)  # no filter, no complaint
+    finally:
+        unchecked.unlink()
+
+
 def test_masks(out, ManifestDataset):
     rows = manifest_rows(out)
     ds = ManifestDataset(out, masks=True)
