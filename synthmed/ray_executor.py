@@ -163,7 +163,8 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tu
             # an actor pool restarts a dead actor and retries its task (Ray Data's default for actors)
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
                 ChunkWorker, fn_constructor_args=(job,), batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), num_cpus=1, num_gpus=gpus_per_worker or None)
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), num_cpus=1,
+                num_gpus=gpus_per_worker or None)
             # 4. Stream the results: one row per finished chunk (its part is on disk by then)
             bar = _progress(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
             written, versions, checked = 0, {}, {}
