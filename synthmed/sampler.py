@@ -209,9 +209,8 @@ def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequ
     members: list[list[int]] = [[] for _ in range(n_groups)]
     for j, g in enumerate(groups):
         members[g].append(j)
-    want = [sum(targets[j] for j in m) for m in members]
-    for _ in range(len(counts) + 1):  # each move shrinks the total miss; a miss of k needs k moves
-        miss = [sum(counts[j] for j in m) - w for m, w in zip(members, want)]
+    miss = [sum(counts[j] for j in m) - sum(targets[j] for j in m) for m in members]
+    for _ in range(len(counts) + 1):  # each move fixes one unit of a miss >= 1 and opens none
         worst = max(range(n_groups), key=lambda g: (abs(miss[g]), -g), default=None)
         if worst is None or abs(miss[worst]) < 1 - 1e-9:
             break
@@ -224,6 +223,8 @@ def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequ
                    key=lambda j: (targets[j] - math.floor(targets[j]), -j))
         counts[give] -= 1
         counts[take] += 1
+        miss[over] -= 1
+        miss[under] += 1
     return counts
 
 
