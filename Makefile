@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps default-model model-card
+.PHONY: demo test bench clean system-deps default-model model-card auditor
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,13 @@ default-model: $(STAMP)
 		--validate-every 1000 --resume
 	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
 	$(MAKE) model-card
+
+# Rebuild the shipped label-fidelity auditor (QC and the model card) from its spec; about an hour on 2 cores.
+AUDITOR_TRAIN := out/auditor-train
+auditor: $(STAMP)
+	$(BIN)/synthmed generate dataset_specs/auditor_training.yaml -o $(AUDITOR_TRAIN) --resume
+	$(BIN)/python scripts/train_auditor.py --manifest $(AUDITOR_TRAIN)/manifest.csv -o synthmed/models/auditor \
+		--threads $(or $(THREADS),2)
 
 # Measure the shipped model (label fidelity, FID, memorisation, speed) into its model card.
 model-card: $(STAMP)

@@ -1,6 +1,7 @@
 """Train the label-fidelity auditor on a synthmed manifest; write weights, config.json and a model card.
 
-    python scripts/train_auditor.py --manifest out/default-train/manifest.csv -o synthmed/models/auditor
+    synthmed generate dataset_specs/auditor_training.yaml -o out/auditor-train
+    python scripts/train_auditor.py --manifest out/auditor-train/manifest.csv -o synthmed/models/auditor
 
 Trains on split=train and reports held-out figures on split=val. Deterministic for a given seed
 and thread count: one seeded torch init, one numpy generator for shuffling and augmentation.
@@ -25,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="manifest.csv (file_name, split, findings columns)")
     parser.add_argument("-o", "--out", required=True, help="folder to write config.json, model.safetensors, README.md")
-    parser.add_argument("--epochs", type=int, default=18)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -70,7 +71,7 @@ def load_images(folder: Path, rows: list[dict], size: int) -> np.ndarray:
     return out
 
 
-def augment(batch, rng: np.random.Generator, max_shift: int = 5):
+def augment(batch, rng: np.random.Generator, max_shift: int = 10):
     """Gamma and contrast jitter, a little noise and a shift of up to ``max_shift`` pixels; no flips."""
     import torch
     import torch.nn.functional as F
@@ -126,7 +127,9 @@ def model_card(config: dict, report: dict) -> str:
         "## Inputs and outputs",
         "",
         f"- input: grayscale [N, H, W] float in [0, 1], area-resized to {config['input_size']}x"
-        f"{config['input_size']}, each image standardised to zero mean and unit variance",
+        f"{config['input_size']}, each image standardised to zero mean and unit variance, then folded "
+        f"{config.get('space_to_depth', 1)}x{config.get('space_to_depth', 1)} into channels (pixel unshuffle) "
+        "so the first convolution sees every pixel",
         f"- findings: {len(config['finding_names'])} independent sigmoids (a finding implies its parents: "
         "nodule -> lung_lesion, endotracheal_tube -> support_devices)",
         f"- location: softmax over {len(config['location_names']) - 1} locations and `none` "
@@ -141,7 +144,8 @@ def model_card(config: dict, report: dict) -> str:
         f"- {training['epochs']} epochs, batch {training['batch_size']}, AdamW, one-cycle lr peak "
         f"{training['lr']}, seed {training['seed']}, {training['threads']} CPU thread(s), "
         f"wall time {training['wall_time_s'] / 60:.1f} min, torch {training['torch']}",
-        "- augmentation: gamma/contrast jitter, Gaussian noise, shifts up to 5 px; no flips (left/right is a label)",
+        f"- augmentation: gamma/contrast jitter, Gaussian noise, shifts up to {training.get('max_shift', 5)} px; "
+        "no flips (left/right is a label)",
         "",
         f"## Held-out figures (split=val, {report['n_images']} images)",
         "",
@@ -219,6 +223,7 @@ def main(argv=None) -> int:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, epochs=args.epochs,
                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
     rng = np.random.default_rng(args.seed)
+    max_shift = max(1, round(5 * size / 128))  # about 2 % of the image side
     bce = torch.nn.BCEWithLogitsLoss(reduction="sum")
     ce = torch.nn.CrossEntropyLoss()
 
@@ -231,7 +236,7 @@ def main(argv=None) -> int:
         epoch_start = time.time()
         for step in range(steps_per_epoch):
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = augment(pixels[batch].float()[:, None], rng)
+            x = augment(pixels[batch].float()[:, None], rng, max_shift)
             finding_logits, location_logits, severity_logits = network(x)
             losses = (bce(finding_logits, findings[batch]) / len(batch), ce(location_logits, locations[batch]),
                       ce(severity_logits, severities[batch]))
@@ -259,7 +264,7 @@ def main(argv=None) -> int:
         "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
         "n_train": int(len(train_index)), "n_val": int(len(val_index)),
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "threads": args.threads, "wall_time_s": round(wall, 1), "torch": torch.__version__,
+        "threads": args.threads, "max_shift": max_shift, "wall_time_s": round(wall, 1), "torch": torch.__version__,
         "parameters": int(sum(p.numel() for p in network.parameters())),
         "train_support": {name: int(findings[train_index, j].sum()) for j, name in enumerate(config["finding_names"])},
         "command": "python scripts/train_auditor.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -33,14 +33,19 @@ import numpy as np
 from ..vocabulary import get_vocabulary
 from .metrics import nearest_neighbours
 
-AUDITOR_VERSION = 1
+AUDITOR_VERSION = 2
 MODEL_TYPE = "synthmed-auditor"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 NO_LOCATION = "none"
 SEVERITY_NAMES = ("none", "mild", "moderate", "severe")
-# (out_channels, stride) of each 3x3 conv + BN + ReLU block; five stride-2 blocks take 128 to 4.
-DEFAULT_BLOCKS = ((16, 2), (32, 2), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (128, 2))
+# The input (256 x 256) is first folded 2 x 2 into 4 channels at 128 x 128 (pixel unshuffle): the
+# first conv sees every full-resolution pixel (a rib step or a small nodule is one or two pixels at
+# 256) for about the cost of reading a 128 x 128 image. Then (out_channels, stride) of each 3x3
+# conv + BN + ReLU block; five stride-2 blocks take 128 to 4.
+DEFAULT_INPUT_SIZE = 256
+DEFAULT_SPACE_TO_DEPTH = 2
+DEFAULT_BLOCKS = ((32, 2), (32, 2), (32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (128, 2))
 MEMORISATION_PIXEL_SIZE = 64
 INTENDED_USE = ("Quality control of synthetic chest radiographs made by synthmed: reads back findings, "
                 "location and severity to score label fidelity, and embeds images for memorisation "
@@ -269,8 +274,9 @@ def default_config() -> dict:
     return {
         "model_type": MODEL_TYPE,
         "version": AUDITOR_VERSION,
-        "input_size": 128,
+        "input_size": DEFAULT_INPUT_SIZE,
         "resize": "area",
+        "space_to_depth": DEFAULT_SPACE_TO_DEPTH,
         "normalisation": "per-image standardisation (zero mean, unit variance)",
         "blocks": [list(block) for block in DEFAULT_BLOCKS],
         "embedding_dim": 192,
@@ -292,12 +298,18 @@ def _check_config(config: Mapping) -> None:
         if key not in config:
             problems.append(f"missing key {key!r}")
     if not problems:
-        downsampling = 2 ** sum(1 for _, stride in config["blocks"] if stride == 2)
+        downsampling = _total_stride(config)
         if config["input_size"] % downsampling:
-            problems.append(f"input_size {config['input_size']} is not divisible by the blocks' total stride "
-                            f"{downsampling}")
+            problems.append(f"input_size {config['input_size']} is not divisible by the total stride "
+                            f"{downsampling} (space_to_depth x the blocks' strides)")
     if problems:
         raise ValueError("auditor config: " + "; ".join(problems))
+
+
+def _total_stride(config: Mapping) -> int:
+    """How many input pixels one cell of the last feature map spans per side."""
+    # Configs written before version 2 have no space_to_depth key: 1 (no folding).
+    return int(config.get("space_to_depth", 1)) * 2 ** sum(1 for _, stride in config["blocks"] if stride == 2)
 
 
 def _build_network(config: Mapping):
@@ -308,13 +320,15 @@ def _build_network(config: Mapping):
     class AuditorNetwork(nn.Module):
         def __init__(self):
             super().__init__()
-            layers, channels = [], 1
+            fold = int(config.get("space_to_depth", 1))
+            self.fold = nn.PixelUnshuffle(fold) if fold > 1 else nn.Identity()
+            layers, channels = [], fold * fold
             for out_channels, stride in config["blocks"]:
                 layers += [nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False),
                            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
                 channels = out_channels
             self.features = nn.Sequential(*layers)
-            side = config["input_size"] // 2 ** sum(1 for _, stride in config["blocks"] if stride == 2)
+            side = config["input_size"] // _total_stride(config)
             # Flattened, not average-pooled: the location head needs to know where things are.
             self.embedding = nn.Linear(channels * side * side, config["embedding_dim"])
             self.dropout = nn.Dropout(config.get("dropout", 0.0))
@@ -327,7 +341,7 @@ def _build_network(config: Mapping):
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             std = x.std(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) / (std + 1e-3)
-            return self.embedding(self.features(x).flatten(1))
+            return self.embedding(self.features(self.fold(x)).flatten(1))
 
         def forward(self, x: torch.Tensor):
             hidden = self.dropout(torch.relu(self.embed(x)))
@@ -409,8 +423,7 @@ class Auditor:
         folder = Path(path) if path is not None else shipped_auditor_dir()
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
         if missing:
-            hint = ("; build it with `python scripts/train_auditor.py --manifest out/default-train/manifest.csv "
-                    "-o synthmed/models/auditor`" if path is None else "")
+            hint = ("; build it with `make auditor`" if path is None else "")
             raise FileNotFoundError(f"auditor folder {folder} lacks {', '.join(missing)}{hint}")
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         _check_config(config)

@@ -16,6 +16,7 @@ from synthmed.qc.auditor import (  # noqa: E402
     AuditorPrediction,
     FeatureExtractor,
     area_resize,
+    default_config,
     label_fidelity,
     label_targets,
     labels_of,
@@ -73,7 +74,42 @@ def test_save_load_round_trip(tmp_path, images):
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["finding_names"] == list(FINDINGS) and config["location_names"] == list(LOCATIONS)
     assert config["severity_names"] == list(SEVERITIES)
-    assert (config["input_size"], config["embedding_dim"], config["version"]) == (128, 192, 1)
+    assert (config["input_size"], config["space_to_depth"], config["embedding_dim"], config["version"]) == \
+        (256, 2, 192, 2)
+
+
+def test_version_1_folder_without_space_to_depth_still_loads(tmp_path, images):
+    """Weights saved before version 2 (no space_to_depth key, 128 input) load and run as they were."""
+    config = default_config()
+    del config["space_to_depth"]
+    config.update(version=1, input_size=128,
+                  blocks=[[16, 2], [32, 2], [32, 1], [64, 2], [64, 1], [128, 2], [128, 1], [128, 2]])
+    old = Auditor.from_config(config, seed=3)
+    assert old.network.features[0].in_channels == 1
+    loaded = Auditor.load(old.save(tmp_path / "v1"))
+    assert "space_to_depth" not in loaded.config and loaded.name == "synthmed-auditor-v1"
+    np.testing.assert_allclose(loaded.embed(images), old.embed(images), atol=5e-2)
+    with pytest.raises(ValueError, match="not divisible by the total stride 64"):
+        Auditor.from_config({**default_config(), "input_size": 224})
+
+
+def test_space_to_depth_sees_a_one_pixel_detail(images):
+    """The folded input keeps full-resolution detail: two images that differ only in a 2x2
+    checkerboard (equal 2x2 means, so equal after an area resize to 128) embed differently."""
+    auditor = Auditor.from_config(seed=0)
+    flat = np.full((1, 256, 256), 0.5, np.float32)
+    flat[0, ::8, :] = 0.2  # some structure so the standardisation is defined
+    checker = flat.copy()
+    checker[0, 100:140:2, 100:140:2] += 0.1
+    checker[0, 101:141:2, 101:141:2] += 0.1
+    checker[0, 100:140:2, 101:141:2] -= 0.1
+    checker[0, 101:141:2, 100:140:2] -= 0.1
+    np.testing.assert_allclose(area_resize(checker, 128), area_resize(flat, 128), atol=1e-6)
+    base = auditor.embed(flat)
+    assert np.linalg.norm(auditor.embed(checker) - base) > 1e-3 * np.linalg.norm(base)
+    # an auditor that area-resizes to 128 first cannot tell them apart
+    blind = Auditor.from_config({**default_config(), "input_size": 128, "space_to_depth": 1}, seed=0)
+    np.testing.assert_allclose(blind.embed(checker), blind.embed(flat), atol=1e-6)
 
 
 def test_shapes_names_and_protocol(images):
@@ -95,7 +131,7 @@ def test_shapes_names_and_protocol(images):
     mixed = auditor.embed([images[0], area_resize(images[1], 256)[0]])
     np.testing.assert_allclose(mixed[0], features[0], atol=1e-5)
     np.testing.assert_allclose(auditor.embed(images[2]), features[2:3], atol=1e-5)
-    assert isinstance(auditor, FeatureExtractor) and auditor.name == "synthmed-auditor-v1"
+    assert isinstance(auditor, FeatureExtractor) and auditor.name == "synthmed-auditor-v2"
     np.testing.assert_array_equal(auditor(images), features)
 
 
