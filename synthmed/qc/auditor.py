@@ -38,6 +38,7 @@ MODEL_TYPE = "synthmed-auditor"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 NO_LOCATION = "none"
+NO_FINDING = "no_finding"
 SEVERITY_NAMES = ("none", "mild", "moderate", "severe")
 # The input (256 x 256) is first folded 2 x 2 into 4 channels at 128 x 128 (pixel unshuffle): the
 # first conv sees every full-resolution pixel (a rib step or a small nodule is one or two pixels at
@@ -254,10 +255,28 @@ class AuditorPrediction:
                    finding_names=first.finding_names, location_names=first.location_names,
                    severity_names=first.severity_names)
 
-    def findings(self, threshold: float = 0.5) -> list[list[str]]:
-        """Per image, the findings with probability >= ``threshold``, in vocabulary order."""
+    def present(self, threshold: float = 0.5) -> np.ndarray:
+        """bool [N, F]: each finding's probability >= ``threshold``; and ``no_finding`` also where
+        nothing else is (an image with no finding read in it is read as normal, whatever the
+        no_finding head said).
+
+        Example:
+            >>> names = ("no_finding", "cardiomegaly")
+            >>> p = AuditorPrediction(np.array([[0.2, 0.1], [0.1, 0.9]], np.float32), np.ones((2, 1)),
+            ...                       np.ones((2, 4)) / 4, names, ("none",))
+            >>> p.present().tolist()
+            [[True, False], [False, True]]
+        """
         present = np.asarray(self.finding_probs) >= threshold
-        return [[name for name, p in zip(self.finding_names, row) if p] for row in present]
+        if NO_FINDING in self.finding_names:
+            j = self.finding_names.index(NO_FINDING)
+            others = np.delete(present, j, axis=1)
+            present[:, j] |= ~others.any(axis=1)
+        return present
+
+    def findings(self, threshold: float = 0.5) -> list[list[str]]:
+        """Per image, the findings read as present (:meth:`present`), in vocabulary order."""
+        return [[name for name, p in zip(self.finding_names, row) if p] for row in self.present(threshold)]
 
     def locations(self) -> list[str]:
         """Per image, the most probable location (or ``none``)."""
@@ -561,7 +580,8 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
         threshold: finding probability at which a finding counts as present.
 
     Returns:
-        A JSON-serialisable dict:
+        A JSON-serialisable dict. A finding counts as read when :meth:`AuditorPrediction.present`
+        says so (an image with nothing read in it counts as ``no_finding``).
         ``findings``: ``exact_set_agreement`` (fraction of images whose predicted set of leaf
         findings equals the labelled one), ``mean_accuracy`` (over all findings), and per
         finding ``accuracy``, ``sensitivity``, ``specificity`` (None without positives /
@@ -593,7 +613,7 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
     labelled = np.array([t[0] for t in targets], bool).reshape(n, len(finding_names))
     labelled_location = np.array([t[1] for t in targets], np.int64)
     labelled_severity = np.array([t[2] for t in targets], np.int64)
-    predicted = np.asarray(prediction.finding_probs) >= threshold
+    predicted = prediction.present(threshold)
 
     per_finding = {}
     for j, name in enumerate(finding_names):

@@ -228,6 +228,19 @@ def test_label_fidelity_half_right():
         label_fidelity(prediction, labels + ["no_finding::"])
 
 
+def test_an_image_with_nothing_read_in_it_reads_as_normal():
+    """no_finding is the absence of every other finding: an image where no head passes the threshold
+    (not even no_finding's) is read as normal; a labelled finding it misses is still a miss."""
+    labels = ["no_finding::", "pneumonia:right_lower_lobe:mild", "no_finding::"]
+    prediction = hand_prediction([[], [], ["no_finding", "cardiomegaly"]], ["none"] * 3, ["none"] * 3)
+    assert prediction.findings() == [["no_finding"], ["no_finding"], ["no_finding", "cardiomegaly"]]
+    report = label_fidelity(prediction, labels)
+    assert report["findings"]["exact_set_agreement"] == pytest.approx(1 / 3)
+    no_finding = report["findings"]["per_finding"]["no_finding"]
+    assert no_finding["confusion"] == [[0, 1], [0, 2]] and no_finding["sensitivity"] == 1.0
+    assert report["findings"]["per_finding"]["pneumonia"]["sensitivity"] == 0.0
+
+
 # ----------------------------------------------------------------------------- memorisation
 
 
