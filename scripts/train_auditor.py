@@ -71,7 +71,7 @@ def load_images(folder: Path, rows: list[dict], size: int) -> np.ndarray:
     return out
 
 
-def augment(batch, rng: np.random.Generator, max_shift: int = 10):
+def augment(batch, rng: np.random.Generator, max_shift: int):
     """Gamma and contrast jitter, a little noise and a shift of up to ``max_shift`` pixels; no flips."""
     import torch
     import torch.nn.functional as F
