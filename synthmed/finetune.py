@@ -41,6 +41,7 @@ from .vocabulary import get_vocabulary
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
 MODES = ("full", "lora")
+LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMAT = 1
 
 # The default design (issue #7), measured feasible on a 2-core CPU.
@@ -395,9 +396,9 @@ def _load_checkpoint(folder: Path) -> dict:
 def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: str = "full",
              train_text_encoder: bool | None = None, steps: int = 2000, vae_steps: int = 1000, batch_size: int = 16,
              vae_batch_size: int = 8, vae_crop: int = 64, learning_rate: float | None = None,
-             vae_learning_rate: float = 1e-3, template: str = "synthmed-v1", checkpoint_every: int = 250,
-             validate_every: int = 0, validation_prompts: Sequence[str] | None = None, resume: bool = False,
-             overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0, threads: int | None = None,
+             vae_learning_rate: float = 1e-3, lr_schedule: str = "constant", template: str = "synthmed-v1",
+             checkpoint_every: int = 250, validate_every: int = 0, validation_prompts: Sequence[str] | None = None,
+             resume: bool = False, overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0, threads: int | None = None,
              device: str = "auto", mixed_precision: str = "no", lora_rank: int = 8, cond_dropout: float = 0.1,
              ema_decay: float = 0.999, min_snr_gamma: float = 5.0, allow_pickle: bool = False,
              save_dtype: str = "float16", progress: bool = True) -> FinetuneResult:
@@ -410,6 +411,9 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         mode: ``"full"`` (every UNet weight) or ``"lora"`` (low-rank adapters, merged into the saved UNet).
         train_text_encoder: also train the text encoder (always, from scratch; default off for a base).
         steps: UNet optimiser steps; vae_steps: VAE steps (scratch only).
+        lr_schedule: the UNet learning rate after its 200 warm-up steps: ``"constant"``, or ``"cosine"``
+            (down to a tenth of it at the last step; useful to anneal a model trained at a constant rate;
+            resuming with more ``steps`` stretches what is left of the curve).
         checkpoint_every: save the whole training state every N steps in ``work_dir/checkpoints``.
         validate_every: write a grid of validation images every N UNet steps (0: only at the end).
         resume: continue from the newest checkpoint in ``work_dir`` (the same settings are required).
@@ -437,6 +441,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         raise ValueError("steps and vae_steps must be >= 0 and batch sizes >= 1")
     if save_dtype not in ("float16", "float32", "bfloat16"):
         raise ValueError(f"save_dtype must be float16, float32 or bfloat16, got {save_dtype!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
     out = Path(out)
@@ -450,14 +456,15 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     settings = {"base": "scratch" if scratch else str(Path(base).resolve()), "mode": mode,
                 "train_text_encoder": bool(train_text_encoder), "steps": steps, "vae_steps": vae_steps if scratch else 0,
                 "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
-                "learning_rate": learning_rate, "vae_learning_rate": vae_learning_rate, "template": template,
-                "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout, "ema_decay": ema_decay,
+                "learning_rate": learning_rate, "vae_learning_rate": vae_learning_rate, "lr_schedule": lr_schedule,
+                "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout, "ema_decay": ema_decay,
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": _sha256_file(manifest_path),
                 "images": len(examples), "width": width, "height": height}
     work.mkdir(parents=True, exist_ok=True)
     settings_file = work / "settings.json"
     if settings_file.is_file() and resume:
         before = json.loads(settings_file.read_text(encoding="utf-8"))
+        before.setdefault("lr_schedule", "constant")  # work folders from before the option
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k) and k != "steps")
         if changed:
             raise ValueError(f"{work} was trained with other settings ({', '.join(changed)} changed); "
@@ -498,6 +505,11 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     images = _LazyImages(examples, progress)
     generator = torch.Generator("cpu").manual_seed(seed)
     record: dict[str, Any] = {"settings": settings, "losses": {}}
+    if not scratch and (Path(base) / "training.json").is_file():  # the base's own training: the model's lineage
+        try:
+            record["base_training"] = json.loads((Path(base) / "training.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
 
     # 3. Stage 1 (scratch): the VAE
     vae_loss = None
@@ -529,7 +541,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     record["logged_seconds"] = _logged_seconds(work / "log.jsonl")  # across every resumed session
     (work / "record.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     _save_pipeline(out, {**parts, "vae": vae, "unet": unet, "text_encoder": text_encoder}, save_dtype,
-                   record, manifest_path)
+                   record, manifest_path, None if scratch else Path(base))
     return FinetuneResult(out, work, steps, settings["vae_steps"], {k: v for k, v in record["losses"].items()
                                                                     if v is not None}, record["seconds"], record)
 
@@ -552,8 +564,12 @@ class _Log:
             fh.write(json.dumps(entry) + "\n")
 
 
-def _lr_at(step: int, base_lr: float, warmup: int) -> float:
-    return base_lr * min(1.0, (step + 1) / max(warmup, 1))
+def _lr_at(step: int, base_lr: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
+    rate = base_lr * min(1.0, (step + 1) / max(warmup, 1))
+    if schedule == "cosine" and step >= warmup:
+        progress = (step - warmup) / max(total - 1 - warmup, 1)
+        rate *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return rate
 
 
 def _train_vae(vae, images, work, settings, generator, accelerator, log, resume, checkpoint_every, progress):
@@ -568,8 +584,10 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
     if done_file.is_file() and resume:
         from diffusers import AutoencoderKL
 
-        state = _load_checkpoint(_latest_checkpoint(work, "vae"))
-        generator.set_state(state["generator"])
+        ckpt = _latest_checkpoint(work, "vae")  # none when the stage had 0 steps (and drew nothing)
+        state = _load_checkpoint(ckpt) if ckpt else {}
+        if state:
+            generator.set_state(state["generator"])
         return AutoencoderKL.from_pretrained(work / "vae"), state.get("loss"), generator
     images = images.get()
     vae.train()
@@ -726,7 +744,7 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
     bar.update(start)
     for step in range(start, total):
         for g in optimiser.param_groups:
-            g["lr"] = _lr_at(step, lr, 200)
+            g["lr"] = _lr_at(step, lr, 200, settings.get("lr_schedule", "constant"), total)
         idx = torch.randint(n, (batch,), generator=generator)
         z0 = latents[idx].float()
         noise = torch.randn(z0.shape, generator=generator)
@@ -817,8 +835,13 @@ def _validation_grid(path: Path, unet, text_encoder, parts, ema, params, prompts
     atomic_write_bytes(path, png_bytes((np.clip(row, 0, 1) * 255).round().astype(np.uint8)))
 
 
-def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path) -> None:
-    """Write the diffusers folder next to ``out``, then swap it into place."""
+def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path,
+                   base: Path | None = None) -> None:
+    """Write the diffusers folder next to ``out``, then swap it into place.
+
+    From a base folder the tokenizer (never trained) is copied as it was, so the new folder loads wherever the
+    base did; the configs do not keep the local path each component was loaded from (``_name_or_path``).
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -838,6 +861,20 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
         elif not key and data.get("tokenizer_class") == "TokenizersBackend":
             data["tokenizer_class"] = "PreTrainedTokenizerFast"
         file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for config in tmp.glob("*/config.json"):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if base is not None and (base / "tokenizer").is_dir():
+        shutil.rmtree(tmp / "tokenizer")
+        shutil.copytree(base / "tokenizer", tmp / "tokenizer")
+        try:  # and the class the base names for it
+            entry = json.loads((base / "model_index.json").read_text(encoding="utf-8"))["tokenizer"]
+            index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+            index["tokenizer"] = entry
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        except (OSError, ValueError, KeyError):
+            pass
     (tmp / "training.json").write_text(json.dumps({**record, "manifest": str(manifest)}, indent=1), encoding="utf-8")
     if out.exists():
         old = out.with_name(out.name + ".old")

@@ -207,8 +207,54 @@ def test_fine_tunes_a_base_model(phantom_set, tiny_base, tmp_path, mode):
         assert moved and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in moved)
     backend = DiffusionBackend(result.model_dir, width=64, height=64, steps=2, threads=1)
     assert backend.vae.config.in_channels == 3
+    # the untrained tokenizer is the base's, file for file; no config remembers a local path
+    assert {p.name: p.read_bytes() for p in (result.model_dir / "tokenizer").iterdir()} == \
+        {p.name: p.read_bytes() for p in (tiny_base / "tokenizer").iterdir()}
+    assert not any("_name_or_path" in json.loads(c.read_text()) for c in result.model_dir.glob("*/config.json"))
 
 
 def test_lora_from_scratch_is_refused(phantom_set, tmp_path):
     with pytest.raises(ValueError, match="LoRA adapts existing weights"):
         finetune(phantom_set, "scratch", tmp_path / "m", mode="lora", **FAST)
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_a_tenth():
+    from synthmed.finetune import _lr_at
+
+    assert _lr_at(0, 1.0, 200, "cosine", 1000) == pytest.approx(1 / 200)
+    assert _lr_at(199, 1.0, 200, "cosine", 1000) == pytest.approx(1.0)
+    assert _lr_at(599, 1.0, 200, "cosine", 1000) == pytest.approx(0.55, abs=0.01)  # half way: between 1 and 0.1
+    assert _lr_at(999, 1.0, 200, "cosine", 1000) == pytest.approx(0.1)
+    assert _lr_at(999, 1.0, 200, "constant", 1000) == 1.0
+
+
+def test_unknown_lr_schedule_is_refused(phantom_set, tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule"):
+        finetune(phantom_set, "scratch", tmp_path / "m", lr_schedule="linear", **FAST)
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(phantom_set), "--base", "scratch",
+                                       "-o", str(tmp_path / "m"), "--lr-schedule", "linear"])
+    assert result.exit_code == 2 and "linear" in result.output and not (tmp_path / "m").exists()
+
+
+def test_work_folder_from_before_the_schedule_option_still_resumes(phantom_set, tmp_path):
+    finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, **FAST)
+    settings = tmp_path / "m.training" / "settings.json"
+    old = json.loads(settings.read_text())
+    del old["lr_schedule"]
+    settings.write_text(json.dumps(old))
+    result = finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, resume=True, **FAST)
+    assert result.steps == 0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, resume=True, lr_schedule="cosine",
+                 **FAST)
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_from_a_synthmed_model_keeps_its_lineage(phantom_set, tmp_path):
+    first = finetune(phantom_set, "scratch", tmp_path / "first", steps=2, vae_steps=2, **FAST)
+    second = finetune(phantom_set, first.model_dir, tmp_path / "second", steps=2, train_text_encoder=True,
+                      lr_schedule="cosine", learning_rate=1e-3, **FAST)
+    record = json.loads((second.model_dir / "training.json").read_text())
+    assert record["settings"]["lr_schedule"] == "cosine" and record["steps"] == 2
+    assert record["base_training"]["settings"]["base"] == "scratch"
+    assert record["base_training"]["vae_steps"] == 2 and record["base_training"]["steps"] == 2
