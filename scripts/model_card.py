@@ -62,35 +62,51 @@ def fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def lineage(training: dict) -> list[dict]:
+    """The training records of a model, first stage (from scratch) first."""
+    return (lineage(training["base_training"]) if "base_training" in training else []) + [training]
+
+
 def total_unet_steps(training: dict) -> int:
-    return training["steps"] + (total_unet_steps(training["base_training"]) if "base_training" in training else 0)
+    return sum(stage["steps"] for stage in lineage(training))
+
+
+# The manifest the first stage of the shipped model ran on, built before the sampler fix (see the card).
+PRE_FIX_SET = "faf4fcc7397a"
+
+
+def _rate(s: dict) -> str:
+    lr = s["learning_rate"] or (5e-4 if s["base"] == "scratch" else 1e-4 if s["mode"] == "lora" else 1e-5)
+    return f"learning rate {lr:g} " + ("cosine to a tenth" if s.get("lr_schedule") == "cosine" else "constant")
 
 
 def training_steps_lines(training: dict) -> str:
-    """The card's 'Steps' and 'Rebuild' bullets: one stage from scratch, or that stage and a fine-tune of it."""
-    stages = [training] if "base_training" not in training else [training["base_training"], training]
+    """The card's 'Steps' and 'Rebuild' bullets, one clause per training stage."""
+    stages = lineage(training)
     first, s1 = stages[0], stages[0]["settings"]
+    what = lambda s: "UNet + text encoder" if s["train_text_encoder"] else "UNet"  # noqa: E731
     hours = sum(t.get("logged_seconds", t["seconds"]) for t in stages) / 3600
-    lines = [f"- Steps: VAE {first['vae_steps']:,} (batch {s1['vae_batch_size']}), then UNet + text encoder "
-             f"{first['steps']:,} (batch {s1['batch_size']}, learning rate {s1['learning_rate'] or 5e-4:g} constant, "
-             f"min-SNR {s1['min_snr_gamma']:g}, prompt dropout {s1['cond_dropout']}, EMA {s1['ema_decay']})"]
-    if len(stages) == 2:
-        s2 = training["settings"]
-        lines[0] += (f", then {training['steps']:,} more from those weights on the same spec's set with the rate "
-                     f"annealed ({s2['learning_rate']:g}, {s2.get('lr_schedule', 'constant')} to a tenth, seed "
-                     f"{s2['seed']})")
-    last = stages[-1]["losses"]
-    lines[0] += (f"; last losses: VAE {fmt(first['losses'].get('vae'), 4)}, UNet {fmt(last.get('unet'), 4)}; "
-                 f"training time {hours:.2f} h (from the logs) on a 2-core CPU shared with other work.")
-    lines.append("- Rebuild: `make default-model` (generates the training set, runs both stages, resumes after an "
-                 "interruption).")
-    if first["settings"]["manifest_sha256"] != stages[-1]["settings"]["manifest_sha256"]:
-        lines[-1] += (" The first stage ran on the set the spec gave before the sampler kept every mixture entry "
-                     "within one case of its share (pneumonia 603 cases and atelectasis 297, targets 600 and 300); "
-                     "the second stage and a rebuild use the set it gives now (`training.json` has both manifests' "
-                     "sha256).")
-    return "\n".join(textwrap.fill(line, 112, subsequent_indent="  ") for line in lines)
-
+    line = (f"- Steps: VAE {first['vae_steps']:,} (batch {s1['vae_batch_size']}), then {what(s1)} {first['steps']:,} "
+            f"(batch {s1['batch_size']}, {_rate(s1)}, min-SNR {s1['min_snr_gamma']:g}, prompt dropout "
+            f"{s1['cond_dropout']}, EMA {s1['ema_decay']})")
+    for before, stage in zip(stages, stages[1:]):
+        s = stage["settings"]
+        same = s["manifest_sha256"] == before["settings"]["manifest_sha256"]
+        line += (f", then {stage['steps']:,} more from those weights ({s['mode']} {what(s)}, {_rate(s)}, "
+                 f"seed {s['seed']}) on {'the same' if same else 'another build of the'} training set")
+    line += (f"; last losses: VAE {fmt(first['losses'].get('vae'), 4)}, UNet {fmt(stages[-1]['losses'].get('unet'), 4)}; "
+             f"training time {hours:.2f} h (from the logs) on a 2-core CPU shared with other work.")
+    rebuild = ("- Rebuild: `make default-model` (generates the training set, runs "
+               f"{'both stages' if len(stages) == 2 else 'every stage'}, resumes after an interruption).")
+    if len({t["settings"]["manifest_sha256"] for t in stages}) > 1:
+        if s1["manifest_sha256"].startswith(PRE_FIX_SET):
+            rebuild += (" The first stage ran on the set the spec gave before the sampler kept every mixture entry "
+                        "within one case of its share (pneumonia 603 cases and atelectasis 297, targets 600 and 300); "
+                        "the later stages and a rebuild use the set it gives now")
+        else:
+            rebuild += " The stages ran on different builds of the training set"
+        rebuild += " (`training.json` has each stage's manifest sha256)."
+    return "\n".join(textwrap.fill(x, 112, subsequent_indent="  ") for x in (line, rebuild))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,7 +154,7 @@ def main() -> None:
 
     # 3. The card
     training = json.loads((args.model / "training.json").read_text(encoding="utf-8"))
-    settings = training.get("base_training", training)["settings"]  # the scratch stage: design, VAE
+    settings = lineage(training)[0]["settings"]  # the scratch stage: design, VAE
     params = {}
     from safetensors import safe_open
 

@@ -460,15 +460,22 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout, "ema_decay": ema_decay,
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": _sha256_file(manifest_path),
                 "images": len(examples), "width": width, "height": height}
+    if not scratch:  # resume must not mix checkpoints made from other base weights (a retrained base, same path)
+        from .backends.diffusion import model_hash
+
+        settings["base_hash"] = model_hash(base)
     work.mkdir(parents=True, exist_ok=True)
     settings_file = work / "settings.json"
     if settings_file.is_file() and resume:
         before = json.loads(settings_file.read_text(encoding="utf-8"))
-        before.setdefault("lr_schedule", "constant")  # work folders from before the option
+        before.setdefault("lr_schedule", "constant")  # work folders from before these options
+        if "base_hash" in settings:
+            before.setdefault("base_hash", settings["base_hash"])
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k) and k != "steps")
         if changed:
-            raise ValueError(f"{work} was trained with other settings ({', '.join(changed)} changed); "
-                             "resume needs the same manifest and settings, or start a new work_dir")
+            why = " (the base model's files are not those it started from)" if "base_hash" in changed else ""
+            raise ValueError(f"{work} was trained with other settings ({', '.join(changed)} changed){why}; "
+                             "resume needs the same manifest, base and settings, or start a new work_dir")
     elif any((work / "checkpoints").glob("*")) and not resume:
         if not overwrite:
             raise ValueError(f"{work} holds checkpoints of an earlier run; pass resume=True to continue it "
@@ -585,6 +592,9 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
         from diffusers import AutoencoderKL
 
         ckpt = _latest_checkpoint(work, "vae")  # none when the stage had 0 steps (and drew nothing)
+        if ckpt is None and total:
+            raise ValueError(f"{work / 'checkpoints'} has no VAE checkpoint to resume the trained VAE from; "
+                             "start a new work_dir (or pass overwrite=True)")
         state = _load_checkpoint(ckpt) if ckpt else {}
         if state:
             generator.set_state(state["generator"])
@@ -853,18 +863,6 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
     tmp = out.with_name(out.name + ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # transformers 5 saves its fast tokenizer as "TokenizersBackend"; the older name loads in 4.x and 5.x
-    for file, key in ((tmp / "model_index.json", "tokenizer"), (tmp / "tokenizer" / "tokenizer_config.json", None)):
-        data = json.loads(file.read_text(encoding="utf-8"))
-        if key and data.get(key, [None, None])[1] == "TokenizersBackend":
-            data[key] = ["transformers", "PreTrainedTokenizerFast"]
-        elif not key and data.get("tokenizer_class") == "TokenizersBackend":
-            data["tokenizer_class"] = "PreTrainedTokenizerFast"
-        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for config in tmp.glob("*/config.json"):
-        data = json.loads(config.read_text(encoding="utf-8"))
-        if data.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if base is not None and (base / "tokenizer").is_dir():
         shutil.rmtree(tmp / "tokenizer")
         shutil.copytree(base / "tokenizer", tmp / "tokenizer")
@@ -875,6 +873,22 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         except (OSError, ValueError, KeyError):
             pass
+    # transformers 5 saves its fast tokenizer as "TokenizersBackend"; the older name loads in 4.x and 5.x
+    for file, key in ((tmp / "model_index.json", "tokenizer"), (tmp / "tokenizer" / "tokenizer_config.json", None)):
+        if not file.is_file():
+            continue
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if key and data.get(key, [None, None])[1] == "TokenizersBackend":
+            data[key] = ["transformers", "PreTrainedTokenizerFast"]
+        elif not key and data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        else:
+            continue
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for config in tmp.glob("*/config.json"):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (tmp / "training.json").write_text(json.dumps({**record, "manifest": str(manifest)}, indent=1), encoding="utf-8")
     if out.exists():
         old = out.with_name(out.name + ".old")

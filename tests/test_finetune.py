@@ -207,9 +207,16 @@ def test_fine_tunes_a_base_model(phantom_set, tiny_base, tmp_path, mode):
         assert moved and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in moved)
     backend = DiffusionBackend(result.model_dir, width=64, height=64, steps=2, threads=1)
     assert backend.vae.config.in_channels == 3
-    # the untrained tokenizer is the base's, file for file; no config remembers a local path
-    assert {p.name: p.read_bytes() for p in (result.model_dir / "tokenizer").iterdir()} == \
-        {p.name: p.read_bytes() for p in (tiny_base / "tokenizer").iterdir()}
+    # the untrained tokenizer is the base's (only a transformers-5-only class name is made portable);
+    # no config remembers a local path
+    saved, original = ({p.name: p.read_bytes() for p in (folder / "tokenizer").iterdir()}
+                       for folder in (result.model_dir, tiny_base))
+    assert saved.keys() == original.keys()
+    assert all(saved[k] == original[k] for k in saved if k != "tokenizer_config.json")
+    config, base_config = (json.loads(c["tokenizer_config.json"]) for c in (saved, original))
+    assert config.pop("tokenizer_class") == "PreTrainedTokenizerFast"
+    base_config.pop("tokenizer_class")
+    assert config == base_config
     assert not any("_name_or_path" in json.loads(c.read_text()) for c in result.model_dir.glob("*/config.json"))
 
 
@@ -258,3 +265,23 @@ def test_a_model_fine_tuned_from_a_synthmed_model_keeps_its_lineage(phantom_set,
     assert record["settings"]["lr_schedule"] == "cosine" and record["steps"] == 2
     assert record["base_training"]["settings"]["base"] == "scratch"
     assert record["base_training"]["vae_steps"] == 2 and record["base_training"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_base_whose_weights_changed(phantom_set, tiny_base, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    finetune(phantom_set, base, tmp_path / "m", steps=2, **FAST)
+    weights = next((base / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the base retrained in place
+    with pytest.raises(ValueError, match="base model's files"):
+        finetune(phantom_set, base, tmp_path / "m", steps=4, resume=True, **FAST)
+
+
+@pytest.mark.slow
+def test_resume_without_the_vae_checkpoint_is_refused_not_silently_different(phantom_set, tmp_path):
+    finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=2, **FAST)
+    for ckpt in (tmp_path / "m.training" / "checkpoints").glob("vae-*"):
+        shutil.rmtree(ckpt)
+    with pytest.raises(ValueError, match="no VAE checkpoint"):
+        finetune(phantom_set, "scratch", tmp_path / "m", steps=2, vae_steps=2, resume=True, **FAST)

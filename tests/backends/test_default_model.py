@@ -42,6 +42,22 @@ def test_model_card_records_training_and_quality():
     assert training["settings"]["base"] == "scratch" and training["vae_steps"] > 0
 
 
+def test_model_card_describes_the_training_its_record_holds():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "model_card.py"
+    spec = importlib.util.spec_from_file_location("model_card", script)
+    card_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card_script)
+    training = json.loads((MODEL / "training.json").read_text(encoding="utf-8"))
+    assert card_script.training_steps_lines(training) in (MODEL / "README.md").read_text(encoding="utf-8")
+    lora_stage = {**training, "settings": {**training["settings"], "learning_rate": None, "lr_schedule": "constant",
+                                          "train_text_encoder": False, "mode": "lora"}}
+    text = " ".join(card_script.training_steps_lines(lora_stage).split())
+    assert "(lora UNet, learning rate 0.0001 constant" in text  # LoRA's default rate, no text encoder
+
+
 @pytest.mark.slow
 def test_default_model_generates_a_labelled_image_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
