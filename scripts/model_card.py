@@ -94,8 +94,9 @@ def training_steps_lines(training: dict) -> str:
         same = s["manifest_sha256"] == before["settings"]["manifest_sha256"]
         line += (f", then {stage['steps']:,} more from those weights ({s['mode']} {what(s)}, {_rate(s)}, "
                  f"seed {s['seed']}) on {'the same' if same else 'another build of the'} training set")
-    line += (f"; last losses: VAE {fmt(first['losses'].get('vae'), 4)}, UNet {fmt(stages[-1]['losses'].get('unet'), 4)}; "
-             f"training time {hours:.2f} h (from the logs) on a 2-core CPU shared with other work.")
+    line += (f"; last losses: VAE {fmt(first['losses'].get('vae'), 4)}, "
+             f"UNet {fmt(stages[-1]['losses'].get('unet'), 4)}; training time {hours:.2f} h (from the logs) "
+             "on a 2-core CPU shared with other work.")
     rebuild = ("- Rebuild: `make default-model` (generates the training set, runs "
                f"{'both stages' if len(stages) == 2 else 'every stage'}, resumes after an interruption).")
     if len({t["settings"]["manifest_sha256"] for t in stages}) > 1:
@@ -180,7 +181,6 @@ def main() -> None:
         f"| {name} | {v['support']} | {fmt(v['accuracy'])} | {fmt(v['sensitivity'])} | {fmt(v['specificity'])} | "
         f"{fmt(cl['per_finding'][name]['sensitivity'])} |"
         for name, v in fl["per_finding"].items() if v["support"])
-    steps_lines = training_steps_lines
     met = fl['exact_set_agreement'] >= 0.9 and fidelity['location']['accuracy'] >= 0.8
     targets = "met" if met else f"**not met yet** after {total_unet_steps(training):,} UNet steps (`make default-model` resumes training)"
     card = f"""# synthmed default model
@@ -202,7 +202,7 @@ real radiographs**, and not evidence about any patient. Every image synthmed wri
   8x down, 4 latent channels, trained on {settings['vae_crop']}x{settings['vae_crop']} crops
   ({params.get('vae', 0) / 1e6:.2f} M); UNet (32, 64, 128), one resnet per level, cross-attention at the two lower
   resolutions ({params.get('unet', 0) / 1e6:.2f} M). fp16 safetensors, {size_mb:.1f} MB in all.
-{steps_lines(training)}
+{training_steps_lines(training)}
 
 ## Label fidelity
 The auditor (`synthmed/models/auditor`, {auditor.name}, trained on the phantom images of

@@ -398,9 +398,9 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
              vae_batch_size: int = 8, vae_crop: int = 64, learning_rate: float | None = None,
              vae_learning_rate: float = 1e-3, lr_schedule: str = "constant", template: str = "synthmed-v1",
              checkpoint_every: int = 250, validate_every: int = 0, validation_prompts: Sequence[str] | None = None,
-             resume: bool = False, overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0, threads: int | None = None,
-             device: str = "auto", mixed_precision: str = "no", lora_rank: int = 8, cond_dropout: float = 0.1,
-             ema_decay: float = 0.999, min_snr_gamma: float = 5.0, allow_pickle: bool = False,
+             resume: bool = False, overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0,
+             threads: int | None = None, device: str = "auto", mixed_precision: str = "no", lora_rank: int = 8,
+             cond_dropout: float = 0.1, ema_decay: float = 0.999, min_snr_gamma: float = 5.0, allow_pickle: bool = False,
              save_dtype: str = "float16", progress: bool = True) -> FinetuneResult:
     """Train a latent-diffusion model on a manifest and save it as a diffusers folder at ``out``.
 
@@ -457,7 +457,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "train_text_encoder": bool(train_text_encoder), "steps": steps, "vae_steps": vae_steps if scratch else 0,
                 "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
                 "learning_rate": learning_rate, "vae_learning_rate": vae_learning_rate, "lr_schedule": lr_schedule,
-                "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout, "ema_decay": ema_decay,
+                "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout,
+                "ema_decay": ema_decay,
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": _sha256_file(manifest_path),
                 "images": len(examples), "width": width, "height": height}
     if not scratch:  # resume must not mix checkpoints made from other base weights (a retrained base, same path)
