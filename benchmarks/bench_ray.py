@@ -13,6 +13,9 @@ installed), and the same spec with 2N cases. What is timed:
   is N / (wall(2N) - wall(N)): the images the N extra cases add over the time they add, so every
   cost that does not grow with the plan (start-up, the last chunk's wait, the driver's tail) drops out;
   wall(N) - N / rate is that fixed part. speed-up = rate(2) / rate(1); efficiency = speed-up / 2.
+- the machine's own ceiling, without Ray: one plain process building N cases with the local executor,
+  against two such processes started together (after their imports); ceiling = 2 t(1) / t(2). No
+  executor beats it on this machine, so the Ray speed-up is also given as a share of it.
 
 Every build writes to a fresh folder; the Ray builds of N cases are checked byte for byte against
 the local one (manifest.csv and every file's sha256). Rounds alternate the order of the runs; the
@@ -106,7 +109,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=512, help="N: the smaller plan (the larger one is 2N)")
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3, help="repeat the Ray runs (order alternates)")
+    parser.add_argument("--rounds", type=int, default=3, help="repeat the Ray and plain-process runs (order alternates)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     args = parser.parse_args()
 
