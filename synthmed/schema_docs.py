@@ -19,7 +19,7 @@ from .vocabulary import get_vocabulary, schemas_dir
 def _type_of(node: dict, defs: dict) -> str:
     if "$ref" in node:
         name = node["$ref"].split("/")[-1]
-        return {"weights": "weights", "weight": "number > 0", "choice": "value or weights",
+        return {"weights": "weights", "weight": "number > 0 (at most 1e12)", "choice": "value or weights",
                 "pixels": "integer"}.get(name, name)
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])

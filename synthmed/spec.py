@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .strict_yaml import StrictYamlError, YamlDocument, load_strict_yaml
-from .vocabulary import get_vocabulary, schemas_dir
+from .vocabulary import get_vocabulary, normalise, schemas_dir
 
 SPEC_VERSION = 1
 DEFAULT_AGE = {"distribution": "truncated_normal", "mean": 55, "sd": 15, "min": 18, "max": 90}
+# Width and height (inclusive, and multiples of 8 as for every backend) the phantom backend can draw.
+PHANTOM_SIZE_RANGE = (128, 1024)
+# How alike (difflib ratio) a misspelt word and a known one must be for a "did you mean"
+SUGGEST_CUTOFF = 0.75
 
 
 # ----------------------------------------------------------------------------- errors
@@ -259,6 +263,7 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
         >>> load_spec("dataset_specs/pneumonia.yaml").count  # doctest: +SKIP
         1000
     """
+    yaml_problems: list[SpecProblem] = []
     if isinstance(spec, Mapping):
         source = source or "<mapping>"
         bad = list(_non_json_values(spec, ()))
@@ -269,8 +274,11 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
         try:
             doc = load_strict_yaml(spec, source)
         except StrictYamlError as e:
-            raise SpecError([SpecProblem(p.path, p.message, p.line, p.column) for p in e.problems], e.source) from None
-    return _build(doc)
+            yaml_problems = [SpecProblem(p.path, p.message, p.line, p.column) for p in e.problems]
+            if e.document is None:
+                raise SpecError(yaml_problems, e.source) from None
+            doc = e.document  # only duplicate keys: check the rest of the spec too (first values kept)
+    return _build(doc, yaml_problems)
 
 
 
@@ -304,9 +312,24 @@ def _schema_validator():
     return _SCHEMA_VALIDATOR
 
 
+def _closest(word: str, words: Mapping[str, str]) -> str | None:
+    """words[w] for the w most like ``word``, if alike enough and not tied with a w that means something else."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, w).ratio(), w) for w in words), reverse=True)
+    if not scored or scored[0][0] < SUGGEST_CUTOFF:
+        return None
+    if any(r == scored[0][0] and words[w] != words[scored[0][1]] for r, w in scored[1:]):
+        return None  # 'grave' is as close to 'grade 1' (mild) as to 'grade 3' (severe)
+    return words[scored[0][1]]
+
+
 def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    close = _closest(str(word), {str(c): str(c) for c in choices})
+    return f"; did you mean '{close}'?" if close else ""
+
+
+def _vocab_hint(vocab, section: str, word: str) -> str:
+    close = _closest(normalise(word), vocab.words(section))
+    return f"; did you mean '{close}'?" if close else ""
 
 
 def _type_name(value: Any) -> str:
@@ -326,13 +349,25 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
         line, col = doc.position(path, key=key) or (None, None)
         problems.append(SpecProblem(path, message, line, col))
 
+    schema = _schema_validator().schema
+    defs = schema["$defs"]
+
     def visit(error, base_path=()):
         path = tuple(base_path) + tuple(error.absolute_path)
         v, inst, sch = error.validator, error.instance, error.schema
         if v == "additionalProperties" and isinstance(inst, dict):
             allowed = list(sch.get("properties", {}))
             for k in inst:
-                if k not in allowed:
+                if k in allowed:
+                    continue
+                if "distribution" in allowed and sch != defs["age"]:  # age: the keys one distribution takes
+                    if k in defs["age"]["properties"]:  # (an unknown key is reported by the age schema itself)
+                        takes = ", ".join(a for a in allowed if a != "distribution")
+                        add(path + (k,), f"'{k}' is not used by distribution '{inst['distribution']}', which takes "
+                            f"{takes}; remove it", key=True)
+                elif path == () and (home := _home_of(k, schema)):
+                    add(path + (k,), f"'{k}' is not a top-level key: it belongs {home}", key=True)
+                else:
                     extra = _suggest(k, allowed) if allowed else ""
                     where = f" (allowed: {', '.join(allowed)})" if allowed and not extra else ""
                     add(path + (k,), f"unknown key '{k}'{extra}{where}", key=True)
@@ -343,7 +378,9 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
             pass
         elif v == "required":
             missing = error.message.split("'")[1] if "'" in error.message else error.message
-            add(path, f"missing required key '{missing}'")
+            choices = sch.get("properties", {}).get(missing, {}).get("enum")
+            one_of = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+            add(path, f"missing required key '{missing}'{one_of}")
         elif v == "type":
             want = sch["type"] if isinstance(sch["type"], list) else [sch["type"]]
             names = {"string": "text", "object": "a mapping", "array": "a list", "integer": "an integer",
@@ -358,7 +395,13 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
             bound = sch[v]
             rel = {"minimum": f"at least {bound}", "maximum": f"at most {bound}",
                    "exclusiveMinimum": f"greater than {bound}", "exclusiveMaximum": f"less than {bound}"}[v]
-            hint = " (weights must be positive; remove an entry instead of giving it 0)" if v == "exclusiveMinimum" and bound == 0 else ""
+            hint = ""
+            if sch == defs["weight"]:
+                hint = (" (weights must be positive; remove an entry instead of giving it 0)" if v == "exclusiveMinimum"
+                        else " (weights only count relative to each other: divide them all by the same number)")
+            elif path[-1:] == ("sd",) and v == "exclusiveMinimum":
+                hint = (" (sd is the spread of the ages around mean; for one age for everyone write "
+                        "{distribution: fixed, value: N})")
             add(path, f"must be {rel}, got {inst!r}{hint}")
         elif v == "multipleOf":
             add(path, f"must be a multiple of {sch['multipleOf']}, got {inst!r}")
@@ -396,13 +439,22 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
     return problems
 
 
-def _build(doc: YamlDocument) -> DatasetSpec:
+def _home_of(key: str, schema: dict) -> str | None:
+    """Where a key found at the top level belongs, when it is a key of a section or of a findings entry."""
+    if key in schema["$defs"]["component"]["properties"]:
+        return f"inside an entry of findings (findings: [{{finding: ..., weight: ..., {key}: ...}}])"
+    for name, sub in schema["properties"].items():
+        if key in sub.get("properties", {}):
+            return f"under {name} ({name}: {{{key}: ...}})"
+    return None
+
+
+def _build(doc: YamlDocument, yaml_problems: list[SpecProblem] = ()) -> DatasetSpec:
     source = doc.source
-    problems = _schema_problems(doc)
-    bad_paths = [p.path for p in problems]
-    checker = _MeaningChecker(doc, bad_paths)
+    schema_problems = _schema_problems(doc)
+    checker = _MeaningChecker(doc, [p.path for p in schema_problems])
     result = checker.run()
-    problems += checker.problems
+    problems = [*yaml_problems, *schema_problems, *checker.problems]
     errors = [p for p in problems if p.level == "error"]
     if errors:
         raise SpecError(errors, source)
@@ -457,8 +509,7 @@ class _MeaningChecker:
             if section is not None:
                 canonical = self.vocab.resolve(section, key)
                 if canonical is None:
-                    hints = self.vocab.suggest(section, key)
-                    hint = f"; did you mean '{hints[0]}'?" if hints else ""
+                    hint = _vocab_hint(self.vocab, section, key)
                     known = "" if hint else f" (known: {', '.join(self.vocab.section(section))})"
                     self.error(kpath, f"unknown {section} '{key}'{hint}{known}", key=not single)
                     continue
@@ -475,6 +526,11 @@ class _MeaningChecker:
     def run(self) -> DatasetSpec | None:
         d = self.data
         splits = self.weights(("splits",), d.get("splits", {"train": 1}), None)
+        folded: dict[str, str] = {}
+        for name in splits or ():  # images/<split>/ folders: 'train' and 'Train' are one on Windows and macOS
+            if folded.setdefault(name.casefold(), name) != name:
+                self.error(("splits", name), f"split '{name}' differs from '{folded[name.casefold()]}' only by case; "
+                           "their folders would be the same on case-insensitive file systems", key=True)
         sex = self.weights(("patient", "sex"), self.get("patient", "sex", default={"F": 1, "M": 1}), "sex")
         view = self.weights(("view",), d.get("view", {"PA": 1}), "view")
         age = self.age()
@@ -548,6 +604,13 @@ class _MeaningChecker:
             return None
         size = im.get("size", 256)
         width, height = (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+        lo, hi = PHANTOM_SIZE_RANGE
+        bad = [i for i, side in enumerate((width, height)) if not lo <= side <= hi]
+        if bad and self.get("generator", "backend") == "phantom":
+            self.error(("image", "size") + ((bad[0],) if isinstance(size, list) else ()),
+                       f"the phantom backend (generator.backend) draws {lo}..{hi} pixels a side, "
+                       f"not {width} x {height}")
+            return None
         return ImageSpec(width=width, height=height, formats=tuple(im.get("formats", ("dicom", "png"))),
                          bit_depth=int(im.get("bit_depth", 16)), dicom_iod=im.get("dicom_iod", "sc"))
 
@@ -555,8 +618,8 @@ class _MeaningChecker:
         items = self.get("findings")
         if not isinstance(items, list) or not items:
             return None
-        total = math.fsum(float(c["weight"]) for c in items
-                          if isinstance(c, dict) and isinstance(c.get("weight"), (int, float)) and not isinstance(c.get("weight"), bool))
+        total = math.fsum(float(c["weight"]) for i, c in enumerate(items)
+                          if isinstance(c, dict) and "weight" in c and self.ok(("findings", i, "weight")))
         if len(items) > 1 and 0.9 < total < 1.1 and abs(total - 1) > 1e-9:
             self.error(("findings",), f"weights sum to {total:g}, not 1; they are divided by their sum", level="warning")
         comps: list[FindingComponent] = []
@@ -585,8 +648,7 @@ class _MeaningChecker:
             fpath = path + ("finding",) + (() if isinstance(raw, str) else (j,))
             fid = self.vocab.resolve("finding", name)
             if fid is None:
-                hints = self.vocab.suggest("finding", name)
-                hint = f"; did you mean '{hints[0]}'?" if hints else f" (known: {', '.join(self.vocab.findings)})"
+                hint = _vocab_hint(self.vocab, "finding", name) or f" (known: {', '.join(self.vocab.findings)})"
                 self.error(fpath, f"unknown finding '{name}'{hint}")
             elif fid in findings:
                 self.error(fpath, f"'{name}' is listed twice in one entry")
@@ -642,6 +704,10 @@ class _MeaningChecker:
             text, template_id = BUILTIN_TEMPLATES[template], template
         elif template in by_text:  # a built-in written out keeps its version id
             text, template_id = template, by_text[template]
+        elif "{" not in template and (close := _closest(template.lower(), {n: n for n in BUILTIN_TEMPLATES})):
+            text = template_id = template  # a misspelt built-in name, not a template text
+            self.error(("prompt", "template"), f"unknown built-in template '{template}'; did you mean '{close}'? "
+                       f"(built-in: {', '.join(BUILTIN_TEMPLATES)}; a template text must contain {{findings}})")
         else:
             text = template
             template_id = "custom-" + hashlib.sha256(template.encode("utf-8")).hexdigest()[:8]

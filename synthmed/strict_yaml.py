@@ -4,7 +4,8 @@ PyYAML's event parser is used, but its YAML 1.1 scalar resolution is not: plain 
 resolved by the YAML 1.2 core schema, and a plain scalar that YAML 1.1 would read differently
 (``NO`` as false, ``017`` as octal, ``1:20`` as sexagesimal, ``2026-11-21`` as a date) is
 refused with a hint to quote it. Anchors, aliases, tags, merge keys, duplicate keys, several
-documents, NaN, infinities, deep nesting and oversized input are refused too.
+documents, NaN, infinities, deep nesting and oversized input are refused too. After a
+duplicate key parsing goes on (the first value is kept), so a caller can check the rest too.
 
 Example:
     >>> doc = load_strict_yaml("a: {b: [1, 2.5, x]}")
@@ -38,11 +39,17 @@ class YamlProblem:
 
 
 class StrictYamlError(ValueError):
-    """Raised with every problem found in a YAML text (``.problems``)."""
+    """Raised with every problem found in a YAML text (``.problems``).
 
-    def __init__(self, problems: list[YamlProblem], source: str = "<text>"):
+    When every problem is a duplicate key, ``.document`` is the document parsed with the
+    first value of each such key, so that a caller can report the document's other
+    problems along with them; otherwise it is None.
+    """
+
+    def __init__(self, problems: list[YamlProblem], source: str = "<text>", document: "YamlDocument | None" = None):
         self.problems = problems
         self.source = source
+        self.document = document
         super().__init__("\n".join(_format(p, source) for p in problems))
 
 
@@ -137,10 +144,14 @@ def read_text(path_or_text: str | Path | bytes, source: str | None = None) -> tu
             raise StrictYamlError([YamlProblem(f"no such file: {p}")], source)
         if p.is_dir():
             raise StrictYamlError([YamlProblem(f"{p} is a directory, not a spec file")], source)
-        size = p.stat().st_size
-        if size > MAX_BYTES:
-            raise StrictYamlError([YamlProblem(f"file is {size:,} bytes; specs are limited to {MAX_BYTES:,} bytes (1 MiB)")], source)
-        raw = p.read_bytes()
+        try:
+            with p.open("rb") as f:  # at most one byte over the limit: /dev/zero or a pipe has no size to check first
+                raw = f.read(MAX_BYTES + 1)
+        except OSError as e:
+            raise StrictYamlError([YamlProblem(f"cannot read {p}: {e.strerror or e}")], source) from None
+        if len(raw) > MAX_BYTES:
+            raise StrictYamlError([YamlProblem(f"file is over {MAX_BYTES:,} bytes; "
+                                               f"specs are limited to {MAX_BYTES:,} bytes (1 MiB)")], source)
     elif isinstance(path_or_text, bytes):
         raw, source = path_or_text, source or "<bytes>"
     else:
@@ -183,6 +194,7 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
     text, source = read_text(path_or_text, source)
     doc = YamlDocument(data=None, source=source)
     problems: list[YamlProblem] = []
+    duplicates: list[YamlProblem] = []  # problems that parsing went on after (the first value kept)
 
     def mark(ev) -> tuple[int, int]:
         return ev.start_mark.line + 1, ev.start_mark.column + 1
@@ -263,7 +275,9 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
                 kpath = path + (key,)
                 if key in result:
                     first = doc.key_marks.get(kpath, (None, None))
-                    problems.append(YamlProblem(f"duplicate key '{key}' (first at line {first[0]})", *mark(kev), kpath))
+                    duplicates.append(YamlProblem(f"duplicate key '{key}' (first at line {first[0]})",
+                                                  *mark(kev), kpath))
+                    problems.append(duplicates[-1])
                     build(path + ("?dup",), depth + 1)
                     continue
                 doc.key_marks[kpath] = mark(kev)
@@ -286,5 +300,6 @@ def load_strict_yaml(path_or_text: str | Path | bytes, source: str | None = None
         kind = "empty" if doc.data is None else type(doc.data).__name__.replace("str", "text").replace("list", "a list")
         problems.append(YamlProblem(f"the spec must be a mapping of keys to values (found {kind})", *mark(root_ev)))
     if problems:
-        raise StrictYamlError(problems, source)
+        recoverable = len(problems) == len(duplicates) and isinstance(doc.data, dict)
+        raise StrictYamlError(problems, source, doc if recoverable else None)
     return doc

@@ -34,7 +34,7 @@ findings:
     weight: 1
     location: {right: 1, left: 1}
     severity: {severe: 1}
-generator: {backend: phantom}
+generator: {backend: pattern}
 """
 FAST = dict(batch_size=2, vae_batch_size=2, vae_crop=32, checkpoint_every=2, threads=1, progress=False,
             validation_prompts=["PA chest radiograph of a 40 year old female. Severe right pneumothorax."])
@@ -45,7 +45,7 @@ def phantom_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "set"
     spec = tmp_path_factory.mktemp("spec") / "spec.yaml"
     spec.write_text(SPEC, encoding="utf-8")
-    generate(spec, out, backend="pattern", progress=False, qc=False)  # 64x64: below the phantom's 128 minimum
+    generate(spec, out, progress=False, qc=False)  # 64x64: below the phantom's 128 minimum
     return out
 
 

@@ -79,6 +79,8 @@ HOSTILE = [
      "unknown location 'lft'"),
     ("unknown-severity", BASE + "    severity: {mild: 1, sevre: 1}\n", "findings[0].severity.sevre", 7,
      "unknown severity 'sevre'; did you mean 'severe'?"),
+    ("severity-far-from-any", BASE + "    severity: {grave: 1}\n", "findings[0].severity.grave", 7,
+     "unknown severity 'grave' (known: mild, moderate, severe)"),
     ("unknown-view", BASE + "view: {PA: 1, LAT: 1}\n", "view.LAT", 7, "unknown view 'LAT'"),
     ("unknown-sex", BASE + "patient:\n  sex: {F: 1, X: 1}\n", "patient.sex.X", 8, "unknown sex 'X'"),
     ("same-location-twice", BASE + "    location: {rll: 1, right lower lobe: 1}\n",
@@ -100,15 +102,34 @@ HOSTILE = [
     ("weight-zero", BASE.replace("weight: 1", "weight: 0"), "findings[0].weight", 6, "must be greater than 0"),
     ("weight-negative", BASE.replace("weight: 1", "weight: -2"), "findings[0].weight", 6, "must be greater than 0, got -2"),
     ("split-weight-zero", BASE + "splits: {train: 1, val: 0}\n", "splits.val", 7, "must be greater than 0"),
+    ("weight-1e308", BASE.replace("weight: 1", "weight: 1e308"), "findings[0].weight", 6,
+     "must be at most 1000000000000, got 1e+308 (weights only count relative to each other"),
+    ("split-weight-1e308", BASE + "splits: {train: 1e308, val: 1}\n", "splits.train", 7, "at most 1000000000000"),
+    ("sex-weight-1e308", BASE + "patient:\n  sex: {F: 1e308, M: 1}\n", "patient.sex.F", 8, "at most 1000000000000"),
+    ("split-names-differ-by-case", BASE + "splits: {train: 1, Train: 1}\n", "splits.Train", 7,
+     "split 'Train' differs from 'train' only by case"),
     # -- ranges
     ("size-100", BASE + "image: {size: 100}\n", "image.size", 7, "a multiple of 8"),
     ("size-2048", BASE + "image: {size: 2048}\n", "image.size", 7, "64..1024"),
+    ("phantom-size-64", BASE + "image: {size: 64}\ngenerator: {backend: phantom}\n", "image.size", 7,
+     "the phantom backend (generator.backend) draws 128..1024 pixels a side, not 64 x 64"),
+    ("phantom-height-120", BASE + "image: {size: [256, 120]}\ngenerator: {backend: phantom}\n", "image.size[1]", 7,
+     "128..1024 pixels a side, not 256 x 120"),
     ("count-0", BASE.replace("count: 100", "count: 0"), "count", 3, "at least 1, got 0"),
     ("count-10000001", BASE.replace("count: 100", "count: 10000001"), "count", 3, "at most 10000000"),
     ("age-min-over-max", BASE + "patient:\n  age: {distribution: uniform, min: 80, max: 20}\n", "patient.age.min", 8,
      "min (80) is greater than max (20)"),
     ("age-no-mass", BASE + "patient:\n  age: {distribution: truncated_normal, mean: 5, sd: 1, min: 80, max: 90}\n",
      "patient.age.mean", 8, "almost no mass"),
+    ("age-sd-0", BASE + "patient:\n  age: {distribution: truncated_normal, mean: 50, sd: 0, min: 18, max: 90}\n",
+     "patient.age.sd", 8, "greater than 0, got 0 (sd is the spread of the ages around mean; for one age for everyone "
+     "write {distribution: fixed, value: N})"),
+    ("age-fixed-with-min", BASE + "patient:\n  age: {distribution: fixed, value: 40, min: 10}\n", "patient.age.min", 8,
+     "'min' is not used by distribution 'fixed', which takes value; remove it"),
+    ("age-uniform-with-mean", BASE + "patient:\n  age: {distribution: uniform, min: 20, max: 30, mean: 25}\n",
+     "patient.age.mean", 8, "'mean' is not used by distribution 'uniform', which takes min, max"),
+    ("age-without-distribution", BASE + "patient:\n  age: {min: 20, max: 30}\n", "patient.age", 8,
+     "missing required key 'distribution' (one of: truncated_normal, uniform, categorical, fixed)"),
     ("image-format-jpeg", BASE + "image:\n  formats: [dicom, jpeg]\n", "image.formats[1]", 8, "'jpeg' is not one of"),
     # -- names
     ("name-dotdot-slash", BASE.replace("name: demo", "name: ../evil"), "name", 2, "not safe as a file name"),
@@ -116,6 +137,10 @@ HOSTILE = [
     ("name-hidden", BASE.replace("name: demo", "name: .hidden"), "name", 2, "not safe as a file name"),
     # -- unknown keys, with suggestions
     ("unknown-top-key", BASE + "seeed: 3\n", "seeed", 7, "unknown key 'seeed'; did you mean 'seed'?"),
+    ("top-level-severity", BASE + "severity: mild\n", "severity", 7,
+     "'severity' is not a top-level key: it belongs inside an entry of findings"),
+    ("top-level-location", BASE + "location: right\n", "location", 7, "it belongs inside an entry of findings"),
+    ("top-level-size", BASE + "size: 512\n", "size", 7, "'size' is not a top-level key: it belongs under image"),
     ("unknown-generator-key", BASE + "generator:\n  backnd: phantom\n", "generator.backnd", 8,
      "unknown key 'backnd'; did you mean 'backend'?"),
     ("unknown-entry-key", BASE + "    severty: mild\n", "findings[0].severty", 7,
@@ -126,6 +151,8 @@ HOSTILE = [
      "unknown placeholder '{agee}'; did you mean '{age}'?"),
     ("template-without-findings", BASE + "prompt:\n  template: '{view} chest'\n", "prompt.template", 8,
      "must contain {findings}"),
+    ("template-misspelt-builtin", BASE + "prompt:\n  template: roentgen-v2\n", "prompt.template", 8,
+     "unknown built-in template 'roentgen-v2'; did you mean 'roentgen-v1'?"),
     ("emphasis-role", BASE + "prompt:\n  emphasis: {findng: 1.2}\n", "prompt.emphasis.findng", 8,
      "unknown role 'findng'; did you mean 'finding'?"),
     # -- files
@@ -286,6 +313,29 @@ def test_mapping_with_a_non_json_value_is_a_spec_error():
     assert [p.json_path for p in e.problems] == ["description"]
 
 
+@pytest.mark.parametrize("where, paths", [
+    ({"splits": {"train": 1e308, "val": 1e308}}, ["splits.train", "splits.val"]),
+    ({"patient": {"sex": {"F": 1e308, "M": 1e308}}}, ["patient.sex.F", "patient.sex.M"]),
+    ({"view": {"PA": 1e308, "AP": 1e308}}, ["view.PA", "view.AP"]),
+    ({"findings": [{"finding": "pneumonia", "weight": 1e308, "location": {"rll": 1e308, "lll": 1e308}},
+                   {"finding": "edema", "weight": 1e308}]},
+     ["findings[0].weight", "findings[0].location.rll", "findings[0].location.lll", "findings[1].weight"]),
+    ({"patient": {"age": {"distribution": "categorical", "bins": {"18-39": 1e308, "40-59": 1e308}}}},
+     ["patient.age.bins.18-39", "patient.age.bins.40-59"]),
+], ids=["splits", "sex", "view", "findings", "age-bins"])
+def test_huge_weights_are_a_spec_error_not_an_overflow(where, paths):
+    e = spec_error({**minimal_mapping(), **where})  # their sum would overflow to infinity
+    assert sorted(p.json_path for p in e.problems) == sorted(paths)
+    assert all("at most 1000000000000" in p.message for p in e.problems)
+
+
+def test_weights_up_to_1e12_are_accepted():
+    spec = load_spec(BASE.replace("weight: 1", "weight: 1e12") + "  - {finding: edema, weight: 1e12}\n"
+                     "splits: {train: 1e12, val: 1}\n")
+    assert [c.weight for c in spec.findings] == [0.5, 0.5]
+    assert spec.splits.as_dict()["val"] == pytest.approx(1e-12)
+
+
 def test_yaml_float_overflow_is_not_accepted_as_weight():
     e = spec_error(BASE + "splits: {train: 1e400, val: 1}\n")
     assert [p.json_path for p in e.problems] == ["splits.train"]
@@ -412,6 +462,70 @@ def test_image_size_pair_and_bounds():
 @pytest.mark.parametrize("count", [1, 10_000_000])
 def test_count_bounds_are_inclusive(count):
     assert load_spec(BASE.replace("count: 100", f"count: {count}")).count == count
+
+
+@pytest.mark.parametrize("size", ["128", "1024", "[128, 1024]"])
+def test_phantom_accepts_sizes_within_its_range(size):
+    spec = load_spec(BASE + f"image: {{size: {size}}}\ngenerator: {{backend: phantom}}\n")
+    assert spec.generator.backend == "phantom"
+
+
+def test_phantom_size_range_is_what_the_phantom_draws():
+    pytest.importorskip("numpy")
+    from synthmed.backends.phantom import PhantomBackend
+    from synthmed.spec import PHANTOM_SIZE_RANGE
+
+    lo, hi = PHANTOM_SIZE_RANGE
+    assert PhantomBackend(lo, hi).info.settings["width"] == lo
+    for w, h in [(lo - 8, lo), (lo, hi + 8)]:
+        with pytest.raises(ValueError):
+            PhantomBackend(w, h)
+
+
+def test_small_images_are_fine_for_the_other_backends():
+    for backend in ("diffusion", "pattern"):
+        spec = load_spec(BASE + f"image: {{size: 64}}\ngenerator: {{backend: {backend}}}\n")
+        assert (spec.image.width, spec.generator.backend) == (64, backend)
+
+
+def test_schema_accepts_every_backend_there_is():
+    from synthmed.backends import BACKENDS
+
+    schema = json.loads((ROOT / "schemas" / "dataset_spec.schema.json").read_text())
+    assert schema["properties"]["generator"]["properties"]["backend"]["enum"] == list(BACKENDS)
+
+
+def test_split_names_differing_only_by_case_are_all_reported():
+    e = spec_error(BASE + "splits: {train: 1, Train: 1, TRAIN: 1, val: 1, Val: 1}\n")
+    assert [p.json_path for p in e.problems] == ["splits.Train", "splits.TRAIN", "splits.Val"]
+    assert "differs from 'val' only by case" in e.problems[2].message
+
+
+@pytest.mark.parametrize("typo, meant", [("pnuemonia", "pneumonia"), ("efusion", "pleural_effusion"),
+                                         ("cardiomegally", "cardiomegaly")])
+def test_close_typos_still_get_a_suggestion(typo, meant):
+    e = spec_error(with_finding(typo))
+    assert f"did you mean '{meant}'?" in e.problems[0].message
+
+
+@pytest.mark.parametrize("text, path", [
+    (BASE + "    severity: {grave: 1}\n", "findings[0].severity.grave"),   # as close to 'grade 1' as to 'grade 3'
+    (BASE + "    location: {lung: 1}\n", "findings[0].location.lung"),
+    (with_finding("xyz"), "findings[0].finding"),
+    (BASE + "colour: red\n", "colour"),
+])
+def test_far_typos_get_no_suggestion(text, path):
+    (p,) = spec_error(text).problems
+    assert p.json_path == path
+    assert "did you mean" not in p.message
+
+
+def test_custom_templates_still_work_next_to_misspelt_names():
+    spec = load_spec(BASE + "prompt: {template: 'Findings: {findings}'}\n")
+    assert spec.prompt.template_id.startswith("custom-")
+    assert load_spec(BASE + "prompt: {template: roentgen-v1}\n").prompt.template == "{findings}"
+    (p,) = spec_error(BASE + "prompt: {template: chest x-ray}\n").problems  # not like a name: a text without {findings}
+    assert "did you mean" not in p.message and "must contain {findings}" in p.message
 
 
 def test_age_kinds():

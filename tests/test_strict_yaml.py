@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,27 @@ def test_text_over_one_mib_is_refused():
     assert "1 MiB" in problems[0].message and problems[0].line is None
 
 
+@pytest.mark.skipif(not Path("/dev/zero").exists() or sys.platform == "win32", reason="needs /dev/zero")
+def test_endless_file_is_refused_after_reading_just_over_the_limit():
+    # /dev/zero has no size to check first: reading it whole would fill the memory.
+    code = ("import resource\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+            "from synthmed.strict_yaml import load_strict_yaml, StrictYamlError\n"
+            "try:\n    load_strict_yaml('/dev/zero')\n"
+            "except StrictYamlError as e:\n    print(e.problems[0].message)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    expected = f"file is over {MAX_BYTES:,} bytes; specs are limited to {MAX_BYTES:,} bytes (1 MiB)"
+    assert out.stdout.strip() == expected, out.stderr[-2000:]
+
+
+def test_file_of_exactly_the_limit_is_read(tmp_path):
+    path = tmp_path / "full.yaml"
+    path.write_bytes(b"a: 1\n" + b"#" * (MAX_BYTES - 6) + b"\n")
+    assert load_strict_yaml(path).data == {"a": 1}
+    path.write_bytes(b"a: 1\n" + b"#" * (MAX_BYTES - 5) + b"\n")
+    assert "1 MiB" in problems_of(path)[0].message
+
+
 def test_bytes_with_nul_and_latin1_are_refused():
     assert "binary" in problems_of(b"a: 1\n\x00")[0].message
     p = problems_of("a: 1\nb: caf\xe9\n".encode("latin-1"))[0]
@@ -220,3 +242,42 @@ def test_yaml_overflow_float_is_not_an_infinity():
         load_spec(BASE.replace("weight: 1", "weight: 1e400"))
     (p,) = info.value.problems
     assert (p.json_path, p.line) == ("findings[0].weight", 6)
+
+
+# ----------------------------------------------------------------------------- after a duplicate key
+
+def test_duplicate_key_keeps_the_first_value_and_parsing_goes_on():
+    with pytest.raises(StrictYamlError) as info:
+        load_strict_yaml("a: 1\nb: {c: 2, c: 3, d: 4}\na: 5\ne: 6\n")
+    e = info.value
+    assert [(p.path, p.line, p.column) for p in e.problems] == [(("b", "c"), 2, 11), (("a",), 3, 1)]
+    assert e.document.data == {"a": 1, "b": {"c": 2, "d": 4}, "e": 6}
+    assert e.document.position(("e",)) == (4, 4)
+
+
+def test_duplicate_key_with_another_yaml_problem_gives_no_document():
+    with pytest.raises(StrictYamlError) as info:
+        load_strict_yaml("a: 1\na: 2\nb: NO\n")
+    assert len(info.value.problems) == 2 and info.value.document is None
+
+
+def test_duplicate_key_does_not_hide_the_other_problems_of_a_spec():
+    text = BASE.replace("finding: pneumonia", "finding: pnuemonia") + "spec_version: 1\nseeed: 3\nsplits: {train: 0}\n"
+    with pytest.raises(SpecError) as info:
+        load_spec(text)
+    got = [(p.json_path, p.line, p.message) for p in info.value.problems]
+    assert got == [
+        ("findings[0].finding", 5, "unknown finding 'pnuemonia'; did you mean 'pneumonia'?"),
+        ("spec_version", 7, "duplicate key 'spec_version' (first at line 1)"),
+        ("seeed", 8, "unknown key 'seeed'; did you mean 'seed'?"),
+        ("splits.train", 9,
+         "must be greater than 0, got 0 (weights must be positive; remove an entry instead of giving it 0)"),
+    ]
+
+
+def test_duplicate_key_is_checked_with_its_first_value():
+    # the first count (0) is what the spec would use: it is reported; the second (5) is not looked at
+    with pytest.raises(SpecError) as info:
+        load_spec(BASE.replace("count: 100", "count: 0") + "count: 5\n")
+    assert [(p.json_path, p.line) for p in info.value.problems] == [("count", 3), ("count", 7)]
+    assert "at least 1, got 0" in info.value.problems[0].message
