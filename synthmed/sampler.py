@@ -5,7 +5,9 @@ the first 64 bits of that sequence's state with the top bit cleared (so it fits 
 64-bit integer everywhere), and under ``allocation: random`` its labels come
 from the following words. Under ``allocation: exact`` the counts per finding x location x
 severity cell are fixed by largest-remainder rounding, then balanced so that each mixture entry's
-total is within one case of its share too (:func:`balance_groups`), splits, sexes and views are rounded
+total is within one case of its share too (:func:`balance_groups`) and, inside each entry, each
+finding's totals per location and severity as well where a move can do it (:func:`balance_attributes`),
+splits, sexes and views are rounded
 within each cell (so every cell and every total is within one case of its target), ages are
 stratified over the distribution's quantiles, and one spec-level permutation spreads the
 cells over the case indices.
@@ -27,6 +29,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .vocabulary import CHEXPERT_COLUMNS, Vocabulary, get_vocabulary
+
+# Bumped whenever the same spec gives other cases; a run started under another version is not resumed.
+# 2: exact allocation also keeps each entry's location and severity totals within one (balance_attributes).
+SAMPLER_VERSION = 2
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -226,6 +232,64 @@ def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequ
         miss[over] -= 1
         miss[under] += 1
     return counts
+
+
+def balance_attributes(counts: Sequence[int], targets: Sequence[float], groups: Sequence[int],
+                       keys: Sequence[Sequence]) -> list[int]:
+    """Move units between items of one group until no attribute's total is a whole unit off, where a move can fix it.
+
+    Items are cells; ``keys`` are each cell's attributes (an entry's finding at a location, at a
+    severity). Largest remainder breaks ties and near-ties by position, so an entry spread evenly over
+    right and left can get every leftover case on the right. Each move takes a unit from a rounded-up
+    cell to a rounded-down cell of the same group (every count stays a floor or ceiling, every group
+    total is unchanged) and must lower the sum of squared attribute errors, so the loop ends. Counts
+    whose attribute totals are already within one are returned unchanged.
+
+    Example:
+        >>> balance_attributes([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0],
+        ...                    [("right", "mild"), ("right", "severe"), ("left", "mild"), ("left", "severe")])
+        [0, 1, 1, 0]
+    """
+    import numpy as np
+
+    counts = np.array(counts, dtype=np.int64)
+    targets_arr = np.asarray(targets, dtype=np.float64)
+    members: dict[int, list[int]] = {}
+    for j, g in enumerate(groups):
+        members.setdefault(g, []).append(j)
+    for idx in members.values():
+        names = list(dict.fromkeys(k for j in idx for k in keys[j]))
+        if len(idx) < 2 or not names:
+            continue
+        column = {k: i for i, k in enumerate(names)}
+        incidence = np.zeros((len(idx), len(names)))
+        for row, j in enumerate(idx):
+            incidence[row, [column[k] for k in keys[j]]] = 1.0
+        c, t = counts[idx], targets_arr[idx]
+        for _ in range(2 * len(idx) + 10):
+            diff = c - t
+            error = incidence.T @ diff
+            if np.all(np.abs(error) < 1 - 1e-9):
+                break
+            up, down = np.flatnonzero(diff > 1e-9), np.flatnonzero(diff < -1e-9)
+            if not up.size or not down.size:
+                break
+            # change of sum(error**2) when x gives a unit to y: attributes of x only lose one, of y only gain one.
+            # The givers that lower it most are tried against every taker (all pairs would be cells**2 per move).
+            give = incidence[up] @ (1 - 2 * error)
+            take = incidence[down] @ (1 + 2 * error)
+            best, move = -1e-9, None
+            for x in up[np.argsort(give, kind="stable")[:8]]:
+                change = give[np.searchsorted(up, x)] + take - 2 * (incidence[down] @ incidence[x])
+                y = int(np.argmin(change))
+                if change[y] < best:
+                    best, move = change[y], (x, down[y])
+            if move is None:
+                break
+            c[move[0]] -= 1
+            c[move[1]] += 1
+        counts[idx] = c
+    return counts.tolist()
 
 
 def controlled_rounding(group_totals: Sequence[int], probs: Sequence[float]) -> list[list[int]]:
@@ -557,7 +621,7 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
         age = _age_from_uniform(spec.age, _uniforms(words, 4))
     else:
         words = seed_sequence_state(spec.seed, indices, 2)
-        cell, split, sex, view = _exact_allocation(spec, cell_probs, n, [c.component for c in cells])
+        cell, split, sex, view = _exact_allocation(spec, cell_probs, n, cells)
         age_rng = _spec_rng(spec.seed, _AGE_KEY)
         strata = (age_rng.permutation(n) + age_rng.random(n)) / n  # one draw per 1/n-quantile stratum
         age = _age_from_uniform(spec.age, strata)
@@ -567,17 +631,24 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
     return CaseList(spec, cells, cell[:stop], split[:stop], sex[:stop], view[:stop], age[:stop], seed[:stop])
 
 
-def _exact_allocation(spec: "DatasetSpec", cell_probs, n: int, entries: Sequence[int]):
-    """Columns for exact allocation: nested rounding cell -> split -> sex -> view, then one permutation.
+def _attributes(cell: Cell) -> tuple:
+    """A cell's attributes whose totals exact allocation keeps within one: each finding's location and severity."""
+    return tuple((cell.component, f.finding, part, value) for f in cell.findings
+                 for part, value in (("location", f.location), ("severity", f.severity)) if value)
 
-    ``entries``: the mixture entry (component) of each cell.
-    """
+
+def _exact_allocation(spec: "DatasetSpec", cell_probs, n: int, cells: Sequence[Cell]):
+    """Columns for exact allocation: nested rounding cell -> split -> sex -> view, then one permutation."""
     import numpy as np
 
     # every cell within one of its target, and every entry of the mixture too
+    entries = [c.component for c in cells]
     entry = {c: k for k, c in enumerate(dict.fromkeys(entries))}
-    cell_counts = balance_groups(largest_remainder(n, list(cell_probs)), [n * float(p) for p in cell_probs],
-                                 [entry[c] for c in entries])
+    targets = [n * float(p) for p in cell_probs]
+    groups = [entry[c] for c in entries]
+    cell_counts = balance_groups(largest_remainder(n, list(cell_probs)), targets, groups)
+    # and each entry's locations and severities, finding by finding, within one where a move can do it
+    cell_counts = balance_attributes(cell_counts, targets, groups, [_attributes(cell) for cell in cells])
     per_split = controlled_rounding(cell_counts, spec.splits.probs)
     groups = [(c, s) for c in range(len(cell_counts)) for s in range(len(spec.splits.probs))]
     per_sex = controlled_rounding([per_split[c][s] for c, s in groups], spec.sex.probs)

@@ -130,8 +130,37 @@ def test_exact_entry_totals_within_one_of_target(d):
     for e, k in zip(entries, plain):
         plain_totals[e] += k
     if all(abs(plain_totals[e] - want[e]) < 1 - EPS for e in want):
-        assert [r["total"] for r in cases.counts()] == plain
         assert balance_groups(plain, [r["target"] for r in cases.counts()], entries) == plain
+        if _attribute_errors(cases.cells, plain, [r["target"] for r in cases.counts()]) < 1 - EPS:
+            assert [r["total"] for r in cases.counts()] == plain  # nor moved for locations or severities
+
+
+def _attribute_errors(cells, counts, targets) -> float:
+    """The largest |total - target| of any entry's finding at a location or a severity."""
+    from synthmed.sampler import _attributes
+
+    error = Counter()
+    for cell, count, target in zip(cells, counts, targets):
+        for key in _attributes(cell):
+            error[key] += count - target
+    return max((abs(e) for e in error.values()), default=0.0)
+
+
+@PROPERTY
+@given(spec_dicts())
+def test_exact_location_and_severity_totals_are_not_worse_than_largest_remainder(d):
+    """Moves for locations and severities keep every cell and entry within one and never widen the worst error."""
+    from synthmed.sampler import balance_groups, largest_remainder
+
+    spec = load_spec(d)
+    cases = sample_cases(spec)
+    rows = cases.counts()
+    targets = [r["target"] for r in rows]
+    entries = [c.component for c in cases.cells]
+    before = balance_groups(largest_remainder(spec.count, [c.prob for c in cases.cells]), targets, entries)
+    after = [r["total"] for r in rows]
+    assert all(abs(a - t) < 1 + EPS for a, t in zip(after, targets))
+    assert _attribute_errors(cases.cells, after, targets) <= _attribute_errors(cases.cells, before, targets) + EPS
 
 
 def test_an_entry_spread_over_many_cells_keeps_its_share():
@@ -144,6 +173,21 @@ def test_an_entry_spread_over_many_cells_keeps_its_share():
          "severity": {"mild": 1, "moderate": 1, "severe": 1}}], count=10)
     found = Counter(case.findings[0].finding for case in sample_cases(spec))
     assert found == Counter({**{f: 1 for f in others}, "pneumonia": 4})
+
+
+@pytest.mark.parametrize("entry, count", [
+    ({"finding": ["pneumonia", "atelectasis"], "weight": 1, "location": {"right": 1, "left": 1}}, 20),
+    ({"finding": "pneumonia", "weight": 1}, 12),
+], ids=["two-findings-right-left", "one-finding-six-lobes"])
+def test_tied_cells_spread_over_locations_and_severities(entry, count):
+    """Cells that tie (or nearly) must not all give their leftover cases to the first location or severity:
+    before, the first spec gave 9 right-sided cases and 1 left-sided, the second no lingula or left lower lobe."""
+    spec = make_spec([{"finding": "no_finding", "weight": 1}, entry] if count == 20 else [entry], count=count)
+    cases = sample_cases(spec)
+    rows = cases.counts()
+    assert _attribute_errors(cases.cells, [r["total"] for r in rows], [r["target"] for r in rows]) < 1 - EPS
+    locations = Counter((f.finding, f.location) for c in cases for f in c.findings if f.location)
+    assert len(set(locations.values())) == 1  # every location of every finding equally often
 
 
 @PROPERTY
