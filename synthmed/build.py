@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ class BuildResult:
     reused: int         # images kept from an earlier run (verified by sha256)
     interrupted: bool
     seconds: float
-    qc: Any = None      # the QCResult of the checks run at the end (None when the spec's qc is off)
+    qc: Any = field(default=None, repr=False)  # the QCResult of the checks run at the end (None when qc is off)
 
     @property
     def manifest(self) -> Path:
@@ -113,6 +113,7 @@ class _RunFolder:
         self.state = out / STATE_DIR
         self.parts = self.state / "parts"
         self._lock_fh = None
+        self.created = False
 
     def prepare(self, run: dict, *, resume: bool, overwrite: bool) -> None:
         out = self.out
@@ -127,8 +128,13 @@ class _RunFolder:
                 foreign = sorted(e for e in entries if e not in OUR_NAMES)[:3]
                 raise BuildError(f"{out} already holds files synthmed did not write ({', '.join(foreign or entries[:3])}"
                                  f"{', ...' if len(entries) > 3 else ''}); choose an empty or new folder", 2)
-        out.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(exist_ok=True)
+        self.created = not out.exists()
+        self._refuse_links()  # before the lock file or anything else is written into them
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.state.mkdir(exist_ok=True)
+        except OSError as e:
+            raise BuildError(f"cannot create the output folder {out}: {e.strerror or e}", 2) from None
         self._lock()
         try:
             self._check_previous_run(run, run_file, resume=resume, overwrite=overwrite)
@@ -163,6 +169,31 @@ class _RunFolder:
         self.parts.mkdir(parents=True, exist_ok=True)
         _atomic_json(run_file, run)
         self._remove_stale_temp_files()
+
+    def _refuse_links(self) -> None:
+        """Refuse a folder of ours (or a split folder in it) that leads outside OUT: writes must not follow it."""
+        base = self.out.resolve()
+        for top in ("images", "dicom", "masks", STATE_DIR):
+            path = self.out / top
+            inside = [p for p in path.iterdir() if p.is_dir() or p.is_symlink()] if path.is_dir() and \
+                not path.is_symlink() else []
+            for p in [path, *inside]:
+                if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(base)):
+                    raise BuildError(f"{p} is a symbolic link; synthmed writes only inside {self.out} and does not "
+                                     "follow links there. Remove it (or rerun with --overwrite)", 2)
+
+    def has_output(self) -> bool:
+        """Whether any image or manifest part has been written into the folder."""
+        return any(self.parts.glob("part-*.csv")) or \
+            any((self.out / top).exists() for top in ("images", "dicom", "masks"))
+
+    def forget(self) -> None:
+        """Remove a run that made nothing (the backend could not load): a corrected rerun starts afresh."""
+        self._clear()
+        self.release()
+        shutil.rmtree(self.state, ignore_errors=True)
+        if self.created and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def _lock(self) -> None:
         import fcntl
@@ -287,7 +318,8 @@ class _CaseWriter:
         for finding, mask in image.masks.items():
             rel = f"masks/{stem}_mask_{finding}.png"
             mask_paths.append(rel)
-            mask_hashes.append(self._put(rel, png_bytes(mask.astype(bool), {"case_id": case.case_id, "finding": finding})))
+            mask_hashes.append(self._put(rel, png_bytes(mask.astype(bool), {"case_id": case.case_id, "finding": finding,
+                                                                    "synthetic": "yes"})))
             box = _bbox(mask)
             if box:
                 boxes[finding] = box
@@ -394,11 +426,14 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     backend_name = backend if isinstance(backend, str) or backend is None else backend.info.name
     import dataclasses
 
+    from .sampler import SAMPLER_VERSION
+
     generator = {k: v for k, v in dataclasses.asdict(spec.generator).items() if k != "batch_size"}
+    model = None if model is None else os.fspath(model)  # a Path from a notebook is fine
     generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,
            "backend": generator["backend"], "model": generator["model"], "generator": generator,
-           "synthmed_version": __version__}
+           "synthmed_version": __version__, "sampler": SAMPLER_VERSION}
     folder = _RunFolder(out)
     folder.prepare(run, resume=resume, overwrite=overwrite)
     try:
@@ -407,6 +442,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         todo_set = set(todo)
         reused = sum(stop - start for k, (start, stop) in enumerate(chunks) if k not in todo_set)
         _write_cases_jsonl(out, cases)
+        made_with = _model_hash_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
         # 3. Backend and chunks (the backend only now: loading a model is the slow part)
         written, interrupted, versions, checked = 0, False, None, {}
         run_qc = spec.qc.enabled if qc is None else qc
@@ -416,9 +452,11 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             written, versions, checked = run_chunks_on_ray(
                 spec, folder, chunks, todo, limit=limit, backend=backend, model=model, batch_size=batch_size,
                 progress=progress, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                qc=run_qc)
+                qc=run_qc, made_with=made_with)
         elif todo:
-            maker = _ChunkMaker(spec, out, _load_backend(spec, backend, model), batch_size)
+            engine = _load_backend(spec, backend, model)
+            _check_same_model(out, engine.info.model_hash, made_with)
+            maker = _ChunkMaker(spec, out, engine, batch_size)
             written, interrupted = _run_chunks(maker, cases, chunks, todo, progress)
         # 4. Manifest, card
         qc_result = None
@@ -433,8 +471,31 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         raise BuildError(_write_failed_message(out, e)) from None
     except OSError as e:
         raise BuildError(_os_error_message(out, e)) from None
+    except BuildError:
+        if not folder.has_output():  # nothing made (a model that cannot load): leave nothing that blocks a rerun
+            folder.forget()
+        raise
     finally:
         folder.release()
+
+
+def _model_hash_of_parts(folder: "_RunFolder", kept: list[int]) -> str | None:
+    """The model hash the kept chunks were made with (their first row says it), or None if none is kept."""
+    from .writers.manifest import read_part
+
+    for k in kept:
+        rows = read_part(_part_path(folder.parts, k))
+        if rows:
+            return rows[0]["model_hash"]
+    return None
+
+
+def _check_same_model(out: Path, model_hash: str, made_with: str | None) -> None:
+    """A resume must not mix two models: the files of the model (or the phantom's version) must be the same."""
+    if made_with is not None and made_with != model_hash:
+        raise BuildError(f"{out} was partly made by a model with hash {made_with[:12]}, but the model now has hash "
+                         f"{model_hash[:12]} (its files changed); restore that model to resume, or rerun with "
+                         "--overwrite to start again", 2)
 
 
 def _run_qc(out: Path, progress: bool, checked: dict):

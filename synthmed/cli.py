@@ -154,7 +154,7 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     With --executor ray, OUT must be a folder every Ray worker can write (a shared file system).
     The quality checks run at the end (qc_report.json, report.html); exits 1 when a gating check fails.
     """
-    from .build import BuildError
+    from .build import CHUNK_SIZE, BuildError
     from .build import generate as run_generate
 
     try:
@@ -179,7 +179,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
         click.echo(f"interrupted; rerun with --resume to finish: synthmed generate {spec_path} -o {out} --resume", err=True)
         raise SystemExit(130)
     if result.interrupted:
-        click.echo(f"interrupted after {result.written} new images; rerun with --resume to finish: "
+        click.echo(f"interrupted after {result.written} new images; whole chunks of {CHUNK_SIZE} are kept and the "
+                   f"unfinished one is made again. Rerun with --resume to finish: "
                    f"synthmed generate {spec_path} -o {out} --resume", err=True)
         raise SystemExit(130)
     rate = result.written / result.seconds if result.seconds > 0 else 0.0

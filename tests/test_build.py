@@ -363,6 +363,61 @@ def test_folder_with_a_foreign_file_is_refused_and_untouched(tmp_path, mode):
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my own notes\n"
 
 
+def test_a_backend_that_cannot_load_leaves_nothing_behind(tmp_path):
+    """A wrong --model (or backend) is reported before any work; the corrected rerun must not be refused."""
+    spec = write_spec(tmp_path / "specs", count=10)
+    out = tmp_path / "out"
+    with pytest.raises(BuildError) as info:
+        generate(spec, out, backend="diffusion", model=str(tmp_path / "no-such-model"), progress=False)
+    assert info.value.exit_code == 2 and "no-such-model" in str(info.value)
+    assert not out.exists()
+    result = generate(spec, out, backend="pattern", progress=False)  # no --resume, no --overwrite needed
+    assert result.written == 10
+
+
+def test_a_backend_that_cannot_load_on_resume_keeps_the_finished_images(tmp_path):
+    spec = write_spec(tmp_path / "specs", count=10)
+    out = tmp_path / "out"
+    generate(spec, out, backend="pattern", progress=False, limit=5)
+    before = tree(out)
+    with pytest.raises(BuildError):
+        generate(spec, out, resume=True, backend="diffusion", model=str(tmp_path / "no-such-model"), progress=False)
+    assert tree(out) == before
+
+
+def test_an_output_path_below_a_file_is_a_usage_error(tmp_path):
+    spec = write_spec(tmp_path / "specs", count=10)
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    with pytest.raises(BuildError) as info:
+        generate(spec, tmp_path / "afile" / "out", backend="pattern", progress=False)
+    assert info.value.exit_code == 2 and "cannot create the output folder" in str(info.value)
+
+
+@pytest.mark.parametrize("link", ["images/train", "dicom", ".synthmed"])
+def test_resume_does_not_write_through_a_symbolic_link(tmp_path, link):
+    spec = write_spec(tmp_path / "specs", count=10)
+    out = tmp_path / "out"
+    generate(spec, out, backend="pattern", progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / link)
+    (out / link).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(BuildError) as info:
+        generate(spec, out, resume=True, backend="pattern", progress=False)
+    assert info.value.exit_code == 2 and "symbolic link" in str(info.value)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_the_phantom_refuses_a_size_it_cannot_draw_before_any_work(tmp_path):
+    """--backend phantom on a spec whose size only the other backends take (validation cannot know)."""
+    spec = write_spec(tmp_path / "specs", count=10)  # 64 x 64
+    out = tmp_path / "out"
+    with pytest.raises(BuildError) as info:
+        generate(spec, out, backend="phantom", progress=False)
+    assert info.value.exit_code == 2 and "128..1024" in str(info.value)
+    assert not out.exists()
+
+
 def test_overwrite_keeps_a_foreign_file_beside_a_previous_run(tmp_path):
     spec = write_spec(tmp_path / "specs", count=10)
     out = tmp_path / "out"

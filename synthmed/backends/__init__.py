@@ -78,6 +78,12 @@ def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: st
             from .phantom import PhantomBackend
         except ImportError:  # pragma: no cover - until the phantom lands
             raise BackendUnavailable("the phantom backend is not part of this installation") from None
+        from ..spec import PHANTOM_SIZE_RANGE
+
+        lo, hi = PHANTOM_SIZE_RANGE
+        if not (lo <= spec.image.width <= hi and lo <= spec.image.height <= hi):
+            raise BackendUnavailable(f"the phantom backend draws {lo}..{hi} pixels a side, not "
+                                     f"{spec.image.width} x {spec.image.height} (image.size in the spec)")
         return PhantomBackend(spec.image.width, spec.image.height)
     if name == "diffusion":
         return _diffusion_backend(spec, model)
@@ -117,5 +123,5 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None):
                                 guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype, device=g.device,
                                 allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
                                 coarse_to_fine=g.coarse_to_fine, threads=g.threads, model_id=model_id)
-    except ModelFolderError as e:
+    except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None

@@ -65,9 +65,12 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
         ModelFolderError: naming the folder and the file at fault.
     """
     root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise ModelFolderError(f"model folder {root} is a file, not a folder (generator.model must be 'default' or a "
+                               "local diffusers pipeline folder, as saved by pipeline.save_pretrained)")
     if not root.is_dir():
         raise ModelFolderError(f"model folder {root} does not exist (generator.model must be 'default' or a local "
-                               "diffusers pipeline folder)")
+                               f"diffusers pipeline folder; a relative path is taken from {Path.cwd()})")
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ModelFolderError(f"{index_file} is missing: {root} is not a diffusers pipeline folder "
@@ -76,7 +79,12 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelFolderError(f"{index_file} is not valid JSON: {e}") from None
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"{index_file} must hold a JSON object (found {type(index).__name__})")
     class_name = index.get("_class_name", "")
+    if not isinstance(class_name, str):  # ["module", "Class"] is diffusers' form for a custom pipeline's code
+        raise ModelFolderError(f"{index_file}: _class_name {class_name!r} names a custom pipeline, whose code would "
+                               "run from the model folder; only diffusers pipeline classes are loaded")
     if "text_encoder_2" in index or "XL" in class_name:
         raise ModelFolderError(f"{index_file}: {class_name} has two text encoders (SDXL-style); synthmed runs "
                                "single-text-encoder latent-diffusion pipelines (Stable Diffusion 1.x/2.x style)")
@@ -104,9 +112,13 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
                     raise ModelFolderError(f"{folder} has no weights (*.safetensors)")
                 if not allow_pickle:
                     raise ModelFolderError(f"{folder / pickled[0]} is a pickle file, which can run code when loaded; "
-                                           "convert it to safetensors, or set generator.allow_pickle: true if you trust it")
-    vae_config = json.loads((root / "vae" / "config.json").read_text(encoding="utf-8"))
-    unet_config = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+                                           "convert it to safetensors, or allow it if you trust it (--allow-pickle, "
+                                           "generator.allow_pickle: true)")
+    vae_config, unet_config = (_read_config(root / name / "config.json") for name in ("vae", "unet"))
+    if vae_config.get("latent_channels", 4) != unet_config.get("in_channels", 4):
+        raise ModelFolderError(f"{root}: the VAE makes {vae_config.get('latent_channels', 4)} latent channels but the "
+                               f"UNet takes {unet_config.get('in_channels', 4)} (vae/config.json latent_channels, "
+                               "unet/config.json in_channels)")
     factor = 2 ** (len(vae_config.get("block_out_channels", [1])) - 1)
     factor *= 2 ** (len(unet_config.get("block_out_channels", [1])) - 1)
     for label, size in (("width", width), ("height", height)):
@@ -114,6 +126,16 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
             raise ModelFolderError(f"{label} {size} does not suit {root}: sizes must be multiples of {factor} "
                                    "(the VAE's scale factor times the UNet's downsampling)")
     return index
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object (found {type(config).__name__})")
+    return config
 
 
 def _check_pipeline_class(class_name: str, index_file: Path) -> None:
@@ -162,10 +184,24 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
         has_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
         kwargs["use_safetensors"] = True if has_safetensors or not allow_pickle else False
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+    if name in WEIGHTED_COMPONENTS:
+        kwargs["output_loading_info"] = True
     try:
-        return cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {e}") from None
+        loaded = cls.from_pretrained(folder, **kwargs)
+    except Exception as e:  # a broken folder fails in many ways inside diffusers / transformers / safetensors
+        raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {type(e).__name__}: {e}") from None
+    if name not in WEIGHTED_COMPONENTS:
+        return loaded
+    component, info = loaded
+    # from_pretrained fills missing weights with random values and drops unknown ones, silently
+    problems = {kind: sorted(str(k) for k in info.get(key) or ()) for kind, key in (
+        ("missing", "missing_keys"), ("not used", "unexpected_keys"), ("of another shape", "mismatched_keys"))}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                           for kind, keys in problems.items())
+        raise ModelFolderError(f"the weights in {folder} do not fit {library}.{cls_name} as configured: {listed}")
+    return component
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -227,6 +263,8 @@ class DiffusionBackend:
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was asked for, but this torch has no MPS (Apple GPU) support")
         if self.quantize and device != "cpu":
             raise ValueError("quantize: int8 (dynamic quantisation) runs on the CPU only")
         self.device = torch.device(device)
@@ -268,6 +306,13 @@ class DiffusionBackend:
         """Everything after the components are in place: checks, the scheduler, int8, compile, the cache."""
         import torch
 
+        words, embedded = len(self.tokenizer), getattr(self.text_encoder.config, "vocab_size", None)
+        if words < 3:  # an empty tokenizer folder loads as a tokenizer of its special tokens only
+            raise ModelFolderError(f"{self.root / 'tokenizer'}: the tokenizer has {words} tokens; its vocabulary files "
+                                   "are missing")
+        if embedded is not None and words > embedded:
+            raise ModelFolderError(f"{self.root}: the tokenizer has {words} tokens but the text encoder embeds only "
+                                   f"{embedded} (text_encoder/config.json vocab_size)")
         hidden = getattr(self.text_encoder.config, "hidden_size", None) or getattr(self.text_encoder.config, "d_model", None)
         if hidden != self.unet.config.cross_attention_dim:
             raise ModelFolderError(f"{self.root}: the text encoder's width ({hidden}) does not match the UNet's "

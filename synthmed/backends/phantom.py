@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import BackendInfo, GeneratedImage
+from ..spec import PHANTOM_SIZE_RANGE
 
 MODEL_ID = "synthmed-phantom-v1"
 MODEL_HASH = "phantom-v1"
@@ -1109,9 +1110,10 @@ class PhantomBackend:
     """
 
     def __init__(self, width: int = 256, height: int = 256):
+        lo, hi = PHANTOM_SIZE_RANGE
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, (int, np.integer)) or not 128 <= int(value) <= 1024 or int(value) % 8:
-                raise ValueError(f"{name} must be an integer multiple of 8 within 128..1024, got {value!r}")
+            if not isinstance(value, (int, np.integer)) or not lo <= int(value) <= hi or int(value) % 8:
+                raise ValueError(f"{name} must be an integer multiple of 8 within {lo}..{hi}, got {value!r}")
         self.width, self.height = int(width), int(height)
         self.info = BackendInfo(name="phantom", model_id=MODEL_ID, model_hash=MODEL_HASH,
                                 settings={"width": self.width, "height": self.height,

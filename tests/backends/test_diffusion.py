@@ -626,3 +626,110 @@ def test_build_refuses_a_bad_model_folder_with_its_name(model_copy, tmp_path):
         generate(load_spec(_spec_text(folder)), tmp_path / "out", progress=False)
     assert "diffusion_pytorch_model.bin" in str(excinfo.value)
     assert excinfo.value.exit_code == 2
+
+
+def test_resume_refuses_a_model_whose_files_changed(model_copy, tmp_path):
+    """The kept chunk was made by one model; finishing with other weights would mix two models in one set."""
+    from safetensors.torch import load_file, save_file
+
+    from synthmed.build import CHUNK_SIZE, BuildError, generate
+    from synthmed.spec import load_spec
+
+    folder = model_copy()
+    spec = load_spec(_spec_text(folder).replace("count: 5", f"count: {CHUNK_SIZE + 2}"))
+    out = tmp_path / "out"
+    generate(spec, out, progress=False, limit=CHUNK_SIZE, qc=False)  # one whole chunk, kept by --resume
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    with pytest.raises(BuildError) as excinfo:
+        generate(spec, out, resume=True, progress=False, qc=False)
+    assert excinfo.value.exit_code == 2 and "files changed" in str(excinfo.value)
+    assert len(list((out / "images").rglob("*.png"))) == CHUNK_SIZE  # nothing made with the other weights
+
+
+def test_generate_takes_the_model_as_a_path(tiny_sd_dir, tmp_path):
+    from synthmed.build import generate
+    from synthmed.spec import load_spec
+
+    result = generate(load_spec(_spec_text(tiny_sd_dir)), tmp_path / "out", model=Path(tiny_sd_dir), progress=False,
+                      limit=2, qc=False)
+    assert result.written == 2 and "qc=" not in repr(result)
+
+
+# ----------------------------------------------------------------------------- folders that load but are wrong
+
+def _load_refused(folder: Path, *needles: str) -> str:
+    """The backend refuses ``folder`` with a ModelFolderError naming it (weights may have been read to find out)."""
+    with pytest.raises(ModelFolderError) as excinfo:
+        make_backend(folder)
+    message = str(excinfo.value)
+    assert str(folder) in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_text_encoder_weights_missing_tensors_are_refused(model_copy):
+    """transformers would fill the missing layers with random values and load without a word."""
+    from safetensors.torch import load_file, save_file
+
+    folder = model_copy()
+    weights = folder / "text_encoder" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if "layers.1." not in k}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    _load_refused(folder, "text_encoder", "missing", "layers.1.")
+
+
+def test_text_encoder_class_that_does_not_fit_its_weights_is_refused(model_copy):
+    folder = model_copy()
+    _edit_index(folder, text_encoder=["transformers", "BertModel"])
+    _load_refused(folder, "text_encoder", "BertModel")
+
+
+def test_truncated_text_encoder_weights_are_refused(model_copy):
+    folder = model_copy()
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    _load_refused(folder, "text_encoder")
+
+
+def test_empty_tokenizer_folder_is_refused(model_copy):
+    """It loads as a tokenizer of two special tokens: every prompt would become unknown tokens."""
+    folder = model_copy()
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    _load_refused(folder, "tokenizer", "vocabulary")
+
+
+@pytest.mark.parametrize("index, needle", [
+    ([], "JSON object"),
+    ({"_class_name": ["my_pipeline", "MyPipeline"]}, "custom pipeline"),
+], ids=["a-list", "custom-pipeline-class"])
+def test_model_index_of_the_wrong_shape_is_refused(model_copy, index, needle):
+    folder = model_copy()
+    if isinstance(index, dict):
+        _edit_index(folder, **index)
+    else:
+        (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    _assert_refused(folder, "model_index.json", needle)
+
+
+def test_component_config_that_is_not_json_is_refused(model_copy):
+    folder = model_copy()
+    (folder / "vae" / "config.json").write_text("{not json", encoding="utf-8")
+    _assert_refused(folder, str(Path("vae") / "config.json"), "not valid JSON")
+
+
+def test_vae_latents_the_unet_cannot_take_are_refused(model_copy):
+    folder = model_copy()
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["latent_channels"] = 8
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    _assert_refused(folder, "latent channels", "in_channels")
+
+
+def test_a_file_given_as_the_model_folder_is_named_as_a_file(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    _assert_refused(weights, "is a file")
