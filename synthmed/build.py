@@ -175,12 +175,15 @@ class _RunFolder:
         base = self.out.resolve()
         for top in ("images", "dicom", "masks", STATE_DIR):
             path = self.out / top
-            inside = [p for p in path.iterdir() if p.is_dir() or p.is_symlink()] if path.is_dir() and \
-                not path.is_symlink() else []
+            try:
+                inside = [p for p in path.iterdir() if p.is_dir() or p.is_symlink()] if path.is_dir() and \
+                    not path.is_symlink() else []
+            except OSError as e:
+                raise BuildError(f"cannot read {path}: {e.strerror or e}", 2) from None
             for p in [path, *inside]:
                 if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(base)):
-                    raise BuildError(f"{p} is a symbolic link; synthmed writes only inside {self.out} and does not "
-                                     "follow links there. Remove it (or rerun with --overwrite)", 2)
+                    raise BuildError(f"{p} is a symbolic link (or leads outside {self.out}); synthmed writes only "
+                                     "inside the output folder and does not follow links there. Remove it and rerun", 2)
 
     def has_output(self) -> bool:
         """Whether any image or manifest part has been written into the folder."""
@@ -189,11 +192,12 @@ class _RunFolder:
 
     def forget(self) -> None:
         """Remove a run that made nothing (the backend could not load): a corrected rerun starts afresh."""
-        self._clear()
+        self._clear()  # everything but the lock file, while the lock is ours
         self.release()
-        shutil.rmtree(self.state, ignore_errors=True)
-        if self.created and not any(self.out.iterdir()):
-            self.out.rmdir()
+        if self.created:  # a folder this call made: nobody else's run can be in it
+            shutil.rmtree(self.state, ignore_errors=True)
+            if not any(self.out.iterdir()):
+                self.out.rmdir()
 
     def _lock(self) -> None:
         import fcntl

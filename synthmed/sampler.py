@@ -33,6 +33,8 @@ from .vocabulary import CHEXPERT_COLUMNS, Vocabulary, get_vocabulary
 # Bumped whenever the same spec gives other cases; a run started under another version is not resumed.
 # 2: exact allocation also keeps each entry's location and severity totals within one (balance_attributes).
 SAMPLER_VERSION = 2
+# An entry with more cells than this (four findings at every lobe and severity) keeps its largest-remainder counts.
+MAX_BALANCED_CELLS = 20_000
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -243,7 +245,9 @@ def balance_attributes(counts: Sequence[int], targets: Sequence[float], groups: 
     right and left can get every leftover case on the right. Each move takes a unit from a rounded-up
     cell to a rounded-down cell of the same group (every count stays a floor or ceiling, every group
     total is unchanged) and must lower the sum of squared attribute errors, so the loop ends. Counts
-    whose attribute totals are already within one are returned unchanged.
+    whose attribute totals are already within one are returned unchanged. Every sum runs in a fixed
+    order (bincount, integer products), so the result does not depend on the CPU's maths library. A
+    group of more than ``MAX_BALANCED_CELLS`` cells is left as it is.
 
     Example:
         >>> balance_attributes([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0],
@@ -259,28 +263,32 @@ def balance_attributes(counts: Sequence[int], targets: Sequence[float], groups: 
         members.setdefault(g, []).append(j)
     for idx in members.values():
         names = list(dict.fromkeys(k for j in idx for k in keys[j]))
-        if len(idx) < 2 or not names:
+        if len(idx) < 2 or not names or len(idx) > MAX_BALANCED_CELLS:
             continue
         column = {k: i for i, k in enumerate(names)}
-        incidence = np.zeros((len(idx), len(names)))
-        for row, j in enumerate(idx):
-            incidence[row, [column[k] for k in keys[j]]] = 1.0
+        pairs = [(row, column[k]) for row, j in enumerate(idx) for k in keys[j]]
+        rows = np.array([r for r, _ in pairs], dtype=np.int64)
+        cols = np.array([c for _, c in pairs], dtype=np.int64)
+        incidence = np.zeros((len(idx), len(names)), dtype=np.int32)
+        incidence[rows, cols] = 1
         c, t = counts[idx], targets_arr[idx]
         for _ in range(2 * len(idx) + 10):
             diff = c - t
-            error = incidence.T @ diff
+            error = np.bincount(cols, weights=diff[rows], minlength=len(names))
             if np.all(np.abs(error) < 1 - 1e-9):
                 break
             up, down = np.flatnonzero(diff > 1e-9), np.flatnonzero(diff < -1e-9)
             if not up.size or not down.size:
                 break
             # change of sum(error**2) when x gives a unit to y: attributes of x only lose one, of y only gain one.
-            # The givers that lower it most are tried against every taker (all pairs would be cells**2 per move).
-            give = incidence[up] @ (1 - 2 * error)
-            take = incidence[down] @ (1 + 2 * error)
-            best, move = -1e-9, None
-            for x in up[np.argsort(give, kind="stable")[:8]]:
-                change = give[np.searchsorted(up, x)] + take - 2 * (incidence[down] @ incidence[x])
+            # The givers that lower it most are tried against every taker (all pairs would be cells**2 per move);
+            # scores are rounded so that exact ties go to the first cell, not to the last bit of a sum.
+            give = np.round(np.bincount(rows, weights=(1 - 2 * error)[cols], minlength=len(idx)), 9)
+            take = np.round(np.bincount(rows, weights=(1 + 2 * error)[cols], minlength=len(idx)), 9)[down]
+            takers = incidence[down]
+            best, move = -1e-6, None
+            for x in up[np.argsort(give[up], kind="stable")[:8]]:
+                change = give[x] + take - 2 * (takers @ incidence[x])
                 y = int(np.argmin(change))
                 if change[y] < best:
                     best, move = change[y], (x, down[y])

@@ -375,16 +375,6 @@ def test_a_backend_that_cannot_load_leaves_nothing_behind(tmp_path):
     assert result.written == 10
 
 
-def test_a_backend_that_cannot_load_on_resume_keeps_the_finished_images(tmp_path):
-    spec = write_spec(tmp_path / "specs", count=10)
-    out = tmp_path / "out"
-    generate(spec, out, backend="pattern", progress=False, limit=5)
-    before = tree(out)
-    with pytest.raises(BuildError):
-        generate(spec, out, resume=True, backend="diffusion", model=str(tmp_path / "no-such-model"), progress=False)
-    assert tree(out) == before
-
-
 def test_an_output_path_below_a_file_is_a_usage_error(tmp_path):
     spec = write_spec(tmp_path / "specs", count=10)
     (tmp_path / "afile").write_text("x", encoding="utf-8")

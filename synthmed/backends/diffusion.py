@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -193,14 +194,18 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
     if name not in WEIGHTED_COMPONENTS:
         return loaded
     component, info = loaded
-    # from_pretrained fills missing weights with random values and drops unknown ones, silently
-    problems = {kind: sorted(str(k) for k in info.get(key) or ()) for kind, key in (
-        ("missing", "missing_keys"), ("not used", "unexpected_keys"), ("of another shape", "mismatched_keys"))}
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        listed = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                           for kind, keys in problems.items())
-        raise ModelFolderError(f"the weights in {folder} do not fit {library}.{cls_name} as configured: {listed}")
+    # from_pretrained fills missing weights with random values, silently: refuse that. Weights it does not
+    # use (a text encoder saved with its projection head) change nothing, so they only get a warning.
+    listed = {kind: sorted(str(k) for k in info.get(key) or ()) for kind, key in (
+        ("missing", "missing_keys"), ("of another shape", "mismatched_keys"), ("not used", "unexpected_keys"))}
+    text = {kind: f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for kind, keys in listed.items() if keys}
+    if "missing" in text or "of another shape" in text:
+        raise ModelFolderError(f"the weights in {folder} do not fit {library}.{cls_name} as configured: "
+                               f"{'; '.join(text.values())}")
+    if text:
+        warnings.warn(f"{folder}: weights {text['not used']} are not part of {library}.{cls_name}; they are ignored",
+                      stacklevel=2)
     return component
 
 

@@ -647,6 +647,24 @@ def test_resume_refuses_a_model_whose_files_changed(model_copy, tmp_path):
     assert len(list((out / "images").rglob("*.png"))) == CHUNK_SIZE  # nothing made with the other weights
 
 
+def test_a_model_that_stops_loading_on_resume_keeps_the_finished_images(model_copy, tmp_path):
+    """The failed resume must not clear the folder: images were made (only a run that made nothing is forgotten)."""
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    folder = model_copy()
+    spec = load_spec(_spec_text(folder))
+    out = tmp_path / "out"
+    generate(spec, out, progress=False, limit=3, qc=False)  # 3 images, no whole chunk
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "images").rglob("*") if p.is_file()}
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(BuildError) as excinfo:
+        generate(spec, out, resume=True, progress=False, qc=False)
+    assert "unet" in str(excinfo.value)
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "images").rglob("*") if p.is_file()} == before
+    assert (out / ".synthmed" / "run.json").is_file()
+
+
 def test_generate_takes_the_model_as_a_path(tiny_sd_dir, tmp_path):
     from synthmed.build import generate
     from synthmed.spec import load_spec
@@ -678,6 +696,23 @@ def test_text_encoder_weights_missing_tensors_are_refused(model_copy):
     tensors = {k: v for k, v in load_file(weights).items() if "layers.1." not in k}
     save_file(tensors, weights, metadata={"format": "pt"})
     _load_refused(folder, "text_encoder", "missing", "layers.1.")
+
+
+def test_weights_the_text_encoder_does_not_use_only_warn(model_copy, backend, cases):
+    """A text encoder saved with an extra head: nothing is filled at random, the images are the same."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = model_copy()
+    weights = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["text_projection.weight"] = torch.zeros(4, 4)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="text_projection.weight"):
+        extra = make_backend(folder)
+    prompts = [make_prompt(c) for c in cases]
+    for a, b in zip(extra.generate(cases, prompts), backend.generate(cases, prompts)):
+        assert np.array_equal(a.pixels, b.pixels)
 
 
 def test_text_encoder_class_that_does_not_fit_its_weights_is_refused(model_copy):
