@@ -76,12 +76,7 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
     if not index_file.is_file():
         raise ModelFolderError(f"{index_file} is missing: {root} is not a diffusers pipeline folder "
                                "(save one with pipeline.save_pretrained)")
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"{index_file} is not valid JSON: {e}") from None
-    if not isinstance(index, dict):
-        raise ModelFolderError(f"{index_file} must hold a JSON object (found {type(index).__name__})")
+    index = _read_config(index_file)
     class_name = index.get("_class_name", "")
     if not isinstance(class_name, str):  # ["module", "Class"] is diffusers' form for a custom pipeline's code
         raise ModelFolderError(f"{index_file}: _class_name {class_name!r} names a custom pipeline, whose code would "

@@ -39,6 +39,12 @@ def make_backend(folder, **kwargs) -> DiffusionBackend:
     return DiffusionBackend(folder, **settings)
 
 
+def assert_same_images(one: DiffusionBackend, other: DiffusionBackend, cases) -> None:
+    prompts = [make_prompt(c) for c in cases]
+    for a, b in zip(one.generate(cases, prompts), other.generate(cases, prompts)):
+        assert np.array_equal(a.pixels, b.pixels)
+
+
 def stored(image: GeneratedImage) -> np.ndarray:
     """The 12-bit values a build would write."""
     return to_stored(image.pixels, 16)
@@ -499,10 +505,7 @@ def test_pickle_weights_refused_unless_allowed(model_copy, backend, cases):
     folder = model_copy()
     _unet_to_pickle(folder)
     _assert_refused(folder, str(Path("unet") / "diffusion_pytorch_model.bin"), "allow_pickle")
-    allowed = make_backend(folder, allow_pickle=True)
-    prompts = [make_prompt(c) for c in cases]
-    for a, b in zip(allowed.generate(cases, prompts), backend.generate(cases, prompts)):
-        assert np.array_equal(a.pixels, b.pixels)
+    assert_same_images(make_backend(folder, allow_pickle=True), backend, cases)
 
 
 def test_custom_code_component_refused(model_copy):
@@ -710,9 +713,7 @@ def test_weights_the_text_encoder_does_not_use_only_warn(model_copy, backend, ca
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.warns(UserWarning, match="text_projection.weight"):
         extra = make_backend(folder)
-    prompts = [make_prompt(c) for c in cases]
-    for a, b in zip(extra.generate(cases, prompts), backend.generate(cases, prompts)):
-        assert np.array_equal(a.pixels, b.pixels)
+    assert_same_images(extra, backend, cases)
 
 
 def test_text_encoder_class_that_does_not_fit_its_weights_is_refused(model_copy):
