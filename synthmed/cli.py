@@ -218,6 +218,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
               help="UNet learning rate (default: 5e-4 scratch, 1e-4 LoRA, 1e-5 full fine-tune).")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="After 200 warm-up steps: constant, or cosine down to a tenth at the last step.")
+@click.option("--save-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
+              show_default=True, help="Precision every component of the saved model is stored in (frozen ones too).")
 @click.option("--template", default="synthmed-v1", show_default=True,
               help="Prompt template (a built-in name or a template string), the same as generation uses.")
 @click.option("--lora-rank", type=click.IntRange(1), default=8, show_default=True)

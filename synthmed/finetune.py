@@ -547,6 +547,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     record["seconds"] = seconds + (prev.get("seconds", 0.0) if resume else 0.0)
     record["steps"], record["vae_steps"] = steps, settings["vae_steps"]
     record["logged_seconds"] = _logged_seconds(work / "log.jsonl")  # across every resumed session
+    record["save_dtype"] = save_dtype  # every component is stored in it, the frozen ones too
     (work / "record.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     _save_pipeline(out, {**parts, "vae": vae, "unet": unet, "text_encoder": text_encoder}, save_dtype,
                    record, manifest_path, None if scratch else Path(base))

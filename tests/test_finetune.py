@@ -199,6 +199,8 @@ def test_fine_tunes_a_base_model(phantom_set, tiny_base, tmp_path, mode):
     result = finetune(phantom_set, tiny_base, tmp_path / "model", mode=mode, steps=3, save_dtype="float32",
                       learning_rate=1e-2, **FAST)
     after = _weights(result.model_dir)
+    assert json.loads((result.model_dir / "training.json").read_text())["save_dtype"] == "float32"
+    assert {t.dtype for t in after.values()} == {torch.float32}
     assert after.keys() == before.keys()  # LoRA is merged: a plain diffusers folder, no adapter keys
     changed = {k.split("/")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"unet"}  # VAE frozen, text encoder frozen by default
@@ -241,6 +243,14 @@ def test_unknown_lr_schedule_is_refused(phantom_set, tmp_path):
     result = CliRunner().invoke(main, ["finetune", "--manifest", str(phantom_set), "--base", "scratch",
                                        "-o", str(tmp_path / "m"), "--lr-schedule", "linear"])
     assert result.exit_code == 2 and "linear" in result.output and not (tmp_path / "m").exists()
+
+
+def test_save_dtype_is_a_command_line_choice(phantom_set, tmp_path):
+    """The saved precision (float16 by default) is the user's to choose, not only the API's."""
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(phantom_set), "--base", "scratch",
+                                       "-o", str(tmp_path / "m"), "--save-dtype", "float64"])
+    assert result.exit_code == 2 and "float32" in result.output and not (tmp_path / "m").exists()
+    assert "--save-dtype" in CliRunner().invoke(main, ["finetune", "--help"]).output
 
 
 def test_work_folder_from_before_the_schedule_option_still_resumes(phantom_set, tmp_path):
