@@ -79,6 +79,7 @@ class BuildResult:
     interrupted: bool
     seconds: float
     qc: Any = field(default=None, repr=False)  # the QCResult of the checks run at the end (None when qc is off)
+    notes: tuple[str, ...] = ()  # what the user should know: files --overwrite left alone, a damaged run record
 
     @property
     def manifest(self) -> Path:
@@ -106,14 +107,22 @@ def derive_retry_seed(seed: int | None, try_number: int, case_id: str = "") -> i
 # ----------------------------------------------------------------------------- the output folder
 
 class _RunFolder:
-    """The output folder: foreign-file check, run state, lock."""
+    """The output folder: foreign-file check, run state, lock, and the ledger of what synthmed wrote in it.
+
+    synthmed deletes or overwrites only files the ledger (:mod:`synthmed.ledger`) names; see docs/safety.md.
+    """
 
     def __init__(self, out: Path):
+        from .ledger import Ledger
+
         self.out = out
         self.state = out / STATE_DIR
         self.parts = self.state / "parts"
+        self.ledger = Ledger(out, self.state)
         self._lock_fh = None
         self.created = False
+        self.left_alone: list[str] = []   # files --overwrite found that synthmed did not write
+        self.notes: list[str] = []         # what the user should know (printed by the CLI)
 
     def prepare(self, run: dict, *, resume: bool, overwrite: bool) -> None:
         out = self.out
@@ -121,9 +130,12 @@ class _RunFolder:
             raise BuildError(f"{out} exists and is not a folder", 2)
         run_file = self.state / "run.json"
         if out.exists():
-            entries = [p.name for p in out.iterdir()]
+            try:
+                entries = [p.name for p in out.iterdir()]
+            except OSError as e:
+                raise BuildError(f"cannot read the output folder {out}: {e.strerror or e}", 2) from None
             # a run killed before it wrote run.json leaves only our own names, with .synthmed among them
-            ours = STATE_DIR in entries and set(entries) <= set(OUR_NAMES)
+            ours = STATE_DIR in entries and (set(entries) <= set(OUR_NAMES) or not self.ledger.is_empty())
             if entries and not run_file.exists() and not ours:
                 foreign = sorted(e for e in entries if e not in OUR_NAMES)[:3]
                 raise BuildError(f"{out} already holds files synthmed did not write ({', '.join(foreign or entries[:3])}"
@@ -134,7 +146,8 @@ class _RunFolder:
             out.mkdir(parents=True, exist_ok=True)
             self.state.mkdir(exist_ok=True)
         except OSError as e:
-            raise BuildError(f"cannot create the output folder {out}: {e.strerror or e}", 2) from None
+            what = "write to the output folder" if out.is_dir() else "create the output folder"
+            raise BuildError(f"cannot {what} {out}: {e.strerror or e}", 2) from None
         self._lock()
         try:
             self._check_previous_run(run, run_file, resume=resume, overwrite=overwrite)
@@ -145,15 +158,19 @@ class _RunFolder:
     def _check_previous_run(self, run: dict, run_file: Path, *, resume: bool, overwrite: bool) -> None:
         out = self.out
         if run_file.exists():
-            try:
-                previous = json.loads(run_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                previous = {}
+            previous = _read_run_record(run_file)
+            if self.ledger.is_empty():
+                self._adopt_legacy_run()
             if overwrite:
-                self._clear()
+                self.clear()
             elif not resume:
-                raise BuildError(f"{out} already holds a synthmed run ('{previous.get('name', '?')}'); "
+                name = previous.get("name", "?") if previous else "?"
+                raise BuildError(f"{out} already holds a synthmed run ('{name}'); "
                                  "rerun with --resume to finish it, or --overwrite to start again", 2)
+            elif previous is None:
+                # every kept image is still checked against the plan (case, labels, spec hash) before it is kept
+                self.notes.append(f"{run_file} could not be read (damaged); every kept image is checked against "
+                                  "the spec before it is kept")
             else:
                 changed = []
                 for key in run:
@@ -166,9 +183,45 @@ class _RunFolder:
                     what = "; ".join(changed)
                     raise BuildError(f"{out} was built from a different spec or settings (changed: {what}); "
                                      "rerun with --overwrite to start again", 2)
+        elif overwrite and not self.ledger.is_empty():
+            self.clear()  # a run killed before it wrote run.json
+        self.ledger.remove_temp_files()  # a killed run's, by the pids its claims recorded
         self.parts.mkdir(parents=True, exist_ok=True)
+        self.ledger.claim("run", [f"{STATE_DIR}/run.json"])
         _atomic_json(run_file, run)
-        self._remove_stale_temp_files()
+
+    def _adopt_legacy_run(self) -> None:
+        """A run written before the ledger existed: its parts are its record (each file with its sha256)."""
+        from .writers.manifest import read_part
+
+        parts = sorted(self.parts.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9].csv")) if self.parts.is_dir() else []
+        for part in parts:
+            try:
+                rows = read_part(part)
+            except (OSError, ValueError):
+                continue
+            digests = {}
+            for row in rows:
+                for rel, sha in _row_files(row):
+                    if rel and _inside(self.out, rel) and _file_sha256(self.out / rel) == sha:
+                        digests[rel] = sha
+            digests[f"{STATE_DIR}/parts/{part.name}"] = _file_sha256(part)
+            self.ledger.record(f"chunk-{part.stem[5:]}", digests)
+        top = [n for n in ("manifest.csv", "cases.jsonl", "dataset_card.json", "README.md", "qc_report.json",
+                           "report.html", f"{STATE_DIR}/run.json") if (self.out / n).is_file()]
+        top += [f"images/{p.name}/metadata.csv" for p in (self.out / "images").glob("*")
+                if (p / "metadata.csv").is_file()] if (self.out / "images").is_dir() else []
+        self.ledger.record_files("run", top)
+
+    def clear(self) -> None:
+        """--overwrite: remove exactly what the ledger says synthmed wrote; name what it leaves."""
+        removal = self.ledger.remove_owned()
+        left = self.ledger.foreign_files([n for n in OUR_NAMES if n != STATE_DIR])
+        left += [f"{r} (changed since synthmed wrote it)" for r in removal.changed]
+        if left:
+            self.left_alone = left
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            self.notes.append(f"--overwrite left {len(left)} file(s) synthmed did not write in {self.out}: {shown}")
 
     def _refuse_links(self) -> None:
         """Refuse a folder of ours (or a split folder in it) that leads outside OUT: writes must not follow it."""
@@ -187,22 +240,29 @@ class _RunFolder:
 
     def has_output(self) -> bool:
         """Whether any image or manifest part has been written into the folder."""
-        return any(self.parts.glob("part-*.csv")) or \
-            any((self.out / top).exists() for top in ("images", "dicom", "masks"))
+        owned = self.ledger.owned()
+        return any(rel.split("/")[0] in ("images", "dicom", "masks") or rel.startswith(f"{STATE_DIR}/parts/")
+                   for rel in owned if (self.out / rel).exists())
 
     def forget(self) -> None:
         """Remove a run that made nothing (the backend could not load): a corrected rerun starts afresh."""
-        self._clear()  # everything but the lock file, while the lock is ours
+        self.ledger.remove_owned()
         self.release()
-        if self.created:  # a folder this call made: nobody else's run can be in it
-            shutil.rmtree(self.state, ignore_errors=True)
-            if not any(self.out.iterdir()):
-                self.out.rmdir()
+        if self.created:  # a folder this call made: remove what this call put there, and the folders if empty
+            (self.state / "lock").unlink(missing_ok=True)
+            for folder in (self.ledger.dir, self.parts, self.state, self.out):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
 
     def _lock(self) -> None:
         import fcntl
 
-        fh = open(self.state / "lock", "a+")
+        try:
+            fh = open(self.state / "lock", "a+")
+        except OSError as e:
+            raise BuildError(f"cannot write to the output folder {self.out}: {e.strerror or e}", 2) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -215,27 +275,38 @@ class _RunFolder:
             self._lock_fh.close()
             self._lock_fh = None
 
-    def _clear(self) -> None:
-        for name in OUR_NAMES:
-            target = self.out / name
-            if name == STATE_DIR:
-                for child in self.state.iterdir():
-                    if child.name != "lock":
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
-            elif target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    def claim(self, key: str, rels) -> None:
+        """Claim files before writing them; a file there that synthmed did not write stops the run (exit 2)."""
+        from .ledger import ForeignFileError
 
-    def _remove_stale_temp_files(self) -> None:
-        """Temp files of a killed run (``.name.PID.tmp``) are never final; remove them."""
-        for top in ("images", "dicom", "masks", STATE_DIR):
-            root = self.out / top
-            if root.is_dir():
-                for tmp in root.rglob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
-        for tmp in self.out.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        try:
+            self.ledger.claim(key, rels)
+        except ForeignFileError as e:
+            raise BuildError(f"{e} (in {self.out}); synthmed overwrites only files it wrote. Move "
+                             f"{'it' if len(e.rels) == 1 else 'them'} out of the folder and rerun with --resume", 2) \
+                from None
+
+
+def _read_run_record(path: Path) -> dict | None:
+    """run.json as a dict, or None when it cannot be read (damaged)."""
+    try:
+        data = json.loads(path.read_bytes()[:1_000_000])
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _inside(out: Path, rel: str) -> bool:
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts
+
+
+def _row_files(row: dict) -> list[tuple[str, str]]:
+    """(path, sha256) of every file a manifest row names."""
+    pairs = [(row.get("png_path", ""), row.get("png_sha256", "")), (row.get("dicom_path", ""), row.get("dicom_sha256", ""))]
+    if row.get("mask_paths"):
+        pairs += zip(row["mask_paths"].split("|"), row.get("mask_sha256", "").split("|"))
+    return [(rel, sha) for rel, sha in pairs if rel]
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -278,10 +349,15 @@ class _CaseWriter:
         self.chexpert = CHEXPERT_COLUMNS
         self.generation = json.dumps(generation, sort_keys=True, separators=(",", ":"))
         self.made_dirs: set[Path] = set()
+        self.claimed: set[str] = set()
+        self.claim = None  # set by the chunk maker: claims a path no case predicted, before it is written
 
     def _put(self, rel: str, data: bytes) -> str:
         from .atomic import atomic_write_bytes
 
+        if self.claim is not None and rel not in self.claimed:
+            self.claim(rel)
+            self.claimed.add(rel)
         path = self.out / rel
         if path.parent not in self.made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -360,23 +436,40 @@ def _manifest_columns():
     return MANIFEST_COLUMNS
 
 
-def _part_is_done(out: Path, part: Path, case_ids: list[str]) -> bool:
-    """True when the part lists these cases first and every file it names has its recorded sha256."""
+def _part_is_done(out: Path, part: Path, cases: list, spec: DatasetSpec, vocab) -> bool:
+    """True when the part lists these cases first, says of each what the plan says, and every file it names
+    has its recorded sha256. A part from another spec, or with an edited label, is made again."""
     from .writers.manifest import read_part
 
     try:
         rows = read_part(part)
     except (OSError, ValueError):
         return False
-    if [r["case_id"] for r in rows[: len(case_ids)]] != case_ids:
+    if len(rows) < len(cases):
         return False
-    for row in rows[: len(case_ids)]:
-        pairs = [(row["png_path"], row["png_sha256"]), (row["dicom_path"], row["dicom_sha256"])]
-        pairs += zip(row["mask_paths"].split("|"), row["mask_sha256"].split("|")) if row["mask_paths"] else []
-        for rel, digest in pairs:
-            if rel and _file_sha256(out / rel) != digest:
+    for row, case in zip(rows, cases):
+        if row != {**row, **_planned_labels(case, spec, vocab)}:
+            return False
+        for rel, digest in _row_files(row):
+            if not _inside(out, rel) or _file_sha256(out / rel) != digest:
                 return False
     return True
+
+
+def _planned_labels(case: "Case", spec: DatasetSpec, vocab) -> dict[str, str]:
+    """The manifest columns that say what a case is: a kept row must say exactly this."""
+    expected = {
+        "case_id": case.case_id, "index": case.index, "split": case.split,
+        "seed": "" if case.seed is None else case.seed,
+        "findings": "|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in case.findings),
+        "finding_codes": "|".join(str(vocab.findings[f.finding].code) for f in case.findings),
+        "location": "|".join(f.location or "" for f in case.findings),
+        "severity": "|".join(f.severity or "" for f in case.findings),
+        **case.chexpert_labels(vocab), "sex": case.sex, "age": case.age, "view": case.view,
+        "width": spec.image.width, "height": spec.image.height, "bit_depth": spec.image.bit_depth,
+        "spec_hash": spec.spec_hash,
+    }
+    return {k: ("" if v is None else str(v)) for k, v in expected.items()}
 
 
 # ----------------------------------------------------------------------------- generate
@@ -417,12 +510,10 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     """
     started = time.perf_counter()
     # 1. Check inputs
+    _check_arguments(spec=spec, out=out, resume=resume, overwrite=overwrite, limit=limit, backend=backend,
+                     model=model, batch_size=batch_size, progress=progress, qc=qc)
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
-    if limit is not None and limit < 1:
-        raise BuildError(f"limit must be at least 1, got {limit}", 2)
-    if batch_size is not None and batch_size < 1:
-        raise BuildError(f"batch_size must be at least 1, got {batch_size}", 2)
     if resume and overwrite:
         raise BuildError("--resume and --overwrite exclude each other", 2)
     _check_executor(executor, backend, ray_address, workers, gpus_per_worker)
@@ -445,6 +536,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         cases, chunks, todo = _plan(spec, folder, limit=limit, resume=resume)
         todo_set = set(todo)
         reused = sum(stop - start for k, (start, stop) in enumerate(chunks) if k not in todo_set)
+        folder.claim("run", ["cases.jsonl"])
         _write_cases_jsonl(out, cases)
         made_with = _model_hash_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
         # 3. Backend and chunks (the backend only now: loading a model is the slow part)
@@ -468,9 +560,9 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             _finish(spec, folder, cases, chunks, run, versions)
             # 5. Quality checks: the cheap ones (the lock is ours already)
             if run_qc:
-                qc_result = _run_qc(out, progress, checked)
+                qc_result = _run_qc(folder, spec, progress, checked)
         return BuildResult(out=out, total=len(cases), written=written, reused=reused, interrupted=interrupted,
-                           seconds=time.perf_counter() - started, qc=qc_result)
+                           seconds=time.perf_counter() - started, qc=qc_result, notes=tuple(folder.notes))
     except _WriteFailed as e:
         raise BuildError(_write_failed_message(out, e)) from None
     except OSError as e:
@@ -481,6 +573,44 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         raise
     finally:
         folder.release()
+
+
+class BuildArgumentError(BuildError, ValueError):
+    """An argument of :func:`generate` has a value it cannot take (exit code 2 on the command line)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 2)
+
+
+def _check_arguments(*, spec, out, resume, overwrite, limit, backend, model, batch_size, progress, qc) -> None:
+    """Refuse wrong argument types and values at the door, naming the argument (the Python API's users)."""
+    from .backends import BACKENDS
+
+    def name_of(value) -> str:
+        return f"{type(value).__name__} {value!r}"[:120]
+
+    if not isinstance(spec, (DatasetSpec, str, os.PathLike)):
+        raise TypeError(f"spec must be a DatasetSpec or the path of a spec file, got {name_of(spec)}")
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise TypeError(f"out must be the path of the output folder, got {name_of(out)}")
+    for flag, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {name_of(value)}")
+    if qc is not None and not isinstance(qc, bool):
+        raise TypeError(f"qc must be True, False or None (the spec's qc.enabled), got {name_of(qc)}")
+    for arg, value in (("limit", limit), ("batch_size", batch_size)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be a whole number, got {name_of(value)}")
+        if value < 1:
+            raise BuildArgumentError(f"{arg} must be at least 1, got {value}")
+    if backend is not None and not isinstance(backend, str) and not (hasattr(backend, "generate")
+                                                                    and hasattr(backend, "info")):
+        raise TypeError(f"backend must be a backend name ({', '.join(BACKENDS)}) or a Backend object, "
+                        f"got {name_of(backend)}")
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be 'default' or the path of a model folder, got {name_of(model)}")
 
 
 def _model_hash_of_parts(folder: "_RunFolder", kept: list[int]) -> str | None:
@@ -502,13 +632,20 @@ def _check_same_model(out: Path, model_hash: str, made_with: str | None) -> None
                          "--overwrite to start again", 2)
 
 
-def _run_qc(out: Path, progress: bool, checked: dict):
+def _run_qc(folder: _RunFolder, spec: DatasetSpec, progress: bool, checked: dict):
     from .qc.run import QCError, qc
 
+    # qc rewrites the manifest (its qc columns) and writes its reports: claimed first, as every write is
+    ours = ["manifest.csv", "qc_report.json", "report.html"]
+    if "png" in spec.image.formats:
+        ours += [f"images/{split}/metadata.csv" for split in spec.splits.keys]
+    folder.claim("qc", ours)
     try:
-        return qc(out, full=False, lock=False, progress=progress, precomputed=checked)
+        return qc(folder.out, full=False, lock=False, progress=progress, precomputed=checked)
     except QCError as e:
         raise BuildError(f"the quality checks could not run: {e}", e.exit_code) from None
+    finally:
+        folder.ledger.record_files("qc", ours)
 
 
 def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) -> None:
@@ -533,16 +670,23 @@ def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) ->
     require_ray()
 
 
+def _remedy(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full", "free space and rerun with --resume to finish"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return err.strerror or "permission denied", "make the folder writable and rerun with --resume to finish"
+    return err.strerror or str(err), "rerun with --resume to finish"
+
+
 def _write_failed_message(out: Path, e: "_WriteFailed") -> str:
-    err = e.error
-    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-    return (f"could not write {out / e.rel}: {reason}. No partial file was kept; "
-            f"free space and rerun with --resume to finish")
+    reason, remedy = _remedy(e.error)
+    return f"could not write {out / e.rel}: {reason}. No partial file was kept; {remedy}"
 
 
 def _os_error_message(out: Path, e: OSError) -> str:
-    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-    return f"could not write to {out}: {reason} ({e.filename or ''}). Rerun with --resume to finish"
+    reason, remedy = _remedy(e)
+    where = f"{e.filename}" if e.filename else str(out)
+    return f"could not write {where}: {reason}. {remedy[0].upper()}{remedy[1:]}"
 
 
 def _part_path(parts: Path, k: int) -> Path:
@@ -552,17 +696,49 @@ def _part_path(parts: Path, k: int) -> Path:
 def _plan(spec: DatasetSpec, folder: _RunFolder, *, limit: int | None, resume: bool):
     """The cases, their chunks as (start, stop), and the indices of the chunks still to do."""
     from .sampler import sample_cases
+    from .vocabulary import get_vocabulary
 
     cases = sample_cases(spec, limit=limit)
     total = len(cases)
     chunks = [(start, min(start + CHUNK_SIZE, total)) for start in range(0, total, CHUNK_SIZE)]
+    if resume:
+        _refuse_shrinking(spec, folder, cases, chunks, limit)
+    vocab = get_vocabulary()
     todo = []
     for k, (start, stop) in enumerate(chunks):
         part = _part_path(folder.parts, k)
-        ids = [cases[i].case_id for i in range(start, stop)]
-        if not (resume and part.exists() and _part_is_done(folder.out, part, ids)):
+        if not (resume and part.exists() and _part_is_done(folder.out, part, [cases[i] for i in range(start, stop)],
+                                                           spec, vocab)):
             todo.append(k)
     return cases, chunks, todo
+
+
+def _refuse_shrinking(spec: DatasetSpec, folder: _RunFolder, cases, chunks, limit: int | None) -> None:
+    """A resume with a smaller --limit would leave images on disk that the manifest does not list."""
+    planned = {cases[i].case_id for start, stop in chunks[-1:] for i in range(start, stop)}
+    beyond: set[str] = set()
+    for key in folder.ledger.keys():
+        if not key.startswith("chunk-") or not key[6:].isdigit() or int(key[6:]) < len(chunks) - 1:
+            continue
+        for rel in folder.ledger.read(key)["files"]:
+            if rel.split("/")[0] in ("images", "dicom", "masks") and (folder.out / rel).exists():
+                case_id = Path(rel).stem.split("_mask_")[0]
+                if case_id not in planned:
+                    beyond.add(case_id)
+    if beyond:
+        raise BuildError(f"{folder.out} holds the images of {len(beyond)} case(s) beyond the {len(cases)} now planned"
+                         f"{f' (--limit {limit})' if limit else ''}, made by an earlier run; a resume would leave them "
+                         "outside the manifest. Rerun with a larger --limit (or none) to finish them, or with "
+                         "--overwrite to build only these cases", 2)
+
+
+def _case_paths(spec: DatasetSpec, case: "Case") -> list[str]:
+    """Every file a case may have (the masks of all its findings), relative to OUT."""
+    stem = f"{case.split}/{case.case_id}"
+    paths = [f"images/{stem}.png"] if "png" in spec.image.formats else []
+    paths += [f"dicom/{stem}.dcm"] if "dicom" in spec.image.formats else []
+    paths += [f"masks/{stem}_mask_{f.finding}.png" for f in case.findings]
+    return paths
 
 
 def _load_backend(spec: DatasetSpec, backend: "str | Backend | None", model: str | None) -> "Backend":
@@ -587,6 +763,7 @@ class _ChunkMaker:
         from .prompts import build_prompt
 
         self.spec, self.engine, self._build_prompt = spec, engine, build_prompt
+        self.folder = _RunFolder(out)  # its ledger: each chunk's files are claimed before they are written
         generation = {"backend": engine.info.name, **dict(engine.info.settings)}
         self.writer = _CaseWriter(spec, out, engine.info, generation)
         self.parts = out / STATE_DIR / "parts"
@@ -600,6 +777,16 @@ class _ChunkMaker:
         """Write chunk ``k`` (its ``cases``); returns the images written. The part is written only if all were."""
         from .writers.manifest import write_part
 
+        key = f"chunk-{k:06d}"
+        part = _part_path(self.parts, k)
+        planned = [p for c in cases for p in _case_paths(self.spec, c)]
+        # files an earlier plan of this chunk made (another split, other findings) are ours and stale
+        stale = set(self.folder.ledger.read(key)["files"]) - set(planned) - {f"{STATE_DIR}/parts/{part.name}"}
+        if stale:
+            self.folder.ledger.remove(key, sorted(stale))
+        self.folder.claim(key, planned + [f"{STATE_DIR}/parts/{part.name}"])
+        self.writer.claimed = set(planned)
+        self.writer.claim = lambda rel: self.folder.claim(key, [rel])  # a file no case predicted (a backend's extra mask)
         pending: list[Future] = []
         for b0 in range(0, len(cases), self.batch):
             if stop is not None and stop.is_set():
@@ -616,7 +803,10 @@ class _ChunkMaker:
                 on_batch(len(batch_cases))
         rows = [f.result() for f in pending]
         if len(rows) == len(cases):  # interrupted inside this chunk: no part, --resume redoes it
-            write_part(_part_path(self.parts, k), rows)
+            write_part(part, rows)
+            digests = {rel: sha for row in rows for rel, sha in _row_files(row)}
+            digests[f"{STATE_DIR}/parts/{part.name}"] = _file_sha256(part)
+            self.folder.ledger.record(key, digests)
         return len(rows)
 
     def _write(self, case: "Case", used: "Case", prompt, image: "GeneratedImage", tries: int) -> dict:
@@ -716,10 +906,15 @@ def _finish(spec: DatasetSpec, folder: _RunFolder, cases, chunks, run: dict, ver
     from .writers.manifest import merge_parts, write_split_metadata
 
     out = folder.out
+    ours = ["manifest.csv", "dataset_card.json", "README.md"]
+    if "png" in spec.image.formats:
+        ours += [f"images/{split}/metadata.csv" for split in spec.splits.keys]
+    folder.claim("run", ours)
     merge_parts([(_part_path(folder.parts, k), stop - start) for k, (start, stop) in enumerate(chunks)],
                 out / "manifest.csv")
     write_split_metadata(out / "manifest.csv", out)
     _write_card(spec, out, cases, run, versions)
+    folder.ledger.record_files("run", ours)
 
 
 def _progress(total: int, enabled: bool):

@@ -176,12 +176,13 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo(f"interrupted; rerun with --resume to finish: synthmed generate {spec_path} -o {out} --resume", err=True)
+        click.echo(f"interrupted; rerun with --resume to finish: {_resume_command()}", err=True)
         raise SystemExit(130)
+    for note in result.notes:
+        click.echo(f"warning: {note}", err=True)
     if result.interrupted:
         click.echo(f"interrupted after {result.written} new images; whole chunks of {CHUNK_SIZE} are kept and the "
-                   f"unfinished one is made again. Rerun with --resume to finish: "
-                   f"synthmed generate {spec_path} -o {out} --resume", err=True)
+                   f"unfinished one is made again. Rerun with --resume to finish: {_resume_command()}", err=True)
         raise SystemExit(130)
     rate = result.written / result.seconds if result.seconds > 0 else 0.0
     click.echo(f"wrote {result.written:,} images ({result.reused:,} kept from before) of {result.total:,} "
@@ -322,6 +323,33 @@ def qc(out: Path, reference: Path | None, training_manifest: Path | None, featur
     click.echo(f"  html:   {result.html_path}")
     if not result.passed:
         raise SystemExit(1)
+
+
+def _resume_command() -> str:
+    """The command that finishes this run: this one's arguments and overrides, with --resume, without --overwrite."""
+    import shlex
+
+    ctx = click.get_current_context()
+    words = ["synthmed", ctx.info_name or "generate"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in ("resume", "overwrite") or value is None:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name == "DEFAULT":
+            continue
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+            continue
+        opt = max(param.opts, key=len)
+        if param.is_flag:
+            if param.secondary_opts and not value:
+                words.append(max(param.secondary_opts, key=len))
+            elif value:
+                words.append(opt)
+        else:
+            words += [opt, str(value)]
+    return shlex.join(words + ["--resume"])
 
 
 def _summary_text(spec, cases, rows, splits, show, build_prompt) -> str:

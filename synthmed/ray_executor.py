@@ -189,7 +189,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tu
         finally:
             context.enable_progress_bars = bars
         # a killed worker can leave a temp file behind (never under a final name); no worker runs now
-        folder._remove_stale_temp_files()
+        folder.ledger.remove_temp_files()
         return written, versions, checked
     finally:
         if started_here:

@@ -1,0 +1,267 @@
+"""What synthmed wrote in a folder: the one record that decides which files it may delete or overwrite.
+
+The rule (docs/safety.md): synthmed deletes or overwrites a file only if this record names it. It never
+decides by a glob or a folder name, so a user's file in an output folder is left alone, whatever its name.
+
+The record is a set of *claims*, one JSON file per writer of a part of the folder (a chunk of cases, the
+run's own files, qc's files)::
+
+    <state>/claims/<key>.json   {"pids": [1234], "files": {"images/train/c-0.png": "<sha256>" | null}}
+
+A claim is written (atomically) *before* the files it names, with the id of the process that writes them,
+so a run killed at any moment has named every file and temp file (``.<name>.<pid>.tmp``, see
+:mod:`synthmed.atomic`) it could have left. A sha256 is added once a file is written; ``null`` means
+"claimed, maybe written". A path that exists and that no claim names is not ours: claiming it is refused
+with :class:`ForeignFileError`, before anything is written over it.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> ledger = Ledger(root, root / ".state")
+    >>> ledger.claim("run", ["a.txt"])
+    >>> _ = (root / "a.txt").write_text("ours"), (root / "b.txt").write_text("theirs")
+    >>> ledger.claim("run", ["b.txt"])
+    Traceback (most recent call last):
+    ...
+    synthmed.ledger.ForeignFileError: b.txt exists and synthmed did not write it
+    >>> ledger.remove_owned().removed, sorted(p.name for p in root.iterdir() if p.name != ".state")
+    (1, ['b.txt'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+CLAIMS = "claims"
+MAX_CLAIM_BYTES = 64 * 1024 * 1024  # a claim of a 64-case chunk is a few kB
+
+
+class ForeignFileError(ValueError):
+    """Files exist where synthmed would write, and no claim says synthmed wrote them."""
+
+    def __init__(self, root: Path, rels: list[str]):
+        shown = ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
+        verb = "exists" if len(rels) == 1 else "exist"
+        super().__init__(f"{shown} {verb} and synthmed did not write {'it' if len(rels) == 1 else 'them'}")
+        self.root, self.rels = root, rels
+
+
+@dataclass
+class Removal:
+    """What :meth:`Ledger.remove_owned` did: files removed, and ours that changed since (left in place)."""
+
+    removed: int = 0
+    changed: list[str] = field(default_factory=list)
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, or None if there is no such file."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _check_rel(rel: str) -> str:
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts:
+        raise ValueError(f"a claimed path must be relative and stay inside the folder, got {rel!r}")
+    return Path(rel).as_posix()
+
+
+class Ledger:
+    """The claims of one folder (``root``), kept in ``state``/claims."""
+
+    def __init__(self, root: Path, state: Path):
+        self.root = Path(root)
+        self.dir = Path(state) / CLAIMS
+
+    # ------------------------------------------------------------------ reading
+    def _claim_path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"a claim key is a plain name, got {key!r}")
+        return self.dir / f"{key}.json"
+
+    def read(self, key: str) -> dict:
+        """One claim as ``{"pids": [...], "files": {rel: sha256 | None}}`` (empty if there is none)."""
+        return self._read_file(self._claim_path(key))
+
+    @staticmethod
+    def _read_file(path: Path) -> dict:
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_CLAIM_BYTES + 1)
+            data = json.loads(raw) if len(raw) <= MAX_CLAIM_BYTES else None
+        except (OSError, ValueError):
+            data = None  # a damaged claim names nothing: its files are then not ours, and stay
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            return {"pids": [], "files": {}}
+        pids = [p for p in data.get("pids", []) if isinstance(p, int)]
+        files = {str(k): (v if isinstance(v, str) else None) for k, v in data["files"].items()
+                 if isinstance(k, str) and k and not Path(k).is_absolute() and ".." not in Path(k).parts}
+        return {"pids": pids, "files": files}
+
+    def keys(self) -> list[str]:
+        """The keys of every claim, sorted."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name[:-5] for p in self.dir.iterdir() if p.name.endswith(".json") and not p.name.startswith("."))
+
+    def owned(self) -> dict[str, str | None]:
+        """Every path any claim names, with its recorded sha256 (None: not recorded yet)."""
+        files: dict[str, str | None] = {}
+        for key in self.keys():
+            for rel, sha in self.read(key)["files"].items():
+                if files.get(rel) is None:
+                    files[rel] = sha
+        return files
+
+    def is_empty(self) -> bool:
+        return not self.keys()
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, key: str, claim: dict) -> None:
+        from .atomic import atomic_write_bytes
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {"pids": claim["pids"], "files": dict(sorted(claim["files"].items()))}
+        atomic_write_bytes(self._claim_path(key), (json.dumps(data, indent=0) + "\n").encode("utf-8"))
+
+    def claim(self, key: str, rels: Iterable[str]) -> None:
+        """Record that this process is about to write ``rels`` (paths relative to the folder).
+
+        Raises:
+            ForeignFileError: one of them exists and no claim names it (it is not ours to overwrite).
+        """
+        rels = [_check_rel(r) for r in rels]
+        claim = self.read(key)
+        files = claim["files"]
+        unknown = [r for r in rels if r not in files and _exists(self.root / r)]
+        if unknown:
+            everything = self.owned()
+            foreign = [r for r in unknown if r not in everything]
+            if foreign:
+                raise ForeignFileError(self.root, foreign)
+        for rel in rels:
+            files[rel] = None  # about to be (re)written: its old sha256 no longer says anything
+        if os.getpid() not in claim["pids"]:
+            claim["pids"].append(os.getpid())
+        self._write(key, claim)
+
+    def record(self, key: str, digests: Mapping[str, str]) -> None:
+        """Add the sha256 of files this claim wrote."""
+        claim = self.read(key)
+        for rel, sha in digests.items():
+            claim["files"][_check_rel(rel)] = sha
+        self._write(key, claim)
+
+    def record_files(self, key: str, rels: Iterable[str]) -> None:
+        """Add the sha256 of written files, read from disk."""
+        self.record(key, {r: file_sha256(self.root / r) for r in rels if file_sha256(self.root / r)})
+
+    def forget(self, key: str) -> None:
+        """Drop a claim (its files are no longer ours: only for files that are gone)."""
+        self._claim_path(key).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ removing
+    def temp_files(self) -> list[Path]:
+        """Temp files that claimed writes of recorded processes left behind (a killed run's)."""
+        found = []
+        for key in self.keys():
+            claim = self.read(key)
+            for rel in claim["files"]:
+                path = self.root / rel
+                for pid in claim["pids"]:
+                    tmp = path.with_name(f".{path.name}.{pid}.tmp")
+                    if tmp.is_file() and not tmp.is_symlink():
+                        found.append(tmp)
+        return found
+
+    def remove_temp_files(self) -> int:
+        found = self.temp_files()
+        for tmp in found:
+            tmp.unlink(missing_ok=True)
+        return len(found)
+
+    def remove(self, key: str, rels: Iterable[str]) -> Removal:
+        """Delete files of one claim that are no longer wanted (a re-planned chunk's old files), then un-claim them.
+
+        As :meth:`remove_owned`: a file changed since synthmed wrote it is left and reported in ``changed``.
+        """
+        claim = self.read(key)
+        result = Removal()
+        for rel in rels:
+            if rel not in claim["files"]:
+                continue
+            sha = claim["files"].pop(rel)
+            path = self.root / rel
+            if path.is_file() and not path.is_symlink():
+                if sha is not None and file_sha256(path) != sha:
+                    result.changed.append(rel)
+                    continue
+                path.unlink()
+                result.removed += 1
+        self._write(key, claim)
+        return result
+
+    def remove_owned(self) -> Removal:
+        """Delete the files the claims name, their temp files, and then the claims.
+
+        A file is removed when its sha256 is one a claim recorded for it (or a claim holds it as being written).
+        Otherwise someone changed it since synthmed wrote it: it is left in place and returned in ``changed``.
+        Folders are removed only when this leaves them empty.
+        """
+        result = Removal()
+        shas: dict[str, set] = {}
+        for key in self.keys():
+            for rel, sha in self.read(key)["files"].items():
+                shas.setdefault(rel, set()).add(sha)
+        self.remove_temp_files()
+        folders: set[Path] = set()
+        for rel, known in sorted(shas.items()):
+            path = self.root / rel
+            if path.is_symlink() or not path.is_file():
+                continue
+            if None not in known and file_sha256(path) not in known:
+                result.changed.append(rel)
+                continue
+            path.unlink()
+            result.removed += 1
+            folders.update(p for p in path.parents if p != self.root and self.root in p.parents)
+        for key in self.keys():
+            self.forget(key)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()  # only an empty folder: anything a user put there stays
+            except OSError:
+                pass
+        return result
+
+    def foreign_files(self, tops: Iterable[str]) -> list[str]:
+        """Files under the folders ``tops`` (relative) that no claim names: what a removal leaves."""
+        owned = self.owned()
+        found = []
+        for top in tops:
+            base = self.root / top
+            if base.is_file() or base.is_symlink():
+                if top not in owned:
+                    found.append(top)
+                continue
+            if not base.is_dir():
+                continue
+            for dirpath, _dirs, names in os.walk(base, followlinks=False):
+                for name in names:
+                    rel = Path(os.path.relpath(Path(dirpath) / name, self.root)).as_posix()
+                    if rel not in owned:
+                        found.append(rel)
+        return sorted(found)

@@ -1,0 +1,237 @@
+"""Hostile corpus: `synthmed generate` and `synthmed.generate` against users' files, damaged run state and odd
+arguments. Each test reproduces one defect found by a hostile trial (issue #17 item in its docstring)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from synthmed.build import BuildError, BuildResult, generate
+from synthmed.cli import main as cli_main
+from synthmed.spec import load_spec
+
+
+def spec_text(seed: int = 7, count: int = 70) -> str:
+    return textwrap.dedent(f"""\
+        spec_version: 1
+        name: hostile
+        seed: {seed}
+        count: {count}
+        splits: {{train: 0.8, val: 0.1, test: 0.1}}
+        image: {{size: 64}}
+        findings:
+          - {{finding: no_finding, weight: 0.5}}
+          - finding: pneumonia
+            weight: 0.5
+            location: {{right_lower_lobe: 0.5, left_lower_lobe: 0.5}}
+            severity: {{mild: 0.5, severe: 0.5}}
+        """)
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+@pytest.fixture
+def spec_file(tmp_path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def built(tmp_path, spec_file) -> Path:
+    out = tmp_path / "out"
+    generate(spec_file, out, backend="pattern", progress=False)
+    return out
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def plant(out: Path, rel: str, text: str = "user data") -> Path:
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+USER_FILES = ["images/real_cases/patient1.png", "images/train/my_annotation.json", "dicom/extra/real.dcm",
+              "masks/train/notes.txt", ".my.tmp", "images/train/.draft.png.tmp", ".synthmed/parts/.keep.tmp"]
+
+
+def test_overwrite_deletes_only_what_synthmed_wrote(built, spec_file):
+    """#17.4: --overwrite removed user files in images/, dicom/, masks/ and hidden .*.tmp files at the top."""
+    planted = {rel: plant(built, rel, f"user {rel}") for rel in USER_FILES}
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--overwrite", "-q"])
+    assert result.exit_code == 0, result.output
+    for rel, path in planted.items():
+        assert path.read_text(encoding="utf-8") == f"user {rel}", rel
+    assert "did not write" in result.output and "images/real_cases/patient1.png" in result.output
+    assert len(rows(built)) == 70
+
+
+def test_resume_keeps_hidden_tmp_files_of_the_user(built, spec_file):
+    """#17.4: --resume deleted hidden `.*.tmp` user files (the glob was wider than synthmed's own temp names)."""
+    planted = {rel: plant(built, rel) for rel in USER_FILES}
+    result = generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert result.reused == 70
+    assert all(p.read_text(encoding="utf-8") == "user data" for p in planted.values())
+
+
+def test_resume_removes_the_temp_files_a_killed_run_left(built, spec_file):
+    """#17.4 (the other half): synthmed's own temp files, named in its record with their pid, are removed."""
+    import json
+
+    claim = json.loads((built / ".synthmed/claims/chunk-000000.json").read_text())
+    first = next(rel for rel in claim["files"] if rel.startswith("images/"))
+    ours = plant(built, str(Path(first).with_name(f".{Path(first).name}.{claim['pids'][0]}.tmp")))
+    theirs = plant(built, str(Path(first).with_name(f".{Path(first).name}.99999999.tmp")))
+    generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert not ours.exists() and theirs.exists()
+
+
+def test_a_user_file_at_a_planned_path_is_never_overwritten(tmp_path, spec_file):
+    """#17 rule: a file synthmed did not write, where it would write, stops the run (exit 2) and stays as it was."""
+    out = tmp_path / "out"
+    generate(spec_file, out, backend="pattern", progress=False, limit=10)
+    target = next(r["png_path"] for r in rows(out))
+    claim = out / ".synthmed/claims/chunk-000000.json"
+    claim.write_text('{"pids": [], "files": {}}')  # the record no longer says synthmed wrote it
+    (out / target).write_bytes(b"the user's own image")
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(out), "--backend", "pattern",
+                                           "--resume", "--limit", "10", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "did not write" in result.output and "Traceback" not in result.output
+    assert (out / target).read_bytes() == b"the user's own image"
+
+
+def test_resume_without_run_record_and_a_changed_spec_remakes_every_image(built, tmp_path):
+    """#17.9: with .synthmed/run.json deleted and the seed changed, --resume kept all the old images."""
+    (built / ".synthmed" / "run.json").unlink()
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(spec_text(seed=8), encoding="utf-8")
+    result = generate(changed, built, backend="pattern", resume=True, progress=False)
+    assert result.reused == 0 and result.written == 70
+    spec = load_spec(changed)
+    assert {r["spec_hash"] for r in rows(built)} == {spec.spec_hash}
+    listed = {p for r in rows(built) for p in [r["png_path"], r["dicom_path"], *r["mask_paths"].split("|")] if p}
+    on_disk = {str(p.relative_to(built)) for top in ("images", "dicom", "masks") for p in (built / top).rglob("*")
+               if p.is_file() and p.name != "metadata.csv"}
+    assert on_disk == listed  # the old plan's files (other splits, other findings) are gone, none is orphaned
+
+
+def test_an_edited_label_in_a_part_does_not_reach_the_manifest(built, spec_file):
+    """#17.9: an edited label in a manifest part went straight into manifest.csv on --resume."""
+    part = built / ".synthmed" / "parts" / "part-000000.csv"
+    with open(part, newline="", encoding="utf-8") as fh:
+        table = list(csv.reader(fh))
+    column = table[0].index("sex")
+    truth = table[1][column]
+    table[1][column] = "M" if truth == "F" else "F"
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(table)
+    part.write_text(buffer.getvalue(), encoding="utf-8")
+    result = generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert result.written == 64  # the chunk is made again
+    assert rows(built)[0]["sex"] == truth
+
+
+def test_interrupt_hint_keeps_the_command_line_overrides(spec_file, tmp_path, monkeypatch):
+    """#17.10: the printed resume command dropped --backend phantom --threads 1 and so was refused."""
+    import synthmed.build as build
+
+    def interrupted(*args, **kwargs):
+        return BuildResult(out=tmp_path, total=70, written=3, reused=0, interrupted=True, seconds=1.0)
+
+    monkeypatch.setattr(build, "generate", interrupted)
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(tmp_path / "o"), "--backend",
+                                           "phantom", "--threads", "1", "--limit", "9", "--overwrite", "-q"])
+    assert result.exit_code == 130
+    hint = result.output.strip().splitlines()[-1]
+    for word in ("--backend phantom", "--threads 1", "--limit 9", "--resume", str(spec_file)):
+        assert word in hint, hint
+    assert "--overwrite" not in hint
+
+
+def test_an_unwritable_output_folder_is_a_clear_error(built, spec_file, monkeypatch):
+    """#17.11: a read-only output folder gave an OSError/PermissionError traceback on .synthmed/lock."""
+    import builtins
+
+    import synthmed.build as build
+
+    real_open = builtins.open
+
+    def read_only_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("lock") and any(m in mode for m in "aw+"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(build, "open", read_only_open, raising=False)
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "Permission denied" in result.output and str(built) in result.output
+    assert "Traceback" not in result.output and "cannot create" not in result.output
+
+
+def test_resume_with_a_smaller_limit_is_refused_and_loses_nothing(built, spec_file):
+    """#17.16: --resume --limit after a larger build left orphan images while manifest and card said fewer."""
+    before = sorted(p for p in built.rglob("*.png"))
+    with pytest.raises(BuildError) as info:
+        generate(spec_file, built, backend="pattern", resume=True, limit=20, progress=False)
+    assert info.value.exit_code == 2 and "beyond" in str(info.value)
+    assert sorted(p for p in built.rglob("*.png")) == before and len(rows(built)) == 70
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"spec": None}, TypeError, "spec must be"),
+    ({"limit": "5"}, TypeError, "limit must be a whole number"),
+    ({"limit": 2.5}, TypeError, "limit must be a whole number"),
+    ({"limit": True}, TypeError, "limit must be a whole number"),
+    ({"limit": 0}, ValueError, "limit must be at least 1"),
+    ({"batch_size": "8"}, TypeError, "batch_size"),
+    ({"backend": 42}, TypeError, "backend must be"),
+    ({"resume": "no"}, TypeError, "resume must be True or False"),
+    ({"qc": "yes"}, TypeError, "qc must be"),
+    ({"out": None}, TypeError, "out must be"),
+    ({"model": 3}, TypeError, "model must be"),
+])
+def test_api_arguments_are_checked_at_the_door(tmp_path, spec_file, kwargs, error, words):
+    """#17.17: wrong argument types gave AttributeError/TypeError deep inside, or were taken as True."""
+    args = {"spec": spec_file, "out": tmp_path / "out", "backend": "pattern", "progress": False, **kwargs}
+    with pytest.raises(error) as info:
+        generate(args.pop("spec"), args.pop("out"), **args)
+    assert words in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing left behind that would block a corrected call
+
+
+def test_permission_denied_does_not_say_free_space(spec_file, tmp_path, monkeypatch):
+    """#17.18: 'Permission denied … free space and rerun', and a disk-full message with '()' for the file."""
+    from synthmed.build import _os_error_message, _write_failed_message, _WriteFailed
+
+    denied = OSError(errno.EACCES, "Permission denied")
+    message = _write_failed_message(tmp_path, _WriteFailed("images/a.png", denied))
+    assert "Permission denied" in message and "free space" not in message
+    full = _os_error_message(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert "disk is full" in full and "()" not in full and str(tmp_path) in full
+
+
+def test_a_damaged_run_record_is_named_not_shown_as_a_change(built, spec_file):
+    """#17.18: an unreadable run.json was reported as 'changed: format None -> 1'."""
+    (built / ".synthmed" / "run.json").write_bytes(b"\x00\xff not json")
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "format None" not in result.output and "run.json could not be read" in result.output
