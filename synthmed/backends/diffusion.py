@@ -20,7 +20,9 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -44,6 +46,21 @@ WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
 SAFE_LIBRARIES = ("diffusers", "transformers")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = ("float32", "bfloat16", "float16")
+# Limits on what a model folder may ask for, checked before anything is read whole or built (README, "Your own
+# model"). They admit any Stable Diffusion 1.x/2.x fine-tune (UNet 0.86 G parameters, CLIP ViT-H 0.34 G) with room.
+MAX_CONFIG_BYTES = 16 * 2**20  # model_index.json and every component's JSON config
+MAX_TOKENIZER_FILE_BYTES = 64 * 2**20  # each file of the tokenizer folder (vocabulary, merges, tokenizer.json)
+MAX_COMPONENT_PARAMETERS = 3_000_000_000  # per component, as estimated from its config: 12 GB in float32
+MAX_COMPONENT_LAYERS = 1000  # resnet / transformer / encoder layers per component
+MAX_CONFIG_INTEGER = 2**20  # any whole number in a component config (vocabularies reach 256 K)
+MAX_TRAIN_TIMESTEPS = 100_000  # and any whole number in the scheduler config (Stable Diffusion: 1000)
+# What each slot must hold: the library base class its class must derive from (a vae must also encode and decode).
+SLOT_KINDS = {"unet": ("diffusers", "UNet2DConditionModel", "a diffusers UNet2DConditionModel"),
+              "vae": ("diffusers", "ModelMixin", "a diffusers autoencoder such as AutoencoderKL or AutoencoderTiny"),
+              "text_encoder": ("transformers", "PreTrainedModel", "a transformers model such as CLIPTextModel"),
+              "tokenizer": ("transformers", "PreTrainedTokenizerBase",
+                            "a transformers tokenizer such as CLIPTokenizer"),
+              "scheduler": ("diffusers", "SchedulerMixin", "a diffusers scheduler such as DDIMScheduler")}
 # The UNet and VAE always run on exactly this many cases (padded), because CPU convolution
 # kernels pick their algorithm by batch size: the same case in a batch of 1 and of 4 differs
 # in the last float bits. At a fixed batch size a case's result does not depend on its
@@ -84,32 +101,49 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
     if "text_encoder_2" in index or "XL" in class_name:
         raise ModelFolderError(f"{index_file}: {class_name} has two text encoders (SDXL-style); synthmed runs "
                                "single-text-encoder latent-diffusion pipelines (Stable Diffusion 1.x/2.x style)")
-    missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0])]
+    missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c] and index[c][0])]
     if missing:
         raise ModelFolderError(f"{index_file}: {class_name or 'this pipeline'} is not a latent-diffusion text-to-image "
                                f"pipeline (no {', '.join(missing)})")
+    for name in REQUIRED_COMPONENTS:
+        entry = index[name]
+        if len(entry) != 2 or not all(isinstance(part, str) for part in entry):
+            raise ModelFolderError(f"{index_file}: component '{name}' must be [library, class], e.g. "
+                                   f"[\"diffusers\", \"DDIMScheduler\"] (found {json.dumps(entry)[:200]})")
     _check_pipeline_class(class_name, index_file)
     for name in REQUIRED_COMPONENTS:
         library, cls = index[name]
         if library not in SAFE_LIBRARIES:
             raise ModelFolderError(f"{index_file}: component '{name}' comes from '{library}.{cls}', which would run code "
                                    f"from the model folder; only diffusers and transformers classes are loaded")
+        _check_slot_class(name, library, cls, index_file)
         folder = root / name
         if not folder.is_dir():
             raise ModelFolderError(f"{folder} is missing (model_index.json lists '{name}')")
         config = "scheduler_config.json" if name == "scheduler" else None if name == "tokenizer" else "config.json"
         if config and not (folder / config).is_file():
             raise ModelFolderError(f"{folder / config} is missing")
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
         if name in WEIGHTED_COMPONENTS:
-            files = [p.name for p in folder.iterdir() if p.is_file()]
-            if not any(f.endswith(".safetensors") for f in files):
-                pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-                if not pickled:
+            if not any(p.name.endswith(".safetensors") for p in files if p.parent == folder):
+                weights = [p for p in pickled if p.parent == folder]  # from_pretrained reads the folder, not below
+                if not weights:
                     raise ModelFolderError(f"{folder} has no weights (*.safetensors)")
                 if not allow_pickle:
-                    raise ModelFolderError(f"{folder / pickled[0]} is a pickle file, which can run code when loaded; "
+                    raise ModelFolderError(f"{weights[0]} is a pickle file, which can run code when loaded; "
                                            "convert it to safetensors, or allow it if you trust it (--allow-pickle, "
                                            "generator.allow_pickle: true)")
+        elif pickled and not allow_pickle:  # a scheduler or tokenizer has no weights: a pickle here is never needed
+            raise ModelFolderError(f"{pickled[0]} is a pickle file, which can run code when loaded, and a {name} has "
+                                   "no weights; remove it, or allow it if you trust it (--allow-pickle, "
+                                   "generator.allow_pickle: true)")
+        if name == "tokenizer":
+            for file in files:
+                if file.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+                    raise ModelFolderError(f"{file} is {_mib(file.stat().st_size)}; the limit for a tokenizer file is "
+                                           f"{_mib(MAX_TOKENIZER_FILE_BYTES)}")
+    _check_sizes(root)
     vae_config, unet_config = (_read_config(root / name / "config.json") for name in ("vae", "unet"))
     if vae_config.get("latent_channels", 4) != unet_config.get("in_channels", 4):
         raise ModelFolderError(f"{root}: the VAE makes {vae_config.get('latent_channels', 4)} latent channels but the "
@@ -125,28 +159,248 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
 
 
 def _read_config(path: Path) -> dict:
+    """A JSON object from ``path``, read only up to MAX_CONFIG_BYTES."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ModelFolderError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ModelFolderError(f"{path} is larger than {_mib(MAX_CONFIG_BYTES)}, the limit for a model config file")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
         raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelFolderError(f"{path} nests arrays or objects too deeply to be a model config") from None
     if not isinstance(config, dict):
         raise ModelFolderError(f"{path} must hold a JSON object (found {type(config).__name__})")
     return config
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
+
+
+def _check_slot_class(name: str, library: str, cls_name: str, index_file: Path) -> None:
+    """The class model_index.json puts in a slot must be of that slot's kind (a model class in the scheduler slot
+    would load pickled weights from a folder that should hold none)."""
+    base_library, base_name, kind = SLOT_KINDS[name]
+    try:
+        with _quiet_libraries():
+            import diffusers
+            import transformers
+
+            module = diffusers if library == "diffusers" else transformers
+            cls = getattr(module, cls_name, None) if cls_name.isidentifier() else None
+    except ImportError:  # checked again when the backend loads
+        return
+    base = getattr(diffusers if base_library == "diffusers" else transformers, base_name)
+    fits = isinstance(cls, type) and issubclass(cls, base)
+    if fits and name == "vae":
+        fits = callable(getattr(cls, "encode", None)) and callable(getattr(cls, "decode", None))
+    if not fits:
+        what = f"{library} has no such class" if cls is None else "a class of another kind"
+        raise ModelFolderError(f"{index_file}: component '{name}' is {library}.{cls_name}, {what}; the {name} slot "
+                               f"takes {kind}")
+
+
+def _check_sizes(root: Path) -> None:
+    """Refuse configs that ask for more than the limits (layers, parameters, timesteps) before anything is built."""
+    for name in WEIGHTED_COMPONENTS:
+        path = root / name / "config.json"
+        config = _read_config(path)
+        _check_integers(config, path, MAX_CONFIG_INTEGER)
+        params, layers = estimate_size(name, config, path)
+        if layers > MAX_COMPONENT_LAYERS:
+            raise ModelFolderError(f"{path}: a {name} of {layers:,} layers ({_sizes_text(name, config, _LAYER_KEYS)}); "
+                                   f"the limit is {MAX_COMPONENT_LAYERS:,} layers per component")
+        if params > MAX_COMPONENT_PARAMETERS:
+            raise ModelFolderError(f"{path}: a {name} of about {params / 1e9:,.1f} G parameters, "
+                                   f"{params * 4 / 1e9:,.0f} GB in float32 ({_sizes_text(name, config, _SIZE_KEYS)}); "
+                                   f"the limit is {MAX_COMPONENT_PARAMETERS / 1e9:g} G parameters per component")
+    path = root / "scheduler" / "scheduler_config.json"
+    config = _read_config(path)
+    _check_integers(config, path, MAX_TRAIN_TIMESTEPS)
+    betas = config.get("trained_betas")
+    if isinstance(betas, list) and len(betas) > MAX_TRAIN_TIMESTEPS:
+        raise ModelFolderError(f"{path}: trained_betas has {len(betas):,} values; the limit is {MAX_TRAIN_TIMESTEPS:,}")
+    path = root / "tokenizer" / "tokenizer_config.json"
+    if path.is_file():
+        length = _read_config(path).get("model_max_length")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or length < 1):
+            raise ModelFolderError(f"{path}: model_max_length {json.dumps(length)[:100]} must be a whole number of at "
+                                   "least 1 (the longest prompt in tokens; CLIP's is 77)")
+
+
+def _check_integers(config: dict, path: Path, limit: int) -> None:
+    """Every whole number in a config, at any depth, within ±limit."""
+    todo = [("", config)]
+    while todo:
+        where, node = todo.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            here = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+                raise ModelFolderError(f"{path}: {here} {value} is beyond the limit of {limit:,}")
+            if isinstance(value, (dict, list)):
+                todo.append((here, value))
+
+
+# the config keys that estimate_size reads, named in its refusals
+_LAYER_KEYS = ("block_out_channels", "encoder_block_out_channels", "decoder_block_out_channels", "layers_per_block",
+               "num_encoder_blocks", "num_decoder_blocks", "transformer_layers_per_block", "num_hidden_layers",
+               "num_layers", "num_decoder_layers", "n_layer", "n_layers")
+_SIZE_KEYS = _LAYER_KEYS + ("cross_attention_dim", "time_embedding_dim", "num_class_embeds", "encoder_hid_dim",
+                            "projection_class_embeddings_input_dim", "hidden_size", "d_model", "n_embd", "dim",
+                            "intermediate_size", "d_ff", "n_inner", "hidden_dim", "num_heads", "d_kv", "vocab_size",
+                            "max_position_embeddings", "n_positions", "projection_dim")
+
+
+def _sizes_text(name: str, config: dict, keys: Sequence[str]) -> str:
+    configs = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    found = [f"{k} {json.dumps(c[k])}" for c in configs for k in keys if c.get(k) is not None]
+    return ", ".join(found) or f"the {name} sizes"
+
+
+def estimate_size(name: str, config: dict, path: Path | str = "config.json") -> tuple[int, int]:
+    """An upper estimate of (parameters, layers) of a unet, vae or text_encoder from its config, building nothing.
+
+    Within 1.5x of the real count for Stable Diffusion's UNet, VAE and CLIP text encoders (a test checks this);
+    sizes that are missing take diffusers' and transformers' defaults.
+
+    Example:
+        >>> estimate_size("text_encoder", {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        ...                                "vocab_size": 49408, "max_position_embeddings": 77})[1]
+        12
+    """
+    if name == "text_encoder":
+        nested = [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+        sizes = [_text_model_size(c, path) for c in [config] + nested]
+        return sum(p for p, _ in sizes), sum(n for _, n in sizes)
+    channels = _ints(config, "block_out_channels", [320, 640, 1280, 1280] if name == "unet" else [64], path)
+    if name == "vae" and "encoder_block_out_channels" in config:  # AutoencoderTiny
+        channels = _ints(config, "encoder_block_out_channels", [64], path) + \
+            _ints(config, "decoder_block_out_channels", [64], path)
+        counts = _ints(config, "num_encoder_blocks", [1, 3, 3, 3], path) + \
+            _ints(config, "num_decoder_blocks", [3, 3, 3, 1], path)
+        counts = (counts + [counts[-1]] * len(channels))[:len(channels)]
+        return sum(n * 27 * c * c + 9 * c * c for n, c in zip(counts, channels)), sum(counts)
+    per_level = _per_level(config, "layers_per_block", 2 if name == "unet" else 1, len(channels), path)
+    if name == "vae":
+        # encoder: n resnets and a downsampler per level; decoder: n + 1 resnets and an upsampler; a mid block each
+        c_last = channels[-1]
+        params = sum((2 * n + 1) * 22 * c * c + 18 * c * c for n, c in zip(per_level, channels))
+        params += 2 * (2 * 22 + 4) * c_last * c_last
+        return params, sum(2 * n + 1 for n in per_level) + 6
+    # unet: per level n down and n + 1 up resnets (time-conditioned), as many transformer blocks where it attends
+    transformers_per = _per_level(config, "transformer_layers_per_block", 1, len(channels), path)
+    cross = _per_level(config, "cross_attention_dim", 1280, len(channels), path)
+    time_dim = _int(config, "time_embedding_dim", 4 * channels[0], path)
+    down, up = (list(config.get(k) or []) if isinstance(config.get(k), list) else [] for k in ("down_block_types",
+                                                                                             "up_block_types"))
+    up = up[::-1]  # the up blocks run from the deepest level back
+    attends = [not (down or up) or any("Attn" in str(t) for t in (down[i:i + 1] + up[i:i + 1]))
+               for i in range(len(channels))]
+    in_ch, out_ch = _int(config, "in_channels", 4, path), _int(config, "out_channels", 4, path)
+    params = 9 * (in_ch + out_ch) * channels[0] + channels[0] * time_dim + time_dim * time_dim
+    for key in ("num_class_embeds", "projection_class_embeddings_input_dim", "time_cond_proj_dim"):
+        params += (_int(config, key, 0, path) + time_dim) * time_dim
+    params += _int(config, "encoder_hid_dim", 0, path) * max(cross)
+    layers = 0
+    for c, n, t, d, attn in zip(channels, per_level, transformers_per, cross, attends):
+        blocks = 2 * n + 1
+        params += blocks * (27 * c * c + time_dim * c) + 18 * c * c
+        layers += blocks
+        if attn:
+            params += blocks * (t * (18 * c * c + 2 * c * d) + 2 * c * c)
+            layers += blocks * t
+    c, t, d = channels[-1], transformers_per[-1], cross[-1]
+    params += 2 * (27 * c * c + time_dim * c) + t * (18 * c * c + 2 * c * d) + 2 * c * c
+    return params, layers + 2 + t
+
+
+def _text_model_size(config: dict, path) -> tuple[int, int]:
+    """A transformer encoder: embeddings, then per layer attention (4 h x inner) and a (possibly gated) MLP."""
+    width = next((_int(config, k, 0, path) for k in ("hidden_size", "d_model", "n_embd", "dim") if config.get(k)), 0)
+    if not width:
+        return 0, 0
+    mlp = next((_int(config, k, 0, path) for k in ("intermediate_size", "d_ff", "n_inner", "hidden_dim")
+                if config.get(k)), 4 * width)
+    inner = _int(config, "num_heads", 0, path) * _int(config, "d_kv", 0, path) or width
+    layers = sum(_int(config, k, 0, path) for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers",
+                                                    "num_decoder_layers"))
+    embeddings = sum(_int(config, k, 0, path) for k in ("vocab_size", "max_position_embeddings", "n_positions",
+                                                        "type_vocab_size", "projection_dim"))
+    return embeddings * width + width * width + layers * (4 * width * inner + 3 * width * mlp + 12 * width), layers
+
+
+def _int(config: dict, key: str, default: int, path) -> int:
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelFolderError(f"{path}: {key} must be a whole number of at least 0, got {json.dumps(value)[:100]}")
+    return value
+
+
+def _ints(config: dict, key: str, default: list[int], path) -> list[int]:
+    value = config.get(key)
+    if value is None:
+        return list(default)
+    if not isinstance(value, list) or not value:
+        value = [value]
+    return [_int({key: v}, key, 0, path) for v in value]
+
+
+def _per_level(config: dict, key: str, default: int, levels: int, path) -> list[int]:
+    """A size given once or per level (``[1, 2, 10]``, or per layer as ``[[1, 1], [2, 2]]``), one value per level."""
+    value = config.get(key)
+    if isinstance(value, list):
+        values = [max(_ints({key: v}, key, [default], path)) if isinstance(v, list)
+                  else _int({key: v}, key, default, path) for v in value] or [default]
+        return (values + [values[-1]] * levels)[:levels] if len(values) < levels else values
+    return [_int(config, key, default, path)] * levels
+
+
 def _check_pipeline_class(class_name: str, index_file: Path) -> None:
     """The folder's pipeline class must be a diffusers text-to-image latent-diffusion pipeline."""
     try:
-        import diffusers
+        with _quiet_libraries():
+            import diffusers
+
+            cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
     except ImportError:  # checked again when the backend loads
         return
-    cls = getattr(diffusers, class_name, None) if class_name else None
     if cls is None:
         raise ModelFolderError(f"{index_file}: _class_name {class_name!r} is not a diffusers pipeline class")
     params = inspect.signature(cls.__init__).parameters
     if not all(c in params for c in REQUIRED_COMPONENTS):
         raise ModelFolderError(f"{index_file}: {class_name} is not a latent-diffusion text-to-image pipeline "
                                f"(it does not take {', '.join(c for c in REQUIRED_COMPONENTS if c not in params)})")
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """transformers' and diffusers' own progress bars and log lines stay off while synthmed imports and loads:
+    it reports every loading problem itself, and its progress bar is the only one (``-q`` turns that off)."""
+    saved = []
+    for library in ("transformers", "diffusers"):
+        try:
+            logging = importlib.import_module(f"{library}.utils.logging")
+        except ImportError:
+            continue
+        saved.append((logging, logging.get_verbosity(), logging.is_progress_bar_enabled()))
+        logging.set_verbosity(logging.ERROR)
+        if saved[-1][2]:
+            logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logging, verbosity, bars in reversed(saved):
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
 
 
 def model_hash(path: str | Path) -> str:
@@ -165,12 +419,13 @@ def model_hash(path: str | Path) -> str:
 
 def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: bool = False):
     """One component of a checked folder (see check_model_folder): offline, safetensors first, no remote code."""
-    import diffusers
-    import transformers
+    with _quiet_libraries():
+        import diffusers
+        import transformers
 
-    library, cls_name = index[name]
-    module = diffusers if library == "diffusers" else transformers
-    cls = getattr(module, cls_name, None)
+        library, cls_name = index[name]
+        module = diffusers if library == "diffusers" else transformers
+        cls = getattr(module, cls_name, None)
     if cls is None:
         raise ModelFolderError(f"{root / 'model_index.json'}: {library} has no class {cls_name} "
                                f"(component '{name}'); is {library} too old?")
@@ -183,7 +438,8 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
     if name in WEIGHTED_COMPONENTS:
         kwargs["output_loading_info"] = True
     try:
-        loaded = cls.from_pretrained(folder, **kwargs)
+        with _quiet_libraries():
+            loaded = cls.from_pretrained(folder, **kwargs)
     except Exception as e:  # a broken folder fails in many ways inside diffusers / transformers / safetensors
         raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {type(e).__name__}: {e}") from None
     if name not in WEIGHTED_COMPONENTS:
@@ -346,6 +602,9 @@ class DiffusionBackend:
     def _max_length(self) -> int:
         length = getattr(self.tokenizer, "model_max_length", None)
         positions = getattr(self.text_encoder.config, "max_position_embeddings", None)
+        if length is not None and (not isinstance(length, (int, float)) or length < 1):  # e.g. set in code, not config
+            raise ModelFolderError(f"{self.root / 'tokenizer'}: the tokenizer's model_max_length is {length!r}; it must "
+                                   "be a whole number of at least 1 (the longest prompt in tokens)")
         if not length or length > 100_000:
             length = positions or 77
         return int(min(length, positions or length))
