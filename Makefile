@@ -37,6 +37,7 @@ default-model: $(STAMP)
 		--learning-rate 3e-4 --lr-schedule cosine --steps $(or $(ANNEAL_STEPS),5000) --seed 1 \
 		--checkpoint-every 200 --validate-every 1000 --resume
 	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
+	rm -rf synthmed/models/default/.synthmed  # finetune's record of its files: not part of the shipped model
 	$(MAKE) model-card
 
 # Rebuild the shipped label-fidelity auditor (QC and the model card) from its spec; about an hour on 2 cores.

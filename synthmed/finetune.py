@@ -32,6 +32,7 @@ import os
 import shutil
 import struct
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +44,9 @@ SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "bos": "<|startoftext|>", "eos
 MODES = ("full", "lora")
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMAT = 1
+STATE_DIR = ".synthmed"  # the record of what finetune wrote, in the work folder and in the model folder
+MODEL_CLAIM = "model"
+MODEL_PATHS = ("model_index.json", "training.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # The default design (issue #7), measured feasible on a 2-core CPU.
 TEXT_ENCODER_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -59,6 +63,10 @@ UNET_CONFIG = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64, 12
                    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+class FinetuneWarning(UserWarning):
+    """The run goes on, but the user should know: files it left alone, a damaged checkpoint it skipped."""
 
 
 class ManifestError(ValueError):
@@ -86,6 +94,7 @@ class FinetuneResult:
     losses: dict[str, float]
     seconds: float
     record: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the warnings it gave (FinetuneWarning)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -99,6 +108,25 @@ def _png_size(path: Path) -> tuple[int, int, int]:
         raise ValueError("not a PNG file")
     width, height = struct.unpack(">II", head[16:24])
     return width, height, head[24]
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int]:
+    """(line, byte offset) of the first byte of a file that is not UTF-8, read in blocks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 16), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                # e.start counts from the bytes the decoder held back from the last block (at most 3)
+                start = max(e.start - len(e.object) + len(block), 0)
+                return line + block[:start].count(b"\n"), offset + start
+            line += block.count(b"\n")
+            offset += len(block)
+    return line, offset
 
 
 def _case_from_row(row: dict, number: int, problems: list[str], where: str):
@@ -163,14 +191,21 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         raise ManifestError(f"prompt template {template!r}: {'; '.join(bad)}")
     prompt_spec = PromptSpec(template=text, template_id=template if template in BUILTIN_TEMPLATES else "custom")
     problems: list[str] = []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        image_column = "png_path" if "png_path" in columns else "file_name" if "file_name" in columns else None
-        if image_column is None or "findings" not in columns:
-            raise ManifestError(f"{path}: needs an image column (png_path or file_name) and a findings column; "
-                                f"it has {', '.join(columns) or 'no header'}")
-        rows = list(reader)
+        try:
+            columns = reader.fieldnames or []
+            image_column = "png_path" if "png_path" in columns else "file_name" if "file_name" in columns else None
+            if image_column is None or "findings" not in columns:
+                raise ManifestError(f"{path}: needs an image column (png_path or file_name) and a findings column; "
+                                    f"it has {', '.join(columns) or 'no header'}")
+            rows = list(reader)
+        except UnicodeDecodeError:
+            line, offset = _first_bad_utf8(path)
+            raise ManifestError(f"{path}: line {line}: not UTF-8 text (byte {offset}); a manifest is a CSV text "
+                                "file (is this an image or another binary file?)") from None
+        except csv.Error as e:
+            raise ManifestError(f"{path}: line {reader.line_num}: not a readable CSV file ({e})") from None
     examples: list[TrainingExample] = []
     sizes: dict[tuple[int, int], int] = {}
     for number, row in enumerate(rows, start=2):  # row 1 is the header
@@ -360,34 +395,417 @@ class _EMA:
                 p.copy_(s)
 
 
-def _save_checkpoint(folder: Path, state: dict) -> None:
-    """Atomically: write to a temporary folder, then rename; keep the two newest."""
+# ----------------------------------------------------------------------------- what finetune wrote: its records
+#
+# finetune deletes or overwrites only files it recorded as its own (synthmed.ledger): in the work folder
+# (WORK/.synthmed) and in the model folder (OUT/.synthmed, which travels with the model and which diffusers and
+# synthmed's model checks ignore). A save is staged in a folder this run creates under a new name and records
+# (in WORK/.synthmed/staging.json) before creating it; only that folder, and only its recorded files, are removed.
+
+
+def _shown(rels: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(rels[:limit]) + (f" and {len(rels) - limit} more" if len(rels) > limit else "")
+
+
+def _read_json_object(path: Path, limit: int = 16 * 1024 * 1024) -> dict:
+    """A JSON object from a file; ValueError naming the file (and line) when it is not one."""
+    with open(path, "rb") as fh:
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path}: larger than {limit // (1024 * 1024)} MB; not a file synthmed finetune wrote")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _files_under(folder: Path, tops: Sequence[str] | None = None) -> list[str]:
+    """Every file, link and empty folder under ``folder`` (or its entries ``tops``), relative, '/'-separated;
+    the state folder excepted."""
+    found = []
+    for dirpath, dirs, names in os.walk(folder):
+        here = Path(dirpath)
+        if here == folder:
+            dirs[:] = [d for d in dirs if d != STATE_DIR and (tops is None or d in tops)]
+            names = [n for n in names if tops is None or n in tops]
+        rel = lambda name: Path(os.path.relpath(here / name, folder)).as_posix()  # noqa: E731
+        found += [rel(n) for n in names] + [rel(d) for d in dirs if (here / d).is_symlink()]
+        if here != folder and not names and not dirs:
+            found.append(Path(os.path.relpath(here, folder)).as_posix() + "/")
+    return sorted(found)
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """Remove the empty folders under ``folder``, and ``folder`` if it ends up empty (a folder this run made)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for dirpath, _dirs, _names in os.walk(folder, topdown=False):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass  # not empty: something stays
+
+
+def _remove_recorded(folder: Path) -> list[str]:
+    """Remove the files a staged folder's own record names (unchanged since), then its empty folders.
+
+    Returns what is left in it (files synthmed did not record there), empty when the folder is gone.
+    """
+    from .ledger import Ledger
+
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    Ledger(folder, folder / STATE_DIR).remove_owned()
+    _remove_empty_folders(folder)
+    return _files_under(folder) if folder.exists() else []
+
+
+def _running(pid) -> bool:
+    """Whether another process with this id is running (a staged save of a live run is not a leftover)."""
+    if not isinstance(pid, int) or pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class _WorkFolder:
+    """The work folder and its ledger (WORK/.synthmed): the files finetune wrote there, the only ones it replaces."""
+
+    def __init__(self, root: Path):
+        from .ledger import Ledger
+
+        self.root = root
+        self.state = root / STATE_DIR
+        self.ledger = Ledger(root, self.state)
+        self.notes: list[str] = []  # warnings the run gave (also raised as FinetuneWarning)
+
+    def warn(self, text: str) -> None:
+        self.notes.append(text)
+        warnings.warn(text, FinetuneWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ writing
+    def claim(self, key: str, rels: Sequence[str]) -> None:
+        from .ledger import ForeignFileError
+
+        try:
+            self.ledger.claim(key, rels)
+        except ForeignFileError as e:
+            raise ValueError(f"{e} (in the work folder {self.root}); finetune overwrites only files it wrote. Move "
+                             f"{'it' if len(e.rels) == 1 else 'them'} away or choose another work folder") from None
+
+    def write_bytes(self, key: str, rel: str, data: bytes) -> None:
+        from .atomic import atomic_write_bytes
+
+        self.claim(key, [rel])
+        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / rel, data)
+        self.ledger.record(key, {rel: hashlib.sha256(data).hexdigest()})
+
+    def write_json(self, key: str, rel: str, obj: Any) -> None:
+        self.write_bytes(key, rel, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+    def torch_save(self, key: str, rel: str, obj: Any) -> None:
+        """torch.save to a temp name the ledger knows (``.<name>.<pid>.tmp``), then rename: never a partial file."""
+        import torch
+
+        self.claim(key, [rel])
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(obj, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.ledger.record_files(key, [rel])
+
+    # ------------------------------------------------------------------ reading
+    def damage(self, key: str, rels: Sequence[str] | None = None) -> str | None:
+        """None when every file of a claim (or ``rels`` of it) is as recorded; else what is wrong, naming the file."""
+        from .ledger import file_sha256
+
+        files = self.ledger.read(key)["files"]
+        for rel in (sorted(files) if rels is None else rels):
+            sha = files.get(rel)
+            if rel not in files:
+                return f"{rel} was never written"
+            actual = file_sha256(self.root / rel)
+            if actual is None:
+                return f"{rel} is missing"
+            if sha is None:
+                return f"{rel} was not finished (the run writing it stopped)"
+            if actual != sha:
+                return f"{rel} does not match its record (truncated or changed)"
+        return None if files or rels else f"{key} was never written"
+
+    def checkpoints(self, stage: str) -> list[tuple[int, str]]:
+        """(step, name) of the checkpoints of a stage that the ledger names, oldest first."""
+        prefix = f"checkpoint-{stage}-"
+        return sorted((int(k[len(prefix):]), k[len("checkpoint-"):]) for k in self.ledger.keys()
+                      if k.startswith(prefix) and k[len(prefix):].isdigit())
+
+    def foreign(self, tops: Sequence[str] | None = None) -> list[str]:
+        """What is in the work folder (or its entries ``tops``) that finetune did not write."""
+        owned = self.ledger.owned()
+        return [r for r in _files_under(self.root, tops) if r not in owned]
+
+    # ------------------------------------------------------------------ removing
+    def clear(self) -> None:
+        """--overwrite: remove exactly the files the ledger names; name what stays."""
+        removal = self.ledger.remove_owned()
+        left = self.foreign() + [f"{r} (changed since finetune wrote it)" for r in removal.changed]
+        if left:
+            self.warn(f"--overwrite left {len(left)} file(s) in {self.root} that finetune did not write: "
+                      f"{_shown(left)}")
+
+    def remove(self, keys: Sequence[str]) -> None:
+        """Remove the files of these claims (unchanged since written), then the claims and emptied folders."""
+        changed = []
+        for key in keys:
+            rels = list(self.ledger.read(key)["files"])
+            changed += self.ledger.remove(key, rels).changed
+            self.ledger.forget(key)
+            for folder in sorted({p for r in rels for p in (self.root / r).parents if self.root in p.parents},
+                                 key=lambda p: len(p.parts), reverse=True):
+                try:
+                    folder.rmdir()  # only an empty folder: anything a user put there stays
+                except OSError:
+                    pass
+        if changed:
+            self.warn(f"left {_shown(changed)} in {self.root}: changed since finetune wrote it")
+
+    # ------------------------------------------------------------------ staged saves
+    def _staging_record(self) -> list[dict]:
+        path = self.state / "staging.json"
+        try:
+            entries = _read_json_object(path).get("folders", []) if path.is_file() else []
+        except (OSError, ValueError):
+            entries = []
+        return [e for e in entries if isinstance(e, dict) and isinstance(e.get("path"), str)]
+
+    def _write_staging_record(self, entries: list[dict]) -> None:
+        self.write_json("staging", f"{STATE_DIR}/staging.json", {"folders": entries})
+
+    def begin_staging(self, near: Path, kind: str, target: Path | None = None) -> Path:
+        """Create a new folder ``<near>-<pid>[-n]`` for a staged save, recorded before it is created."""
+        near.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            folder = near.with_name(f"{near.name}-{os.getpid()}" + (f"-{n}" if n else ""))
+            if os.path.lexists(folder):
+                continue  # someone else's (or an earlier run's, cleaned by its record): never reused
+            entry = {"path": str(folder.absolute()), "kind": kind, "pid": os.getpid(),
+                     "target": str(target.absolute()) if target else None}
+            self._write_staging_record(self._staging_record() + [entry])
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made by someone else just now: not ours, so not in the record
+                self._write_staging_record([e for e in self._staging_record() if e["path"] != str(folder.absolute())])
+                continue
+            return folder
+        raise ValueError(f"cannot find a free name for a staging folder next to {near}")
+
+    def end_staging(self, folder: Path) -> None:
+        """Remove a staged folder's recorded files and empty folders; name anything else left in it."""
+        left = _remove_recorded(folder)
+        if left:
+            self.warn(f"left {folder}: it holds file(s) finetune did not record there ({_shown(left)}); "
+                      "remove it yourself if it is yours to remove")
+        else:
+            self._write_staging_record([e for e in self._staging_record() if e["path"] != str(folder.absolute())])
+
+    def clean_staging(self) -> None:
+        """A killed run's staged saves: restore a model folder caught mid-swap, then remove what they recorded."""
+        for entry in self._staging_record():
+            folder, target = Path(entry["path"]), entry.get("target")
+            if not os.path.lexists(folder):
+                self._write_staging_record([e for e in self._staging_record() if e["path"] != entry["path"]])
+                continue
+            if _running(entry.get("pid")):
+                continue  # another finetune on this work folder is saving right now
+            if entry.get("kind") == "old" and target and not os.path.lexists(target):
+                os.replace(folder, target)  # killed between the two renames of a swap: the previous model returns
+                self._write_staging_record([e for e in self._staging_record() if e["path"] != entry["path"]])
+                continue
+            self.end_staging(folder)
+
+
+class _ModelFolder:
+    """The output model folder and its record (OUT/.synthmed/claims/model.json): the files finetune wrote there."""
+
+    def __init__(self, out: Path):
+        from .ledger import Ledger
+
+        self.out = out
+        self.ledger = Ledger(out, out / STATE_DIR)
+
+    def survey(self) -> tuple[list[str], list[str], list[str]]:
+        """(ours, changed, foreign): what the record names unchanged, names but changed since, and does not name."""
+        from .ledger import file_sha256
+
+        if not self.out.is_dir():
+            return [], [], []
+        owned = self.ledger.owned()
+        ours, changed, foreign = [], [], []
+        for rel in _files_under(self.out):
+            if rel not in owned:
+                foreign.append(rel)
+            elif owned[rel] is not None and file_sha256(self.out / rel) == owned[rel]:
+                ours.append(rel)
+            else:
+                changed.append(rel)
+        return ours, changed, foreign
+
+    @staticmethod
+    def _in_the_model(rels: Sequence[str]) -> list[str]:
+        return [r for r in rels if r.split("/")[0].split(" ")[0] in MODEL_PATHS]
+
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Before training: refuse a folder whose files finetune would overwrite or mix with the model it writes."""
+        out = self.out
+        if os.path.lexists(out) and not out.is_dir():
+            raise ValueError(f"{out} exists and is not a folder")
+        if out.is_symlink():
+            raise ValueError(f"{out} is a symbolic link; give the model folder itself")
+        ours, changed, foreign = self.survey()
+        if not (ours or changed or foreign):
+            return
+        theirs = foreign + [f"{r} (changed since finetune wrote it)" for r in changed]
+        clash = self._in_the_model(theirs)
+        if clash:
+            raise ValueError(f"{out} holds model files that synthmed finetune did not write ({_shown(clash)}); it "
+                             "replaces only a model it wrote. Choose another output folder, or move them out")
+        if not theirs:
+            if not (overwrite or resume):
+                raise ValueError(f"{out} already holds files (a model finetune wrote); pass overwrite=True "
+                                 "(--overwrite) to replace it, or resume=True (--resume) to continue its training")
+            return
+        if not overwrite and not (resume and ours):
+            raise ValueError(f"{out} already holds files synthmed did not write ({_shown(theirs)}); choose another "
+                             "output folder, or pass overwrite=True (--overwrite) to write the model beside them "
+                             "(they are left alone)")
+
+    def save(self, staged: Path, work: _WorkFolder) -> None:
+        """Put a staged model folder (with its own record) in place of the one finetune wrote before."""
+        from .ledger import Ledger, file_sha256
+
+        digests = Ledger(staged, staged / STATE_DIR).read(MODEL_CLAIM)["files"]
+        ours, changed, foreign = self.survey()  # again: the folder may have changed while the model trained
+        out = self.out
+        if not (changed or foreign):  # nothing but our model, or nothing: swap the whole folder
+            if os.path.lexists(out) and any(out.iterdir()):
+                old = work.begin_staging(out.with_name(out.name + ".old"), "old", out)
+                os.replace(out, old)  # onto the empty folder just made (POSIX rename)
+                os.replace(staged, out)
+                work.end_staging(old)
+            else:
+                os.replace(staged, out)
+            work.end_staging(staged)  # gone: only drops it from the record
+            return
+        theirs = foreign + [f"{r} (changed since finetune wrote it)" for r in changed]
+        clash = self._in_the_model(theirs)
+        if clash:
+            raise ValueError(f"{out} now holds model files that synthmed finetune did not write ({_shown(clash)}); "
+                             f"the trained model is left in {staged}")
+        # a user's files beside the model: replace ours one by one, leave theirs
+        from .ledger import ForeignFileError
+
+        try:
+            self.ledger.claim(MODEL_CLAIM, list(digests))
+        except ForeignFileError as e:
+            raise ValueError(f"{e} (in {out}); the trained model is left in {staged}") from None
+        for rel in sorted(digests):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / rel, out / rel)
+        for rel in ours:
+            if rel not in digests and file_sha256(out / rel) is not None:
+                (out / rel).unlink()  # ours, unchanged, and not part of the new model
+                for folder in (out / rel).parents:
+                    if folder == out or not folder.is_relative_to(out) or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+        self.ledger.forget(MODEL_CLAIM)  # the claim now names exactly the new model's files
+        self.ledger.record(MODEL_CLAIM, digests)
+        Ledger(staged, staged / STATE_DIR).forget(MODEL_CLAIM)  # its files moved out: its record names nothing
+        work.end_staging(staged)
+        work.warn(f"{out}: the model was written beside {len(theirs)} file(s) finetune did not write, left alone: "
+                  f"{_shown(theirs)}")
+
+
+PLANNED_TOPS = ("settings.json", "log.jsonl", "record.json", "latents.pt", "vae", "checkpoints", "validation")
+
+
+def _planned(rel: str, settings: dict, checkpoint_every: int, validate_every: int) -> bool:
+    """Whether this run may write the work-folder file ``rel`` (a file there that is not ours is refused first)."""
+    import re
+
+    if rel in ("settings.json", "log.jsonl", "record.json", "latents.pt") or rel.startswith("vae/"):
+        return True
+    m = re.fullmatch(r"checkpoints/(vae|unet)-(\d{7})/(state\.pt|meta\.json)", rel)
+    if m:
+        total = settings["vae_steps"] if m[1] == "vae" else settings["steps"]
+        step = int(m[2])
+        return 0 < step <= total and (step % checkpoint_every == 0 or step == total)
+    m = re.fullmatch(r"validation/step-(\d{7})\.png", rel)
+    if m:
+        step, total = int(m[1]), settings["steps"]
+        return 0 < step == total or bool(validate_every and 0 < step < total and step % validate_every == 0)
+    return False
+
+
+def _save_checkpoint(work: _WorkFolder, name: str, state: dict) -> None:
+    """Write checkpoints/<name> (each file atomic, recorded); keep the two newest of its stage that are complete."""
+    key, folder = f"checkpoint-{name}", f"checkpoints/{name}"
+    work.claim(key, [f"{folder}/state.pt", f"{folder}/meta.json"])
+    work.torch_save(key, f"{folder}/state.pt", state)
+    work.write_json(key, f"{folder}/meta.json", {"format": CHECKPOINT_FORMAT, "stage": state["stage"],
+                                                 "step": state["step"]})
+    found = work.checkpoints(state["stage"])
+    complete = [n for _, n in found if all(work.ledger.read(f"checkpoint-{n}")["files"].values())]
+    keep = set(complete[-2:])
+    work.remove([f"checkpoint-{n}" for s, n in found if n not in keep and s < state["step"]])
+
+
+def _load_checkpoint(work: _WorkFolder, stage: str) -> dict | None:
+    """The state of the newest checkpoint of a stage that is intact and loads; damaged ones are skipped, named."""
     import torch
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "stage": state["stage"],
-                                               "step": state["step"]}), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    done = sorted(p for p in folder.parent.glob(f"{state['stage']}-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _latest_checkpoint(work: Path, stage: str) -> Path | None:
-    found = sorted(p for p in (work / "checkpoints").glob(f"{stage}-*")
-                   if p.is_dir() and not p.name.endswith(".tmp") and (p / "meta.json").is_file())
-    return found[-1] if found else None
-
-
-def _load_checkpoint(folder: Path) -> dict:
-    import torch
-
-    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)  # no code runs on load
+    skipped = []
+    for step, name in reversed(work.checkpoints(stage)):
+        problem = work.damage(f"checkpoint-{name}", [f"checkpoints/{name}/state.pt", f"checkpoints/{name}/meta.json"])
+        if problem is None:
+            try:
+                state = torch.load(work.root / "checkpoints" / name / "state.pt", map_location="cpu",
+                                   weights_only=True)  # no code runs on load
+            except Exception as e:  # noqa: BLE001 - whatever torch says, our own file is damaged
+                problem = f"checkpoints/{name}/state.pt cannot be read ({str(e).splitlines()[0] if str(e) else e!r})"
+            else:
+                if not isinstance(state, dict) or state.get("step") != step or state.get("stage") != stage:
+                    problem = f"checkpoints/{name}/state.pt holds another state than its name says"
+        if problem is None:
+            if skipped:
+                work.warn(f"skipped a damaged checkpoint in {work.root}: {'; '.join(skipped)}; "
+                          f"continuing from checkpoints/{name} (the same steps are trained again)")
+            return state
+        skipped.append(problem)
+    if skipped:
+        work.warn(f"no usable {stage} checkpoint in {work.root} ({'; '.join(skipped)}); the {stage} stage starts "
+                  "again from its first step")
+    return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -416,11 +834,15 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             resuming with more ``steps`` stretches what is left of the curve).
         checkpoint_every: save the whole training state every N steps in ``work_dir/checkpoints``.
         validate_every: write a grid of validation images every N UNet steps (0: only at the end).
-        resume: continue from the newest checkpoint in ``work_dir`` (the same settings are required).
+        resume: continue from the newest checkpoint in ``work_dir`` (the same settings are required); a damaged
+            checkpoint or latent cache is skipped (warned) and its steps trained again, to the same weights.
+        overwrite: start again, replacing the model and work files an earlier run wrote. finetune deletes or
+            overwrites only files it recorded as its own (``.synthmed/`` in both folders, each file's sha256);
+            anything else in either folder stays and is named in a :class:`FinetuneWarning`.
         work_dir: checkpoints, the latent cache, logs and validation grids (default: ``<out>.training``).
 
     Returns:
-        FinetuneResult with the folder, the steps and the last losses.
+        FinetuneResult with the folder, the steps, the last losses and the warnings given.
 
     Raises:
         ManifestError: the manifest has problems (reported before any training).
@@ -446,9 +868,13 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     if mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
     out = Path(out)
-    work = Path(work_dir) if work_dir else out.with_name(out.name + ".training")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise ValueError(f"{out} already holds files; pass overwrite=True (--overwrite) to replace it")
+    work_path = Path(work_dir) if work_dir else out.with_name(out.name + ".training")
+    if os.path.lexists(work_path) and not work_path.is_dir():
+        raise ValueError(f"work_dir {work_path} exists and is not a folder")
+    work = _WorkFolder(work_path)
+    work.clean_staging()  # a killed run's half-done saves (a model caught mid-swap is put back first)
+    work.ledger.remove_temp_files()  # and its temp files, by the names and pids its claims recorded
+    _ModelFolder(out).check(resume=resume, overwrite=overwrite)  # its files are replaced only if finetune wrote them
     examples, (width, height) = read_training_manifest(manifest, template=template)
     if train_text_encoder is None:
         train_text_encoder = scratch
@@ -465,25 +891,36 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         from .backends.diffusion import model_hash
 
         settings["base_hash"] = model_hash(base)
-    work.mkdir(parents=True, exist_ok=True)
-    settings_file = work / "settings.json"
+    work_path.mkdir(parents=True, exist_ok=True)
+    settings_file = work_path / "settings.json"
     if settings_file.is_file() and resume:
-        before = json.loads(settings_file.read_text(encoding="utf-8"))
+        try:
+            before = _read_json_object(settings_file)
+        except ValueError as e:
+            raise ValueError(f"{e}; it records the settings of the run to resume: resume needs it as finetune "
+                             "wrote it (or start again: overwrite=True (--overwrite) without resume)") from None
         before.setdefault("lr_schedule", "constant")  # work folders from before these options
         if "base_hash" in settings:
             before.setdefault("base_hash", settings["base_hash"])
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k) and k != "steps")
         if changed:
             why = " (the base model's files are not those it started from)" if "base_hash" in changed else ""
-            raise ValueError(f"{work} was trained with other settings ({', '.join(changed)} changed){why}; "
+            raise ValueError(f"{work_path} was trained with other settings ({', '.join(changed)} changed){why}; "
                              "resume needs the same manifest, base and settings, or start a new work_dir")
-    elif any((work / "checkpoints").glob("*")) and not resume:
+    elif not resume and any(work.checkpoints(stage) for stage in ("vae", "unet")):
         if not overwrite:
-            raise ValueError(f"{work} holds checkpoints of an earlier run; pass resume=True to continue it "
+            raise ValueError(f"{work_path} holds checkpoints of an earlier run; pass resume=True to continue it "
                              "or overwrite=True to start again")
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
-    settings_file.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+        work.clear()  # exactly the files the ledger names; anything else stays, named in a warning
+    theirs = [r for r in work.foreign(PLANNED_TOPS) if _planned(r, settings, checkpoint_every, validate_every)]
+    if theirs:
+        why = (" (it has no record of what finetune wrote there: made by a synthmed that kept "
+               "none, or not a finetune work folder)" if work.ledger.is_empty() else "")
+        raise ValueError(f"{_shown(theirs)} in the work folder {work_path}: this run would write there and finetune "
+                         f"did not write {'it' if len(theirs) == 1 else 'them'}{why}; it overwrites only its own "
+                         "files. Move them away or choose another work folder")
+    work.write_json("settings", "settings.json", settings)
+    work.claim("log", ["log.jsonl"])  # appended to: its sha256 is recorded at the end
 
     try:
         import torch
@@ -497,7 +934,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
     started = time.time()
-    log = _Log(work / "log.jsonl")
+    log = _Log(work_path / "log.jsonl")
 
     # 2. Components
     torch.manual_seed(seed)
@@ -543,16 +980,30 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
 
     # 6. Save the pipeline (atomically) and its card
     seconds = time.time() - started
-    prev = json.loads((work / "record.json").read_text(encoding="utf-8")) if (work / "record.json").is_file() else {}
-    record["seconds"] = seconds + (prev.get("seconds", 0.0) if resume else 0.0)
+    prev = _earlier_record(work) if resume else {}
+    record["seconds"] = seconds + prev.get("seconds", 0.0)
     record["steps"], record["vae_steps"] = steps, settings["vae_steps"]
-    record["logged_seconds"] = _logged_seconds(work / "log.jsonl")  # across every resumed session
+    record["logged_seconds"] = _logged_seconds(work_path / "log.jsonl")  # across every resumed session
     record["save_dtype"] = save_dtype  # every component is stored in it, the frozen ones too
-    (work / "record.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    work.ledger.record_files("log", ["log.jsonl"])
+    work.write_json("record", "record.json", record)
     _save_pipeline(out, {**parts, "vae": vae, "unet": unet, "text_encoder": text_encoder}, save_dtype,
-                   record, manifest_path, None if scratch else Path(base))
-    return FinetuneResult(out, work, steps, settings["vae_steps"], {k: v for k, v in record["losses"].items()
-                                                                    if v is not None}, record["seconds"], record)
+                   record, manifest_path, None if scratch else Path(base), work)
+    return FinetuneResult(out, work_path, steps, settings["vae_steps"], {k: v for k, v in record["losses"].items()
+                                                                         if v is not None}, record["seconds"], record,
+                          work.notes)
+
+
+def _earlier_record(work: _WorkFolder) -> dict:
+    """record.json of the sessions before a resume (its seconds add up); a damaged one counts as none, named."""
+    if not (work.root / "record.json").is_file():
+        return {}
+    try:
+        prev = _read_json_object(work.root / "record.json")
+    except (OSError, ValueError) as e:
+        work.warn(f"{e}; the training time of the earlier sessions is not counted")
+        return {}
+    return prev if isinstance(prev.get("seconds", 0.0), (int, float)) else {}
 
 
 def _logged_seconds(path: Path) -> float:
@@ -589,25 +1040,30 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
     from .build import _progress
 
     total, crop, batch = settings["vae_steps"], settings["vae_crop"], settings["vae_batch_size"]
-    done_file = work / "vae" / "config.json"
-    if done_file.is_file() and resume:
+    state = None
+    if resume and work.damage("vae") is None:  # the trained VAE, as recorded
         from diffusers import AutoencoderKL
 
-        ckpt = _latest_checkpoint(work, "vae")  # none when the stage had 0 steps (and drew nothing)
-        if ckpt is None and total:
-            raise ValueError(f"{work / 'checkpoints'} has no VAE checkpoint to resume the trained VAE from; "
+        if not total:  # a stage of 0 steps drew nothing and saved no checkpoint
+            return AutoencoderKL.from_pretrained(work.root / "vae"), None, generator
+        state = _load_checkpoint(work, "vae")
+        if state is None:
+            raise ValueError(f"{work.root / 'checkpoints'} has no VAE checkpoint to resume the trained VAE from; "
                              "start a new work_dir (or pass overwrite=True)")
-        state = _load_checkpoint(ckpt) if ckpt else {}
-        if state:
+        if state["step"] >= total:
             generator.set_state(state["generator"])
-        return AutoencoderKL.from_pretrained(work / "vae"), state.get("loss"), generator
+            return AutoencoderKL.from_pretrained(work.root / "vae"), state.get("loss"), generator
+        # the last checkpoint is damaged: train the last steps again from this one (the same draws, the same VAE)
+    elif resume:
+        if work.ledger.read("vae")["files"]:
+            work.warn(f"the trained VAE in {work.root} is damaged ({work.damage('vae')}); it is trained again from "
+                      "its newest checkpoint (to the same weights)")
+        state = _load_checkpoint(work, "vae")
     images = images.get()
     vae.train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=settings["vae_learning_rate"], weight_decay=0.0)
     start, loss_avg = 0, None
-    ckpt = _latest_checkpoint(work, "vae") if resume else None
-    if ckpt:
-        state = _load_checkpoint(ckpt)
+    if state:
         vae.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         generator.set_state(state["generator"])
@@ -643,16 +1099,31 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
         if (step + 1) % 25 == 0:
             log.write(stage="vae", step=step + 1, loss=round(loss_avg, 6), t=round(time.time(), 1))
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            _save_checkpoint(work / "checkpoints" / f"vae-{step + 1:07d}",
+            _save_checkpoint(work, f"vae-{step + 1:07d}",
                              {"stage": "vae", "step": step + 1, "model": accelerator.unwrap_model(vae).state_dict(),
                               "optimiser": optimiser.state_dict(), "generator": generator.get_state(),
                               "loss": loss_avg})
     bar.close()
     vae = accelerator.unwrap_model(vae).eval()
-    vae.save_pretrained(work / "vae.tmp", safe_serialization=True)
-    shutil.rmtree(work / "vae", ignore_errors=True)
-    os.replace(work / "vae.tmp", work / "vae")
+    _save_vae(vae, work)
     return vae, loss_avg, generator
+
+
+def _save_vae(vae, work: _WorkFolder) -> None:
+    """Save the trained VAE to work/vae: staged in a recorded folder of its own, then moved in file by file."""
+    from .ledger import Ledger, file_sha256
+
+    staged = work.begin_staging(work.state / "vae", "vae")
+    vae.save_pretrained(staged, safe_serialization=True)
+    rels = [r for r in _files_under(staged) if not r.endswith("/")]
+    Ledger(staged, staged / STATE_DIR).record("staged", {r: file_sha256(staged / r) for r in rels})
+    work.claim("vae", [f"vae/{r}" for r in rels])
+    for rel in rels:
+        (work.root / "vae" / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / rel, work.root / "vae" / rel)
+    Ledger(staged, staged / STATE_DIR).forget("staged")
+    work.ledger.record_files("vae", [f"vae/{r}" for r in rels])
+    work.end_staging(staged)
 
 
 def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
@@ -663,10 +1134,19 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
 
     key = {"manifest_sha256": settings["manifest_sha256"], "vae_steps": settings["vae_steps"],
            "base": settings["base"], "images": settings["images"]}
-    path = work / "latents.pt"
+    path = work.root / "latents.pt"
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == json.dumps(key, sort_keys=True):
+        problem, cached = work.damage("latents", ["latents.pt"]), None
+        if problem is None:
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(cached, dict):
+                    raise ValueError(f"it holds a {type(cached).__name__}")
+            except Exception as e:  # noqa: BLE001 - whatever torch says, our own cache is damaged
+                problem, cached = f"latents.pt cannot be read ({str(e).splitlines()[0] if str(e) else e!r})", None
+        if problem is not None:
+            work.warn(f"the latent cache in {work.root} is damaged ({problem}); encoding the images again")
+        elif cached.get("key") == json.dumps(key, sort_keys=True):
             if scratch:
                 vae.register_to_config(scaling_factor=float(cached["scaling_factor"]))
             return cached["latents"]
@@ -691,9 +1171,8 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     else:
         scaling = float(vae.config.scaling_factor)
     latents = (raw * scaling).to(torch.float16)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": json.dumps(key, sort_keys=True), "latents": latents, "scaling_factor": scaling}, tmp)
-    os.replace(tmp, path)
+    work.torch_save("latents", "latents.pt", {"key": json.dumps(key, sort_keys=True), "latents": latents,
+                                              "scaling_factor": scaling})
     return latents
 
 
@@ -735,9 +1214,8 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = _EMA(params, settings["ema_decay"])
     start, loss_avg = 0, None
-    ckpt = _latest_checkpoint(work, "unet") if resume else None
-    if ckpt:
-        state = _load_checkpoint(ckpt)
+    state = _load_checkpoint(work, "unet") if resume else None
+    if state:
         for p, v in zip(params, state["params"]):
             p.data.copy_(v)
         ema.shadow = [v.clone() for v in state["ema"]]
@@ -787,12 +1265,12 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
         if (step + 1) % 25 == 0:
             log.write(stage="unet", step=step + 1, loss=round(loss_avg, 6), t=round(time.time(), 1))
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            _save_checkpoint(work / "checkpoints" / f"unet-{step + 1:07d}",
+            _save_checkpoint(work, f"unet-{step + 1:07d}",
                              {"stage": "unet", "step": step + 1, "params": [p.detach().clone() for p in params],
                               "ema": ema.shadow, "ema_updates": ema.updates, "optimiser": optimiser.state_dict(),
                               "generator": generator.get_state(), "loss": loss_avg})
         if validate_every and (step + 1) % validate_every == 0 and step + 1 < total:
-            _validation_grid(work / "validation" / f"step-{step + 1:07d}.png", accelerator.unwrap_model(unet),
+            _validation_grid(work, f"validation/step-{step + 1:07d}.png", accelerator.unwrap_model(unet),
                              accelerator.unwrap_model(text_encoder), parts, ema, params, validation_prompts)
     bar.close()
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
@@ -804,12 +1282,13 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
     unet.eval()
     text_encoder.eval()
     done = max(start, total)
-    _validation_grid(work / "validation" / f"step-{done:07d}.png", unet, text_encoder, parts, None, None,
+    _validation_grid(work, f"validation/step-{done:07d}.png", unet, text_encoder, parts, None, None,
                      validation_prompts)
     return unet, text_encoder, loss_avg, done
 
 
-def _validation_grid(path: Path, unet, text_encoder, parts, ema, params, prompts: Sequence[str]) -> None:
+def _validation_grid(work: _WorkFolder, rel: str, unet, text_encoder, parts, ema, params,
+                     prompts: Sequence[str]) -> None:
     """Generate one image per validation prompt (EMA weights, fixed seeds) and write them as one PNG row."""
     import numpy as np
     import torch
@@ -841,15 +1320,15 @@ def _validation_grid(path: Path, unet, text_encoder, parts, ema, params, prompts
                     p.copy_(b)
         unet.train(was_training)
     row = np.concatenate([im.pixels for im in images], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .atomic import atomic_write_bytes
-
-    atomic_write_bytes(path, png_bytes((np.clip(row, 0, 1) * 255).round().astype(np.uint8)))
+    work.write_bytes("validation", rel, png_bytes((np.clip(row, 0, 1) * 255).round().astype(np.uint8)))
 
 
 def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path,
-                   base: Path | None = None) -> None:
-    """Write the diffusers folder next to ``out``, then swap it into place.
+                   base: Path | None, work: _WorkFolder) -> None:
+    """Write the diffusers folder into a new, recorded folder next to ``out``, then put it in place.
+
+    The folder carries its own record (``out/.synthmed``: every file with its sha256), so a later run replaces
+    exactly these files and nothing a user put beside them.
 
     From a base folder the tokenizer (never trained) is copied as it was, so the new folder loads wherever the
     base did; the configs do not keep the local path each component was loaded from (``_name_or_path``).
@@ -862,11 +1341,10 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
                                    tokenizer=parts["tokenizer"], unet=parts["unet"].to(dtype),
                                    scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    tmp = out.with_name(out.name + ".saving")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = work.begin_staging(out.with_name(out.name + ".saving"), "saving", out)
     pipe.save_pretrained(tmp, safe_serialization=True)
     if base is not None and (base / "tokenizer").is_dir():
-        shutil.rmtree(tmp / "tokenizer")
+        shutil.rmtree(tmp / "tokenizer")  # the one just saved, in the folder this run made
         shutil.copytree(base / "tokenizer", tmp / "tokenizer")
         try:  # and the class the base names for it
             entry = json.loads((base / "model_index.json").read_text(encoding="utf-8"))["tokenizer"]
@@ -892,15 +1370,11 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
         if data.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (tmp / "training.json").write_text(json.dumps({**record, "manifest": str(manifest)}, indent=1), encoding="utf-8")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+    from .ledger import Ledger, file_sha256
+
+    Ledger(tmp, tmp / STATE_DIR).record(MODEL_CLAIM, {r: file_sha256(tmp / r) for r in _files_under(tmp)
+                                                      if not r.endswith("/")})
+    _ModelFolder(out).save(tmp, work)
     for module in (parts["vae"], parts["text_encoder"], parts["unet"]):
         module.to(torch.float32)
 

@@ -295,3 +295,59 @@ def test_resume_without_the_vae_checkpoint_is_refused_not_silently_different(pha
         shutil.rmtree(ckpt)
     with pytest.raises(ValueError, match="no VAE checkpoint"):
         finetune(phantom_set, "scratch", tmp_path / "m", steps=2, vae_steps=2, resume=True, **FAST)
+
+
+# ----------------------------------------------------------------------------- what finetune wrote (issue #17)
+
+def test_the_model_folder_carries_the_record_of_its_files(phantom_set, tmp_path):
+    """OUT/.synthmed names every file of the model with its sha256; model checks and model_hash ignore it."""
+    from synthmed.backends.diffusion import check_model_folder, model_hash
+    from synthmed.ledger import Ledger, file_sha256
+
+    result = finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, **FAST)
+    files = Ledger(result.model_dir, result.model_dir / ".synthmed").owned()
+    on_disk = {p.relative_to(result.model_dir).as_posix() for p in result.model_dir.rglob("*")
+               if p.is_file() and ".synthmed" not in p.parts}
+    assert set(files) == on_disk and all(file_sha256(result.model_dir / r) == sha for r, sha in files.items())
+    check_model_folder(result.model_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(result.model_dir, copy, ignore=shutil.ignore_patterns(".synthmed"))
+    assert model_hash(copy) == model_hash(result.model_dir)
+
+
+def test_a_save_killed_between_its_renames_is_put_back_and_its_folders_removed(phantom_set, tmp_path, monkeypatch):
+    """Killed mid-swap, the next run restores the model and removes exactly the sibling folders it recorded."""
+    import os
+
+    import synthmed.finetune as ft
+
+    out = tmp_path / "m"
+    finetune(phantom_set, "scratch", out, steps=0, vae_steps=0, **FAST)
+    replace = os.replace
+
+    def killed(src, dst):
+        if ".saving-" in str(src) and Path(dst) == out and not out.exists():
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(ft.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(phantom_set, "scratch", out, steps=0, vae_steps=0, overwrite=True, **FAST)
+    monkeypatch.setattr(ft.os, "replace", replace)
+    assert not out.exists() and len(list(tmp_path.glob("m.old-*"))) == len(list(tmp_path.glob("m.saving-*"))) == 1
+    with pytest.raises(ValueError, match="already holds files"):  # the model is back, so --overwrite is needed
+        finetune(phantom_set, "scratch", out, steps=0, vae_steps=0, **FAST)
+    assert (out / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.training"]
+
+
+@pytest.mark.slow
+def test_a_damaged_last_vae_checkpoint_trains_its_steps_again_to_the_same_weights(phantom_set, tmp_path):
+    straight = finetune(phantom_set, "scratch", tmp_path / "a", steps=2, vae_steps=4, **FAST)
+    finetune(phantom_set, "scratch", tmp_path / "b", steps=0, vae_steps=4, **FAST)
+    state = tmp_path / "b.training" / "checkpoints" / "vae-0000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:500])
+    with pytest.warns(UserWarning, match="vae-0000004.*continuing from checkpoints/vae-0000002"):
+        resumed = finetune(phantom_set, "scratch", tmp_path / "b", steps=2, vae_steps=4, resume=True, **FAST)
+    a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
