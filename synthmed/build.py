@@ -560,14 +560,14 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             _finish(spec, folder, cases, chunks, run, versions)
             # 5. Quality checks: the cheap ones (the lock is ours already)
             if run_qc:
-                qc_result = _run_qc(folder, spec, progress, checked)
+                qc_result = _run_qc(folder, progress, checked)
         return BuildResult(out=out, total=len(cases), written=written, reused=reused, interrupted=interrupted,
                            seconds=time.perf_counter() - started, qc=qc_result, notes=tuple(folder.notes))
     except _WriteFailed as e:
         raise BuildError(_write_failed_message(out, e)) from None
     except OSError as e:
         raise BuildError(_os_error_message(out, e)) from None
-    except BuildError:
+    except Exception:
         if not folder.has_output():  # nothing made (a model that cannot load): leave nothing that blocks a rerun
             folder.forget()
         raise
@@ -632,20 +632,13 @@ def _check_same_model(out: Path, model_hash: str, made_with: str | None) -> None
                          "--overwrite to start again", 2)
 
 
-def _run_qc(folder: _RunFolder, spec: DatasetSpec, progress: bool, checked: dict):
+def _run_qc(folder: _RunFolder, progress: bool, checked: dict):
     from .qc.run import QCError, qc
 
-    # qc rewrites the manifest (its qc columns) and writes its reports: claimed first, as every write is
-    ours = ["manifest.csv", "qc_report.json", "report.html"]
-    if "png" in spec.image.formats:
-        ours += [f"images/{split}/metadata.csv" for split in spec.splits.keys]
-    folder.claim("qc", ours)
-    try:
+    try:  # qc claims what it writes in the folder's ledger itself
         return qc(folder.out, full=False, lock=False, progress=progress, precomputed=checked)
     except QCError as e:
         raise BuildError(f"the quality checks could not run: {e}", e.exit_code) from None
-    finally:
-        folder.ledger.record_files("qc", ours)
 
 
 def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) -> None:
@@ -838,7 +831,8 @@ class _Rejecter:
         self.checks = generated_checks(qc.gate) if qc.enabled and qc.reject.max_tries > 0 else ()
         self.max_tries = qc.reject.max_tries
         self.limits = PixelLimits(min_dynamic_range=qc.thresholds.min_dynamic_range,
-                                  max_saturated_fraction=qc.thresholds.max_saturated_fraction)
+                                  max_saturated_fraction=qc.thresholds.max_saturated_fraction,
+                                  max_black_fraction=qc.thresholds.max_black_fraction)
         self.size = (spec.image.width, spec.image.height, spec.image.bit_depth)
 
     def failing(self, image: "GeneratedImage") -> bool:

@@ -247,11 +247,24 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
 
     Interrupt at any time; rerun with --resume to continue from the last checkpoint.
     """
-    from .finetune import ManifestError
+    import warnings
+
+    from .finetune import FinetuneWarning, ManifestError
     from .finetune import finetune as run_finetune
 
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):  # finetune's own warnings as one plain line, when they happen
+        if issubclass(category, FinetuneWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
     try:
-        result = run_finetune(manifest, base, out, progress=not quiet, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", FinetuneWarning)
+            warnings.showwarning = show
+            result = run_finetune(manifest, base, out, progress=not quiet, **options)
     except (ManifestError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(2)
@@ -287,20 +300,27 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
                                            "spec fidelity, duplicates (FID only with --reference).")
 @click.option("--dciodvfy-sample", type=click.IntRange(0), metavar="N",
               help="How many DICOM files dciodvfy checks (default: the spec's qc.dciodvfy_sample, 5).")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write qc_report.json and report.html into DIR (made if needed) and leave OUT untouched: for a "
+                   "read-only build or another user's folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def qc(out: Path, reference: Path | None, training_manifest: Path | None, features: str | None, no_auditor: bool,
-       fast: bool, dciodvfy_sample: int | None, quiet: bool) -> None:
+       fast: bool, dciodvfy_sample: int | None, report_dir: Path | None, quiet: bool) -> None:
     """Check an output folder: per-image checks, spec fidelity, duplicates, diversity, FID, label fidelity.
 
-    Writes OUT/qc_report.json and OUT/report.html and fills the manifest's qc_status and qc_flags.
+    Writes OUT/qc_report.json and OUT/report.html and fills the manifest's qc_status and qc_flags, each only where
+    synthmed's record says the file is its own (a copied dataset's manifest is left as it is). In a folder it
+    cannot write, it prints its verdict and writes nothing (use --report-dir).
     Exits 1 when a gating check (the spec's qc.gate) fails, 2 when OUT is not a synthmed output folder.
     """
+    from .qc.report import summary_lines
     from .qc.run import QCError
     from .qc.run import qc as run_qc
 
     try:
         result = run_qc(out, reference=reference, training_manifest=training_manifest, feature_extractor=features,
-                        auditor=not no_auditor, full=not fast, dciodvfy_sample=dciodvfy_sample, progress=not quiet)
+                        auditor=not no_auditor, full=not fast, dciodvfy_sample=dciodvfy_sample, progress=not quiet,
+                        report_dir=report_dir)
     except QCError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)
@@ -308,19 +328,14 @@ def qc(out: Path, reference: Path | None, training_manifest: Path | None, featur
     images = report["images"]
     click.echo(f"{'PASS' if result.passed else 'FAIL'}: {images['checked']:,} images checked in {result.seconds:.1f} s; "
                f"{images['failed']:,} failed a gating check, {images['warned']:,} flagged by other checks")
-    for name, check in report["checks"].items():
-        if check["status"] == "fail":
-            value = check.get("value")
-            detail = (f"{check['failed']} of {check['checked']} images" if "failed" in check
-                      else f"{value:.4g} (limit {check.get('threshold')})" if isinstance(value, float) else f"{value}")
-            click.echo(f"  {'FAIL' if check['gating'] else 'warn'} {name}: {detail}")
-    skipped = {name: section.get("reason") for name, section in report["sections"].items()
-               if section.get("status") == "skipped" and name in ("reference", "auditor", "memorisation")}
-    for name, reason in skipped.items():
-        if not (name == "auditor" and no_auditor):
-            click.echo(f"  skipped {name}: {reason}")
-    click.echo(f"  report: {result.report_path}")
-    click.echo(f"  html:   {result.html_path}")
+    for line in summary_lines(report, skip_reasons=("auditor",) if no_auditor else ()):
+        click.echo(f"  {line}")
+    for message in result.not_written:
+        click.echo(f"warning: {message}", err=True)
+    if result.report_path is not None:
+        click.echo(f"  report: {result.report_path}")
+    if result.html_path is not None:
+        click.echo(f"  html:   {result.html_path}")
     if not result.passed:
         raise SystemExit(1)
 

@@ -177,8 +177,10 @@ class GeneratorSpec:
     threads: int | None = None
 
 
-# the per-image checks and the manifest's sha256 (see synthmed.qc.checks): what fails a run by default
-DEFAULT_QC_GATE = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match", "dciodvfy")
+# the per-image checks, the manifest's sha256, its agreement with the plan, and label fidelity where the auditor
+# applies (see synthmed.qc.checks, synthmed.qc.run): what fails a run by default
+DEFAULT_QC_GATE = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match", "dciodvfy",
+                   "manifest_consistency", "label_fidelity")
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class QCThresholds:
 
     min_dynamic_range: float = 0.05
     max_saturated_fraction: float = 0.2
+    max_black_fraction: float = 0.6
     intensity_k: float = 3.0
     duplicate_hamming: int = 4
     duplicate_cosine: float = 0.95
@@ -199,7 +202,7 @@ class QCThresholds:
     min_precision: float | None = None
     min_recall: float | None = None
     min_coverage: float | None = None
-    min_label_fidelity: float | None = None
+    min_label_fidelity: float | None = 0.5
     max_memorised_fraction: float = 0.05
 
 

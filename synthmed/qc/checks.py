@@ -7,12 +7,16 @@ tests, computed on the stored integer values, so an image that passes in memory 
 
 Checks:
 
-- ``readable``: the PNG and DICOM files exist and decode.
+- ``readable``: the PNG and DICOM files exist, stay inside the output folder, and decode within the size
+  limits (:data:`MAX_IMAGE_PIXELS`, :data:`MAX_DECODED_BYTES`: a decompression bomb is refused before it is
+  inflated).
 - ``size``: width x height as the spec says (PNG header and DICOM Rows / Columns).
 - ``bit_depth``: PNG bit depth and DICOM Bits Allocated / Bits Stored as the spec says.
 - ``nan``: no NaN or infinite pixel (images from a backend; integer files cannot hold one).
 - ``blank``: the 1st-99th percentile range covers at least ``min_dynamic_range`` of full scale.
-- ``saturated``: at most ``max_saturated_fraction`` of the pixels sit at full white, or at black.
+- ``saturated``: at most ``max_saturated_fraction`` of the pixels sit at full white (clipped), and at most
+  ``max_black_fraction`` at black. Air beside the body is black on real films too (20-40 % of a CR film),
+  so black is allowed far more than white.
 - ``sha256``: every file's sha256 (PNG, DICOM, masks) equals the manifest's.
 - ``dicom_match``: the DICOM pixels equal the PNG's stored values (``PNG >> 4`` at 16 bits).
 - ``intensity``: region means and histogram quantiles inside bands learned from a reference set
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import struct
 import subprocess
@@ -50,7 +55,7 @@ CHECKS: dict[str, str] = {
     "bit_depth": "bit depth differs from the spec",
     "nan": "NaN or infinite pixels",
     "blank": "(nearly) blank: the 1st-99th percentile range is below min_dynamic_range of full scale",
-    "saturated": "more than max_saturated_fraction of the pixels at full white or at black",
+    "saturated": "more than max_saturated_fraction of the pixels at full white, or max_black_fraction at black",
     "sha256": "the file's sha256 differs from the manifest's",
     "dicom_match": "the DICOM pixels differ from the PNG's",
     "intensity": "region means or histogram quantiles outside the reference bands (mean ± k·σ)",
@@ -61,10 +66,18 @@ CHECKS: dict[str, str] = {
 }
 PER_IMAGE_CHECKS = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match")
 # statistical checks (intensity) are reported but do not gate unless a spec asks: at k = 3 a large
-# clean set still has images in the tails, and regenerating them would bend the distribution
-DEFAULT_GATE = PER_IMAGE_CHECKS + ("dciodvfy",)
+# clean set still has images in the tails, and regenerating them would bend the distribution. The set-level
+# manifest_consistency and label_fidelity (where the auditor applies, see synthmed.qc.run) gate.
+DEFAULT_GATE = PER_IMAGE_CHECKS + ("dciodvfy", "manifest_consistency", "label_fidelity")
 # what reject-and-regenerate can fix: checks on the pixels a backend made
 GENERATED_CHECKS = ("size", "nan", "blank", "saturated")
+
+# What qc decodes at most, whatever a header declares: refused beyond, before anything is allocated or inflated.
+# 64 Mpixel is 2.5 times a 5k x 5k detector; 512 MiB is that at 64 bits per pixel.
+MAX_IMAGE_PIXELS = 64 * 2**20
+MAX_DECODED_BYTES = 512 * 2**20
+MAX_FILE_BYTES = MAX_DECODED_BYTES      # no file of an image within the limits is larger
+MAX_DICOM_HEADER_BYTES = 4 * 2**20      # the data elements before Pixel Data, inflated
 
 HISTOGRAM_BINS = 32
 THUMB_SIDE = 32        # residual-hash thumbnails
@@ -86,6 +99,7 @@ class PixelLimits:
 
     min_dynamic_range: float = 0.05
     max_saturated_fraction: float = 0.2
+    max_black_fraction: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -144,11 +158,54 @@ class ImageResult:
 
 # ----------------------------------------------------------------------------- decoding
 
+class ImageTooLarge(ValueError):
+    """An image declares more pixels or bytes than qc decodes (:data:`MAX_IMAGE_PIXELS`, :data:`MAX_DECODED_BYTES`)."""
+
+
+def check_declared_size(what: str, width: int, height: int, bits_per_pixel: int, frames: int = 1) -> int:
+    """The decoded size in bytes an image header declares; raises :class:`ImageTooLarge` beyond the limits.
+
+    Example:
+        >>> check_declared_size("PNG", 256, 256, 16)
+        131072
+    """
+    pixels = int(width) * int(height) * max(int(frames), 1)
+    decoded = pixels * max(int(bits_per_pixel), 1) // 8
+    if pixels > MAX_IMAGE_PIXELS or decoded > MAX_DECODED_BYTES:
+        frames_text = f" x {frames} frames" if frames > 1 else ""
+        raise ImageTooLarge(
+            f"{what} declares {width}x{height}{frames_text} pixels at {bits_per_pixel} bits "
+            f"({decoded / 2**20:,.0f} MiB decoded), above the limit qc decodes "
+            f"({MAX_IMAGE_PIXELS // 2**20} Mpixel, {MAX_DECODED_BYTES // 2**20} MiB)")
+    return decoded
+
+
+def _inflate(data: bytes, limit: int, wbits: int = zlib.MAX_WBITS, inflater=None) -> bytes:
+    """Inflate ``data``, refusing (ValueError) more than ``limit`` bytes of output: the cap holds while inflating."""
+    inflater = inflater or zlib.decompressobj(wbits)
+    parts, total, pending = [], 0, data
+    while not inflater.eof:
+        chunk = inflater.decompress(pending, min(limit - total + 1, 1 << 24))  # max_length >= 1: 0 means no cap
+        pending = inflater.unconsumed_tail
+        total += len(chunk)
+        if total > limit:
+            raise ValueError(f"the compressed data inflate to more than {limit:,} bytes")
+        parts.append(chunk)
+        if not chunk and not pending:
+            break  # truncated: the caller compares the length with what it expects
+    return b"".join(parts)
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
 def decode_png(data: bytes) -> tuple[np.ndarray, int]:
     """Decode a grayscale PNG: (pixels uint8 or uint16 [H, W], bit depth).
 
     Unfiltered, non-interlaced grayscale (what synthmed writes) is decoded with zlib alone;
-    anything else goes through Pillow. Raises ValueError when the bytes are not a PNG image.
+    anything else goes through Pillow. The header's size is checked against the limits before anything
+    is inflated, and inflating stops at the size the header declares. Raises ValueError when the bytes
+    are not a PNG image, or :class:`ImageTooLarge` (a ValueError) beyond the limits.
 
     Example:
         >>> from synthmed.writers.png import png_bytes
@@ -177,12 +234,17 @@ def decode_png(data: bytes) -> tuple[np.ndarray, int]:
     if header is None or not idat:
         raise ValueError("PNG without IHDR or IDAT")
     width, height, depth, colour, _, _, interlace = header
+    if width == 0 or height == 0 or colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise ValueError(f"PNG header is invalid (width {width}, height {height}, bit depth {depth}, "
+                         f"colour type {colour})")
+    check_declared_size("PNG", width, height, depth * _PNG_CHANNELS[colour])
     if colour == 0 and interlace == 0 and depth in (8, 16):
-        try:
-            raw = zlib.decompress(b"".join(idat))
-        except zlib.error as e:
-            raise ValueError(f"PNG image data do not decompress: {e}") from None
         row = 1 + width * depth // 8
+        try:
+            raw = _inflate(b"".join(idat), row * height)
+        except (zlib.error, ValueError) as e:
+            raise ValueError(f"PNG image data do not decompress to the {row * height:,} bytes its header "
+                             f"declares: {e}") from None
         if len(raw) != row * height:
             raise ValueError(f"PNG image data hold {len(raw)} bytes, expected {row * height}")
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, row)
@@ -223,18 +285,21 @@ class DicomPixels:
 
 
 def decode_dicom(data: bytes) -> DicomPixels:
-    """Read a DICOM file's pixels and their geometry with pydicom. Raises ValueError when it does not decode."""
-    import pydicom
+    """Read a DICOM file's pixels and their geometry with pydicom. Raises ValueError when it does not decode.
 
+    Rows x Columns x frames is checked against the limits before any pixel is decoded; a deflated
+    transfer syntax is inflated with a cap (the header first, then no more than the pixels it declares).
+    """
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = _read_dicom(data)
         rows, columns, allocated = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
+        check_declared_size("DICOM", columns, rows, allocated * samples, frames)
         syntax = ds.file_meta.get("TransferSyntaxUID")
         plain = (syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) and allocated in (8, 16)
-                 and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("PixelRepresentation", 0)) == 0
-                 and int(ds.get("NumberOfFrames", 1) or 1) == 1)
+                 and samples == 1 and int(ds.get("PixelRepresentation", 0)) == 0 and frames == 1)
         if plain:  # what synthmed writes: the pixels are the bytes, no decoder needed (twice as fast)
             raw = np.frombuffer(ds.PixelData, dtype="<u2" if allocated == 16 else np.uint8)
             if raw.size < rows * columns:
@@ -248,8 +313,42 @@ def decode_dicom(data: bytes) -> DicomPixels:
             pixels = np.asarray(ds.pixel_array)
         return DicomPixels(pixels=pixels, rows=rows, columns=columns, bits_allocated=allocated,
                            bits_stored=int(ds.BitsStored))
+    except ImageTooLarge:
+        raise
     except Exception as e:  # pydicom raises many kinds on a broken file
         raise ValueError(f"DICOM does not decode: {type(e).__name__}: {e}") from None
+
+
+def _read_dicom(data: bytes):
+    """pydicom's dataset of a file, with a deflated dataset inflated under a cap (pydicom inflates it whole)."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    preamble = read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(io.BytesIO(data))
+    # PS3.5 A.5: everything after the file meta is deflated. Inflate the header (up to Pixel Data) first,
+    # check its declared size, then inflate no more than the pixels it declares.
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = inflater.decompress(data[fp.tell():], MAX_DICOM_HEADER_BYTES)
+    try:
+        header = read_dataset(DicomBytesIO(head), False, True,
+                              stop_when=lambda tag, vr, length: tag == 0x7FE00010)
+        rows, columns = int(header.Rows), int(header.Columns)
+        allocated, samples = int(header.BitsAllocated), int(header.get("SamplesPerPixel", 1) or 1)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, EOFError, ValueError, TypeError):
+        raise ValueError(f"its deflated header holds no Rows, Columns and Bits Allocated in its first "
+                         f"{MAX_DICOM_HEADER_BYTES // 2**20} MiB") from None
+    declared = check_declared_size("DICOM", columns, rows, allocated * samples, frames)
+    rest = _inflate(inflater.unconsumed_tail, declared + MAX_DICOM_HEADER_BYTES, inflater=inflater)
+    dataset = read_dataset(DicomBytesIO(head + rest), False, True)
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # the inflated bytes are that syntax
+    return pydicom.dataset.FileDataset(None, dataset, preamble, meta, False, True)
 
 
 def stored_values(png: np.ndarray, depth: int) -> tuple[np.ndarray, int]:
@@ -284,16 +383,25 @@ def pixel_stats(values: np.ndarray, full_scale: int) -> PixelStats:
 
 
 def pixel_flags(stats: PixelStats, limits: PixelLimits = PixelLimits()) -> dict[str, str]:
-    """``blank`` and ``saturated`` from an image's stats, each with a message giving the figure."""
+    """``blank`` and ``saturated`` from an image's stats, each with a message giving the figure.
+
+    Saturation is clipping at the top of the range (white: bone and metal never fill a fifth of a film) or a
+    film mostly black (air beside the body is black on real films too, 20-40 % of a CR film, so black is
+    allowed up to ``max_black_fraction``, by default 0.6).
+    """
     flags = {}
     if stats.dynamic_range < limits.min_dynamic_range:
         flags["blank"] = (f"1st-99th percentile range {stats.dynamic_range:.4f} of full scale "
                           f"< min_dynamic_range {limits.min_dynamic_range:g}")
-    worst = max(stats.high_fraction, stats.low_fraction)
-    if worst > limits.max_saturated_fraction:
-        where = "full white" if stats.high_fraction >= stats.low_fraction else "black"
-        flags["saturated"] = (f"{100 * worst:.1f}% of pixels at {where} "
-                              f"> max_saturated_fraction {limits.max_saturated_fraction:g}")
+    saturated = []
+    if stats.high_fraction > limits.max_saturated_fraction:
+        saturated.append(f"{100 * stats.high_fraction:.1f}% of pixels at full white "
+                         f"> max_saturated_fraction {limits.max_saturated_fraction:g}")
+    if stats.low_fraction > limits.max_black_fraction:
+        saturated.append(f"{100 * stats.low_fraction:.1f}% of pixels at black "
+                         f"> max_black_fraction {limits.max_black_fraction:g}")
+    if saturated:
+        flags["saturated"] = "; ".join(saturated)
     return flags
 
 
@@ -373,11 +481,33 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read(path: Path) -> bytes | None:
+def read_limited(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A file's bytes; ValueError (naming the limit) when it is larger than ``limit``, before reading it."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise ImageTooLarge(f"the file is {size / 2**20:,.0f} MiB, above the {limit // 2**20} MiB qc reads")
+        return fh.read(limit + 1)
+
+
+def _read(out: Path, rel: str) -> bytes | str:
+    """The bytes of a manifest path, or why not (missing, outside the folder, too large) as a message."""
+    if not inside_folder(rel):
+        return f"{rel} is outside the output folder"
     try:
-        return path.read_bytes()
+        return read_limited(out / rel)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
+        return f"{rel} is missing"
+    except ImageTooLarge as e:
+        return f"{rel}: {e}"
+    except OSError as e:
+        return f"{rel} cannot be read: {e.strerror or e}"
+
+
+def inside_folder(rel: str) -> bool:
+    """Whether a manifest path is relative and stays inside its folder by its words (no '..', not absolute)."""
+    path = Path(rel)
+    return bool(rel) and not path.is_absolute() and ".." not in path.parts and "\x00" not in rel
 
 
 def check_row(out: Path, row: Mapping[str, str], expected: Expected,
@@ -398,9 +528,9 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
     full_scale = 4095 if expected.bit_depth == 16 else 255
     # 1. PNG: bytes -> sha256 -> pixels -> size and depth
     if row.get("png_path"):
-        data = _read(out / row["png_path"])
-        if data is None:
-            result.fail("readable", f"{row['png_path']} is missing")
+        data = _read(out, row["png_path"])
+        if isinstance(data, str):
+            result.fail("readable", data)
         else:
             if row.get("png_sha256") and _sha256(data) != row["png_sha256"]:
                 result.fail("sha256", f"{row['png_path']} does not match the manifest's sha256")
@@ -419,9 +549,9 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
         result.fail("readable", "the manifest names no PNG file")
     # 2. DICOM: bytes -> sha256 -> pixels -> geometry, then the PNG's values
     if row.get("dicom_path"):
-        data = _read(out / row["dicom_path"])
-        if data is None:
-            result.fail("readable", f"{row['dicom_path']} is missing")
+        data = _read(out, row["dicom_path"])
+        if isinstance(data, str):
+            result.fail("readable", data)
         else:
             if row.get("dicom_sha256") and _sha256(data) != row["dicom_sha256"]:
                 result.fail("sha256", f"{row['dicom_path']} does not match the manifest's sha256")
@@ -439,9 +569,9 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
     # 3. masks: sha256 only
     if row.get("mask_paths"):
         for rel, digest in zip(row["mask_paths"].split("|"), (row.get("mask_sha256") or "").split("|")):
-            data = _read(out / rel)
-            if data is None:
-                result.fail("readable", f"{rel} is missing")
+            data = _read(out, rel)
+            if isinstance(data, str):
+                result.fail("readable", data)
             elif digest and _sha256(data) != digest:
                 result.fail("sha256", f"{rel} does not match the manifest's sha256")
     if stored is None:
@@ -505,7 +635,7 @@ def dciodvfy_sample(out: Path, rows: Sequence[Mapping[str, str]], sample: int) -
     checked = 0
     for row in with_dicom[:max(sample, 0)]:
         path = out / row["dicom_path"]
-        if not path.is_file():
+        if not inside_folder(row["dicom_path"]) or not path.is_file():
             continue  # the readable check names it
         try:
             errors = dciodvfy_errors(path)

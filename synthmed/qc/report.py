@@ -191,6 +191,52 @@ def values_svg(values: Mapping[str, float], title: str, limit: float | None = No
     return "".join(parts)
 
 
+# ----------------------------------------------------------------------------- the words every view shares
+
+def check_detail(check: Mapping, with_limit: bool = True) -> str:
+    """What a check found, in words: "3 of 12 images" or "0.8333 (limit 0.9)"."""
+    if "failed" in check:
+        return f"{check['failed']} of {check.get('checked', 0)} {check.get('unit', 'images')}"
+    value = check.get("value")
+    if value is None:
+        return ""
+    shown = f"{value:.4g}" if isinstance(value, float) else f"{value}"
+    return shown + (f" (limit {check['threshold']})" if with_limit and check.get("threshold") is not None else "")
+
+
+def summary_lines(report: Mapping, *, skip_reasons: Sequence[str] = ()) -> list[str]:
+    """The report's failed checks and skipped sections, one line each, for a terminal.
+
+    Each line starts with the check's status as qc_report.json and report.html give it ("fail"; in capitals
+    when the check gates, so fails the run), then says whether it gates: one verdict, three views.
+
+    Example:
+        >>> summary_lines({"checks": {"spec_fidelity": {"status": "fail", "gating": False, "value": 0.8,
+        ...                                             "threshold": 0.9}}, "sections": {}})
+        ['fail spec_fidelity: 0.8 (limit 0.9); not gating (not in qc.gate): the run still passes']
+        >>> summary_lines({"checks": {"blank": {"status": "fail", "gating": True, "failed": 1, "checked": 9}}})
+        ['FAIL blank: 1 of 9 images; gating']
+    """
+    lines = []
+    for name, check in report.get("checks", {}).items():
+        if check.get("status") == "fail":
+            if check.get("gating"):
+                lines.append(f"FAIL {name}: {check_detail(check)}; gating")
+            else:
+                lines.append(f"fail {name}: {check_detail(check)}; not gating (not in qc.gate): the run still passes")
+            problems = report.get("sections", {}).get(name, {}).get("problems") or []
+            lines += [f"  {p}" for p in problems[:3]]
+            if len(problems) > 3:
+                lines.append(f"  ... ({len(problems)} listed in qc_report.json)")
+        elif check.get("status") == "info" and check.get("reason"):
+            lines.append(f"info {name}: {check_detail(check)}; {check['reason']}")
+    for name, section in report.get("sections", {}).items():
+        if (section.get("status") == "skipped" and name in ("reference", "auditor", "memorisation")
+                and name not in skip_reasons):
+            lines.append(f"skipped {name}: {section.get('reason')}")
+    return lines
+
+
 # ----------------------------------------------------------------------------- sections
 
 def _summary(report: Mapping) -> str:
@@ -202,17 +248,17 @@ def _summary(report: Mapping) -> str:
               else f"FAIL: gating check(s) failed: {', '.join(failed)}")
     rows = []
     for name, check in report.get("checks", {}).items():
-        detail = ""
-        if "failed" in check:
-            detail = f"{check['failed']} of {check.get('checked', 0)} images"
-        elif check.get("value") is not None:
-            detail = _fmt(check["value"])
+        detail = escape(check_detail(check, with_limit=False))
         if check.get("reason"):
             detail += f' <small>{escape(str(check["reason"]))}</small>'
         rows.append([f"<code>{escape(name)}</code>", escape(check.get("description", "")),
                      "yes" if check.get("gating") else "", _status(check.get("status")), detail,
                      _fmt(check.get("threshold"))])
     notes = "".join(f"<li>{escape(str(n))}</li>" for n in report.get("notes", []))
+    problems = report.get("sections", {}).get("manifest_consistency", {}).get("problems") or []
+    if problems:
+        notes += ("<li>manifest_consistency: the rows that disagree with cases.jsonl or the spec<ul>"
+                  + "".join(f"<li>{escape(str(p))}</li>" for p in problems) + "</ul></li>")
     return (f'<section id="summary"><h1>QC report: {escape(str(dataset.get("name", "?")))}</h1>'
             f'<div class="banner {escape(verdict)}">{escape(banner)}</div>'
             f'<p>{_fmt(dataset.get("count"))} images, {_fmt(dataset.get("width"))}×{_fmt(dataset.get("height"))}, '
@@ -357,7 +403,7 @@ def _label_fidelity(aud: Mapping) -> str:
     rows = [[escape(name), _fmt(v.get("support")), _fmt(v.get("accuracy")), _fmt(v.get("sensitivity")),
              _fmt(v.get("specificity"))]
             for name, v in per_finding.items() if isinstance(v, Mapping) and v.get("support")]
-    reason = lf.get("reason") if lf.get("status") == "skipped" else None
+    reason = lf.get("reason") if lf.get("status") == "skipped" else aud.get("applies_reason")
     return (f'<p>Status {_status(aud.get("label_fidelity_status"))}'
             + (f': {escape(str(reason))}' if reason else "")
             + f'. <small>{escape(str(aud.get("inception_score_note", aud.get("inception_score_reason", ""))))}'

@@ -18,6 +18,14 @@ Set-level checks:
 - ``fid``, ``kid``, ``precision``, ``recall``, ``coverage``: against a reference manifest's images.
 - ``label_fidelity`` and an IS-style figure: from the auditor's class probabilities.
 - ``memorisation``: nearest training images, from a training manifest.
+- ``manifest_consistency``: every row says what ``cases.jsonl`` (the build's plan) says of its case, and what the
+  spec allows (splits, sexes, views, ages, finding cells, image size, spec hash).
+
+What qc reads and writes (docs/safety.md): every path a manifest names must stay inside the output folder
+(refused, with its row, before anything is read); images are decoded within the limits of
+:mod:`synthmed.qc.checks`. qc writes qc_report.json, report.html, the manifest's qc columns and the split
+metadata.csv files only where synthmed's record (:mod:`synthmed.ledger`) says they are synthmed's, or where
+no file is; in a folder it cannot write it still reports (to stdout, or to ``report_dir``).
 
 Example:
     >>> result = qc("out/pneumonia")  # doctest: +SKIP
@@ -30,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,8 +60,16 @@ DIVERSITY_PER_GROUP = 6      # images per finding cell for MS-SSIM: 15 pairs
 DIVERSITY_SIDE = 128         # MS-SSIM on images no larger than this (4 scales)
 DISPLAY_SIDE = 96            # thumbnails in report.html
 FEATURE_BATCH = 32
-SET_CHECKS = ("intensity", "dciodvfy", "spec_fidelity", "duplicates", "diversity", "fid", "kid", "precision",
-              "recall", "coverage", "label_fidelity", "memorisation")
+SET_CHECKS = ("intensity", "dciodvfy", "manifest_consistency", "spec_fidelity", "duplicates", "diversity", "fid", "kid",
+              "precision", "recall", "coverage", "label_fidelity", "memorisation")
+STATE_DIR = ".synthmed"
+LEDGER_KEY = "qc"
+MAX_PROBLEMS = 50            # manifest_consistency lists this many rows in the report
+# The shipped auditor was trained on phantom films: it judges sets whose images look like them
+SHIPPED_AUDITOR_DOMAIN = (("phantom", None), ("diffusion", "synthmed-default"))
+# Label fidelity gives a verdict from this many images up: the shipped model reads 0.69 of 64 pneumonia-spec
+# films exactly (0.89 of 240 evaluation cases), so with fewer the sampling spread (±0.17 at 30) is the verdict
+LABEL_FIDELITY_MIN_IMAGES = 30
 ALL_CHECKS = PER_IMAGE_CHECKS + tuple(c for c in SET_CHECKS if c not in PER_IMAGE_CHECKS)
 
 
@@ -88,6 +105,7 @@ class QCResult:
     html_path: Path | None
     seconds: float
     per_image_seconds: float                # the per-image pass alone (reads, decodes, checks)
+    not_written: tuple[str, ...] = ()       # files qc left alone, each with why (not ours, a read-only folder)
 
     @property
     def images_checked(self) -> int:
@@ -96,15 +114,75 @@ class QCResult:
 
 # ----------------------------------------------------------------------------- inputs
 
-def _read_manifest(path: Path) -> list[dict]:
+def _read_manifest(out: Path) -> list[dict]:
     from ..writers.manifest import read_part
 
+    path = out / "manifest.csv"
     try:
-        return read_part(path)
+        rows = read_part(path)
     except FileNotFoundError:
-        raise QCError(f"{path.parent} is not a synthmed output folder: it has no manifest.csv") from None
+        raise _no_manifest(out) from None
     except (OSError, ValueError, csv.Error) as e:
         raise QCError(f"{path} is not a manifest this synthmed version reads: {e}") from None
+    if not rows:
+        raise QCError(f"{path} has no rows: there is no image to check (a manifest of header only)")
+    return rows
+
+
+def _no_manifest(out: Path) -> QCError:
+    """Why a folder has no manifest.csv: a generate writing it now, an unfinished build, or not ours at all."""
+    state = out / STATE_DIR
+    if _lock_is_held(state / "lock"):
+        return QCError(f"another synthmed run is writing to {out} (its manifest.csv is not written yet); "
+                       "wait for it to finish", 1)
+    if (state / "run.json").is_file():
+        return QCError(f"{out} holds an unfinished synthmed build (no manifest.csv yet); finish it with "
+                       f"`synthmed generate SPEC -o {out} --resume`, then run qc")
+    return QCError(f"{out} is not a synthmed output folder: it has no manifest.csv")
+
+
+def _lock_is_held(path: Path) -> bool:
+    """Whether another process holds a run lock (probed without creating or writing the file)."""
+    import fcntl
+
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+    return False
+
+
+def _check_paths(out: Path, rows: list[dict]) -> None:
+    """Every file a manifest names must lie inside ``out``, by its words and after links; else QCError with the rows."""
+    from .checks import inside_folder
+
+    base = out.resolve()
+    folders: dict[str, bool] = {}
+    bad = []
+    for n, row in enumerate(rows, start=1):
+        named = [(c, row.get(c) or "") for c in ("file_name", "png_path", "dicom_path")]
+        named += [("mask_paths", rel) for rel in (row.get("mask_paths") or "").split("|")]
+        for column, rel in named:
+            if not rel:
+                continue
+            ok = inside_folder(rel)
+            if ok:
+                parent = str(Path(rel).parent)
+                if parent not in folders:
+                    folders[parent] = (out / parent).resolve().is_relative_to(base)
+                path = out / rel
+                ok = folders[parent] and (not path.is_symlink() or path.resolve().is_relative_to(base))
+            if not ok:
+                bad.append(f"row {n} ({row.get('case_id') or '?'}) {column} {rel!r}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise QCError(f"{out / 'manifest.csv'} names files outside {out} (qc reads and writes only inside it, and "
+                      f"follows no link out of it): {shown}")
 
 
 def _load_spec(out: Path):
@@ -122,17 +200,51 @@ def _load_spec(out: Path):
         raise QCError(f"{card_path}: its spec does not validate:\n{e}") from None
 
 
+def _read_cases(out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """cases.jsonl by case id (the plan the build wrote), or (None, why not)."""
+    from ..sampler import Case
+
+    path = out / "cases.jsonl"
+    cases: dict[str, Any] = {}
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    case = Case.from_dict(json.loads(line))
+                    cases[case.case_id] = case
+    except FileNotFoundError:
+        return None, "no cases.jsonl"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"cases.jsonl line {n} does not read as a case ({type(e).__name__}: {e})"
+    return cases, None
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may create files in ``folder`` (and in its run state, where there is one)."""
+    state = folder / STATE_DIR
+    return os.access(folder, os.W_OK | os.X_OK) and (not state.is_dir() or os.access(state, os.W_OK | os.X_OK))
+
+
 def _lock(out: Path):
     """Hold the folder's run lock while the manifest is rewritten, so qc never races a generate.
 
     A copied dataset without the run state (``.synthmed/``) has no generate to race; it gets no lock file.
+    Returns the open lock, None without run state, or False when the folder cannot be written (a read-only
+    build, another user's folder): then qc writes nothing there, and no generate can write it either.
     """
+    import errno
     import fcntl
 
-    state = out / ".synthmed"
+    state = out / STATE_DIR
     if not state.is_dir():
         return None
-    fh = open(state / "lock", "a+")
+    try:
+        fh = open(state / "lock", "a+")
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return False
+        raise QCError(f"cannot open the run lock {state / 'lock'}: {e.strerror or e}") from None
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -157,6 +269,38 @@ def _load_auditor(auditor) -> tuple[Any, str | None]:
         return Auditor.load(), None
     except Exception as e:  # no shipped weights, a broken file: the sections are skipped, qc goes on
         return None, f"the auditor could not be loaded ({type(e).__name__}: {e})"
+
+
+def auditor_applies(rows: Sequence[Mapping[str, str]], auditor, shipped: bool,
+                    n_read: int | None = None) -> tuple[bool, str | None]:
+    """Whether label fidelity may give a verdict on these images: (applies, why not).
+
+    An auditor the caller brings applies (they chose it for their images). The shipped one was trained on
+    256 x 256 phantom films: it judges sets of the phantom backend and of the shipped default model, at its
+    input size or larger; on other images its score is a figure to look at, not a verdict. Either way a
+    verdict needs :data:`LABEL_FIDELITY_MIN_IMAGES` images read (``n_read``).
+    """
+    if n_read is not None and n_read < LABEL_FIDELITY_MIN_IMAGES:
+        return False, (f"{n_read} image(s) read: too few for a verdict (at least {LABEL_FIDELITY_MIN_IMAGES}); "
+                       "the score is reported only")
+    if not shipped:
+        return True, None
+    made_by = {(r.get("backend") or "?", r.get("model_id") or None) for r in rows}
+    domain = {backend: model for backend, model in SHIPPED_AUDITOR_DOMAIN}
+    foreign = sorted(f"{b}" + (f" ({m})" if m else "") for b, m in made_by
+                     if b not in domain or (domain[b] is not None and m != domain[b]))
+    if foreign:
+        return False, (f"the shipped auditor was trained on phantom films; it gives a verdict on sets of the phantom "
+                       f"backend and the shipped default model, not on {', '.join(foreign)} images (its score is "
+                       "reported only)")
+    config = getattr(auditor, "config", None)
+    side = config.get("input_size") if isinstance(config, Mapping) else None
+    sizes = {(r.get("width") or "", r.get("height") or "") for r in rows}
+    small = [f"{w}x{h}" for w, h in sizes if side and w.isdigit() and h.isdigit() and min(int(w), int(h)) < side]
+    if small:
+        return False, (f"the shipped auditor reads {side}x{side} films; these are {', '.join(sorted(small))} "
+                       "(its score is reported only)")
+    return True, None
 
 
 class _AuditorEmbedding:
@@ -300,10 +444,15 @@ def _image_path_column(rows: list[dict]) -> str | None:
 
 
 def _read_any_image(path: Path) -> tuple[np.ndarray, int] | None:
-    """(stored integer pixels, full scale) of a PNG, DICOM or any Pillow-readable image; None if unreadable."""
+    """(stored integer pixels, full scale) of a PNG, DICOM or any Pillow-readable image; None if unreadable.
+
+    The limits of :mod:`synthmed.qc.checks` hold here too: a file or a declared size beyond them is unreadable.
+    """
+    from .checks import check_declared_size, read_limited
+
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = read_limited(path)
+    except (OSError, ValueError):
         return None
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -317,7 +466,8 @@ def _read_any_image(path: Path) -> tuple[np.ndarray, int] | None:
 
         from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            check_declared_size(im.format or "image", im.width, im.height, 32 * len(im.getbands()))
             return np.asarray(im.convert("L")), 255
     except Exception:
         return None
@@ -440,11 +590,59 @@ def _observed(rows: list[dict]) -> tuple[dict[str, Counter], dict[tuple, Counter
     return marginal, pairs
 
 
-def spec_fidelity_report(spec, rows: list[dict], min_score: float) -> dict:
-    """Spec fidelity of the manifest's rows: every attribute and pair, and the overall score (the lowest)."""
+def planned_distributions(spec, n: int, cases: Iterable | None = None) -> tuple[dict[str, dict], dict[tuple, dict]]:
+    """Counts of every attribute and pair in :data:`PAIRS` among the first ``n`` cases of the spec's plan.
+
+    What a build of ``n`` cases (``--limit n``, or the whole ``count``) holds by construction: the first cases
+    of an exact plan follow the spec only roughly, and a random plan never exactly. ``cases``: the build's
+    own record of them (cases.jsonl), used instead of drawing the plan again.
+    """
+    from ..sampler import sample_cases
+
+    if cases is not None:
+        marginal, pairs = _observed([{"findings": "|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}"
+                                                           for f in c.findings),
+                                      "split": c.split, "sex": c.sex, "view": c.view, "age": str(c.age)}
+                                     for c in cases])
+        return {k: dict(v) for k, v in marginal.items()}, {k: dict(v) for k, v in pairs.items()}
+    cases = sample_cases(spec, limit=n)
+    columns = cases.columns()
+    findings = ["|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in cell.findings)
+                for cell in cases.cells]
+    splits, sexes, views = cases.split_names, cases.sex_names, cases.view_names
+    plan_rows = [{"findings": findings[c], "split": splits[sp], "sex": sexes[sx], "view": views[v], "age": str(a)}
+                 for c, sp, sx, v, a in zip(*(columns[k].tolist() for k in ("cell", "split", "sex", "view", "age")))]
+    marginal, pairs = _observed(plan_rows)
+    return {k: dict(v) for k, v in marginal.items()}, {k: dict(v) for k, v in pairs.items()}
+
+
+def _planned_count(spec, rows: list[dict], cases: Mapping | None) -> int:
+    """How many cases of the plan the build covers: cases.jsonl's count, else the largest index in the manifest."""
+    if cases:
+        return min(len(cases), spec.count)
+    indices = [int(r["index"]) for r in rows if (r.get("index") or "").isdigit()]
+    return min(max(indices) + 1, spec.count) if indices else min(len(rows), spec.count)
+
+
+def spec_fidelity_report(spec, rows: list[dict], min_score: float, *, planned: int | None = None,
+                         cases: Mapping | None = None) -> dict:
+    """Spec fidelity of the manifest's rows: every attribute and pair, and the overall score (the lowest).
+
+    Args:
+        planned: compare with the plan of the first ``planned`` cases (what a build of that many cases holds);
+            None compares with the spec's distribution itself.
+        cases: the build's record of those cases (cases.jsonl, by case id), read instead of drawing the plan.
+    """
     from .metrics import pair_fidelity, spec_fidelity
 
-    expected, expected_pairs = expected_distributions(spec)
+    if planned is None:
+        expected, expected_pairs = expected_distributions(spec)
+        against = "the spec's distribution"
+    else:
+        expected, expected_pairs = planned_distributions(spec, planned, None if cases is None else cases.values())
+        against = (f"the plan of the {planned:,} cases built (the first {planned:,} of the spec's {spec.count:,}), "
+                   + ("as cases.jsonl records it" if cases is not None
+                      else "drawn again by synthmed.sampler.sample_cases(spec, limit=n)"))
     observed, observed_pairs = _observed(rows)
     attributes = {}
     for name in ATTRIBUTES:
@@ -458,7 +656,95 @@ def spec_fidelity_report(spec, rows: list[dict], min_score: float) -> dict:
     worst = min(list(attributes.items()) + list(pairs.items()), key=lambda kv: kv[1]["score"])[0]
     return {"status": "pass" if overall >= min_score else "fail", "value": overall, "threshold": min_score,
             "score": overall, "mean_score": float(np.mean(scores)), "worst": worst, "n": len(rows),
-            "attributes": attributes, "pairs": pairs}
+            "planned": planned, "against": against, "attributes": attributes, "pairs": pairs}
+
+
+# ----------------------------------------------------------------------------- manifest consistency
+
+def _case_columns(case, vocab) -> dict[str, str]:
+    """The manifest columns that say what a case is, as generate writes them."""
+    labels = case.chexpert_labels(vocab)
+    values = {"index": case.index, "split": case.split, "seed": case.seed,
+              "findings": "|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in case.findings),
+              "finding_codes": "|".join(str(vocab.findings[f.finding].code) for f in case.findings),
+              "location": "|".join(f.location or "" for f in case.findings),
+              "severity": "|".join(f.severity or "" for f in case.findings),
+              **labels, "sex": case.sex, "age": case.age, "view": case.view}
+    return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def _age_range(age) -> tuple[int, int]:
+    if age.distribution == "fixed":
+        return int(age.value), int(age.value)
+    if age.distribution == "categorical":
+        return min(b[0] for b in age.bins), max(b[1] for b in age.bins)
+    return int(age.min), int(age.max)
+
+
+def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, cases_why: str | None = None) -> dict:
+    """Does every row say what the build's plan (cases.jsonl) says of its case, within what the spec allows?
+
+    Per row: a known, unique case id; split, findings (and their codes, locations, severities, CheXpert
+    columns), sex, age and view equal to the case's; width, height and bit depth whole numbers equal to the
+    spec's image; split, sex, view and finding cell among the spec's; the spec hash the card's. And every case
+    of cases.jsonl has a row. ``cases``: case id -> Case (None: cases.jsonl is missing, rows checked against
+    the spec alone).
+    """
+    from ..sampler import enumerate_cells
+    from ..vocabulary import get_vocabulary
+
+    vocab = get_vocabulary()
+    allowed = {"split": tuple(spec.splits.keys), "sex": tuple(spec.sex.keys), "view": tuple(spec.view.keys)}
+    cells = {"|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in cell.findings)
+             for cell in enumerate_cells(spec.findings, vocab)}
+    size = {"width": spec.image.width, "height": spec.image.height, "bit_depth": spec.image.bit_depth}
+    low, high = _age_range(spec.age)
+    problems: list[str] = []
+    bad_rows = 0
+    seen: dict[str, int] = {}
+    for n, row in enumerate(rows, start=1):
+        found = []
+        case_id = row.get("case_id") or ""
+        if case_id in seen:
+            found.append(f"case_id {case_id!r} is also row {seen[case_id]}'s")
+        seen.setdefault(case_id, n)
+        for column, value in size.items():
+            text = row.get(column) or ""
+            if not text.isdigit() or int(text) != value:
+                found.append(f"{column} {text!r} is not the spec's {value}")
+        for column, names in allowed.items():
+            if (row.get(column) or "") not in names:
+                found.append(f"{column} {row.get(column)!r} is not one of the spec's ({', '.join(names)})")
+        age = row.get("age") or ""
+        if not age.isdigit() or not low <= int(age) <= high:
+            found.append(f"age {age!r} is not a whole number of years in the spec's {low}..{high}")
+        if (row.get("findings") or "") not in cells:
+            found.append(f"findings {row.get('findings')!r} are not a finding cell of the spec")
+        if row.get("spec_hash") and row["spec_hash"] != spec.spec_hash:
+            found.append(f"spec_hash {row['spec_hash'][:12]} is not the card's spec ({spec.spec_hash[:12]})")
+        if cases is not None:
+            case = cases.get(case_id)
+            if case is None:
+                found.append(f"case_id {case_id!r} is not in cases.jsonl")
+            else:
+                differ = [f"{column} {row.get(column)!r} (the plan: {value!r})"
+                          for column, value in _case_columns(case, vocab).items() if (row.get(column) or "") != value]
+                if differ:
+                    found.append("disagrees with cases.jsonl: " + "; ".join(differ[:4])
+                                 + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
+        if found:
+            bad_rows += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(f"row {n} ({case_id or '?'}): " + "; ".join(found))
+    missing = [c for c in (cases or {}) if c not in seen]
+    if missing:
+        problems.append(f"{len(missing):,} case(s) of cases.jsonl have no row: {', '.join(missing[:5])}"
+                        + (", ..." if len(missing) > 5 else ""))
+    failed = bad_rows + len(missing)
+    return {"status": "fail" if failed else "pass", "value": failed, "threshold": 0, "rows": len(rows),
+            "rows_failed": bad_rows, "cases_without_row": len(missing), "problems": problems,
+            "against": ("cases.jsonl and the spec" if cases is not None
+                        else f"the spec only ({cases_why or 'no cases.jsonl'})")}
 
 
 def _json_fidelity(result: dict) -> dict:
@@ -767,7 +1053,8 @@ def _display_thumb(pixels: np.ndarray) -> np.ndarray:
 
 def _limits(config) -> PixelLimits:
     return PixelLimits(min_dynamic_range=config.thresholds.min_dynamic_range,
-                       max_saturated_fraction=config.thresholds.max_saturated_fraction)
+                       max_saturated_fraction=config.thresholds.max_saturated_fraction,
+                       max_black_fraction=config.thresholds.max_black_fraction)
 
 
 def _expected(spec) -> Expected:
@@ -791,7 +1078,8 @@ def check_rows(out: str | Path, spec, rows: Iterable[Mapping[str, str]]) -> dict
 def qc(out: str | Path, *, reference: str | Path | None = None, training_manifest: str | Path | None = None,
        config=None, feature_extractor: FeatureExtractor | str | None = None, auditor: Any = True,
        full: bool = True, dciodvfy_sample: int | None = None, write: bool = True, lock: bool = True,
-       progress: bool = False, precomputed: Mapping[str, ImageResult] | None = None) -> QCResult:
+       progress: bool = False, precomputed: Mapping[str, ImageResult] | None = None,
+       report_dir: str | Path | None = None) -> QCResult:
     """Check a synthmed output folder and write its quality report.
 
     Args:
@@ -807,15 +1095,21 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
         full: False runs only the cheap part (per-image checks, intensity, spec fidelity, duplicates, dciodvfy
             sample; FID when a reference is given), as ``generate`` does.
         dciodvfy_sample: how many DICOM files dciodvfy checks (default: the config's ``dciodvfy_sample``).
-        write: write qc_report.json and report.html, and fill the manifest's qc_status / qc_flags / metadata.csv.
+        write: write qc_report.json and report.html, and fill the manifest's qc_status / qc_flags / metadata.csv,
+            each only where synthmed's record says the file is synthmed's or where there is none yet; the
+            others are left alone and named in ``result.not_written``. In a folder this process cannot write,
+            nothing is written (the result still holds the whole report).
         lock: hold the folder's run lock (``generate`` already holds it when it calls this).
         progress: a progress bar over the images.
         precomputed: per-image results by case id, made by :func:`check_rows` with this folder's spec where
             the images were written (the Ray workers do that); used instead of reading those files again
             when the run needs no pixels of them (the cheap run without a reference or training set).
+        report_dir: write qc_report.json and report.html into this folder (made if needed) and leave ``out``
+            untouched: for a read-only build or another user's folder.
 
     Raises:
-        QCError: not an output folder, an unreadable reference, a folder in use (``exit_code`` 2 or 1).
+        QCError: not an output folder, a manifest naming files outside it, an unreadable reference, a folder
+            in use (``exit_code`` 2 or 1).
 
     Example:
         >>> result = qc("out/pneumonia", reference="real/manifest.csv")  # doctest: +SKIP
@@ -825,7 +1119,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     out = Path(out)
     if not out.is_dir():
         raise QCError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
-    rows = _read_manifest(out / "manifest.csv")
+    rows = _read_manifest(out)
+    _check_paths(out, rows)
     spec = _load_spec(out)
     config = config if config is not None else spec.qc
     if dciodvfy_sample is not None:
@@ -849,16 +1144,128 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     limits, expected = _limits(config), _expected(spec)
     if precomputed and (limits != _limits(spec.qc)):
         precomputed = None  # made under the spec's own thresholds, not this config's
-    handle = _lock(out) if lock and write else None
+    outputs = _Outputs(out, Path(report_dir) if report_dir is not None else None, write=write, lock=lock)
     try:
-        return _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, write,
+        return _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, outputs,
                     progress, started, precomputed or {})
     finally:
-        if handle is not None:
-            handle.close()
+        outputs.release()
 
 
-def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, write, progress,
+class _Outputs:
+    """Where qc writes, decided before the checks run: ``out`` (under its run lock and synthmed's record of
+    its own files), ``report_dir``, or nowhere (a folder this process cannot write)."""
+
+    def __init__(self, out: Path, report_dir: Path | None, *, write: bool, lock: bool):
+        from ..ledger import ForeignFileError, Ledger
+
+        self.out, self.dest, self.fill, self.handle = out, None, False, None
+        self.ledger = None
+        self.not_written: list[str] = []
+        if not write:
+            return
+        if report_dir is not None and report_dir.resolve() != out.resolve():
+            try:
+                report_dir.mkdir(parents=True, exist_ok=True)
+                self.ledger = Ledger(report_dir, report_dir / STATE_DIR)
+                self.ledger.claim(LEDGER_KEY, [REPORT_JSON, REPORT_HTML])
+            except ForeignFileError as e:
+                raise QCError(f"{e} in {report_dir}; synthmed overwrites only files it wrote: choose another "
+                              "--report-dir") from None
+            except OSError as e:
+                raise QCError(f"cannot write to the report folder {report_dir}: {e.strerror or e}") from None
+            self.dest = report_dir
+            return
+        writable = _writable(out)
+        if writable and lock:
+            self.handle = _lock(out)
+            writable = self.handle is not False
+        if not writable:
+            self._cannot_write()
+            return
+        self.dest, self.fill = out, True
+        self.ledger = Ledger(out, out / STATE_DIR)
+        if self.handle:  # ours alone now: a killed qc's (or generate's) temp files, by the pids its claims name
+            try:
+                self.ledger.remove_temp_files()
+            except OSError:
+                pass
+
+    def _cannot_write(self) -> None:
+        self.dest, self.fill = None, False
+        self.not_written.append(f"{self.out} is not writable: qc wrote nothing there; --report-dir DIR (report_dir= "
+                                "in Python) writes qc_report.json and report.html elsewhere")
+
+    def release(self) -> None:
+        if self.handle:
+            self.handle.close()
+        self.handle = None
+
+    def _claim(self, rels: Sequence[str]) -> list[str]:
+        """Claim each file; those that exist and are not synthmed's are left out, with a message."""
+        from ..ledger import ForeignFileError
+
+        claimed = []
+        for rel in rels:
+            try:
+                self.ledger.claim(LEDGER_KEY, [rel])
+            except ForeignFileError:
+                what = ("its qc_status / qc_flags columns are not filled" if rel == "manifest.csv"
+                        else "--report-dir DIR writes the report elsewhere")
+                self.not_written.append(f"{rel} exists and synthmed's record does not name it (a copied dataset, or "
+                                        f"a file of yours): left as it is; {what}")
+                continue
+            claimed.append(rel)
+        return claimed
+
+    def _record(self, rels: Sequence[str]) -> None:
+        """Record the sha256 of files qc wrote, in its claim and in any other claim naming them (none goes stale)."""
+        from ..ledger import file_sha256
+
+        digests = {rel: sha for rel in rels if (sha := file_sha256(self.ledger.root / rel))}
+        self.ledger.record(LEDGER_KEY, digests)
+        for key in self.ledger.keys():
+            if key != LEDGER_KEY:
+                named = {rel: sha for rel, sha in digests.items() if rel in self.ledger.read(key)["files"]}
+                if named:
+                    self.ledger.record(key, named)
+
+    def write(self, report: dict, thumbs, grid, rows, statuses, flagged) -> tuple[Path | None, Path | None]:
+        """Write what may be written; returns (qc_report.json, report.html) where written."""
+        import errno
+
+        from ..atomic import atomic_write_bytes
+        from .report import render_html
+
+        if self.dest is None:
+            report["notes"].extend(self.not_written)
+            return None, None
+        try:
+            reports = self._claim([REPORT_JSON, REPORT_HTML])
+            if self.fill and self._claim(["manifest.csv"]):
+                written, left = _fill_manifest(self.out, rows, statuses, flagged, self.ledger)
+                self.not_written.extend(left)
+                self._record(["manifest.csv", *written])
+            report["notes"].extend(self.not_written)
+            if REPORT_JSON in reports:
+                atomic_write_bytes(self.dest / REPORT_JSON, (json.dumps(report, indent=2, sort_keys=True,
+                                                                        ensure_ascii=False) + "\n").encode("utf-8"))
+            if REPORT_HTML in reports:
+                html = render_html(report, thumbs=thumbs, grid=grid)
+                atomic_write_bytes(self.dest / REPORT_HTML, html.encode("utf-8"))
+            self._record(reports)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise QCError(f"cannot write qc's files in {self.dest}: {e.strerror or e}"
+                              + (f" ({e.filename})" if e.filename else ""), 1) from None
+            self._cannot_write()
+            report["notes"].append(self.not_written[-1])
+            return None, None
+        return (self.dest / REPORT_JSON if REPORT_JSON in reports else None,
+                self.dest / REPORT_HTML if REPORT_HTML in reports else None)
+
+
+def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, outputs, progress,
          started, precomputed) -> QCResult:
     thresholds = config.thresholds
     notes: list[str] = []
@@ -940,7 +1347,10 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     sections["dciodvfy"] = dciodvfy_sample(out, rows, config.dciodvfy_sample)
     for case_id, errors in sections["dciodvfy"].get("failures", {}).items():
         by_id[case_id].fail("dciodvfy", "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""))
-    sections["spec_fidelity"] = spec_fidelity_report(spec, rows, thresholds.min_spec_fidelity)
+    cases, cases_why = _read_cases(out)
+    sections["manifest_consistency"] = manifest_consistency_report(spec, rows, cases, cases_why)
+    sections["spec_fidelity"] = spec_fidelity_report(spec, rows, thresholds.min_spec_fidelity,
+                                                     planned=_planned_count(spec, rows, cases), cases=cases)
     sections["duplicates"] = duplicates_report(results, features, batcher.ids, thresholds)
     for pair in sections["duplicates"].get("pairs", []):
         by_id[pair["a"]].fail("duplicates", f"near-duplicate of {pair['b']} ({pair['method']})")
@@ -956,6 +1366,12 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     rows_by_id = {r["case_id"]: r for r in rows}
     sections["auditor"] = auditor_report(batcher.prediction(), [rows_by_id[i] for i in batcher.ids], auditor_why,
                                          thresholds.min_label_fidelity)
+    if sections["auditor"]["status"] == "done":
+        applies, why_not = auditor_applies(rows, auditor_obj, shipped=auditor is True, n_read=len(batcher.ids))
+        sections["auditor"].update(applies=applies, applies_reason=why_not)
+        if not applies and sections["auditor"].get("label_fidelity_status") in ("pass", "fail"):
+            sections["auditor"].update(label_fidelity_status="info",
+                                       label_fidelity_against_threshold=sections["auditor"]["label_fidelity_status"])
     if batcher.errors.get("auditor") and sections["auditor"]["status"] == "skipped":
         sections["auditor"]["reason"] = auditor_why
     gen_pixels = np.stack([small_copies[i] for i in batcher.ids]) if training_set is not None and batcher.ids else None
@@ -974,7 +1390,8 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     checks = _check_table(results, sections, config, thresholds)
     failed_gates = tuple(name for name, c in checks.items() if c["gating"] and c["status"] == "fail")
     passed = not failed_gates
-    gated_but_skipped = [name for name, c in checks.items() if c["gating"] and c["status"] == "skipped"]
+    gated_but_skipped = [name for name, c in checks.items() if c["gating"] and c["status"] == "skipped"
+                         and (full or name != "label_fidelity")]  # the cheap run never reads labels back
     if gated_but_skipped:
         notes.append(f"gating check(s) skipped, so they could not fail: {', '.join(gated_but_skipped)}")
     gate = set(config.gate)
@@ -1007,19 +1424,10 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     report = _jsonable(report)
 
     # 8. Outputs
-    report_path = html_path = None
-    if write:
-        from ..atomic import atomic_write_bytes
-        from .report import render_html
-
-        report_path, html_path = out / REPORT_JSON, out / REPORT_HTML
-        atomic_write_bytes(report_path, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False)
-                                         + "\n").encode("utf-8"))
-        atomic_write_bytes(html_path, render_html(report, thumbs=thumbs, grid=grid).encode("utf-8"))
-        _fill_manifest(out, rows, statuses, flagged)
+    report_path, html_path = outputs.write(report, thumbs, grid, rows, statuses, flagged)
     return QCResult(out=out, passed=passed, report=report, failed_checks=failed_gates, flagged=flagged,
                     report_path=report_path, html_path=html_path, seconds=time.perf_counter() - started,
-                    per_image_seconds=per_image)
+                    per_image_seconds=per_image, not_written=tuple(outputs.not_written))
 
 
 def _add_thumbs(out: Path, rows_by_id: Mapping[str, dict], case_ids: Iterable[str], thumbs: dict) -> None:
@@ -1066,7 +1474,12 @@ def _check_table(results: list[ImageResult], sections: dict, config, thresholds)
             entry["reason"] = section.get("reason")
         table[name] = entry
 
-    for name, description in (("spec_fidelity", "lowest 1 - TVD of an attribute or pair against the spec"),
+    consistency = sections["manifest_consistency"]
+    set_level("manifest_consistency", "rows that disagree with cases.jsonl or the spec (case, labels, patient, view, "
+              "size, split)", consistency, consistency.get("value"), 0, consistency["status"])
+    table["manifest_consistency"].update(failed=consistency.get("value"), checked=consistency.get("rows"), unit="rows")
+    for name, description in (("spec_fidelity", "lowest 1 - TVD of an attribute or pair against the plan of the "
+                                                "cases built"),
                               ("duplicates", "fraction of images in a near-duplicate pair"),
                               ("diversity", "mean MS-SSIM within a finding cell (lower is more diverse)")):
         section = sections[name]
@@ -1094,16 +1507,20 @@ def _check_table(results: list[ImageResult], sections: dict, config, thresholds)
               thresholds.min_label_fidelity, status)
     if status == "skipped" and aud["status"] == "done":
         table["label_fidelity"]["reason"] = aud.get("label_fidelity", {}).get("reason")
+    if aud.get("applies") is False:  # reported, no verdict: see auditor_applies
+        table["label_fidelity"].update(gating=False, reason=aud.get("applies_reason"))
     mem = sections["memorisation"]
     set_level("memorisation", "fraction of generated images closer to a training image than training images are "
               "to each other (1st percentile)", mem, mem.get("value"), mem.get("threshold"), mem["status"])
     return table
 
 
-def _fill_manifest(out: Path, rows: list[dict], statuses: dict[str, str], flagged: dict[str, tuple]) -> None:
-    """Rewrite manifest.csv (atomically) with qc_status and qc_flags, and the split metadata.csv copies."""
+def _fill_manifest(out: Path, rows: list[dict], statuses: dict[str, str], flagged: dict[str, tuple],
+                   ledger) -> tuple[list[str], list[str]]:
+    """Rewrite manifest.csv (atomically) with qc_status and qc_flags, and the split metadata.csv copies that are
+    synthmed's (claimed in ``ledger`` first). Returns (metadata files written, messages naming those left alone)."""
     from ..atomic import atomic_write_text_lines
-    from ..writers.manifest import _csv_lines, write_split_metadata
+    from ..writers.manifest import _csv_lines, write_split_metadata_claimed
 
     def updated() -> Iterable[dict]:
         for row in rows:
@@ -1111,7 +1528,11 @@ def _fill_manifest(out: Path, rows: list[dict], statuses: dict[str, str], flagge
                    "qc_flags": "|".join(flagged.get(row["case_id"], ()))}
 
     atomic_write_text_lines(out / "manifest.csv", _csv_lines(updated(), header=True))
-    write_split_metadata(out / "manifest.csv", out)
+    try:
+        written, left = write_split_metadata_claimed(out / "manifest.csv", out, ledger, LEDGER_KEY)
+    except ValueError as e:  # checked before the run; a folder swapped for a link since
+        raise QCError(str(e)) from None
+    return [p.relative_to(out).as_posix() for p in written], left
 
 
 def _progress(total: int, enabled: bool):
@@ -1127,5 +1548,6 @@ def generated_checks(gate: Sequence[str]) -> tuple[str, ...]:
     return tuple(c for c in GENERATED_CHECKS if c in gate)
 
 
-__all__ = ["QCError", "QCResult", "FeatureExtractor", "qc", "expected_distributions", "spec_fidelity_report",
+__all__ = ["QCError", "QCResult", "FeatureExtractor", "qc", "expected_distributions", "planned_distributions",
+           "spec_fidelity_report", "manifest_consistency_report", "auditor_applies",
            "generated_checks"]

@@ -13,8 +13,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 from ..atomic import atomic_write_text_lines
 from ..vocabulary import schemas_dir
@@ -89,33 +90,64 @@ def merge_parts(parts: Iterable[tuple[Path, int]], out: Path) -> int:
     return count
 
 
-def write_split_metadata(manifest: Path, out: Path) -> list[Path]:
+def _metadata_rel(png_path: str, manifest: Path, n: int) -> str:
+    """``images/<split>/metadata.csv`` beside a row's PNG; ValueError when the path leaves the folder."""
+    path = Path(png_path)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{manifest} row {n}: png_path {png_path!r} leads outside the output folder")
+    return (path.parent / "metadata.csv").as_posix()
+
+
+def split_metadata_files(manifest: Path) -> list[str]:
+    """The ``images/<split>/metadata.csv`` files (relative) the rows of a manifest call for, in first-seen order."""
+    found: dict[str, None] = {}
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        for n, row in enumerate(csv.DictReader(fh), start=1):
+            if row.get("png_path"):
+                found.setdefault(_metadata_rel(row["png_path"], manifest, n))
+    return list(found)
+
+
+def write_split_metadata(manifest: Path, out: Path, *, only: Collection[str] | None = None) -> list[Path]:
     """Write ``images/<split>/metadata.csv`` for Hugging Face imagefolder, streaming the manifest.
 
     imagefolder takes splits from folder names and labels from a metadata.csv beside the
     images, whose ``file_name`` is relative to it; images it has no row for (masks) are
-    left out. Returns the files written.
-    """
-    import os
+    left out. Every file is written under a temp name (``.metadata.csv.<pid>.tmp``) and renamed.
 
+    Args:
+        only: write just these metadata files (paths relative to ``out``); the rows of other folders are skipped.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ValueError: a row's PNG lies outside ``out`` (by ``..``, an absolute path or a linked folder).
+    """
     from ..atomic import _commit, _temp_name
 
     handles: dict[str, tuple] = {}
+    skipped: set[str] = set()
+    base = out.resolve()
     fmt = _RowFormatter()
     try:
         with open(manifest, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
+            for n, row in enumerate(csv.DictReader(fh), start=1):
                 if not row["png_path"]:
                     continue
-                folder = out / os.path.dirname(row["png_path"])
-                key = str(folder)
-                if key not in handles:
-                    path = folder / "metadata.csv"
+                rel = _metadata_rel(row["png_path"], manifest, n)
+                if rel in skipped or (only is not None and rel not in only):
+                    skipped.add(rel)
+                    continue
+                if rel not in handles:
+                    path = out / rel
+                    if not path.parent.resolve().is_relative_to(base):
+                        raise ValueError(f"{manifest} row {n}: the folder of {row['png_path']!r} leads outside {out}")
                     tmp = _temp_name(path)
                     f = open(tmp, "w", newline="", encoding="utf-8")
                     f.write(fmt.header() + "\n")
-                    handles[key] = (path, tmp, f)
-                handles[key][2].write(fmt.row({**row, "file_name": os.path.basename(row["png_path"])}) + "\n")
+                    handles[rel] = (path, tmp, f)
+                handles[rel][2].write(fmt.row({**row, "file_name": os.path.basename(row["png_path"])}) + "\n")
         for path, tmp, f in handles.values():
             _commit(tmp, path, f)
     except BaseException:
@@ -124,3 +156,31 @@ def write_split_metadata(manifest: Path, out: Path) -> list[Path]:
             tmp.unlink(missing_ok=True)
         raise
     return [h[0] for h in handles.values()]
+
+
+def write_split_metadata_claimed(manifest: Path, out: Path, ledger, key: str) -> tuple[list[Path], list[str]]:
+    """:func:`write_split_metadata` under the rule that synthmed overwrites only files it recorded as its own.
+
+    Each metadata.csv is claimed in ``ledger`` (a :class:`synthmed.ledger.Ledger` of ``out``) under ``key``
+    before it is written, and its sha256 recorded after. One that exists and no claim names (a copied
+    dataset, a user's file) is left alone, and so is one whose split folder is gone.
+
+    Returns:
+        (files written, messages naming the files left alone and why).
+    """
+    from ..ledger import ForeignFileError
+
+    wanted, left = [], []
+    for rel in split_metadata_files(manifest):
+        if not (out / rel).parent.is_dir():
+            left.append(f"{rel}: its folder {Path(rel).parent.as_posix()}/ does not exist")
+            continue
+        try:
+            ledger.claim(key, [rel])
+        except ForeignFileError:
+            left.append(f"{rel} exists and synthmed did not write it (no record of it in {ledger.dir.parent.name}/)")
+            continue
+        wanted.append(rel)
+    written = write_split_metadata(manifest, out, only=set(wanted)) if wanted else []
+    ledger.record_files(key, wanted)
+    return written, left

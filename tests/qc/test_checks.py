@@ -135,8 +135,10 @@ def test_pixel_flags_thresholds():
     flags = pixel_flags(pixel_stats(white, 4095), limits)
     assert sorted(flags) == ["saturated"] and "full white" in flags["saturated"] and "25.0%" in flags["saturated"]
     black = white.copy()
-    black[:5] = 0
-    assert "black" in pixel_flags(pixel_stats(black, 4095), limits)["saturated"]
+    black[:5] = 0  # 25% black: air beside the body, as on real films
+    assert pixel_flags(pixel_stats(black, 4095), limits) == {}
+    black[:13] = 0  # 65% black: more than max_black_fraction 0.6
+    assert "65.0% of pixels at black" in pixel_flags(pixel_stats(black, 4095), limits)["saturated"]
     white[:4] = 1000  # 5% at white: fine
     assert pixel_flags(pixel_stats(white, 4095), limits) == {}
 

@@ -264,6 +264,60 @@ def test_non_gating_failure_warns_and_passes(out):
     assert set(PER_IMAGE_CHECKS) <= set(result.report["checks"])
 
 
+# A gated set-level check must fail the run when it is the only check failing: a verdict made of the
+# per-image checks alone lets every one of these through.
+
+def test_a_gated_dciodvfy_failure_alone_fails_the_run(out, monkeypatch):
+    """#17: dciodvfy (gated by default) finding an error in one untouched file fails qc, exit code 1."""
+    from synthmed.qc import checks
+
+    victim = manifest_rows(out)[1]
+    monkeypatch.setattr(checks, "dciodvfy_available", lambda: True)
+    monkeypatch.setattr(checks, "dciodvfy_errors", lambda path, timeout=60.0: (
+        ["Error - Missing attribute Type 1 Required Element=<ConversionType>"]
+        if path.name == Path(victim["dicom_path"]).name else []))
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("FAIL:")
+    report = report_of(out)
+    assert report["verdict"] == "fail" and report["failed_checks"] == ["dciodvfy"]
+    assert {name for name, c in report["checks"].items() if c["status"] == "fail" and c["gating"]} == {"dciodvfy"}
+    after = {r["case_id"]: r for r in manifest_rows(out)}
+    assert after[victim["case_id"]]["qc_status"] == "fail" and after[victim["case_id"]]["qc_flags"] == "dciodvfy"
+
+
+def test_a_gated_spec_fidelity_failure_alone_fails_the_run(out):
+    """#17: spec_fidelity, once in the gate, fails the run on its own (no image flagged)."""
+    rows = manifest_rows(out)
+    changed = 0
+    for row in rows:  # 6 F / 6 M -> 1 F / 11 M: the sex score 1 - TVD falls to 0.58
+        if row["sex"] == "F" and changed < 5:
+            row["sex"], changed = "M", changed + 1
+    from synthmed.writers.manifest import merge_parts, write_part
+
+    write_part(out / "edited.csv", rows)
+    merge_parts([(out / "edited.csv", len(rows))], out / "manifest.csv")
+    (out / "edited.csv").unlink()
+    result = qc(out, config=dataclasses.replace(QCSpec(), gate=("spec_fidelity",)), auditor=False, full=False)
+    assert result.report["sections"]["spec_fidelity"]["status"] == "fail"
+    assert result.flagged == {}  # no image failed anything
+    assert not result.passed and result.failed_checks == ("spec_fidelity",)
+    assert result.report["verdict"] == "fail" and report_of(out)["verdict"] == "fail"
+
+
+def test_a_gated_duplicates_failure_alone_fails_the_run(out):
+    """#17: duplicates, once in the gate, fails the run on its own."""
+    rows = manifest_rows(out)
+    shutil.copyfile(out / rows[0]["png_path"], out / rows[3]["png_path"])
+    result = qc(out, config=dataclasses.replace(QCSpec(), gate=("duplicates",)), auditor=False, full=False)
+    section = result.report["sections"]["duplicates"]
+    assert section["status"] == "fail" and section["pairs"][0]["a"] == rows[0]["case_id"]
+    assert not result.passed and result.failed_checks == ("duplicates",)
+    assert result.report["verdict"] == "fail"
+    assert {name for name, c in result.report["checks"].items() if c["status"] == "fail" and c["gating"]} == \
+        {"duplicates"}
+
+
 def test_spec_gate_and_thresholds_are_used(tmp_path):
     out = tmp_path / "strict"
     result = run("generate", _write(tmp_path, spec_text("qc: {thresholds: {min_dynamic_range: 0.99}}\n")),
@@ -365,7 +419,10 @@ def test_spec_fidelity_matches_a_hand_computation(out):
     overall = report["sections"]["spec_fidelity"]
     assert overall["score"] == pytest.approx(min([a["score"] for a in overall["attributes"].values()]
                                                  + [p["score"] for p in overall["pairs"].values()]))
-    assert overall["score"] <= 0.75 and overall["status"] == "fail" and report["verdict"] == "pass"
+    assert overall["score"] <= 0.75 and overall["status"] == "fail" and not report["checks"]["spec_fidelity"]["gating"]
+    # the edited rows disagree with cases.jsonl: the gating manifest_consistency names them
+    assert report["failed_checks"] == ["manifest_consistency"]
+    assert report["sections"]["manifest_consistency"]["rows_failed"] == 3
 
 
 def test_age_bands_follow_the_spec(out):
@@ -567,7 +624,11 @@ def test_auditor_sections_and_memorisation_with_a_tiny_auditor(out, tmp_path):
     memorisation = result.report["sections"]["memorisation"]
     assert memorisation["status"] == "fail" and memorisation["value"] == 1.0
     assert sorted(memorisation["flagged"]) == sorted(r["case_id"] for r in manifest_rows(out))
-    assert result.passed  # memorisation does not gate by default
+    assert "memorisation" not in result.failed_checks  # memorisation does not gate by default
+    # an auditor the caller brings applies to any backend, but 12 images are too few for a verdict
+    label_fidelity = result.report["checks"]["label_fidelity"]
+    assert label_fidelity["status"] == "info" and not label_fidelity["gating"] and "too few" in label_fidelity["reason"]
+    assert result.passed
     assert all("memorisation" in r["qc_flags"].split("|") for r in manifest_rows(out))
     assert all(r["qc_status"] == "warn" for r in manifest_rows(out))
     assert not math.isnan(section["inception_score"])
@@ -588,3 +649,19 @@ def test_a_copied_image_is_a_duplicate_and_look_alike_films_are_not(tmp_path):
     section = qc(out, progress=False).report["sections"]["duplicates"]
     assert section["images"] == sorted([rows[0]["case_id"], rows[1]["case_id"]])
     assert section["embedding"]["similar_pairs"] > section["embedding"]["pairs"]  # look-alikes seen, not counted
+
+
+def test_qc_keeps_the_record_of_every_file_it_rewrites(out):
+    """After qc, every claim naming a file qc rewrote holds its new sha256 (else --overwrite would take it as
+    changed by someone and leave it)."""
+    from synthmed.ledger import Ledger, file_sha256
+
+    result = qc(out, auditor=False, full=False)
+    assert result.passed and result.not_written == ()
+    ledger = Ledger(out, out / ".synthmed")
+    rewritten = {"manifest.csv", "qc_report.json", "report.html", "images/train/metadata.csv",
+                 "images/test/metadata.csv"}
+    assert rewritten <= set(ledger.read("qc")["files"])
+    stale = [(key, rel) for key in ledger.keys() for rel, sha in ledger.read(key)["files"].items()
+             if rel in rewritten and sha != file_sha256(out / rel)]
+    assert stale == []

@@ -62,6 +62,8 @@ def test_write_part_is_deterministic(tmp_path):
     write_part(tmp_path / "a.csv", rows)
     write_part(tmp_path / "b.csv", [dict(r) for r in rows])
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    data = (tmp_path / "a.csv").read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == len(rows) + 1  # LF line ends (#17 mutation check)
 
 
 def test_write_part_rejects_an_unknown_column(tmp_path):

@@ -1,0 +1,481 @@
+"""Hostile inputs to ``synthmed qc`` (issue #17): manifests, images and folders a careless or hostile user hands it.
+
+qc reads what a manifest names and writes its reports and the manifest's qc columns: it must read only inside the
+output folder, write only files synthmed recorded as its own, refuse decompression bombs before allocating, and
+give a verdict a new user can trust. Every build is a 12-case pattern set at 64 x 64, made once and copied per test.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from synthmed.build import generate
+from synthmed.cli import main as cli_main
+from synthmed.qc import qc
+from synthmed.qc.checks import check_generated, decode_dicom, decode_png
+from synthmed.writers.manifest import merge_parts, write_part
+
+COUNT = 12
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec_text(extra: str = "", count: int = COUNT, size: int = 64) -> str:
+    return textwrap.dedent(f"""\
+        spec_version: 1
+        name: hostile-qc
+        seed: 11
+        count: {count}
+        splits: {{train: 0.75, test: 0.25}}
+        image: {{size: {size}}}
+        findings:
+          - finding: no_finding
+            weight: 0.5
+          - finding: pneumonia
+            weight: 0.5
+            location: right_lower_lobe
+            severity: {{mild: 0.5, severe: 0.5}}
+        """) + extra
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("built") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", lambda fd: None)
+        result = generate(spec_text(), out, backend="pattern", progress=False)
+    assert result.qc is not None and result.qc.passed, result.qc.report["failed_checks"]
+    return out
+
+
+@pytest.fixture
+def out(built, tmp_path) -> Path:
+    target = tmp_path / "out"
+    shutil.copytree(built, target, symlinks=True)
+    return target
+
+
+def run(*args):
+    return CliRunner().invoke(cli_main, [str(a) for a in args])
+
+
+def rows_of(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def rewrite_manifest(out: Path, rows: list[dict]) -> None:
+    write_part(out / ".edited.csv", rows)
+    merge_parts([(out / ".edited.csv", len(rows))], out / "manifest.csv")
+    (out / ".edited.csv").unlink()
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "qc_report.json").read_text(encoding="utf-8"))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under a folder: (inode, bytes), to show qc neither replaced nor changed it."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file() and ".synthmed" not in p.parts}
+
+
+# ----------------------------------------------------------------------------- #17.1 paths outside OUT
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "metadata.csv").write_text("the user's own file\n")
+    return victim
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "mask", "linked_split_folder"])
+def test_manifest_paths_outside_the_folder_are_refused_with_their_row(out, tmp_path, how):
+    """#17.1: a manifest path leading outside OUT (.., absolute, a linked folder) is refused with its row; nothing outside is written."""
+    victim = _victim(tmp_path)
+    rows = rows_of(out)
+    if how == "dotdot":
+        shutil.copyfile(out / rows[1]["png_path"], victim / "x.png")
+        rows[1]["png_path"] = "../victim/x.png"
+    elif how == "absolute":
+        shutil.copyfile(out / rows[1]["dicom_path"], victim / "x.dcm")
+        rows[1]["dicom_path"] = str(victim / "x.dcm")
+    elif how == "mask":
+        rows[1]["mask_paths"] = "masks/train/../../../victim/m.png"
+    if how == "linked_split_folder":
+        shutil.copytree(out / "images" / "train", victim, dirs_exist_ok=True)
+        (victim / "metadata.csv").write_text("the user's own file\n")
+        shutil.rmtree(out / "images" / "train")
+        (out / "images" / "train").symlink_to(victim, target_is_directory=True)
+    else:
+        rewrite_manifest(out, rows)
+    before = snapshot(victim)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "outside" in result.output
+    assert ("row 2 " if how != "linked_split_folder" else "row ") in result.output
+    assert snapshot(victim) == before and sorted(p.name for p in victim.iterdir()) == sorted(before)
+
+
+# ----------------------------------------------------------------------------- #17.6 decompression bombs
+
+def _png(width: int, height: int, idat: bytes, depth: int = 16) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _zeros_deflated(n_bytes: int, raw: bool = False) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [packer.compress(block) for _ in range(n_bytes >> 20)]
+    return b"".join(parts) + packer.flush()
+
+
+def _peak_bytes(call) -> tuple[int, BaseException | None]:
+    tracemalloc.start()
+    error = None
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 - what the call raised is part of the verdict
+        error = e
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, error
+
+
+INFLATED = 96 << 20  # 96 MiB of zeros: about 96 kB deflated
+
+
+@pytest.mark.parametrize("declared", [(100_000, 100_000), (64, 64)])
+def test_png_decompression_bomb_is_refused_before_inflating(declared):
+    """#17.6: a PNG whose IDAT inflates far beyond a limit (or beyond its own header) is refused with a cap, not inflated."""
+    data = _png(*declared, _zeros_deflated(INFLATED))
+    peak, error = _peak_bytes(lambda: decode_png(data))
+    assert isinstance(error, ValueError), error
+    assert peak < 16 << 20, f"decode_png allocated {peak / 2**20:.0f} MiB for a {len(data) / 1024:.0f} kB file"
+    if declared[0] > 10_000:
+        assert "100000" in str(error) and "limit" in str(error)
+
+
+def _deflated_dicom(rows: int, columns: int, pixel_bytes: int) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "OT", rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = [packer.compress(body.getvalue() + pixel_header)]
+    block = bytes(1 << 20)
+    stream += [packer.compress(block) for _ in range(pixel_bytes >> 20)]
+    stream.append(packer.flush())
+    head = DicomBytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta)
+    return head.getvalue() + b"".join(stream)
+
+
+@pytest.mark.parametrize("declared", [(20_000, 20_000), (64, 64)])
+def test_deflated_dicom_bomb_is_refused_before_inflating(declared):
+    """#17.6: a deflated-syntax DICOM inflating to 96 MiB (over the limit, or over its Rows x Columns) is refused with a cap."""
+    data = _deflated_dicom(*declared, INFLATED)
+    peak, error = _peak_bytes(lambda: decode_dicom(data))
+    assert isinstance(error, ValueError), error
+    assert peak < 16 << 20, f"decode_dicom allocated {peak / 2**20:.0f} MiB for a {len(data) / 1024:.0f} kB file"
+
+
+def test_a_bomb_in_the_set_and_in_a_reference_is_a_clear_row_failure(out, tmp_path):
+    """#17.6: qc meets a PNG bomb in the set and in --reference: a per-row message naming the limit, no traceback."""
+    rows = rows_of(out)
+    bomb = _png(100_000, 100_000, _zeros_deflated(8 << 20))
+    (out / rows[3]["png_path"]).write_bytes(bomb)
+    reference = tmp_path / "reference"
+    (reference / "images").mkdir(parents=True)
+    for k in range(4):
+        shutil.copyfile(out / rows[k + 4]["png_path"], reference / "images" / f"r{k}.png")
+    (reference / "images" / "bomb.png").write_bytes(bomb)
+    with open(reference / "manifest.csv", "w", newline="") as fh:
+        fh.write("file_name\n" + "".join(f"images/r{k}.png\n" for k in range(4)) + "images/bomb.png\n")
+    result = run("qc", out, "-q", "--no-auditor", "--reference", reference / "manifest.csv")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    failure = next(f for f in report_of(out)["images"]["failures"] if f["case_id"] == rows[3]["case_id"])
+    assert "readable" in failure["flags"] and "limit" in failure["messages"]["readable"]
+    assert any("1 reference image(s) could not be read" in n for n in report_of(out)["notes"])
+
+
+# ----------------------------------------------------------------------------- #17.11 read-only folders
+
+def _as_reader(args: list[str]) -> subprocess.CompletedProcess:
+    """``synthmed ARGS`` in a process that file permissions bind (root without CAP_DAC_OVERRIDE and its kin)."""
+    def drop():
+        if os.geteuid() == 0:  # root ignores permission bits; without these capabilities it is bound by them
+            libc = ctypes.CDLL(None, use_errno=True)
+            for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+                if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone after exec
+                    raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    code = "import sys; from synthmed.cli import main; main(sys.argv[1:], prog_name='synthmed')"
+    try:
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, preexec_fn=drop,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=120)
+    except subprocess.SubprocessError as e:
+        pytest.skip(f"cannot run a process bound by file permissions here: {e}")
+
+
+def _set_mode(folder: Path, writable: bool) -> None:
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)) + [folder]:
+        if not path.is_symlink():
+            path.chmod((0o755 if path.is_dir() else 0o644) if writable else (0o555 if path.is_dir() else 0o444))
+
+
+def test_qc_on_a_read_only_build_still_reports(out, tmp_path):
+    """#17.11: qc on a folder it cannot write prints its verdict (and writes --report-dir), no traceback, exit by verdict."""
+    before = snapshot(out)
+    _set_mode(out, writable=False)
+    try:
+        done = _as_reader(["qc", str(out), "-q", "--no-auditor"])
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr and done.stdout.startswith("PASS")
+        assert "not writable" in done.stdout + done.stderr and "--report-dir" in done.stdout + done.stderr
+        done = _as_reader(["qc", str(out), "-q", "--no-auditor", "--report-dir", str(tmp_path / "reports")])
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        _set_mode(out, writable=True)
+    report = json.loads((tmp_path / "reports" / "qc_report.json").read_text())
+    assert report["verdict"] == "pass" and (tmp_path / "reports" / "report.html").is_file()
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- #17.12 missing images, empty manifest
+
+def test_deleted_image_folders_are_per_row_failures(out):
+    """#17.12: images/, dicom/ and masks/ deleted: every row fails 'readable' (file missing), exit 1, no traceback."""
+    for top in ("images", "dicom", "masks"):
+        shutil.rmtree(out / top)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    report = report_of(out)
+    assert report["images"]["failed"] == COUNT
+    assert all("is missing" in f["messages"]["readable"] for f in report["images"]["failures"])
+    assert not (out / "images").exists()  # no folder re-created just to hold a metadata.csv
+
+
+def test_a_header_only_manifest_is_a_clear_error(out):
+    """#17.12: a manifest with a header and no rows: 'manifest.csv has no rows', exit 2, no traceback."""
+    with open(out / "manifest.csv", encoding="utf-8") as fh:
+        header = fh.readline()
+    (out / "manifest.csv").write_text(header, encoding="utf-8")
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 2, result.output
+    assert "manifest.csv has no rows" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- #17.15 labels
+
+LABEL_COLUMNS = ("findings", "finding_codes", "location", "severity", "No Finding", "Pneumonia")
+
+
+def test_labels_shifted_by_one_row_fail_the_run(out):
+    """#17.15: every manifest label shifted by one row fails the gating manifest_consistency check (exit 1)."""
+    rows = rows_of(out)
+    labels = [{k: r[k] for k in LABEL_COLUMNS} for r in rows]
+    for k, row in enumerate(rows):
+        row.update(labels[k - 1])
+    rewrite_manifest(out, rows)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    report = report_of(out)
+    assert "manifest_consistency" in report["failed_checks"]
+    assert report["checks"]["manifest_consistency"]["gating"]
+    assert "findings" in json.dumps(report["sections"]["manifest_consistency"])
+
+
+def test_impossible_values_fail_the_run(out):
+    """#17.15: width 'abc', age -5 and split 'nonsense' in the manifest fail manifest_consistency, naming each row."""
+    rows = rows_of(out)
+    rows[0]["width"], rows[1]["age"], rows[2]["split"] = "abc", "-5", "nonsense"
+    rewrite_manifest(out, rows)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    text = json.dumps(section)
+    assert section["status"] == "fail" and all(v in text for v in ("'abc'", "'-5'", "'nonsense'"))
+    assert all(f"row {n}" in text for n in (1, 2, 3))
+
+
+class _NoFindingAuditor:
+    """An auditor that reads every image as a normal film."""
+
+    name = "reads-no-finding"
+
+    def predict(self, images):
+        from synthmed.qc.auditor import AuditorPrediction
+        from synthmed.vocabulary import get_vocabulary
+
+        vocab = get_vocabulary()
+        findings, locations = tuple(vocab.findings), tuple(vocab.locations) + ("none",)
+        n = len(images)
+        finding_probs = np.zeros((n, len(findings)), np.float32)
+        finding_probs[:, findings.index("no_finding")] = 1
+        location_probs = np.zeros((n, len(locations)), np.float32)
+        location_probs[:, -1] = 1
+        return AuditorPrediction(finding_probs, location_probs, np.eye(4, dtype=np.float32)[[0] * n],
+                                 findings, locations)
+
+
+def test_label_fidelity_gates_where_the_shipped_auditor_applies(tmp_path, monkeypatch):
+    """#17.15: low label fidelity fails a phantom set (the auditor's domain), and is only reported for the pattern backend."""
+    auditor = pytest.importorskip("synthmed.qc.auditor")
+    monkeypatch.setattr(auditor.Auditor, "load", classmethod(lambda cls, path=None: _NoFindingAuditor()))
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    spec = spec_text(count=32, size=128).replace("weight: 0.5", "weight: 0.25", 1).replace("weight: 0.5", "weight: 0.75")
+    verdicts = {}
+    for backend in ("phantom", "pattern"):
+        out = tmp_path / backend
+        generate(spec, out, backend=backend, progress=False, qc=False)
+        result = qc(out, dciodvfy_sample=0)
+        verdicts[backend] = (result.report["checks"]["label_fidelity"], result.failed_checks)
+        assert result.report["sections"]["auditor"]["label_fidelity_score"] == pytest.approx(0.25)
+    (phantom, phantom_failed), (pattern, pattern_failed) = verdicts["phantom"], verdicts["pattern"]
+    assert phantom["status"] == "fail" and phantom["gating"] and phantom["threshold"] == 0.5
+    assert "label_fidelity" in phantom_failed
+    assert pattern["status"] == "info" and not pattern["gating"] and "phantom" in pattern["reason"]
+    assert "label_fidelity" not in pattern_failed
+
+
+# ----------------------------------------------------------------------------- #17.18, #17.19 runs in the folder
+
+def test_qc_during_a_running_generate_says_so(out):
+    """#17.18: qc on a folder whose generate is still running (no manifest yet, lock held) says so, not 'not a synthmed output folder'."""
+    (out / "manifest.csv").unlink()
+    with open(out / ".synthmed" / "lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run("qc", out, "-q")
+    assert result.exit_code == 1, result.output
+    assert "another synthmed run is writing" in result.output and "not a synthmed output folder" not in result.output
+    result = run("qc", out, "-q")  # no run holds it: an unfinished build
+    assert result.exit_code == 2 and "--resume" in result.output, result.output
+
+
+KILLED_QC = """\
+import os, signal, sys
+from synthmed import atomic
+real = atomic._commit
+def commit(tmp, path, fh):
+    if path.name == "metadata.csv":
+        fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(tmp, path, fh)
+atomic._commit = commit
+from synthmed.qc import qc
+qc(sys.argv[1], auditor=False, full=False)
+"""
+
+
+def test_a_killed_qc_leaves_temp_files_the_next_run_removes(out):
+    """#17.19: qc killed while writing metadata.csv leaves .metadata.csv.PID.tmp; the next qc removes it (and nothing else)."""
+    (out / "images" / "train" / ".notes.tmp").write_text("the user's own file")
+    done = subprocess.run([sys.executable, "-c", KILLED_QC, str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert list(out.rglob(".metadata.csv.*.tmp"))
+    result = qc(out, auditor=False, full=False)
+    assert result.passed
+    assert not list(out.rglob(".metadata.csv.*.tmp"))
+    assert (out / "images" / "train" / ".notes.tmp").read_text() == "the user's own file"
+
+
+# ----------------------------------------------------------------------------- #17.20 verdicts a user can trust
+
+def test_a_limit_build_passes_spec_fidelity(tmp_path, monkeypatch):
+    """#17.20: the first 12 cases of a 400-case plan pass spec_fidelity (compared with the plan of the cases built)."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    result = generate(spec_text(count=400), tmp_path / "out", backend="pattern", limit=COUNT, progress=False)
+    section = result.qc.report["sections"]["spec_fidelity"]
+    assert section["status"] == "pass" and section["score"] == pytest.approx(1.0), section.get("worst")
+    assert section["n"] == COUNT and section["planned"] == COUNT
+
+
+def _film(black: float, white: float = 0.0, side: int = 128) -> np.ndarray:
+    """A film with ``black`` of its pixels at 0 (air beside the body) and ``white`` at full scale."""
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0.2, 0.8, (side, side)).astype(np.float32)
+    flat = pixels.reshape(-1)
+    n_black, n_white = int(black * flat.size), int(white * flat.size)
+    flat[:n_black] = 0.0
+    flat[n_black:n_black + n_white] = 1.0
+    return pixels
+
+
+def test_air_beside_the_body_is_not_saturation():
+    """#17.20: 35 % black pixels (air, as on real films) is not 'saturated'; 70 % black or 25 % white still is."""
+    assert "saturated" not in check_generated(_film(0.35), width=128, height=128, bit_depth=16)
+    assert "saturated" in check_generated(_film(0.70), width=128, height=128, bit_depth=16)
+    assert "saturated" in check_generated(_film(0.1, white=0.25), width=128, height=128, bit_depth=16)
+
+
+def test_cli_and_report_give_a_check_the_same_word(tmp_path, monkeypatch):
+    """#17.20: a failing check that does not gate reads 'fail' on the command line, as in qc_report.json and report.html."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    out = tmp_path / "out"
+    generate(spec_text("qc: {thresholds: {max_ms_ssim: 0.0}}\n"), out, backend="pattern", progress=False)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 0, result.output
+    check = report_of(out)["checks"]["diversity"]
+    assert check["status"] == "fail" and not check["gating"]
+    line = next(x for x in result.output.splitlines() if "diversity" in x)
+    assert line.split()[0] == "fail" and "warn" not in line
+    assert 'diversity</code>' in (out / "report.html").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the rule: only files it recorded
+
+def test_qc_on_a_copied_dataset_rewrites_nothing_it_did_not_record(out):
+    """#17: a copied dataset (no .synthmed/ record): qc rewrites neither manifest.csv, metadata.csv nor a user's report."""
+    shutil.rmtree(out / ".synthmed")
+    (out / "qc_report.json").write_text("the user's notes\n")
+    before = snapshot(out)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 0, result.output
+    assert snapshot(out) == before
+    assert "qc_report.json" in result.output and "--report-dir" in result.output
+    (out / "qc_report.json").unlink()
+    (out / "report.html").unlink()
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 0, result.output
+    assert report_of(out)["verdict"] == "pass" and (out / "report.html").is_file()
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k not in ("qc_report.json", "report.html")} == \
+        {k: v for k, v in before.items() if k not in ("qc_report.json", "report.html")}
