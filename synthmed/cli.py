@@ -118,7 +118,7 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--resume", is_flag=True, help="Finish an interrupted run: verify what is there by sha256, redo the rest.")
 @click.option("--overwrite", is_flag=True, help="Delete what an earlier run wrote in the folder and start again.")
 @click.option("--limit", type=click.IntRange(1), help="Build only the first N cases (the same ones a full run starts with).")
-@click.option("--backend", type=click.Choice(["diffusion", "phantom", "pattern"]),
+@click.option("--backend", type=click.Choice(["diffusion", "drr", "phantom", "pattern"]),
               help="Override generator.backend (pattern: a fast test pattern with exact masks, for dry runs).")
 @click.option("--model", help="Override generator.model: 'default' or a local diffusers pipeline folder.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Override generator.batch_size; never changes an image.")

