@@ -233,6 +233,21 @@ def test_multiple_findings_each_with_its_own_location():
                           FindingLabel("cardiomegaly", None, None))
 
 
+@pytest.mark.parametrize("text, location", [
+    ("[重点:气胸][位置:右]", "right"),
+    ("[重点:气胸][位置:左]", "left"),
+    ("[重点:气胸][位置:右侧]", "right"),
+    ("[重点:气胸][位置:左侧]", "left"),
+    ("[重点:气胸][位置:右肺]", "right"),
+    ("[重点:右侧气胸]", "right"),
+    ("[重点:左气胸]", "left"),
+    ("[重点:右气胸]", "right"),
+])
+def test_chinese_sides_parse_to_their_side(text, location):
+    """#17: bare 右 / 左 and 右侧 are the patient's right and left (a swapped synonym passed every test)."""
+    assert parse_tag_prompt(text).findings == (FindingLabel("pneumothorax", location, None),)
+
+
 def test_location_is_projected_to_what_the_finding_admits():
     c = parse_tag_prompt("[finding: pleural effusion][location: right lower lobe]")
     assert c.findings == (FindingLabel("pleural_effusion", "right", None),)

@@ -87,6 +87,42 @@ def spec_dicts(draw, allocation="exact", count=st.integers(1, 5000)):
     }
 
 
+# ----------------------------------------------------------------------------- largest remainder
+
+@pytest.mark.parametrize("total, probs, expected", [
+    (10, [0.5, 0.3, 0.2], [5, 3, 2]),            # exact: nothing left over
+    (10, [0.15, 0.27, 0.58], [1, 3, 6]),         # two units left: to the remainders .8 and .7, not .5
+    (2, [1 / 3] * 3, [1, 1, 0]),                 # a tie goes to the earlier choice
+    (3, [0.1, 0.45, 0.45], [0, 2, 1]),           # .35 ties .35 and beats .3: the earlier of the tied
+    (1, [0.25] * 4, [1, 0, 0, 0]),
+    (0, [0.5, 0.5], [0, 0]),
+])
+def test_largest_remainder_gives_leftover_units_to_the_largest_remainders_ties_first(total, probs, expected):
+    """#17: the documented rule, pinned (cell counts within one of their targets let a wrong order through)."""
+    from synthmed.sampler import largest_remainder
+
+    assert largest_remainder(total, probs) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(0, 10_000), raw=st.lists(st.integers(1, 1000), min_size=1, max_size=12))
+def test_largest_remainder_is_floor_or_ceiling_by_remainder_order(total, raw):
+    """Each count is the floor or the ceiling of its target; a unit goes up only where no item left down
+    has a larger remainder (or the same remainder and an earlier place)."""
+    from synthmed.sampler import largest_remainder
+
+    probs = [w / sum(raw) for w in raw]
+    counts = largest_remainder(total, probs)
+    assert sum(counts) == total
+    targets = [total * p for p in probs]
+    floors = [int(t) for t in targets]
+    assert all(c in (f, f + 1) for c, f in zip(counts, floors)), (counts, targets)
+    up = [j for j, (c, f) in enumerate(zip(counts, floors)) if c == f + 1]
+    down = [j for j, (c, f) in enumerate(zip(counts, floors)) if c == f]
+    rank = [(-(t - f), j) for j, (t, f) in enumerate(zip(targets, floors))]
+    assert all(rank[u] < rank[d] for u in up for d in down), (counts, targets)
+
+
 # ----------------------------------------------------------------------------- exact allocation
 
 @PROPERTY

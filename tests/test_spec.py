@@ -558,8 +558,23 @@ def test_spec_hash_changes_when_a_value_changes(old, new):
     assert load_spec(BASE.replace(old, new)).spec_hash != load_spec(BASE).spec_hash
 
 
-def test_spec_hash_of_example_is_stable_across_loads():
-    assert load_spec(EXAMPLE).spec_hash == load_spec(EXAMPLE).spec_hash
+EXAMPLE_SPEC_HASH = "cf08d2d744a462dee0657ac2bc8c122131786acd2a0a53ae15ebdd18bbe04161"
+
+
+def test_spec_hash_of_example_is_pinned():
+    """#17: the example's hash is a fixed value (every built folder records it; a change breaks their resume).
+
+    Changing dataset_specs/pneumonia.yaml changes it on purpose: update the value then, and only then.
+    """
+    import hashlib
+
+    import yaml
+
+    assert load_spec(EXAMPLE).spec_hash == EXAMPLE_SPEC_HASH
+    # the documented rule: sha256 of the document as canonical JSON (sorted keys, no spaces, UTF-8)
+    doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    canonical = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert hashlib.sha256(canonical.encode("utf-8")).hexdigest() == EXAMPLE_SPEC_HASH
 
 
 # ----------------------------------------------------------------------------- warnings

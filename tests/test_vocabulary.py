@@ -98,6 +98,9 @@ def test_parents_exist_and_share_the_chexpert_column():
     ("location", "RLL", "right_lower_lobe"),
     ("location", "Right-Lower_Lobe", "right_lower_lobe"),
     ("location", "双侧", "bilateral"),
+    ("location", "右", "right"),  # #17: bare sides, which a swapped synonym list would flip
+    ("location", "左", "left"),
+    ("location", "右侧", "right"),
     ("severity", "轻度", "mild"),
     ("severity", "2级", "moderate"),
     ("severity", "grade 2", "moderate"),

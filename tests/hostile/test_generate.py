@@ -235,3 +235,40 @@ def test_a_damaged_run_record_is_named_not_shown_as_a_change(built, spec_file):
                                            "--resume", "-q"])
     assert result.exit_code == 0, result.output
     assert "format None" not in result.output and "run.json could not be read" in result.output
+
+
+def _point_first_row_at(built: Path, victim: Path) -> None:
+    import hashlib
+
+    part = built / ".synthmed" / "parts" / "part-000000.csv"
+    with open(part, newline="", encoding="utf-8") as fh:
+        table = list(csv.reader(fh))
+    header = table[0]
+    table[1][header.index("png_path")] = os.path.relpath(victim, built)
+    table[1][header.index("png_sha256")] = hashlib.sha256(victim.read_bytes()).hexdigest()
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(table)
+    part.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def test_a_part_naming_a_file_outside_the_folder_is_not_kept(built, spec_file, tmp_path):
+    """#17 rule (mutation survivor): a part row naming ../victim/x.png with its true sha256 was trusted."""
+    victim = plant(tmp_path, "victim/x.png", "someone else's image")
+    _point_first_row_at(built, victim)
+    result = generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert result.written == 64  # the chunk is made again, not kept
+    assert all(not r["png_path"].startswith("..") for r in rows(built))
+    assert victim.read_text(encoding="utf-8") == "someone else's image"
+
+
+def test_adopting_an_old_run_never_takes_a_file_outside_the_folder(built, spec_file, tmp_path):
+    """#17 rule (mutation survivor): a pre-ledger run's part naming ../victim/x.png must not make it ours."""
+    import shutil
+
+    victim = plant(tmp_path, "victim/x.png", "someone else's image")
+    _point_first_row_at(built, victim)
+    shutil.rmtree(built / ".synthmed" / "claims")  # a run from before the ledger: its parts are its record
+    with pytest.raises(BuildError) as info:  # the row's own image is now named by no record: it is not ours
+        generate(spec_file, built, backend="pattern", overwrite=True, progress=False)
+    assert "did not write" in str(info.value) and info.value.exit_code == 2
+    assert victim.read_text(encoding="utf-8") == "someone else's image"

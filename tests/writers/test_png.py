@@ -143,9 +143,43 @@ def test_to_stored_rejects_bad_shape_and_depth():
         to_stored(np.zeros((4, 4), np.float32), 12)
 
 
-def test_build_path_png_recovers_the_stored_12_bits():
-    rng = np.random.default_rng(4)
-    pixels = rng.random((16, 16), dtype=np.float32)
-    stored = to_stored(pixels, 16)
-    got = np.array(decode(png_bytes(png_values(stored))))
-    assert np.array_equal(got.astype(np.uint16) >> 4, stored)
+TINY_SPEC = """\
+spec_version: 1
+name: png-12-bit
+seed: 5
+count: 3
+image: {size: 64, bit_depth: 16, formats: [dicom, png]}
+findings:
+  - finding: no_finding
+    weight: 1
+  - finding: pneumonia
+    weight: 1
+"""
+
+
+def test_build_path_png_recovers_the_stored_12_bits(tmp_path):
+    """#17: through generate, each PNG sample >> 4 is the DICOM's 12-bit value, which is the backend's pixels."""
+    import csv
+
+    import pydicom
+
+    from synthmed import generate, load_spec, sample_cases
+    from synthmed.testing import PatternBackend
+
+    spec = load_spec(TINY_SPEC)
+    out = tmp_path / "out"
+    generate(spec, out, backend="pattern", progress=False, qc=False)
+    cases = {c.case_id: c for c in sample_cases(spec)}
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3
+    for row in rows:
+        want = to_stored(PatternBackend(64, 64).generate([cases[row["case_id"]]], [None])[0].pixels, 16)
+        ds = pydicom.dcmread(out / row["dicom_path"])
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
+        assert np.array_equal(ds.pixel_array, want), row["case_id"]
+        im = decode((out / row["png_path"]).read_bytes())
+        assert im.mode == "I;16" and im.size == (64, 64)
+        png = np.array(im).astype(np.uint16)
+        assert np.array_equal(png >> 4, want), row["case_id"]
+        assert np.array_equal(png & 0xF, want >> 8)  # the low bits repeat the top ones: 4095 -> 65535
