@@ -192,13 +192,14 @@ class _RunFolder:
 
     def _adopt_legacy_run(self) -> None:
         """A run written before the ledger existed: its parts are its record (each file with its sha256)."""
-        from .writers.manifest import read_part
+        import csv
 
         parts = sorted(self.parts.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9].csv")) if self.parts.is_dir() else []
         for part in parts:
-            try:
-                rows = read_part(part)
-            except (OSError, ValueError):
+            try:  # any synthmed version's columns: only the file names and their sha256 are read
+                with open(part, newline="", encoding="utf-8") as fh:
+                    rows = list(csv.DictReader(fh))
+            except (OSError, ValueError, csv.Error):
                 continue
             digests = {}
             for row in rows:
@@ -369,6 +370,7 @@ class _CaseWriter:
         return _sha256(data)
 
     def write(self, case: "Case", prompt, image: "GeneratedImage") -> dict:
+        from .writers.dicom import patient_orientation
         from .writers.png import png_bytes, png_values, to_stored
 
         spec = self.spec
@@ -392,7 +394,7 @@ class _CaseWriter:
             data = dicom_bytes(stored, case, iod=spec.image.dicom_iod, bits_stored=12 if spec.image.bit_depth == 16 else 8,
                                dataset_name=spec.name, spec_hash=spec.spec_hash, backend=self.info.name,
                                model_id=self.info.model_id, model_hash=self.info.model_hash, prompt=prompt.text,
-                               synthmed_version=__version__)
+                               synthmed_version=__version__, geometry=getattr(image, "geometry", None))
             row["dicom_path"], row["dicom_sha256"] = rel, self._put(rel, data)
         mask_paths, mask_hashes, boxes = [], [], {}
         for finding, mask in image.masks.items():
@@ -412,6 +414,7 @@ class _CaseWriter:
             "location": "|".join(f.location or "" for f in case.findings),
             "severity": "|".join(f.severity or "" for f in case.findings),
             **labels, "sex": case.sex, "age": case.age, "view": case.view,
+            "patient_orientation": "\\".join(patient_orientation(case.view, getattr(image, "geometry", None))),
             "width": w, "height": h, "bit_depth": spec.image.bit_depth,
             "prompt": prompt.text, "negative_prompt": prompt.negative, "prompt_template": prompt.template_id,
             "mask_paths": "|".join(mask_paths), "mask_sha256": "|".join(mask_hashes),
@@ -952,12 +955,18 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
 
     versions = {**_software_versions(spec, run["backend"]), **(worker_versions or {})}
     counts = cases.counts()
+    anatomy = {}
+    if run["backend"] == "drr":  # where the CT the films are projected from comes from
+        from .backends.drr import anatomy_card
+
+        anatomy["anatomy"] = anatomy_card()
     card = {
         "name": spec.name, "description": spec.description, "synthetic": True, "intended_use": INTENDED_USE,
         "count": len(cases), "spec_hash": spec.spec_hash, "spec": spec.to_dict(),
         "backend": {"name": run["backend"], "model": run["model"]},
         "counts": [{k: v for k, v in r.items() if k != "target"} | {"target": round(r["target"], 6)} for r in counts],
         "software": versions,
+        **anatomy,
         "files": {"manifest": "manifest.csv", "metadata": "images/<split>/metadata.csv", "cases": "cases.jsonl",
                   "images": "images/<split>/<case_id>.png", "dicom": "dicom/<split>/<case_id>.dcm",
                   "masks": "masks/<split>/<case_id>_mask_<finding>.png",
@@ -971,4 +980,7 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
               f"columns), patient, view, prompt, seed, file paths and sha256.\n"
               f"- `dataset_card.json`: the spec (sha256 {spec.spec_hash[:12]}), counts per cell, software versions.\n"
               f"- Load with Hugging Face: `datasets.load_dataset('imagefolder', data_dir='.')`.\n")
+    if "anatomy" in card:
+        readme += f"\n{card['anatomy']['images']}\nAnatomy: {card['anatomy']['source']} (`dataset_card.json`, " \
+                  "`anatomy`, has the sha256 of every file).\n"
     atomic_write_bytes(out / "README.md", readme.encode("utf-8"))

@@ -296,8 +296,10 @@ def vocabulary_words() -> list[str]:
     texts = list(BUILTIN_TEMPLATES.values()) + ["no acute cardiopulmonary abnormality", "and", "year old"]
     texts += [f.text for f in vocab.findings.values()]  # the words templates write; synonyms only parse tags
     texts += [loc.text for loc in vocab.locations.values()]
-    texts += [s.text for s in vocab.sexes.values()] + list(vocab.views) + ["mild", "moderate", "severe"]
+    # views added after the shipped model (LL) go last, so every earlier word keeps its token id
+    texts += [s.text for s in vocab.sexes.values()] + ["PA", "AP"] + ["mild", "moderate", "severe"]
     texts += [str(n) for n in range(0, 121)]
+    texts += [v for v in vocab.views if v not in ("PA", "AP")]
     words: list[str] = []
     for t in texts:
         for w in re.findall(r"\w+|[^\w\s]", re.sub(r"\{[a-z_]+\}", " ", t.lower())):

@@ -33,6 +33,10 @@ SPEC_VERSION = 1
 DEFAULT_AGE = {"distribution": "truncated_normal", "mean": 55, "sd": 15, "min": 18, "max": 90}
 # Width and height (inclusive, and multiples of 8 as for every backend) the phantom backend can draw.
 PHANTOM_SIZE_RANGE = (128, 1024)
+# Views a backend draws, for the backends that do not draw every view of the vocabulary (the lateral, LL).
+BACKEND_VIEWS = {"phantom": ("PA", "AP"), "pattern": ("PA", "AP")}
+# Views the shipped default diffusion model was trained on (its tokenizer maps any other view word to [UNK]).
+DEFAULT_MODEL_VIEWS = ("PA", "AP")
 # How alike (difflib ratio) a misspelt word and a known one must be for a "did you mean"
 SUGGEST_CUTOFF = 0.75
 
@@ -536,6 +540,7 @@ class _MeaningChecker:
                            "their folders would be the same on case-insensitive file systems", key=True)
         sex = self.weights(("patient", "sex"), self.get("patient", "sex", default={"F": 1, "M": 1}), "sex")
         view = self.weights(("view",), d.get("view", {"PA": 1}), "view")
+        self.views_drawn(view)
         age = self.age()
         image = self.image()
         components = self.components()
@@ -561,6 +566,25 @@ class _MeaningChecker:
             document_json=json.dumps(d, ensure_ascii=False),
             description=d.get("description", ""), source=self.doc.source,
             warnings=tuple(p for p in self.problems if p.level == "warning"), qc=qc)
+
+    def views_drawn(self, view: dict[str, float] | None) -> None:
+        """A view the backend does not draw (the phantom's lateral) is an error at its key; one the shipped model
+        was not trained on, a warning."""
+        backend = self.get("generator", "backend", default=GeneratorSpec.backend)
+        drawn = BACKEND_VIEWS.get(backend) if isinstance(backend, str) else None
+        raw = self.data.get("view")
+        default_model = backend == "diffusion" and self.get("generator", "model", default="default") == "default"
+        for vid in view or ():
+            keys = [k for k in raw if self.vocab.resolve("view", k) == vid] if isinstance(raw, dict) else []
+            path = ("view", keys[0]) if keys else ("view",)
+            long = self.vocab.views[vid].code.display if self.vocab.views[vid].code else vid
+            if drawn is not None and vid not in drawn:
+                self.error(path, f"the {backend} backend (generator.backend) draws {' and '.join(drawn)} films, not "
+                           f"{vid} ({long}); use backend drr or diffusion for {vid}, or remove it", key=bool(keys))
+            elif default_model and vid not in DEFAULT_MODEL_VIEWS:
+                self.error(path, f"the shipped default model was trained on {' and '.join(DEFAULT_MODEL_VIEWS)} films "
+                           f"only and draws a frontal film for {vid} ({long}), labelled {vid}; use backend drr, or a "
+                           "model trained on laterals", key=bool(keys), level="warning")
 
     def age(self) -> AgeSpec | None:
         path = ("patient", "age")

@@ -2,7 +2,8 @@
 
 The data lives in ``schemas/vocabulary.yaml``; this module loads it once and answers
 questions about it: what a word means, which locations a finding admits, how a location
-projects onto a coarser one (right lower lobe -> right lower zone -> right).
+projects onto a coarser one (right lower lobe -> right lower zone -> right), and where a
+location shows on a frontal or a lateral film.
 
 Example:
     >>> vocab = get_vocabulary()
@@ -12,6 +13,8 @@ Example:
     'right_lower_lobe'
     >>> vocab.project_location("right_lower_lobe", "pleural_effusion")
     'right'
+    >>> vocab.view_region("right_lower_lobe", "LL")
+    ViewRegion(height='lower', across='posterior')
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ CHEXPERT_COLUMNS = (
 )
 SECTIONS = ("finding", "location", "severity", "view", "sex")
 LOCATION_KINDS = ("lobe", "zone", "side")
+PROJECTIONS = ("frontal", "lateral")
+# What "across" means per projection: the side on a frontal film, the depth on a lateral one.
+REGION_HEIGHTS = ("upper", "middle", "lower", "whole")
+REGION_ACROSS = {"frontal": ("right", "left", "bilateral"), "lateral": ("anterior", "posterior", "whole")}
 
 
 def schemas_dir() -> Path:
@@ -77,9 +84,24 @@ class Finding(Term):
 
 
 @dataclass(frozen=True)
+class ViewRegion:
+    """Where a location shows on a film: a band of the lung's height, and a side (frontal) or depth (lateral)."""
+
+    height: str
+    across: str
+
+
+@dataclass(frozen=True)
 class Location(Term):
     kind: str = "side"
     parent: str | None = None
+    regions: tuple[tuple[str, ViewRegion], ...] = ()  # projection -> region
+
+
+@dataclass(frozen=True)
+class View(Term):
+    projection: str = "frontal"
+    orientation: tuple[str, str] = ("L", "F")  # DICOM Patient Orientation as displayed (rows, columns)
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ class Vocabulary:
         self.findings: dict[str, Finding] = {}
         self.locations: dict[str, Location] = {}
         self.severities: dict[str, Severity] = {}
-        self.views: dict[str, Term] = {}
+        self.views: dict[str, View] = {}
         self.sexes: dict[str, Term] = {}
         for key, entry in data["findings"].items():
             self.findings[key] = Finding(
@@ -113,12 +135,15 @@ class Vocabulary:
                 default_location=tuple((k, float(v)) for k, v in (entry.get("default_location") or {}).items()))
         for key, entry in data["locations"].items():
             self.locations[key] = Location(id=key, section="location", text=entry["text"], code=_code(entry.get("code")),
-                                           synonyms=_synonyms(entry), kind=entry["kind"], parent=entry.get("parent"))
+                                           synonyms=_synonyms(entry), kind=entry["kind"], parent=entry.get("parent"),
+                                           regions=_regions(key, entry.get("regions") or {}))
         for key, entry in data["severities"].items():
             self.severities[key] = Severity(id=key, section="severity", text=key, code=_code(entry.get("code")),
                                             synonyms=_synonyms(entry), grade=int(entry["grade"]))
         for key, entry in data["views"].items():
-            self.views[key] = Term(key, "view", entry.get("text", key), _code(entry.get("code")), _synonyms(entry))
+            self.views[key] = View(key, "view", entry.get("text", key), _code(entry.get("code")), _synonyms(entry),
+                                   projection=entry.get("projection", "frontal"),
+                                   orientation=tuple(entry.get("orientation") or ("L", "F")))
         for key, entry in data["sexes"].items():
             self.sexes[key] = Term(key, "sex", entry.get("text", key), _code(entry.get("code")), _synonyms(entry))
         self._index: dict[str, dict[str, str]] = {}
@@ -173,6 +198,22 @@ class Vocabulary:
             current = loc.parent
         return None
 
+    def view_region(self, location: str, view: str | None) -> ViewRegion:
+        """Where ``location`` shows on a film of ``view`` (None means PA).
+
+        A frontal film (PA, AP) shows height and side; a lateral (LL) shows height and depth, never the side:
+        the two lungs superimpose, so a right and a left lower lobe finding both show posteroinferiorly.
+
+        Example:
+            >>> get_vocabulary().view_region("right_middle_lobe", "PA")
+            ViewRegion(height='middle', across='right')
+        """
+        projection = self.views[view or "PA"].projection
+        regions = dict(self.locations[location].regions)
+        if projection not in regions:
+            raise KeyError(f"location '{location}' has no {projection} region in the vocabulary")
+        return regions[projection]
+
     def chexpert_column(self, finding: str) -> str:
         return self.findings[finding].chexpert
 
@@ -181,6 +222,17 @@ def _code(entry: dict | None) -> Code | None:
     if not entry:
         return None
     return Code(str(entry["system"]), str(entry["code"]), str(entry.get("display", "")))
+
+
+def _regions(location: str, entry: dict) -> tuple[tuple[str, ViewRegion], ...]:
+    out = []
+    for projection, value in entry.items():
+        height, across = value
+        if projection not in PROJECTIONS or height not in REGION_HEIGHTS or across not in REGION_ACROSS[projection]:
+            raise ValueError(f"location '{location}': bad region {projection}: {value!r} (projections "
+                             f"{PROJECTIONS}, heights {REGION_HEIGHTS}, across {REGION_ACROSS})")
+        out.append((projection, ViewRegion(str(height), str(across))))
+    return tuple(out)
 
 
 def _synonyms(entry: dict) -> tuple[str, ...]:

@@ -732,3 +732,40 @@ def test_cli_generate_refuses_a_second_run_and_resumes(tmp_path):
     assert third.exit_code == 0, third.output
     assert re.search(r"wrote 0 images \(20 kept from before\) of 20\b", third.output), third.output
     assert tree(out) == before
+
+
+# ----------------------------------------------------------------------------- views, orientation, geometry (#18)
+
+def test_patient_orientation_in_the_manifest_is_the_dicom_one(reference):
+    """#18: the manifest's patient_orientation column says what each DICOM file's PatientOrientation says."""
+    rows = manifest_rows(reference)
+    assert {r["patient_orientation"] for r in rows} == {"L\\F"}  # frontal films of a backend with no geometry
+    for row in rows[:5]:
+        ds = pydicom.dcmread(reference / row["dicom_path"])
+        assert "\\".join(ds.PatientOrientation) == row["patient_orientation"]
+        assert "PixelSpacing" not in ds and "DistanceSourceToDetector" not in ds
+    card = json.loads((reference / "dataset_card.json").read_text(encoding="utf-8"))
+    assert "anatomy" not in card  # only drr builds name a CT
+
+
+@pytest.mark.parametrize("backend", ["phantom", "pattern"])
+def test_a_backend_without_a_lateral_refuses_ll_before_any_work(tmp_path, backend):
+    """#18: --backend phantom (or pattern) on a spec with LL stops with exit code 2 naming LL; nothing is written."""
+    spec = write_spec(tmp_path / "specs", count=10, image="{size: 128}")
+    spec.write_text(spec.read_text(encoding="utf-8") + "view: {PA: 1, LL: 1}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(BuildError) as info:
+        generate(spec, out, backend=backend, progress=False)
+    assert info.value.exit_code == 2
+    assert f"the {backend} backend draws PA and AP films, not LL" in str(info.value)
+    assert not out.exists()
+
+
+def test_the_phantom_never_draws_a_lateral_as_a_pa():
+    """#18: the phantom used to draw any unknown view as a PA film; a Backend object given LL cases refuses them."""
+    from synthmed.backends.phantom import PhantomBackend
+    from synthmed.sampler import Case, FindingLabel
+
+    case = Case("case-0000000", 0, "train", 1, (FindingLabel("no_finding"),), "M", 50, "LL")
+    with pytest.raises(ValueError, match="the phantom backend draws views PA and AP, not 'LL'"):
+        PhantomBackend(128, 128).generate([case], [None])

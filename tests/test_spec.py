@@ -606,3 +606,40 @@ def test_repeated_entry_warns():
 def test_warnings_do_not_hide_errors():
     e = spec_error(BASE.replace("count: 100", "count: 0") + "splits: {train: 0.8, val: 0.15}\n")
     assert [(p.json_path, p.level) for p in e.problems] == [("count", "error")]
+
+
+# ----------------------------------------------------------------------------- the lateral view (#18)
+
+@pytest.mark.parametrize("backend", ["phantom", "pattern"])
+@pytest.mark.parametrize("view, path, column", [
+    ("{PA: 1, LL: 1}", "view.LL", 15),
+    ("{PA: 1, lateral: 1}", "view.lateral", 15),   # a synonym: the error is at the key as written
+    ("{侧位: 1}", "view.侧位", 8),
+])
+def test_a_lateral_with_a_backend_that_draws_frontal_films_only_is_refused(backend, view, path, column):
+    """#18: the phantom (and the test pattern) draw PA and AP only; LL is an error at the view, not a PA film."""
+    e = spec_error(BASE + f"view: {view}\ngenerator: {{backend: {backend}}}\n")
+    (p,) = e.problems
+    assert (p.json_path, p.line, p.column) == (path, 7, column)
+    assert f"the {backend} backend" in p.message and "not LL (left lateral)" in p.message
+
+
+@pytest.mark.parametrize("backend", ["drr", "diffusion"])
+def test_a_lateral_is_a_view_of_the_drr_and_diffusion_backends(backend):
+    spec = load_spec(BASE + f"view: {{PA: 2, left lateral: 1}}\ngenerator: {{backend: {backend}}}\n")
+    assert spec.view.as_dict() == pytest.approx({"PA": 2 / 3, "LL": 1 / 3})
+
+
+def test_frontal_views_with_the_phantom_still_load():
+    spec = load_spec(BASE + "view: {PA: 1, AP: 1}\ngenerator: {backend: phantom}\n")
+    assert spec.view.keys == ("PA", "AP")
+
+
+def test_a_lateral_for_the_shipped_default_model_warns_that_it_draws_frontal_films():
+    """#18: the shipped model knows PA and AP only ('LL' is [UNK] to its tokenizer): a warning, not an error."""
+    spec = load_spec(BASE + "view: {PA: 1, LL: 1}\n")  # backend diffusion, model default
+    (w,) = spec.warnings
+    assert (w.json_path, w.line, w.level) == ("view.LL", 7, "warning")
+    assert "draws a frontal film for LL" in w.message
+    assert not load_spec(BASE + "view: {PA: 1, LL: 1}\ngenerator: {model: ./my-lateral-model}\n").warnings
+    assert not load_spec(BASE + "view: {PA: 1, AP: 1}\n").warnings

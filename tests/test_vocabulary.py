@@ -202,3 +202,71 @@ def test_severity_grades():
 def test_no_finding_is_exclusive_and_plain():
     f = VOCAB.findings["no_finding"]
     assert f.exclusive and not f.severity and not f.location_kinds
+
+
+# ----------------------------------------------------------------------------- views and where locations show (#18)
+
+def test_the_lateral_is_left_lateral_coded_as_in_dicom_cid_4010():
+    """#18: LL is SCT 399173006 'left lateral', a member of PS3.16 CID 4010 (as pydicom tabulates it)."""
+    from pydicom.sr._concepts_dict import concepts
+
+    ll = VOCAB.views["LL"]
+    assert (ll.code.system, ll.code.code, ll.code.display) == ("SCT", "399173006", "left lateral")
+    assert concepts["SCT"]["LeftLateral"]["399173006"] == ("left lateral", [501, 3466, 4010])
+    for view in VOCAB.views.values():  # every view's code is in CID 4010 with the same meaning
+        [(name, cids)] = [m for k, v in concepts["SCT"].items() for c, m in v.items()
+                          if c == view.code.code and 4010 in m[1]]
+        assert name == view.code.display
+    assert VOCAB.resolve("view", "lateral") == VOCAB.resolve("view", "侧位") == "LL"
+
+
+def test_views_say_their_projection_and_display_orientation():
+    assert {v: (t.projection, t.orientation) for v, t in VOCAB.views.items()} == {
+        "PA": ("frontal", ("L", "F")), "AP": ("frontal", ("L", "F")), "LL": ("lateral", ("P", "F"))}
+
+
+def test_every_location_has_a_frontal_and_a_lateral_region():
+    for loc in VOCAB.locations.values():
+        assert [p for p, _ in loc.regions] == ["frontal", "lateral"], loc.id
+
+
+def test_a_lateral_shows_height_and_depth_but_no_side():
+    """On LL the lungs superimpose: right and left counterparts show at the same place; a frontal keeps the side."""
+    pairs = [("right_upper_lobe", "left_upper_lobe"), ("right_middle_lobe", "lingula"),
+             ("right_lower_lobe", "left_lower_lobe"), ("right", "left"), ("right", "bilateral")] + [
+        (f"right_{z}_zone", f"left_{z}_zone") for z in ("upper", "middle", "lower")]
+    for right, left in pairs:
+        assert VOCAB.view_region(right, "LL") == VOCAB.view_region(left, "LL"), (right, left)
+        assert VOCAB.view_region(right, "PA").across != VOCAB.view_region(left, "PA").across
+    assert VOCAB.view_region("right_lower_lobe", "LL") == VOCAB.view_region("left_lower_lobe", "LL")
+    assert {VOCAB.view_region(lobe, "LL").across for lobe in ("right_upper_lobe", "right_middle_lobe", "lingula")} \
+        == {"anterior"}
+    assert VOCAB.view_region("left_lower_lobe", "LL").across == "posterior"
+    assert VOCAB.view_region("right_middle_lobe", "LL").height == "lower"
+
+
+def test_frontal_regions_agree_with_the_location_hierarchy():
+    """A frontal region is the location's zone height and side: the hierarchy and the regions cannot drift apart."""
+    for loc in VOCAB.locations.values():
+        region = VOCAB.view_region(loc.id, "AP")
+        assert VOCAB.view_region(loc.id, None) == VOCAB.view_region(loc.id, "PA") == region
+        side = loc.id if loc.kind == "side" else loc.parent if loc.kind == "zone" else VOCAB.locations[loc.parent].parent
+        assert region.across == side, loc.id
+        zone = loc.id if loc.kind == "zone" else loc.parent if loc.kind == "lobe" else None
+        assert region.height == (zone.split("_")[1] if zone else "whole"), loc.id
+
+
+def test_new_prompt_words_keep_the_shipped_tokenizer_ids_and_ll_is_unknown_to_it():
+    """#18: 'LL' is appended to the word list (earlier ids unchanged); the shipped model maps it to [UNK]."""
+    import json
+
+    from synthmed.backends import default_model_dir
+    from synthmed.finetune import SPECIAL_TOKENS, vocabulary_words
+
+    shipped = default_model_dir() / "tokenizer" / "tokenizer.json"
+    if not shipped.is_file():
+        pytest.skip("the shipped default model is not in this installation")
+    ids = json.loads(shipped.read_text(encoding="utf-8"))["model"]["vocab"]
+    words = [SPECIAL_TOKENS[k] for k in ("pad", "unk", "bos", "eos")] + vocabulary_words()
+    assert {w: i for i, w in enumerate(words[:len(ids)])} == ids
+    assert words[len(ids):] == ["ll"] and "ll" not in ids

