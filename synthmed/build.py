@@ -35,7 +35,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading

@@ -365,11 +365,12 @@ def _load_base(base: Path, allow_pickle: bool) -> dict:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .ledger import file_sha256
+
+    digest = file_sha256(path)
+    if digest is None:
+        raise FileNotFoundError(path)
+    return digest
 
 
 class _EMA:

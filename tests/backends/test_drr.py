@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from synthmed.backends import BackendUnavailable, create_backend
 from synthmed.backends.drr import AnatomyMissing, DrrBackend, FindingNotDrawable
@@ -227,13 +228,67 @@ def test_every_drawn_finding_has_a_mask_on_each_view(backend):
         assert image.masks[f].dtype == bool and image.masks[f].any(), (f, case.view)
 
 
-def test_findings_it_cannot_draw_are_refused_by_name(backend, tmp_path):
-    with pytest.raises(FindingNotDrawable, match="fracture"):
-        _render(backend, _case(finding="fracture", location="right"))
+def test_every_vocabulary_finding_is_drawn(ct):
+    """Nothing in the vocabulary is refused any more: a spec with each of them makes a backend."""
+    from synthmed.vocabulary import get_vocabulary
+
+    vocab = get_vocabulary()
+    names = [f for f in vocab.findings if f != "no_finding"]
+    assert set(names) <= set(fnd.DRAWN)
     spec = load_spec("spec_version: 1\nname: d\ncount: 2\nimage: {size: 64}\ngenerator: {backend: drr}\n"
-                     "findings: [{finding: edema, weight: 1}, {finding: pneumonia, weight: 1}]")
-    with pytest.raises(BackendUnavailable, match="edema"):
-        create_backend(spec)
+                     "findings: [{finding: edema, weight: 1}, {finding: fracture, weight: 1}]")
+    assert create_backend(spec).info.name == "drr"
+    with pytest.raises(FindingNotDrawable, match="made_up"):
+        fnd.check_drawable(["made_up"])
+
+
+@pytest.mark.parametrize("finding, location, view", [
+    ("atelectasis", "right_upper_lobe", "PA"), ("atelectasis", "left_lower_lobe", "AP"),
+    ("edema", None, "PA"), ("pleural_other", "left", "PA"), ("fracture", "right", "PA"),
+    ("endotracheal_tube", None, "PA"), ("central_venous_catheter", None, "AP"), ("pacemaker", None, "LL"),
+    ("support_devices", None, "PA")])
+def test_each_new_finding_has_its_mask(backend, finding, location, view):
+    severity = "moderate" if finding in ("atelectasis", "edema") else None
+    image = _render(backend, _case(seed=31, finding=finding, location=location, severity=severity, view=view))
+    assert set(image.masks) == {finding} and image.masks[finding].any()
+
+
+def test_new_findings_change_the_film_only_about_their_mask(ct):
+    """Each finding's film contribution is the projection of its own change: none outside its mask.
+    (Not atelectasis: its over-expanded neighbours and moved hilum lie outside the collapsed lobe.)"""
+    vp = project_view(ct, "PA", SIZE, SIZE)
+    for finding, loc in (("edema", "bilateral"), ("pleural_other", "right"),
+                         ("fracture", "left"), ("pacemaker", None), ("endotracheal_tube", None)):
+        label = FindingLabel(finding, loc, "moderate" if finding == "edema" else None)
+        for d in fnd.draw(vp, ct.names, label, np.random.default_rng(3)):
+            assert np.abs(d.delta).max() > 0.01, finding
+            outside = np.abs(d.delta)[~ndimage.binary_dilation(d.mask, iterations=2)]
+            assert outside.size == 0 or outside.max() < 0.05, finding
+
+
+def test_atelectasis_loses_volume_by_severity_and_edema_spreads_by_severity(ct):
+    vp = project_view(ct, "PA", SIZE, SIZE)
+    lobe = (vp.labels == ct.names["lung_upper_lobe_right"]).any(axis=0).sum()
+    areas = {}
+    for sev in ("mild", "severe"):
+        rng = np.random.default_rng(0)
+        (d,) = fnd.draw(vp, ct.names, FindingLabel("atelectasis", "right_upper_lobe", sev), rng)
+        e = fnd.draw(vp, ct.names, FindingLabel("edema", "bilateral", sev), np.random.default_rng(0))
+        areas[sev] = (int(d.mask.sum()), sum(int(x.mask.sum()) for x in e))
+        assert d.mask.sum() < lobe and d.delta.sum() > 0   # smaller than the lobe, and denser
+        assert len(e) == 2                                  # both lungs
+    assert areas["severe"][0] < areas["mild"][0]
+    assert areas["severe"][1] > areas["mild"][1]
+
+
+def test_endotracheal_tube_tip_lies_above_the_carina(ct):
+    vp = project_view(ct, "PA", 128, 128)
+    for seed in range(3):
+        (d,) = fnd.draw(vp, ct.names, FindingLabel("endotracheal_tube"), np.random.default_rng(seed))
+        tip_row = int(np.flatnonzero(d.mask.any(axis=1)).max())
+        carina = fnd._centreline(vp, ct.names, "trachea", 8.0)[-1]
+        carina_row = fnd._project_points(vp, carina[None])[0][0]
+        assert tip_row < carina_row - 3   # 3-6 cm above it, at 1.3 mm per pixel
 
 
 def test_registered_as_a_backend(ct):
@@ -261,3 +316,24 @@ def test_a_drr_build_writes_images_masks_and_manifest(ct, tmp_path):
         return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("images/*/*.png")}
 
     assert digests(out) == digests(tmp_path / "again") and len(digests(out)) == 4
+
+
+@pytest.mark.slow
+def test_the_shipped_icu_drr_spec_builds(ct, tmp_path):
+    """dataset_specs/icu_drr.yaml validates and builds (a few cases, small films) with every mask drawn."""
+    import yaml
+
+    from synthmed.build import generate
+
+    raw = yaml.safe_load((ROOT / "dataset_specs" / "icu_drr.yaml").read_text(encoding="utf-8"))
+    assert raw["generator"]["backend"] == "drr"
+    raw["count"] = 8
+    raw["image"]["size"] = 64
+    raw.setdefault("qc", {})["enabled"] = False
+    spec = load_spec(yaml.safe_dump(raw))
+    out = tmp_path / "icu"
+    generate(spec, out, progress=False)
+    manifest = (out / "manifest.csv").read_text(encoding="utf-8")
+    assert manifest.count("\n") == 9
+    assert len(list(out.glob("images/*/*.png"))) == 8 and len(list(out.glob("dicom/*/*.dcm"))) == 8
+    assert list(out.glob("masks/*/*.png"))

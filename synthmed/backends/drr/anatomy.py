@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,12 +68,11 @@ def anatomy_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "anatomy" / ANATOMY_ID
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str | None:
+    """The sha256 of a file (None if it is missing)."""
+    from ...ledger import file_sha256
+
+    return file_sha256(path)
 
 
 def check_anatomy(folder: Path | None = None, *, verify: bool = True) -> Path:
@@ -222,6 +220,8 @@ def _extend(hu, bone, labels, body, spacing, names):
     Top: the neck, tapering from the shoulders in 3 cm, with the spine and trachea carried on up.
     Bottom: the last slice (upper abdomen) repeated.
     """
+    from scipy import ndimage
+
     sx, sy, sz = spacing
     px, pt, pb = int(round(_SIDE_MM / sx)), int(round(_NECK_MM / sz)), int(round(_BELOW_MM / sz))
     nx, ny, nz = hu.shape
@@ -262,14 +262,23 @@ def _extend(hu, bone, labels, body, spacing, names):
     X = (np.arange(out.shape[0])[:, None] - cx) * sx
     Y = (np.arange(ny)[None, :] - cy) * sy
     full = float(np.abs((xs - cx) * sx).max()) if xs.size else 150.0  # half-width at the shoulders
+    soft_top = np.where(top > BODY_HU, np.clip(top, -120.0, 60.0), -1000.0)
     for q in range(1, pt + 1):
-        f = min(q * sz / 40.0, 1.0) ** 0.5  # 0 at the shoulders, 1 at the neck
+        u = min(q * sz / 45.0, 1.0)
+        f = u * u * (3 - 2 * u)  # 0 at the shoulders, 1 at the neck: no step where the CT ends
         a = _NECK_HALF_MM[0] + (full - _NECK_HALF_MM[0]) * (1 - f)
         b = _NECK_HALF_MM[1] + (3 * _NECK_HALF_MM[1]) * (1 - f)
         inside = (X / a) ** 2 + (Y / b) ** 2 <= 1.0
-        s = np.where(inside, top, -1000.0)
+        # the top slice's soft tissue, blurred more with height toward uniform muscle and fat: a copied
+        # slice would carry its muscles and cut bones up as vertical bands
+        sigma = 2.0 + 10.0 * f
+        blur = ndimage.gaussian_filter(np.where(top > BODY_HU, soft_top, 20.0), sigma)
+        inside &= ndimage.gaussian_filter((top > BODY_HU).astype(np.float32), sigma) > 0.5
+        s = np.where(inside, blur, -1000.0)
+        airway = np.isin(top_lab, [names[k] for k in ("trachea",) if k in names]) & inside
+        s = np.where(airway, top, s)
         sb = spine & inside
-        s = np.where(~sb, np.minimum(s, 60.0), s)
+        s = np.where(sb, top, np.minimum(s, 60.0))
         out[:, :, pb + nz - 1 + q] = s
         out_bone[:, :, pb + nz - 1 + q] = sb
         out_lab[:, :, pb + nz - 1 + q] = np.where(inside & np.isin(top_lab, keep_ids), top_lab, 0)

@@ -85,9 +85,9 @@ def draw_variation(case) -> Variation:
         photons=float(2.0e4 * 2.0 ** (2.0 * u[6] - 1.0) * (0.6 if bedside else 1.0)),
         scatter=float(0.35 + 0.4 * u[7] + (0.25 if bedside else 0.0)),
         blur_mm=float(0.18 + 0.14 * u[8]),
-        contrast=float(1.25 + 0.3 * u[9]),
+        contrast=float(1.4 + 0.3 * u[9]),
         latitude=float(0.12 + 0.15 * u[10]),
-        brightness=float(0.06 * (u[11] - 0.5)),
+        brightness=float(-0.08 + 0.06 * (u[11] - 0.5)),
     )
     return Variation(width_scale=float(width), height_scale=float(height), depth_scale=float(depth),
                      soft_tissue_mm=float(soft), inspiration=float(insp), rotation_deg=rotation, tilt_deg=tilt,
