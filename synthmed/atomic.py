@@ -1,6 +1,7 @@
 """Write files so that a final name never holds a partial file.
 
-Each file is written to a hidden temp name in the same folder, flushed and fsynced, then
+Each file is written to a hidden temp name in the same folder (``.<name>.<pid>-<random>.tmp``, created new and never
+through a link), flushed and fsynced, then
 ``os.replace``d onto its final name; on any error the temp file is removed.
 
 Example:
@@ -13,13 +14,43 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterable
 
 
+_TOKEN: str | None = None
+
+
+def writer_token() -> str:
+    """This process's mark in its temp file names: its pid and a random part, recorded by the ledger before any
+    write, so that a leftover is known as synthmed's by its exact name and a user's file never takes that name."""
+    global _TOKEN
+    if _TOKEN is None or not _TOKEN.startswith(f"{os.getpid()}-"):  # a forked child gets its own
+        _TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
+    return _TOKEN
+
+
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{writer_token()}.tmp")
+
+
+def open_temp(path: Path, *, text: bool = False):
+    """Create ``path``'s temp file, new and never through a link; returns (temp path, open file).
+
+    A file (or link) already at the temp name is not synthmed's (its own leftovers are removed before a run, by
+    the ledger): it is left alone and FileExistsError names it.
+    """
+    tmp = _temp_name(Path(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, f"{tmp.name} is in the way of synthmed's temp file (synthmed did not "
+                              "write it; move it away)", str(tmp)) from None
+    fh = os.fdopen(fd, "w", encoding="utf-8", newline="\n") if text else os.fdopen(fd, "wb")
+    return tmp, fh
 
 
 def _commit(tmp: Path, path: Path, fh) -> None:
@@ -32,27 +63,27 @@ def _commit(tmp: Path, path: Path, fh) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp, fh = open_temp(path)
     try:
-        with open(tmp, "wb") as fh:
+        with fh:
             fh.write(data)
             _commit(tmp, path, fh)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # ours: open_temp made it
         raise
 
 
 def atomic_write_text_lines(path: Path, lines: Iterable[str]) -> None:
     """Write UTF-8 lines (each gets a trailing newline) to ``path`` atomically, streaming."""
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp, fh = open_temp(path, text=True)
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        with fh:
             for line in lines:
                 fh.write(line)
                 fh.write("\n")
             _commit(tmp, path, fh)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # ours: open_temp made it
         raise
 

@@ -123,7 +123,10 @@ class _RunFolder:
         self.left_alone: list[str] = []   # files --overwrite found that synthmed did not write
         self.notes: list[str] = []         # what the user should know (printed by the CLI)
 
-    def prepare(self, run: dict, *, resume: bool, overwrite: bool) -> None:
+    def prepare(self, run: dict, *, resume: bool, overwrite: bool, planned=None) -> None:
+        """Lock the folder and check it against an earlier run; ``planned(rel)`` says whether this run will
+        write ``rel`` (so that --overwrite stops before deleting anything when a file in the way would stay)."""
+        self.planned = planned or (lambda rel: False)
         out = self.out
         if out.exists() and not out.is_dir():
             raise BuildError(f"{out} exists and is not a folder", 2)
@@ -161,7 +164,7 @@ class _RunFolder:
             if self.ledger.is_empty():
                 self._adopt_legacy_run()
             if overwrite:
-                self.clear()
+                self.clear(self.planned)
             elif not resume:
                 name = previous.get("name", "?") if previous else "?"
                 raise BuildError(f"{out} already holds a synthmed run ('{name}'); "
@@ -183,11 +186,12 @@ class _RunFolder:
                     raise BuildError(f"{out} was built from a different spec or settings (changed: {what}); "
                                      "rerun with --overwrite to start again", 2)
         elif overwrite and not self.ledger.is_empty():
-            self.clear()  # a run killed before it wrote run.json
+            self.clear(self.planned)  # a run killed before it wrote run.json
         self.ledger.remove_temp_files()  # a killed run's, by the pids its claims recorded
         self.parts.mkdir(parents=True, exist_ok=True)
         self.ledger.claim("run", [f"{STATE_DIR}/run.json"])
         _atomic_json(run_file, run)
+        self.ledger.record_files("run", [f"{STATE_DIR}/run.json"])
 
     def _adopt_legacy_run(self) -> None:
         """A run written before the ledger existed: its parts are its record (each file with its sha256)."""
@@ -213,11 +217,21 @@ class _RunFolder:
                 if (p / "metadata.csv").is_file()] if (self.out / "images").is_dir() else []
         self.ledger.record_files("run", top)
 
-    def clear(self) -> None:
-        """--overwrite: remove exactly what the ledger says synthmed wrote; name what it leaves."""
+    def clear(self, planned) -> None:
+        """--overwrite: remove exactly what the ledger says synthmed wrote; name what it leaves.
+
+        Nothing is removed when a file that would stay is where this run will write: the run could not finish.
+        """
+        _, changed = self.ledger.removal_plan()
+        foreign = self.ledger.foreign_files([n for n in OUR_NAMES if n != STATE_DIR])
+        blocking = sorted(r for r in [*foreign, *changed] if planned(r))
+        if blocking:
+            shown = ", ".join(blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")
+            raise BuildError(f"{self.out} holds {shown}, where this run would write, and synthmed did not write "
+                             f"{'it' if len(blocking) == 1 else 'them'} (or {'it' if len(blocking) == 1 else 'they'} "
+                             "changed since); nothing was removed. Move them away and rerun with --overwrite", 2)
         removal = self.ledger.remove_owned()
-        left = self.ledger.foreign_files([n for n in OUR_NAMES if n != STATE_DIR])
-        left += [f"{r} (changed since synthmed wrote it)" for r in removal.changed]
+        left = foreign + [f"{r} (changed since synthmed wrote it)" for r in removal.changed]
         if left:
             self.left_alone = left
             shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
@@ -531,15 +545,19 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,
            "backend": generator["backend"], "model": generator["model"], "generator": generator,
            "synthmed_version": __version__, "sampler": SAMPLER_VERSION}
+    from .sampler import sample_cases
+
+    cases = sample_cases(spec, limit=limit)
     folder = _RunFolder(out)
-    folder.prepare(run, resume=resume, overwrite=overwrite)
+    folder.prepare(run, resume=resume, overwrite=overwrite, planned=_planned_paths(spec, cases))
     try:
         # 2. Plan: the chunks still to do
-        cases, chunks, todo = _plan(spec, folder, limit=limit, resume=resume)
+        chunks, todo = _plan(spec, folder, cases, limit=limit, resume=resume)
         todo_set = set(todo)
         reused = sum(stop - start for k, (start, stop) in enumerate(chunks) if k not in todo_set)
         folder.claim("run", ["cases.jsonl"])
         _write_cases_jsonl(out, cases)
+        folder.ledger.record_files("run", ["cases.jsonl"])
         made_with = _model_hash_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
         # 3. Backend and chunks (the backend only now: loading a model is the slow part)
         written, interrupted, versions, checked = 0, False, None, {}
@@ -688,12 +706,29 @@ def _part_path(parts: Path, k: int) -> Path:
     return parts / f"part-{k:06d}.csv"
 
 
-def _plan(spec: DatasetSpec, folder: _RunFolder, *, limit: int | None, resume: bool):
-    """The cases, their chunks as (start, stop), and the indices of the chunks still to do."""
-    from .sampler import sample_cases
+def _planned_paths(spec: DatasetSpec, cases):
+    """A test of whether this run writes a path (relative to OUT), without listing every path of a large plan."""
+    import re
+
+    ours = {"manifest.csv", "cases.jsonl", "dataset_card.json", "README.md", "qc_report.json", "report.html"}
+    ours |= {f"images/{split}/metadata.csv" for split in spec.splits.keys}
+    case_file = re.compile(r"(images|dicom|masks)/[^/]+/(case-(\d+))[^/]*$")
+
+    def planned(rel: str) -> bool:
+        match = case_file.match(rel)
+        if not match:
+            return rel in ours
+        index = int(match.group(3))
+        return index < len(cases) and cases[index].case_id == match.group(2) and \
+            rel in _case_paths(spec, cases[index])
+
+    return planned
+
+
+def _plan(spec: DatasetSpec, folder: _RunFolder, cases, *, limit: int | None, resume: bool):
+    """The chunks of ``cases`` as (start, stop), and the indices of the chunks still to do."""
     from .vocabulary import get_vocabulary
 
-    cases = sample_cases(spec, limit=limit)
     total = len(cases)
     chunks = [(start, min(start + CHUNK_SIZE, total)) for start in range(0, total, CHUNK_SIZE)]
     if resume:
@@ -705,7 +740,18 @@ def _plan(spec: DatasetSpec, folder: _RunFolder, *, limit: int | None, resume: b
         if not (resume and part.exists() and _part_is_done(folder.out, part, [cases[i] for i in range(start, stop)],
                                                            spec, vocab)):
             todo.append(k)
-    return cases, chunks, todo
+        elif not folder.ledger.read(f"chunk-{k:06d}")["files"]:  # a kept chunk whose claim was lost: its part says
+            _record_part(folder, k, part)
+    return chunks, todo
+
+
+def _record_part(folder: _RunFolder, k: int, part: Path) -> None:
+    """Record a verified part's files (each checked by sha256) as the chunk's claim."""
+    from .writers.manifest import read_part
+
+    digests = {rel: sha for row in read_part(part) for rel, sha in _row_files(row)}
+    digests[f"{STATE_DIR}/parts/{part.name}"] = _file_sha256(part)
+    folder.ledger.record(f"chunk-{k:06d}", digests)
 
 
 def _refuse_shrinking(spec: DatasetSpec, folder: _RunFolder, cases, chunks, limit: int | None) -> None:
@@ -905,6 +951,10 @@ def _finish(spec: DatasetSpec, folder: _RunFolder, cases, chunks, run: dict, ver
     ours = ["manifest.csv", "dataset_card.json", "README.md"]
     if "png" in spec.image.formats:
         ours += [f"images/{split}/metadata.csv" for split in spec.splits.keys]
+    stale = [rel for key in ("run", "qc") for rel in folder.ledger.read(key)["files"]
+             if rel.startswith("images/") and rel.endswith("/metadata.csv") and rel not in ours]
+    for key in ("run", "qc"):  # a split the spec no longer has: its metadata would list images that are gone
+        folder.ledger.remove(key, stale)
     folder.claim("run", ours)
     merge_parts([(_part_path(folder.parts, k), stop - start) for k, (start, stop) in enumerate(chunks)],
                 out / "manifest.csv")

@@ -6,10 +6,10 @@ decides by a glob or a folder name, so a user's file in an output folder is left
 The record is a set of *claims*, one JSON file per writer of a part of the folder (a chunk of cases, the
 run's own files, qc's files)::
 
-    <state>/claims/<key>.json   {"pids": [1234], "files": {"images/train/c-0.png": "<sha256>" | null}}
+    <state>/claims/<key>.json   {"pids": ["1234-9f0c2a1b"], "files": {"images/train/c-0.png": "<sha256>" | null}}
 
 A claim is written (atomically) *before* the files it names, with the id of the process that writes them,
-so a run killed at any moment has named every file and temp file (``.<name>.<pid>.tmp``, see
+so a run killed at any moment has named every file and temp file (``.<name>.<pid>-<random>.tmp``, see
 :mod:`synthmed.atomic`) it could have left. A sha256 is added once a file is written; ``null`` means
 "claimed, maybe written". A path that exists and that no claim names is not ours: claiming it is refused
 with :class:`ForeignFileError`, before anything is written over it.
@@ -44,10 +44,14 @@ MAX_CLAIM_BYTES = 64 * 1024 * 1024  # a claim of a 64-case chunk is a few kB
 class ForeignFileError(ValueError):
     """Files exist where synthmed would write, and no claim says synthmed wrote them."""
 
-    def __init__(self, root: Path, rels: list[str]):
+    def __init__(self, root: Path, rels: list[str], why: str = ""):
         shown = ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
-        verb = "exists" if len(rels) == 1 else "exist"
-        super().__init__(f"{shown} {verb} and synthmed did not write {'it' if len(rels) == 1 else 'them'}")
+        one = len(rels) == 1
+        if why:
+            message = f"{shown} {why if one else why.replace('leads', 'lead').replace(' it', ' them')}"
+        else:
+            message = f"{shown} {'exists' if one else 'exist'} and synthmed did not write {'it' if one else 'them'}"
+        super().__init__(message)
         self.root, self.rels = root, rels
 
 
@@ -86,6 +90,23 @@ class Ledger:
         self.root = Path(root)
         self.dir = Path(state) / CLAIMS
 
+    def _inside(self, rel: str) -> Path | None:
+        """``root/rel`` when its folder lies inside the root after links are followed, else None (never touched)."""
+        path = self.root / rel
+        try:
+            if path.parent.resolve().is_relative_to(self.root.resolve()):
+                return path
+        except (OSError, RuntimeError):  # a link loop
+            pass
+        return None
+
+    def _in_state(self, rel: str) -> bool:
+        """Whether ``rel`` lies in the state folder (run state is synthmed's own, whatever became of it)."""
+        try:
+            return (self.root / rel).is_relative_to(self.dir.parent)
+        except ValueError:
+            return False
+
     # ------------------------------------------------------------------ reading
     def _claim_path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
@@ -106,7 +127,7 @@ class Ledger:
             data = None  # a damaged claim names nothing: its files are then not ours, and stay
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             return {"pids": [], "files": {}}
-        pids = [p for p in data.get("pids", []) if isinstance(p, int)]
+        pids = [p for p in data.get("pids", []) if isinstance(p, int) or (isinstance(p, str) and p and "/" not in p)]
         files = {str(k): (v if isinstance(v, str) else None) for k, v in data["files"].items()
                  if isinstance(k, str) and k and not Path(k).is_absolute() and ".." not in Path(k).parts}
         return {"pids": pids, "files": files}
@@ -116,6 +137,14 @@ class Ledger:
         if not self.dir.is_dir():
             return []
         return sorted(p.name[:-5] for p in self.dir.iterdir() if p.name.endswith(".json") and not p.name.startswith("."))
+
+    def known_digests(self) -> dict[str, set]:
+        """Every path any claim names, with every sha256 recorded for it (None: claimed, maybe written)."""
+        known: dict[str, set] = {}
+        for key in self.keys():
+            for rel, sha in self.read(key)["files"].items():
+                known.setdefault(rel, set()).add(sha)
+        return known
 
     def owned(self) -> dict[str, str | None]:
         """Every path any claim names, with its recorded sha256 (None: not recorded yet)."""
@@ -144,18 +173,30 @@ class Ledger:
             ForeignFileError: one of them exists and no claim names it (it is not ours to overwrite).
         """
         rels = [_check_rel(r) for r in rels]
+        outside = [r for r in rels if self._inside(r) is None]
+        if outside:
+            raise ForeignFileError(self.root, outside, "leads outside the folder through a link")
         claim = self.read(key)
         files = claim["files"]
-        unknown = [r for r in rels if r not in files and _exists(self.root / r)]
-        if unknown:
-            everything = self.owned()
-            foreign = [r for r in unknown if r not in everything]
+        present = [r for r in rels if _exists(self.root / r)]
+        # a file there is ours only if a claim names it and it is still the file that claim recorded
+        suspect = [r for r in present if r not in files or (files[r] is not None and file_sha256(self.root / r)
+                                                            != files[r])]
+        if suspect:
+            everything = self.known_digests()
+            foreign = [r for r in suspect if r not in everything]
             if foreign:
                 raise ForeignFileError(self.root, foreign)
+            changed = [r for r in suspect if not self._in_state(r) and None not in everything[r] and
+                       ((self.root / r).is_symlink() or file_sha256(self.root / r) not in everything[r])]
+            if changed:
+                raise ForeignFileError(self.root, changed, "changed since synthmed wrote it")
         for rel in rels:
             files[rel] = None  # about to be (re)written: its old sha256 no longer says anything
-        if os.getpid() not in claim["pids"]:
-            claim["pids"].append(os.getpid())
+        from .atomic import writer_token
+
+        if writer_token() not in claim["pids"]:
+            claim["pids"].append(writer_token())
         self._write(key, claim)
 
     def record(self, key: str, digests: Mapping[str, str]) -> None:
@@ -180,7 +221,9 @@ class Ledger:
         for key in self.keys():
             claim = self.read(key)
             for rel in claim["files"]:
-                path = self.root / rel
+                path = self._inside(rel)
+                if path is None:
+                    continue
                 for pid in claim["pids"]:
                     tmp = path.with_name(f".{path.name}.{pid}.tmp")
                     if tmp.is_file() and not tmp.is_symlink():
@@ -204,15 +247,26 @@ class Ledger:
             if rel not in claim["files"]:
                 continue
             sha = claim["files"].pop(rel)
-            path = self.root / rel
-            if path.is_file() and not path.is_symlink():
+            path = self._inside(rel)
+            if path is not None and path.is_file() and not path.is_symlink():
                 if sha is not None and file_sha256(path) != sha:
                     result.changed.append(rel)
                     continue
                 path.unlink()
                 result.removed += 1
+                self._remove_empty_folders([path])
         self._write(key, claim)
         return result
+
+    def removal_plan(self) -> tuple[list[str], list[str]]:
+        """What :meth:`remove_owned` would do, doing nothing: (files it would remove, ours changed since)."""
+        remove, changed = [], []
+        for rel, known in sorted(self.known_digests().items()):
+            path = self._inside(rel)
+            if path is None or path.is_symlink() or not path.is_file():
+                continue
+            (remove if None in known or file_sha256(path) in known else changed).append(rel)
+        return remove, changed
 
     def remove_owned(self) -> Removal:
         """Delete the files the claims name, their temp files, and then the claims.
@@ -222,30 +276,31 @@ class Ledger:
         Folders are removed only when this leaves them empty.
         """
         result = Removal()
-        shas: dict[str, set] = {}
-        for key in self.keys():
-            for rel, sha in self.read(key)["files"].items():
-                shas.setdefault(rel, set()).add(sha)
+        shas = self.known_digests()
         self.remove_temp_files()
-        folders: set[Path] = set()
+        removed: list[Path] = []
         for rel, known in sorted(shas.items()):
-            path = self.root / rel
-            if path.is_symlink() or not path.is_file():
+            path = self._inside(rel)
+            if path is None or path.is_symlink() or not path.is_file():
                 continue
             if None not in known and file_sha256(path) not in known:
                 result.changed.append(rel)
                 continue
             path.unlink()
             result.removed += 1
-            folders.update(p for p in path.parents if p != self.root and self.root in p.parents)
+            removed.append(path)
         for key in self.keys():
             self.forget(key)
+        self._remove_empty_folders(removed)
+        return result
+
+    def _remove_empty_folders(self, removed: list[Path]) -> None:
+        folders = {p for path in removed for p in path.parents if p != self.root and self.root in p.parents}
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
             try:
                 folder.rmdir()  # only an empty folder: anything a user put there stays
             except OSError:
                 pass
-        return result
 
     def foreign_files(self, tops: Iterable[str]) -> list[str]:
         """Files under the folders ``tops`` (relative) that no claim names: what a removal leaves."""

@@ -274,7 +274,8 @@ def chunk_len(index: int) -> int:
     return min(start + CHUNK_SIZE, COUNT) - start
 
 
-def test_resume_rewrites_a_corrupted_png(reference, spec_path, tmp_path):
+def test_resume_keeps_a_changed_png_names_it_and_remakes_it_once_removed(reference, spec_path, tmp_path):
+    """A file whose bytes are no longer those synthmed recorded is not synthmed's to overwrite (docs/safety.md)."""
     out = copy_of(reference, tmp_path)
     row = manifest_rows(out)[70]
     png = out / row["png_path"]
@@ -282,8 +283,14 @@ def test_resume_rewrites_a_corrupted_png(reference, spec_path, tmp_path):
     with open(png, "r+b") as fh:  # same size, different bytes
         fh.seek(len(original) // 2)
         fh.write(b"\x00\xffcorrupt\xff\x00")
-    assert png.read_bytes() != original
+    changed = png.read_bytes()
+    assert changed != original
 
+    with pytest.raises(BuildError) as info:
+        generate(spec_path, out, resume=True, backend="pattern", progress=False)
+    assert info.value.exit_code == 2 and row["png_path"] in str(info.value) and "changed" in str(info.value)
+    assert png.read_bytes() == changed
+    png.unlink()
     result = generate(spec_path, out, resume=True, backend="pattern", progress=False)
     assert png.read_bytes() == original
     assert (result.written, result.reused, result.total) == (chunk_len(70), COUNT - chunk_len(70), COUNT)

@@ -124,7 +124,7 @@ def write_split_metadata(manifest: Path, out: Path, *, only: Collection[str] | N
     Raises:
         ValueError: a row's PNG lies outside ``out`` (by ``..``, an absolute path or a linked folder).
     """
-    from ..atomic import _commit, _temp_name
+    from ..atomic import _commit, open_temp
 
     handles: dict[str, tuple] = {}
     skipped: set[str] = set()
@@ -143,8 +143,7 @@ def write_split_metadata(manifest: Path, out: Path, *, only: Collection[str] | N
                     path = out / rel
                     if not path.parent.resolve().is_relative_to(base):
                         raise ValueError(f"{manifest} row {n}: the folder of {row['png_path']!r} leads outside {out}")
-                    tmp = _temp_name(path)
-                    f = open(tmp, "w", newline="", encoding="utf-8")
+                    tmp, f = open_temp(path, text=True)
                     f.write(fmt.header() + "\n")
                     handles[rel] = (path, tmp, f)
                 handles[rel][2].write(fmt.row({**row, "file_name": os.path.basename(row["png_path"])}) + "\n")

@@ -272,3 +272,93 @@ def test_adopting_an_old_run_never_takes_a_file_outside_the_folder(built, spec_f
         generate(spec_file, built, backend="pattern", overwrite=True, progress=False)
     assert "did not write" in str(info.value) and info.value.exit_code == 2
     assert victim.read_text(encoding="utf-8") == "someone else's image"
+
+
+# ----------------------------------------------------------------------------- found by the re-trial of the fixes
+
+def test_a_link_at_a_temp_name_is_never_written_through(built, spec_file, tmp_path, monkeypatch):
+    """#17 re-trial 1: the temp file was opened through a planted symlink, writing outside OUT."""
+    import synthmed.atomic as atomic
+
+    victim = plant(tmp_path, "victim/target", "someone else's file")
+    first = rows(built)[0]["png_path"]
+    (built / first).unlink()
+    monkeypatch.setattr(atomic, "_TOKEN", f"{os.getpid()}-guessed")  # as if the user guessed the name
+    (built / Path(first).parent / f".{Path(first).name}.{os.getpid()}-guessed.tmp").symlink_to(victim)
+    with pytest.raises(BuildError) as info:
+        generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert "in the way" in str(info.value)
+    assert victim.read_text(encoding="utf-8") == "someone else's file"
+    assert not (built / first).is_symlink()
+
+
+def test_a_user_file_named_like_a_temp_file_is_never_renamed_onto_ours(built, spec_file):
+    """#17 re-trial 1: a user's `.cases.jsonl.<pid>.tmp` was truncated and renamed onto cases.jsonl."""
+    theirs = [plant(built, f".cases.jsonl.{pid}.tmp", "the user's notes") for pid in (os.getpid(), os.getpid() + 1)]
+    generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert all(p.read_text(encoding="utf-8") == "the user's notes" for p in theirs)
+    assert "the user's notes" not in (built / "cases.jsonl").read_text(encoding="utf-8")
+
+
+def test_overwrite_never_deletes_through_a_linked_folder_named_in_a_claim(built, spec_file, tmp_path):
+    """#17 re-trial 2: a claim naming userlink/v2 (userlink -> a folder outside OUT) made --overwrite delete v2."""
+    import json
+
+    victim = plant(tmp_path, "victim/v2", "someone else's file")
+    (built / "userlink").symlink_to(victim.parent)
+    claim_file = built / ".synthmed/claims/chunk-000000.json"
+    claim = json.loads(claim_file.read_text())
+    claim["files"]["userlink/v2"] = None
+    claim_file.write_text(json.dumps(claim))
+    generate(spec_file, built, backend="pattern", overwrite=True, progress=False)
+    assert victim.read_text(encoding="utf-8") == "someone else's file"
+
+
+@pytest.mark.parametrize("target", ["image", "cases.jsonl"])
+def test_resume_does_not_overwrite_a_file_the_user_changed(built, spec_file, target):
+    """#17 re-trial 3/4: --resume overwrote edited images and cases.jsonl silently (their sha256 was not checked)."""
+    rel = rows(built)[0]["png_path"] if target == "image" else "cases.jsonl"
+    if target == "image":
+        (built / rows(built)[1]["dicom_path"]).unlink()  # so the first chunk is redone
+    else:
+        generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    path = built / rel
+    path.write_bytes(path.read_bytes() + b"\nthe user's edit\n")
+    edited = path.read_bytes()
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "changed since synthmed wrote it" in result.output and rel in result.output
+    assert path.read_bytes() == edited
+
+
+def test_overwrite_removes_nothing_when_a_kept_file_blocks_the_new_run(built, spec_file):
+    """#17 re-trial 5: --overwrite deleted the old build first, then failed on a changed file it had kept."""
+    edited = built / "images" / rows(built)[0]["split"] / "metadata.csv"
+    edited.write_text("the user's own metadata\n", encoding="utf-8")
+    before = {p: p.read_bytes() for p in built.rglob("*") if p.is_file() and ".synthmed" not in p.parts}
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--overwrite", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "nothing was removed" in result.output
+    after = {p: p.read_bytes() for p in built.rglob("*") if p.is_file() and ".synthmed" not in p.parts}
+    assert after == before
+
+
+def test_a_kept_chunk_whose_claim_was_deleted_is_claimed_again(built, spec_file):
+    """#17 re-trial 5: after a deleted claim, --resume kept the chunk but never recorded its files again."""
+    (built / ".synthmed/claims/chunk-000001.json").unlink()
+    result = generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert result.reused == 70
+    generate(spec_file, built, backend="pattern", overwrite=True, progress=False)  # finds every file its own
+
+
+def test_a_split_dropped_from_the_spec_leaves_no_metadata_behind(built, tmp_path):
+    """#17 re-trial 7: with run.json gone and the test split dropped, images/test/metadata.csv stayed behind."""
+    (built / ".synthmed" / "run.json").unlink()
+    two_splits = tmp_path / "two.yaml"
+    two_splits.write_text(spec_text().replace("splits: {train: 0.8, val: 0.1, test: 0.1}",
+                                              "splits: {train: 0.9, val: 0.1}"), encoding="utf-8")
+    generate(two_splits, built, backend="pattern", resume=True, progress=False)
+    assert not (built / "images" / "test").exists()
+    assert not (built / "dicom" / "test").exists()
