@@ -1021,7 +1021,9 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
                   "masks": "masks/<split>/<case_id>_mask_<finding>.png",
                   "manifest_columns": "https://github.com/synthmed/synthmed/blob/main/schemas/manifest_columns.json"},
     }
-    _atomic_json(out / "dataset_card.json", card)
+    # in the spec's own order: a spec read back from the card must plan the same cases (split order matters)
+    atomic_write_bytes(out / "dataset_card.json",
+                       (json.dumps(card, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     splits = ", ".join(f"{s} {sum(r[s] for r in counts):,}" for s in spec.splits.keys)
     readme = (f"# {spec.name}\n\nSYNTHETIC chest X-ray dataset made by synthmed {__version__}: {len(cases):,} images "
               f"({splits}).\nNo image shows a real patient. Intended use: {INTENDED_USE}.\n\n"

@@ -191,9 +191,11 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     click.echo(f"  manifest: {result.manifest}")
     click.echo(f"  card:     {out / 'dataset_card.json'}")
     if result.qc is not None:
-        images = result.qc.report["images"]
-        verdict = "PASS" if result.qc.passed else f"FAIL ({', '.join(result.qc.failed_checks)})"
-        click.echo(f"  qc:       {verdict}: {images['failed']:,} of {images['checked']:,} images failed a gating check")
+        from .qc.report import headline, summary_lines
+
+        click.echo(f"  qc:       {headline(result.qc.report, result.qc.seconds)}")
+        for line in summary_lines(result.qc.report) if not result.qc.passed else ():
+            click.echo(f"            {line}")
         click.echo(f"            {result.qc.report_path}  {result.qc.html_path}")
         if not result.qc.passed:
             raise SystemExit(1)
@@ -256,7 +258,7 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
 
     def show(message, category, *args, **kwargs):  # finetune's own warnings as one plain line, when they happen
         if issubclass(category, FinetuneWarning):
-            click.echo(f"warning: {message}", err=True)
+            click.echo(f"warning: {_as_flags(str(message))}", err=True)
         else:
             shown(message, category, *args, **kwargs)
 
@@ -266,7 +268,7 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
             warnings.showwarning = show
             result = run_finetune(manifest, base, out, progress=not quiet, **options)
     except (ManifestError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_as_flags(str(e))}", err=True)
         raise SystemExit(2)
     except ImportError as e:
         click.echo(f"error: {e}", err=True)
@@ -283,6 +285,16 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
     click.echo(f"  model:       {result.model_dir}  (use it: generator.model: {result.model_dir})")
     click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
     click.echo(f"  validation:  {result.work_dir / 'validation'}")
+
+
+def _as_flags(message: str) -> str:
+    """finetune's messages name Python arguments (overwrite=True); on the command line, name the flags."""
+    import re
+
+    for argument, flag in (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
+                           ("allow_pickle=True", "--allow-pickle")):
+        message = message.replace(argument, flag)
+    return re.sub(r"(?<![\w/.-])work_dir(?![\w/.-])", "--work-dir", message)
 
 
 @main.command()
@@ -313,7 +325,7 @@ def qc(out: Path, reference: Path | None, training_manifest: Path | None, featur
     cannot write, it prints its verdict and writes nothing (use --report-dir).
     Exits 1 when a gating check (the spec's qc.gate) fails, 2 when OUT is not a synthmed output folder.
     """
-    from .qc.report import summary_lines
+    from .qc.report import headline, summary_lines
     from .qc.run import QCError
     from .qc.run import qc as run_qc
 
@@ -325,9 +337,7 @@ def qc(out: Path, reference: Path | None, training_manifest: Path | None, featur
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)
     report = result.report
-    images = report["images"]
-    click.echo(f"{'PASS' if result.passed else 'FAIL'}: {images['checked']:,} images checked in {result.seconds:.1f} s; "
-               f"{images['failed']:,} failed a gating check, {images['warned']:,} flagged by other checks")
+    click.echo(headline(report, result.seconds))
     for line in summary_lines(report, skip_reasons=("auditor",) if no_auditor else ()):
         click.echo(f"  {line}")
     for message in result.not_written:

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -45,6 +46,7 @@ MODES = ("full", "lora")
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMAT = 1
 STATE_DIR = ".synthmed"  # the record of what finetune wrote, in the work folder and in the model folder
+USER_FOLDERS = f"{STATE_DIR}/user-folders.json"  # a user's empty folders in the work folder that finetune writes into
 MODEL_CLAIM = "model"
 MODEL_PATHS = ("model_index.json", "training.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -501,8 +503,10 @@ class _WorkFolder:
     def claim(self, key: str, rels: Sequence[str]) -> None:
         from .ledger import ForeignFileError
 
+        # finetune's own caches and checkpoints, read by nobody else: changed bytes there are damage to repair
+        repair = key in ("latents", "vae") or key.startswith("checkpoint-")
         try:
-            self.ledger.claim(key, rels)
+            self.ledger.claim(key, rels, repair=repair)
         except ForeignFileError as e:
             raise ValueError(f"{e} (in the work folder {self.root}); finetune overwrites only files it wrote. Move "
                              f"{'it' if len(e.rels) == 1 else 'them'} away or choose another work folder") from None
@@ -519,15 +523,17 @@ class _WorkFolder:
         self.write_bytes(key, rel, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
 
     def torch_save(self, key: str, rel: str, obj: Any) -> None:
-        """torch.save to a temp name the ledger knows (``.<name>.<pid>.tmp``), then rename: never a partial file."""
+        """torch.save to a temp name the ledger knows (see synthmed.atomic), then rename: never a partial file."""
         import torch
 
         self.claim(key, [rel])
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from .atomic import open_temp
+
+        tmp, fh = open_temp(path)  # new, never through a link, at the name the ledger knows
         try:
-            with open(tmp, "wb") as fh:
+            with fh:
                 torch.save(obj, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -567,13 +573,33 @@ class _WorkFolder:
         owned = self.ledger.owned()
         return [r for r in _files_under(self.root, tops) if r not in owned]
 
+    def user_folders(self) -> list[str]:
+        """The folders that were the user's (empty) before finetune wrote into them, from its record."""
+        path = self.root / USER_FOLDERS
+        try:
+            folders = _read_json_object(path).get("folders", []) if path.is_file() else []
+        except (OSError, ValueError):
+            return []
+        return [r for r in folders if isinstance(r, str) and not Path(r).is_absolute() and ".." not in Path(r).parts
+                and Path(r).parts and Path(r).parts[0] in PLANNED_TOPS]
+
+    def keep_user_folders(self) -> None:
+        """Record the user's empty folders where this run may write, so that no removal of ours takes them."""
+        empty = {r.rstrip("/") for r in self.foreign(PLANNED_TOPS) if r.endswith("/")}
+        known = set(self.user_folders())
+        if empty - known:
+            self.write_json("user-folders", USER_FOLDERS, {"folders": sorted(empty | known)})
+
     # ------------------------------------------------------------------ removing
     def clear(self) -> None:
         """--overwrite: remove exactly the files the ledger names; name what stays."""
+        kept = self.user_folders()
         removal = self.ledger.remove_owned()
+        for rel in kept:  # the user's (empty) folders finetune wrote into: emptied, not removed
+            (self.root / rel).mkdir(parents=True, exist_ok=True)
         left = self.foreign() + [f"{r} (changed since finetune wrote it)" for r in removal.changed]
         if left:
-            self.warn(f"--overwrite left {len(left)} file(s) in {self.root} that finetune did not write: "
+            self.warn(f"overwrite=True left {len(left)} file(s) in {self.root} that finetune did not write: "
                       f"{_shown(left)}")
 
     def remove(self, keys: Sequence[str]) -> None:
@@ -695,11 +721,11 @@ class _ModelFolder:
         if not theirs:
             if not (overwrite or resume):
                 raise ValueError(f"{out} already holds files (a model finetune wrote); pass overwrite=True "
-                                 "(--overwrite) to replace it, or resume=True (--resume) to continue its training")
+                                 "to replace it, or resume=True to continue its training")
             return
         if not overwrite and not (resume and ours):
             raise ValueError(f"{out} already holds files synthmed did not write ({_shown(theirs)}); choose another "
-                             "output folder, or pass overwrite=True (--overwrite) to write the model beside them "
+                             "output folder, or pass overwrite=True to write the model beside them "
                              "(they are left alone)")
 
     def save(self, staged: Path, work: _WorkFolder) -> None:
@@ -813,6 +839,74 @@ def _load_checkpoint(work: _WorkFolder, stage: str) -> dict | None:
 
 # ----------------------------------------------------------------------------- the run
 
+_ARGUMENT_NAMES = ("manifest", "base", "out", "mode", "train_text_encoder", "steps", "vae_steps", "batch_size",
+                   "vae_batch_size", "vae_crop", "learning_rate", "vae_learning_rate", "lr_schedule", "template",
+                   "checkpoint_every", "validate_every", "validation_prompts", "resume", "overwrite", "work_dir",
+                   "seed", "threads", "device", "mixed_precision", "lora_rank", "cond_dropout", "ema_decay",
+                   "min_snr_gamma", "allow_pickle", "save_dtype", "progress")
+
+
+def _check_arguments(**args: Any) -> None:
+    """Refuse wrong argument types (TypeError) and values (ValueError) at the door, naming the argument."""
+    def name_of(value) -> str:
+        return f"{type(value).__name__} {value!r}"[:120]
+
+    def number(name: str, *, whole: bool, low: float | None = None, high: float | None = None, open_low=False,
+               optional: bool = False) -> None:
+        value = args[name]
+        if value is None and optional:
+            return
+        kinds = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or (not whole and not math.isfinite(value)):
+            raise TypeError(f"{name} must be {'a whole number' if whole else 'a number'}"
+                            f"{' or None' if optional else ''}, got {name_of(value)}")
+        if low is not None and (value <= low if open_low else value < low):
+            raise ValueError(f"{name} must be {'more than' if open_low else 'at least'} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise ValueError(f"{name} must be at most {high}, got {value!r}")
+
+    def choice(name: str, choices: Sequence[str]) -> None:
+        if not isinstance(args[name], str) or args[name] not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {name_of(args[name])}")
+
+    for name in ("manifest", "base", "out", "work_dir"):
+        value = args[name]
+        if name == "work_dir" and value is None:
+            continue
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            what = {"manifest": "the path of a manifest.csv (or its folder)", "out": "the path of the model folder",
+                    "base": "'scratch' or the path of a local diffusers model folder",
+                    "work_dir": "None or the path of the work folder"}[name]
+            raise TypeError(f"{name} must be {what}, got {name_of(value)}")
+    for name in ("resume", "overwrite", "allow_pickle", "progress"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {name_of(args[name])}")
+    if args["train_text_encoder"] is not None and not isinstance(args["train_text_encoder"], bool):
+        raise TypeError(f"train_text_encoder must be True, False or None (the default for the base), "
+                        f"got {name_of(args['train_text_encoder'])}")
+    for name, low in (("steps", 0), ("vae_steps", 0), ("batch_size", 1), ("vae_batch_size", 1), ("vae_crop", 8),
+                      ("checkpoint_every", 1), ("validate_every", 0), ("lora_rank", 1)):
+        number(name, whole=True, low=low)
+    number("threads", whole=True, low=1, optional=True)
+    number("seed", whole=True, low=-(2 ** 63), high=2 ** 64 - 1)  # what torch.manual_seed takes
+    number("learning_rate", whole=False, low=0, open_low=True, optional=True)
+    number("vae_learning_rate", whole=False, low=0, open_low=True)
+    number("cond_dropout", whole=False, low=0, high=1)
+    number("ema_decay", whole=False, low=0, high=1)
+    number("min_snr_gamma", whole=False, low=0)
+    choice("mode", MODES)
+    choice("lr_schedule", LR_SCHEDULES)
+    choice("device", ("auto", "cpu"))
+    choice("mixed_precision", ("no", "fp16", "bf16"))
+    choice("save_dtype", ("float16", "float32", "bfloat16"))
+    if not isinstance(args["template"], str):
+        raise TypeError(f"template must be a template name or string, got {name_of(args['template'])}")
+    prompts = args["validation_prompts"]
+    if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, Sequence)
+                                or not all(isinstance(p, str) for p in prompts)):
+        raise TypeError(f"validation_prompts must be None or a list of prompt strings, got {name_of(prompts)}")
+
+
 
 def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: str = "full",
              train_text_encoder: bool | None = None, steps: int = 2000, vae_steps: int = 1000, batch_size: int = 16,
@@ -854,22 +948,13 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     Example:
         >>> finetune("out/phantom", "scratch", "models/mine", steps=4000, vae_steps=1500)  # doctest: +SKIP
     """
-    # 1. Check inputs, before anything heavy is loaded
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    # 1. Check inputs, before anything heavy is loaded (and before any folder is made)
+    _check_arguments(**{k: v for k, v in locals().items() if k in _ARGUMENT_NAMES})
     scratch = str(base) == "scratch"
     if scratch and mode == "lora":
         raise ValueError("mode 'lora' needs a base model (LoRA adapts existing weights); use mode 'full' from scratch")
     if not scratch and not Path(base).is_dir():
         raise ValueError(f"base must be 'scratch' or a local diffusers model folder; {base} does not exist")
-    if steps < 0 or vae_steps < 0 or batch_size < 1 or vae_batch_size < 1:
-        raise ValueError("steps and vae_steps must be >= 0 and batch sizes >= 1")
-    if save_dtype not in ("float16", "float32", "bfloat16"):
-        raise ValueError(f"save_dtype must be float16, float32 or bfloat16, got {save_dtype!r}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
-    if mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
     out = Path(out)
     work_path = Path(work_dir) if work_dir else out.with_name(out.name + ".training")
     if os.path.lexists(work_path) and not work_path.is_dir():
@@ -901,7 +986,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             before = _read_json_object(settings_file)
         except ValueError as e:
             raise ValueError(f"{e}; it records the settings of the run to resume: resume needs it as finetune "
-                             "wrote it (or start again: overwrite=True (--overwrite) without resume)") from None
+                             "wrote it (or start again: overwrite=True without resume=True)") from None
         before.setdefault("lr_schedule", "constant")  # work folders from before these options
         if "base_hash" in settings:
             before.setdefault("base_hash", settings["base_hash"])
@@ -915,13 +1000,16 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             raise ValueError(f"{work_path} holds checkpoints of an earlier run; pass resume=True to continue it "
                              "or overwrite=True to start again")
         work.clear()  # exactly the files the ledger names; anything else stays, named in a warning
-    theirs = [r for r in work.foreign(PLANNED_TOPS) if _planned(r, settings, checkpoint_every, validate_every)]
+    # an empty folder holds nothing of the user's: this run may write into it (and never removes it)
+    theirs = [r for r in work.foreign(PLANNED_TOPS)
+              if not r.endswith("/") and _planned(r, settings, checkpoint_every, validate_every)]
     if theirs:
         why = (" (it has no record of what finetune wrote there: made by a synthmed that kept "
                "none, or not a finetune work folder)" if work.ledger.is_empty() else "")
         raise ValueError(f"{_shown(theirs)} in the work folder {work_path}: this run would write there and finetune "
                          f"did not write {'it' if len(theirs) == 1 else 'them'}{why}; it overwrites only its own "
                          "files. Move them away or choose another work folder")
+    work.keep_user_folders()
     work.write_json("settings", "settings.json", settings)
     work.claim("log", ["log.jsonl"])  # appended to: its sha256 is recorded at the end
 
@@ -991,7 +1079,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     work.ledger.record_files("log", ["log.jsonl"])
     work.write_json("record", "record.json", record)
     _save_pipeline(out, {**parts, "vae": vae, "unet": unet, "text_encoder": text_encoder}, save_dtype,
-                   record, manifest_path, None if scratch else Path(base), work)
+                   record, manifest_path, None if scratch else Path(base), work, progress)
     return FinetuneResult(out, work_path, steps, settings["vae_steps"], {k: v for k, v in record["losses"].items()
                                                                          if v is not None}, record["seconds"], record,
                           work.notes)
@@ -1108,7 +1196,8 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
                               "loss": loss_avg})
     bar.close()
     vae = accelerator.unwrap_model(vae).eval()
-    _save_vae(vae, work)
+    with _library_bars(progress):
+        _save_vae(vae, work)
     return vae, loss_avg, generator
 
 
@@ -1326,8 +1415,25 @@ def _validation_grid(work: _WorkFolder, rel: str, unet, text_encoder, parts, ema
     work.write_bytes("validation", rel, png_bytes((np.clip(row, 0, 1) * 255).round().astype(np.uint8)))
 
 
+@contextlib.contextmanager
+def _library_bars(progress: bool):
+    """diffusers' and transformers' own progress bars ("Writing model shards") only when progress is on."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    if not progress:
+        for lib, _ in was:
+            lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in was:
+            lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+
+
 def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path,
-                   base: Path | None, work: _WorkFolder) -> None:
+                   base: Path | None, work: _WorkFolder, progress: bool = True) -> None:
     """Write the diffusers folder into a new, recorded folder next to ``out``, then put it in place.
 
     The folder carries its own record (``out/.synthmed``: every file with its sha256), so a later run replaces
@@ -1345,7 +1451,8 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
                                    scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     tmp = work.begin_staging(out.with_name(out.name + ".saving"), "saving", out)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    with _library_bars(progress):
+        pipe.save_pretrained(tmp, safe_serialization=True)
     if base is not None and (base / "tokenizer").is_dir():
         shutil.rmtree(tmp / "tokenizer")  # the one just saved, in the folder this run made
         shutil.copytree(base / "tokenizer", tmp / "tokenizer")

@@ -166,8 +166,11 @@ class Ledger:
         data = {"pids": claim["pids"], "files": dict(sorted(claim["files"].items()))}
         atomic_write_bytes(self._claim_path(key), (json.dumps(data, indent=0) + "\n").encode("utf-8"))
 
-    def claim(self, key: str, rels: Iterable[str]) -> None:
+    def claim(self, key: str, rels: Iterable[str], *, repair: bool = False) -> None:
         """Record that this process is about to write ``rels`` (paths relative to the folder).
+
+        ``repair``: a recorded file whose bytes changed may be written over (a damaged cache or checkpoint of
+        synthmed's own, which only it reads); by default such a file is someone's edit and is refused.
 
         Raises:
             ForeignFileError: one of them exists and no claim names it (it is not ours to overwrite).
@@ -187,7 +190,7 @@ class Ledger:
             foreign = [r for r in suspect if r not in everything]
             if foreign:
                 raise ForeignFileError(self.root, foreign)
-            changed = [r for r in suspect if not self._in_state(r) and None not in everything[r] and
+            changed = [r for r in suspect if not repair and not self._in_state(r) and None not in everything[r] and
                        ((self.root / r).is_symlink() or file_sha256(self.root / r) not in everything[r])]
             if changed:
                 raise ForeignFileError(self.root, changed, "changed since synthmed wrote it")

@@ -259,6 +259,9 @@ def test_work_folder_from_before_the_schedule_option_still_resumes(phantom_set, 
     old = json.loads(settings.read_text())
     del old["lr_schedule"]
     settings.write_text(json.dumps(old))
+    from synthmed.ledger import Ledger, file_sha256  # as that version wrote it: its record names these bytes
+
+    Ledger(settings.parent, settings.parent / ".synthmed").record("settings", {"settings.json": file_sha256(settings)})
     result = finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, resume=True, **FAST)
     assert result.steps == 0
     with pytest.raises(ValueError, match="lr_schedule"):

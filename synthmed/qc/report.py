@@ -204,6 +204,29 @@ def check_detail(check: Mapping, with_limit: bool = True) -> str:
     return shown + (f" (limit {check['threshold']})" if with_limit and check.get("threshold") is not None else "")
 
 
+def headline(report: Mapping, seconds: float) -> str:
+    """The verdict in one line, naming what failed: per-image checks by their image count, set-level ones by name.
+
+    Example:
+        >>> headline({"verdict": "fail", "failed_checks": ["manifest_consistency"],
+        ...           "images": {"checked": 12, "failed": 0, "warned": 0}}, 0.1)
+        'FAIL: 12 images checked in 0.1 s; set-level check(s) failed: manifest_consistency; 0 flagged by other checks'
+    """
+    from .checks import PER_IMAGE_CHECKS
+
+    images = report["images"]
+    checked = f"{images['checked']:,} images checked in {seconds:.1f} s"
+    flagged = f"{images['warned']:,} flagged by other checks"
+    if report.get("verdict") == "pass":
+        return f"PASS: {checked}; {images['failed']:,} failed a gating check, {flagged}"
+    failed = list(report.get("failed_checks", []))
+    set_level = [c for c in failed if c not in PER_IMAGE_CHECKS]
+    parts = [f"{images['failed']:,} failed a gating check"] if images["failed"] or not set_level else []
+    if set_level:
+        parts.append(f"set-level check(s) failed: {', '.join(set_level)}")
+    return f"FAIL: {checked}; " + "; ".join(parts) + f"; {flagged}"
+
+
 def summary_lines(report: Mapping, *, skip_reasons: Sequence[str] = ()) -> list[str]:
     """The report's failed checks and skipped sections, one line each, for a terminal.
 

@@ -214,7 +214,7 @@ def _read_cases(out: Path) -> tuple[dict[str, Any] | None, str | None]:
                     case = Case.from_dict(json.loads(line))
                     cases[case.case_id] = case
     except FileNotFoundError:
-        return None, "no cases.jsonl"
+        return None, "cases.jsonl is missing"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"cases.jsonl line {n} does not read as a case ({type(e).__name__}: {e})"
     return cases, None
@@ -687,13 +687,19 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
     Per row: a known, unique case id; split, findings (and their codes, locations, severities, CheXpert
     columns), sex, age and view equal to the case's; width, height and bit depth whole numbers equal to the
     spec's image; split, sex, view and finding cell among the spec's; the spec hash the card's. And every case
-    of cases.jsonl has a row. ``cases``: case id -> Case (None: cases.jsonl is missing, rows checked against
-    the spec alone).
+    of cases.jsonl has a row. ``cases``: case id -> Case; None (cases.jsonl missing or unreadable, ``cases_why``)
+    draws the plan again from the card's spec. Rows that agree with it pass; rows that do not fail with the
+    reason, since a redrawn plan is not the build's record (a card may not keep the order of the spec's
+    splits, sexes or views, and another order draws another plan).
     """
-    from ..sampler import enumerate_cells
+    from ..sampler import enumerate_cells, sample_cases
     from ..vocabulary import get_vocabulary
 
     vocab = get_vocabulary()
+    redrawn = cases is None
+    if redrawn:
+        cases = {c.case_id: c for c in sample_cases(spec, limit=_planned_count(spec, rows, None))}
+    plan = "the plan drawn again" if redrawn else "cases.jsonl"
     allowed = {"split": tuple(spec.splits.keys), "sex": tuple(spec.sex.keys), "view": tuple(spec.view.keys)}
     cells = {"|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in cell.findings)
              for cell in enumerate_cells(spec.findings, vocab)}
@@ -722,29 +728,34 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
             found.append(f"findings {row.get('findings')!r} are not a finding cell of the spec")
         if row.get("spec_hash") and row["spec_hash"] != spec.spec_hash:
             found.append(f"spec_hash {row['spec_hash'][:12]} is not the card's spec ({spec.spec_hash[:12]})")
-        if cases is not None:
-            case = cases.get(case_id)
-            if case is None:
-                found.append(f"case_id {case_id!r} is not in cases.jsonl")
-            else:
-                differ = [f"{column} {row.get(column)!r} (the plan: {value!r})"
-                          for column, value in _case_columns(case, vocab).items() if (row.get(column) or "") != value]
-                if differ:
-                    found.append("disagrees with cases.jsonl: " + "; ".join(differ[:4])
-                                 + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
+        case = cases.get(case_id)
+        if case is None:
+            found.append(f"case_id {case_id!r} is not in {plan}")
+        else:
+            differ = [f"{column} {row.get(column)!r} (the plan: {value!r})"
+                      for column, value in _case_columns(case, vocab).items() if (row.get(column) or "") != value]
+            if differ:
+                found.append(f"disagrees with {plan}: " + "; ".join(differ[:4])
+                             + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
         if found:
             bad_rows += 1
             if len(problems) < MAX_PROBLEMS:
                 problems.append(f"row {n} ({case_id or '?'}): " + "; ".join(found))
-    missing = [c for c in (cases or {}) if c not in seen]
+    missing = [c for c in cases if c not in seen]
     if missing:
-        problems.append(f"{len(missing):,} case(s) of cases.jsonl have no row: {', '.join(missing[:5])}"
+        problems.append(f"{len(missing):,} case(s) of {plan} have no row: {', '.join(missing[:5])}"
                         + (", ..." if len(missing) > 5 else ""))
     failed = bad_rows + len(missing)
+    why = cases_why or "cases.jsonl is missing"
+    if redrawn and failed:
+        problems.insert(0, f"{why}: the rows cannot be checked against the plan; the plan drawn again from "
+                           f"dataset_card.json's spec disagrees with {failed:,} row(s) or case(s) (wrong rows, or a "
+                           "card that does not keep the order of the spec's splits, sexes or views, which draws "
+                           "another plan): restore cases.jsonl to check them")
     return {"status": "fail" if failed else "pass", "value": failed, "threshold": 0, "rows": len(rows),
             "rows_failed": bad_rows, "cases_without_row": len(missing), "problems": problems,
-            "against": ("cases.jsonl and the spec" if cases is not None
-                        else f"the spec only ({cases_why or 'no cases.jsonl'})")}
+            "against": (f"the plan drawn again from dataset_card.json's spec ({why}) and the spec" if redrawn
+                        else "cases.jsonl and the spec")}
 
 
 def _json_fidelity(result: dict) -> dict:
@@ -1116,9 +1127,17 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     """
     started = time.perf_counter()
     # 1. Check inputs
+    _check_arguments(out=out, reference=reference, training_manifest=training_manifest, report_dir=report_dir,
+                     feature_extractor=feature_extractor, auditor=auditor, full=full, write=write, lock=lock,
+                     progress=progress, dciodvfy_sample=dciodvfy_sample, precomputed=precomputed)
     out = Path(out)
     if not out.is_dir():
         raise QCError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
+    if report_dir is not None and write:
+        inside = Path(report_dir).resolve()
+        if inside != out.resolve() and inside.is_relative_to(out.resolve()):
+            raise QCError(f"the report folder {report_dir} (--report-dir, report_dir= in Python) is inside {out}; "
+                          f"a report folder leaves {out} untouched: choose one outside it (or {out} itself)")
     rows = _read_manifest(out)
     _check_paths(out, rows)
     spec = _load_spec(out)
@@ -1150,6 +1169,37 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
                     progress, started, precomputed or {})
     finally:
         outputs.release()
+
+
+def _check_arguments(**args) -> None:
+    """Refuse wrong argument types at the door (TypeError naming the argument), before any file is read."""
+    def name_of(value) -> str:
+        return f"{type(value).__name__} {value!r}"[:120]
+
+    if not isinstance(args["out"], (str, os.PathLike)) or not os.fspath(args["out"]):
+        raise TypeError(f"out must be the path of a synthmed output folder, got {name_of(args['out'])}")
+    for name in ("reference", "training_manifest", "report_dir"):
+        value = args[name]
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not os.fspath(value)):
+            what = "a folder" if name == "report_dir" else "a manifest"
+            raise TypeError(f"{name} must be None or the path of {what}, got {name_of(value)}")
+    for name in ("full", "write", "lock", "progress"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {name_of(args[name])}")
+    auditor = args["auditor"]
+    if not isinstance(auditor, bool) and auditor is not None and not (hasattr(auditor, "predict")
+                                                                     or hasattr(auditor, "embed")):
+        raise TypeError(f"auditor must be True, False or an auditor object, got {name_of(auditor)}")
+    extractor = args["feature_extractor"]
+    if extractor is not None and not isinstance(extractor, str) and not callable(extractor):
+        raise TypeError(f"feature_extractor must be None, 'module:attribute' or a callable with a name, "
+                        f"got {name_of(extractor)}")
+    sample = args["dciodvfy_sample"]
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int)):
+        raise TypeError(f"dciodvfy_sample must be None or a whole number, got {name_of(sample)}")
+    if args["precomputed"] is not None and not isinstance(args["precomputed"], Mapping):
+        raise TypeError(f"precomputed must be None or a mapping of case id to result, got "
+                        f"{name_of(args['precomputed'])}")
 
 
 class _Outputs:

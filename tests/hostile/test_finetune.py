@@ -188,3 +188,53 @@ def test_a_garbage_settings_file_error_names_the_file(training_set, tmp_path):
         assert result.exit_code == 2, result.output
         assert str(settings) in result.stderr and "Traceback" not in result.output
     assert "line 2" in result.stderr
+
+
+# ----------------------------------------------------------------------------- re-trial of #17 (finetune)
+
+BAD_ARGUMENTS = {"resume": "no", "overwrite": "no", "steps": 1.5, "batch_size": 2.5, "learning_rate": "1",
+                 "seed": "x", "manifest": None, "base": 5, "work_dir": 5, "progress": "yes", "vae_steps": -1,
+                 "learning_rate_zero": 0.0}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ARGUMENTS))
+def test_python_finetune_refuses_bad_arguments_at_the_door(training_set, tmp_path, name):
+    """#17.8: resume='no', steps=1.5, learning_rate='1', seed='x', manifest=None, base=5, work_dir=5 ...: a
+    TypeError or ValueError naming the argument, before any folder is made; the corrected call then runs."""
+    arg = name.removesuffix("_zero")
+    call = {"manifest": training_set, "base": "scratch", "out": tmp_path / "m", "steps": 0, "vae_steps": 0,
+            **{k: v for k, v in FAST.items() if k != "batch_size"}, "batch_size": 2, arg: BAD_ARGUMENTS[name]}
+    with pytest.raises((TypeError, ValueError), match=rf"^{arg} must"):
+        finetune(**call)
+    assert list(tmp_path.iterdir()) == []
+    if name in ("resume", "seed"):  # nothing left behind blocks the corrected call
+        call[arg] = {"resume": False, "seed": 0}[arg]
+        assert finetune(**call).model_dir == tmp_path / "m"
+
+
+def test_an_empty_user_folder_in_the_work_dir_is_used_and_kept(training_set, tmp_path):
+    """#17.11: `--work-dir proj` with the user's empty proj/vae/ and proj/validation/: accepted, and kept by --overwrite."""
+    work = tmp_path / "proj"
+    (work / "vae").mkdir(parents=True)
+    (work / "validation").mkdir()
+    first = _cli(training_set, tmp_path / "model", "--steps", "2", "--vae-steps", "2", "--work-dir", str(work))
+    assert first.exit_code == 0, first.output
+    assert (work / "vae" / "config.json").is_file() and any((work / "validation").iterdir())
+    again = _cli(training_set, tmp_path / "model", "--steps", "0", "--vae-steps", "0", "--work-dir", str(work),
+                 "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert (work / "validation").is_dir() and not any((work / "validation").iterdir())  # emptied, not removed
+
+
+def test_messages_speak_to_their_audience_and_quiet_is_quiet(training_set, tmp_path):
+    """#17.12: the CLI names flags (--overwrite), Python names arguments (overwrite=True); -q shows no shard bar."""
+    out = tmp_path / "model"
+    first = _cli(training_set, out, "--steps", "0", "--vae-steps", "0")
+    assert first.exit_code == 0, first.output
+    assert "Writing model shards" not in first.output and "%|" not in first.output
+    again = _cli(training_set, out, "--steps", "0", "--vae-steps", "0")
+    assert again.exit_code == 2, again.output
+    assert "--overwrite" in again.stderr and "--resume" in again.stderr and "=True" not in again.stderr
+    with pytest.raises(ValueError, match="already holds") as caught:
+        finetune(training_set, "scratch", out, steps=0, vae_steps=0, **FAST)
+    assert "overwrite=True" in str(caught.value) and "--" not in str(caught.value).replace(str(out), "")

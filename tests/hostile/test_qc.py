@@ -479,3 +479,73 @@ def test_qc_on_a_copied_dataset_rewrites_nothing_it_did_not_record(out):
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k not in ("qc_report.json", "report.html")} == \
         {k: v for k, v in before.items() if k not in ("qc_report.json", "report.html")}
+
+
+# ----------------------------------------------------------------------------- re-trial of #17 (qc)
+
+def _shift_labels(out: Path) -> None:
+    rows = rows_of(out)
+    labels = [{k: r[k] for k in LABEL_COLUMNS} for r in rows]
+    for k, row in enumerate(rows):
+        row.update(labels[k - 1])
+    rewrite_manifest(out, rows)
+
+
+def test_shifted_labels_without_cases_jsonl_fail(out, tmp_path, monkeypatch):
+    """#17.6: labels shifted by one row and cases.jsonl removed: qc --fast fails manifest_consistency and says why."""
+    _shift_labels(out)
+    (out / "cases.jsonl").unlink()
+    result = run("qc", out, "-q", "--fast", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    assert section["status"] == "fail" and "cases.jsonl is missing" in json.dumps(section)
+    assert "manifest_consistency" in result.output and "cases.jsonl is missing" in result.output
+    # a spec whose card keeps its order (keys already sorted) rebuilds the plan: the intact rows pass against it
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    faithful = tmp_path / "faithful"
+    generate(spec_text().replace("{train: 0.75, test: 0.25}", "{test: 0.25, train: 0.75}"), faithful,
+             backend="pattern", progress=False, qc=False)
+    (faithful / "cases.jsonl").unlink()
+    assert run("qc", faithful, "-q", "--fast", "--no-auditor").exit_code == 0
+    section = report_of(faithful)["sections"]["manifest_consistency"]
+    assert section["status"] == "pass" and "drawn again" in section["against"]
+    _shift_labels(faithful)
+    assert run("qc", faithful, "-q", "--fast", "--no-auditor").exit_code == 1
+    assert "findings" in json.dumps(report_of(faithful)["sections"]["manifest_consistency"])
+
+
+@pytest.mark.parametrize("call", ["out_none", "out_int", "report_dir_int", "reference_int", "full_str", "progress_str"])
+def test_python_qc_refuses_bad_arguments_naming_them(out, call):
+    """#17.9: qc(None), qc(5), report_dir=5, reference=5, full='x', progress='x': TypeError naming the argument."""
+    args, kwargs, name = {"out_none": ((None,), {}, "out"), "out_int": ((5,), {}, "out"),
+                          "report_dir_int": ((out,), {"report_dir": 5}, "report_dir"),
+                          "reference_int": ((out,), {"reference": 5}, "reference"),
+                          "full_str": ((out,), {"full": "x"}, "full"),
+                          "progress_str": ((out,), {"progress": "x"}, "progress")}[call]
+    before = snapshot(out)
+    with pytest.raises(TypeError, match=rf"^{name} must"):
+        qc(*args, auditor=False, **kwargs)
+    assert snapshot(out) == before
+
+
+def test_report_dir_inside_the_output_folder_is_refused(out):
+    """#17.10: --report-dir OUT/images/train is refused (exit 2): OUT is left untouched, no nested .synthmed."""
+    before = snapshot(out)
+    state = sorted(p.relative_to(out).as_posix() for p in (out / ".synthmed").rglob("*"))
+    result = run("qc", out, "-q", "--no-auditor", "--report-dir", out / "images" / "train")
+    assert result.exit_code == 2, result.output
+    assert "--report-dir" in result.output and "inside" in result.output and "Traceback" not in result.output
+    assert snapshot(out) == before
+    assert sorted(p.relative_to(out).as_posix() for p in (out / ".synthmed").rglob("*")) == state
+    assert not (out / "images" / "train" / ".synthmed").exists()
+    assert run("qc", out, "-q", "--no-auditor", "--report-dir", out).exit_code == 0  # OUT itself: the usual place
+
+
+def test_headline_names_the_failed_set_level_checks(out):
+    """#17.12: a FAIL from set-level checks alone names them in the headline, not '0 failed a gating check'."""
+    _shift_labels(out)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    headline = result.output.splitlines()[0]
+    assert headline.startswith("FAIL") and "manifest_consistency" in headline, headline
+    assert "0 failed a gating check" not in headline
