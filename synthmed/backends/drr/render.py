@@ -12,6 +12,7 @@ Steps (a pure function of the case):
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -38,12 +39,22 @@ def _warp_coords(vp: ViewProjection, var: Variation, apex_r: float, rng: np.rand
     # a smooth elastic field, a few cm across
     h, w = film.height, film.width
     field = rng.standard_normal((2, 5, 5)) * var.elastic_mm
-    disp = np.stack([ndimage.zoom(f, (h / 5, w / 5), order=3, mode="nearest", grid_mode=True)[:h, :w] for f in field])
+    a_r, a_c = _cubic_zoom(h), _cubic_zoom(w)
+    disp = [a_r @ f @ a_c.T for f in field]  # = ndimage.zoom(f, order=3) (separable), without a 2D spline pass
     r, c = r + disp[0], c + disp[1]
     p = g.pixel_iso
     ri = (r - g.centre_r) / p + g.height / 2 - 0.5
     ci = c / p + g.width / 2 - 0.5
     return np.broadcast_to(ri, (h, w)).astype(np.float32), np.broadcast_to(ci, (h, w)).astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def _cubic_zoom(n: int) -> np.ndarray:
+    """The [n, 5] matrix of a cubic-spline zoom of 5 samples to n (``ndimage.zoom``, grid mode, nearest)."""
+    eye = np.eye(5)
+    a = np.stack([ndimage.zoom(eye[i], n / 5, order=3, mode="nearest", grid_mode=True)[:n] for i in range(5)], 1)
+    a.setflags(write=False)
+    return a
 
 
 def _parallax(vp: ViewProjection, var: Variation) -> np.ndarray:
@@ -54,10 +65,39 @@ def _parallax(vp: ViewProjection, var: Variation) -> np.ndarray:
     return (theta * d * g.sod / (g.sod + d) / g.pixel_iso).astype(np.float32)
 
 
-def _sample(image: np.ndarray, ri: np.ndarray, ci: np.ndarray, scale: float = 1.0, order: int = 1) -> np.ndarray:
-    if scale != 1.0:
-        ri, ci = (ri + 0.5) * scale - 0.5, (ci + 0.5) * scale - 0.5
-    return ndimage.map_coordinates(image, [ri, ci], order=order, mode="nearest", prefilter=False)
+class _Bilinear:
+    """Bilinear sampling (edges repeated, as ``map_coordinates(order=1, mode="nearest")``) of images of one
+    shape at one set of fractional (row, column) coordinates, each call with its own column shift (a slab's
+    parallax): the rows' indices and weights are worked out once per film, the columns' once per shift.
+
+    ``scale``: the images' grid has ``scale`` times the pixels per mm of the coordinates' (the finding grid)."""
+
+    def __init__(self, ri: np.ndarray, ci: np.ndarray, shape: tuple, scale: float = 1.0):
+        if scale != 1.0:
+            ri, ci = (ri + 0.5) * scale - 0.5, (ci + 0.5) * scale - 0.5
+        self.h, self.w = shape
+        self.scale = scale
+        r0 = np.clip(np.floor(ri), 0, self.h - 2).astype(np.intp)
+        self.fr = np.clip(ri - r0, 0.0, 1.0).astype(np.float32)
+        self.base = r0 * self.w
+        self.ci = ci
+        self._cols: dict = {}
+
+    def __call__(self, image: np.ndarray, shift: float = 0.0) -> np.ndarray:
+        shift = float(shift)
+        if shift not in self._cols:
+            c = self.ci - shift * self.scale
+            c0 = np.clip(np.floor(c), 0, self.w - 2).astype(np.intp)
+            self._cols[shift] = (self.base + c0, np.clip(c - c0, 0.0, 1.0).astype(np.float32))
+        idx, fc = self._cols[shift]
+        a = np.ascontiguousarray(image, dtype=np.float32).ravel()
+        w = self.w
+        top = a[idx]
+        top += (a[1:][idx] - top) * fc
+        bottom = a[w:][idx]
+        bottom += (a[w + 1:][idx] - bottom) * fc
+        top += (bottom - top) * self.fr
+        return top
 
 
 def _widths(mask: np.ndarray) -> int:
@@ -77,6 +117,7 @@ class _Landmarks:
     def __init__(self, vp: ViewProjection, names: dict):
         lung_ids = [names[p] for p in fnd.RIGHT + fnd.LEFT if p in names]
         self.lungs = np.isin(vp.labels, lung_ids).any(axis=0)
+        self.lungs_f = self.lungs.astype(np.float32)
         rows = np.flatnonzero(self.lungs.any(axis=1))
         h, w = vp.finding_shape
         r_iso, _ = vp.geometry.iso_coords(w, h)
@@ -87,14 +128,12 @@ class _Landmarks:
         self.half_width = float(max(abs(c_iso[cols[0]]), abs(c_iso[cols[-1]]))) if cols.size else 120.0
 
 
-_LANDMARKS: dict = {}
-
-
 def _landmarks(vp: ViewProjection, names: dict) -> _Landmarks:
-    key = id(vp)
-    if key not in _LANDMARKS:
-        _LANDMARKS[key] = _Landmarks(vp, names)
-    return _LANDMARKS[key]
+    """The view's landmarks, kept with the view (not by ``id(vp)``: a view dropped from the projection cache
+    could leave its id to another)."""
+    if "landmarks" not in vp.cache:
+        vp.cache["landmarks"] = _Landmarks(vp, names)
+    return vp.cache["landmarks"]
 
 
 def _breasts(vp: ViewProjection, var: Variation, lm: _Landmarks) -> np.ndarray:
@@ -154,7 +193,8 @@ def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImag
     shift = _parallax(vp, var)
     he, we = vp.geometry.height, vp.geometry.width
     hf, wf = vp.finding_shape
-    fscale = hf / he
+    on_slabs = _Bilinear(ri, ci, (he, we))
+    on_findings = _Bilinear(ri, ci, (hf, wf), hf / he) if (hf, wf) != (he, we) else on_slabs
     thickness = var.depth_scale if view != "LL" else var.width_scale
     total = np.zeros((vp.film.height, vp.film.width), np.float32)
     slab_imgs = vp.soft + var.bone_density * vp.bone
@@ -163,37 +203,38 @@ def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImag
     ctr = None
     if view != "LL":
         # 5a. heart size: the cardiomegaly band if asked for, measured on the warped projection
-        box0, heart0, _ = fnd.heart_region(vp, names, 1.0)
-        heart_proj0 = np.zeros((hf, wf), bool)
-        heart_proj0[box0.rows, box0.cols] = heart0.any(axis=0)
-        lungs_film = _sample(lm.lungs.astype(np.float32), ri, ci, fscale) > 0.5
-        base = _widths(_sample(heart_proj0.astype(np.float32), ri, ci, fscale) > 0.5) / max(_widths(lungs_film), 1)
+        hg = fnd.heart_growth(vp, names)
+        lung_w = max(_widths(on_findings(lm.lungs_f) > 0.5), 1)
+        ctr = _widths(on_findings(hg.heart2d) > 0.5) / lung_w
         if cardio is not None:
+            # the heart's projection at any scale is a 2D threshold: try scales until the film's CTR is in band
             target, (lo, hi) = cardio
-            scale = target / max(base, 1e-3)
-            for _ in range(3):
-                d = fnd.cardiomegaly(vp, names, scale)
-                heart = _sample(d.mask.astype(np.float32), ri, ci, fscale) > 0.5
-                measured = _widths(heart) / max(_widths(lungs_film), 1)
-                if lo <= measured <= hi:
+            scale = target / max(ctr, 1e-3)
+            for _ in range(8):
+                scale = min(max(scale, 1.0), fnd.HEART_SCALE_MAX)
+                ctr = _widths(on_findings(hg.mask(scale)) > 0.5) / lung_w
+                if lo <= ctr <= hi:
                     break
-                scale *= target / max(measured, 1e-3)
-            drawn.append(d)
-            ctr = measured
-        else:
-            ctr = base
+                step = scale * target / max(ctr, 1e-3)
+                if min(max(step, 1.0), fnd.HEART_SCALE_MAX) == scale:
+                    break
+                scale = step
+            drawn.append(fnd.cardiomegaly(vp, names, scale))
 
     per_slab: dict[int, np.ndarray] = {}
     for d in drawn:
         per_slab.setdefault(d.slab, np.zeros((hf, wf), np.float32))
         per_slab[d.slab] += d.delta
+    same_grid = (hf, wf) == (he, we)
     for k in range(slab_imgs.shape[0]):
-        cik = ci - shift[k]
-        total += _sample(slab_imgs[k], ri, cik)
+        if k in per_slab and same_grid:  # projections are linear: add the findings before the warp
+            total += on_slabs(slab_imgs[k] + per_slab[k], shift[k])
+            continue
+        total += on_slabs(slab_imgs[k], shift[k])
         if k in per_slab:
-            total += _sample(per_slab[k], ri, cik, fscale)
+            total += on_findings(per_slab[k], shift[k])
     for d in drawn:
-        m = _sample(d.mask.astype(np.float32), ri, ci - shift[d.slab], fscale) > 0.5
+        m = on_findings(d.mask, shift[d.slab]) > 0.5
         masks[d.finding] = m if d.finding not in masks else (masks[d.finding] | m)
     total *= thickness
 
