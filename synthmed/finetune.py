@@ -506,10 +506,13 @@ class _WorkFolder:
         # finetune's own caches and checkpoints, read by nobody else: changed bytes there are damage to repair
         repair = key in ("latents", "vae") or key.startswith("checkpoint-")
         try:
-            self.ledger.claim(key, rels, repair=repair)
+            moved = self.ledger.claim(key, rels, repair=repair)
         except ForeignFileError as e:
             raise ValueError(f"{e} (in the work folder {self.root}); finetune overwrites only files it wrote. Move "
                              f"{'it' if len(e.rels) == 1 else 'them'} away or choose another work folder") from None
+        for rel, aside in moved:
+            self.warn(f"{self.root / rel} had changed since finetune wrote it; it is kept as {self.root / aside} "
+                      "and made again")
 
     def write_bytes(self, key: str, rel: str, data: bytes) -> None:
         from .atomic import atomic_write_bytes

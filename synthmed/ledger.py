@@ -19,6 +19,7 @@ Example:
     >>> root = pathlib.Path(tempfile.mkdtemp())
     >>> ledger = Ledger(root, root / ".state")
     >>> ledger.claim("run", ["a.txt"])
+    []
     >>> _ = (root / "a.txt").write_text("ours"), (root / "b.txt").write_text("theirs")
     >>> ledger.claim("run", ["b.txt"])
     Traceback (most recent call last):
@@ -33,11 +34,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 CLAIMS = "claims"
+_TOKEN = re.compile(r"[0-9]+-[0-9a-f]{8}")  # synthmed.atomic.writer_token()
+_CLAIM_TEMP = re.compile(r"\.[A-Za-z0-9_-][A-Za-z0-9_.-]*\.json\.[0-9]+-[0-9a-f]{8}\.tmp")
 MAX_CLAIM_BYTES = 64 * 1024 * 1024  # a claim of a 64-case chunk is a few kB
 
 
@@ -127,14 +131,23 @@ class Ledger:
             data = None  # a damaged claim names nothing: its files are then not ours, and stay
         if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
             return {"pids": [], "files": {}}
-        pids = [p for p in data.get("pids", []) if isinstance(p, int) or (isinstance(p, str) and p and "/" not in p)]
+        # writer tokens "<pid>-<random hex>" only: a bare pid is guessable, so a user's file could carry it
+        pids = [p for p in data.get("pids", []) if isinstance(p, str) and _TOKEN.fullmatch(p)]
         files = {str(k): (v if isinstance(v, str) else None) for k, v in data["files"].items()
                  if isinstance(k, str) and k and not Path(k).is_absolute() and ".." not in Path(k).parts}
         return {"pids": pids, "files": files}
 
+    def is_safe(self) -> bool:
+        """Whether the state folder and its claims folder are real folders inside the root (not links)."""
+        root = self.root.resolve()
+        for folder in (self.dir.parent, self.dir):
+            if folder.is_symlink() or (folder.exists() and not folder.resolve().is_relative_to(root)):
+                return False
+        return True
+
     def keys(self) -> list[str]:
-        """The keys of every claim, sorted."""
-        if not self.dir.is_dir():
+        """The keys of every claim, sorted (none where the claims folder is a link: such claims are not ours)."""
+        if not self.dir.is_dir() or not self.is_safe():
             return []
         return sorted(p.name[:-5] for p in self.dir.iterdir() if p.name.endswith(".json") and not p.name.startswith("."))
 
@@ -162,15 +175,19 @@ class Ledger:
     def _write(self, key: str, claim: dict) -> None:
         from .atomic import atomic_write_bytes
 
+        if not self.is_safe():
+            raise ForeignFileError(self.root, [self.dir.relative_to(self.root).as_posix()],
+                                   "is a symbolic link (or leads outside the folder); synthmed does not write through it")
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {"pids": claim["pids"], "files": dict(sorted(claim["files"].items()))}
         atomic_write_bytes(self._claim_path(key), (json.dumps(data, indent=0) + "\n").encode("utf-8"))
 
-    def claim(self, key: str, rels: Iterable[str], *, repair: bool = False) -> None:
+    def claim(self, key: str, rels: Iterable[str], *, repair: bool = False) -> list[tuple[str, str]]:
         """Record that this process is about to write ``rels`` (paths relative to the folder).
 
-        ``repair``: a recorded file whose bytes changed may be written over (a damaged cache or checkpoint of
-        synthmed's own, which only it reads); by default such a file is someone's edit and is refused.
+        ``repair``: a recorded file whose bytes changed (a damaged cache or checkpoint of synthmed's own) is moved
+        aside to ``<name>.changed-<token>`` and made again; by default such a file is someone's edit and is refused.
+        Returns the (path, kept as) pairs a repair moved aside.
 
         Raises:
             ForeignFileError: one of them exists and no claim names it (it is not ours to overwrite).
@@ -190,17 +207,25 @@ class Ledger:
             foreign = [r for r in suspect if r not in everything]
             if foreign:
                 raise ForeignFileError(self.root, foreign)
-            changed = [r for r in suspect if not repair and not self._in_state(r) and None not in everything[r] and
+            changed = [r for r in suspect if not self._in_state(r) and None not in everything[r] and
                        ((self.root / r).is_symlink() or file_sha256(self.root / r) not in everything[r])]
-            if changed:
+            if changed and not repair:
                 raise ForeignFileError(self.root, changed, "changed since synthmed wrote it")
-        for rel in rels:
-            files[rel] = None  # about to be (re)written: its old sha256 no longer says anything
+        else:
+            changed = []
         from .atomic import writer_token
 
+        moved = []
+        for rel in changed:  # repair: nothing is lost, the changed bytes stay beside under a new name
+            aside = (self.root / rel).with_name(f"{Path(rel).name}.changed-{writer_token()}")
+            os.rename(self.root / rel, aside)
+            moved.append((rel, aside.relative_to(self.root).as_posix()))
+        for rel in rels:
+            files[rel] = None  # about to be (re)written: its old sha256 no longer says anything
         if writer_token() not in claim["pids"]:
             claim["pids"].append(writer_token())
         self._write(key, claim)
+        return moved
 
     def record(self, key: str, digests: Mapping[str, str]) -> None:
         """Add the sha256 of files this claim wrote."""
@@ -235,6 +260,9 @@ class Ledger:
 
     def remove_temp_files(self) -> int:
         found = self.temp_files()
+        if self.dir.is_dir() and self.is_safe():  # a claim's own temp file, from a writer killed while writing it
+            found += [p for p in self.dir.iterdir()
+                      if _CLAIM_TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
         for tmp in found:
             tmp.unlink(missing_ok=True)
         return len(found)

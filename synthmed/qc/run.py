@@ -1233,8 +1233,14 @@ class _Outputs:
         if not writable:
             self._cannot_write()
             return
-        self.dest, self.fill = out, True
         self.ledger = Ledger(out, out / STATE_DIR)
+        if not self.ledger.is_safe():  # a linked state folder: its claims are not ours, and nothing is written there
+            self.release()
+            self.dest, self.fill = None, False
+            self.not_written.append(f"{out / STATE_DIR} (or its claims folder) is a symbolic link or leads outside "
+                                    f"{out}: qc wrote nothing there; --report-dir DIR writes the reports elsewhere")
+            return
+        self.dest, self.fill = out, True
         if self.handle:  # ours alone now: a killed qc's (or generate's) temp files, by the pids its claims name
             try:
                 self.ledger.remove_temp_files()
@@ -1273,6 +1279,8 @@ class _Outputs:
         from ..ledger import file_sha256
 
         digests = {rel: sha for rel in rels if (sha := file_sha256(self.ledger.root / rel))}
+        if not digests:
+            return
         self.ledger.record(LEDGER_KEY, digests)
         for key in self.ledger.keys():
             if key != LEDGER_KEY:

@@ -147,9 +147,14 @@ def test_a_truncated_latent_cache_is_rebuilt(training_set, tmp_path):
     finetune(training_set, "scratch", tmp_path / "b", steps=2, vae_steps=2, **FAST)
     cache = tmp_path / "b.training" / "latents.pt"
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    damaged = cache.read_bytes()
     resumed = finetune(training_set, "scratch", tmp_path / "b", steps=4, vae_steps=2, resume=True, **FAST)
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # second re-trial: the changed bytes were overwritten silently; they are kept aside and named now
+    kept = list(cache.parent.glob("latents.pt.changed-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged
+    assert any(kept[0].name in note for note in resumed.notes)
 
 
 @pytest.mark.slow

@@ -362,3 +362,41 @@ def test_a_split_dropped_from_the_spec_leaves_no_metadata_behind(built, tmp_path
     generate(two_splits, built, backend="pattern", resume=True, progress=False)
     assert not (built / "images" / "test").exists()
     assert not (built / "dicom" / "test").exists()
+
+
+# ----------------------------------------------------------------------------- found by the second re-trial
+
+def test_qc_never_writes_a_claim_through_a_linked_claims_folder(built, tmp_path):
+    """#17 re-trial 2.1: qc followed .synthmed/claims -> a folder outside OUT and overwrote a user's file there."""
+    import shutil
+
+    from synthmed.qc import qc
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(built / ".synthmed" / "claims", elsewhere)
+    (elsewhere / "qc.json").write_text('{"files": {}, "user": "my notes"}', encoding="utf-8")
+    (built / ".synthmed" / "claims").symlink_to(elsewhere)
+    qc(built, full=False, progress=False)
+    assert (elsewhere / "qc.json").read_text(encoding="utf-8") == '{"files": {}, "user": "my notes"}'
+
+
+def test_a_bare_pid_in_a_claim_never_makes_a_users_file_a_leftover(built, spec_file):
+    """#17 re-trial 2.3: a claim with a guessable integer pid made `.<name>.<pid>.tmp` user files deletable."""
+    import json
+
+    claim_file = built / ".synthmed/claims/chunk-000000.json"
+    claim = json.loads(claim_file.read_text())
+    claim["pids"].append(12345)
+    claim_file.write_text(json.dumps(claim))
+    first = Path(rows(built)[0]["png_path"])
+    theirs = plant(built, str(first.with_name(f".{first.name}.12345.tmp")), "the user's own file")
+    generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert theirs.read_text(encoding="utf-8") == "the user's own file"
+
+
+def test_a_claims_own_temp_file_is_removed_by_the_next_run(built, spec_file):
+    """#17 re-trial 2.4: a writer killed while writing a claim left `.chunk-000001.json.<token>.tmp` for good."""
+    leftover = plant(built, ".synthmed/claims/.chunk-000001.json.4242-0badc0de.tmp", "{")
+    theirs = plant(built, ".synthmed/claims/notes.tmp", "not a claim's temp name")
+    generate(spec_file, built, backend="pattern", resume=True, progress=False)
+    assert not leftover.exists() and theirs.exists()
