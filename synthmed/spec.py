@@ -836,9 +836,11 @@ class _MeaningChecker:
                 stem = Path(ct.rstrip("/\\")).name
                 for suffix in (".nii.gz", ".nii"):
                     stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
-                entry = AnatomyEntry(id=str(e.get("id") or stem or f"anatomy-{i}"), ct=self.files.resolve(ct),
-                                     labels=self.files.resolve(str(e["labels"])),
-                                     structures=self.files.resolve(str(e["structures"])) if "structures" in e else None)
+                paths = {key: self.anatomy_path(str(e[key]), path + (i, key))
+                         for key in ("ct", "labels", "structures") if key in e}
+                if None in paths.values():  # missing (said): its volume is not checked further
+                    continue
+                entry = AnatomyEntry(id=str(e.get("id") or stem or f"anatomy-{i}"), **paths)
             if entry.id in seen:
                 self.error(path + (i,), f"two volumes are called '{entry.id}' (anatomy[{seen[entry.id]}] and "
                            f"anatomy[{i}]); give one an id")
@@ -849,6 +851,34 @@ class _MeaningChecker:
         if self.files.check and components and any(e.ct is not None for e in out):
             self.check_volumes(list(zip(at, out)), entries, components)
         return tuple(out)
+
+    def anatomy_path(self, value: str, at: tuple) -> str | None:
+        """A generator.anatomy path resolved against the spec's folder; None (an error naming the path as written)
+        where it does not exist, a link that leads nowhere or to itself included."""
+        import os
+
+        try:
+            raw = self.files.base / Path(value).expanduser()
+        except RuntimeError as e:  # ~user that does not exist
+            self.error(at, f"no such file or folder: {value} ({e})")
+            return None
+        try:
+            resolved = raw.resolve()
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+            resolved = None
+        if not self.files.check:
+            return str(resolved or os.path.abspath(raw))
+        if resolved is not None and resolved.exists():
+            return str(resolved)
+        where = f"{value}" if str(raw) == value else f"{value} ({raw})"
+        if resolved is None:
+            why = ", a symbolic link that leads back to itself"
+        elif raw.is_symlink() or str(resolved) != os.path.abspath(raw):
+            why = f", a link to {resolved}, which does not exist"
+        else:
+            why = ""
+        self.error(at, f"no such file or folder: {where}{why}")
+        return None
 
     def check_volumes(self, volumes: list[tuple[int, AnatomyEntry]], entries: list, components) -> None:
         from .backends.drr.structures import required_structures  # pure Python

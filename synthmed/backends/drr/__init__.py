@@ -42,14 +42,15 @@ class DrrBackend:
 
     Raises:
         AnatomyMissing: the anatomy data is not set up (the message names ``make anatomy``).
-        VolumeError: a user volume's file is gone.
+        VolumeError: a user volume's file is gone or cannot be loaded (each is loaded here, so that a damaged
+            file is refused before any case is made).
     """
 
     def __init__(self, width: int = 256, height: int = 256, *, anatomy_dir: str | None = None,
                  volumes: Sequence = ()):
         from pathlib import Path
 
-        from .volumes import VolumeError
+        from .volumes import VolumeError, load_volume
 
         lo, hi = SIZE_RANGE
         for name, value in (("width", width), ("height", height)):
@@ -64,6 +65,8 @@ class DrrBackend:
             for path in (v.ct, v.labels, v.structures):
                 if path is not None and not Path(path).exists():
                     raise VolumeError(f"anatomy '{v.id}': {path} is gone (it was there when the spec was validated)")
+        for v in user:  # validate read headers only; cached per process, every case's volume is loaded anyway
+            load_volume(v)
         model_hash = ANATOMY_ID
         if user:  # a resume must not mix volumes: their files' sha256 make the backend's hash
             import hashlib

