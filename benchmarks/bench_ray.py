@@ -30,7 +30,6 @@ two workers share what is left, and the figures say so (the load average is prin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
@@ -40,21 +39,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from synthmed.testing import output_digests
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_FILE = REPO / "dataset_specs" / "pneumonia.yaml"
 TARGET_SPEEDUP = 1.8
 
 
-def tree(out: Path) -> dict[str, str]:
-    found = {}
-    for root, dirs, files in os.walk(out):
-        rel_root = Path(root).relative_to(out)
-        if rel_root == Path("."):
-            dirs[:] = [d for d in dirs if d != ".synthmed"]
-        for name in files:
-            found[(rel_root / name).as_posix()] = hashlib.sha256((Path(root) / name).read_bytes()).hexdigest()
-    return found
+tree = output_digests  # relative path -> sha256 of every file under out, .synthmed/ left out
 
 
 def load_plan(count: int, size: int, backend: str):

@@ -79,3 +79,30 @@ class PatternBackend:
             pixels = np.where(mask, pixels + (-0.3 if f.finding == "pneumothorax" else 0.25), pixels)
             masks[f.finding] = mask
         return GeneratedImage(np.clip(pixels, 0.0, 1.0).astype(np.float32), masks)
+
+
+def output_digests(out) -> dict[str, str]:
+    """Relative path -> sha256 of every file a build wrote under ``out``, run state (``.synthmed/``) left out:
+    what "byte-identical" compares between two builds.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.txt").write_text("x")
+        >>> output_digests(folder)["a.txt"][:12]
+        '2d711642b726'
+    """
+    import os
+    from pathlib import Path
+
+    from .ledger import file_sha256
+
+    out = Path(out)
+    found = {}
+    for root, dirs, files in os.walk(out):
+        rel_root = Path(root).relative_to(out)
+        if rel_root == Path("."):
+            dirs[:] = [d for d in dirs if d != ".synthmed"]
+        for name in files:
+            found[(rel_root / name).as_posix()] = file_sha256(Path(root) / name)
+    return found

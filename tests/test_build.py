@@ -37,7 +37,7 @@ import synthmed
 from synthmed.build import CHUNK_SIZE, BuildError, BuildResult, generate
 from synthmed.cli import main as cli_main
 from synthmed.spec import load_spec
-from synthmed.testing import PatternBackend
+from synthmed.testing import PatternBackend, output_digests
 
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 150
@@ -86,16 +86,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tree(out: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``out``, run state (.synthmed/) excluded."""
-    found = {}
-    for root, dirs, files in os.walk(out):
-        rel_root = Path(root).relative_to(out)
-        if rel_root == Path("."):
-            dirs[:] = [d for d in dirs if d != ".synthmed"]
-        for name in files:
-            found[(rel_root / name).as_posix()] = sha256(Path(root) / name)
-    return found
+tree = output_digests  # relative path -> sha256 of every file under out, .synthmed/ left out
 
 
 def assert_same_tree(out: Path, reference: Path) -> None:

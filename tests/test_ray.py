@@ -11,7 +11,6 @@ local executor's independence from Ray are checked everywhere.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,6 +27,7 @@ from click.testing import CliRunner
 
 from synthmed.build import BuildError, generate
 from synthmed.cli import main as cli_main
+from synthmed.testing import output_digests
 
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 130
@@ -56,16 +56,7 @@ def spec_text(count: int = COUNT) -> str:
         """)
 
 
-def tree(out: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``out``, run state (.synthmed/) excluded."""
-    found = {}
-    for root, dirs, files in os.walk(out):
-        rel_root = Path(root).relative_to(out)
-        if rel_root == Path("."):
-            dirs[:] = [d for d in dirs if d != ".synthmed"]
-        for name in files:
-            found[(rel_root / name).as_posix()] = hashlib.sha256((Path(root) / name).read_bytes()).hexdigest()
-    return found
+tree = output_digests  # relative path -> sha256 of every file under out, .synthmed/ left out
 
 
 def assert_same_tree(out: Path, reference: Path) -> None:

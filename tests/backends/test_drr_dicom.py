@@ -9,9 +9,7 @@ where the chest CT is not set up (``make anatomy``).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import textwrap
@@ -25,6 +23,7 @@ from synthmed.backends.drr import AnatomyMissing, film_geometry
 from synthmed.backends.drr import anatomy as anat
 from synthmed.backends.drr.physics import FIELD_MM, VIEW_GEOMETRY
 from synthmed.build import generate
+from synthmed.testing import output_digests
 
 SIZE = 64
 COUNT = 6
@@ -48,16 +47,7 @@ def spec_text(iod: str = "dx", count: int = COUNT) -> str:
         """)
 
 
-def tree(out: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``out``, run state (.synthmed/) excluded."""
-    found = {}
-    for root, dirs, files in os.walk(out):
-        rel_root = Path(root).relative_to(out)
-        if rel_root == Path("."):
-            dirs[:] = [d for d in dirs if d != ".synthmed"]
-        for name in files:
-            found[(rel_root / name).as_posix()] = hashlib.sha256((Path(root) / name).read_bytes()).hexdigest()
-    return found
+tree = output_digests  # relative path -> sha256 of every file under out, .synthmed/ left out
 
 
 def rows_of(out: Path) -> list[dict]:
