@@ -55,6 +55,12 @@ BUILD_TESTS = ("tests/test_build.py", "tests/writers/test_png.py")
 RESUME_LABEL_TESTS = tuple("tests/hostile/test_generate.py::" + t for t in (
     "test_an_edited_label_in_a_part_does_not_reach_the_manifest",
     "test_resume_without_run_record_and_a_changed_spec_remakes_every_image"))
+HOSTILE_TEMP_TESTS = tuple("tests/hostile/test_generate.py::" + t for t in (
+    "test_a_link_at_a_temp_name_is_never_written_through",))
+HOSTILE_CHANGED_TESTS = tuple("tests/hostile/test_generate.py::" + t for t in (
+    "test_resume_does_not_overwrite_a_file_the_user_changed",))
+HOSTILE_LINK_TESTS = tuple("tests/hostile/test_generate.py::" + t for t in (
+    "test_overwrite_never_deletes_through_a_linked_folder_named_in_a_claim",))
 PART_PATH_TESTS = tuple("tests/hostile/test_generate.py::" + t for t in (
     "test_a_part_naming_a_file_outside_the_folder_is_not_kept",
     "test_adopting_an_old_run_never_takes_a_file_outside_the_folder"))
@@ -81,21 +87,32 @@ MUTANTS = (
            SAMPLER_TESTS, "uniform ages never reach max"),
     # ------------------------------------------------------------------ atomic.py
     Mutant("atomic-bytes-straight-to-final", "synthmed/atomic.py",
-           (('    tmp = _temp_name(path)\n    try:\n        with open(tmp, "wb") as fh:\n            fh.write(data)\n'
-             '            _commit(tmp, path, fh)\n    except BaseException:\n        tmp.unlink(missing_ok=True)\n'
-             '        raise\n',
+           (('    tmp, fh = open_temp(path)\n    try:\n        with fh:\n            fh.write(data)\n'
+             '            _commit(tmp, path, fh)\n    except BaseException:\n'
+             '        tmp.unlink(missing_ok=True)  # ours: open_temp made it\n        raise\n',
              "    path.write_bytes(data)\n"),),
            ATOMIC_TESTS, "atomic_write_bytes writes straight to the final name"),
     Mutant("atomic-bytes-temp-is-final", "synthmed/atomic.py",
-           (('    tmp = _temp_name(path)\n    try:\n        with open(tmp, "wb") as fh:',
-             '    tmp = path\n    try:\n        with open(tmp, "wb") as fh:'),),
+           (('    tmp, fh = open_temp(path)\n    try:\n        with fh:\n            fh.write(data)',
+             '    tmp, fh = path, open(path, "wb")\n    try:\n        with fh:\n            fh.write(data)'),),
            ATOMIC_TESTS, "atomic_write_bytes uses the final name as its temp name"),
     Mutant("atomic-lines-leaves-temp", "synthmed/atomic.py",
            (('                fh.write("\\n")\n            _commit(tmp, path, fh)\n    except BaseException:\n'
-             '        tmp.unlink(missing_ok=True)\n        raise\n',
+             '        tmp.unlink(missing_ok=True)  # ours: open_temp made it\n        raise\n',
              '                fh.write("\\n")\n            _commit(tmp, path, fh)\n    except BaseException:\n'
              '        raise\n'),),
            ATOMIC_TESTS, "a failed atomic_write_text_lines leaves its temp file behind"),
+    Mutant("atomic-temp-follows-links", "synthmed/atomic.py",
+           (("flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, \"O_NOFOLLOW\", 0)",
+             "flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC"),),
+           HOSTILE_TEMP_TESTS, "a temp file is opened through a planted link, or over a user's file"),
+    # ------------------------------------------------------------------ ledger.py
+    Mutant("ledger-changed-files-are-ours", "synthmed/ledger.py",
+           (("            if changed and not repair:", "            if False:"),),
+           HOSTILE_CHANGED_TESTS, "--resume overwrites a recorded file whose bytes someone changed"),
+    Mutant("ledger-follows-linked-folders", "synthmed/ledger.py",
+           (("            if path.parent.resolve().is_relative_to(self.root.resolve()):", "            if True:"),),
+           HOSTILE_LINK_TESTS, "a claim naming a path through a linked folder lets --overwrite delete outside OUT"),
     # ------------------------------------------------------------------ spec.py
     Mutant("spec-hash-key-order", "synthmed/spec.py",
            (("canonical = json.dumps(d, sort_keys=True,", "canonical = json.dumps(d, sort_keys=False,"),),
