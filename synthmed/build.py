@@ -223,7 +223,7 @@ class _RunFolder:
         Nothing is removed when a file that would stay is where this run will write: the run could not finish.
         """
         _, changed = self.ledger.removal_plan()
-        foreign = self.ledger.foreign_files([n for n in OUR_NAMES if n != STATE_DIR])
+        foreign = self.ledger.foreign_files(sorted(p.name for p in self.out.iterdir() if p.name != STATE_DIR))
         blocking = sorted(r for r in [*foreign, *changed] if planned(r))
         if blocking:
             shown = ", ".join(blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")

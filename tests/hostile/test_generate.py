@@ -79,6 +79,7 @@ def test_overwrite_deletes_only_what_synthmed_wrote(built, spec_file):
     for rel, path in planted.items():
         assert path.read_text(encoding="utf-8") == f"user {rel}", rel
     assert "did not write" in result.output and "images/real_cases/patient1.png" in result.output
+    assert ".my.tmp" in result.output  # re-trial: a file at the top of OUT was kept but not named
     assert len(rows(built)) == 70
 
 
