@@ -88,7 +88,7 @@ MUTANTS = (
     # ------------------------------------------------------------------ atomic.py
     Mutant("atomic-bytes-straight-to-final", "synthmed/atomic.py",
            (('    tmp, fh = open_temp(path)\n    try:\n        with fh:\n            fh.write(data)\n'
-             '            _commit(tmp, path, fh)\n    except BaseException:\n'
+             '            commit_temp(tmp, path, fh)\n    except BaseException:\n'
              '        tmp.unlink(missing_ok=True)  # ours: open_temp made it\n        raise\n',
              "    path.write_bytes(data)\n"),),
            ATOMIC_TESTS, "atomic_write_bytes writes straight to the final name"),
@@ -97,9 +97,9 @@ MUTANTS = (
              '    tmp, fh = path, open(path, "wb")\n    try:\n        with fh:\n            fh.write(data)'),),
            ATOMIC_TESTS, "atomic_write_bytes uses the final name as its temp name"),
     Mutant("atomic-lines-leaves-temp", "synthmed/atomic.py",
-           (('                fh.write("\\n")\n            _commit(tmp, path, fh)\n    except BaseException:\n'
+           (('                fh.write("\\n")\n            commit_temp(tmp, path, fh)\n    except BaseException:\n'
              '        tmp.unlink(missing_ok=True)  # ours: open_temp made it\n        raise\n',
-             '                fh.write("\\n")\n            _commit(tmp, path, fh)\n    except BaseException:\n'
+             '                fh.write("\\n")\n            commit_temp(tmp, path, fh)\n    except BaseException:\n'
              '        raise\n'),),
            ATOMIC_TESTS, "a failed atomic_write_text_lines leaves its temp file behind"),
     Mutant("atomic-temp-follows-links", "synthmed/atomic.py",

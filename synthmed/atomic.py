@@ -53,7 +53,8 @@ def open_temp(path: Path, *, text: bool = False):
     return tmp, fh
 
 
-def _commit(tmp: Path, path: Path, fh) -> None:
+def commit_temp(tmp: Path, path: Path, fh) -> None:
+    """Flush, fsync and close ``fh`` (the temp file ``tmp`` from :func:`open_temp`), then rename it onto ``path``."""
     fh.flush()
     os.fsync(fh.fileno())
     fh.close()
@@ -67,7 +68,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with fh:
             fh.write(data)
-            _commit(tmp, path, fh)
+            commit_temp(tmp, path, fh)
     except BaseException:
         tmp.unlink(missing_ok=True)  # ours: open_temp made it
         raise
@@ -82,7 +83,7 @@ def atomic_write_text_lines(path: Path, lines: Iterable[str]) -> None:
             for line in lines:
                 fh.write(line)
                 fh.write("\n")
-            _commit(tmp, path, fh)
+            commit_temp(tmp, path, fh)
     except BaseException:
         tmp.unlink(missing_ok=True)  # ours: open_temp made it
         raise

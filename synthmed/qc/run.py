@@ -1578,14 +1578,14 @@ def _fill_manifest(out: Path, rows: list[dict], statuses: dict[str, str], flagge
     """Rewrite manifest.csv (atomically) with qc_status and qc_flags, and the split metadata.csv copies that are
     synthmed's (claimed in ``ledger`` first). Returns (metadata files written, messages naming those left alone)."""
     from ..atomic import atomic_write_text_lines
-    from ..writers.manifest import _csv_lines, write_split_metadata_claimed
+    from ..writers.manifest import csv_lines, write_split_metadata_claimed
 
     def updated() -> Iterable[dict]:
         for row in rows:
             yield {**row, "qc_status": statuses.get(row["case_id"], ""),
                    "qc_flags": "|".join(flagged.get(row["case_id"], ()))}
 
-    atomic_write_text_lines(out / "manifest.csv", _csv_lines(updated(), header=True))
+    atomic_write_text_lines(out / "manifest.csv", csv_lines(updated(), header=True))
     try:
         written, left = write_split_metadata_claimed(out / "manifest.csv", out, ledger, LEDGER_KEY)
     except ValueError as e:  # checked before the run; a folder swapped for a link since

@@ -53,7 +53,8 @@ class _RowFormatter:
         return self._take()
 
 
-def _csv_lines(rows: Iterable[dict], header: bool) -> Iterator[str]:
+def csv_lines(rows: Iterable[dict], header: bool) -> Iterator[str]:
+    """Manifest rows as CSV lines (without newlines), the header first when ``header``."""
     fmt = _RowFormatter()
     if header:
         yield fmt.header()
@@ -63,7 +64,7 @@ def _csv_lines(rows: Iterable[dict], header: bool) -> Iterator[str]:
 
 def write_part(path: Path, rows: list[dict]) -> None:
     """Write one manifest part (header + rows) atomically."""
-    atomic_write_text_lines(path, _csv_lines(rows, header=True))
+    atomic_write_text_lines(path, csv_lines(rows, header=True))
 
 
 def read_part(path: Path) -> list[dict]:
@@ -86,7 +87,7 @@ def merge_parts(parts: Iterable[tuple[Path, int]], out: Path) -> int:
                 count += 1
                 yield row
 
-    atomic_write_text_lines(out, _csv_lines(rows(), header=True))
+    atomic_write_text_lines(out, csv_lines(rows(), header=True))
     return count
 
 
@@ -124,7 +125,7 @@ def write_split_metadata(manifest: Path, out: Path, *, only: Collection[str] | N
     Raises:
         ValueError: a row's PNG lies outside ``out`` (by ``..``, an absolute path or a linked folder).
     """
-    from ..atomic import _commit, open_temp
+    from ..atomic import commit_temp, open_temp
 
     handles: dict[str, tuple] = {}
     skipped: set[str] = set()
@@ -148,7 +149,7 @@ def write_split_metadata(manifest: Path, out: Path, *, only: Collection[str] | N
                     handles[rel] = (path, tmp, f)
                 handles[rel][2].write(fmt.row({**row, "file_name": os.path.basename(row["png_path"])}) + "\n")
         for path, tmp, f in handles.values():
-            _commit(tmp, path, f)
+            commit_temp(tmp, path, f)
     except BaseException:
         for _, tmp, f in handles.values():
             f.close()

@@ -393,13 +393,13 @@ def test_qc_during_a_running_generate_says_so(out):
 KILLED_QC = """\
 import os, signal, sys
 from synthmed import atomic
-real = atomic._commit
+real = atomic.commit_temp
 def commit(tmp, path, fh):
     if path.name == "metadata.csv":
         fh.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     real(tmp, path, fh)
-atomic._commit = commit
+atomic.commit_temp = commit
 from synthmed.qc import qc
 qc(sys.argv[1], auditor=False, full=False)
 """
