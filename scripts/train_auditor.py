@@ -3,8 +3,14 @@
     synthmed generate dataset_specs/auditor_training.yaml -o out/auditor-train
     python scripts/train_auditor.py --manifest out/auditor-train/manifest.csv -o synthmed/models/auditor
 
+    synthmed generate dataset_specs/auditor_training_drr.yaml -o out/auditor-drr-train
+    python scripts/train_auditor.py --manifest out/auditor-drr-train/manifest.csv -o synthmed/models/auditor-drr \
+        --checkpoint out/auditor-drr-checkpoint
+
 Trains on split=train and reports held-out figures on split=val. Deterministic for a given seed
 and thread count: one seeded torch init, one numpy generator for shuffling and augmentation.
+With --checkpoint, the state after each epoch (weights, optimiser, random generators) is kept there and a
+rerun of the same command goes on from the last epoch finished, to the same weights as one unbroken run.
 Augmentation is light (gamma/contrast jitter, noise, shifts of a few pixels) and never flips:
 left and right are labels here.
 """
@@ -32,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows (smoke tests)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="folder for the state after each epoch; a rerun with the same arguments resumes from it")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -55,6 +63,16 @@ def read_manifest(path: Path, limit: int | None) -> list[dict]:
     if absent:
         sys.exit(f"error: {len(absent)} images of {path} are missing, e.g. {absent[:3]}")
     return rows
+
+
+def films_of(rows: list[dict]) -> str:
+    """What the auditor learns from: ``drr`` when every row comes from the drr backend, else ``phantom``."""
+    backends = {row.get("backend") or "phantom" for row in rows}
+    return "drr" if backends == {"drr"} else "phantom"
+
+
+FILMS_TEXT = {"phantom": "phantom radiographs (synthmed's drawn phantom)",
+              "drr": "digitally reconstructed radiographs of a real labelled chest CT (synthmed's drr backend)"}
 
 
 def load_images(folder: Path, rows: list[dict], size: int) -> np.ndarray:
@@ -89,9 +107,26 @@ def augment(batch, rng: np.random.Generator, max_shift: int):
 
 
 def evaluate(auditor, images: np.ndarray, rows: list[dict]) -> dict:
+    """label_fidelity on all rows, with the same figures per view under ``by_view``."""
     from synthmed.qc.auditor import label_fidelity
 
-    return label_fidelity(auditor.predict(images.astype(np.float32), batch_size=128), rows)
+    prediction = auditor.predict(images.astype(np.float32), batch_size=128)
+    report = label_fidelity(prediction, rows)
+    views = sorted({row.get("view") or "" for row in rows})
+    report["by_view"] = {}
+    for view in views:
+        index = [i for i, row in enumerate(rows) if (row.get("view") or "") == view]
+        if len(views) > 1 and index:
+            report["by_view"][view or "?"] = label_fidelity(_take(prediction, index), [rows[i] for i in index])
+    return report
+
+
+def _take(prediction, index):
+    """The rows ``index`` of an AuditorPrediction."""
+    from dataclasses import replace
+
+    return replace(prediction, finding_probs=prediction.finding_probs[index],
+                   location_probs=prediction.location_probs[index], severity_probs=prediction.severity_probs[index])
 
 
 def _pct(value) -> str:
@@ -105,7 +140,7 @@ def model_card(config: dict, report: dict) -> str:
     lines = [
         "---",
         "license: apache-2.0",
-        "tags: [synthmed, chest-x-ray, quality-control, phantom]",
+        f"tags: [synthmed, chest-x-ray, quality-control, {config.get('films', 'phantom')}]",
         "---",
         "",
         f"# synthmed auditor v{config['version']}",
@@ -120,9 +155,9 @@ def model_card(config: dict, report: dict) -> str:
         "",
         config["intended_use"],
         "",
-        "Its figures hold for phantom images. On images from other generators (or real films) a "
-        "disagreement means *the image and its label disagree according to a model trained on phantoms*: "
-        "a prompt to look, not a verdict.",
+        f"Trained on {FILMS_TEXT[config.get('films', 'phantom')]}; its figures hold for those images. On images "
+        "from other generators (or real films) a disagreement means *the image and its label disagree "
+        f"according to a model trained on {config.get('films', 'phantom')} films*: a prompt to look, not a verdict.",
         "",
         "## Inputs and outputs",
         "",
@@ -139,7 +174,8 @@ def model_card(config: dict, report: dict) -> str:
         "## Training",
         "",
         f"- data: `{training['manifest']}` (sha256 `{training['manifest_sha256'][:16]}...`), "
-        f"{training['n_train']} train / {training['n_val']} val images, phantom backend, exact labels",
+        f"{training['n_train']} train / {training['n_val']} val images, {config.get('films', 'phantom')} backend, "
+        "exact labels",
         f"- command: `{training['command']}`",
         f"- {training['epochs']} epochs, batch {training['batch_size']}, AdamW, one-cycle lr peak "
         f"{training['lr']}, seed {training['seed']}, {training['threads']} CPU thread(s), "
@@ -155,6 +191,8 @@ def model_card(config: dict, report: dict) -> str:
         f"{_pct(report['location']['side_accuracy'])} at side level, "
         f"{_pct(report['location']['located_accuracy'])} on the {report['location']['located_support']} "
         "images with a labelled location",
+        f"- location as the film shows it (height and side on frontal films, height and depth on lateral ones, "
+        f"where the side is not on the film): **{_pct(report['location'].get('region_accuracy'))}**",
         f"- severity accuracy: **{_pct(report['severity']['accuracy'])}**",
         "",
         "| finding | support | accuracy | sensitivity | specificity |",
@@ -163,6 +201,13 @@ def model_card(config: dict, report: dict) -> str:
     for name, row in findings["per_finding"].items():
         lines.append(f"| {name} | {row['support']} | {_pct(row['accuracy'])} | {_pct(row['sensitivity'])} "
                      f"| {_pct(row['specificity'])} |")
+    if report.get("by_view"):
+        lines += ["", "By view:", "", "| view | images | finding set | location (exact) | location (as shown) | severity |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for view, part in report["by_view"].items():
+            lines.append(f"| {view} | {part['n_images']} | {_pct(part['findings']['exact_set_agreement'])} "
+                         f"| {_pct(part['location']['accuracy'])} | {_pct(part['location'].get('region_accuracy'))} "
+                         f"| {_pct(part['severity']['accuracy'])} |")
     untrained = [name for name, count in training["train_support"].items() if count == 0]
     missed = [name for name, row in findings["per_finding"].items()
               if row["sensitivity"] is not None and row["sensitivity"] < 0.5]
@@ -170,7 +215,8 @@ def model_card(config: dict, report: dict) -> str:
         "",
         "## Limitations",
         "",
-        "- Trained on phantom radiographs only; no real patient data, not a diagnostic model.",
+        f"- Trained on {config.get('films', 'phantom')} radiographs only; no real patient data, not a diagnostic "
+        "model.",
     ]
     if untrained:
         lines.append(f"- Never seen in training, so not detected: {', '.join(f'`{n}`' for n in untrained)}.")
@@ -180,6 +226,69 @@ def model_card(config: dict, report: dict) -> str:
                  "and mild findings against a normal film.")
     lines.append("")
     return "\n".join(lines)
+
+
+class Checkpoint:
+    """The training state after an epoch: ``epoch-NNN.pt`` (weights, optimiser and schedule, torch's random
+    state; tensors only, loaded with ``weights_only``) and ``state.json`` (that file's name, the epoch, the
+    shuffling generator, the time spent so far, and the arguments and manifest it belongs to), written in that
+    order, so a run killed at any point leaves a consistent pair. A run with other arguments or another
+    manifest refuses it rather than mixing two trainings."""
+
+    def __init__(self, args, manifest: Path):
+        self.folder = Path(args.checkpoint)
+        manifest_file = manifest / "manifest.csv" if manifest.is_dir() else manifest
+        keep = {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")}
+        self.identity = {"arguments": keep,
+                         "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest()}
+        self.elapsed = 0.0
+        self.previous = None
+
+    def restore(self, network, optimiser, schedule, rng) -> int:
+        """Load the state if there is one; returns the last epoch it finished (0 when starting afresh)."""
+        import torch
+
+        info_file = self.folder / "state.json"
+        if not info_file.is_file():
+            return 0
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+        if info.get("identity") != self.identity:
+            sys.exit(f"error: --checkpoint {self.folder} belongs to another training (other arguments or manifest); "
+                     "name a new folder or remove it")
+        state = torch.load(self.folder / info["state"], weights_only=True)
+        network.load_state_dict(state["network"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = info["rng"]
+        self.elapsed = float(info.get("elapsed_s", 0.0))
+        self.previous = info["state"]
+        print(f"resumed from {self.folder} after epoch {info['epoch']}", flush=True)
+        return int(info["epoch"])
+
+    def save(self, epoch: int, network, optimiser, schedule, rng, elapsed: float) -> None:
+        import os
+
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{epoch:03d}.pt"
+        schedule_state = {k: v for k, v in schedule.state_dict().items() if not callable(v)}
+        state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule_state,
+                 "torch_rng": torch.get_rng_state()}
+        info = {"state": name, "epoch": epoch, "identity": self.identity, "rng": rng.bit_generator.state,
+                "elapsed_s": round(self.elapsed + elapsed, 1)}
+        for target, write in ((name, lambda fh: torch.save(state, fh)),
+                              ("state.json", lambda fh: fh.write(json.dumps(info, indent=1).encode("utf-8")))):
+            temp = self.folder / f".{target}.{os.getpid()}.tmp"
+            with open(temp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, self.folder / target)
+        if self.previous and self.previous != name:  # only the state this training wrote before
+            (self.folder / self.previous).unlink(missing_ok=True)
+        self.previous = name
 
 
 def main(argv=None) -> int:
@@ -198,6 +307,10 @@ def main(argv=None) -> int:
     rows = read_manifest(manifest, args.limit)
     folder = manifest.parent if manifest.is_file() else manifest
     config = default_config()
+    config["films"] = films_of(rows)
+    if config["films"] == "drr":
+        config["intended_use"] = config["intended_use"].replace("trained on phantom images only",
+                                                                "trained on drr films (DRRs of a labelled chest CT) only")
     size = config["input_size"]
     images = load_images(folder, rows, size)
     targets = [label_targets(row, config["finding_names"], config["location_names"], config["severity_names"])
@@ -227,9 +340,11 @@ def main(argv=None) -> int:
     bce = torch.nn.BCEWithLogitsLoss(reduction="sum")
     ce = torch.nn.CrossEntropyLoss()
 
-    # 3. train, with held-out figures after every epoch
+    # 3. train, with held-out figures after every epoch (resumed from the checkpoint of an earlier run)
     report = None
-    for epoch in range(1, args.epochs + 1):
+    checkpoint = Checkpoint(args, manifest) if args.checkpoint else None
+    first = 1 if checkpoint is None else checkpoint.restore(network, optimiser, schedule, rng) + 1
+    for epoch in range(first, args.epochs + 1):
         network.train()
         order = rng.permutation(train_index)
         totals = np.zeros(3)
@@ -253,9 +368,13 @@ def main(argv=None) -> int:
               f"mean-finding-acc {_pct(report['findings']['mean_accuracy'])} "
               f"location {_pct(report['location']['accuracy'])} (side {_pct(report['location']['side_accuracy'])}) "
               f"severity {_pct(report['severity']['accuracy'])}  |  {time.time() - epoch_start:.0f}s", flush=True)
+        if checkpoint is not None:
+            checkpoint.save(epoch, network, optimiser, schedule, rng, time.time() - started)
+    if report is None:  # every epoch was done by an earlier run
+        network.eval()
 
     # 4. write weights; the figures in config and card are those of the shipped float16 weights
-    wall = time.time() - started
+    wall = time.time() - started + (checkpoint.elapsed if checkpoint is not None else 0.0)
     out = auditor.save(args.out)
     report = evaluate(Auditor.load(out), images[val_index], val_rows)
     manifest_file = folder / "manifest.csv" if manifest.is_dir() else manifest

@@ -53,9 +53,20 @@ INTENDED_USE = ("Quality control of synthetic chest radiographs made by synthmed
                 "audits and set distances. Not for diagnosis; trained on phantom images only.")
 
 
-def shipped_auditor_dir() -> Path:
-    """The folder of the shipped auditor weights, ``synthmed/models/auditor``."""
-    return Path(__file__).resolve().parent.parent / "models" / "auditor"
+# The shipped auditors, by the films each was trained on: phantom drawings, or DRRs of the labelled chest CT.
+SHIPPED_AUDITORS = {"phantom": "auditor", "drr": "auditor-drr"}
+
+
+def shipped_auditor_dir(films: str = "phantom") -> Path:
+    """The folder of a shipped auditor: ``synthmed/models/auditor`` (phantom films) or ``auditor-drr`` (drr films).
+
+    Example:
+        >>> shipped_auditor_dir("drr").name
+        'auditor-drr'
+    """
+    if films not in SHIPPED_AUDITORS:
+        raise ValueError(f"films must be one of {', '.join(SHIPPED_AUDITORS)}; got {films!r}")
+    return Path(__file__).resolve().parent.parent / "models" / SHIPPED_AUDITORS[films]
 
 
 # ----------------------------------------------------------------------------- labels
@@ -442,7 +453,9 @@ class Auditor:
         folder = Path(path) if path is not None else shipped_auditor_dir()
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
         if missing:
-            hint = ("; build it with `make auditor`" if path is None else "")
+            shipped = {shipped_auditor_dir(f).resolve(): f for f in SHIPPED_AUDITORS}.get(folder.resolve())
+            hint = ("" if shipped is None else "; build it with `make auditor`" if shipped == "phantom"
+                    else f"; build it with `make auditor-{shipped}`")
             raise FileNotFoundError(f"auditor folder {folder} lacks {', '.join(missing)}{hint}")
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         _check_config(config)
@@ -554,6 +567,18 @@ def _side_of(location: str) -> str:
     return location
 
 
+def _view_of(item) -> str | None:
+    """The view of a case or manifest row (None where it carries none)."""
+    view = item.get("view") if isinstance(item, Mapping) else getattr(item, "view", None)
+    return view if isinstance(view, str) and view in get_vocabulary().views else None
+
+
+def _region_of(location: str, view: str | None):
+    """Where a location shows on a film of ``view`` (``none`` stays ``none``)."""
+    vocab = get_vocabulary()
+    return vocab.view_region(location, view) if location in vocab.locations else location
+
+
 def _ratio(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
@@ -588,7 +613,9 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
         negatives), ``support`` (labelled positives) and ``confusion`` ``[[TN, FP], [FN, TP]]``
         (rows labelled absent/present, columns predicted);
         ``location``: ``accuracy`` (exact id), ``side_accuracy`` (right/left/bilateral/none),
-        ``located_accuracy`` (exact, on images labelled with a location) and ``confusion``
+        ``located_accuracy`` (exact, on images labelled with a location), ``region_accuracy`` (the
+        predicted and labelled locations show in the same place on the image's view: height and side on a
+        frontal film, height and depth on a lateral, where the side is not on the film) and ``confusion``
         (rows labelled, columns predicted, order ``labels``); ``severity``: the same without the
         side figures.
 
@@ -610,6 +637,7 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
     finding_names, location_names = list(prediction.finding_names), list(prediction.location_names)
     severity_names = list(prediction.severity_names)
     targets = [label_targets(item, finding_names, location_names, severity_names) for item in cases_or_label_rows]
+    views = [_view_of(item) for item in cases_or_label_rows]
     labelled = np.array([t[0] for t in targets], bool).reshape(n, len(finding_names))
     labelled_location = np.array([t[1] for t in targets], np.int64)
     labelled_severity = np.array([t[2] for t in targets], np.int64)
@@ -639,6 +667,11 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
     location["located_accuracy"] = _ratio(int((labelled_location == predicted_location)[located].sum()),
                                           int(located.sum()))
     location["located_support"] = int(located.sum())
+    region = [_region_of(location_names[k], view) for k, view in zip(labelled_location, views)]
+    read = [_region_of(location_names[k], view) for k, view in zip(predicted_location, views)]
+    location["region_accuracy"] = _ratio(sum(a == b for a, b in zip(region, read)), n)
+    location["region_is"] = ("where the film shows the location: height and side on a frontal film, height and "
+                             "depth on a lateral one (the lungs superimpose there, so the side is not on the film)")
     severity = _categorical_agreement(labelled_severity, np.argmax(prediction.severity_probs, axis=1),
                                       severity_names)
     return {

@@ -65,8 +65,9 @@ SET_CHECKS = ("intensity", "dciodvfy", "manifest_consistency", "spec_fidelity", 
 STATE_DIR = ".synthmed"
 LEDGER_KEY = "qc"
 MAX_PROBLEMS = 50            # manifest_consistency lists this many rows in the report
-# The shipped auditor was trained on phantom films: it judges sets whose images look like them
+# The shipped auditors judge sets whose images look like the films they were trained on: (backend, model id)
 SHIPPED_AUDITOR_DOMAIN = (("phantom", None), ("diffusion", "synthmed-default"))
+SHIPPED_AUDITOR_DOMAINS = {"phantom": SHIPPED_AUDITOR_DOMAIN, "drr": (("drr", None),)}
 # Label fidelity gives a verdict from this many images up: the shipped model reads 0.69 of 64 pneumonia-spec
 # films exactly (0.89 of 240 evaluation cases), so with fewer the sampling spread (±0.17 at 30) is the verdict
 LABEL_FIDELITY_MIN_IMAGES = 30
@@ -255,30 +256,37 @@ def _lock(out: Path):
 
 # ----------------------------------------------------------------------------- the auditor and features
 
-def _load_auditor(auditor) -> tuple[Any, str | None]:
-    """(auditor or None, why not). ``auditor``: True (the shipped one), False, or an Auditor object."""
+def shipped_films(rows: Sequence[Mapping[str, str]]) -> str:
+    """Which shipped auditor reads these images: ``drr`` where most rows come from the drr backend, else ``phantom``."""
+    drr = sum(1 for r in rows if (r.get("backend") or "") == "drr")
+    return "drr" if rows and 2 * drr > len(rows) else "phantom"
+
+
+def _load_auditor(auditor, films: str = "phantom") -> tuple[Any, str | None]:
+    """(auditor or None, why not). ``auditor``: True (the shipped one for ``films``), False, or an Auditor object."""
     if auditor is False or auditor is None:
         return None, "not requested"
     if auditor is not True:
         return auditor, None
     try:
-        from .auditor import Auditor  # written separately; absent in older checkouts
+        from .auditor import Auditor, shipped_auditor_dir  # written separately; absent in older checkouts
     except (ImportError, AttributeError) as e:
         return None, f"the auditor module is not available ({type(e).__name__}: {e})"
     try:
-        return Auditor.load(), None
+        return Auditor.load(shipped_auditor_dir(films)), None
     except Exception as e:  # no shipped weights, a broken file: the sections are skipped, qc goes on
         return None, f"the auditor could not be loaded ({type(e).__name__}: {e})"
 
 
 def auditor_applies(rows: Sequence[Mapping[str, str]], auditor, shipped: bool,
-                    n_read: int | None = None) -> tuple[bool, str | None]:
+                    n_read: int | None = None, films: str = "phantom") -> tuple[bool, str | None]:
     """Whether label fidelity may give a verdict on these images: (applies, why not).
 
-    An auditor the caller brings applies (they chose it for their images). The shipped one was trained on
-    256 x 256 phantom films: it judges sets of the phantom backend and of the shipped default model, at its
-    input size or larger; on other images its score is a figure to look at, not a verdict. Either way a
-    verdict needs :data:`LABEL_FIDELITY_MIN_IMAGES` images read (``n_read``).
+    An auditor the caller brings applies (they chose it for their images). A shipped one was trained on
+    256 x 256 films of one kind (``films``): the phantom auditor judges sets of the phantom backend and of the
+    shipped default model, the drr auditor sets of the drr backend, at its input size or larger; on other
+    images its score is a figure to look at, not a verdict. Either way a verdict needs
+    :data:`LABEL_FIDELITY_MIN_IMAGES` images read (``n_read``).
     """
     if n_read is not None and n_read < LABEL_FIDELITY_MIN_IMAGES:
         return False, (f"{n_read} image(s) read: too few for a verdict (at least {LABEL_FIDELITY_MIN_IMAGES}); "
@@ -286,13 +294,14 @@ def auditor_applies(rows: Sequence[Mapping[str, str]], auditor, shipped: bool,
     if not shipped:
         return True, None
     made_by = {(r.get("backend") or "?", r.get("model_id") or None) for r in rows}
-    domain = {backend: model for backend, model in SHIPPED_AUDITOR_DOMAIN}
+    domain = {backend: model for backend, model in SHIPPED_AUDITOR_DOMAINS[films]}
     foreign = sorted(f"{b}" + (f" ({m})" if m else "") for b, m in made_by
                      if b not in domain or (domain[b] is not None and m != domain[b]))
     if foreign:
-        return False, (f"the shipped auditor was trained on phantom films; it gives a verdict on sets of the phantom "
-                       f"backend and the shipped default model, not on {', '.join(foreign)} images (its score is "
-                       "reported only)")
+        judged = ("sets of the phantom backend and the shipped default model" if films == "phantom"
+                  else "sets of the drr backend")
+        return False, (f"the shipped auditor was trained on {films} films; it gives a verdict on {judged}, "
+                       f"not on {', '.join(foreign)} images (its score is reported only)")
     config = getattr(auditor, "config", None)
     side = config.get("input_size") if isinstance(config, Mapping) else None
     sizes = {(r.get("width") or "", r.get("height") or "") for r in rows}
@@ -1331,7 +1340,8 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     #    training set (FID, memorisation), and never the auditor's predictions.
     wants_features = full or bool(paths)
     wants_auditor = full or (wants_features and feature_extractor is None)
-    auditor_obj, auditor_why = _load_auditor(auditor if wants_auditor else False)
+    films = shipped_films(rows)
+    auditor_obj, auditor_why = _load_auditor(auditor if wants_auditor else False, films)
     extractor = feature_extractor if wants_features else None
     extractor_why = None if wants_features else "features are computed by the full run, or with a reference"
     if extractor is None and wants_features and auditor_obj is not None:
@@ -1425,7 +1435,8 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     sections["auditor"] = auditor_report(batcher.prediction(), [rows_by_id[i] for i in batcher.ids], auditor_why,
                                          thresholds.min_label_fidelity)
     if sections["auditor"]["status"] == "done":
-        applies, why_not = auditor_applies(rows, auditor_obj, shipped=auditor is True, n_read=len(batcher.ids))
+        applies, why_not = auditor_applies(rows, auditor_obj, shipped=auditor is True, n_read=len(batcher.ids),
+                                           films=films)
         sections["auditor"].update(applies=applies, applies_reason=why_not)
         if not applies and sections["auditor"].get("label_fidelity_status") in ("pass", "fail"):
             sections["auditor"].update(label_fidelity_status="info",

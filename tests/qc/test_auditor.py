@@ -297,3 +297,38 @@ def test_shipped_auditor_reads_fresh_phantoms():
     report = label_fidelity(auditor.predict(pixels), cases)
     assert report["findings"]["exact_set_agreement"] >= 0.8, report["findings"]
     assert report["location"]["accuracy"] >= 0.8, report["location"]
+
+
+def test_location_is_also_scored_as_the_film_shows_it():
+    """A lateral film superimposes the lungs: reading a right lower lobe finding as the left lower lobe is wrong by
+    name but right by what the film shows (low and posterior); on a frontal film it is wrong both ways."""
+    loc = list(LOCATIONS)
+    right, left, rml = loc.index("right_lower_lobe"), loc.index("left_lower_lobe"), loc.index("right_middle_lobe")
+    prediction = AuditorPrediction(np.eye(len(FINDINGS), dtype=np.float32)[[FINDINGS.index("pneumonia")] * 3],
+                                   np.eye(len(LOCATIONS), dtype=np.float32)[[left, left, rml]],
+                                   np.eye(4, dtype=np.float32)[[1, 1, 1]], FINDINGS, LOCATIONS)
+    rows = [{"findings": "pneumonia:right_lower_lobe:mild", "view": view} for view in ("LL", "PA", "LL")]
+    report = label_fidelity(prediction, rows)["location"]
+    assert report["accuracy"] == 0.0
+    assert report["region_accuracy"] == pytest.approx(1 / 3)  # LL: both low posterior; PA: other side; RML: anterior
+    cases = [Case("c", 0, "val", 1, (FindingLabel("pneumonia", "right_lower_lobe", "mild"),), "F", 50, "LL")]
+    assert label_fidelity(AuditorPrediction(prediction.finding_probs[:1], prediction.location_probs[:1],
+                                            prediction.severity_probs[:1], FINDINGS, LOCATIONS),
+                          cases)["location"]["region_accuracy"] == 1.0
+
+
+def test_qc_reads_drr_sets_with_the_drr_auditor():
+    from synthmed.qc.run import auditor_applies, shipped_films
+
+    drr = [{"backend": "drr", "model_id": "synthmed-drr-v1", "width": "256", "height": "256"}] * 40
+    phantom = [{"backend": "phantom", "width": "256", "height": "256"}] * 40
+    assert shipped_films(drr) == "drr" and shipped_films(phantom) == "phantom" and shipped_films([]) == "phantom"
+    assert shipped_films(drr[:10] + phantom[:20]) == "phantom"
+    assert shipped_auditor_dir("drr").name == "auditor-drr"
+    with pytest.raises(ValueError, match="films must be one of"):
+        shipped_auditor_dir("real")
+    assert auditor_applies(drr, None, shipped=True, n_read=40, films="drr") == (True, None)
+    applies, why = auditor_applies(drr, None, shipped=True, n_read=40, films="phantom")
+    assert not applies and "drr" in why
+    applies, why = auditor_applies(drr[:20] + phantom[:20], None, shipped=True, n_read=40, films="drr")
+    assert not applies and "trained on drr films" in why and "phantom" in why

@@ -37,7 +37,8 @@ DRAWN = ("atelectasis", "cardiomegaly", "central_venous_catheter", "consolidatio
 # cardiothoracic ratio bands by severity (the measured ratio is what is reported), as the phantom's
 CTR_BAND = {"mild": (0.528, 0.542), "moderate": (0.563, 0.587), "severe": (0.625, 0.68)}
 _SEV = {"mild": 0, "moderate": 1, "severe": 2, None: 1}
-NODULE_MM = (9.0, 16.0, 26.0)
+NODULE_MM = (12.0, 18.0, 26.0)
+FRACTURE_FADE_MM = 30.0       # the displaced fragment rejoins the rib's course over this length
 MASS_MM = (36.0, 50.0, 70.0)
 
 LOBE_OF = {
@@ -381,6 +382,12 @@ def lesion(vp, names, label, rng, *, kind: str) -> Drawn:
     box, lobe = location_region(vp, names, label.location, "right_upper_lobe")
     x, y, z = _patient_coords(vp, box)
     idx = np.flatnonzero(lobe)
+    # centres where the film shows aerated lung in front of and behind the lesion, not the heart, hilum or
+    # diaphragm, where a nodule at the low end of its size range is occult (where the lobe has any)
+    aerated = _lung_projection(vp, names)[box.rows, box.cols]
+    clear = idx[aerated.reshape(-1)[idx % aerated.size]]
+    if clear.size:
+        idx = clear
     best, best_score = None, -1.0
     cand = rng.integers(idx.size, size=24)
     sub = (slice(None, None, 2),) * 3
@@ -942,12 +949,19 @@ def _lung_projection(vp, names) -> np.ndarray:
 
 
 def fracture(vp, names, label, rng) -> list[Drawn]:
-    """A rib fracture on the named side: a cortical break across a rib's lateral arc (ribs 4-7, over the lung) with the
-    distal part displaced downwards and overlapping, fading back over 6 cm. The mask is the break's region."""
+    """A healing rib fracture on the named side: a break across the posterior arc of one of ribs 3-7 where it crosses
+    aerated lung and runs across the beam, the distal fragment displaced downwards by about a rib's height and
+    overriding (fading back over 3 cm), with a fusiform callus cuffing the break (the form in which a rib fracture reads on a film at
+    256 x 256; an undisplaced acute break is occult there, as it often is on real films). The mask is the break
+    with its callus."""
     side = _sides(label.location, "right")[0]
-    ribs = [f"rib_{side}_{n}" for n in (4, 5, 6, 7) if f"rib_{side}_{n}" in names]
+    ribs = [f"rib_{side}_{n}" for n in (3, 4, 5, 6, 7) if f"rib_{side}_{n}" in names]
     rng.shuffle(ribs)
-    for rib_name in ribs:
+    g = vp.geometry
+    h, _ = vp.finding_shape
+    pf = g.pixel_iso * g.height / h
+    # the posterior arc first; where no rib offers one (a rotated or shallow film), any arc across the beam
+    for rib_name, posterior in [(r, True) for r in ribs] + [(r, False) for r in ribs]:
         rid = names[rib_name]
         box0 = _box_of(vp, [rid])
         if box0 is None:
@@ -958,13 +972,14 @@ def fracture(vp, names, label, rng) -> list[Drawn]:
         rx, ry, rz = x[rib], y[rib], z[rib]
         if rx.size < 30:
             continue
-        # the posterolateral arc, where the rib runs across the beam of a frontal film, over the lung
-        # (the lateral arc runs along the beam and hides a break)
+        # the posterior arc, lateral of the spine: there a rib runs across the beam of a frontal film and reads
+        # best; a lateral film sees the same arc end-on behind the lung (the lateral arc runs along the beam of a
+        # frontal film and hides a break)
         ax = np.abs(rx)
         over_lung = _lung_projection(vp, names)[box.rows, box.cols]
         pr = np.nonzero(rib)
-        cand = np.flatnonzero((ax >= np.percentile(ax, 40)) & (ax <= np.percentile(ax, 90))
-                              & over_lung[pr[1], pr[2]])
+        cand = np.flatnonzero((ax >= np.percentile(ax, 30)) & (ax <= np.percentile(ax, 80))
+                              & ((ry <= np.percentile(ry, 45)) | (not posterior)) & over_lung[pr[1], pr[2]])
         allp = np.stack([rx, ry, rz], 1)
         p0 = direction = None
         best = 0.8  # the most across the beam of up to 16 tries
@@ -975,19 +990,19 @@ def fracture(vp, names, label, rng) -> list[Drawn]:
                 continue
             pts = allp[near]
             dvec = np.linalg.svd(pts - pts.mean(0), full_matrices=False)[2][0]
-            along_beam = abs(dvec[1]) if vp.geometry.view != "LL" else abs(dvec[0])
+            along_beam = abs(dvec[1]) if g.view != "LL" else abs(dvec[0])
             if along_beam < best:
                 p0, direction, best = q, dvec, along_beam
         if p0 is None:
             continue
-        if direction[1] < 0:       # the displaced part: toward the front
+        if direction[0] * np.sign(p0[0] or 1.0) < 0:  # the distal fragment: away from the spine
             direction = -direction
         s = (x - p0[0]) * direction[0] + (y - p0[1]) * direction[1] + (z - p0[2]) * direction[2]
         dist0 = np.sqrt((x - p0[0]) ** 2 + (y - p0[1]) ** 2 + (z - p0[2]) ** 2)
-        gap = rng.uniform(3.0, 4.5)
-        disp = rng.uniform(6.0, 9.0)
-        along = rng.uniform(4.0, 7.0)          # overriding of the fragments (a double density)
-        wgt = np.where(s > 0, np.clip(1.0 - s / 60.0, 0.0, 1.0), 0.0)
+        gap = rng.uniform(4.0, 6.0)
+        disp = rng.uniform(8.0, 12.0)          # step-off, about a rib's height
+        along = rng.uniform(3.0, 6.0)          # overriding of the fragments (a double density)
+        wgt = np.where(s > 0, np.clip(1.0 - s / FRACTURE_FADE_MM, 0.0, 1.0), 0.0)
         mu = box.take(vp.mu).astype(np.float32)
         src = _indices(vp, box, x + direction[0] * along * wgt, y + direction[1] * along * wgt,
                        z + disp * wgt)
@@ -996,15 +1011,27 @@ def fracture(vp, names, label, rng) -> list[Drawn]:
                                           prefilter=False) > 0.5
         around = ndimage.binary_dilation(rib, iterations=2) & ~rib
         bg = float(np.median(mu[around])) if around.any() else MU_WATER
+        bone = float(np.percentile(mu[rib], 75))
         new_mu = np.where(src_rib, moved, np.where(rib, bg, mu))
         new_mu = np.where(wgt > 0, new_mu, mu)
         break_zone = (np.abs(s) < gap / 2) & (dist0 < 14.0)
         new_mu = np.where(break_zone & (rib | src_rib), bg, new_mu)
+        # callus: a fusiform cuff of new bone around both fragment ends, thickest at the break
+        half = rng.uniform(8.0, 12.0)
+        thick = rng.uniform(4.0, 6.0)
+        bone_now = rib | src_rib
+        reach = ndimage.distance_transform_edt(~bone_now, sampling=(float(np.mean(vp.plane_thickness)), pf, pf))
+        taper = np.clip(1.0 - (s / half) ** 2, 0.0, 1.0)
+        callus = (reach <= thick * taper) & (dist0 < half + 10.0) & ~break_zone
+        density = rng.uniform(0.8, 1.1)
+        new_mu = np.where(callus & ~bone_now, np.maximum(new_mu, bg + density * (bone - bg)), new_mu)
         # the ray-space grid smooths a rib's thin cortex away: the break is drawn at the film's rib contrast
         delta_mu = ((new_mu - mu) * 1.8).astype(np.float32)
-        region = (rib | src_rib) & (dist0 < 10.0) & (np.abs(s) < 9.0)
+        # the mask: the break, its callus and the displaced fragment out to where it rejoins the rib's course
+        region = (bone_now | callus) & (dist0 < FRACTURE_FADE_MM + 6.0) & (s > -(half + 2.0)) \
+            & (s < FRACTURE_FADE_MM + 2.0)
         return [_finish(vp, "fracture", box, region, delta_mu)]
-    raise FindingNotDrawable(f"fracture: the anatomy has no rib 4-8 on the {side} side in this view's field")
+    raise FindingNotDrawable(f"fracture: the anatomy has no rib 3-7 on the {side} side in this view's field")
 
 
 # ----------------------------------------------------------------------------- geometry helpers (patient -> film)

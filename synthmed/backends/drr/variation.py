@@ -88,6 +88,7 @@ def draw_variation(case) -> Variation:
         contrast=float(1.4 + 0.3 * u[9]),
         latitude=float(0.12 + 0.15 * u[10]),
         brightness=float(-0.08 + 0.06 * (u[11] - 0.5)),
+        detail=float(0.6 + 0.8 * u[13]),
     )
     return Variation(width_scale=float(width), height_scale=float(height), depth_scale=float(depth),
                      soft_tissue_mm=float(soft), inspiration=float(insp), rotation_deg=rotation, tilt_deg=tilt,
