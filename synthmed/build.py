@@ -8,6 +8,8 @@ is written under a temp name and renamed, so a final name never holds a partial 
 Output folder:
 
     OUT/images/<split>/<case_id>.png        OUT/dicom/<split>/<case_id>.dcm
+    OUT/dicom/<split>/<case_id>_sr.dcm     the image's findings, a DICOM SR (TID 1500)
+    OUT/dicom/<split>/<case_id>_seg.dcm    its masks, a DICOM SEG (where the backend gives masks)
     OUT/masks/<split>/<case_id>_mask_<finding>.png
     OUT/images/<split>/metadata.csv        the split's manifest rows, for Hugging Face imagefolder
     OUT/manifest.csv
@@ -53,7 +55,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CHUNK_SIZE = 64
 STATE_DIR = ".synthmed"
-RUN_FORMAT = 1
+# 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. A folder of another format is
+# refused on --resume (never mixed); --overwrite starts it again.
+RUN_FORMAT = 2
+FORMAT_CHANGES = {2: "DX images by default, a DICOM SR and SEG beside each, their manifest columns, 0/1 masks"}
 INTENDED_USE = "synthetic data for research and development; not for diagnostic use"
 OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
              "README.md", "qc_report.json", "report.html", STATE_DIR)
@@ -174,6 +179,12 @@ class _RunFolder:
                 self.notes.append(f"{run_file} could not be read (damaged); every kept image is checked against "
                                   "the spec before it is kept")
             else:
+                if previous.get("format") != run["format"]:
+                    what = FORMAT_CHANGES.get(run["format"], "")
+                    raise BuildError(f"{out} was built by an earlier synthmed (output format {previous.get('format')!r}; "
+                                     f"this one writes format {run['format']}{': ' + what if what else ''}); its files "
+                                     "cannot be finished by this version. Rerun with --overwrite to build it again "
+                                     "(it removes only the files synthmed wrote), or use a new folder", 2)
                 changed = []
                 for key in run:
                     old, new = previous.get(key), run[key]
@@ -317,7 +328,7 @@ def _inside(out: Path, rel: str) -> bool:
 
 def _row_files(row: dict) -> list[tuple[str, str]]:
     """(path, sha256) of every file a manifest row names."""
-    pairs = [(row.get("png_path", ""), row.get("png_sha256", "")), (row.get("dicom_path", ""), row.get("dicom_sha256", ""))]
+    pairs = [(row.get(f"{kind}_path", ""), row.get(f"{kind}_sha256", "")) for kind in ("png", "dicom", "sr", "seg")]
     if row.get("mask_paths"):
         pairs += zip(row["mask_paths"].split("|"), row.get("mask_sha256", "").split("|"))
     return [(rel, sha) for rel, sha in pairs if rel]
@@ -401,20 +412,32 @@ class _CaseWriter:
                     "prompt": prompt.text}
             row["png_path"], row["png_sha256"] = rel, self._put(rel, png_bytes(png_values(stored), text))
         if "dicom" in spec.image.formats:
-            from .writers.dicom import dicom_bytes
+            from .writers.dicom import dicom_dataset, part10_bytes
+            from .writers.seg import seg_bytes
+            from .writers.sr import sr_bytes
 
+            provenance = dict(spec_hash=spec.spec_hash, backend=self.info.name, model_id=self.info.model_id,
+                              model_hash=self.info.model_hash, synthmed_version=__version__)
+            dataset = dicom_dataset(stored, case, iod=spec.image.dicom_iod,
+                                    bits_stored=12 if spec.image.bit_depth == 16 else 8, dataset_name=spec.name,
+                                    prompt=prompt.text, geometry=getattr(image, "geometry", None), **provenance)
             rel = f"dicom/{stem}.dcm"
-            data = dicom_bytes(stored, case, iod=spec.image.dicom_iod, bits_stored=12 if spec.image.bit_depth == 16 else 8,
-                               dataset_name=spec.name, spec_hash=spec.spec_hash, backend=self.info.name,
-                               model_id=self.info.model_id, model_hash=self.info.model_hash, prompt=prompt.text,
-                               synthmed_version=__version__, geometry=getattr(image, "geometry", None))
-            row["dicom_path"], row["dicom_sha256"] = rel, self._put(rel, data)
+            row["dicom_path"], row["dicom_sha256"] = rel, self._put(rel, part10_bytes(dataset))
+            # the labels and masks where imaging pipelines look for them, referencing the image
+            rel = f"dicom/{stem}_sr.dcm"
+            row["sr_path"], row["sr_sha256"] = rel, self._put(rel, sr_bytes(dataset, case, **provenance))
+            if image.masks:
+                rel = f"dicom/{stem}_seg.dcm"
+                masks = {finding: mask.astype(bool) for finding, mask in image.masks.items()}
+                row["seg_path"], row["seg_sha256"] = rel, self._put(rel, seg_bytes(dataset, case, masks, **provenance))
         mask_paths, mask_hashes, boxes = [], [], {}
         for finding, mask in image.masks.items():
             rel = f"masks/{stem}_mask_{finding}.png"
             mask_paths.append(rel)
-            mask_hashes.append(self._put(rel, png_bytes(mask.astype(bool), {"case_id": case.case_id, "finding": finding,
-                                                                    "synthetic": "yes"})))
+            # 0/1, not 0/255: label-map readers (TorchIO LabelMap, MONAI, ITK) get the label values themselves
+            label = (mask != 0).astype("uint8")
+            mask_hashes.append(self._put(rel, png_bytes(label, {"case_id": case.case_id, "finding": finding,
+                                                                "values": "0 outside, 1 inside", "synthetic": "yes"})))
             box = _bbox(mask)
             if box:
                 boxes[finding] = box
@@ -765,7 +788,7 @@ def _refuse_shrinking(spec: DatasetSpec, folder: _RunFolder, cases, chunks, limi
             continue
         for rel in folder.ledger.read(key)["files"]:
             if rel.split("/")[0] in ("images", "dicom", "masks") and (folder.out / rel).exists():
-                case_id = Path(rel).stem.split("_mask_")[0]
+                case_id = _case_id_of(rel)
                 if case_id not in planned:
                     beyond.add(case_id)
     if beyond:
@@ -775,11 +798,20 @@ def _refuse_shrinking(spec: DatasetSpec, folder: _RunFolder, cases, chunks, limi
                          "--overwrite to build only these cases", 2)
 
 
+def _case_id_of(rel: str) -> str:
+    """The case a file of ours belongs to: ``dicom/train/case-0000001_sr.dcm`` -> ``case-0000001``."""
+    name = Path(rel).stem
+    for infix in ("_mask_", "_sr", "_seg"):
+        name = name.split(infix)[0]
+    return name
+
+
 def _case_paths(spec: DatasetSpec, case: "Case") -> list[str]:
-    """Every file a case may have (the masks of all its findings), relative to OUT."""
+    """Every file a case may have (the masks of all its findings, a SEG), relative to OUT."""
     stem = f"{case.split}/{case.case_id}"
     paths = [f"images/{stem}.png"] if "png" in spec.image.formats else []
-    paths += [f"dicom/{stem}.dcm"] if "dicom" in spec.image.formats else []
+    if "dicom" in spec.image.formats:
+        paths += [f"dicom/{stem}.dcm", f"dicom/{stem}_sr.dcm", f"dicom/{stem}_seg.dcm"]
     paths += [f"masks/{stem}_mask_{f.finding}.png" for f in case.findings]
     return paths
 
@@ -846,8 +878,13 @@ class _ChunkMaker:
                 on_batch(len(batch_cases))
         rows = [f.result() for f in pending]
         if len(rows) == len(cases):  # interrupted inside this chunk: no part, --resume redoes it
-            write_part(part, rows)
             digests = {rel: sha for row in rows for rel, sha in _row_files(row)}
+            # a planned file this run did not make (a SEG or mask of a finding the case no longer has, under a
+            # re-planned chunk) is an earlier run's: the claim above checked it is ours and unchanged
+            leftover = [rel for rel in planned if rel not in digests and (self.folder.out / rel).exists()]
+            if leftover:
+                self.folder.ledger.remove(key, leftover)
+            write_part(part, rows)
             digests[f"{STATE_DIR}/parts/{part.name}"] = _file_sha256(part)
             self.folder.ledger.record(key, digests)
         return len(rows)
@@ -985,7 +1022,7 @@ def _software_versions(spec: DatasetSpec, backend: str) -> dict[str, str]:
 
     import numpy
 
-    used = [("pydicom", "pydicom")] if "dicom" in spec.image.formats else []
+    used = [("pydicom", "pydicom"), ("highdicom", "highdicom")] if "dicom" in spec.image.formats else []
     if backend == "diffusion":
         used += [("PIL", "Pillow"), ("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers")]
     versions = {"synthmed": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
@@ -1020,6 +1057,7 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
         **anatomy,
         "files": {"manifest": "manifest.csv", "metadata": "images/<split>/metadata.csv", "cases": "cases.jsonl",
                   "images": "images/<split>/<case_id>.png", "dicom": "dicom/<split>/<case_id>.dcm",
+                  "sr": "dicom/<split>/<case_id>_sr.dcm", "seg": "dicom/<split>/<case_id>_seg.dcm",
                   "masks": "masks/<split>/<case_id>_mask_<finding>.png",
                   "manifest_columns": "https://github.com/synthmed/synthmed/blob/main/schemas/manifest_columns.json"},
     }
@@ -1032,7 +1070,10 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
               f"- `manifest.csv`: one row per image: what it shows (findings, location, severity, the 14 CheXpert "
               f"columns), patient, view, prompt, seed, file paths and sha256.\n"
               f"- `dataset_card.json`: the spec (sha256 {spec.spec_hash[:12]}), counts per cell, software versions.\n"
-              f"- Load with Hugging Face: `datasets.load_dataset('imagefolder', data_dir='.')`.\n")
+              + ("- `dicom/<split>/`: per image the DICOM image, `<case_id>_sr.dcm` (its findings, coded: a DICOM SR, "
+                 "TID 1500) and, where there are masks, `<case_id>_seg.dcm` (a DICOM SEG); all one study.\n"
+                 if "dicom" in spec.image.formats else "") +
+              "- Load with Hugging Face: `datasets.load_dataset('imagefolder', data_dir='.')`.\n")
     if "anatomy" in card:
         readme += f"\n{card['anatomy']['images']}\nAnatomy: {card['anatomy']['source']} (`dataset_card.json`, " \
                   "`anatomy`, has the sha256 of every file).\n"

@@ -29,9 +29,16 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-__all__ = ["ManifestDataset", "manifest_records", "read_image", "read_mask"]
+__all__ = ["ManifestDataset", "manifest_records", "read_image", "read_mask", "collate", "LoadMasks",
+           "load_transform", "MASK_FINDINGS"]
 
 MASK_INFIX = "_mask_"  # masks/<split>/<case_id>_mask_<finding>.png
+
+
+def _mask_findings() -> tuple[str, ...]:
+    from .vocabulary import get_vocabulary
+
+    return tuple(f for f in get_vocabulary().findings if f != "no_finding")
 
 
 # ----------------------------------------------------------------------------- the manifest
@@ -204,7 +211,7 @@ def read_mask(path: str | os.PathLike) -> "np.ndarray":
 
 def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None, *,
                      label_columns: Sequence[str] = CHEXPERT_COLUMNS,
-                     qc_status: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+                     qc_status: str | Sequence[str] | None = None, masks: bool = False) -> list[dict[str, Any]]:
     """The rows of a manifest as MONAI-style dicts: ``{"image": path, "label": [14], "case_id", ...}``.
 
     Args:
@@ -213,29 +220,148 @@ def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[
         label_columns: manifest columns that make the label vector; default: the 14 CheXpert columns.
         qc_status: keep only rows whose quality-check verdict is this (or one of these): ``"pass"``,
             ``"warn"``, ``"fail"``; e.g. ``("pass", "warn")`` leaves out the images that failed a gating check.
+        masks: also give the row's masks: a key ``mask_<finding>`` (absolute path str of its 0/1 mask PNG) per
+            mask the row has, and ``mask_paths`` ({finding: path}) from which :class:`LoadMasks` (in
+            :func:`load_transform`) makes fixed mask channels and a combined label map.
 
     Returns:
         One dict per row, in manifest order: ``image`` (absolute path str of the PNG, else the DICOM
         file), ``label`` (float32 numpy array, ``label_columns`` order), ``case_id``, ``split``,
-        ``findings`` (``finding:location:severity`` joined by ``|``).
+        ``findings`` (``finding:location:severity`` joined by ``|``), and with ``masks`` the keys above.
 
     Example:
-        >>> from monai.data import Dataset  # doctest: +SKIP
-        >>> from monai.transforms import LoadImaged  # doctest: +SKIP
-        >>> records = manifest_records("out/pneumonia", split="train")  # doctest: +SKIP
-        >>> Dataset(data=records, transform=LoadImaged(keys="image", image_only=True))[0]["image"].shape  # doctest: +SKIP
-        torch.Size([256, 256])
+        >>> from monai.data import DataLoader, Dataset  # doctest: +SKIP
+        >>> records = manifest_records("out/pneumonia", split="train", masks=True)  # doctest: +SKIP
+        >>> item = Dataset(data=records, transform=load_transform(masks=True))[0]  # doctest: +SKIP
+        >>> item["image"].shape, item["mask"].shape, item["label_map"].shape  # doctest: +SKIP
+        (torch.Size([1, 256, 256]), torch.Size([18, 256, 256]), torch.Size([1, 256, 256]))
     """
-    manifest = _read_manifest(root_or_manifest, split, label_columns, qc_status=qc_status)
+    manifest = _read_manifest(root_or_manifest, split, label_columns, need_masks=masks, qc_status=qc_status)
     root = manifest.root.resolve()
     records = []
     for i in range(len(manifest.case_ids)):
         if not manifest.images[i]:
             _image_file(manifest, i)  # raises, naming the row
-        records.append({"image": str(root / manifest.images[i]), "label": manifest.labels[i].copy(),
-                        "case_id": manifest.case_ids[i], "split": manifest.splits[i],
-                        "findings": manifest.findings[i]})
+        record = {"image": str(root / manifest.images[i]), "label": manifest.labels[i].copy(),
+                  "case_id": manifest.case_ids[i], "split": manifest.splits[i], "findings": manifest.findings[i]}
+        if masks:
+            paths = {_mask_finding(rel): str(root / rel) for rel in manifest.mask_paths[i]}
+            record.update({f"mask_{finding}": path for finding, path in paths.items()})
+            record["mask_paths"] = paths
+        records.append(record)
     return records
+
+
+class LoadMasks:
+    """A dict transform (MONAI-style; any callable pipeline works) that loads a record's ``mask_paths`` into
+    fixed channels, so that records with different findings batch together.
+
+    Adds ``mask``: uint8 array [len(findings), H, W], 0/1, channel k = ``findings[k]`` (all zeros where the
+    row has no such mask), and ``label_map``: uint8 array [1, H, W], 0 background, k + 1 where
+    ``findings[k]`` is (where masks overlap, the later channel wins); removes ``mask_paths`` and the
+    ``mask_<finding>`` keys (their number varies between rows, which no collate can batch).
+
+    Args:
+        findings: the channels; default :data:`MASK_FINDINGS` (every vocabulary finding but no_finding, in
+            vocabulary order: the same channels for every set). A row's mask of another finding is an error.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> from PIL import Image
+        >>> path = tempfile.mkdtemp() + "/c_mask_pneumonia.png"
+        >>> Image.fromarray(np.eye(3, dtype=np.uint8)).save(path)
+        >>> item = LoadMasks(("pneumonia", "edema"))({"mask_paths": {"pneumonia": path}})
+        >>> item["mask"].shape, item["label_map"][0].tolist()
+        ((2, 3, 3), [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    """
+
+    def __init__(self, findings: Sequence[str] | None = None):
+        self.findings = tuple(_mask_findings() if findings is None else findings)
+        if len(set(self.findings)) != len(self.findings) or not all(isinstance(f, str) for f in self.findings):
+            raise ValueError(f"findings must be distinct finding names, got {list(self.findings)!r}")
+        if len(self.findings) > 254:
+            raise ValueError(f"a uint8 label map holds at most 254 findings, got {len(self.findings)}")
+
+    def __call__(self, record: dict) -> dict:
+        import numpy as np
+
+        if "mask_paths" not in record:
+            raise KeyError("the record has no 'mask_paths': make the records with manifest_records(..., masks=True)")
+        item = {k: v for k, v in record.items() if k != "mask_paths" and not k.startswith("mask_")}
+        paths = record["mask_paths"]
+        unknown = [f for f in paths if f not in self.findings]
+        if unknown:
+            raise ValueError(f"{record.get('case_id', 'the record')} has a mask of {unknown[0]!r}, which is not one "
+                             f"of the channels {list(self.findings)!r}")
+        loaded = {f: read_mask(path) for f, path in paths.items()}
+        shape = next(iter(loaded.values())).shape if loaded else self._shape(item)
+        mask = np.zeros((len(self.findings), *shape), np.uint8)
+        label_map = np.zeros((1, *shape), np.uint8)
+        for k, finding in enumerate(self.findings):
+            if finding in loaded:
+                if loaded[finding].shape != shape:
+                    raise ValueError(f"mask {paths[finding]} is {loaded[finding].shape}, the others {shape}")
+                mask[k] = loaded[finding]
+                label_map[0][loaded[finding]] = k + 1
+        item["mask"], item["label_map"] = mask, label_map
+        return item
+
+    @staticmethod
+    def _shape(item: dict) -> tuple[int, int]:
+        image = item.get("image")
+        if hasattr(image, "shape") and len(image.shape) >= 2:
+            return tuple(int(n) for n in image.shape[-2:])
+        return tuple(int(n) for n in read_image(image).shape)
+
+
+def load_transform(masks: bool | Sequence[str] = False):
+    """MONAI transforms that load :func:`manifest_records` as synthmed's own loaders do: image [1, H, W].
+
+    Rows first, as :class:`ManifestDataset`, numpy and the manifest's ``bboxes`` (x the last axis): MONAI's
+    PIL reader on its own gives [W, H]. The image is the PNG's samples (0..255 for 8-bit, 0..65535 for
+    16-bit), float32. With ``masks`` (True, or the channel findings), :class:`LoadMasks` adds ``mask``
+    [F, H, W] and ``label_map`` [1, H, W]. Needs MONAI (``pip install 'synthmed[monai]'``).
+
+    Example:
+        >>> from monai.data import Dataset  # doctest: +SKIP
+        >>> Dataset(manifest_records("out/pneumonia"), transform=load_transform())[0]["image"].shape  # doctest: +SKIP
+        torch.Size([1, 256, 256])
+    """
+    try:
+        from monai.data import PILReader
+        from monai.transforms import Compose, LoadImaged
+    except ImportError as err:
+        raise ImportError("load_transform needs MONAI: pip install 'synthmed[monai]'") from err
+
+    steps = [LoadImaged(keys="image", reader=PILReader(reverse_indexing=False), ensure_channel_first=True,
+                        image_only=True)]
+    if masks is not False:
+        steps.append(LoadMasks(None if masks is True else masks))
+    return Compose(steps)
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """A ``collate_fn`` for :class:`ManifestDataset` with ``masks=True``: the batch's ``masks`` hold every
+    finding any item has, [B, 1, H, W] bool, all False where an item has no such mask (the default collate
+    raises KeyError when cases carry different findings). Everything else as the default collate.
+
+    Example:
+        >>> from torch.utils.data import DataLoader  # doctest: +SKIP
+        >>> loader = DataLoader(ManifestDataset("out/pneumonia", masks=True), batch_size=8, collate_fn=collate)  # doctest: +SKIP
+        >>> sorted(next(iter(loader))["masks"])  # doctest: +SKIP
+        ['cardiomegaly', 'pleural_effusion', 'pneumonia']
+    """
+    import torch
+    from torch.utils.data import default_collate
+
+    if not batch or "masks" not in batch[0]:
+        return default_collate(list(batch))
+    found = list(dict.fromkeys(f for item in batch for f in item["masks"]))
+    shape = tuple(batch[0]["image"].shape)
+    out = default_collate([{k: v for k, v in item.items() if k != "masks"} for item in batch])
+    out["masks"] = {f: torch.stack([item["masks"].get(f, torch.zeros(shape, dtype=torch.bool)) for item in batch])
+                    for f in found}
+    return out
 
 
 # ----------------------------------------------------------------------------- the torch Dataset
@@ -248,13 +374,14 @@ class _ManifestDatasetBase:
     - ``image``: float tensor [1, H, W] in [0, 1] (the PNG, else the DICOM file);
     - ``label``: float tensor [len(label_columns)], the 14 CheXpert columns in CheXpert's order by default;
     - ``case_id``: str; ``findings``: the manifest's ``finding:location:severity`` joined by ``|``;
-    - ``masks`` (when ``masks`` is set): finding -> bool tensor [1, H, W].
+    - ``masks`` (when ``masks`` is set): finding -> bool tensor [1, H, W] (rows first: the manifest's ``bboxes``
+      [x_min, y_min, x_max, y_max] are ``masks[f][0, y_min:y_max + 1, x_min:x_max + 1]``).
 
     Args:
         root_or_manifest: an output folder of ``synthmed generate``, or its ``manifest.csv``.
         split: keep only this split (or these splits); default: every row.
-        masks: ``True``: the masks the row has, keyed by finding (the keys differ between cases, so
-            batch them with your own ``collate_fn``); a list of findings: exactly those keys in every
+        masks: ``True``: the masks the row has, keyed by finding (the keys differ between cases: batch them
+            with ``collate_fn=synthmed.data.collate``); a list of findings: exactly those keys in every
             item, all-False where a case has no such mask (batches with the default collate).
         transform: called with each item dict; its return value is the item.
         label_columns: manifest columns that make the label vector.
@@ -367,6 +494,9 @@ def _make_manifest_dataset():
 
 
 def __getattr__(name: str):
+    # MASK_FINDINGS: every vocabulary finding but no_finding, in vocabulary order: LoadMasks' default channels
+    if name == "MASK_FINDINGS":
+        return _mask_findings()
     if name == "ManifestDataset":
         cls = globals()["ManifestDataset"] = _make_manifest_dataset()  # one class: pickling finds the same object
         return cls
@@ -376,3 +506,5 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     class ManifestDataset(_ManifestDatasetBase):  # noqa: F811 - what type checkers see
         ...
+
+    MASK_FINDINGS: tuple[str, ...]

@@ -87,10 +87,20 @@ class Case:
     view: str | None = None
 
     def chexpert_labels(self, vocab: Vocabulary | None = None) -> dict[str, int]:
-        """The 14 CheXpert columns as 1/0."""
+        """The 14 CheXpert columns as 1/0, as the CheXpert labeler sets them.
+
+        A column is 1 when a finding of the case maps to it. No Finding is 1 when no finding maps to a column
+        other than No Finding and Support Devices: support devices alone leave it 1.
+
+        Example:
+            >>> Case("c", 0, None, None, (FindingLabel("endotracheal_tube"),)).chexpert_labels()["No Finding"]
+            1
+        """
         vocab = vocab or get_vocabulary()
         present = {vocab.findings[f.finding].chexpert for f in self.findings}
-        return {col: int(col in present) for col in CHEXPERT_COLUMNS}
+        labels = {col: int(col in present) for col in CHEXPERT_COLUMNS}
+        labels["No Finding"] = int(not present - {"No Finding", "Support Devices"})
+        return labels
 
     def to_dict(self, vocab: Vocabulary | None = None) -> dict:
         return {"case_id": self.case_id, "index": self.index, "split": self.split, "seed": self.seed,

@@ -154,7 +154,7 @@ class ImageSpec:
     height: int = 256
     formats: tuple[str, ...] = ("dicom", "png")
     bit_depth: int = 16
-    dicom_iod: str = "sc"
+    dicom_iod: str = "dx"
 
 
 @dataclass(frozen=True)
@@ -695,7 +695,7 @@ class _MeaningChecker:
                        f"not {width} x {height}")
             return None
         return ImageSpec(width=width, height=height, formats=tuple(im.get("formats", ("dicom", "png"))),
-                         bit_depth=int(im.get("bit_depth", 16)), dicom_iod=im.get("dicom_iod", "sc"))
+                         bit_depth=int(im.get("bit_depth", 16)), dicom_iod=im.get("dicom_iod", "dx"))
 
     def components(self) -> list[FindingComponent] | None:
         items = self.get("findings")

@@ -112,6 +112,10 @@ def assert_no_partial_files(out: Path) -> None:
             if name.endswith(".png"):
                 with Image.open(path) as im:
                     im.load()
+            elif name.endswith("_sr.dcm"):
+                assert pydicom.dcmread(path).ContentSequence, path
+            elif name.endswith("_seg.dcm"):
+                assert pydicom.dcmread(path).pixel_array.shape[-2:] == (64, 64), path
             elif name.endswith(".dcm"):
                 ds = pydicom.dcmread(path)
                 assert ds.pixel_array.shape == (64, 64), path
@@ -522,8 +526,10 @@ def test_manifest_columns_rows_labels_and_hashes(reference):
         # files and their hashes
         assert row["file_name"] == row["png_path"] == f"images/{row['split']}/{row['case_id']}.png"
         assert row["dicom_path"] == f"dicom/{row['split']}/{row['case_id']}.dcm"
+        assert row["sr_path"] == f"dicom/{row['split']}/{row['case_id']}_sr.dcm"
         assert sha256(out / row["png_path"]) == row["png_sha256"]
         assert sha256(out / row["dicom_path"]) == row["dicom_sha256"]
+        assert sha256(out / row["sr_path"]) == row["sr_sha256"]
         assert (row["width"], row["height"], row["bit_depth"]) == ("64", "64", "16")
         assert row["backend"] == "pattern" and row["synthmed_version"] == synthmed.__version__
         # masks: one per finding shown, named <image stem>_mask_<finding>.png, boxes from the masks
@@ -532,6 +538,9 @@ def test_manifest_columns_rows_labels_and_hashes(reference):
         assert masks == [f"masks/{row['split']}/{row['case_id']}_mask_{f}.png" for f in shown]
         hashes = row["mask_sha256"].split("|") if row["mask_sha256"] else []
         assert hashes == [sha256(out / m) for m in masks]
+        # a SEG where there are masks
+        assert row["seg_path"] == (f"dicom/{row['split']}/{row['case_id']}_seg.dcm" if masks else "")
+        assert row["seg_sha256"] == (sha256(out / row["seg_path"]) if masks else "")
         boxes = json.loads(row["bboxes"]) if row["bboxes"] else {}
         assert sorted(boxes) == sorted(shown)
         for finding, mask_rel in zip(shown, masks):
@@ -544,7 +553,7 @@ def test_manifest_columns_rows_labels_and_hashes(reference):
             assert [x0, y0, x1, y1] == [xs.min(), ys.min(), xs.max(), ys.max()]
     assert seen_findings == set(FINDING_COLUMN)  # the test covers every finding of the spec
     # nothing on disk that the manifest does not list
-    listed = {r["png_path"] for r in rows} | {r["dicom_path"] for r in rows} | {
+    listed = {r[f"{kind}_path"] for r in rows for kind in ("png", "dicom", "sr", "seg") if r[f"{kind}_path"]} | {
         m for r in rows for m in r["mask_paths"].split("|") if m}
     on_disk = {p for p in tree(out) if p.startswith(("images/", "dicom/", "masks/")) and not p.endswith("metadata.csv")}
     assert on_disk == listed
@@ -663,6 +672,10 @@ def test_dicom_files_of_a_build_are_valid_and_match_the_png(tmp_path, iod, bit_d
     for row in picks:
         dcm = out / row["dicom_path"]
         assert dciodvfy_errors(dcm) == [], row["case_id"]
+        for kind in ("sr", "seg"):  # the image's labels and masks, in its study
+            if row[f"{kind}_path"]:
+                assert dciodvfy_errors(out / row[f"{kind}_path"]) == [], row[f"{kind}_path"]
+                assert pydicom.dcmread(out / row[f"{kind}_path"]).StudyInstanceUID == pydicom.dcmread(dcm).StudyInstanceUID
         dump = subprocess.run(["dcmdump", str(dcm)], capture_output=True, text=True, timeout=60)
         assert dump.returncode == 0, dump.stderr
         ds = pydicom.dcmread(dcm)
@@ -679,6 +692,76 @@ def test_dicom_files_of_a_build_are_valid_and_match_the_png(tmp_path, iod, bit_d
             assert mode == "L" and png.dtype == np.uint8
             assert np.array_equal(pixels, png)
         assert pixels.max() > 0 and pixels.min() < pixels.max()
+
+
+def manifest_labels(row: dict) -> tuple:
+    """The manifest's findings column as FindingLabels."""
+    from synthmed.sampler import FindingLabel
+
+    return tuple(FindingLabel(*(part or None for part in item.split(":"))) for item in row["findings"].split("|"))
+
+
+def test_the_sr_of_every_image_reads_back_as_its_manifest_row(reference):
+    from synthmed.writers.sr import read_sr_labels
+
+    rows = manifest_rows(reference)[:40]
+    seen = set()
+    for row in rows:
+        labels = read_sr_labels(reference / row["sr_path"])
+        assert labels == manifest_labels(row), row["case_id"]
+        ds = pydicom.dcmread(reference / row["sr_path"])
+        image = pydicom.dcmread(reference / row["dicom_path"], stop_before_pixels=True)
+        evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+        assert evidence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
+        assert ds.StudyInstanceUID == image.StudyInstanceUID
+        seen.update((label.finding, label.location, label.severity) for label in labels)
+    assert {f for f, _, _ in seen} == set(FINDING_COLUMN) and len(seen) > 8
+
+
+def test_the_seg_of_every_image_with_masks_equals_its_mask_pngs(reference):
+    from synthmed.writers.seg import read_seg_masks
+
+    rows = [r for r in manifest_rows(reference) if r["mask_paths"]][:20]
+    assert rows
+    for row in rows:
+        masks = read_seg_masks(reference / row["seg_path"])
+        pngs = row["mask_paths"].split("|")
+        assert list(masks) == [Path(p).stem.split("_mask_")[1] for p in pngs]
+        for mask, png in zip(masks.values(), pngs):
+            with Image.open(reference / png) as im:
+                assert np.array_equal(mask, np.array(im) > 0), png
+
+
+def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_rebuilds_it(tmp_path):
+    spec = write_spec(tmp_path / "specs", count=3)
+    out = tmp_path / "out"
+    generate(spec, out, backend="pattern", progress=False, qc=False)
+    run_file = out / ".synthmed" / "run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    run["format"] = 1  # as synthmed wrote it before the DICOM SR and SEG
+    run_file.write_text(json.dumps(run), encoding="utf-8")
+    from synthmed.ledger import Ledger
+
+    Ledger(out, out / ".synthmed").record_files("run", [".synthmed/run.json"])  # as that synthmed recorded it
+    before = tree(out)
+    with pytest.raises(BuildError, match=r"earlier synthmed \(output format 1; this one writes format 2.*--overwrite") \
+            as info:
+        generate(spec, out, resume=True, backend="pattern", progress=False, qc=False)
+    assert info.value.exit_code == 2
+    assert tree(out) == before  # nothing touched, nothing mixed
+    result = generate(spec, out, overwrite=True, backend="pattern", progress=False, qc=False)
+    assert result.written == 3 and all(r["sr_path"] for r in manifest_rows(out))
+
+
+def test_a_resume_with_the_same_limit_keeps_its_sr_and_seg_and_a_smaller_one_is_refused(tmp_path):
+    spec = write_spec(tmp_path / "specs", count=10)
+    out = tmp_path / "out"
+    generate(spec, out, limit=6, backend="pattern", progress=False, qc=False)
+    assert any(p.endswith("_seg.dcm") for p in tree(out))
+    again = generate(spec, out, limit=6, resume=True, backend="pattern", progress=False, qc=False)
+    assert (again.written, again.reused) == (0, 6)
+    with pytest.raises(BuildError, match=r"holds the images of 2 case\(s\) beyond the 4 now planned"):
+        generate(spec, out, limit=4, resume=True, backend="pattern", progress=False, qc=False)
 
 
 # ----------------------------------------------------------------------------- limit
@@ -741,7 +824,9 @@ def test_patient_orientation_in_the_manifest_is_the_dicom_one(reference):
     for row in rows[:5]:
         ds = pydicom.dcmread(reference / row["dicom_path"])
         assert "\\".join(ds.PatientOrientation) == row["patient_orientation"]
-        assert "PixelSpacing" not in ds and "DistanceSourceToDetector" not in ds
+        assert ds.Modality == "DX" and "DistanceSourceToDetector" not in ds  # DX by default; no geometry known:
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([430 / 64] * 2, rel=1e-5)  # nominal spacing
+        assert "nominal" in ds.DetectorDescription
     card = json.loads((reference / "dataset_card.json").read_text(encoding="utf-8"))
     assert "anatomy" not in card  # only drr builds name a CT
 
@@ -767,3 +852,19 @@ def test_the_phantom_never_draws_a_lateral_as_a_pa():
     case = Case("case-0000000", 0, "train", 1, (FindingLabel("no_finding"),), "M", 50, "LL")
     with pytest.raises(ValueError, match="the phantom backend draws views PA and AP, not 'LL'"):
         PhantomBackend(128, 128).generate([case], [None])
+
+
+def test_support_devices_alone_leave_no_finding_1_in_the_manifest(tmp_path):
+    spec = load_spec(textwrap.dedent("""\
+        spec_version: 1
+        name: devices
+        count: 4
+        image: {size: 64, formats: [png]}
+        findings:
+          - {finding: endotracheal_tube, weight: 0.5}
+          - {finding: [pneumonia, endotracheal_tube], weight: 0.5}
+        """))
+    generate(spec, tmp_path / "out", backend="pattern", progress=False, qc=False)
+    labels = {(r["findings"].count("pneumonia"), r["No Finding"], r["Support Devices"])
+              for r in manifest_rows(tmp_path / "out")}
+    assert labels == {(0, "1", "1"), (1, "0", "1")}

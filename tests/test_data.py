@@ -302,3 +302,83 @@ def test_monai_reads_the_records_like_manifest_dataset(out, ManifestDataset):
 def test_read_image_refuses_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no image file"):
         read_image(tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------- masks for MONAI / TorchIO, collate
+
+def test_mask_pngs_are_0_1_label_maps(out):
+    masks = [p for row in manifest_rows(out) for p in row["mask_paths"].split("|") if p]
+    assert masks
+    for relative in masks:
+        with Image.open(out / relative) as im:
+            assert im.mode == "L" and set(np.unique(np.asarray(im)).tolist()) == {0, 1}, relative
+
+
+def test_records_with_masks_name_each_mask(out):
+    rows = manifest_rows(out)
+    for record, row in zip(manifest_records(out, masks=True), rows):
+        expected = {Path(p).stem.split("_mask_")[1]: str((out / p).resolve()) for p in row["mask_paths"].split("|")
+                    if p}
+        assert record["mask_paths"] == expected
+        assert {k: v for k, v in record.items() if k.startswith("mask_") and k != "mask_paths"} == {
+            f"mask_{f}": p for f, p in expected.items()}
+    assert not [k for k in manifest_records(out)[0] if k.startswith("mask")]
+
+
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")
+def test_load_transform_gives_rows_first_and_each_box_covers_its_mask(out, ManifestDataset):
+    pytest.importorskip("monai")
+    import json
+
+    from monai.data import DataLoader, Dataset
+
+    from synthmed.data import MASK_FINDINGS, load_transform
+
+    rows = manifest_rows(out)
+    monai_set = Dataset(data=manifest_records(out, masks=True), transform=load_transform(masks=True))
+    ours = ManifestDataset(out, masks=True)
+    boxes_seen = 0
+    for i, row in enumerate(rows):
+        item = monai_set[i]
+        image, mask, label_map = np.asarray(item["image"]), np.asarray(item["mask"]), np.asarray(item["label_map"])
+        assert image.shape == (1, HEIGHT, WIDTH) and mask.shape == (len(MASK_FINDINGS), HEIGHT, WIDTH)
+        np.testing.assert_allclose(image / 65535.0, ours[i]["image"].numpy(), atol=1e-6)  # same frame, same values
+        for finding, (x0, y0, x1, y1) in (json.loads(row["bboxes"]) if row["bboxes"] else {}).items():
+            channel = mask[MASK_FINDINGS.index(finding)]
+            inside = np.zeros_like(channel)
+            inside[y0:y1 + 1, x0:x1 + 1] = 1  # the box drawn on the MONAI-loaded image
+            assert channel.any() and not (channel & (1 - inside)).any(), (row["case_id"], finding)
+            assert channel[y0, :].any() and channel[y1, :].any() and channel[:, x0].any() and channel[:, x1].any()
+            assert (label_map[0][channel == 1] > 0).all()
+            boxes_seen += 1
+        assert set(np.unique(label_map).tolist()) <= {0} | {MASK_FINDINGS.index(f) + 1 for f in ours[i]["masks"]}
+    assert boxes_seen >= 3
+    batch = next(iter(DataLoader(monai_set, batch_size=9)))  # mixed findings batch together
+    assert tuple(batch["mask"].shape) == (9, len(MASK_FINDINGS), HEIGHT, WIDTH)
+    assert tuple(batch["label_map"].shape) == (9, 1, HEIGHT, WIDTH)
+
+
+def test_collate_batches_masks_of_mixed_findings(out, ManifestDataset):
+    from synthmed.data import collate
+
+    ds = ManifestDataset(out, masks=True)
+    with pytest.raises(KeyError):  # what the default collate does with cases of different findings
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=9)))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=9, collate_fn=collate)))
+    assert batch["image"].shape == (9, 1, HEIGHT, WIDTH) and batch["label"].shape == (9, 14)
+    assert set(batch["masks"]) == {"pneumothorax", "pleural_effusion", "cardiomegaly"}
+    for finding, masks in batch["masks"].items():
+        assert masks.shape == (9, 1, HEIGHT, WIDTH) and masks.dtype == torch.bool
+        for i in range(9):
+            own = ds[i]["masks"].get(finding)
+            assert torch.equal(masks[i], own) if own is not None else not masks[i].any()
+
+
+def test_load_masks_refuses_a_finding_outside_its_channels(out):
+    from synthmed.data import LoadMasks
+
+    record = next(r for r in manifest_records(out, masks=True) if "mask_pneumothorax" in r)
+    with pytest.raises(ValueError, match=r"has a mask of 'pneumothorax', which is not one of the channels"):
+        LoadMasks(("cardiomegaly",))(record)
+    with pytest.raises(KeyError, match="masks=True"):
+        LoadMasks()({"image": record["image"]})

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import synthmed
 from synthmed import CHEXPERT_COLUMNS, Case, get_vocabulary, load_spec, sample_cases
-from synthmed.sampler import seed_sequence_state
+from synthmed.sampler import FindingLabel, seed_sequence_state
 
 VOCAB = get_vocabulary()
 FINDINGS = list(VOCAB.findings)
@@ -706,3 +706,17 @@ def test_finding_codes_in_records():
     assert d["findings"][0]["codes"]["finding"] == "SCT:60046008"
     assert d["findings"][0]["codes"]["location"].startswith("SCT:")
     assert "location" not in d["findings"][1]["codes"]
+
+
+@pytest.mark.parametrize("findings, no_finding, support_devices", [
+    (("no_finding",), 1, 0),
+    (("endotracheal_tube",), 1, 1),                       # support devices alone leave No Finding 1
+    (("support_devices", "pacemaker"), 1, 1),
+    (("pneumonia", "central_venous_catheter"), 0, 1),
+    (("cardiomegaly",), 0, 0),
+])
+def test_no_finding_is_set_as_the_chexpert_labeler_sets_it(findings, no_finding, support_devices):
+    labels = Case("case-0000000", 0, None, None, tuple(FindingLabel(f) for f in findings)).chexpert_labels()
+    assert (labels["No Finding"], labels["Support Devices"]) == (no_finding, support_devices)
+    assert sum(labels.values()) == no_finding + support_devices + len({f for f in findings if f in (
+        "pneumonia", "cardiomegaly")})

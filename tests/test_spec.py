@@ -385,7 +385,7 @@ def test_defaults_of_a_minimal_spec():
     assert spec.splits.as_dict() == {"train": 1.0}
     assert spec.view.as_dict() == {"PA": 1.0}
     assert spec.sex.as_dict() == {"F": 0.5, "M": 0.5}
-    assert (spec.image.width, spec.image.height, spec.image.bit_depth, spec.image.dicom_iod) == (256, 256, 16, "sc")
+    assert (spec.image.width, spec.image.height, spec.image.bit_depth, spec.image.dicom_iod) == (256, 256, 16, "dx")
     assert spec.prompt.template_id == "synthmed-v1"
     assert spec.generator.allow_pickle is False
     assert spec.findings[0].weight == 1.0

@@ -2,11 +2,14 @@
 
 Two IODs:
 
-- ``iod="sc"`` (default): Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7), Conversion Type
-  ``SYN`` (synthetic image), Modality ``OT`` -- the image was not acquired by any modality.
-- ``iod="dx"``: Digital X-Ray Image Storage - For Presentation (1.2.840.10008.5.1.4.1.1.1.1), Modality
-  ``DX``, with the DX Series, DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, VOI LUT and
-  Acquisition Context modules.
+- ``iod="dx"`` (default): Digital X-Ray Image Storage - For Presentation (1.2.840.10008.5.1.4.1.1.1.1),
+  Modality ``DX``, with the DX Series, DX Anatomy Imaged, DX Image, DX Detector, DX Positioning, VOI LUT and
+  Acquisition Context modules: what imaging pipelines route on (Modality, View Position, pixel spacing).
+- ``iod="sc"``: Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7), Conversion Type ``SYN``
+  (synthetic image), Modality ``OT`` -- the image was not acquired by any modality.
+
+The findings go in a DICOM SR beside the image and the masks in a DICOM SEG (:mod:`synthmed.writers.sr`,
+:mod:`synthmed.writers.seg`); both reference the dataset :func:`dicom_dataset` returns.
 
 Geometry. Patient Orientation is the view's display convention from the vocabulary: frontal films
 (PA, AP, or no view) ``L\\F`` (rows run to the patient's left, columns to the feet: the patient's right on
@@ -16,7 +19,9 @@ DX then states Imager Pixel Spacing at the detector, Pixel Spacing at the patien
 spacing / magnification, calibration type GEOMETRY), Estimated Radiographic Magnification Factor,
 Distance Source to Detector and Distance Source to Patient (to the isocentre, so that their ratio is the
 magnification), and SC states the Pixel Spacing (with its calibration). Without geometry, DX states a
-nominal Imager Pixel Spacing (see :data:`NOMINAL_FIELD_MM`) and nothing else, as before.
+nominal spacing (see :data:`NOMINAL_FIELD_MM`) as Imager Pixel Spacing and as Pixel Spacing (a magnification
+of 1 assumed, no calibration type; Detector Description says it is nominal) -- loaders that size things in mm
+read Pixel Spacing -- and no distances; SC states nothing geometric.
 
 Both are MONOCHROME2, one sample per pixel, unsigned, explicit VR little endian, uncompressed:
 BitsAllocated/BitsStored/HighBit 16/12/11 (``bits_stored=12``, uint16 input) or 8/8/7 (uint8 input);
@@ -169,24 +174,10 @@ def patient_orientation(view: str | None, geometry: "ImageGeometry | None" = Non
     return tuple(get_vocabulary().views[view or "PA"].orientation)
 
 
-def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_stored: int = 12,
+def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "dx", bits_stored: int = 12,
                 dataset_name: str, spec_hash: str, backend: str, model_id: str, model_hash: str,
                 prompt: str, synthmed_version: str, geometry: "ImageGeometry | None" = None) -> bytes:
-    """A DICOM Part 10 file for one synthetic image.
-
-    Args:
-        pixels: 2-D (rows, columns) array; uint16 with every value < 4096 when ``bits_stored`` is 12,
-            uint8 when it is 8.
-        case: the Case the image shows (id, sex, age, view, findings).
-        iod: ``"sc"`` (Secondary Capture, Conversion Type SYN) or ``"dx"`` (Digital X-Ray, For Presentation).
-        bits_stored: 12 (16-bit container) or 8.
-        dataset_name, spec_hash, backend, model_id, model_hash, prompt, synthmed_version: provenance,
-            written into descriptions, Contributing Equipment and the private block.
-        geometry: the simulated acquisition geometry (:class:`synthmed.backends.ImageGeometry`), where the
-            backend knows it; its view must be the case's. None: nominal spacing (module docstring).
-
-    Returns:
-        The bytes of the file; the same inputs always give the same bytes.
+    """A DICOM Part 10 file for one synthetic image: :func:`dicom_dataset`, encoded by :func:`part10_bytes`.
 
     Example:
         >>> from synthmed.sampler import Case, FindingLabel
@@ -197,9 +188,42 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
         >>> len(data) > 132
         True
     """
-    pydicom = _import_pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    return part10_bytes(dicom_dataset(pixels, case, iod=iod, bits_stored=bits_stored, dataset_name=dataset_name,
+                                      spec_hash=spec_hash, backend=backend, model_id=model_id,
+                                      model_hash=model_hash, prompt=prompt, synthmed_version=synthmed_version,
+                                      geometry=geometry))
+
+
+def dicom_dataset(pixels: np.ndarray, case: "Case", *, iod: str = "dx", bits_stored: int = 12,
+                  dataset_name: str, spec_hash: str, backend: str, model_id: str, model_hash: str,
+                  prompt: str, synthmed_version: str, geometry: "ImageGeometry | None" = None) -> "Dataset":
+    """The DICOM dataset (with its file meta) of one synthetic image; the SR and SEG writers reference it.
+
+    Args:
+        pixels: 2-D (rows, columns) array; uint16 with every value < 4096 when ``bits_stored`` is 12,
+            uint8 when it is 8.
+        case: the Case the image shows (id, sex, age, view, findings).
+        iod: ``"dx"`` (Digital X-Ray, For Presentation) or ``"sc"`` (Secondary Capture, Conversion Type SYN).
+        bits_stored: 12 (16-bit container) or 8.
+        dataset_name, spec_hash, backend, model_id, model_hash, prompt, synthmed_version: provenance,
+            written into descriptions, Contributing Equipment and the private block.
+        geometry: the simulated acquisition geometry (:class:`synthmed.backends.ImageGeometry`), where the
+            backend knows it; its view must be the case's. None: nominal spacing (module docstring).
+
+    Returns:
+        A pydicom Dataset; :func:`part10_bytes` of the same inputs always gives the same bytes.
+
+    Example:
+        >>> from synthmed.sampler import Case, FindingLabel
+        >>> case = Case("case-0000002", 2, None, None, (FindingLabel("cardiomegaly", None, "mild"),))
+        >>> ds = dicom_dataset(np.zeros((4, 4), np.uint8), case, iod="dx", bits_stored=8, dataset_name="d",
+        ...                    spec_hash="h", backend="b", model_id="m", model_hash="x", prompt="p",
+        ...                    synthmed_version="0.1.0")
+        >>> ds.Modality, ds.SOPInstanceUID == derive_uid("h", "case-0000002", "instance")
+        ('DX', True)
+    """
+    _import_pydicom()
+    from pydicom.dataset import Dataset
 
     # 1. Check inputs
     if iod not in SOP_CLASS_UIDS:
@@ -248,15 +272,9 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
     ds.Manufacturer = "synthmed"
     ds.ManufacturerModelName = _lo(model)
     ds.SoftwareVersions = _lo(synthmed_version)
-    contributor = Dataset()
-    contributor.PurposeOfReferenceCodeSequence = [_code_item(SYNTHESIZING_EQUIPMENT)]
-    contributor.Manufacturer = "synthmed"
-    contributor.ManufacturerModelName = _lo(model)
-    contributor.SoftwareVersions = _lo(synthmed_version)
-    contributor.ContributionDescription = _text(
-        f"SYNTHETIC image generated by backend {backend}, model {model_id} (hash {model_hash}), "
-        f"synthmed {synthmed_version}, spec hash {spec_hash}; no real patient", 1024)
-    ds.ContributingEquipmentSequence = [contributor]
+    ds.ContributingEquipmentSequence = [synthesizing_equipment(
+        backend=backend, model_id=model_id, model_hash=model_hash, synthmed_version=synthmed_version,
+        spec_hash=spec_hash)]
     if iod == "sc":
         ds.ConversionType = "SYN"
         ds.SecondaryCaptureDeviceManufacturer = "synthmed"
@@ -294,18 +312,21 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
 
     # 6. Findings and provenance, private block (layout in the module docstring)
     _add_private_block(ds, case, provenance, vocab)
-    used_schemes = {item.CodingSchemeDesignator for item in _all_code_items(ds)}
-    if "99SYNTHMED" in used_schemes:
-        scheme = Dataset()
-        scheme.CodingSchemeDesignator = "99SYNTHMED"
-        scheme.CodingSchemeName = _lo(vocab.code_systems.get("99SYNTHMED", {}).get("name", "synthmed local codes"))
-        scheme.CodingSchemeVersion = str(vocab.version)
-        scheme.CodingSchemeResponsibleOrganization = "synthmed"
-        ds.CodingSchemeIdentificationSequence = [scheme]
+    add_coding_schemes(ds, vocab)
 
-    # 7. SOP common and file meta, then encode
+    # 7. SOP common and file meta
     ds.SOPClassUID = SOP_CLASS_UIDS[iod]
     ds.SOPInstanceUID = uid["instance"]
+    set_file_meta(ds, synthmed_version)
+    return ds
+
+
+def set_file_meta(ds: "Dataset", synthmed_version: str) -> None:
+    """Give ``ds`` the file meta synthmed writes: explicit VR little endian and synthmed's own implementation UID
+    (not pydicom's or highdicom's, which change with their versions)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -313,9 +334,93 @@ def dicom_bytes(pixels: np.ndarray, case: "Case", *, iod: str = "sc", bits_store
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = _implementation_version(synthmed_version)
     ds.file_meta = meta
+
+
+def part10_bytes(ds: "Dataset") -> bytes:
+    """Encode a dataset with its file meta (:func:`set_file_meta`) as a DICOM Part 10 file.
+
+    Example:
+        >>> from synthmed.sampler import Case, FindingLabel
+        >>> case = Case("case-0000003", 3, None, None, (FindingLabel("edema", None, None),))
+        >>> ds = dicom_dataset(np.zeros((2, 2), np.uint8), case, bits_stored=8, dataset_name="d", spec_hash="h",
+        ...                    backend="b", model_id="m", model_hash="x", prompt="p", synthmed_version="0.1.0")
+        >>> part10_bytes(ds)[128:132]
+        b'DICM'
+    """
+    pydicom = _import_pydicom()
+
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def synthesizing_equipment(*, backend: str, model_id: str, model_hash: str, synthmed_version: str,
+                           spec_hash: str, made: str = "image") -> "Dataset":
+    """A Contributing Equipment item, purpose (DCM, 109100, "Synthesizing Equipment"): what made the object.
+
+    Example:
+        >>> item = synthesizing_equipment(backend="b", model_id="m", model_hash="x", synthmed_version="0.1.0",
+        ...                               spec_hash="h")
+        >>> item.PurposeOfReferenceCodeSequence[0].CodeValue, item.ContributionDescription[:9]
+        ('109100', 'SYNTHETIC')
+    """
+    from pydicom.dataset import Dataset
+
+    model = f"{backend}/{model_id}"
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [_code_item(SYNTHESIZING_EQUIPMENT)]
+    item.Manufacturer = "synthmed"
+    item.ManufacturerModelName = _lo(model)
+    item.SoftwareVersions = _lo(synthmed_version)
+    item.ContributionDescription = _text(
+        f"SYNTHETIC {made} generated by backend {backend}, model {model_id} (hash {model_hash}), "
+        f"synthmed {synthmed_version}, spec hash {spec_hash}; no real patient", 1024)
+    return item
+
+
+def finish_derived_object(ds: "Dataset", image: "Dataset", *, made: str, spec_hash: str, backend: str,
+                          model_id: str, model_hash: str, synthmed_version: str) -> None:
+    """Make an object highdicom built on ``image`` (an SR, a SEG) deterministic and marked synthetic as the image is.
+
+    Removes what highdicom takes from the clock (Instance Creation Date/Time, the Contribution DateTime of its
+    own Contributing Equipment item); puts synthmed's Synthesizing Equipment item first in place of highdicom's
+    copy of the image's equipment; copies the image's de-identification attributes; describes 99SYNTHMED when
+    used; sets synthmed's file meta.
+    """
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    kept = []
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("Manufacturer") == "synthmed":  # highdicom's copy of the image's equipment
+            continue
+        if "ContributionDateTime" in item:  # highdicom's own entry, stamped with the clock
+            del item.ContributionDateTime
+        kept.append(item)
+    ds.ContributingEquipmentSequence = [
+        synthesizing_equipment(backend=backend, model_id=model_id, model_hash=model_hash,
+                               synthmed_version=synthmed_version, spec_hash=spec_hash, made=made), *kept]
+    for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "PatientAge", "StudyDescription"):
+        if keyword in image:
+            setattr(ds, keyword, image[keyword].value)
+    add_coding_schemes(ds)
+    set_file_meta(ds, synthmed_version)
+
+
+def add_coding_schemes(ds: "Dataset", vocab: Vocabulary | None = None) -> None:
+    """Describe synthmed's local coding scheme (99SYNTHMED) in the Coding Scheme Identification Sequence when
+    any code item of ``ds``, at any depth, uses it."""
+    from pydicom.dataset import Dataset
+
+    vocab = vocab or get_vocabulary()
+    if not any(item.CodingSchemeDesignator == "99SYNTHMED" for item in _all_code_items(ds)):
+        return
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = "99SYNTHMED"
+    scheme.CodingSchemeName = _lo(vocab.code_systems.get("99SYNTHMED", {}).get("name", "synthmed local codes"))
+    scheme.CodingSchemeVersion = str(vocab.version)
+    scheme.CodingSchemeResponsibleOrganization = "synthmed"
+    ds.CodingSchemeIdentificationSequence = [scheme]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -401,7 +506,7 @@ def _add_dx_modules(ds: "Dataset", case: "Case", rows: int, columns: int, vocab:
     if geometry is None:
         ds.DetectorDescription = "SYNTHETIC - no physical detector; nominal pixel spacing"
         spacing = NOMINAL_FIELD_MM / max(rows, columns)
-        ds.ImagerPixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
+        ds.ImagerPixelSpacing = ds.PixelSpacing = [f"{spacing:.6g}", f"{spacing:.6g}"]
     else:
         ds.DetectorDescription = "SYNTHETIC - simulated flat detector; spacing from the simulated geometry"
         ds.ImagerPixelSpacing = [_ds(s) for s in geometry.imager_pixel_spacing]
@@ -501,6 +606,16 @@ def _comments(case: "Case", dataset_name: str, prompt: str, vocab: Vocabulary) -
         findings.append(vocab.findings[label.finding].text + (f" ({', '.join(details)})" if details else ""))
     return (f"SYNTHETIC image - no real patient. Dataset: {dataset_name}. Case: {case.case_id}. "
             f"View: {case.view or 'unspecified'}. Findings: {'; '.join(findings) or 'none'}. Prompt: {prompt}")
+
+
+def long_string(text: str) -> str:
+    """``text`` made fit for a DICOM LO value: no backslash or control characters, at most 64 characters.
+
+    Example:
+        >>> long_string("a/b " + "x" * 80) == "a/b " + "x" * 60
+        True
+    """
+    return _lo(text)
 
 
 def _lo(text: str) -> str:

@@ -373,5 +373,8 @@ def test_the_shipped_icu_drr_spec_builds(ct, tmp_path):
     generate(spec, out, progress=False)
     manifest = (out / "manifest.csv").read_text(encoding="utf-8")
     assert manifest.count("\n") == 9
-    assert len(list(out.glob("images/*/*.png"))) == 8 and len(list(out.glob("dicom/*/*.dcm"))) == 8
+    assert len(list(out.glob("images/*/*.png"))) == 8 and len(list(out.glob("dicom/*/case-???????.dcm"))) == 8
+    with_masks = {p.name.split("_mask_")[0] for p in out.glob("masks/*/*.png")}
+    assert len(list(out.glob("dicom/*/*_sr.dcm"))) == 8
+    assert {p.name.removesuffix("_seg.dcm") for p in out.glob("dicom/*/*_seg.dcm")} == with_masks
     assert list(out.glob("masks/*/*.png"))

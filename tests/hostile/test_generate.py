@@ -127,7 +127,8 @@ def test_resume_without_run_record_and_a_changed_spec_remakes_every_image(built,
     assert result.reused == 0 and result.written == 70
     spec = load_spec(changed)
     assert {r["spec_hash"] for r in rows(built)} == {spec.spec_hash}
-    listed = {p for r in rows(built) for p in [r["png_path"], r["dicom_path"], *r["mask_paths"].split("|")] if p}
+    listed = {p for r in rows(built) for p in [r["png_path"], r["dicom_path"], r["sr_path"], r["seg_path"],
+                                               *r["mask_paths"].split("|")] if p}
     on_disk = {str(p.relative_to(built)) for top in ("images", "dicom", "masks") for p in (built / top).rglob("*")
                if p.is_file() and p.name != "metadata.csv"}
     assert on_disk == listed  # the old plan's files (other splits, other findings) are gone, none is orphaned

@@ -237,7 +237,7 @@ def test_dciodvfy_runs_on_a_sample_and_names_the_file(out):
     victim = manifest_rows(out)[7]
     path = out / victim["dicom_path"]
     ds = pydicom.dcmread(path)
-    del ds.ConversionType  # Type 1 in the SC Equipment module
+    del ds.PresentationIntentType  # Type 1 in the DX Series module (DX is the default IOD)
     ds.save_as(path, enforce_file_format=True)
     result = run("qc", out, "-q", "--no-auditor")  # the default sample: the first 5 files
     assert result.exit_code == 1 and "FAIL dciodvfy" not in result.output  # only sha256 sees it
@@ -246,7 +246,7 @@ def test_dciodvfy_runs_on_a_sample_and_names_the_file(out):
     assert result.exit_code == 1 and "FAIL dciodvfy: 1 of 12 images" in result.output
     section = report_of(out)["sections"]["dciodvfy"]
     assert section["checked"] == 12 and list(section["failures"]) == [victim["case_id"]]
-    assert "ConversionType" in section["failures"][victim["case_id"]][0]
+    assert "PresentationIntentType" in section["failures"][victim["case_id"]][0]
     assert set(manifest_rows(out)[7]["qc_flags"].split("|")) == {"sha256", "dciodvfy"}
 
 

@@ -391,15 +391,29 @@ def test_sc_with_geometry_gets_the_calibrated_pixel_spacing_only(tmp_path):
 
 
 @pytest.mark.parametrize("iod", IODS)
-def test_without_geometry_nothing_geometric_is_claimed(tmp_path, iod):
-    """A backend that knows no geometry keeps the nominal DX spacing and no calibrated spacing or distances."""
+def test_without_geometry_dx_states_a_nominal_spacing_and_nothing_else(tmp_path, iod):
+    """A backend that knows no geometry: DX states the nominal spacing as Imager Pixel Spacing and Pixel Spacing
+    (loaders size things in mm from the latter), says it is nominal, and claims no calibration or distances; SC
+    states nothing geometric."""
     path, _ = write(tmp_path, iod, 12)
     ds = pydicom.dcmread(path)
-    assert not [tag for tag in GEOMETRY_TAGS if tag in ds]
     assert list(ds.PatientOrientation) == ["L", "F"]
     if iod == "dx":
-        assert [float(v) for v in ds.ImagerPixelSpacing] == pytest.approx([430 / 64] * 2, rel=1e-5)
-        assert "nominal" in ds.DetectorDescription
+        nominal = pytest.approx([430 / 64] * 2, rel=1e-5)
+        assert [float(v) for v in ds.ImagerPixelSpacing] == nominal and [float(v) for v in ds.PixelSpacing] == nominal
+        assert "nominal" in ds.DetectorDescription and ds.DetectorDescription.startswith("SYNTHETIC")
+        assert not [tag for tag in GEOMETRY_TAGS if tag in ds and tag != "PixelSpacing"]
+    else:
+        assert not [tag for tag in GEOMETRY_TAGS if tag in ds]
+
+
+def test_dx_is_the_default_iod():
+    from synthmed.spec import load_spec
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(make_pixels(12), make_case(), **PROVENANCE)))
+    assert (ds.SOPClassUID, ds.Modality, ds.ViewPosition) == (SOP_CLASS_UIDS["dx"], "DX", "PA")
+    assert load_spec("spec_version: 1\nname: d\ncount: 1\nfindings: [{finding: edema, weight: 1}]").image.dicom_iod \
+        == "dx"
 
 
 @needs_dciodvfy

@@ -37,6 +37,22 @@ def test_columns_are_the_schema_columns():
     assert len(set(MANIFEST_COLUMNS)) == len(MANIFEST_COLUMNS)
 
 
+def test_every_chexpert_column_documents_which_findings_set_it():
+    """Each CheXpert column's description names exactly the vocabulary findings that set it (it cannot drift)."""
+    import re
+
+    from synthmed.vocabulary import CHEXPERT_COLUMNS, get_vocabulary
+
+    vocab = get_vocabulary()
+    described = {c["name"]: c["description"] for c in json.loads(SCHEMA.read_text(encoding="utf-8"))["columns"]}
+    for column in CHEXPERT_COLUMNS:
+        if column == "No Finding":
+            assert "Support Devices" in described[column] and "CheXpert labeler" in described[column]
+            continue
+        named = re.search(r"maps to this column \(([^)]*)\)", described[column]).group(1).split(", ")
+        assert named == [k for k, f in vocab.findings.items() if f.chexpert == column], column
+
+
 def test_write_part_read_part_round_trip(tmp_path):
     rows = [row(i) for i in range(5)]
     rows[3]["qc_flags"] = "a|b"
