@@ -392,7 +392,13 @@ def main(argv=None) -> int:
                 "location_accuracy": report["location"]["accuracy"],
                 "location_side_accuracy": report["location"]["side_accuracy"],
                 "severity_accuracy": report["severity"]["accuracy"],
-                "finding_accuracy": {k: v["accuracy"] for k, v in report["findings"]["per_finding"].items()}},
+                "finding_accuracy": {k: v["accuracy"] for k, v in report["findings"]["per_finding"].items()},
+                "finding_sensitivity": {k: v["sensitivity"] for k, v in report["findings"]["per_finding"].items()},
+                "location_region_accuracy": report["location"].get("region_accuracy"),
+                "by_view": {view: {"n_images": part["n_images"],
+                                   "finding_exact_set_agreement": part["findings"]["exact_set_agreement"],
+                                   "location_accuracy": part["location"]["accuracy"]}
+                            for view, part in report.get("by_view", {}).items()}},
     }
     auditor.save(out)
     (out / "README.md").write_text(model_card(auditor.config, report), encoding="utf-8")

@@ -55,10 +55,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CHUNK_SIZE = 64
 STATE_DIR = ".synthmed"
-# 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. A folder of another format is
-# refused on --resume (never mixed); --overwrite starts it again.
-RUN_FORMAT = 2
-FORMAT_CHANGES = {2: "DX images by default, a DICOM SR and SEG beside each, their manifest columns, 0/1 masks"}
+# 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. 3: 8-bit PNG by default,
+# written by Pillow, the png_bit_depth column. A folder of another format is refused on --resume (never mixed);
+# --overwrite starts it again.
+RUN_FORMAT = 3
+FORMAT_CHANGES = {2: "DX images by default, a DICOM SR and SEG beside each, their manifest columns, 0/1 masks",
+                  3: "8-bit PNGs by default (image.png_bit_depth), written by Pillow, the png_bit_depth column"}
 INTENDED_USE = "synthetic data for research and development; not for diagnostic use"
 OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
              "README.md", "qc_report.json", "report.html", STATE_DIR)
@@ -180,7 +182,10 @@ class _RunFolder:
                                   "the spec before it is kept")
             else:
                 if previous.get("format") != run["format"]:
-                    what = FORMAT_CHANGES.get(run["format"], "")
+                    old = previous.get("format")
+                    since = [FORMAT_CHANGES[k] for k in sorted(FORMAT_CHANGES)
+                             if isinstance(old, int) and old < k <= run["format"]]
+                    what = "; ".join(since or [FORMAT_CHANGES.get(run["format"], "")])
                     raise BuildError(f"{out} was built by an earlier synthmed (output format {previous.get('format')!r}; "
                                      f"this one writes format {run['format']}{': ' + what if what else ''}); its files "
                                      "cannot be finished by this version. Rerun with --overwrite to build it again "
@@ -410,7 +415,9 @@ class _CaseWriter:
             text = {"case_id": case.case_id, "spec_hash": spec.spec_hash, "synthetic": "yes",
                     "Description": f"SYNTHETIC image made by synthmed {__version__}; not a real patient",
                     "prompt": prompt.text}
-            row["png_path"], row["png_sha256"] = rel, self._put(rel, png_bytes(png_values(stored), text))
+            png = png_bytes(png_values(stored, spec.image.png_bit_depth), text)
+            row["png_path"], row["png_sha256"] = rel, self._put(rel, png)
+            row["png_bit_depth"] = spec.image.png_bit_depth
         if "dicom" in spec.image.formats:
             from .writers.dicom import dicom_dataset, part10_bytes
             from .writers.seg import seg_bytes
@@ -507,7 +514,7 @@ def _planned_labels(case: "Case", spec: DatasetSpec, vocab) -> dict[str, str]:
         "severity": "|".join(f.severity or "" for f in case.findings),
         **case.chexpert_labels(vocab), "sex": case.sex, "age": case.age, "view": case.view,
         "width": spec.image.width, "height": spec.image.height, "bit_depth": spec.image.bit_depth,
-        "spec_hash": spec.spec_hash,
+        "png_bit_depth": spec.image.png_bit_depth if "png" in spec.image.formats else "", "spec_hash": spec.spec_hash,
     }
     return {k: ("" if v is None else str(v)) for k, v in expected.items()}
 
@@ -921,12 +928,15 @@ class _Rejecter:
                                   max_saturated_fraction=qc.thresholds.max_saturated_fraction,
                                   max_black_fraction=qc.thresholds.max_black_fraction)
         self.size = (spec.image.width, spec.image.height, spec.image.bit_depth)
+        # qc judges a PNG's values where there is one (what loaders read), else the DICOM's stored values
+        self.png_depth = spec.image.png_bit_depth if "png" in spec.image.formats else None
 
     def failing(self, image: "GeneratedImage") -> bool:
         from .qc.checks import check_generated
 
         width, height, depth = self.size
-        flags = check_generated(image.pixels, width=width, height=height, bit_depth=depth, limits=self.limits)
+        flags = check_generated(image.pixels, width=width, height=height, bit_depth=depth,
+                                png_bit_depth=self.png_depth, limits=self.limits)
         return any(f in self.checks for f in flags)
 
     def apply(self, engine: "Backend", cases: list, prompts: list, images: list) -> tuple[list, list[int]]:
@@ -1022,9 +1032,11 @@ def _software_versions(spec: DatasetSpec, backend: str) -> dict[str, str]:
 
     import numpy
 
-    used = [("pydicom", "pydicom"), ("highdicom", "highdicom")] if "dicom" in spec.image.formats else []
+    used = [("PIL", "Pillow")]  # it writes the PNGs and masks: its zlib decides their bytes
+    if "dicom" in spec.image.formats:
+        used += [("pydicom", "pydicom"), ("highdicom", "highdicom")]
     if backend == "diffusion":
-        used += [("PIL", "Pillow"), ("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers")]
+        used += [("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers")]
     versions = {"synthmed": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
     for module, dist in used:
         try:
@@ -1050,6 +1062,7 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
         anatomy["anatomy"] = anatomy_card(spec.generator.anatomy)
     card = {
         "name": spec.name, "description": spec.description, "synthetic": True, "intended_use": INTENDED_USE,
+        "output_format": run["format"],
         "count": len(cases), "spec_hash": spec.spec_hash, "spec": spec.to_dict(),
         "backend": {"name": run["backend"], "model": run["model"]},
         "counts": [{k: v for k, v in r.items() if k != "target"} | {"target": round(r["target"], 6)} for r in counts],
@@ -1070,6 +1083,10 @@ def _write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions:
               f"- `manifest.csv`: one row per image: what it shows (findings, location, severity, the 14 CheXpert "
               f"columns), patient, view, prompt, seed, file paths and sha256.\n"
               f"- `dataset_card.json`: the spec (sha256 {spec.spec_hash[:12]}), counts per cell, software versions.\n"
+              + (f"- `images/<split>/`: {spec.image.png_bit_depth}-bit grayscale PNGs"
+                 + (" (the DICOM files keep 12 bits)" if spec.image.png_bit_depth == 8 and spec.image.bit_depth == 16
+                    and "dicom" in spec.image.formats else "") + ".\n"
+                 if "png" in spec.image.formats else "")
               + ("- `dicom/<split>/`: per image the DICOM image, `<case_id>_sr.dcm` (its findings, coded: a DICOM SR, "
                  "TID 1500) and, where there are masks, `<case_id>_seg.dcm` (a DICOM SEG); all one study.\n"
                  if "dicom" in spec.image.formats else "") +

@@ -160,8 +160,9 @@ def read_image(path: str | os.PathLike) -> "np.ndarray":
     """An image file of a synthmed set as float32 [H, W] in [0, 1] (0 black).
 
     PNG: 16-bit samples / 65535, 8-bit / 255 (read with Pillow). DICOM: stored values /
-    (2**BitsStored - 1), MONOCHROME1 inverted. A 16-bit PNG and its DICOM file agree to
-    within 2e-4 (the PNG holds the 12 DICOM bits widened by bit replication).
+    (2**BitsStored - 1), MONOCHROME1 inverted. An 8-bit PNG (the default) and its 12-bit DICOM
+    agree to within 0.5/255 (the PNG holds round(v * 255 / 4095)); a 16-bit PNG to within 2e-4
+    (the 12 DICOM bits widened by bit replication).
     """
     import numpy as np
 

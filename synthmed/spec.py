@@ -153,8 +153,9 @@ class ImageSpec:
     width: int = 256
     height: int = 256
     formats: tuple[str, ...] = ("dicom", "png")
-    bit_depth: int = 16
+    bit_depth: int = 16       # the stored image: 16 = 12 bits stored in 16 (DICOM), 8 = 8 bits
     dicom_iod: str = "dx"
+    png_bit_depth: int = 8    # the PNG's: 8 (from the 12 stored bits, rounded) or 16 (all of them)
 
 
 @dataclass(frozen=True)
@@ -694,8 +695,13 @@ class _MeaningChecker:
                        f"the phantom backend (generator.backend) draws {lo}..{hi} pixels a side, "
                        f"not {width} x {height}")
             return None
+        bit_depth, png_bit_depth = int(im.get("bit_depth", 16)), int(im.get("png_bit_depth", 8))
+        if png_bit_depth > bit_depth:
+            self.error(("image", "png_bit_depth"), f"png_bit_depth {png_bit_depth} needs image.bit_depth 16 "
+                       f"(12 stored bits), not {bit_depth}: an 8-bit image makes an 8-bit PNG")
+            return None
         return ImageSpec(width=width, height=height, formats=tuple(im.get("formats", ("dicom", "png"))),
-                         bit_depth=int(im.get("bit_depth", 16)), dicom_iod=im.get("dicom_iod", "dx"))
+                         bit_depth=bit_depth, dicom_iod=im.get("dicom_iod", "dx"), png_bit_depth=png_bit_depth)
 
     def components(self) -> list[FindingComponent] | None:
         items = self.get("findings")

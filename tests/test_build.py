@@ -34,7 +34,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import synthmed
-from synthmed.build import CHUNK_SIZE, BuildError, BuildResult, generate
+from synthmed.build import CHUNK_SIZE, RUN_FORMAT, BuildError, BuildResult, generate
 from synthmed.cli import main as cli_main
 from synthmed.spec import load_spec
 from synthmed.testing import PatternBackend, output_digests
@@ -530,7 +530,7 @@ def test_manifest_columns_rows_labels_and_hashes(reference):
         assert sha256(out / row["png_path"]) == row["png_sha256"]
         assert sha256(out / row["dicom_path"]) == row["dicom_sha256"]
         assert sha256(out / row["sr_path"]) == row["sr_sha256"]
-        assert (row["width"], row["height"], row["bit_depth"]) == ("64", "64", "16")
+        assert (row["width"], row["height"], row["bit_depth"], row["png_bit_depth"]) == ("64", "64", "16", "8")
         assert row["backend"] == "pattern" and row["synthmed_version"] == synthmed.__version__
         # masks: one per finding shown, named <image stem>_mask_<finding>.png, boxes from the masks
         shown = [f for f in findings if f != "no_finding"]
@@ -585,6 +585,8 @@ def test_cases_jsonl_card_and_readme(reference, spec_path):
     assert sum(c["train"] for c in card["counts"]) == sum(r["split"] == "train" for r in manifest_rows(out))
     assert card["software"]["synthmed"] == synthmed.__version__
     assert card["software"]["pydicom"] == pydicom.__version__  # it wrote the DICOM files
+    assert card["software"]["PIL"] == Image.__version__  # it wrote the PNGs: its zlib decides their bytes
+    assert card["output_format"] == RUN_FORMAT
     assert "python" in card["software"] and "numpy" in card["software"]
     readme = (out / "README.md").read_text(encoding="utf-8")
     assert "SYNTHETIC" in readme and INTENDED_USE in readme
@@ -660,10 +662,11 @@ SOP_CLASS = {"sc": "1.2.840.10008.5.1.4.1.1.7", "dx": "1.2.840.10008.5.1.4.1.1.1
 @needs_dciodvfy
 @needs_dcmdump
 @pytest.mark.parametrize("iod", ["sc", "dx"])
-@pytest.mark.parametrize("bit_depth", [8, 16])
-def test_dicom_files_of_a_build_are_valid_and_match_the_png(tmp_path, iod, bit_depth):
+@pytest.mark.parametrize("bit_depth, png_bit_depth", [(8, 8), (16, 8), (16, 16)])
+def test_dicom_files_of_a_build_are_valid_and_match_the_png(tmp_path, iod, bit_depth, png_bit_depth):
     spec = write_spec(tmp_path / "specs", count=10,
-                      image=f"{{size: 64, formats: [dicom, png], bit_depth: {bit_depth}, dicom_iod: {iod}}}")
+                      image=f"{{size: 64, formats: [dicom, png], bit_depth: {bit_depth}, "
+                            f"png_bit_depth: {png_bit_depth}, dicom_iod: {iod}}}")
     out = tmp_path / "out"
     generate(spec, out, backend="pattern", progress=False)
     rows = manifest_rows(out)
@@ -685,9 +688,12 @@ def test_dicom_files_of_a_build_are_valid_and_match_the_png(tmp_path, iod, bit_d
             png = np.array(im)
             mode = im.mode
         pixels = ds.pixel_array
-        if bit_depth == 16:
+        if png_bit_depth == 16:
             assert mode in ("I;16", "I;16B", "I") and png.max() > 255
             assert np.array_equal(pixels, png.astype(np.uint16) >> 4)
+        elif bit_depth == 16:  # the DICOM keeps 12 bits, the PNG their rounded top 8
+            assert mode == "L" and png.dtype == np.uint8 and pixels.max() > 255
+            assert np.array_equal(np.floor(pixels.astype(np.float64) * 255 / 4095 + 0.5), png)
         else:
             assert mode == "L" and png.dtype == np.uint8
             assert np.array_equal(pixels, png)
@@ -732,25 +738,27 @@ def test_the_seg_of_every_image_with_masks_equals_its_mask_pngs(reference):
                 assert np.array_equal(mask, np.array(im) > 0), png
 
 
-def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_rebuilds_it(tmp_path):
+@pytest.mark.parametrize("old, says", [(1, r"format 3: DX images by default, a DICOM SR and SEG.*; 8-bit PNGs"),
+                                       (2, r"format 3: 8-bit PNGs by default \(image.png_bit_depth\)")])
+def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_rebuilds_it(tmp_path, old, says):
     spec = write_spec(tmp_path / "specs", count=3)
     out = tmp_path / "out"
     generate(spec, out, backend="pattern", progress=False, qc=False)
     run_file = out / ".synthmed" / "run.json"
     run = json.loads(run_file.read_text(encoding="utf-8"))
-    run["format"] = 1  # as synthmed wrote it before the DICOM SR and SEG
+    run["format"] = old  # as synthmed wrote it before the DICOM SR and SEG (1), before 8-bit PNGs (2)
     run_file.write_text(json.dumps(run), encoding="utf-8")
     from synthmed.ledger import Ledger
 
     Ledger(out, out / ".synthmed").record_files("run", [".synthmed/run.json"])  # as that synthmed recorded it
     before = tree(out)
-    with pytest.raises(BuildError, match=r"earlier synthmed \(output format 1; this one writes format 2.*--overwrite") \
-            as info:
+    refused = rf"earlier synthmed \(output format {old}; this one writes format 3.*--overwrite"
+    with pytest.raises(BuildError, match=refused) as info:
         generate(spec, out, resume=True, backend="pattern", progress=False, qc=False)
-    assert info.value.exit_code == 2
+    assert info.value.exit_code == 2 and re.search(says, str(info.value))
     assert tree(out) == before  # nothing touched, nothing mixed
     result = generate(spec, out, overwrite=True, backend="pattern", progress=False, qc=False)
-    assert result.written == 3 and all(r["sr_path"] for r in manifest_rows(out))
+    assert result.written == 3 and all(r["sr_path"] and r["png_bit_depth"] == "8" for r in manifest_rows(out))
 
 
 def test_a_resume_with_the_same_limit_keeps_its_sr_and_seg_and_a_smaller_one_is_refused(tmp_path):

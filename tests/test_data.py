@@ -32,7 +32,7 @@ name: data-loader-test
 seed: 11
 count: 9
 splits: {{train: 0.34, val: 0.33, test: 0.33}}
-image: {{size: [{w}, {h}], formats: {formats}, bit_depth: {bits}}}
+image: {{size: [{w}, {h}], formats: {formats}, bit_depth: {bits}, png_bit_depth: {png_bits}}}
 findings:
   - {{finding: no_finding, weight: 1}}
   - {{finding: pneumothorax, weight: 1, location: {{left: 1}}, severity: {{moderate: 1}}}}
@@ -40,8 +40,8 @@ findings:
 """
 
 
-def build(out: Path, formats: str = "[dicom, png]", bits: int = 16) -> Path:
-    spec = load_spec(SPEC.format(w=WIDTH, h=HEIGHT, formats=formats, bits=bits))
+def build(out: Path, formats: str = "[dicom, png]", bits: int = 16, png_bits: int = 8) -> Path:
+    spec = load_spec(SPEC.format(w=WIDTH, h=HEIGHT, formats=formats, bits=bits, png_bits=png_bits))
     generate(spec, out, backend="pattern", progress=False)
     return out
 
@@ -93,20 +93,22 @@ def test_pixels_are_the_png_samples_scaled(out, ManifestDataset):
     ds = ManifestDataset(out / "manifest.csv")  # the manifest path works as well as the folder
     item = ds[0]
     png = np.asarray(Image.open(out / manifest_rows(out)[0]["png_path"]))
-    assert png.dtype == np.uint16
-    np.testing.assert_array_equal(np.rint(item["image"][0].numpy() * 65535).astype(np.uint16), png)
+    assert png.dtype == np.uint8  # the default
+    np.testing.assert_array_equal(np.rint(item["image"][0].numpy() * 255).astype(np.uint8), png)
 
 
-def test_dicom_when_no_png_and_8_bit_png(out, tmp_path, ManifestDataset):
-    sixteen = ManifestDataset(out)
+def test_dicom_when_no_png_and_8_and_16_bit_png(out, tmp_path, ManifestDataset):
+    default = ManifestDataset(out)
+    sixteen = ManifestDataset(build(tmp_path / "sixteen", formats="[png]", png_bits=16))
     dicom_only = ManifestDataset(build(tmp_path / "dicom", formats="[dicom]"))
     assert all(r["png_path"] == "" and r["dicom_path"] for r in manifest_rows(tmp_path / "dicom"))
     eight = ManifestDataset(build(tmp_path / "eight", formats="[png]", bits=8))
     for i in range(len(sixteen)):
-        a = sixteen[i]["image"]
+        a, p = sixteen[i]["image"], default[i]["image"]
         d, e = dicom_only[i]["image"], eight[i]["image"]
-        assert d.shape == e.shape == a.shape
+        assert d.shape == e.shape == a.shape == p.shape
         assert float((a - d).abs().max()) < 2e-4     # the PNG holds the 12 DICOM bits, bit-replicated
+        assert float((p - d).abs().max()) <= 0.5 / 255 + 1e-6  # round(v * 255 / 4095)
         assert float((a - e).abs().max()) <= 1 / 255 + 1e-6
 
 
@@ -291,9 +293,9 @@ def test_monai_reads_the_records_like_manifest_dataset(out, ManifestDataset):
     assert len(monai_set) == len(ours) == 3
     for i in range(len(ours)):
         theirs = monai_set[i]
-        # MONAI's PIL reader gives [W, H] (its spatial axes are x first) and the raw 16-bit samples
+        # MONAI's PIL reader gives [W, H] (its spatial axes are x first) and the raw 8-bit samples
         assert tuple(theirs["image"].shape) == (WIDTH, HEIGHT)
-        np.testing.assert_allclose(np.asarray(theirs["image"]).T / 65535.0, ours[i]["image"][0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(theirs["image"]).T / 255.0, ours[i]["image"][0].numpy(), atol=1e-6)
         np.testing.assert_array_equal(theirs["label"], ours[i]["label"].numpy())
     batch = next(iter(DataLoader(monai_set, batch_size=3)))
     assert tuple(batch["image"].shape) == (3, WIDTH, HEIGHT) and tuple(batch["label"].shape) == (3, 14)
@@ -342,7 +344,7 @@ def test_load_transform_gives_rows_first_and_each_box_covers_its_mask(out, Manif
         item = monai_set[i]
         image, mask, label_map = np.asarray(item["image"]), np.asarray(item["mask"]), np.asarray(item["label_map"])
         assert image.shape == (1, HEIGHT, WIDTH) and mask.shape == (len(MASK_FINDINGS), HEIGHT, WIDTH)
-        np.testing.assert_allclose(image / 65535.0, ours[i]["image"].numpy(), atol=1e-6)  # same frame, same values
+        np.testing.assert_allclose(image / 255.0, ours[i]["image"].numpy(), atol=1e-6)  # same frame, same values
         for finding, (x0, y0, x1, y1) in (json.loads(row["bboxes"]) if row["bboxes"] else {}).items():
             channel = mask[MASK_FINDINGS.index(finding)]
             inside = np.zeros_like(channel)
@@ -382,3 +384,61 @@ def test_load_masks_refuses_a_finding_outside_its_channels(out):
         LoadMasks(("cardiomegaly",))(record)
     with pytest.raises(KeyError, match="masks=True"):
         LoadMasks()({"image": record["image"]})
+
+
+# ----------------------------------------------------------------------------- the field's loaders read stored values
+
+def stored_png_values(out: Path, row: dict) -> np.ndarray:
+    """What the PNG must hold: the writer's 8-bit values of the DICOM's 12 stored bits, round(v * 255 / 4095)."""
+    import pydicom
+
+    v = pydicom.dcmread(out / row["dicom_path"]).pixel_array.astype(np.int64)
+    assert v.max() > 255  # really 12 bits, so the test tells 8-bit rounding from a cast
+    return np.floor(v * 255 / 4095 + 0.5).astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_hugging_face_imagefolder_and_convert_rgb_give_the_stored_values(out, tmp_path, monkeypatch):
+    """#20: torchvision's pil_loader does img.convert("RGB"); on the 16-bit PNGs it saturated 83 % of the pixels."""
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    datasets = pytest.importorskip("datasets")
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)  # the cache must not touch the shared folder
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(copy), cache_dir=str(tmp_path / "hf-cache"))
+    rows = {r["case_id"]: r for r in manifest_rows(out)}
+    seen = 0
+    for part in loaded.values():
+        for example in part:
+            want = stored_png_values(out, rows[example["case_id"]])
+            rgb = np.asarray(example["image"].convert("RGB"))
+            assert rgb.shape == (HEIGHT, WIDTH, 3)
+            for channel in range(3):
+                np.testing.assert_array_equal(rgb[..., channel], want)
+            seen += 1
+    assert seen == 9
+
+
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")
+def test_monai_load_imaged_gives_the_stored_values(out):
+    pytest.importorskip("monai")
+    from monai.transforms import LoadImaged
+
+    load = LoadImaged(keys="image", image_only=True)
+    for record, row in zip(manifest_records(out), manifest_rows(out)):
+        image = np.asarray(load(record)["image"])
+        np.testing.assert_array_equal(image.T, stored_png_values(out, row))  # MONAI's PIL reader: [W, H]
+
+
+def test_torchio_reads_masks_as_0_1_label_maps(out):
+    tio = pytest.importorskip("torchio")
+    rows = [r for r in manifest_rows(out) if r["mask_paths"]]
+    assert rows
+    for row in rows:
+        for relative in row["mask_paths"].split("|"):
+            label = tio.LabelMap(out / relative)
+            values = set(torch.unique(label.data).tolist())
+            assert values == {0, 1}, relative
+            with Image.open(out / relative) as im:  # TorchIO's 2-D images are [C, W, H, 1]
+                np.testing.assert_array_equal(label.data[0, :, :, 0].numpy().T, np.asarray(im))

@@ -386,6 +386,7 @@ def test_defaults_of_a_minimal_spec():
     assert spec.view.as_dict() == {"PA": 1.0}
     assert spec.sex.as_dict() == {"F": 0.5, "M": 0.5}
     assert (spec.image.width, spec.image.height, spec.image.bit_depth, spec.image.dicom_iod) == (256, 256, 16, "dx")
+    assert spec.image.png_bit_depth == 8  # #20: what CheXpert and MIMIC-CXR-JPG ship, and loaders read right
     assert spec.prompt.template_id == "synthmed-v1"
     assert spec.generator.allow_pickle is False
     assert spec.findings[0].weight == 1.0
@@ -457,6 +458,15 @@ def test_image_size_pair_and_bounds():
     spec = load_spec(BASE + "image: {size: [512, 64], formats: [png], bit_depth: 8}\n")
     assert (spec.image.width, spec.image.height, spec.image.formats, spec.image.bit_depth) == (512, 64, ("png",), 8)
     assert load_spec(BASE + "image: {size: 1024}\n").image.width == 1024
+
+
+def test_png_bit_depth_16_on_request_needs_12_stored_bits():
+    assert load_spec(BASE + "image: {png_bit_depth: 16}\n").image.png_bit_depth == 16
+    assert load_spec(BASE + "image: {bit_depth: 8, png_bit_depth: 8}\n").image.png_bit_depth == 8
+    error = spec_error(BASE + "image: {bit_depth: 8, png_bit_depth: 16}\n")
+    assert [p.path for p in error.problems] == [("image", "png_bit_depth")]
+    assert "needs image.bit_depth 16" in str(error)
+    assert [p.path for p in spec_error(BASE + "image: {png_bit_depth: 12}\n").problems] == [("image", "png_bit_depth")]
 
 
 @pytest.mark.parametrize("count", [1, 10_000_000])

@@ -608,7 +608,8 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
         A JSON-serialisable dict. A finding counts as read when :meth:`AuditorPrediction.present`
         says so (an image with nothing read in it counts as ``no_finding``).
         ``findings``: ``exact_set_agreement`` (fraction of images whose predicted set of leaf
-        findings equals the labelled one), ``mean_accuracy`` (over all findings), and per
+        findings equals the labelled one; a parent labelled alone, e.g. ``support_devices``, is matched by
+        any of its children read), ``mean_accuracy`` (over all findings), and per
         finding ``accuracy``, ``sensitivity``, ``specificity`` (None without positives /
         negatives), ``support`` (labelled positives) and ``confusion`` ``[[TN, FP], [FN, TP]]``
         (rows labelled absent/present, columns predicted);
@@ -655,7 +656,18 @@ def label_fidelity(prediction: AuditorPrediction, cases_or_label_rows: Sequence,
     vocab = get_vocabulary()
     parents = {vocab.findings[name].parent for name in finding_names if name in vocab.findings}
     leaves = [j for j, name in enumerate(finding_names) if name not in parents]
-    exact = (labelled[:, leaves] == predicted[:, leaves]).all(axis=1)
+    # a parent labelled alone (support_devices, lung_lesion: "some device", "some lesion") is matched by any of its
+    # children that the auditor reads: those are not extra findings
+    child_of = {j: finding_names.index(vocab.findings[name].parent) for j, name in enumerate(finding_names)
+                if name in vocab.findings and vocab.findings[name].parent in finding_names}
+    labelled_leaves = labelled[:, leaves].copy()
+    for col, j in enumerate(leaves):
+        if j in child_of:
+            parent = child_of[j]
+            siblings = [k for k, p in child_of.items() if p == parent]
+            unspecified = labelled[:, parent] & ~labelled[:, siblings].any(axis=1)
+            labelled_leaves[:, col] |= unspecified & predicted[:, j]
+    exact = (labelled_leaves == predicted[:, leaves]).all(axis=1)
     accuracies = [v["accuracy"] for v in per_finding.values() if v["accuracy"] is not None]
 
     location = _categorical_agreement(labelled_location, np.argmax(prediction.location_probs, axis=1),

@@ -9,19 +9,25 @@ Checks:
 
 - ``readable``: the PNG and DICOM files exist, stay inside the output folder, and decode within the size
   limits (:data:`MAX_IMAGE_PIXELS`, :data:`MAX_DECODED_BYTES`: a decompression bomb is refused before it is
-  inflated).
+  inflated); the SR and SEG files exist and are DICOM files of their kind (the SOP Class in their file meta).
 - ``size``: width x height as the spec says (PNG header and DICOM Rows / Columns).
-- ``bit_depth``: PNG bit depth and DICOM Bits Allocated / Bits Stored as the spec says.
+- ``bit_depth``: PNG bit depth (``image.png_bit_depth``) and DICOM Bits Allocated / Bits Stored
+  (``image.bit_depth``) as the spec says.
 - ``nan``: no NaN or infinite pixel (images from a backend; integer files cannot hold one).
 - ``blank``: the 1st-99th percentile range covers at least ``min_dynamic_range`` of full scale.
 - ``saturated``: at most ``max_saturated_fraction`` of the pixels sit at full white (clipped), and at most
   ``max_black_fraction`` at black. Air beside the body is black on real films too (20-40 % of a CR film),
   so black is allowed far more than white.
-- ``sha256``: every file's sha256 (PNG, DICOM, masks) equals the manifest's.
-- ``dicom_match``: the DICOM pixels equal the PNG's stored values (``PNG >> 4`` at 16 bits).
+- ``sha256``: every file's sha256 (PNG, DICOM, SR, SEG, masks) equals the manifest's.
+- ``dicom_match``: the PNG's samples are exactly what the writer makes of the DICOM's stored values
+  (:func:`synthmed.writers.png.png_values`: ``round(v * 255 / 4095)`` for an 8-bit PNG of 12 stored bits).
 - ``intensity``: region means and histogram quantiles inside bands learned from a reference set
   (MAISI's per-organ mean ± k·σ; set level, see :mod:`synthmed.qc.run`).
-- ``dciodvfy``: dciodvfy (dicom3tools) reports no error (run on a sample; it is slow per file).
+- ``dciodvfy``: dciodvfy (dicom3tools) reports no error on the image, SR and SEG (run on a sample of images; it
+  is slow per file).
+
+The pixel tests (and the set-level figures) judge what loaders read, as a reference set's images are read: the
+PNG's values where there is a PNG (``dicom_match`` ties it exactly to the DICOM's), else the DICOM's.
 
 The set-level ``duplicates`` and ``memorisation`` checks (:mod:`synthmed.qc.run`) also name the
 images they concern in ``qc_flags``.
@@ -50,14 +56,14 @@ import numpy as np
 
 # name -> what failing it means; the order is the order of qc_flags
 CHECKS: dict[str, str] = {
-    "readable": "the file is missing or does not decode",
+    "readable": "the file is missing or does not decode (or an SR or SEG is not one)",
     "size": "width x height differ from the spec",
     "bit_depth": "bit depth differs from the spec",
     "nan": "NaN or infinite pixels",
     "blank": "(nearly) blank: the 1st-99th percentile range is below min_dynamic_range of full scale",
     "saturated": "more than max_saturated_fraction of the pixels at full white, or max_black_fraction at black",
     "sha256": "the file's sha256 differs from the manifest's",
-    "dicom_match": "the DICOM pixels differ from the PNG's",
+    "dicom_match": "the PNG's samples differ from what the writer makes of the DICOM's pixels",
     "intensity": "region means or histogram quantiles outside the reference bands (mean ± k·σ)",
     "dciodvfy": "dciodvfy (dicom3tools) reports errors",
     # set level, but named on the images they concern
@@ -108,8 +114,13 @@ class Expected:
 
     width: int
     height: int
-    bit_depth: int  # 8 or 16 (16: 12 bits stored in DICOM)
+    bit_depth: int  # the stored image, as DICOM holds it: 8 or 16 (16: 12 bits stored)
     formats: tuple[str, ...] = ("dicom", "png")
+    png_bit_depth: int | None = None  # the PNG's, 8 or 16; None: the same as bit_depth
+
+    @property
+    def png_depth(self) -> int:
+        return self.bit_depth if self.png_bit_depth is None else self.png_bit_depth
 
 
 @dataclass
@@ -352,7 +363,8 @@ def _read_dicom(data: bytes):
 
 
 def stored_values(png: np.ndarray, depth: int) -> tuple[np.ndarray, int]:
-    """PNG samples -> (stored values, their full scale): 16-bit PNGs hold 12 stored bits (``>> 4``)."""
+    """PNG samples -> (the values to judge, their full scale): 16-bit PNGs hold 12 stored bits (``>> 4``), 8-bit
+    PNGs their own 8 bits."""
     if depth == 16:
         return png >> 4, 4095
     return png, 255
@@ -406,7 +418,7 @@ def pixel_flags(stats: PixelStats, limits: PixelLimits = PixelLimits()) -> dict[
 
 
 def check_generated(pixels: np.ndarray, *, width: int, height: int, bit_depth: int,
-                    limits: PixelLimits = PixelLimits()) -> dict[str, str]:
+                    png_bit_depth: int | None = None, limits: PixelLimits = PixelLimits()) -> dict[str, str]:
     """The pixel checks on a backend's float image, before it is written (for reject-and-regenerate).
 
     The image is stored exactly as the writers store it, so the verdict equals the one the file gets.
@@ -414,6 +426,8 @@ def check_generated(pixels: np.ndarray, *, width: int, height: int, bit_depth: i
     Args:
         pixels: float [H, W] in [0, 1].
         width, height, bit_depth: what the spec asks for.
+        png_bit_depth: the PNG's depth where a PNG is written (its values are judged then, as :func:`check_row`
+            judges them); None judges the stored values (a DICOM alone).
 
     Returns:
         {check: message} of the failed checks among ``size``, ``nan``, ``blank``, ``saturated``.
@@ -429,8 +443,12 @@ def check_generated(pixels: np.ndarray, *, width: int, height: int, bit_depth: i
     if not finite.all():
         flags["nan"] = f"{int(pixels.size - finite.sum())} NaN or infinite pixels"
         return flags
+    from ..writers.png import png_values
+
     stored = to_stored(pixels, bit_depth)
-    flags.update(pixel_flags(pixel_stats(stored, 4095 if bit_depth == 16 else 255), limits))
+    if png_bit_depth is not None:
+        stored, _ = stored_values(png_values(stored, png_bit_depth), png_bit_depth)
+    flags.update(pixel_flags(pixel_stats(stored, 4095 if stored.dtype == np.uint16 else 255), limits))
     return flags
 
 
@@ -524,8 +542,7 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
         None when no image decoded.
     """
     result = ImageResult(case_id=row.get("case_id", ""))
-    stored = None
-    full_scale = 4095 if expected.bit_depth == 16 else 255
+    png, png_depth = None, expected.png_depth
     # 1. PNG: bytes -> sha256 -> pixels -> size and depth
     if row.get("png_path"):
         data = _read(out, row["png_path"])
@@ -535,19 +552,21 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
             if row.get("png_sha256") and _sha256(data) != row["png_sha256"]:
                 result.fail("sha256", f"{row['png_path']} does not match the manifest's sha256")
             try:
-                png, depth = decode_png(data)
+                png, png_depth = decode_png(data)
             except ValueError as e:
                 result.fail("readable", f"{row['png_path']}: {e}")
             else:
                 if png.shape != (expected.height, expected.width):
                     result.fail("size", f"PNG is {png.shape[1]}x{png.shape[0]}, the spec asks for "
                                         f"{expected.width}x{expected.height}")
-                if depth != expected.bit_depth:
-                    result.fail("bit_depth", f"PNG is {depth}-bit, the spec asks for {expected.bit_depth}")
-                stored, full_scale = stored_values(png, depth)
+                if png_depth != expected.png_depth:
+                    result.fail("bit_depth", f"PNG is {png_depth}-bit, the spec asks for {expected.png_depth}")
     elif "png" in expected.formats:
         result.fail("readable", "the manifest names no PNG file")
-    # 2. DICOM: bytes -> sha256 -> pixels -> geometry, then the PNG's values
+    stored = None
+    if png is not None:  # what loaders read is what is judged
+        stored, full_scale = stored_values(png, png_depth)
+    # 2. DICOM: bytes -> sha256 -> pixels -> geometry, then the PNG made from its values
     if row.get("dicom_path"):
         data = _read(out, row["dicom_path"])
         if isinstance(data, str):
@@ -560,13 +579,15 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
             except ValueError as e:
                 result.fail("readable", f"{row['dicom_path']}: {e}")
             else:
-                _check_dicom(result, dicom, expected, stored)
+                _check_dicom(result, dicom, expected, png, png_depth)
                 if stored is None and dicom.pixels.ndim == 2:
                     full_scale = (1 << dicom.bits_stored) - 1
                     stored = np.clip(dicom.pixels, 0, full_scale).astype(np.uint16 if full_scale > 255 else np.uint8)
     elif "dicom" in expected.formats:
         result.fail("readable", "the manifest names no DICOM file")
-    # 3. masks: sha256 only
+    # 3. the DICOM SR and SEG beside the image: sha256, and each is a DICOM object of its kind
+    _check_labels_objects(out, row, result)
+    # 4. masks: sha256 only
     if row.get("mask_paths"):
         for rel, digest in zip(row["mask_paths"].split("|"), (row.get("mask_sha256") or "").split("|")):
             data = _read(out, rel)
@@ -576,7 +597,7 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
                 result.fail("sha256", f"{rel} does not match the manifest's sha256")
     if stored is None:
         return result, None
-    # 4. pixels: histogram figures, blank, saturated; small copies for the set-level checks
+    # 5. pixels: histogram figures, blank, saturated; small copies for the set-level checks
     result.stats = pixel_stats(stored, full_scale)
     for check, message in pixel_flags(result.stats, limits).items():
         result.fail(check, message)
@@ -590,7 +611,10 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
     return result, pixels
 
 
-def _check_dicom(result: ImageResult, dicom: DicomPixels, expected: Expected, stored: np.ndarray | None) -> None:
+def _check_dicom(result: ImageResult, dicom: DicomPixels, expected: Expected, png: np.ndarray | None,
+                 png_depth: int) -> None:
+    from ..writers.png import png_values
+
     if (dicom.columns, dicom.rows) != (expected.width, expected.height):
         result.fail("size", f"DICOM is {dicom.columns}x{dicom.rows}, the spec asks for "
                             f"{expected.width}x{expected.height}")
@@ -598,12 +622,60 @@ def _check_dicom(result: ImageResult, dicom: DicomPixels, expected: Expected, st
     if (dicom.bits_allocated, dicom.bits_stored) != want:
         result.fail("bit_depth", f"DICOM has Bits Allocated {dicom.bits_allocated}, Bits Stored "
                                  f"{dicom.bits_stored}; the spec asks for {want[0]} and {want[1]}")
-    if stored is not None:
-        if dicom.pixels.shape != stored.shape:
-            result.fail("dicom_match", f"DICOM pixels are {dicom.pixels.shape}, the PNG's {stored.shape}")
-        elif not np.array_equal(dicom.pixels, stored):
-            differ = int(np.count_nonzero(dicom.pixels != stored))
-            result.fail("dicom_match", f"{differ} of {stored.size} DICOM pixels differ from the PNG's")
+    if png is None:
+        return
+    if dicom.pixels.shape != png.shape:
+        result.fail("dicom_match", f"DICOM pixels are {dicom.pixels.shape}, the PNG's {png.shape}")
+        return
+    try:  # the PNG the writer makes of these stored values, exactly
+        made = png_values(dicom.pixels, png_depth)
+    except ValueError as e:
+        result.fail("dicom_match", f"a {png_depth}-bit PNG cannot be compared with {dicom.bits_stored}-bit "
+                                   f"DICOM pixels: {e}")
+        return
+    if not np.array_equal(made, png):
+        differ = int(np.count_nonzero(made != png))
+        rule = {(16, 8): "round(v * 255 / 4095)", (16, 16): "(v << 4) | (v >> 8)", (8, 8): "v"}.get(
+            (8 * dicom.pixels.dtype.itemsize, png_depth), "?")
+        result.fail("dicom_match", f"{differ} of {png.size} DICOM pixels differ from the PNG's (a {png_depth}-bit "
+                                   f"PNG holds {rule} of the DICOM's value v)")
+
+
+# the objects beside the image: manifest column -> (what it is, the end of its SOP Class name in pydicom)
+LABEL_OBJECTS = {"sr": ("SR", "SR Storage"), "seg": ("SEG", "Segmentation Storage")}
+
+
+def _check_labels_objects(out: Path, row: Mapping[str, str], result: ImageResult) -> None:
+    """sha256 and kind of the row's DICOM SR and SEG; a missing one is ``readable``, where the row says there is one.
+
+    Only the file meta is parsed (a few microseconds); dciodvfy checks a sample of them in full.
+    """
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import UID
+
+    for kind, (what, sop_class) in LABEL_OBJECTS.items():
+        rel = row.get(f"{kind}_path")
+        if not rel:
+            # a synthmed manifest has the column; there every DICOM image has an SR, and a SEG where it has masks
+            owed = f"{kind}_path" in row and row.get("dicom_path") and (kind == "sr" or row.get("mask_paths"))
+            if owed:
+                result.fail("readable", f"the manifest names no DICOM {what} beside {row['dicom_path']}")
+            continue
+        data = _read(out, rel)
+        if isinstance(data, str):
+            result.fail("readable", data)
+            continue
+        if row.get(f"{kind}_sha256") and _sha256(data) != row[f"{kind}_sha256"]:
+            result.fail("sha256", f"{rel} does not match the manifest's sha256")
+        try:
+            fp = io.BytesIO(data)
+            read_preamble(fp, False)
+            name = UID(str(_read_file_meta_info(fp).MediaStorageSOPClassUID)).name
+        except Exception as e:  # pydicom raises many kinds on a broken file
+            result.fail("readable", f"{rel} is not a DICOM file: {type(e).__name__}: {e}")
+            continue
+        if not name.endswith(sop_class):
+            result.fail("readable", f"{rel} is not a DICOM {what}: its SOP Class is {name}")
 
 
 # ----------------------------------------------------------------------------- dciodvfy
@@ -619,10 +691,13 @@ def dciodvfy_errors(path: Path, timeout: float = 60.0) -> list[str]:
 
 
 def dciodvfy_sample(out: Path, rows: Sequence[Mapping[str, str]], sample: int) -> dict:
-    """Run dciodvfy on the first ``sample`` DICOM files of the manifest (it costs a process per file).
+    """Run dciodvfy on the DICOM objects of the first ``sample`` images of the manifest: each image, its SR and
+    its SEG (it costs a process per file).
 
     Returns:
-        {"status", "checked", "available", "sample", "failures": {case_id: [error lines]}, "reason"?}
+        {"status", "checked" (images), "files", "objects" ({image, sr, seg}: files checked), "available",
+        "sample", "of", "failures": {case_id: [error lines, an SR's or SEG's prefixed with its file name]},
+        "reason"?}
     """
     if not dciodvfy_available():
         return {"status": "skipped", "available": False, "checked": 0, "sample": sample, "failures": {},
@@ -632,17 +707,24 @@ def dciodvfy_sample(out: Path, rows: Sequence[Mapping[str, str]], sample: int) -
         return {"status": "skipped", "available": True, "checked": 0, "sample": sample, "failures": {},
                 "reason": "no DICOM files"}
     failures: dict[str, list[str]] = {}
-    checked = 0
+    checked, objects = 0, {"image": 0, "sr": 0, "seg": 0}
     for row in with_dicom[:max(sample, 0)]:
-        path = out / row["dicom_path"]
-        if not inside_folder(row["dicom_path"]) or not path.is_file():
-            continue  # the readable check names it
-        try:
-            errors = dciodvfy_errors(path)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            errors = [f"Error - dciodvfy did not run: {e}"]
-        checked += 1
+        errors, any_checked = [], False
+        for kind, column in (("image", "dicom_path"), ("sr", "sr_path"), ("seg", "seg_path")):
+            rel = row.get(column) or ""
+            path = out / rel
+            if not rel or not inside_folder(rel) or not path.is_file():
+                continue  # the readable check names it
+            try:
+                found = dciodvfy_errors(path)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                found = [f"Error - dciodvfy did not run: {e}"]
+            objects[kind] += 1
+            any_checked = True
+            errors += found if kind == "image" else [f"{Path(rel).name}: {line}" for line in found]
+        checked += any_checked
         if errors:
             failures[row["case_id"]] = errors
-    return {"status": "fail" if failures else "pass", "available": True, "checked": checked, "sample": sample,
-            "of": len(with_dicom), "failures": failures}
+    return {"status": "fail" if failures else "pass", "available": True, "checked": checked,
+            "files": sum(objects.values()), "objects": objects, "sample": sample, "of": len(with_dicom),
+            "failures": failures}

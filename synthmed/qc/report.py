@@ -285,7 +285,9 @@ def _summary(report: Mapping) -> str:
     return (f'<section id="summary"><h1>QC report: {escape(str(dataset.get("name", "?")))}</h1>'
             f'<div class="banner {escape(verdict)}">{escape(banner)}</div>'
             f'<p>{_fmt(dataset.get("count"))} images, {_fmt(dataset.get("width"))}×{_fmt(dataset.get("height"))}, '
-            f'{_fmt(dataset.get("bit_depth"))}-bit, spec sha256 <code>{escape(str(dataset.get("spec_hash", ""))[:12])}'
+            f'{_fmt(dataset.get("bit_depth"))}-bit'
+            + (f' (PNG {_fmt(dataset["png_bit_depth"])}-bit)' if dataset.get("png_bit_depth") else "")
+            + f', spec sha256 <code>{escape(str(dataset.get("spec_hash", ""))[:12])}'
             f'</code>, synthmed {escape(str(report.get("synthmed_version", "")))}, {escape(str(report.get("mode", "")))} run. '
             f'Images: {_fmt(images.get("passed"))} pass, {_fmt(images.get("warned"))} warn (non-gating flags), '
             f'{_fmt(images.get("failed"))} fail.</p>'
@@ -404,9 +406,12 @@ def _set_metrics(report: Mapping, thumbs: Mapping[str, np.ndarray]) -> str:
     if dcio.get("status") == "skipped":
         parts.append(f'<p class="skipped">skipped: {escape(str(dcio.get("reason")))}</p>')
     else:
-        parts.append(f'<p>{_fmt(dcio.get("checked"))} of {_fmt(dcio.get("of"))} DICOM files checked (sample '
-                     f'{_fmt(dcio.get("sample"))}); {len(dcio.get("failures", {}))} with errors: '
-                     f'{_status(dcio.get("status"))}.</p>')
+        objects = dcio.get("objects") if isinstance(dcio.get("objects"), Mapping) else {}
+        files = (f' ({_fmt(objects.get("image"))} images, {_fmt(objects.get("sr"))} SR, {_fmt(objects.get("seg"))} '
+                 f'SEG: {_fmt(dcio.get("files"))} files)' if objects else "")
+        parts.append(f'<p>{_fmt(dcio.get("checked"))} of {_fmt(dcio.get("of"))} DICOM images checked with their SR '
+                     f'and SEG{files} (sample {_fmt(dcio.get("sample"))}); {len(dcio.get("failures", {}))} with '
+                     f'errors: {_status(dcio.get("status"))}.</p>')
     parts.append("</section>")
     return "".join(parts)
 

@@ -34,10 +34,10 @@ def pattern_pixels(size: int = 64, case: Case = CASE) -> np.ndarray:
 
 
 def write_case(folder: Path, pixels: np.ndarray, bit_depth: int = 16, *, case: Case = CASE,
-               dicom_pixels: np.ndarray | None = None) -> dict:
+               dicom_pixels: np.ndarray | None = None, png_bit_depth: int | None = None) -> dict:
     """PNG + DICOM of one image with synthmed's writers, and the manifest row that names them."""
     stored = to_stored(pixels, bit_depth)
-    png = png_bytes(png_values(stored), {"case_id": case.case_id})
+    png = png_bytes(png_values(stored, png_bit_depth), {"case_id": case.case_id})
     dcm = dicom_bytes(stored if dicom_pixels is None else dicom_pixels, case,
                       bits_stored=12 if bit_depth == 16 else 8, dataset_name="t", spec_hash="h" * 64,
                       backend="pattern", model_id="m", model_hash="x", prompt="p", synthmed_version="0.1.0")
@@ -251,3 +251,134 @@ def test_check_row_mask_hashes(tmp_path):
 def test_dciodvfy_finds_no_error_in_a_synthmed_file(tmp_path):
     row = write_case(tmp_path, pattern_pixels())
     assert dciodvfy_errors(tmp_path / row["dicom_path"]) == []
+
+
+# ----------------------------------------------------------------------------- #20: 8-bit PNG of a 12-bit DICOM
+
+def rewrite_png(folder: Path, row: dict, samples: np.ndarray) -> dict:
+    data = png_bytes(samples)
+    (folder / row["png_path"]).write_bytes(data)
+    return {**row, "png_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_check_row_8_bit_png_of_a_12_bit_dicom(tmp_path):
+    row = write_case(tmp_path, pattern_pixels(), png_bit_depth=8)
+    expected = Expected(64, 64, 16, png_bit_depth=8)
+    assert check_row(tmp_path, row, expected)[0].flags == {}
+    png = np.asarray(Image.open(tmp_path / row["png_path"])).copy()
+    png[5, 7] += 1 if png[5, 7] < 255 else -1  # one sample other than round(v * 255 / 4095)
+    result, _ = check_row(tmp_path, rewrite_png(tmp_path, row, png), expected)
+    assert list(result.flags) == ["dicom_match"]
+    assert "1 of 4096 DICOM pixels differ" in result.flags["dicom_match"]
+    assert "round(v * 255 / 4095)" in result.flags["dicom_match"]
+    # a 16-bit PNG where the spec asks for 8: its depth is named, its values still match the DICOM
+    sixteen = rewrite_png(tmp_path, row, png_values(to_stored(pattern_pixels(), 16), 16))
+    result, _ = check_row(tmp_path, sixteen, expected)
+    assert list(result.flags) == ["bit_depth"] and "PNG is 16-bit, the spec asks for 8" in result.flags["bit_depth"]
+
+
+def test_the_verdict_in_memory_is_the_verdict_of_the_files_at_either_png_depth(tmp_path):
+    """QC judges the PNG's values where there is a PNG (what loaders read), else the DICOM's: as check_generated."""
+    pixels = np.random.default_rng(4).uniform(0.2, 0.8, (64, 64))
+    flat = pixels.reshape(-1)
+    flat[:778] = 1.0                      # 19 % at full white: under max_saturated_fraction 0.2 ...
+    flat[778:983] = 4090 / 4095           # ... 24 % once rounded to 8 bits (4090 -> 255)
+    with_png = check_generated(pixels, width=64, height=64, bit_depth=16, png_bit_depth=8)
+    assert list(with_png) == ["saturated"] and "24.0% of pixels at full white" in with_png["saturated"]
+    row = write_case(tmp_path, pixels, png_bit_depth=8)
+    result, _ = check_row(tmp_path, row, Expected(64, 64, 16, png_bit_depth=8))
+    assert list(result.flags) == ["saturated"] and "24.0%" in result.flags["saturated"]
+    assert check_generated(pixels, width=64, height=64, bit_depth=16) == {}  # the 12 bits of a DICOM alone
+    dicom_only = {**row, "png_path": "", "png_sha256": ""}
+    assert check_row(tmp_path, dicom_only, Expected(64, 64, 16, ("dicom",)))[0].flags == {}
+
+
+# ----------------------------------------------------------------------------- the SR and SEG beside each image
+
+LABELLED_SPEC = """\
+spec_version: 1
+name: qc-sr-seg
+seed: 9
+count: 3
+image: {size: 64}
+findings:
+  - {finding: pneumonia, weight: 1, location: {right_lower_lobe: 1}, severity: {moderate: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    from synthmed import generate, load_spec
+    from synthmed.writers.manifest import read_part
+
+    out = tmp_path_factory.mktemp("labelled") / "out"
+    spec = load_spec(LABELLED_SPEC)
+    generate(spec, out, backend="pattern", progress=False, qc=False)
+    rows = read_part(out / "manifest.csv")
+    assert all(r["sr_path"] and r["seg_path"] for r in rows)
+    return out, spec, rows
+
+
+def test_check_row_covers_the_sr_and_seg(labelled, tmp_path):
+    from synthmed.qc.run import _expected
+
+    src, spec, rows = labelled
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    row = rows[0]
+    expected = _expected(spec)
+    assert check_row(out, row, expected)[0].flags == {}
+
+    def flags(**changes):
+        return check_row(out, {**row, **changes}, expected)[0].flags
+
+    sr, seg = out / row["sr_path"], out / row["seg_path"]
+    original = sr.read_bytes()
+    sr.write_bytes(original + b"\x00" * 8)
+    assert list(flags()) == ["sha256"] and row["sr_path"] in flags()["sha256"]
+    sr.write_bytes(original)
+    # a SEG file that holds the SR (its sha256 the manifest's): not a SEG
+    seg.write_bytes(sr.read_bytes())
+    found = flags(seg_sha256=hashlib.sha256(sr.read_bytes()).hexdigest())
+    assert list(found) == ["readable"] and "is not a DICOM SEG: its SOP Class is Comprehensive 3D SR Storage" in \
+        found["readable"]
+    sr.write_bytes(b"not DICOM at all" * 20)
+    found = flags(sr_sha256="")
+    assert "is not a DICOM file" in found["readable"] and row["sr_path"] in found["readable"]
+    sr.unlink()
+    assert f"{row['sr_path']} is missing" in flags()["readable"]
+    assert "names no DICOM SR beside" in flags(sr_path="", sr_sha256="")["readable"]
+    assert "names no DICOM SEG beside" in flags(seg_path="", seg_sha256="")["readable"]
+    assert "SEG" not in flags(seg_path="", seg_sha256="", mask_paths="", mask_sha256="").get("readable", "")
+
+
+@needs_dciodvfy
+def test_dciodvfy_sample_checks_the_sr_and_seg_too(labelled, tmp_path):
+    from synthmed.qc.checks import dciodvfy_sample
+
+    src, _, rows = labelled
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    section = dciodvfy_sample(out, rows, 2)
+    assert section["status"] == "pass" and section["checked"] == 2
+    assert section["objects"] == {"image": 2, "sr": 2, "seg": 2} and section["files"] == 6
+    ds = pydicom.dcmread(out / rows[1]["sr_path"])
+    del ds.CompletionFlag  # Type 1 in the SR Document General module
+    ds.save_as(out / rows[1]["sr_path"])
+    section = dciodvfy_sample(out, rows, 2)
+    assert section["status"] == "fail" and list(section["failures"]) == [rows[1]["case_id"]]
+    name = Path(rows[1]["sr_path"]).name
+    assert all(line.startswith(f"{name}: Error") for line in section["failures"][rows[1]["case_id"]])
+
+
+def test_qc_refuses_an_sr_or_seg_path_outside_the_folder(labelled, tmp_path):
+    from synthmed.qc import QCError, qc
+    from synthmed.writers.manifest import write_part
+
+    src, _, rows = labelled
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    for column in ("sr_path", "seg_path"):
+        write_part(out / "manifest.csv", [{**rows[0], column: "../elsewhere.dcm"}] + rows[1:])
+        with pytest.raises(QCError, match=f"{column} '../elsewhere.dcm'"):
+            qc(out, full=False, dciodvfy_sample=0, write=False)

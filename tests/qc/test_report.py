@@ -49,7 +49,7 @@ def checked(tmp_path_factory) -> Path:
         generate(SPEC, out, backend="pattern", progress=False, qc=False)
         from synthmed.writers.png import png_bytes
 
-        (out / "images" / "train" / "case-0000004.png").write_bytes(png_bytes(np.zeros((64, 64), np.uint16)))
+        (out / "images" / "train" / "case-0000004.png").write_bytes(png_bytes(np.zeros((64, 64), np.uint8)))
         result = qc(out, auditor=False)
     assert not result.passed and "case-0000004" in result.flagged
     return out

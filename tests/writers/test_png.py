@@ -1,4 +1,4 @@
-"""PNG writer: exact round trips through Pillow, text chunks, deterministic bytes, 12-bit widening."""
+"""PNG writer: exact round trips through Pillow, text chunks, deterministic bytes, 12 stored bits to 8 or 16."""
 
 from __future__ import annotations
 
@@ -114,6 +114,28 @@ def test_png_values_widen_every_12_bit_value_reversibly():
     assert np.array_equal(png_values(u8), u8) and png_values(u8).dtype == np.uint8
     with pytest.raises(ValueError):
         png_values(v.astype(np.int32))
+    assert np.array_equal(png_values(v, 16), w)
+
+
+def test_png_values_8_bit_is_every_12_bit_value_rounded():
+    """#20: the default 8-bit PNG holds round(v * 255 / 4095) of the DICOM's v, exactly (no value is a tie)."""
+    from fractions import Fraction
+
+    v = np.arange(4096, dtype=np.uint16)
+    got = png_values(v, 8)
+    assert got.dtype == np.uint8
+    exact = [Fraction(int(x) * 255, 4095) for x in v]
+    assert all(f - int(f) != Fraction(1, 2) for f in exact)
+    assert got.tolist() == [int(f + Fraction(1, 2)) for f in exact]
+    assert got[0] == 0 and got[4095] == 255 and set(got.tolist()) == set(range(256))  # every level, both ends
+    assert np.all(np.diff(got.astype(np.int64)) >= 0)
+
+
+def test_png_values_refuses_depths_it_cannot_make():
+    with pytest.raises(ValueError, match="8 stored bits make an 8-bit PNG"):
+        png_values(np.zeros((2, 2), np.uint8), 16)
+    with pytest.raises(ValueError, match="png_bit_depth must be 8 or 16"):
+        png_values(np.zeros((2, 2), np.uint16), 12)
 
 
 def test_to_stored_ranges_and_rounding():
@@ -148,7 +170,7 @@ spec_version: 1
 name: png-12-bit
 seed: 5
 count: 3
-image: {size: 64, bit_depth: 16, formats: [dicom, png]}
+image: {size: 64, bit_depth: 16, png_bit_depth: 16, formats: [dicom, png]}
 findings:
   - finding: no_finding
     weight: 1
@@ -183,3 +205,26 @@ def test_build_path_png_recovers_the_stored_12_bits(tmp_path):
         png = np.array(im).astype(np.uint16)
         assert np.array_equal(png >> 4, want), row["case_id"]
         assert np.array_equal(png & 0xF, want >> 8)  # the low bits repeat the top ones: 4095 -> 65535
+
+
+def test_build_writes_8_bit_pngs_by_default_that_round_the_dicom_values(tmp_path):
+    """#20: 8-bit PNG by default (what imagefolder, convert("RGB") and MONAI read right); the DICOM keeps 12 bits."""
+    import csv
+
+    import pydicom
+
+    from synthmed import generate, load_spec
+
+    out = tmp_path / "out"
+    generate(load_spec(TINY_SPEC.replace(", png_bit_depth: 16", "")), out, backend="pattern", progress=False,
+             qc=False)
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        assert (row["bit_depth"], row["png_bit_depth"]) == ("16", "8")
+        stored = pydicom.dcmread(out / row["dicom_path"]).pixel_array
+        assert stored.max() > 255  # the DICOM keeps its full depth
+        im = decode((out / row["png_path"]).read_bytes())
+        assert im.mode == "L" and im.text["synthetic"] == "yes"
+        want = np.floor(stored.astype(np.float64) * 255 / 4095 + 0.5)
+        assert np.array_equal(np.array(im), want), row["case_id"]
