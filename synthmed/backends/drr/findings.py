@@ -37,7 +37,7 @@ DRAWN = ("atelectasis", "cardiomegaly", "central_venous_catheter", "consolidatio
 # cardiothoracic ratio bands by severity (the measured ratio is what is reported), as the phantom's
 CTR_BAND = {"mild": (0.528, 0.542), "moderate": (0.563, 0.587), "severe": (0.625, 0.68)}
 _SEV = {"mild": 0, "moderate": 1, "severe": 2, None: 1}
-NODULE_MM = (12.0, 18.0, 26.0)
+NODULE_MM = (15.0, 21.0, 28.0)   # from 15 mm: a 12 mm nodule projects at about the lung texture's own contrast
 FRACTURE_FADE_MM = 30.0       # the displaced fragment rejoins the rib's course over this length
 MASS_MM = (36.0, 50.0, 70.0)
 
