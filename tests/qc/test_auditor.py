@@ -332,7 +332,7 @@ def test_location_is_also_scored_as_the_film_shows_it():
     """A lateral film superimposes the lungs: reading a right lower lobe finding as the left lower lobe is wrong by
     name but right by what the film shows (low and posterior); on a frontal film it is wrong both ways."""
     loc = list(LOCATIONS)
-    right, left, rml = loc.index("right_lower_lobe"), loc.index("left_lower_lobe"), loc.index("right_middle_lobe")
+    left, rml = loc.index("left_lower_lobe"), loc.index("right_middle_lobe")
     prediction = AuditorPrediction(np.eye(len(FINDINGS), dtype=np.float32)[[FINDINGS.index("pneumonia")] * 3],
                                    np.eye(len(LOCATIONS), dtype=np.float32)[[left, left, rml]],
                                    np.eye(4, dtype=np.float32)[[1, 1, 1]], FINDINGS, LOCATIONS)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime
 import io
-import shutil
-import subprocess
 
 import numpy as np
 import pydicom
 import pytest
 
+from synthmed.qc.checks import dciodvfy_available, dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
 from synthmed.writers.dicom import dicom_dataset
 from synthmed.writers.seg import SEGReadError, read_seg_masks, seg_bytes
@@ -21,15 +20,8 @@ PROVENANCE = dict(dataset_name="pneumonia-demo", spec_hash="ab" * 32, backend="p
 KW = {k: v for k, v in PROVENANCE.items() if k not in ("dataset_name", "prompt")}  # what the SEG takes
 SHAPE = (24, 32)  # rows, columns: not square, so a transposed mask cannot pass
 
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
+needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(),
                                     reason="dciodvfy (Debian package dicom3tools) is not installed")
-
-
-def dciodvfy(path) -> tuple[list[str], list[str]]:
-    """(errors, warnings) of dciodvfy; its exit code is not reliable, so its output is read."""
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (run.stdout + run.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")], [line for line in lines if "Warning" in line]
 
 
 def make_case(case_id: str = "case-0000001", **changes) -> Case:
@@ -68,8 +60,7 @@ def write_seg(case: Case | None = None, masks=None, iod: str = "dx", **image_kw)
 def test_dciodvfy_reports_no_errors(tmp_path, iod, bits):
     path = tmp_path / "seg.dcm"
     path.write_bytes(write_seg(iod=iod, bits=bits))
-    errors, warnings = dciodvfy(path)
-    assert errors == [], warnings
+    assert dciodvfy_errors(path) == []
 
 
 @needs_dciodvfy
@@ -80,8 +71,7 @@ def test_dciodvfy_reports_no_errors_with_geometry(tmp_path, iod):
     case = make_case(view="AP")
     path = tmp_path / "seg.dcm"
     path.write_bytes(write_seg(case, iod=iod, geometry=ImageGeometry("AP", (1.4, 1.4), 1000.0, 850.0, ("L", "F"))))
-    errors, warnings = dciodvfy(path)
-    assert errors == [], warnings
+    assert dciodvfy_errors(path) == []
     # an image with Pixel Spacing: highdicom's own reader still reads the SEG
     assert all(np.array_equal(read_seg_masks(path)[f], m) for f, m in make_masks().items())
 

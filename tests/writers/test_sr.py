@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import datetime
 import io
-import shutil
-import subprocess
 
 import numpy as np
 import pydicom
 import pytest
 
+from synthmed.qc.checks import dciodvfy_available, dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
 from synthmed.vocabulary import get_vocabulary
 from synthmed.writers.dicom import dicom_dataset
@@ -21,15 +20,8 @@ PROVENANCE = dict(dataset_name="pneumonia-demo", spec_hash="ab" * 32, backend="p
                   synthmed_version="0.1.0")
 KW = {k: v for k, v in PROVENANCE.items() if k not in ("dataset_name", "prompt")}  # what the SR takes
 
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
+needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(),
                                     reason="dciodvfy (Debian package dicom3tools) is not installed")
-
-
-def dciodvfy(path) -> tuple[list[str], list[str]]:
-    """(errors, warnings) of dciodvfy; its exit code is not reliable, so its output is read."""
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (run.stdout + run.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")], [line for line in lines if "Warning" in line]
 
 
 def make_case(case_id: str = "case-0000001", **changes) -> Case:
@@ -81,8 +73,7 @@ def vocabulary_cases() -> list[Case]:
 def test_dciodvfy_reports_no_errors(tmp_path, iod, case):
     path = tmp_path / "sr.dcm"
     path.write_bytes(write_sr(case, iod))
-    errors, warnings = dciodvfy(path)
-    assert errors == [], warnings
+    assert dciodvfy_errors(path) == []
     assert pydicom.dcmread(path).SOPClassUID == SR_SOP_CLASS_UID
 
 
@@ -213,4 +204,4 @@ def test_dciodvfy_reports_no_errors_with_geometry(tmp_path):
     case = make_case(view="AP")
     path = tmp_path / "sr.dcm"
     path.write_bytes(sr_bytes(image_of(case, "dx", geometry=make_geometry("AP")), case, **KW))
-    assert dciodvfy(path)[0] == []
+    assert dciodvfy_errors(path) == []
