@@ -246,6 +246,48 @@ def test_ap_heart_is_wider_than_pa(ct):
     assert widths["AP"] > widths["PA"]
 
 
+def test_the_aorta_unfolds_with_age_into_the_left_lung_and_upwards(ct):
+    """An older patient's aorta bows out: more tissue the more unfolded, lateral to the aortic knuckle on the
+    patient's left (the viewer's right on a PA film) and above the arch; none at 0 or before 50."""
+    from synthmed.backends.drr.variation import draw_variation
+    n = 2 * SIZE  # a few mm are a pixel or two at 128
+    vp = project_view(ct, "PA", n, n)
+    assert fnd.unfolded_aorta(vp, ct.names, 0.0) is None
+    half, _ = fnd.unfolded_aorta(vp, ct.names, 0.5)
+    full, slab = fnd.unfolded_aorta(vp, ct.names, 1.0)
+    assert 0 <= slab < vp.soft.shape[0]
+    assert half.min() >= 0 and 0 < half.sum() < full.sum()
+    aorta = (vp.labels == ct.names["aorta"]).any(axis=0)
+    rows, cols = np.nonzero(full > 0.05 * full.max())
+    a_rows, _ = np.nonzero(aorta)
+    assert np.average(cols, weights=full[rows, cols]) > vp.finding_shape[1] / 2  # on the patient's left
+    assert rows.min() < a_rows.min()               # the arch higher
+    knuckle = slice(a_rows.min(), a_rows.min() + (a_rows.max() - a_rows.min()) // 4)
+    assert (full[knuckle] > 0).any(axis=0).nonzero()[0].max() > aorta[knuckle].any(axis=0).nonzero()[0].max()
+    assert draw_variation(_case(age=45)).aorta_unfolding == 0.0
+    assert draw_variation(_case(age=88)).aorta_unfolding > 0.0
+
+
+def test_lateral_films_of_women_show_breasts_in_front_of_the_lower_chest(backend):
+    """On a lateral film (the patient faces the film's left) the breasts add tissue in front of the lower
+    anterior chest wall, not in front of the upper chest."""
+    import dataclasses
+    from synthmed.backends.drr import render
+    case = _case(seed=3, view="LL", sex="F", age=40)
+    woman = _render(backend, case).pixels
+    real = render.draw_variation
+    try:
+        render.draw_variation = lambda c: dataclasses.replace(real(c), breast_mm=0.0)
+        flat = _render(backend, case).pixels
+    finally:
+        render.draw_variation = real
+    brighter = (woman - flat) > 0.05
+    rows, cols = np.nonzero(brighter)
+    assert rows.size > 0
+    assert rows.mean() > SIZE * 0.45 and cols.mean() < SIZE * 0.4  # lower, anterior
+    assert not brighter[: SIZE // 5].any()
+
+
 @pytest.mark.parametrize("severity", ["mild", "severe"])
 def test_cardiomegaly_measures_its_severity_band(backend, severity):
     image = _render(backend, _case(seed=4, finding="cardiomegaly", severity=severity))

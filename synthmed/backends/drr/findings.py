@@ -702,6 +702,65 @@ def enlarged_mediastinum(vp, names, label, rng) -> Drawn:
     return _finish(vp, "enlarged_cardiomediastinum", box, new, delta_mu)
 
 
+# ----------------------------------------------------------------------------- age: the unfolded aorta
+
+AORTA_WIDEN = 0.2        # the fully unfolded aorta: its span about its own midline x 1.2 ...
+AORTA_RISE = 0.15        # ... and its upper half (the arch) x 1.15 higher
+_UNFOLD_LEVELS = (0.25, 0.5, 0.75, 1.0)
+
+
+def unfolded_aorta(vp, names, amount: float) -> tuple[np.ndarray, int] | None:
+    """The line-integral change (finding grid) and slab of an aorta unfolded by ``amount`` (0 none, 1 fully):
+    as the thoracic aorta lengthens with age, its ascending and descending parts bow apart and the arch
+    rises, so the aortic knuckle stands out further into the left lung and higher. Not a finding (no
+    label, no mask): the mediastinum below the arch keeps its width, well under mild
+    enlarged_cardiomediastinum's. None when the anatomy has no aorta or ``amount`` is 0.
+
+    Traced once per view at a few amounts; a case blends the two nearest (projections are linear).
+    """
+    aid = names.get("aorta")
+    if amount <= 0 or aid is None:
+        return None
+    levels = _view_cache(vp, ("aorta", aid), lambda: _trace_unfolding(vp, names, aid))
+    if levels is None:
+        return None
+    deltas, slab = levels
+    pos = min(float(amount), 1.0) / _UNFOLD_LEVELS[0] - 1.0   # 0 at the first level
+    if pos < 0:
+        return deltas[0] * np.float32(amount / _UNFOLD_LEVELS[0]), slab
+    k = min(int(pos), len(deltas) - 2)
+    f = np.float32(pos - k)
+    return deltas[k] + (deltas[k + 1] - deltas[k]) * f, slab
+
+
+def _trace_unfolding(vp, names, aid: int):
+    box0 = _box_of(vp, [aid])
+    if box0 is None:
+        return None
+    box = _grow(box0, vp.labels.shape, 8, 24)
+    labels = box.take(vp.labels)
+    aorta = labels == aid
+    x, y, z = _patient_coords(vp, box, compact=True)
+    xs = np.broadcast_to(x, aorta.shape)[aorta]
+    zs = np.broadcast_to(z, aorta.shape)[aorta]
+    xm, zb = float(np.median(xs)), float(np.percentile(zs, 50))
+    keep = ~np.isin(labels, [names[n] for n in ("trachea", "esophagus") if n in names]) & ~aorta
+    mu = box.take(vp.mu).astype(np.float32)
+    fill = np.maximum(MU_FLUID - mu, 0.0) * keep
+    deltas, weights = [], None
+    for a in _UNFOLD_LEVELS:
+        fx, fz = 1.0 + AORTA_WIDEN * a, 1.0 + AORTA_RISE * a
+        qz = np.where(z > zb, zb + (z - zb) / fz, z)
+        grown = _warped_region(vp, box, aorta, xm + (x - xm) / fx, y, qz) & keep
+        delta_mu = (fill * grown).astype(np.float32)
+        deltas.append(vp.project(delta_mu, box.planes, box.rows, box.cols))
+        if weights is None or a == 1.0:
+            weights = np.abs(delta_mu).reshape(delta_mu.shape[0], -1).sum(axis=1)
+    for d in deltas:
+        d.setflags(write=False)
+    return tuple(deltas), vp.slab_of(weights, box.planes)
+
+
 # ----------------------------------------------------------------------------- atelectasis
 
 def _collapse_lobe(location: str | None) -> list[str]:

@@ -2,7 +2,8 @@
 
 Steps (a pure function of the case):
 1. the view's projection for this size (cached per process) and the patient drawn from the seed;
-2. findings as projections of their attenuation change in ray space (each from its own generator);
+2. findings as projections of their attenuation change in ray space (each from its own generator), and the
+   aorta unfolded with age (not a finding: no mask);
 3. per slab: tissue + bone x bone density + findings; warped by the patient's habitus, inspiration,
    rotation (parallax between slabs), tilt, centring and a smooth elastic field; summed;
 4. soft-tissue thickness and breast shadows; exposure, scatter, blur, noise, log and display;
@@ -155,6 +156,34 @@ def _breasts(vp: ViewProjection, var: Variation, lm: _Landmarks) -> np.ndarray:
     return out * MU_WATER * 0.95
 
 
+def _breasts_lateral(vp: ViewProjection, var: Variation, lm: _Landmarks, body: np.ndarray) -> np.ndarray:
+    """Line integral of two breasts on a lateral film (film pixels): the same ellipsoids as on a frontal
+    film, seen from the side, so their lateral chords add up in front of the lower anterior chest wall
+    (found per row on the film's own body: the patient faces the film's left)."""
+    film = vp.film
+    rows, cols = film.iso_coords()
+    thick = var.breast_mm
+    height = lm.base_r - lm.apex_r
+    rb = lm.base_r - 0.3 * height + var.breast_offset[0]
+    a, b = 0.5 * thick + 45.0, 0.4 * thick + 38.0
+    r = rows[:, None]
+    rr = np.where(r > rb, (r - rb) / b, (r - rb) / (2.2 * b))
+    inside = body > 0.2
+    has = inside.any(axis=1)
+    skin = np.where(has, cols[np.argmax(inside, axis=1)], cols[0])
+    skin = ndimage.gaussian_filter1d(ndimage.median_filter(skin, 9, mode="nearest"), 3.0, mode="nearest")
+    t = skin[:, None] - cols[None, :]   # mm in front of the skin, per row
+    # in front of the skin line: the breasts alone; behind it the rays still cross their bases on the
+    # chest wall, fading smoothly (no edge of our own making)
+    front = np.sqrt(np.clip(1.0 - rr ** 2 - (t / thick) ** 2, 0.0, None))
+    s = np.clip(1.0 + t / (1.5 * thick), 0.0, 1.0)
+    behind = np.clip(1.0 - rr ** 2, 0.0, None) ** 1.5 * (s * s * (3.0 - 2.0 * s))
+    front = np.where(t >= 0, front, behind)
+    # each breast's lateral chord, tapered (not a full ellipsoid: fat-rich and flattened to the side)
+    chord = 2.0 * a * 0.6 * front * has[:, None]
+    return (2.0 * chord * MU_WATER * 0.9).astype(np.float32)
+
+
 def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImage:
     """Render one case as a DRR film with one mask per finding and the measured cardiothoracic ratio.
 
@@ -222,6 +251,9 @@ def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImag
             drawn.append(fnd.cardiomegaly(vp, names, scale))
 
     per_slab: dict[int, np.ndarray] = {}
+    aorta = fnd.unfolded_aorta(vp, names, var.aorta_unfolding)
+    if aorta is not None:
+        per_slab[aorta[1]] = aorta[0].copy()
     for d in drawn:
         per_slab.setdefault(d.slab, np.zeros((hf, wf), np.float32))
         per_slab[d.slab] += d.delta
@@ -241,8 +273,8 @@ def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImag
     # 4. soft tissue and breasts, then the detector
     body = np.clip(total / (MU_WATER * 60.0), 0.0, 1.0)
     total += MU_WATER * var.soft_tissue_mm * body
-    if var.breast_mm > 0 and view != "LL":
-        total += _breasts(vp, var, lm) * body
+    if var.breast_mm > 0:
+        total += _breasts(vp, var, lm) * body if view != "LL" else _breasts_lateral(vp, var, lm, body)
     pixels = expose(total, vp.film, var.exposure, noise_rng)
     measurements = {"cardiothoracic_ratio": round(float(ctr), 4)} if ctr is not None else {}
     return GeneratedImage(pixels=pixels, masks={k: np.ascontiguousarray(v, dtype=bool) for k, v in masks.items()},

@@ -7,7 +7,7 @@ changes the patient, and the same case always gives the same film.
 What drives what (documented in docs/drr.md):
 
 - sex: body width and depth (men wider), breast shadows for women (size drawn);
-- age: bone mineral (less after 40, so the ribs fade), soft-tissue thickness;
+- age: bone mineral (less after 40, so the ribs fade), chest depth, the aorta unfolding after 50 (drawn);
 - view: AP films are bedside films, taken in shallower inspiration, and rotate more;
 - drawn for everyone: habitus (width, depth and height scale), inspiration (lung height), rotation about
   the long axis (the slabs' parallax), tilt and centring, a smooth elastic deformation, and the exposure
@@ -58,6 +58,7 @@ class Variation:
     bone_density: float
     breast_mm: float
     breast_offset: tuple
+    aorta_unfolding: float
     exposure: Exposure
 
 
@@ -81,6 +82,7 @@ def draw_variation(case) -> Variation:
     bone = float(np.clip(1.05 - 0.008 * max(age - 40.0, 0.0) + 0.06 * n[7], 0.55, 1.2))
     breast = float(15.0 + 35.0 * u[3]) if sex == "F" else 0.0
     breast_offset = (float(10.0 * (u[4] - 0.5)), float(12.0 * (u[5] - 0.5)))
+    unfolding = float(np.clip((age - 50.0) / 35.0, 0.0, 1.0) * (0.25 + 0.75 * u[14]))
     exposure = Exposure(
         photons=float(2.0e4 * 2.0 ** (2.0 * u[6] - 1.0) * (0.6 if bedside else 1.0)),
         scatter=float(0.35 + 0.4 * u[7] + (0.25 if bedside else 0.0)),
@@ -93,4 +95,4 @@ def draw_variation(case) -> Variation:
     return Variation(width_scale=float(width), height_scale=float(height), depth_scale=float(depth),
                      soft_tissue_mm=float(soft), inspiration=float(insp), rotation_deg=rotation, tilt_deg=tilt,
                      shift_mm=shift, elastic_mm=float(1.5 + 2.5 * u[12]), bone_density=bone, breast_mm=breast,
-                     breast_offset=breast_offset, exposure=exposure)
+                     breast_offset=breast_offset, aorta_unfolding=unfolding, exposure=exposure)
