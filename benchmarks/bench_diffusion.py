@@ -180,11 +180,12 @@ def run_bare(pipe, cases, prompts, size: int, steps: int, guidance: float, out: 
 def run_synthmed(spec, backend, count: int, out: Path) -> dict:
     """generate() with our backend object; times the whole call, the backend's share and the writer thread."""
     import synthmed.build as build
+    from synthmed.build import chunks
 
     backend._cache.clear()
     backend.cache_stats = {"hits": 0, "misses": 0, "size": 0}
     inner, write = [0.0], [0.0]
-    backend_generate, writer_write = backend.generate, build._CaseWriter.write
+    backend_generate, writer_write = backend.generate, chunks.CaseWriter.write
 
     def timed_generate(cases, prompts):
         t0 = time.perf_counter()
@@ -201,14 +202,14 @@ def run_synthmed(spec, backend, count: int, out: Path) -> dict:
             write[0] += time.perf_counter() - t0
 
     backend.generate = timed_generate
-    build._CaseWriter.write = timed_write
+    chunks.CaseWriter.write = timed_write
     try:
         t0 = time.perf_counter()
         result = build.generate(spec, out, limit=count, backend=backend, progress=False)
         seconds = time.perf_counter() - t0
     finally:
         del backend.generate
-        build._CaseWriter.write = writer_write
+        chunks.CaseWriter.write = writer_write
     assert result.written == count and not result.interrupted, result
     files = {ext: len(list(out.rglob(f"*.{ext}"))) for ext in ("png", "dcm")}
     rows = sum(1 for _ in open(out / "manifest.csv", encoding="utf-8")) - 1

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from synthmed.build import _CaseWriter, generate
+from synthmed.build import generate
+from synthmed.build.chunks import CaseWriter
 from synthmed.prompts import build_prompt
 from synthmed.sampler import sample_cases
 from synthmed.spec import load_spec
-from synthmed.testing import PatternBackend
+from synthmed.backends.pattern import PatternBackend
 
 SPEC = """
 spec_version: 1
@@ -54,7 +55,7 @@ def main() -> None:
         images = backend.generate(cases, prompts)
         gen = (time.perf_counter() - t0) / len(cases)
         with tempfile.TemporaryDirectory() as tmp:
-            writer = _CaseWriter(spec, Path(tmp), backend.info, {})
+            writer = CaseWriter(spec, Path(tmp), backend.info, {})
             t0 = time.perf_counter()
             for c, p, im in zip(cases, prompts, images):
                 writer.write(c, p, im)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY_IGNORE = (".venv", ".git", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info", "out", "build",
+COPY_IGNORE = (".venv", ".git", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info", "out",
                "dist", ".benchmarks", ".whl")
 TIMEOUT_S = 600
 
@@ -152,7 +152,7 @@ MUTANTS = (
            (('statuses = {r.case_id: ("fail" if any(f in gate for f in r.flags) else',
              'statuses = {r.case_id: ("fail" if r.flags else'),),
            QC_TESTS, "an image flagged only by a non-gating check is marked fail, not warn"),
-    Mutant("qc-spec-fidelity-best-score", "synthmed/qc/run.py",
+    Mutant("qc-spec-fidelity-best-score", "synthmed/qc/spec_fidelity.py",
            (("    overall = min(scores)\n", "    overall = max(scores)\n"),),
            QC_TESTS, "spec fidelity reports the best attribute instead of the worst"),
     Mutant("qc-png-sha256-unchecked", "synthmed/qc/checks.py",
@@ -169,15 +169,15 @@ MUTANTS = (
     Mutant("metadata-file-name-not-relative", "synthmed/writers/manifest.py",
            (('"file_name": os.path.basename(row["png_path"])', '"file_name": row["png_path"]'),),
            MANIFEST_TESTS + ("tests/test_build.py",), "imagefolder's metadata.csv names files it cannot find"),
-    # ------------------------------------------------------------------ build.py: resume and parts
-    Mutant("resume-trusts-existing-files", "synthmed/build.py",
-           (("_file_sha256(out / rel) != digest", "_file_sha256(out / rel) is None"),),
+    # ------------------------------------------------------------------ build/: resume and parts
+    Mutant("resume-trusts-existing-files", "synthmed/build/chunks.py",
+           (("file_sha256(out / rel) != digest", "file_sha256(out / rel) is None"),),
            BUILD_TESTS, "--resume keeps a corrupted image because the file exists"),
-    Mutant("resume-trusts-the-part-labels", "synthmed/build.py",
+    Mutant("resume-trusts-the-part-labels", "synthmed/build/chunks.py",
            (("if row != {**row, **_planned_labels(case, spec, vocab)}:", 'if row["case_id"] != case.case_id:'),),
            BUILD_TESTS + RESUME_LABEL_TESTS,
            "--resume keeps rows of another spec or with edited labels (#17.9) as long as the case ids match"),
-    Mutant("part-paths-may-leave-the-folder", "synthmed/build.py",
+    Mutant("part-paths-may-leave-the-folder", "synthmed/build/run_folder.py",
            (('return bool(rel) and not p.is_absolute() and ".." not in p.parts',
              "return bool(rel) and not p.is_absolute()"),),
            PART_PATH_TESTS,
@@ -186,7 +186,7 @@ MUTANTS = (
            (("return ((stored.astype(np.uint32) * 255 + 2047) // 4095).astype(np.uint8)",
              "return (stored >> 4).astype(np.uint8)"),),
            ("tests/writers/test_png.py",), "8-bit PNGs truncate the 12-bit values instead of rounding them"),
-    Mutant("retry-seed-64-bit", "synthmed/build.py",
+    Mutant("retry-seed-64-bit", "synthmed/build/chunks.py",
            (('return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & (2 ** 63 - 1)',
              'return int.from_bytes(hashlib.sha256(key).digest()[:8], "big")'),),
            QC_TESTS, "regeneration seeds can exceed 63 bits"),

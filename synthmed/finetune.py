@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .prompts import BUILTIN_TEMPLATES, build_prompt, check_template
+from .prompts import build_prompt
+from .spec import BUILTIN_TEMPLATES, check_template
 from .vocabulary import get_vocabulary
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
@@ -267,10 +268,10 @@ def _load_images(examples: Sequence[TrainingExample], progress: bool):
     import torch
     from PIL import Image
 
-    from .build import _progress
+    from .progress import progress_bar
 
     out = None
-    bar = _progress(len(examples), progress)
+    bar = progress_bar(len(examples), progress)
     bar.set_description("reading images")
     for i, ex in enumerate(examples):
         with Image.open(ex.path) as im:
@@ -350,11 +351,11 @@ def default_components(tokenizer, *, sample_size: int = 256) -> dict:
 
 
 def _load_base(base: Path, allow_pickle: bool) -> dict:
-    """The components of a local diffusers folder, checked and loaded as the diffusion backend loads them."""
+    """The components of a local diffusers folder, checked and loaded by model_folder as the backend loads them."""
     import diffusers
     import torch
 
-    from .backends.diffusion import REQUIRED_COMPONENTS, check_model_folder, load_component
+    from .model_folder import REQUIRED_COMPONENTS, check_model_folder, load_component
 
     index = check_model_folder(base, allow_pickle=allow_pickle)
     parts = {name: load_component(base, index, name, dtype=torch.float32, allow_pickle=allow_pickle)
@@ -979,7 +980,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": _sha256_file(manifest_path),
                 "images": len(examples), "width": width, "height": height}
     if not scratch:  # resume must not mix checkpoints made from other base weights (a retrained base, same path)
-        from .backends.diffusion import model_hash
+        from .model_folder import model_hash
 
         settings["base_hash"] = model_hash(base)
     work_path.mkdir(parents=True, exist_ok=True)
@@ -1131,7 +1132,7 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
     import torch
     import torch.nn.functional as F
 
-    from .build import _progress
+    from .progress import progress_bar
 
     total, crop, batch = settings["vae_steps"], settings["vae_crop"], settings["vae_batch_size"]
     state = None
@@ -1165,7 +1166,7 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
     vae, optimiser = accelerator.prepare(vae, optimiser)
     n, _, h, w = images.shape
     crop_h, crop_w = min(crop, h), min(crop, w)
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress)
     bar.set_description("VAE")
     bar.update(start)
     for step in range(start, total):
@@ -1225,7 +1226,7 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     """Encode every image once; cached in work/latents.pt, keyed by the manifest and the VAE."""
     import torch
 
-    from .build import _progress
+    from .progress import progress_bar
 
     key = {"manifest_sha256": settings["manifest_sha256"], "vae_steps": settings["vae_steps"],
            "base": settings["base"], "images": settings["images"]}
@@ -1249,7 +1250,7 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     vae = vae.to(accelerator.device).eval()
     channels = vae.config.in_channels
     chunks = []
-    bar = _progress(len(images), progress)
+    bar = progress_bar(len(images), progress)
     bar.set_description("encoding latents")
     with torch.inference_mode():
         for i in range(0, len(images), 16):
@@ -1288,7 +1289,7 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
     import torch
     import torch.nn.functional as F
 
-    from .build import _progress
+    from .progress import progress_bar
 
     total, batch, mode = settings["steps"], settings["batch_size"], settings["mode"]
     lr = settings["learning_rate"] or (5e-4 if settings["base"] == "scratch" else 1e-4 if mode == "lora" else 1e-5)
@@ -1324,7 +1325,7 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
     alphas = noise_scheduler.alphas_cumprod.float()
     prediction = noise_scheduler.config.prediction_type
     n = len(latents)
-    bar = _progress(max(total, 1), progress)
+    bar = progress_bar(max(total, 1), progress)
     bar.set_description("UNet")
     bar.update(start)
     for step in range(start, total):

@@ -21,19 +21,15 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# the template language is the spec's (re-exported: these names were first defined here)
+from .spec import BUILTIN_TEMPLATES as BUILTIN_TEMPLATES, EMPHASIS_ROLES as EMPHASIS_ROLES  # noqa: F401
+from .spec import PLACEHOLDERS as PLACEHOLDERS, check_template as check_template  # noqa: F401
 from .vocabulary import Vocabulary, get_vocabulary, normalise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sampler import Case
     from .spec import PromptSpec
 
-BUILTIN_TEMPLATES = {
-    "synthmed-v1": "{view} chest radiograph of a {age} year old {sex}. {findings}.",
-    # RoentGen was fine-tuned on report impressions: findings only
-    "roentgen-v1": "{findings}",
-}
-PLACEHOLDERS = ("view", "view_long", "age", "sex", "findings")
-EMPHASIS_ROLES = ("finding", "location", "severity", "view", "sex", "age")
 _PLACEHOLDER_ROLE = {"view": "view", "view_long": "view", "age": "age", "sex": "sex"}
 
 
@@ -72,28 +68,6 @@ class Prompt:
         if pos < len(self.text):
             out.append((self.text[pos:], 1.0))
         return out
-
-
-def check_template(template: str) -> list[str]:
-    """Problems with a custom template text (unknown placeholders, format specs), as messages."""
-    problems = []
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-    except ValueError as e:
-        return [f"template is not a valid format text: {e} (write literal braces as '{{{{' and '}}}}')"]
-    for name, spec, conv in fields:
-        if name not in PLACEHOLDERS:
-            import difflib
-
-            close = difflib.get_close_matches(name, PLACEHOLDERS, n=1)
-            hint = f"; did you mean '{{{close[0]}}}'?" if close else ""
-            problems.append(f"unknown placeholder '{{{name}}}'{hint} (placeholders: "
-                            + ", ".join("{" + p + "}" for p in PLACEHOLDERS) + ")")
-        elif spec or conv:
-            problems.append(f"placeholder '{{{name}}}' takes no format spec or conversion")
-    if not any(name == "findings" for name, _, _ in fields):
-        problems.append("the template must contain {findings}, or the prompt would not say what the image shows")
-    return problems
 
 
 def finding_segments(case: "Case", vocab: Vocabulary | None = None) -> list[tuple[str, str | None]]:

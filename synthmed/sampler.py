@@ -22,12 +22,12 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from .cells import Cell, FindingLabel, enumerate_cells
 from .vocabulary import CHEXPERT_COLUMNS, Vocabulary, get_vocabulary
 
 # Bumped whenever the same spec gives other cases; a run started under another version is not resumed.
@@ -39,7 +39,7 @@ MAX_BALANCED_CELLS = 20_000
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from .spec import DatasetSpec, FindingComponent
+    from .spec import DatasetSpec
 
 CASE_ID_WIDTH = 7  # count <= 10,000,000, so ids never change width when count grows
 # spawn keys of the spec-level draws: two words long, so they can never equal a case's (i,)
@@ -49,29 +49,6 @@ _LABEL_WORDS = 2 + 2 * 6  # seed (2 words) + 6 uniforms of 2 words: cell, split,
 
 
 # ----------------------------------------------------------------------------- records
-
-@dataclass(frozen=True, slots=True)
-class FindingLabel:
-    """One finding of a case: what, where (or None), how severe (or None)."""
-
-    finding: str
-    location: str | None = None
-    severity: str | None = None
-
-    def codes(self, vocab: Vocabulary | None = None) -> dict[str, str]:
-        """Coded concepts as ``SYSTEM:code`` strings, e.g. ``{'finding': 'SCT:233604007', ...}``."""
-        vocab = vocab or get_vocabulary()
-        out = {"finding": str(vocab.findings[self.finding].code)}
-        if self.location:
-            out["location"] = str(vocab.locations[self.location].code)
-        if self.severity:
-            out["severity"] = str(vocab.severities[self.severity].code)
-        return out
-
-    def to_dict(self, vocab: Vocabulary | None = None) -> dict:
-        return {"finding": self.finding, "location": self.location, "severity": self.severity,
-                "codes": self.codes(vocab)}
-
 
 @dataclass(frozen=True, slots=True)
 class Case:
@@ -118,72 +95,6 @@ class Case:
 
 def case_id_for(index: int) -> str:
     return f"case-{index:0{CASE_ID_WIDTH}d}"
-
-
-# ----------------------------------------------------------------------------- cells
-
-@dataclass(frozen=True)
-class Cell:
-    """A finding x location x severity combination of one mixture entry, with its probability."""
-
-    component: int
-    findings: tuple[FindingLabel, ...]
-    prob: float
-
-    @property
-    def finding(self) -> str:
-        return "+".join(f.finding for f in self.findings)
-
-    @property
-    def location(self) -> str:
-        return "/".join(dict.fromkeys(f.location for f in self.findings if f.location)) or "-"
-
-    @property
-    def severity(self) -> str:
-        return "/".join(dict.fromkeys(f.severity for f in self.findings if f.severity)) or "-"
-
-
-def enumerate_cells(components: Sequence["FindingComponent"], vocab: Vocabulary | None = None) -> list[Cell]:
-    """Every cell of the mixture in spec order; cells of one entry with the same labels are merged.
-
-    A location (severity) given in an entry is drawn once per case and shared by its findings,
-    each at the finest level it admits. Where none is given, each finding draws its own from
-    the vocabulary's default locations (all three severities equally).
-    """
-    vocab = vocab or get_vocabulary()
-    severities = list(vocab.severities)
-    cells: list[Cell] = []
-    for comp in components:
-        located = [f for f in comp.findings if vocab.findings[f].location_kinds]
-        graded = [f for f in comp.findings if vocab.findings[f].severity]
-        # each slot: (findings it applies to, [(value, prob)])
-        loc_slots = ([(located, list(comp.location.items))] if comp.location else
-                     [([f], _normalised(vocab.findings[f].default_location)) for f in located])
-        sev_slots = ([(graded, list(comp.severity.items))] if comp.severity else
-                     [([f], [(s, 1 / len(severities)) for s in severities]) for f in graded])
-        merged: dict[tuple, float] = {}
-        for loc_choice in itertools.product(*[values for _, values in loc_slots]):
-            for sev_choice in itertools.product(*[values for _, values in sev_slots]):
-                loc_of: dict[str, str] = {}
-                sev_of: dict[str, str] = {}
-                prob = comp.weight
-                for (targets, _), (value, p) in zip(loc_slots, loc_choice):
-                    prob *= p
-                    for f in targets:
-                        loc_of[f] = vocab.project_location(value, f)
-                for (targets, _), (value, p) in zip(sev_slots, sev_choice):
-                    prob *= p
-                    for f in targets:
-                        sev_of[f] = value
-                labels = tuple(FindingLabel(f, loc_of.get(f), sev_of.get(f)) for f in comp.findings)
-                merged[labels] = merged.get(labels, 0.0) + prob
-        cells.extend(Cell(comp.index, labels, prob) for labels, prob in merged.items())
-    return cells
-
-
-def _normalised(items) -> list[tuple[str, float]]:
-    total = sum(w for _, w in items)
-    return [(k, w / total) for k, w in items]
 
 
 # ----------------------------------------------------------------------------- rounding
@@ -472,7 +383,7 @@ def _spec_rng(seed: int, key: tuple):
 
 # ----------------------------------------------------------------------------- ages
 
-def _age_from_uniform(age, u: "np.ndarray") -> "np.ndarray":
+def age_from_uniform(age, u: "np.ndarray") -> "np.ndarray":
     """Whole-year ages from uniforms in [0, 1) by the inverse CDF of the age distribution."""
     import numpy as np
 
@@ -636,13 +547,13 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
         split = draw(1, spec.splits.probs).astype(np.int8)
         sex = draw(2, spec.sex.probs).astype(np.int8)
         view = draw(3, spec.view.probs).astype(np.int8)
-        age = _age_from_uniform(spec.age, _uniforms(words, 4))
+        age = age_from_uniform(spec.age, _uniforms(words, 4))
     else:
         words = seed_sequence_state(spec.seed, indices, 2)
         cell, split, sex, view = _exact_allocation(spec, cell_probs, n, cells)
         age_rng = _spec_rng(spec.seed, _AGE_KEY)
         strata = (age_rng.permutation(n) + age_rng.random(n)) / n  # one draw per 1/n-quantile stratum
-        age = _age_from_uniform(spec.age, strata)
+        age = age_from_uniform(spec.age, strata)
     # 63 bits, so the seed fits a signed 64-bit integer in every tool (pandas, Arrow, SQL, Java)
     seed = (words[:, 0].astype(np.uint64) | (words[:, 1].astype(np.uint64) << np.uint64(32))) & np.uint64(2**63 - 1)
     stop = n if limit is None else min(limit, n)

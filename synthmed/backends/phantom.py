@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from . import BackendInfo, GeneratedImage
+from .base import BackendInfo, GeneratedImage
 from ..spec import BACKEND_VIEWS, PHANTOM_SIZE_RANGE
 
 VIEWS = BACKEND_VIEWS["phantom"]  # frontal films only: a lateral (LL) is refused, never drawn as a PA

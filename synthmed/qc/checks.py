@@ -21,16 +21,12 @@ Checks:
 - ``sha256``: every file's sha256 (PNG, DICOM, SR, SEG, masks) equals the manifest's.
 - ``dicom_match``: the PNG's samples are exactly what the writer makes of the DICOM's stored values
   (:func:`synthmed.writers.png.png_values`: ``round(v * 255 / 4095)`` for an 8-bit PNG of 12 stored bits).
-- ``intensity``: region means and histogram quantiles inside bands learned from a reference set
-  (MAISI's per-organ mean ± k·σ; set level, see :mod:`synthmed.qc.run`).
-- ``dciodvfy``: dciodvfy (dicom3tools) reports no error on the image, SR and SEG (run on a sample of images; it
-  is slow per file).
-
 The pixel tests (and the set-level figures) judge what loaders read, as a reference set's images are read: the
 PNG's values where there is a PNG (``dicom_match`` ties it exactly to the DICOM's), else the DICOM's.
 
-The set-level ``duplicates`` and ``memorisation`` checks (:mod:`synthmed.qc.run`) also name the
-images they concern in ``qc_flags``.
+Set-level checks name the images they concern in ``qc_flags`` too: ``intensity`` (:mod:`synthmed.qc.intensity`),
+``dciodvfy`` (:mod:`synthmed.qc.dciodvfy`), ``duplicates`` (:mod:`synthmed.qc.duplicates`) and ``memorisation``
+(:mod:`synthmed.qc.memorisation`). Every check's name, meaning and default gate is in :mod:`synthmed.qc.registry`.
 
 Example:
     >>> import numpy as np
@@ -44,39 +40,28 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import struct
-import subprocess
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
-# name -> what failing it means; the order is the order of qc_flags
-CHECKS: dict[str, str] = {
-    "readable": "the file is missing or does not decode (or an SR or SEG is not one)",
-    "size": "width x height differ from the spec",
-    "bit_depth": "bit depth differs from the spec",
-    "nan": "NaN or infinite pixels",
-    "blank": "(nearly) blank: the 1st-99th percentile range is below min_dynamic_range of full scale",
-    "saturated": "more than max_saturated_fraction of the pixels at full white, or max_black_fraction at black",
-    "sha256": "the file's sha256 differs from the manifest's",
-    "dicom_match": "the PNG's samples differ from what the writer makes of the DICOM's pixels",
-    "intensity": "region means or histogram quantiles outside the reference bands (mean ± k·σ)",
-    "dciodvfy": "dciodvfy (dicom3tools) reports errors",
-    # set level, but named on the images they concern
-    "duplicates": "a near-duplicate of another image of the set",
-    "memorisation": "closer to a training image than the training images are to each other",
-}
-PER_IMAGE_CHECKS = ("readable", "size", "bit_depth", "nan", "blank", "saturated", "sha256", "dicom_match")
-# statistical checks (intensity) are reported but do not gate unless a spec asks: at k = 3 a large
-# clean set still has images in the tails, and regenerating them would bend the distribution. The set-level
-# manifest_consistency and label_fidelity (where the auditor applies, see synthmed.qc.run) gate.
-DEFAULT_GATE = PER_IMAGE_CHECKS + ("dciodvfy", "manifest_consistency", "label_fidelity")
+from . import registry
+from .check_table import flag_row
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .inputs import CheckInputs
+
+# The names, meanings and default gate of the checks are the registry's (synthmed/qc/registry.py).
+# check -> what failing it means on an image; the order is the order of qc_flags
+CHECKS: dict[str, str] = registry.FLAG_MEANINGS
+PER_IMAGE_CHECKS = registry.PER_IMAGE_CHECKS
+# the default qc.gate: the per-image checks, dciodvfy, manifest_consistency and label_fidelity
+DEFAULT_GATE = registry.DEFAULT_GATE
 # what reject-and-regenerate can fix: checks on the pixels a backend made
-GENERATED_CHECKS = ("size", "nan", "blank", "saturated")
+GENERATED_CHECKS = registry.REGENERABLE_CHECKS
 
 # What qc decodes at most, whatever a header declares: refused beyond, before anything is allocated or inflated.
 # 64 Mpixel is 2.5 times a 5k x 5k detector; 512 MiB is that at 64 bits per pixel.
@@ -107,6 +92,13 @@ class PixelLimits:
     max_saturated_fraction: float = 0.2
     max_black_fraction: float = 0.6
 
+    @classmethod
+    def from_thresholds(cls, thresholds) -> PixelLimits:
+        """The pixel limits of a spec's ``qc.thresholds`` (a ``QCThresholds``)."""
+        return cls(min_dynamic_range=thresholds.min_dynamic_range,
+                   max_saturated_fraction=thresholds.max_saturated_fraction,
+                   max_black_fraction=thresholds.max_black_fraction)
+
 
 @dataclass(frozen=True)
 class Expected:
@@ -121,6 +113,12 @@ class Expected:
     @property
     def png_depth(self) -> int:
         return self.bit_depth if self.png_bit_depth is None else self.png_bit_depth
+
+    @classmethod
+    def from_spec(cls, spec) -> Expected:
+        """What a spec's ``image:`` section says every image is."""
+        return cls(width=spec.image.width, height=spec.image.height, bit_depth=spec.image.bit_depth,
+                   formats=spec.image.formats, png_bit_depth=spec.image.png_bit_depth)
 
 
 @dataclass
@@ -330,16 +328,52 @@ def decode_dicom(data: bytes) -> DicomPixels:
         raise ValueError(f"DICOM does not decode: {type(e).__name__}: {e}") from None
 
 
+def read_file_meta(fp):
+    """The File Meta group (0002,eeee) of a DICOM file, ``fp`` positioned after its preamble; ``fp`` ends at the
+    dataset. Parsed as pydicom's own reader does, with its public :func:`pydicom.filereader.read_dataset`: as
+    Explicit VR Little Endian (PS3.10 7.1), read again as Implicit VR where a writer wrote it so.
+
+    Example:
+        >>> fp = open("out/pneumonia/sr/train/case-0000000.dcm", "rb")  # doctest: +SKIP
+        >>> pydicom.filereader.read_preamble(fp, False)  # doctest: +SKIP
+        >>> read_file_meta(fp).MediaStorageSOPClassUID.name  # doctest: +SKIP
+        'Comprehensive 3D SR Storage'
+    """
+    from pydicom.charset import default_encoding
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filereader import read_dataset
+
+    def after_group_2(tag, vr, length) -> bool:
+        return tag >> 16 != 2
+
+    start = fp.tell()
+    for implicit in (False, True):
+        fp.seek(start)
+        meta = FileMetaDataset(read_dataset(fp, is_implicit_VR=implicit, is_little_endian=True,
+                                            stop_when=after_group_2))
+        meta.set_original_encoding(is_implicit_vr=implicit, is_little_endian=True,
+                                   character_encoding=default_encoding)
+        elements = list(meta.elements())
+        if implicit or not elements:
+            return meta
+        try:  # an element read as explicit VR that is not: pydicom cannot decode it (its issue #503)
+            meta[elements[0].tag]
+        except NotImplementedError:
+            continue
+        return meta
+    return meta  # pragma: no cover - the loop returns
+
+
 def _read_dicom(data: bytes):
     """pydicom's dataset of a file, with a deflated dataset inflated under a cap (pydicom inflates it whole)."""
     import pydicom
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.filereader import read_dataset, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     fp = io.BytesIO(data)
     preamble = read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
+    meta = read_file_meta(fp)
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return pydicom.dcmread(io.BytesIO(data))
     # PS3.5 A.5: everything after the file meta is deflated. Inflate the header (up to Pixel Data) first,
@@ -650,7 +684,7 @@ def _check_labels_objects(out: Path, row: Mapping[str, str], result: ImageResult
 
     Only the file meta is parsed (a few microseconds); dciodvfy checks a sample of them in full.
     """
-    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filereader import read_preamble
     from pydicom.uid import UID
 
     for kind, (what, sop_class) in LABEL_OBJECTS.items():
@@ -670,7 +704,7 @@ def _check_labels_objects(out: Path, row: Mapping[str, str], result: ImageResult
         try:
             fp = io.BytesIO(data)
             read_preamble(fp, False)
-            name = UID(str(_read_file_meta_info(fp).MediaStorageSOPClassUID)).name
+            name = UID(str(read_file_meta(fp).MediaStorageSOPClassUID)).name
         except Exception as e:  # pydicom raises many kinds on a broken file
             result.fail("readable", f"{rel} is not a DICOM file: {type(e).__name__}: {e}")
             continue
@@ -678,53 +712,16 @@ def _check_labels_objects(out: Path, row: Mapping[str, str], result: ImageResult
             result.fail("readable", f"{rel} is not a DICOM {what}: its SOP Class is {name}")
 
 
-# ----------------------------------------------------------------------------- dciodvfy
+# ----------------------------------------------------------------------------- the report's rows
 
-def dciodvfy_available() -> bool:
-    return shutil.which("dciodvfy") is not None
-
-
-def dciodvfy_errors(path: Path, timeout: float = 60.0) -> list[str]:
-    """dciodvfy's error lines for one file; its exit code is not reliable, so its output is read."""
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=timeout)
-    return [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-
-
-def dciodvfy_sample(out: Path, rows: Sequence[Mapping[str, str]], sample: int) -> dict:
-    """Run dciodvfy on the DICOM objects of the first ``sample`` images of the manifest: each image, its SR and
-    its SEG (it costs a process per file).
-
-    Returns:
-        {"status", "checked" (images), "files", "objects" ({image, sr, seg}: files checked), "available",
-        "sample", "of", "failures": {case_id: [error lines, an SR's or SEG's prefixed with its file name]},
-        "reason"?}
-    """
-    if not dciodvfy_available():
-        return {"status": "skipped", "available": False, "checked": 0, "sample": sample, "failures": {},
-                "reason": "dciodvfy is not installed (Debian package dicom3tools)"}
-    with_dicom = [r for r in rows if r.get("dicom_path")]
-    if not with_dicom:
-        return {"status": "skipped", "available": True, "checked": 0, "sample": sample, "failures": {},
-                "reason": "no DICOM files"}
-    failures: dict[str, list[str]] = {}
-    checked, objects = 0, {"image": 0, "sr": 0, "seg": 0}
-    for row in with_dicom[:max(sample, 0)]:
-        errors, any_checked = [], False
-        for kind, column in (("image", "dicom_path"), ("sr", "sr_path"), ("seg", "seg_path")):
-            rel = row.get(column) or ""
-            path = out / rel
-            if not rel or not inside_folder(rel) or not path.is_file():
-                continue  # the readable check names it
-            try:
-                found = dciodvfy_errors(path)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                found = [f"Error - dciodvfy did not run: {e}"]
-            objects[kind] += 1
-            any_checked = True
-            errors += found if kind == "image" else [f"{Path(rel).name}: {line}" for line in found]
-        checked += any_checked
-        if errors:
-            failures[row["case_id"]] = errors
-    return {"status": "fail" if failures else "pass", "available": True, "checked": checked,
-            "files": sum(objects.values()), "objects": objects, "sample": sample, "of": len(with_dicom),
-            "failures": failures}
+def table_rows(section: None, inputs: CheckInputs) -> dict[str, dict]:
+    """The check table's rows of the per-image checks: how many images each flagged, with its limit or note."""
+    rows = {}
+    for check in registry.get_family(None).checks:
+        entry = flag_row(check, inputs.results, inputs.gate)
+        if check.note:
+            entry["note"] = check.note
+        if check.threshold:
+            entry["threshold"] = getattr(inputs.thresholds, check.threshold)
+        rows[check.name] = entry
+    return rows

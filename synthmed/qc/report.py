@@ -4,11 +4,11 @@ No external resource of any kind (a Content-Security-Policy forbids them), so th
 mailed, attached to a ticket or opened offline. The page is a pure function of the report and
 the thumbnails, so the same run gives the same bytes.
 
-Sections (each a ``<section id=...>``): ``summary`` (verdict and the check table),
-``spec-fidelity`` (spec-vs-actual bars per attribute, the pair table), ``samples`` (a grid per
-finding x severity), ``intensity`` (histograms and bands), ``set-metrics`` (FID / KID / PRDC,
-diversity, duplicates, auditor, memorisation) and ``failures`` (every flagged image, with
-thumbnails).
+Sections (each a ``<section id=...>``): ``summary`` (verdict and the check table, a row per check of
+:mod:`synthmed.qc.registry`), ``spec-fidelity`` (spec-vs-actual bars per attribute, the pair table),
+``samples`` (a grid per finding x severity), ``intensity`` (histograms and bands), ``set-metrics`` (FID /
+KID / PRDC, diversity, duplicates, auditor, memorisation, dciodvfy; a check's section without a drawing of
+its own gets its status in words) and ``failures`` (every flagged image, with thumbnails).
 
 Example:
     >>> page = render_html({"verdict": "pass", "dataset": {"name": "d", "count": 0}, "checks": {}, "sections": {},
@@ -20,12 +20,18 @@ Example:
 from __future__ import annotations
 
 import base64
+import math
 from html import escape
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .registry import EXPLAIN_SKIP_SECTIONS, PER_IMAGE_CHECKS
+
 SECTIONS = ("summary", "spec-fidelity", "samples", "intensity", "set-metrics", "failures")
+# the sections of qc_report.json this page draws in their own way; any other gets its status in words
+DRAWN_SECTIONS = ("spec_fidelity", "intensity", "manifest_consistency", "reference", "diversity", "duplicates",
+                  "auditor", "memorisation", "dciodvfy")
 MAX_FAILURE_THUMBS = 60
 SEVERITY_ORDER = ("-", "mild", "moderate", "severe")
 
@@ -61,6 +67,28 @@ _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-sr
 
 
 # ----------------------------------------------------------------------------- small pieces
+
+def jsonable(value):
+    """A JSON-safe copy: numpy scalars and arrays become numbers and lists, tuples lists, NaN/inf strings.
+
+    Example:
+        >>> jsonable({"n": np.int64(3), "x": (np.float32(0.5), float("nan"))})
+        {'n': 3, 'x': [0.5, 'nan']}
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
 
 def png_data_uri(pixels: np.ndarray) -> str:
     """A uint8 [H, W] image as a ``data:image/png;base64,...`` URI (synthmed's deterministic PNG writer)."""
@@ -212,8 +240,6 @@ def headline(report: Mapping, seconds: float) -> str:
         ...           "images": {"checked": 12, "failed": 0, "warned": 0}}, 0.1)
         'FAIL: 12 images checked in 0.1 s; set-level check(s) failed: manifest_consistency; 0 flagged by other checks'
     """
-    from .checks import PER_IMAGE_CHECKS
-
     images = report["images"]
     checked = f"{images['checked']:,} images checked in {seconds:.1f} s"
     flagged = f"{images['warned']:,} flagged by other checks"
@@ -254,8 +280,7 @@ def summary_lines(report: Mapping, *, skip_reasons: Sequence[str] = ()) -> list[
         elif check.get("status") == "info" and check.get("reason"):
             lines.append(f"info {name}: {check_detail(check)}; {check['reason']}")
     for name, section in report.get("sections", {}).items():
-        if (section.get("status") == "skipped" and name in ("reference", "auditor", "memorisation")
-                and name not in skip_reasons):
+        if section.get("status") == "skipped" and name in EXPLAIN_SKIP_SECTIONS and name not in skip_reasons:
             lines.append(f"skipped {name}: {section.get('reason')}")
     return lines
 
@@ -412,8 +437,18 @@ def _set_metrics(report: Mapping, thumbs: Mapping[str, np.ndarray]) -> str:
         parts.append(f'<p>{_fmt(dcio.get("checked"))} of {_fmt(dcio.get("of"))} DICOM images checked with their SR '
                      f'and SEG{files} (sample {_fmt(dcio.get("sample"))}); {len(dcio.get("failures", {}))} with '
                      f'errors: {_status(dcio.get("status"))}.</p>')
+    for name, section in sections.items():  # a check this page draws nothing for yet: its status in words
+        if name not in DRAWN_SECTIONS and isinstance(section, Mapping):
+            parts.append(f"<h3>{escape(str(name))}</h3>" + _section_words(section))
     parts.append("</section>")
     return "".join(parts)
+
+
+def _section_words(section: Mapping) -> str:
+    if section.get("status") == "skipped":
+        return f'<p class="skipped">skipped: {escape(str(section.get("reason")))}</p>'
+    return (f'<p>{_fmt(section.get("value"))} (limit {_fmt(section.get("threshold"))}): '
+            f'{_status(section.get("status"))}.</p>')
 
 
 def _label_fidelity(aud: Mapping) -> str:

@@ -22,7 +22,8 @@ pytest.importorskip("diffusers")
 from conftest import SIZE, emphasised, make_case, make_prompt  # noqa: E402
 
 from synthmed.backends import BackendInfo, GeneratedImage  # noqa: E402
-from synthmed.backends.diffusion import SCHEDULERS, DiffusionBackend, ModelFolderError, check_model_folder  # noqa: E402
+from synthmed.backends.diffusion import SCHEDULERS, DiffusionBackend  # noqa: E402
+from synthmed.model_folder import ModelFolderError, check_model_folder  # noqa: E402
 from synthmed.prompts import Prompt  # noqa: E402
 from synthmed.writers.png import to_stored  # noqa: E402
 
@@ -548,7 +549,7 @@ def test_sizes_that_are_multiples_pass_the_check(tiny_sd_dir):
 def test_model_hash_is_stable_and_follows_the_weights(backend, tiny_sd_dir, model_copy):
     from safetensors.torch import load_file, save_file
 
-    from synthmed.backends.diffusion import model_hash
+    from synthmed.model_folder import model_hash
 
     assert model_hash(tiny_sd_dir) == model_hash(tiny_sd_dir) == backend.info.model_hash
     copy = model_copy("elsewhere")
@@ -596,7 +597,7 @@ def test_build_with_the_diffusion_backend(tiny_sd_dir, tmp_path):
     from synthmed.build import generate
     from synthmed.spec import load_spec
 
-    from synthmed.backends.diffusion import model_hash
+    from synthmed.model_folder import model_hash
 
     spec = load_spec(_spec_text(tiny_sd_dir))
     assert spec.generator.backend == "diffusion" and spec.generator.steps == STEPS

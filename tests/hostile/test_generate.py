@@ -171,7 +171,7 @@ def test_an_unwritable_output_folder_is_a_clear_error(built, spec_file, monkeypa
     """#17.11: a read-only output folder gave an OSError/PermissionError traceback on .synthmed/lock."""
     import builtins
 
-    import synthmed.build as build
+    from synthmed.build import run_folder
 
     real_open = builtins.open
 
@@ -180,7 +180,7 @@ def test_an_unwritable_output_folder_is_a_clear_error(built, spec_file, monkeypa
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(build, "open", read_only_open, raising=False)
+    monkeypatch.setattr(run_folder, "open", read_only_open, raising=False)
     result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
                                            "--resume", "-q"])
     assert result.exit_code == 2, result.output
@@ -221,12 +221,12 @@ def test_api_arguments_are_checked_at_the_door(tmp_path, spec_file, kwargs, erro
 
 def test_permission_denied_does_not_say_free_space(spec_file, tmp_path, monkeypatch):
     """#17.18: 'Permission denied … free space and rerun', and a disk-full message with '()' for the file."""
-    from synthmed.build import _os_error_message, _write_failed_message, _WriteFailed
+    from synthmed.build.errors import WriteFailed, os_error_message, write_failed_message
 
     denied = OSError(errno.EACCES, "Permission denied")
-    message = _write_failed_message(tmp_path, _WriteFailed("images/a.png", denied))
+    message = write_failed_message(tmp_path, WriteFailed("images/a.png", denied))
     assert "Permission denied" in message and "free space" not in message
-    full = _os_error_message(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    full = os_error_message(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
     assert "disk is full" in full and "()" not in full and str(tmp_path) in full
 
 

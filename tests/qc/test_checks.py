@@ -14,11 +14,12 @@ import pytest
 from PIL import Image
 
 from synthmed.qc.checks import (CHECKS, DEFAULT_GATE, PER_IMAGE_CHECKS, REGIONS, Expected, PixelLimits,
-                                box_downsample, check_generated, check_row, dciodvfy_errors, decode_dicom, decode_png,
+                                box_downsample, check_generated, check_row, decode_dicom, decode_png,
                                 pixel_flags, pixel_stats, region_masks)
+from synthmed.qc.dciodvfy import dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
 from synthmed.spec import DEFAULT_QC_GATE
-from synthmed.testing import PatternBackend
+from synthmed.backends.pattern import PatternBackend
 from synthmed.writers.dicom import dicom_bytes
 from synthmed.writers.png import png_bytes, png_values, to_stored
 
@@ -104,6 +105,52 @@ def test_decode_dicom_fast_path_equals_pydicom(bit_depth):
     assert (decoded.bits_allocated, decoded.bits_stored) == ((16, 12) if bit_depth == 16 else (8, 8))
     with pytest.raises(ValueError, match="DICOM does not decode"):
         decode_dicom(data[:200])
+
+
+def _file_with_meta(syntax: str | None) -> bytes:
+    """A small DICOM file whose file meta names ``syntax``; None: a file meta written with implicit VR."""
+    import struct
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    if syntax is None:  # some writers did; pydicom reads it all the same
+        def element(number: int, value: bytes) -> bytes:
+            value += b"\0" * (len(value) % 2)
+            return struct.pack("<HHI", 2, number, len(value)) + value
+
+        body = (element(1, b"\0\1") + element(2, SecondaryCaptureImageStorage.encode()) + element(3, b"1.2.3.4")
+                + element(0x10, ImplicitVRLittleEndian.encode()))
+        return (b"\0" * 128 + b"DICM" + element(0, struct.pack("<I", len(body))) + body
+                + struct.pack("<HHI", 0x10, 0x10, 2) + b"x ")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.PatientName = meta, SecondaryCaptureImageStorage, "x"
+    fp = io.BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    return fp.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR")
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", None, "synthmed"])
+def test_read_file_meta_reads_what_pydicom_reads(syntax, tmp_path):
+    """The file meta as pydicom's public read_file_meta_info reads it, and the stream left at the dataset."""
+    from pydicom.filereader import read_file_meta_info, read_preamble
+
+    from synthmed.qc.checks import read_file_meta
+
+    data = (dicom_bytes(to_stored(pattern_pixels(), 16), CASE, bits_stored=12, dataset_name="t", spec_hash="h",
+                        backend="b", model_id="m", model_hash="x", prompt="p", synthmed_version="0.1.0")
+            if syntax == "synthmed" else _file_with_meta(syntax))
+    (tmp_path / "f.dcm").write_bytes(data)
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = read_file_meta(fp)
+    assert meta == read_file_meta_info(tmp_path / "f.dcm") and len(meta) >= 4
+    assert fp.tell() == 128 + 4 + 12 + meta.FileMetaInformationGroupLength  # the dataset starts here
 
 
 # ----------------------------------------------------------------------------- pixel figures
@@ -320,13 +367,11 @@ def labelled(tmp_path_factory):
 
 
 def test_check_row_covers_the_sr_and_seg(labelled, tmp_path):
-    from synthmed.qc.run import _expected
-
     src, spec, rows = labelled
     out = tmp_path / "out"
     shutil.copytree(src, out)
     row = rows[0]
-    expected = _expected(spec)
+    expected = Expected.from_spec(spec)
     assert check_row(out, row, expected)[0].flags == {}
 
     def flags(**changes):
@@ -354,7 +399,7 @@ def test_check_row_covers_the_sr_and_seg(labelled, tmp_path):
 
 @needs_dciodvfy
 def test_dciodvfy_sample_checks_the_sr_and_seg_too(labelled, tmp_path):
-    from synthmed.qc.checks import dciodvfy_sample
+    from synthmed.qc.dciodvfy import dciodvfy_sample
 
     src, _, rows = labelled
     out = tmp_path / "out"

@@ -27,7 +27,7 @@ from synthmed.build import BuildError, derive_retry_seed, generate
 from synthmed.cli import main as cli_main
 from synthmed.qc import QCError, QCResult, qc
 from synthmed.spec import QCSpec, load_spec
-from synthmed.testing import PatternBackend
+from synthmed.backends.pattern import PatternBackend
 from synthmed.writers.dicom import PRIVATE_CREATOR
 from synthmed.writers.png import png_bytes
 
@@ -132,17 +132,19 @@ def test_generate_without_qc(tmp_path):
 def test_precomputed_per_image_results_replace_reading_every_file(out, monkeypatch):
     """What a scaled-out build does: the workers check their images, the final qc only reads the thumbnails."""
     from synthmed.qc import run as qc_run
+    from synthmed.qc.inputs import load_card_spec
+    from synthmed.qc.spec_fidelity import finding_labels
 
     config = dataclasses.replace(load_spec(spec_text()).qc, samples_per_cell=1)
     qc(out, full=False, config=config)
     want = {name: (out / name).read_bytes() for name in ("qc_report.json", "report.html", "manifest.csv")}
-    checked = qc_run.check_rows(out, qc_run._load_spec(out), manifest_rows(out))
+    checked = qc_run.check_rows(out, load_card_spec(out), manifest_rows(out))
     assert sorted(checked) == sorted(r["case_id"] for r in manifest_rows(out))
     read, real = [], qc_run.check_row
     monkeypatch.setattr(qc_run, "check_row", lambda o, row, *a: read.append(row["case_id"]) or real(o, row, *a))
     qc(out, full=False, config=config, precomputed=checked)
     assert {name: (out / name).read_bytes() for name in want} == want
-    cells = {qc_run._labels_of(r["findings"])[::2] for r in manifest_rows(out)}
+    cells = {finding_labels(r["findings"])[::2] for r in manifest_rows(out)}
     assert 0 < len(read) <= len(cells) < COUNT  # one thumbnail per grid cell, nothing else read
     # what a worker found is what the report says (it is not checked again)...
     case_id = manifest_rows(out)[-1]["case_id"]
@@ -269,11 +271,11 @@ def test_non_gating_failure_warns_and_passes(out):
 
 def test_a_gated_dciodvfy_failure_alone_fails_the_run(out, monkeypatch):
     """#17: dciodvfy (gated by default) finding an error in one untouched file fails qc, exit code 1."""
-    from synthmed.qc import checks
+    from synthmed.qc import dciodvfy
 
     victim = manifest_rows(out)[1]
-    monkeypatch.setattr(checks, "dciodvfy_available", lambda: True)
-    monkeypatch.setattr(checks, "dciodvfy_errors", lambda path, timeout=60.0: (
+    monkeypatch.setattr(dciodvfy, "dciodvfy_available", lambda: True)
+    monkeypatch.setattr(dciodvfy, "dciodvfy_errors", lambda path, timeout=60.0: (
         ["Error - Missing attribute Type 1 Required Element=<ConversionType>"]
         if path.name == Path(victim["dicom_path"]).name else []))
     result = run("qc", out, "-q", "--no-auditor")

@@ -186,7 +186,7 @@ def test_build_path_png_recovers_the_stored_12_bits(tmp_path):
     import pydicom
 
     from synthmed import generate, load_spec, sample_cases
-    from synthmed.testing import PatternBackend
+    from synthmed.backends.pattern import PatternBackend
 
     spec = load_spec(TINY_SPEC)
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from synthmed.qc.checks import dciodvfy_available, dciodvfy_errors
+from synthmed.qc.dciodvfy import dciodvfy_available, dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
 from synthmed.vocabulary import get_vocabulary
 from synthmed.writers.dicom import dicom_dataset

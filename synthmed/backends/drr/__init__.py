@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .. import BackendInfo, GeneratedImage
+from ..base import BackendInfo, GeneratedImage
 from .anatomy import ANATOMY_ID, SOURCE, AnatomyMissing, check_anatomy
 from .findings import DRAWN, FindingNotDrawable, check_drawable
 
@@ -131,7 +131,7 @@ def film_geometry(view: str | None, width: int, height: int):
         >>> g.patient_orientation, g.source_to_detector_mm
         (('P', 'F'), 1800.0)
     """
-    from .. import ImageGeometry
+    from ..base import ImageGeometry
     from .physics import Geometry, to_patient
 
     g = Geometry.for_view(view or "PA", width, height, centre_r=0.0)

@@ -146,7 +146,7 @@ def load_anatomy(folder: str | None = None) -> Anatomy:
     try:
         import nibabel as nib
     except ImportError:
-        from .. import BackendUnavailable
+        from ..base import BackendUnavailable
 
         raise BackendUnavailable("the drr backend reads its CT with nibabel, which is not installed: "
                                  "pip install 'synthmed[drr]'") from None

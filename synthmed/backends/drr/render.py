@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from .. import GeneratedImage
+from ..base import GeneratedImage
 from . import findings as fnd
 from .anatomy import load_anatomy
 from .physics import MU_WATER, ViewProjection, expose, project_view

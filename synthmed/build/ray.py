@@ -3,7 +3,8 @@
 The chunk list becomes a Ray Data dataset, one row per chunk (index, start, stop), and
 ``map_batches`` runs it through a pool of actors (:class:`ChunkWorker`). Each actor gets the
 spec (the validated DatasetSpec, pickled), re-samples the cases (the sampler is deterministic),
-builds its backend once and then makes whole chunks with the local executor's own chunk maker: the
+builds its backend once and then makes whole chunks with the chunk maker every executor shares
+(:class:`synthmed.build.chunks.ChunkMaker`): the
 same files, written atomically under ``OUT`` by the worker itself, and the chunk's manifest
 part written last. When the build ends with the quality checks, the worker also runs the per-image
 checks on the files it has just written (:func:`synthmed.qc.run.check_rows`), so the driver does not
@@ -34,13 +35,16 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .build import BuildError, _check_same_model, _ChunkMaker, _load_backend, _os_error_message, _progress, \
-    _software_versions, _write_failed_message, _WriteFailed
+from .. import __version__
+from ..progress import progress_bar
+from .card import software_versions
+from .chunks import ChunkMaker, check_same_model, load_backend
+from .errors import BuildError, WriteFailed, os_error_message, write_failed_message
+from .run_folder import part_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .build import _RunFolder
-    from .spec import DatasetSpec
+    from ..spec import DatasetSpec
+    from .run_folder import RunFolder
 
 INSTALL_HINT = "pip install 'synthmed[ray]'"
 
@@ -75,7 +79,7 @@ class ChunkWorker:
             self._load(job)
 
     def _load(self, job: dict) -> None:
-        from .sampler import sample_cases
+        from ..sampler import sample_cases
 
         if job["synthmed_version"] != __version__:
             raise BuildError(f"a Ray worker has synthmed {__version__}, the driver {job['synthmed_version']}; "
@@ -84,11 +88,11 @@ class ChunkWorker:
         # whose order the sampler uses (and it lacks command-line generator overrides)
         spec = job["spec"]
         self.cases = sample_cases(spec, limit=job["limit"])
-        engine = _load_backend(spec, job["backend"], job["model"])
-        _check_same_model(self.out, engine.info.model_hash, job.get("made_with"))
-        self.maker = _ChunkMaker(spec, self.out, engine, job["batch_size"])
+        engine = load_backend(spec, job["backend"], job["model"])
+        check_same_model(self.out, engine.info.model_hash, job.get("made_with"))
+        self.maker = ChunkMaker(spec, self.out, engine, job["batch_size"])
         self.spec, self.check = spec, job["qc"]
-        self.versions = json.dumps(_software_versions(spec, engine.info.name), sort_keys=True)
+        self.versions = json.dumps(software_versions(spec, engine.info.name), sort_keys=True)
 
     @contextlib.contextmanager
     def _failures_as_data(self):
@@ -96,18 +100,17 @@ class ChunkWorker:
             yield
         except BuildError as e:
             self.error = (str(e), e.exit_code)
-        except _WriteFailed as e:
-            self.error = (_write_failed_message(self.out, e), 1)
+        except WriteFailed as e:
+            self.error = (write_failed_message(self.out, e), 1)
         except OSError as e:
-            self.error = (_os_error_message(self.out, e), 1)
+            self.error = (os_error_message(self.out, e), 1)
 
     def _check(self, k: int) -> bytes:
         """The per-image checks of chunk ``k``'s rows (its part was just written), pickled for the driver."""
-        from .build import _part_path
-        from .qc.run import check_rows
-        from .writers.manifest import read_part
+        from ..qc.run import check_rows
+        from ..writers.manifest import read_part
 
-        return pickle.dumps(check_rows(self.out, self.spec, read_part(_part_path(self.maker.parts, k))))
+        return pickle.dumps(check_rows(self.out, self.spec, read_part(part_path(self.maker.parts, k))))
 
     def __call__(self, batch: dict) -> dict:
         """Make the chunks of one batch of rows (chunk, start, stop); returns (chunk, written, error, ...)."""
@@ -131,7 +134,7 @@ class ChunkWorker:
                 "error": np.asarray([message] * n, dtype=object), "exit_code": np.full(n, exit_code, dtype=np.int64)}
 
 
-def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tuple[int, int]], todo: list[int], *,
+def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tuple[int, int]], todo: list[int], *,
                       limit: int | None, backend: str | None, model: str | None, batch_size: int | None,
                       progress: bool, address: str | None, workers: int | None,
                       gpus_per_worker: float, qc: bool = False, made_with: str | None = None) -> tuple[int, dict, dict]:
@@ -169,7 +172,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "_RunFolder", chunks: list[tu
                 compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=2), num_cpus=1,
                 num_gpus=gpus_per_worker or None)
             # 4. Stream the results: one row per finished chunk (its part is on disk by then)
-            bar = _progress(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
+            bar = progress_bar(sum(chunks[k][1] - chunks[k][0] for k in todo), progress)
             written, versions, checked = 0, {}, {}
             try:
                 for row in dataset.iter_rows():

@@ -1,0 +1,277 @@
+"""The output folder of a build: the foreign-file check, the run record, the lock, the manifest parts,
+and the ledger of what synthmed wrote there (only the run folder deletes, and only what the ledger names).
+
+Example:
+    >>> part_path(Path("OUT/.synthmed/parts"), 3).name
+    'part-000003.csv'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import BuildError
+
+STATE_DIR = ".synthmed"
+
+
+# 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. 3: 8-bit PNG by default,
+# written by Pillow, the png_bit_depth column. A folder of another format is refused on --resume (never mixed);
+# --overwrite starts it again.
+RUN_FORMAT = 3
+
+
+FORMAT_CHANGES = {2: "DX images by default, a DICOM SR and SEG beside each, their manifest columns, 0/1 masks",
+                  3: "8-bit PNGs by default (image.png_bit_depth), written by Pillow, the png_bit_depth column"}
+
+
+OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
+             "README.md", "qc_report.json", "report.html", STATE_DIR)
+
+
+class RunFolder:
+    """The output folder: foreign-file check, run state, lock, and the ledger of what synthmed wrote in it.
+
+    synthmed deletes or overwrites only files the ledger (:mod:`synthmed.ledger`) names; see docs/safety.md.
+    """
+
+    def __init__(self, out: Path):
+        from ..ledger import Ledger
+
+        self.out = out
+        self.state = out / STATE_DIR
+        self.parts = self.state / "parts"
+        self.ledger = Ledger(out, self.state)
+        self._lock_fh = None
+        self.created = False
+        self.left_alone: list[str] = []   # files --overwrite found that synthmed did not write
+        self.notes: list[str] = []         # what the user should know (printed by the CLI)
+
+    def prepare(self, run: dict, *, resume: bool, overwrite: bool, planned=None) -> None:
+        """Lock the folder and check it against an earlier run; ``planned(rel)`` says whether this run will
+        write ``rel`` (so that --overwrite stops before deleting anything when a file in the way would stay)."""
+        self.planned = planned or (lambda rel: False)
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise BuildError(f"{out} exists and is not a folder", 2)
+        run_file = self.state / "run.json"
+        if out.exists():
+            try:
+                entries = [p.name for p in out.iterdir()]
+            except OSError as e:
+                raise BuildError(f"cannot read the output folder {out}: {e.strerror or e}", 2) from None
+            # a run killed before it wrote run.json leaves only our own names, with .synthmed among them
+            ours = STATE_DIR in entries and (set(entries) <= set(OUR_NAMES) or not self.ledger.is_empty())
+            if entries and not run_file.exists() and not ours:
+                foreign = sorted(e for e in entries if e not in OUR_NAMES)[:3]
+                raise BuildError(f"{out} already holds files synthmed did not write ({', '.join(foreign or entries[:3])}"
+                                 f"{', ...' if len(entries) > 3 else ''}); choose an empty or new folder", 2)
+        self.created = not out.exists()
+        self._refuse_links()  # before the lock file or anything else is written into them
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.state.mkdir(exist_ok=True)
+        except OSError as e:
+            what = "write to the output folder" if out.is_dir() else "create the output folder"
+            raise BuildError(f"cannot {what} {out}: {e.strerror or e}", 2) from None
+        self._lock()
+        try:
+            self._check_previous_run(run, run_file, resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.release()  # a refused run must not keep the folder locked
+            raise
+
+    def _check_previous_run(self, run: dict, run_file: Path, *, resume: bool, overwrite: bool) -> None:
+        out = self.out
+        if run_file.exists():
+            previous = _read_run_record(run_file)
+            if self.ledger.is_empty():
+                self._adopt_legacy_run()
+            if overwrite:
+                self.clear(self.planned)
+            elif not resume:
+                name = previous.get("name", "?") if previous else "?"
+                raise BuildError(f"{out} already holds a synthmed run ('{name}'); "
+                                 "rerun with --resume to finish it, or --overwrite to start again", 2)
+            elif previous is None:
+                # every kept image is still checked against the plan (case, labels, spec hash) before it is kept
+                self.notes.append(f"{run_file} could not be read (damaged); every kept image is checked against "
+                                  "the spec before it is kept")
+            else:
+                if previous.get("format") != run["format"]:
+                    old = previous.get("format")
+                    since = [FORMAT_CHANGES[k] for k in sorted(FORMAT_CHANGES)
+                             if isinstance(old, int) and old < k <= run["format"]]
+                    what = "; ".join(since or [FORMAT_CHANGES.get(run["format"], "")])
+                    raise BuildError(f"{out} was built by an earlier synthmed (output format {previous.get('format')!r}; "
+                                     f"this one writes format {run['format']}{': ' + what if what else ''}); its files "
+                                     "cannot be finished by this version. Rerun with --overwrite to build it again "
+                                     "(it removes only the files synthmed wrote), or use a new folder", 2)
+                changed = []
+                for key in run:
+                    old, new = previous.get(key), run[key]
+                    if isinstance(old, dict) and isinstance(new, dict):
+                        changed += [f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+                    elif old != new:
+                        changed.append(key if key == "spec_hash" else f"{key} {old!r} -> {new!r}")
+                if changed:
+                    what = "; ".join(changed)
+                    raise BuildError(f"{out} was built from a different spec or settings (changed: {what}); "
+                                     "rerun with --overwrite to start again", 2)
+        elif overwrite and not self.ledger.is_empty():
+            self.clear(self.planned)  # a run killed before it wrote run.json
+        self.ledger.remove_temp_files()  # a killed run's, by the pids its claims recorded
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self.ledger.claim("run", [f"{STATE_DIR}/run.json"])
+        _atomic_json(run_file, run)
+        self.ledger.record_files("run", [f"{STATE_DIR}/run.json"])
+
+    def _adopt_legacy_run(self) -> None:
+        """A run written before the ledger existed: its parts are its record (each file with its sha256)."""
+        import csv
+
+        parts = sorted(self.parts.glob("part-[0-9][0-9][0-9][0-9][0-9][0-9].csv")) if self.parts.is_dir() else []
+        for part in parts:
+            try:  # any synthmed version's columns: only the file names and their sha256 are read
+                with open(part, newline="", encoding="utf-8") as fh:
+                    rows = list(csv.DictReader(fh))
+            except (OSError, ValueError, csv.Error):
+                continue
+            digests = {}
+            for row in rows:
+                for rel, sha in row_files(row):
+                    if rel and inside_folder(self.out, rel) and file_sha256(self.out / rel) == sha:
+                        digests[rel] = sha
+            digests[f"{STATE_DIR}/parts/{part.name}"] = file_sha256(part)
+            self.ledger.record(f"chunk-{part.stem[5:]}", digests)
+        top = [n for n in ("manifest.csv", "cases.jsonl", "dataset_card.json", "README.md", "qc_report.json",
+                           "report.html", f"{STATE_DIR}/run.json") if (self.out / n).is_file()]
+        top += [f"images/{p.name}/metadata.csv" for p in (self.out / "images").glob("*")
+                if (p / "metadata.csv").is_file()] if (self.out / "images").is_dir() else []
+        self.ledger.record_files("run", top)
+
+    def clear(self, planned) -> None:
+        """--overwrite: remove exactly what the ledger says synthmed wrote; name what it leaves.
+
+        Nothing is removed when a file that would stay is where this run will write: the run could not finish.
+        """
+        _, changed = self.ledger.removal_plan()
+        foreign = self.ledger.foreign_files(sorted(p.name for p in self.out.iterdir() if p.name != STATE_DIR))
+        blocking = sorted(r for r in [*foreign, *changed] if planned(r))
+        if blocking:
+            shown = ", ".join(blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")
+            raise BuildError(f"{self.out} holds {shown}, where this run would write, and synthmed did not write "
+                             f"{'it' if len(blocking) == 1 else 'them'} (or {'it' if len(blocking) == 1 else 'they'} "
+                             "changed since); nothing was removed. Move them away and rerun with --overwrite", 2)
+        removal = self.ledger.remove_owned()
+        left = foreign + [f"{r} (changed since synthmed wrote it)" for r in removal.changed]
+        if left:
+            self.left_alone = left
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            self.notes.append(f"--overwrite left {len(left)} file(s) synthmed did not write in {self.out}: {shown}")
+
+    def _refuse_links(self) -> None:
+        """Refuse a folder of ours (or a split folder in it) that leads outside OUT: writes must not follow it."""
+        base = self.out.resolve()
+        for top in ("images", "dicom", "masks", STATE_DIR):
+            path = self.out / top
+            try:
+                inside = [p for p in path.iterdir() if p.is_dir() or p.is_symlink()] if path.is_dir() and \
+                    not path.is_symlink() else []
+            except OSError as e:
+                raise BuildError(f"cannot read {path}: {e.strerror or e}", 2) from None
+            for p in [path, *inside]:
+                if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(base)):
+                    raise BuildError(f"{p} is a symbolic link (or leads outside {self.out}); synthmed writes only "
+                                     "inside the output folder and does not follow links there. Remove it and rerun", 2)
+
+    def has_output(self) -> bool:
+        """Whether any image or manifest part has been written into the folder."""
+        owned = self.ledger.owned()
+        return any(rel.split("/")[0] in ("images", "dicom", "masks") or rel.startswith(f"{STATE_DIR}/parts/")
+                   for rel in owned if (self.out / rel).exists())
+
+    def forget(self) -> None:
+        """Remove a run that made nothing (the backend could not load): a corrected rerun starts afresh."""
+        self.ledger.remove_owned()
+        self.release()
+        if self.created:  # a folder this call made: remove what this call put there, and the folders if empty
+            (self.state / "lock").unlink(missing_ok=True)
+            for folder in (self.ledger.dir, self.parts, self.state, self.out):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+    def _lock(self) -> None:
+        import fcntl
+
+        try:
+            fh = open(self.state / "lock", "a+")
+        except OSError as e:
+            raise BuildError(f"cannot write to the output folder {self.out}: {e.strerror or e}", 2) from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise BuildError(f"another synthmed run is writing to {self.out}; wait for it to finish", 1) from None
+        self._lock_fh = fh
+
+    def release(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def claim(self, key: str, rels) -> None:
+        """Claim files before writing them; a file there that synthmed did not write stops the run (exit 2)."""
+        from ..ledger import ForeignFileError
+
+        try:
+            self.ledger.claim(key, rels)
+        except ForeignFileError as e:
+            raise BuildError(f"{e} (in {self.out}); synthmed overwrites only files it wrote. Move "
+                             f"{'it' if len(e.rels) == 1 else 'them'} out of the folder and rerun with --resume", 2) \
+                from None
+
+
+def _read_run_record(path: Path) -> dict | None:
+    """run.json as a dict, or None when it cannot be read (damaged)."""
+    try:
+        data = json.loads(path.read_bytes()[:1_000_000])
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def inside_folder(out: Path, rel: str) -> bool:
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts
+
+
+def row_files(row: dict) -> list[tuple[str, str]]:
+    """(path, sha256) of every file a manifest row names."""
+    pairs = [(row.get(f"{kind}_path", ""), row.get(f"{kind}_sha256", "")) for kind in ("png", "dicom", "sr", "seg")]
+    if row.get("mask_paths"):
+        pairs += zip(row["mask_paths"].split("|"), row.get("mask_sha256", "").split("|"))
+    return [(rel, sha) for rel, sha in pairs if rel]
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    from ..atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def part_path(parts: Path, k: int) -> Path:
+    return parts / f"part-{k:06d}.csv"

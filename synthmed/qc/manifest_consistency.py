@@ -1,0 +1,135 @@
+"""The ``manifest_consistency`` check: every row says what the build's plan (cases.jsonl) says of its case.
+
+And what the spec allows: splits, sexes, views, ages, finding cells, image size and bit depth, the spec hash.
+Every case of cases.jsonl has a row. Without cases.jsonl the plan is drawn again from the card's spec; rows
+that disagree with it fail with that reason (a redrawn plan is not the build's record).
+
+Example:
+    >>> section = manifest_consistency_report(spec, rows, cases)  # doctest: +SKIP
+    >>> section["status"], section["rows_failed"]  # doctest: +SKIP
+    ('pass', 0)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .check_table import set_row
+from .inputs import CheckInputs
+from .registry import get
+from .spec_fidelity import planned_count
+
+MAX_PROBLEMS = 50            # the report lists this many rows
+
+
+def _case_columns(case, vocab) -> dict[str, str]:
+    """The manifest columns that say what a case is, as generate writes them."""
+    labels = case.chexpert_labels(vocab)
+    values = {"index": case.index, "split": case.split, "seed": case.seed,
+              "findings": "|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in case.findings),
+              "finding_codes": "|".join(str(vocab.findings[f.finding].code) for f in case.findings),
+              "location": "|".join(f.location or "" for f in case.findings),
+              "severity": "|".join(f.severity or "" for f in case.findings),
+              **labels, "sex": case.sex, "age": case.age, "view": case.view}
+    return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def _age_range(age) -> tuple[int, int]:
+    if age.distribution == "fixed":
+        return int(age.value), int(age.value)
+    if age.distribution == "categorical":
+        return min(b[0] for b in age.bins), max(b[1] for b in age.bins)
+    return int(age.min), int(age.max)
+
+
+def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, cases_why: str | None = None) -> dict:
+    """Does every row say what the build's plan (cases.jsonl) says of its case, within what the spec allows?
+
+    Per row: a known, unique case id; split, findings (and their codes, locations, severities, CheXpert
+    columns), sex, age and view equal to the case's; width, height and bit depth whole numbers equal to the
+    spec's image; split, sex, view and finding cell among the spec's; the spec hash the card's. And every case
+    of cases.jsonl has a row. ``cases``: case id -> Case; None (cases.jsonl missing or unreadable, ``cases_why``)
+    draws the plan again from the card's spec. Rows that agree with it pass; rows that do not fail with the
+    reason, since a redrawn plan is not the build's record (a card may not keep the order of the spec's
+    splits, sexes or views, and another order draws another plan).
+    """
+    from ..cells import enumerate_cells
+    from ..sampler import sample_cases
+    from ..vocabulary import get_vocabulary
+
+    vocab = get_vocabulary()
+    redrawn = cases is None
+    if redrawn:
+        cases = {c.case_id: c for c in sample_cases(spec, limit=planned_count(spec, rows, None))}
+    plan = "the plan drawn again" if redrawn else "cases.jsonl"
+    allowed = {"split": tuple(spec.splits.keys), "sex": tuple(spec.sex.keys), "view": tuple(spec.view.keys)}
+    cells = {"|".join(f"{f.finding}:{f.location or ''}:{f.severity or ''}" for f in cell.findings)
+             for cell in enumerate_cells(spec.findings, vocab)}
+    size = {"width": spec.image.width, "height": spec.image.height, "bit_depth": spec.image.bit_depth}
+    if "png" in spec.image.formats:
+        size["png_bit_depth"] = spec.image.png_bit_depth
+    low, high = _age_range(spec.age)
+    problems: list[str] = []
+    bad_rows = 0
+    seen: dict[str, int] = {}
+    for n, row in enumerate(rows, start=1):
+        found = []
+        case_id = row.get("case_id") or ""
+        if case_id in seen:
+            found.append(f"case_id {case_id!r} is also row {seen[case_id]}'s")
+        seen.setdefault(case_id, n)
+        for column, value in size.items():
+            text = row.get(column) or ""
+            if not text.isdigit() or int(text) != value:
+                found.append(f"{column} {text!r} is not the spec's {value}")
+        for column, names in allowed.items():
+            if (row.get(column) or "") not in names:
+                found.append(f"{column} {row.get(column)!r} is not one of the spec's ({', '.join(names)})")
+        age = row.get("age") or ""
+        if not age.isdigit() or not low <= int(age) <= high:
+            found.append(f"age {age!r} is not a whole number of years in the spec's {low}..{high}")
+        if (row.get("findings") or "") not in cells:
+            found.append(f"findings {row.get('findings')!r} are not a finding cell of the spec")
+        if row.get("spec_hash") and row["spec_hash"] != spec.spec_hash:
+            found.append(f"spec_hash {row['spec_hash'][:12]} is not the card's spec ({spec.spec_hash[:12]})")
+        case = cases.get(case_id)
+        if case is None:
+            found.append(f"case_id {case_id!r} is not in {plan}")
+        else:
+            differ = [f"{column} {row.get(column)!r} (the plan: {value!r})"
+                      for column, value in _case_columns(case, vocab).items() if (row.get(column) or "") != value]
+            if differ:
+                found.append(f"disagrees with {plan}: " + "; ".join(differ[:4])
+                             + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
+        if found:
+            bad_rows += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(f"row {n} ({case_id or '?'}): " + "; ".join(found))
+    missing = [c for c in cases if c not in seen]
+    if missing:
+        problems.append(f"{len(missing):,} case(s) of {plan} have no row: {', '.join(missing[:5])}"
+                        + (", ..." if len(missing) > 5 else ""))
+    failed = bad_rows + len(missing)
+    why = cases_why or "cases.jsonl is missing"
+    if redrawn and failed:
+        problems.insert(0, f"{why}: the rows cannot be checked against the plan; the plan drawn again from "
+                           f"dataset_card.json's spec disagrees with {failed:,} row(s) or case(s) (wrong rows, or a "
+                           "card that does not keep the order of the spec's splits, sexes or views, which draws "
+                           "another plan): restore cases.jsonl to check them")
+    return {"status": "fail" if failed else "pass", "value": failed, "threshold": 0, "rows": len(rows),
+            "rows_failed": bad_rows, "cases_without_row": len(missing), "problems": problems,
+            "against": (f"the plan drawn again from dataset_card.json's spec ({why}) and the spec" if redrawn
+                        else "cases.jsonl and the spec")}
+
+
+def section(inputs: CheckInputs) -> dict:
+    """The ``manifest_consistency`` section, against cases.jsonl (or the plan drawn again without it)."""
+    return manifest_consistency_report(inputs.spec, inputs.rows, inputs.cases, inputs.cases_why)
+
+
+def table_rows(section: dict, inputs: CheckInputs) -> dict[str, dict]:
+    """Its row counts the rows (and cases without a row) that disagree; none may."""
+    check = get("manifest_consistency")
+    entry = set_row(check, section, section.get("value"), 0, section["status"], inputs.gate)
+    entry.update(failed=section.get("value"), checked=section.get("rows"), unit="rows")
+    return {check.name: entry}
