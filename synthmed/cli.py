@@ -299,11 +299,13 @@ def _as_flags(message: str) -> str:
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), metavar="MANIFEST",
-              help="Manifest (CSV with png_path, file_name or path) of reference images: intensity bands are "
-                   "fitted on them, and FID, KID, precision/recall/density/coverage computed against them.")
+@click.option("--reference", type=click.Path(path_type=Path), metavar="MANIFEST",
+              help="Reference images: a manifest (CSV with png_path, file_name or path), or a real dataset's "
+                   "folder or CSV (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14; docs/datasets.md). Intensity bands "
+                   "are fitted on them, and FID, KID, precision/recall/density/coverage computed against them.")
 @click.option("--training-manifest", type=click.Path(dir_okay=False, path_type=Path), metavar="MANIFEST",
-              help="Manifest of the images the generator was trained on, for the memorisation audit.")
+              help="Manifest (or a real dataset's CSV) of the images the generator was trained on, for the "
+                   "memorisation audit.")
 @click.option("--features", metavar="MODULE:ATTR",
               help="Feature extractor for FID, duplicates and memorisation (an object with name and __call__, or "
                    "a class making one); default: the shipped auditor's embedding.")

@@ -361,22 +361,62 @@ def read_any_image(path: Path) -> tuple[np.ndarray, int] | None:
         return None
 
 
-def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_thumbs: bool) -> ImageSet:
-    """Read every image a manifest (CSV with png_path / file_name / path) lists, relative to its folder."""
+def read_reference_image(path: Path) -> tuple[np.ndarray, int] | None:
+    """A reference or training image as a viewer shows it, as (stored integer pixels, full scale); None if
+    unreadable. DICOM goes through :func:`synthmed.datasets.read_image` (Modality and VOI LUT, MONOCHROME1
+    inverted), at 16 bits; PNG, JPEG and the rest as :func:`read_any_image` reads them."""
+    from .checks import read_limited
+
     try:
-        with open(manifest, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise QCError(f"cannot read the manifest {manifest}: {e}") from None
+        data = read_limited(path)  # the size limits of synthmed.qc.checks, before a decoder sees the file
+    except (OSError, ValueError):
+        return None
+    if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
+        from ..datasets import DatasetError, read_image
+
+        try:
+            pixels = read_image(path)
+        except (DatasetError, OSError, ValueError):
+            return None
+        return np.round(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16), 65535
+    return read_any_image(path)
+
+
+def image_list(manifest: Path) -> list[tuple[str, Path]]:
+    """(image id, path) of every image a reference or training set lists: a synthmed-style manifest (CSV with
+    png_path / file_name / path / image / dicom_path, relative to its folder), or a real dataset's folder or
+    CSV in its own layout (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14: :func:`synthmed.datasets.read_dataset`)."""
+    rows = []
+    if not manifest.is_dir():
+        try:
+            with open(manifest, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise QCError(f"cannot read the manifest {manifest}: {e}") from None
     column = _image_path_column(rows)
-    if column is None:
-        raise QCError(f"{manifest} lists no images: it needs a png_path, file_name, path or dicom_path column")
+    if column is not None:
+        out = []
+        for n, row in enumerate(rows):
+            rel = row.get(column) or row.get("dicom_path") or ""
+            out.append((row.get("case_id") or rel or str(n), manifest.parent / rel if rel else None))
+        return out
+    from ..datasets import DatasetError, read_dataset
+
+    try:
+        dataset = read_dataset(manifest)
+    except DatasetError as e:
+        raise QCError(f"{manifest} lists no images: it needs a png_path, file_name, path or dicom_path column, or "
+                      f"the layout of CheXpert, MIMIC-CXR-JPG or NIH ChestX-ray14 ({e})") from None
+    return [(record.source_id, Path(record.path)) for record in dataset.records]
+
+
+def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_thumbs: bool) -> ImageSet:
+    """Read every image of a reference or training set (see :func:`image_list`), each as a viewer shows it."""
+    listed = image_list(manifest)
     found = ImageSet()
     batcher = Batcher(shape, extractor=extractor)
-    for n, row in enumerate(rows):
-        rel = row.get(column) or row.get("dicom_path") or ""
-        image_id = row.get("case_id") or rel or str(n)
-        read = read_any_image(manifest.parent / rel) if rel else None
+    for image_id, path in listed:
+        read = read_reference_image(path) if path is not None else None
         if read is None:
             found.unreadable.append(image_id)
             continue
@@ -392,7 +432,7 @@ def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_th
     found.features = batcher.feature_matrix()
     found.features_error = batcher.errors.get("features")
     if not found.ids:
-        raise QCError(f"none of the {len(rows)} images {manifest} lists could be read")
+        raise QCError(f"none of the {len(listed)} images {manifest} lists could be read")
     return found
 
 

@@ -187,8 +187,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     for name, value in (("reference", reference), ("training manifest", training_manifest)):
         if value is not None:
             path = Path(value)
-            if not path.is_file():
-                raise QCError(f"the {name} {path} is not a file")
+            if not (path.is_file() or (name == "reference" and path.is_dir())):
+                raise QCError(f"the {name} {path} is not a file" + (" or a dataset folder" if name == "reference" else ""))
             paths[name] = path
     if isinstance(feature_extractor, str):
         feature_extractor = import_extractor(feature_extractor)

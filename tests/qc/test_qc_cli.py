@@ -671,3 +671,67 @@ def test_qc_keeps_the_record_of_every_file_it_rewrites(out):
     stale = [(key, rel) for key in ledger.keys() for rel, sha in ledger.read(key)["files"].items()
              if rel in rewritten and sha != file_sha256(out / rel)]
     assert stale == []
+
+
+# ----------------------------------------------------------------------------- real datasets as the reference
+
+CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                   "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+                   "Fracture", "Support Devices")
+
+
+def test_a_chexpert_folder_is_a_reference_in_its_own_layout(out, tmp_path):
+    """#23: `qc OUT --reference chexpert/train.csv` was refused ("lists no images"): CheXpert's column is Path."""
+    root = tmp_path / "chexpert"
+    rows = []
+    for n, row in enumerate(manifest_rows(out)):
+        rel = f"CheXpert-v1.0-small/train/patient{n:05d}/study1/view1_frontal.png"
+        (root / rel).parent.mkdir(parents=True)
+        shutil.copyfile(out / row["png_path"], root / rel)
+        rows.append({"Path": rel, "Sex": "Female", "Age": "61", "Frontal/Lateral": "Frontal", "AP/PA": "PA",
+                     **{label: "1.0" if label == "No Finding" else "" for label in CHEXPERT_LABELS}})
+    (root / "CheXpert-v1.0-small").mkdir(exist_ok=True)
+    with open(root / "CheXpert-v1.0-small" / "train.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for reference in (root / "CheXpert-v1.0-small" / "train.csv", root / "CheXpert-v1.0-small"):
+        result = qc(out, reference=reference, feature_extractor=ThumbFeatures(), auditor=False, write=False)
+        ref = result.report["sections"]["reference"]
+        assert ref["status"] == "done" and ref["fid"] == pytest.approx(0.0, abs=1e-6), reference
+    cli = run("qc", out, "-q", "--no-auditor", "--reference", root / "CheXpert-v1.0-small" / "train.csv",
+              "--features", f"{__name__}:ThumbFeatures")
+    assert cli.exit_code == 0, cli.output
+
+
+def test_a_monochrome1_reference_reads_as_a_viewer_shows_it(out, tmp_path):
+    """#23: QC's reference reader ignored MONOCHROME1 (inverted storage): the same film read as its negative."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from synthmed.qc.checks import decode_png
+
+    folder = tmp_path / "mono1"
+    folder.mkdir()
+    lines = ["path"]
+    for n, row in enumerate(manifest_rows(out)):
+        pixels, depth = decode_png((out / row["png_path"]).read_bytes())
+        full = (1 << depth) - 1
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "OT", "MONOCHROME1", 1
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated = ds.BitsStored = 8 if depth == 8 else 16
+        ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+        dtype = np.uint8 if depth == 8 else np.uint16
+        ds.PixelData = (full - pixels.astype(np.int64)).astype(dtype).tobytes()  # stored inverted
+        ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
+        lines.append(f"{n}.dcm")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    result = qc(out, reference=folder / "manifest.csv", feature_extractor=ThumbFeatures(), auditor=False, write=False)
+    assert result.report["sections"]["reference"]["fid"] == pytest.approx(0.0, abs=1e-4)
+    assert result.report["sections"]["intensity"]["status"] == "pass"
