@@ -1,13 +1,9 @@
 """generate(): check the arguments, plan the chunks, run an executor, merge the parts, write the card, run the
 cheap quality checks.
 
-Example:
-    >>> import tempfile
-    >>> from synthmed.spec import load_spec
-    >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 3\\nimage: {size: 64}\\nfindings: [{finding: cardiomegaly, weight: 1}]")
-    >>> result = generate(spec, tempfile.mkdtemp() + "/out", backend="pattern", progress=False)
-    >>> result.written, result.manifest.name
-    (3, 'manifest.csv')
+Example (a whole build: see :mod:`synthmed.build`):
+    >>> EXECUTORS
+    ('local', 'ray')
 """
 
 from __future__ import annotations
