@@ -436,6 +436,20 @@ class _Collector:
     def unknown(self, what: str, raw: str) -> None:
         self.unknown_values[f"{what}: {raw.strip() or '(blank)'}"] += 1
 
+    def sex(self, raw: str | None) -> str | None:
+        """F, M or None from a dataset's text; a text that names no sex is counted."""
+        sex, known = _parse_sex(raw, self.vocab)
+        if not known:
+            self.unknown("sex", raw or "")
+        return sex
+
+    def age(self, raw: str | None) -> int | None:
+        """Years from a dataset's text, or None; a text that gives no age is counted."""
+        age, known = _parse_age(raw)
+        if not known:
+            self.unknown("age", raw or "")
+        return age
+
     def wants_view(self, view: str | None) -> bool:
         """False (and counted) when ``frontal_only`` leaves this view out."""
         if not self.frontal_only or view in FRONTAL_VIEWS:
@@ -543,12 +557,7 @@ def read_chexpert(path: str | os.PathLike, *, uncertain: str = "ignore", frontal
             image = out.locate(row.get("Path"), strip_first=True)
             if image is None:
                 continue
-            sex, known = _parse_sex(row.get("Sex"), vocab)
-            if not known:
-                out.unknown("sex", row.get("Sex") or "")
-            age, known = _parse_age(row.get("Age"))
-            if not known:
-                out.unknown("age", row.get("Age") or "")
+            sex, age = out.sex(row.get("Sex")), out.age(row.get("Age"))
             impression = ((row.get(impression_column) or "").strip() or None) if impression_column else None
             out.add(DatasetRecord(image, (row.get("Path") or "").strip(), _labels(present), sex, age, view,
                                   tuple(unmapped), tuple(unsure), tuple(negative), impression, {}, split))
@@ -665,9 +674,7 @@ def read_mimic(path: str | os.PathLike, *, uncertain: str = "ignore", frontal_on
         sex = age = None
         if subject in patients:
             gender, anchor_age, anchor_year = patients[subject]
-            sex, known = _parse_sex(gender, out.vocab)
-            if not known:
-                out.unknown("sex", gender)
+            sex = out.sex(gender)
             age, known = _parse_age(anchor_age)
             study_date = (row.get("StudyDate") or "").strip()
             if age is not None and anchor_year.strip().isdigit() and re.fullmatch(r"\d{8}(\.0)?", study_date):
@@ -793,12 +800,7 @@ def read_nih(path: str | os.PathLike, *, uncertain: str = "ignore", frontal_only
             else:
                 present[finding] = None
         negative = [f for f in known if f not in present]
-        sex, ok = _parse_sex(row.get("Patient Gender"), vocab)
-        if not ok:
-            out.unknown("sex", row.get("Patient Gender") or "")
-        age, ok = _parse_age(row.get("Patient Age"))
-        if not ok:
-            out.unknown("age", row.get("Patient Age") or "")
+        sex, age = out.sex(row.get("Patient Gender")), out.age(row.get("Patient Age"))
         out.add(DatasetRecord(images[parts[0]], index, _labels(present), sex, age, view, tuple(unmapped), (),
                               tuple(negative), None, boxes.get(index, {}), splits.get(index)))
     return out.dataset()
@@ -1051,15 +1053,8 @@ def read_csv(path: str | os.PathLike, column_map: str | os.PathLike | Mapping | 
                 present[FindingLabel(finding)] = None
         have = {f.finding for f in present}
         raw_sex = (row.get(col["sex"]) or "").strip() if "sex" in col else ""
-        if raw_sex in sexes:
-            sex = sexes[raw_sex]
-        else:
-            sex, known = _parse_sex(raw_sex, vocab)
-            if not known:
-                out.unknown("sex", raw_sex)
-        age, known = _parse_age(row.get(col["age"]) if "age" in col else "")
-        if not known:
-            out.unknown("age", row.get(col["age"]) or "")
+        sex = sexes[raw_sex] if raw_sex in sexes else out.sex(raw_sex)
+        age = out.age(row.get(col["age"]) if "age" in col else "")
         impression = ((row.get(col["report"]) or "").strip() or None) if "report" in col else None
         source_id = (row.get(col["id"]) or "").strip() if "id" in col else ""
         out.add(DatasetRecord(image, source_id or f"line {line}", tuple(present), sex, age, view, tuple(unmapped),
