@@ -213,7 +213,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
               help="Also train the text encoder (always on from scratch; off by default for a base model).")
 @click.option("--steps", type=click.IntRange(0), default=2000, show_default=True, help="UNet optimiser steps.")
 @click.option("--vae-steps", type=click.IntRange(0), default=1000, show_default=True, help="VAE steps (scratch only).")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="UNet images per step (per micro-step with --gradient-accumulation).")
 @click.option("--vae-batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--vae-crop", type=click.IntRange(8), default=64, show_default=True,
               help="Side of the random crops the VAE trains on (it is fully convolutional).")
@@ -235,9 +236,14 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
 @click.option("--overwrite", is_flag=True, help="Replace an existing model folder / earlier checkpoints.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: all cores).")
-@click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
-              help="auto uses a GPU through accelerate when there is one.")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto uses a CUDA GPU through accelerate when there is one.")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+              help="Forward pass in half precision, weights in float32: fp16 needs a CUDA GPU; bf16 also runs on CPUs.")
+@click.option("--gradient-accumulation", type=click.IntRange(1), default=1, show_default=True,
+              help="Micro-batches of --batch-size per UNet optimiser step (the effective batch is their product).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in the backward pass: far less GPU memory, about a third slower per step.")
 @click.option("--allow-pickle", is_flag=True, help="Allow a base model with pickled weights (only if you trust it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> None:
@@ -246,6 +252,7 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
     \b
     synthmed finetune --manifest out/phantom/manifest.csv --base scratch -o models/mine --steps 8000
     synthmed finetune --manifest my_cxr/manifest.csv --base ./roentgen --mode lora -o models/roentgen-lora
+    synthmed finetune ... --device cuda --mixed-precision bf16 --gradient-checkpointing --gradient-accumulation 4
 
     Interrupt at any time; rerun with --resume to continue from the last checkpoint.
     """
@@ -294,6 +301,7 @@ def _as_flags(message: str) -> str:
     for argument, flag in (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
                            ("allow_pickle=True", "--allow-pickle")):
         message = message.replace(argument, flag)
+    message = re.sub(r"\b(device|mixed_precision)='(\w+)'", lambda m: f"--{m[1].replace('_', '-')} {m[2]}", message)
     return re.sub(r"(?<![\w/.-])work_dir(?![\w/.-])", "--work-dir", message)
 
 

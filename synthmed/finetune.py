@@ -15,7 +15,9 @@ Every random draw of training (batches, crops, noise, timesteps, prompt dropout)
 ``torch.Generator`` whose state is checkpointed, so a run resumed from a checkpoint reaches the
 same weights as one that never stopped. Training recipe, adapted from diffusers'
 ``examples/text_to_image/train_text_to_image.py`` (noise, timesteps, min-SNR weighting of
-Hang et al. 2023, EMA of the UNet) and its LoRA variant.
+Hang et al. 2023, EMA of the UNet) and its LoRA variant, with the library's own pieces: diffusers'
+``EMAModel``, ``compute_snr`` and LR schedules, accelerate's gradient accumulation, mixed precision and
+``save_state`` / ``load_state`` checkpoints (kept in finetune's record, see ``_save_checkpoint``).
 
 Example:
     >>> from synthmed.finetune import finetune
@@ -45,7 +47,8 @@ from .vocabulary import get_vocabulary
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
 MODES = ("full", "lora")
 LR_SCHEDULES = ("constant", "cosine")
-CHECKPOINT_FORMAT = 1
+DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT_FORMAT = 2  # 2: accelerate save_state folders; 1 (state.pt) is not resumed
 STATE_DIR = ".synthmed"  # the record of what finetune wrote, in the work folder and in the model folder
 USER_FOLDERS = f"{STATE_DIR}/user-folders.json"  # a user's empty folders in the work folder that finetune writes into
 MODEL_CLAIM = "model"
@@ -376,29 +379,53 @@ def _sha256_file(path: Path) -> str:
     return digest
 
 
-class _EMA:
-    """Exponential moving average of parameters, with the usual warm-up of its decay."""
+class _Progress:
+    """What a checkpoint holds beside accelerate's state: the data generator, the stage, its step and running loss.
 
-    def __init__(self, params, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in params]
-        self.updates = 0
+    Registered with ``accelerator.register_for_checkpointing``, so ``save_state`` / ``load_state`` carry it.
+    """
 
-    def update(self, params) -> None:
-        import torch
+    def __init__(self, stage: str, generator):
+        self.stage, self.generator, self.step, self.loss = stage, generator, 0, None
 
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            for s, p in zip(self.shadow, params):
-                s.lerp_(p.detach(), 1 - d)
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "step": self.step, "loss": self.loss, "generator": self.generator.get_state()}
 
-    def copy_to(self, params) -> None:
-        import torch
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.loss = state["step"], state["loss"]
+        self.generator.set_state(state["generator"])
 
-        with torch.no_grad():
-            for s, p in zip(self.shadow, params):
-                p.copy_(s)
+
+def _lr_scheduler(optimiser, schedule: str, warmup: int, total: int):
+    """The UNet's learning-rate schedule: a linear warm-up, then constant or a cosine down to a tenth of the rate.
+
+    diffusers' cosine ends at zero; transformers' cosine with a floor is the one ``lr_schedule="cosine"`` promises.
+    """
+    if schedule == "cosine":
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+        return get_cosine_with_min_lr_schedule_with_warmup(optimiser, warmup, total, min_lr_rate=0.1)
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("constant_with_warmup", optimiser, num_warmup_steps=warmup)
+
+
+def _only_trained(models, weights, _output_dir) -> None:
+    """accelerate save_state pre-hook: keep only the trained weights (LoRA adapters, not the frozen base)."""
+    for model, state in zip(models, weights):
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in trained]:
+            del state[key]
+
+
+def _enable_gradient_checkpointing(module) -> None:
+    """Recompute activations in the backward pass (non-reentrant: LoRA weights behind frozen layers get gradients)."""
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+        module.activation_checkpointing_enable()
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ----------------------------------------------------------------------------- what finetune wrote: its records
@@ -788,7 +815,8 @@ def _planned(rel: str, settings: dict, checkpoint_every: int, validate_every: in
 
     if rel in ("settings.json", "log.jsonl", "record.json", "latents.pt") or rel.startswith("vae/"):
         return True
-    m = re.fullmatch(r"checkpoints/(vae|unet)-(\d{7})/(state\.pt|meta\.json)", rel)
+    m = re.fullmatch(r"checkpoints/(vae|unet)-(\d{7})/(meta\.json|(model|optimizer|scheduler)(_\d+)?\.(safetensors|bin)"
+                     r"|scaler\.pt|(random_states|custom_checkpoint)_\d+\.pkl)", rel)  # ours and save_state's
     if m:
         total = settings["vae_steps"] if m[1] == "vae" else settings["steps"]
         step = int(m[2])
@@ -800,41 +828,100 @@ def _planned(rel: str, settings: dict, checkpoint_every: int, validate_every: in
     return False
 
 
-def _save_checkpoint(work: _WorkFolder, name: str, state: dict) -> None:
-    """Write checkpoints/<name> (each file atomic, recorded); keep the two newest of its stage that are complete."""
-    key, folder = f"checkpoint-{name}", f"checkpoints/{name}"
-    work.claim(key, [f"{folder}/state.pt", f"{folder}/meta.json"])
-    work.torch_save(key, f"{folder}/state.pt", state)
-    work.write_json(key, f"{folder}/meta.json", {"format": CHECKPOINT_FORMAT, "stage": state["stage"],
-                                                 "step": state["step"]})
-    found = work.checkpoints(state["stage"])
+def _record_staged(staged: Path) -> dict[str, str]:
+    """Record every file in a staged folder (this run made it, under a new name) in its own record; their sha256."""
+    from .ledger import Ledger, file_sha256
+
+    digests = {r: file_sha256(staged / r) for r in _files_under(staged) if not r.endswith("/")}
+    Ledger(staged, staged / STATE_DIR).record("staged", {r: d for r, d in digests.items() if d})
+    return digests
+
+
+def _move_in(work: _WorkFolder, staged: Path, key: str, dest: str) -> None:
+    """Move a staged save into ``dest`` in the work folder, file by file, recorded under ``key`` with their sha256."""
+    from .ledger import Ledger
+
+    digests = _record_staged(staged)
+    targets = {rel: f"{dest}/{rel}" for rel in digests}
+    work.claim(key, list(targets.values()))
+    for rel, target in targets.items():
+        (work.root / target).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / rel, work.root / target)
+    Ledger(staged, staged / STATE_DIR).forget("staged")
+    work.ledger.record(key, {targets[rel]: digest for rel, digest in digests.items()})
+    work.end_staging(staged)
+
+
+def _save_checkpoint(work: _WorkFolder, accelerator, stage: str, step: int) -> None:
+    """Save the training state to checkpoints/<stage>-<step>; keep the two newest complete ones of the stage.
+
+    ``accelerator.save_state`` writes the trained weights (safetensors), the optimiser, the LR schedule, the
+    registered objects (EMA, :class:`_Progress`) and the RNG states into a new recorded staging folder, never under
+    a final name; the files are then moved in and recorded with their sha256 (pickles among them: only these
+    recorded bytes are ever loaded again).
+    """
+    name = f"{stage}-{step:07d}"
+    staged = work.begin_staging(work.state / f"checkpoint-{name}", "checkpoint")
+    try:
+        accelerator.save_state(output_dir=str(staged), safe_serialization=True)
+        meta = {"format": CHECKPOINT_FORMAT, "stage": stage, "step": step}
+        (staged / "meta.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    except BaseException:
+        _record_staged(staged)  # a half-written save: every file in it is this run's, removed by its record
+        work.end_staging(staged)
+        raise
+    _move_in(work, staged, f"checkpoint-{name}", f"checkpoints/{name}")
+    found = work.checkpoints(stage)
     complete = [n for _, n in found if all(work.ledger.read(f"checkpoint-{n}")["files"].values())]
     keep = set(complete[-2:])
-    work.remove([f"checkpoint-{n}" for s, n in found if n not in keep and s < state["step"]])
+    work.remove([f"checkpoint-{n}" for s, n in found if n not in keep and s < step])
 
 
-def _load_checkpoint(work: _WorkFolder, stage: str) -> dict | None:
-    """The state of the newest checkpoint of a stage that is intact and loads; damaged ones are skipped, named."""
-    import torch
+def _checkpoint_problem(work: _WorkFolder, stage: str, step: int, name: str) -> str | None:
+    """None when checkpoints/<name> is whole, as recorded, and of this format; else what is wrong with it."""
+    problem = work.damage(f"checkpoint-{name}")
+    if problem is not None:
+        return problem
+    recorded = work.ledger.read(f"checkpoint-{name}")["files"]
+    folder = work.root / "checkpoints" / name
+    # files a repair set aside (<name>.changed-<token>) are never read; anything else must be ours
+    extra = [r for r in _files_under(folder) if f"checkpoints/{name}/{r}" not in recorded and ".changed-" not in r]
+    if extra:
+        return f"checkpoints/{name} holds {_shown(extra)}, which finetune did not write"
+    try:
+        meta = _read_json_object(folder / "meta.json")
+    except (OSError, ValueError) as e:
+        return str(e)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        return (f"checkpoints/{name} is in the format of an earlier synthmed (format {meta.get('format')}), which this "
+                "version does not resume from")
+    if meta.get("stage") != stage or meta.get("step") != step:
+        return f"checkpoints/{name} holds another state than its name says"
+    return None
 
+
+def _load_checkpoint(work: _WorkFolder, accelerator, stage: str) -> int | None:
+    """Load the newest intact checkpoint of a stage into the prepared objects (``accelerator.load_state``).
+
+    Every file is checked against its recorded sha256 first, so only files finetune wrote are unpickled; a damaged
+    checkpoint is skipped, named in a warning, for the one before it. Returns the step loaded, or None.
+    """
     skipped = []
     for step, name in reversed(work.checkpoints(stage)):
-        problem = work.damage(f"checkpoint-{name}", [f"checkpoints/{name}/state.pt", f"checkpoints/{name}/meta.json"])
-        if problem is None:
-            try:
-                state = torch.load(work.root / "checkpoints" / name / "state.pt", map_location="cpu",
-                                   weights_only=True)  # no code runs on load
-            except Exception as e:  # noqa: BLE001 - whatever torch says, our own file is damaged
-                problem = f"checkpoints/{name}/state.pt cannot be read ({str(e).splitlines()[0] if str(e) else e!r})"
-            else:
-                if not isinstance(state, dict) or state.get("step") != step or state.get("stage") != stage:
-                    problem = f"checkpoints/{name}/state.pt holds another state than its name says"
-        if problem is None:
-            if skipped:
-                work.warn(f"skipped a damaged checkpoint in {work.root}: {'; '.join(skipped)}; "
-                          f"continuing from checkpoints/{name} (the same steps are trained again)")
-            return state
-        skipped.append(problem)
+        problem = _checkpoint_problem(work, stage, step, name)
+        if problem is not None:
+            skipped.append(problem)
+            continue
+        try:  # strict=False: a LoRA checkpoint holds the adapters only (see _only_trained)
+            accelerator.load_state(str(work.root / "checkpoints" / name), strict=False)
+        except Exception as e:  # noqa: BLE001 - our own intact files that this setup cannot take
+            raise ValueError(f"checkpoints/{name} in {work.root} is as finetune wrote it but does not load here "
+                             f"({str(e).splitlines()[0] if str(e) else e!r}); start again (overwrite=True) or "
+                             "choose another work_dir") from None
+        if skipped:
+            work.warn(f"skipped a damaged checkpoint in {work.root}: {'; '.join(skipped)}; "
+                      f"continuing from checkpoints/{name} (the same steps are trained again)")
+        return step
     if skipped:
         work.warn(f"no usable {stage} checkpoint in {work.root} ({'; '.join(skipped)}); the {stage} stage starts "
                   "again from its first step")
@@ -847,7 +934,8 @@ _ARGUMENT_NAMES = ("manifest", "base", "out", "mode", "train_text_encoder", "ste
                    "vae_batch_size", "vae_crop", "learning_rate", "vae_learning_rate", "lr_schedule", "template",
                    "checkpoint_every", "validate_every", "validation_prompts", "resume", "overwrite", "work_dir",
                    "seed", "threads", "device", "mixed_precision", "lora_rank", "cond_dropout", "ema_decay",
-                   "min_snr_gamma", "allow_pickle", "save_dtype", "progress")
+                   "min_snr_gamma", "allow_pickle", "save_dtype", "progress", "gradient_accumulation",
+                   "gradient_checkpointing")
 
 
 def _check_arguments(**args: Any) -> None:
@@ -882,14 +970,14 @@ def _check_arguments(**args: Any) -> None:
                     "base": "'scratch' or the path of a local diffusers model folder",
                     "work_dir": "None or the path of the work folder"}[name]
             raise TypeError(f"{name} must be {what}, got {name_of(value)}")
-    for name in ("resume", "overwrite", "allow_pickle", "progress"):
+    for name in ("resume", "overwrite", "allow_pickle", "progress", "gradient_checkpointing"):
         if not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {name_of(args[name])}")
     if args["train_text_encoder"] is not None and not isinstance(args["train_text_encoder"], bool):
         raise TypeError(f"train_text_encoder must be True, False or None (the default for the base), "
                         f"got {name_of(args['train_text_encoder'])}")
     for name, low in (("steps", 0), ("vae_steps", 0), ("batch_size", 1), ("vae_batch_size", 1), ("vae_crop", 8),
-                      ("checkpoint_every", 1), ("validate_every", 0), ("lora_rank", 1)):
+                      ("checkpoint_every", 1), ("validate_every", 0), ("lora_rank", 1), ("gradient_accumulation", 1)):
         number(name, whole=True, low=low)
     number("threads", whole=True, low=1, optional=True)
     number("seed", whole=True, low=-(2 ** 63), high=2 ** 64 - 1)  # what torch.manual_seed takes
@@ -900,7 +988,7 @@ def _check_arguments(**args: Any) -> None:
     number("min_snr_gamma", whole=False, low=0)
     choice("mode", MODES)
     choice("lr_schedule", LR_SCHEDULES)
-    choice("device", ("auto", "cpu"))
+    choice("device", DEVICES)
     choice("mixed_precision", ("no", "fp16", "bf16"))
     choice("save_dtype", ("float16", "float32", "bfloat16"))
     if not isinstance(args["template"], str):
@@ -911,6 +999,29 @@ def _check_arguments(**args: Any) -> None:
         raise TypeError(f"validation_prompts must be None or a list of prompt strings, got {name_of(prompts)}")
 
 
+def _check_device(device: str, mixed_precision: str) -> None:
+    """Refuse a device or a mixed precision this machine does not have (ValueError), before anything is written.
+
+    fp16 needs a CUDA GPU (accelerate would quietly train in float32 on a CPU); bf16 runs on CPUs and on GPUs that
+    have it.
+    """
+    if device == "auto" and mixed_precision == "no":
+        return
+    try:
+        import torch
+    except ImportError:
+        return  # named, with the install command, when training starts
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA GPU here (a CPU build of torch, or no "
+                         f"driver; torch {torch.__version__}); use device='auto' or device='cpu'")
+    if mixed_precision == "fp16" and not cuda:
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU and this run is on the CPU; use "
+                         "mixed_precision='bf16' or 'no'")
+    if mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"mixed_precision='bf16': this GPU ({torch.cuda.get_device_name()}) has no bfloat16; use "
+                         "mixed_precision='fp16'")
+
 
 def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: str = "full",
              train_text_encoder: bool | None = None, steps: int = 2000, vae_steps: int = 1000, batch_size: int = 16,
@@ -920,7 +1031,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
              resume: bool = False, overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0,
              threads: int | None = None, device: str = "auto", mixed_precision: str = "no", lora_rank: int = 8,
              cond_dropout: float = 0.1, ema_decay: float = 0.999, min_snr_gamma: float = 5.0, allow_pickle: bool = False,
-             save_dtype: str = "float16", progress: bool = True) -> FinetuneResult:
+             save_dtype: str = "float16", progress: bool = True, gradient_accumulation: int = 1,
+             gradient_checkpointing: bool = False) -> FinetuneResult:
     """Train a latent-diffusion model on a manifest and save it as a diffusers folder at ``out``.
 
     Args:
@@ -930,6 +1042,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         mode: ``"full"`` (every UNet weight) or ``"lora"`` (low-rank adapters, merged into the saved UNet).
         train_text_encoder: also train the text encoder (always, from scratch; default off for a base).
         steps: UNet optimiser steps; vae_steps: VAE steps (scratch only).
+        batch_size: UNet images per micro-step; ``gradient_accumulation`` micro-steps make one optimiser step
+            (the batch the optimiser sees is batch_size x gradient_accumulation).
         lr_schedule: the UNet learning rate after its 200 warm-up steps: ``"constant"``, or ``"cosine"``
             (down to a tenth of it at the last step; useful to anneal a model trained at a constant rate;
             resuming with more ``steps`` stretches what is left of the curve).
@@ -941,6 +1055,11 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             overwrites only files it recorded as its own (``.synthmed/`` in both folders, each file's sha256);
             anything else in either folder stays and is named in a :class:`FinetuneWarning`.
         work_dir: checkpoints, the latent cache, logs and validation grids (default: ``<out>.training``).
+        device: ``"auto"`` (a CUDA GPU when torch sees one), ``"cpu"`` or ``"cuda"``.
+        mixed_precision: ``"no"``, ``"fp16"`` (CUDA only) or ``"bf16"`` (CPUs, and GPUs that have it); the
+            weights stay float32, the forward pass runs in the lower precision (accelerate's autocast).
+        gradient_checkpointing: recompute activations in the backward pass (UNet, and the text encoder when
+            trained): far less memory for about a third more time per step, the same weights.
 
     Returns:
         FinetuneResult with the folder, the steps, the last losses and the warnings given.
@@ -963,6 +1082,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     work_path = Path(work_dir) if work_dir else out.with_name(out.name + ".training")
     if os.path.lexists(work_path) and not work_path.is_dir():
         raise ValueError(f"work_dir {work_path} exists and is not a folder")
+    _check_device(device, mixed_precision)
     work = _WorkFolder(work_path)
     work.clean_staging()  # a killed run's half-done saves (a model caught mid-swap is put back first)
     work.ledger.remove_temp_files()  # and its temp files, by the names and pids its claims recorded
@@ -975,6 +1095,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "train_text_encoder": bool(train_text_encoder), "steps": steps, "vae_steps": vae_steps if scratch else 0,
                 "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
                 "learning_rate": learning_rate, "vae_learning_rate": vae_learning_rate, "lr_schedule": lr_schedule,
+                "gradient_accumulation": gradient_accumulation, "mixed_precision": mixed_precision,
                 "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout,
                 "ema_decay": ema_decay,
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": _sha256_file(manifest_path),
@@ -991,7 +1112,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         except ValueError as e:
             raise ValueError(f"{e}; it records the settings of the run to resume: resume needs it as finetune "
                              "wrote it (or start again: overwrite=True without resume=True)") from None
-        before.setdefault("lr_schedule", "constant")  # work folders from before these options
+        for key, value in (("lr_schedule", "constant"), ("gradient_accumulation", 1), ("mixed_precision", "no")):
+            before.setdefault(key, value)  # work folders from before these options
         if "base_hash" in settings:
             before.setdefault("base_hash", settings["base_hash"])
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k) and k != "steps")
@@ -1027,7 +1149,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         raise ImportError(f"synthmed finetune needs {e.name}: pip install 'synthmed[finetune]'") from None
     torch.set_num_threads(int(threads or os.cpu_count() or 1))
 
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
+    accelerate_options = dict(mixed_precision=mixed_precision, cpu=(device == "cpu"))
     started = time.time()
     log = _Log(work_path / "log.jsonl")
 
@@ -1054,12 +1176,15 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     # 3. Stage 1 (scratch): the VAE
     vae_loss = None
     if scratch:
-        vae, vae_loss, generator = _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
-                                              checkpoint_every, progress)
+        vae, vae_loss, generator = _train_vae(vae, images, work, settings, generator, Accelerator(**accelerate_options),
+                                              log, resume, checkpoint_every, progress)
         record["losses"]["vae"] = vae_loss
         parts["vae"] = vae  # a resumed run loads the trained VAE as a new object
 
     # 4. The latent cache: every image encoded once (the posterior mean, scaled)
+    # An accelerator per stage, so that each checkpoints only its own models; this one is made after the VAE
+    # stage because accelerate keeps the gradient-accumulation setting process-wide.
+    accelerator = Accelerator(**accelerate_options, gradient_accumulation_steps=gradient_accumulation)
     latents = _latent_cache(vae, images, work, settings, accelerator, scratch, progress)
     images.release()
     ids = _token_ids(tokenizer, [ex.prompt for ex in examples], text_encoder)
@@ -1070,7 +1195,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         unet, text_encoder, unet_loss, steps = _train_unet(
             unet, text_encoder, noise_scheduler, latents, ids, empty_ids, work, settings, generator, accelerator,
             log, resume, checkpoint_every, validate_every, validation_prompts or [ex.prompt for ex in examples[:8]],
-            parts, progress)
+            parts, progress, gradient_checkpointing)
         record["losses"]["unet"] = unet_loss
 
     # 6. Save the pipeline (atomically) and its card
@@ -1119,85 +1244,71 @@ class _Log:
             fh.write(json.dumps(entry) + "\n")
 
 
-def _lr_at(step: int, base_lr: float, warmup: int, schedule: str = "constant", total: int = 1) -> float:
-    rate = base_lr * min(1.0, (step + 1) / max(warmup, 1))
-    if schedule == "cosine" and step >= warmup:
-        progress = (step - warmup) / max(total - 1 - warmup, 1)
-        rate *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return rate
-
-
 def _train_vae(vae, images, work, settings, generator, accelerator, log, resume, checkpoint_every, progress):
     """Stage 1: L1 + image-gradient L1 + a small KL term on random crops."""
     import torch
     import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+    from diffusers.optimization import get_scheduler
 
     from .progress import progress_bar
 
     total, crop, batch = settings["vae_steps"], settings["vae_crop"], settings["vae_batch_size"]
-    state = None
-    if resume and work.damage("vae") is None:  # the trained VAE, as recorded
-        from diffusers import AutoencoderKL
-
-        if not total:  # a stage of 0 steps drew nothing and saved no checkpoint
-            return AutoencoderKL.from_pretrained(work.root / "vae"), None, generator
-        state = _load_checkpoint(work, "vae")
-        if state is None:
+    trained = resume and work.damage("vae") is None  # the trained VAE, as recorded
+    if trained and not total:  # a stage of 0 steps drew nothing and saved no checkpoint
+        return AutoencoderKL.from_pretrained(work.root / "vae"), None, generator
+    if resume and not trained and work.ledger.read("vae")["files"]:
+        work.warn(f"the trained VAE in {work.root} is damaged ({work.damage('vae')}); it is trained again from "
+                  "its newest checkpoint (to the same weights)")
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=settings["vae_learning_rate"], weight_decay=0.0)
+    lr_scheduler = get_scheduler("cosine", optimiser, num_warmup_steps=100, num_training_steps=total)
+    vae, optimiser, lr_scheduler = accelerator.prepare(vae, optimiser, lr_scheduler)
+    state = _Progress("vae", generator)
+    accelerator.register_for_checkpointing(state)
+    loaded = _load_checkpoint(work, accelerator, "vae") if resume else None
+    if trained:
+        if loaded is None:
             raise ValueError(f"{work.root / 'checkpoints'} has no VAE checkpoint to resume the trained VAE from; "
                              "start a new work_dir (or pass overwrite=True)")
-        if state["step"] >= total:
-            generator.set_state(state["generator"])
-            return AutoencoderKL.from_pretrained(work.root / "vae"), state.get("loss"), generator
+        if loaded >= total:
+            return AutoencoderKL.from_pretrained(work.root / "vae"), state.loss, generator
         # the last checkpoint is damaged: train the last steps again from this one (the same draws, the same VAE)
-    elif resume:
-        if work.ledger.read("vae")["files"]:
-            work.warn(f"the trained VAE in {work.root} is damaged ({work.damage('vae')}); it is trained again from "
-                      "its newest checkpoint (to the same weights)")
-        state = _load_checkpoint(work, "vae")
     images = images.get()
     vae.train()
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=settings["vae_learning_rate"], weight_decay=0.0)
-    start, loss_avg = 0, None
-    if state:
-        vae.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        generator.set_state(state["generator"])
-        start, loss_avg = state["step"], state.get("loss")
-    vae, optimiser = accelerator.prepare(vae, optimiser)
+    start, loss_avg = state.step, state.loss
     n, _, h, w = images.shape
     crop_h, crop_w = min(crop, h), min(crop, w)
     bar = progress_bar(total, progress)
     bar.set_description("VAE")
     bar.update(start)
     for step in range(start, total):
-        for g in optimiser.param_groups:
-            g["lr"] = _lr_at(step, settings["vae_learning_rate"], 100) * 0.5 * (1 + math.cos(math.pi * step / total))
         idx = torch.randint(n, (batch,), generator=generator)
         ys = torch.randint(h - crop_h + 1, (batch,), generator=generator)
         xs = torch.randint(w - crop_w + 1, (batch,), generator=generator)
         x = torch.stack([images[i, :, y:y + crop_h, x0:x0 + crop_w] for i, y, x0 in zip(idx, ys, xs)]).float()
         x = x.to(accelerator.device)
-        posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
-        recon = accelerator.unwrap_model(vae).decode(z).sample
-        loss = F.l1_loss(recon, x)
-        loss = loss + 0.5 * (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
-        loss = loss + 1e-6 * posterior.kl().mean()
-        optimiser.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
-        optimiser.step()
+        with accelerator.accumulate(vae):
+            posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+            recon = accelerator.unwrap_model(vae).decode(z).sample
+            loss = F.l1_loss(recon, x)
+            loss = loss + 0.5 * (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1))
+                                 + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
+            loss = loss + 1e-6 * posterior.kl().mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(vae.parameters(), 1.0)
+            optimiser.step()
+            lr_scheduler.step()
+            optimiser.zero_grad(set_to_none=True)
         value = float(loss.detach())
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        state.step, state.loss = step + 1, loss_avg
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}")
         if (step + 1) % 25 == 0:
             log.write(stage="vae", step=step + 1, loss=round(loss_avg, 6), t=round(time.time(), 1))
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            _save_checkpoint(work, f"vae-{step + 1:07d}",
-                             {"stage": "vae", "step": step + 1, "model": accelerator.unwrap_model(vae).state_dict(),
-                              "optimiser": optimiser.state_dict(), "generator": generator.get_state(),
-                              "loss": loss_avg})
+            _save_checkpoint(work, accelerator, "vae", step + 1)
     bar.close()
     vae = accelerator.unwrap_model(vae).eval()
     with _library_bars(progress):
@@ -1207,19 +1318,9 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
 
 def _save_vae(vae, work: _WorkFolder) -> None:
     """Save the trained VAE to work/vae: staged in a recorded folder of its own, then moved in file by file."""
-    from .ledger import Ledger, file_sha256
-
     staged = work.begin_staging(work.state / "vae", "vae")
     vae.save_pretrained(staged, safe_serialization=True)
-    rels = [r for r in _files_under(staged) if not r.endswith("/")]
-    Ledger(staged, staged / STATE_DIR).record("staged", {r: file_sha256(staged / r) for r in rels})
-    work.claim("vae", [f"vae/{r}" for r in rels])
-    for rel in rels:
-        (work.root / "vae" / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged / rel, work.root / "vae" / rel)
-    Ledger(staged, staged / STATE_DIR).forget("staged")
-    work.ledger.record_files("vae", [f"vae/{r}" for r in rels])
-    work.end_staging(staged)
+    _move_in(work, staged, "vae", "vae")
 
 
 def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
@@ -1284,18 +1385,29 @@ def _trainable(module):
 
 
 def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, work, settings, generator, accelerator,
-                log, resume, checkpoint_every, validate_every, validation_prompts, parts, progress):
-    """Stage 3: epsilon (or v) prediction with min-SNR weighting, prompt dropout for guidance, EMA."""
+                log, resume, checkpoint_every, validate_every, validation_prompts, parts, progress,
+                gradient_checkpointing=False):
+    """Stage 3: epsilon (or v) prediction with min-SNR weighting, prompt dropout for guidance, EMA.
+
+    A step is one optimiser step over ``gradient_accumulation`` micro-batches of ``batch_size`` (accelerate's
+    ``accumulate``); the learning rate, the EMA and checkpoints count optimiser steps.
+    """
     import torch
     import torch.nn.functional as F
+    from diffusers.training_utils import EMAModel, compute_snr
 
     from .progress import progress_bar
 
     total, batch, mode = settings["steps"], settings["batch_size"], settings["mode"]
+    micro_steps = settings["gradient_accumulation"]
     lr = settings["learning_rate"] or (5e-4 if settings["base"] == "scratch" else 1e-4 if mode == "lora" else 1e-5)
     train_te = settings["train_text_encoder"]
     unet.requires_grad_(mode == "full")
     text_encoder.requires_grad_(train_te and mode == "full")
+    if gradient_checkpointing:  # less memory, the same weights: activations are recomputed in the backward pass
+        _enable_gradient_checkpointing(unet)
+        if train_te:
+            _enable_gradient_checkpointing(text_encoder)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -1308,63 +1420,65 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
                                                                                    "out_proj"]))
     params = _trainable(unet) + (_trainable(text_encoder) if train_te else [])
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    ema = _EMA(params, settings["ema_decay"])
-    start, loss_avg = 0, None
-    state = _load_checkpoint(work, "unet") if resume else None
-    if state:
-        for p, v in zip(params, state["params"]):
-            p.data.copy_(v)
-        ema.shadow = [v.clone() for v in state["ema"]]
-        ema.updates = state["ema_updates"]
-        optimiser.load_state_dict(state["optimiser"])
-        generator.set_state(state["generator"])
-        start, loss_avg = state["step"], state.get("loss")
-    unet, text_encoder, optimiser = accelerator.prepare(unet, text_encoder, optimiser)
+    lr_scheduler = _lr_scheduler(optimiser, settings["lr_schedule"], 200, total)
+    ema = EMAModel(params, decay=settings["ema_decay"])
+    state = _Progress("unet", generator)
+    if train_te:
+        unet, text_encoder, optimiser, lr_scheduler = accelerator.prepare(unet, text_encoder, optimiser, lr_scheduler)
+        trained = (unet, text_encoder)
+    else:  # a frozen text encoder is not checkpointed: it is the base's
+        unet, optimiser, lr_scheduler = accelerator.prepare(unet, optimiser, lr_scheduler)
+        text_encoder, trained = text_encoder.to(accelerator.device), (unet,)
+    accelerator.register_for_checkpointing(ema, state)
+    accelerator.register_save_state_pre_hook(_only_trained)
+    if resume:
+        _load_checkpoint(work, accelerator, "unet")
+    ema.to(accelerator.device)  # also after load_state, which puts the averages on the CPU
+    start, loss_avg = state.step, state.loss
     unet.train()
     text_encoder.train(train_te)
-    alphas = noise_scheduler.alphas_cumprod.float()
-    prediction = noise_scheduler.config.prediction_type
+    prediction, gamma = noise_scheduler.config.prediction_type, settings["min_snr_gamma"]
     n = len(latents)
     bar = progress_bar(max(total, 1), progress)
     bar.set_description("UNet")
     bar.update(start)
     for step in range(start, total):
-        for g in optimiser.param_groups:
-            g["lr"] = _lr_at(step, lr, 200, settings.get("lr_schedule", "constant"), total)
-        idx = torch.randint(n, (batch,), generator=generator)
-        z0 = latents[idx].float()
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        drop = torch.rand(batch, generator=generator) < settings["cond_dropout"]
-        tokens = torch.where(drop[:, None], empty_ids[None, :], ids[idx])
-        z0, noise, t, tokens = (v.to(accelerator.device) for v in (z0, noise, t, tokens))
-        noisy = noise_scheduler.add_noise(z0, noise, t)
-        with accelerator.autocast():
-            hidden = text_encoder(tokens)[0]
-            pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
-        a = alphas.to(t.device)[t]
-        snr = a / (1 - a)
-        gamma = settings["min_snr_gamma"]
-        weight = torch.clamp(snr, max=gamma) / (snr if prediction == "epsilon" else snr + 1) if gamma else 1.0
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * weight).mean()
-        optimiser.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        ema.update(params)
-        value = float(loss.detach())
-        loss_avg = value if loss_avg is None else 0.99 * loss_avg + 0.01 * value
+        step_loss = 0.0
+        for _ in range(micro_steps):
+            idx = torch.randint(n, (batch,), generator=generator)
+            z0 = latents[idx].float()
+            noise = torch.randn(z0.shape, generator=generator)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+            drop = torch.rand(batch, generator=generator) < settings["cond_dropout"]
+            tokens = torch.where(drop[:, None], empty_ids[None, :], ids[idx])
+            z0, noise, t, tokens = (v.to(accelerator.device) for v in (z0, noise, t, tokens))
+            with accelerator.accumulate(*trained):
+                noisy = noise_scheduler.add_noise(z0, noise, t)
+                with accelerator.autocast():
+                    hidden = text_encoder(tokens)[0]
+                    pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+                target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if gamma:
+                    snr = compute_snr(noise_scheduler, t)
+                    per_sample = per_sample * snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+                loss = per_sample.mean()
+                accelerator.backward(loss)  # divided by the micro-steps; the optimiser steps on the last one
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimiser.step()
+                lr_scheduler.step()
+                optimiser.zero_grad(set_to_none=True)
+            step_loss += float(loss.detach()) / micro_steps
+        ema.step(params)
+        loss_avg = step_loss if loss_avg is None else 0.99 * loss_avg + 0.01 * step_loss
+        state.step, state.loss = step + 1, loss_avg
         bar.update(1)
         bar.set_postfix(loss=f"{loss_avg:.4f}")
         if (step + 1) % 25 == 0:
             log.write(stage="unet", step=step + 1, loss=round(loss_avg, 6), t=round(time.time(), 1))
         if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            _save_checkpoint(work, f"unet-{step + 1:07d}",
-                             {"stage": "unet", "step": step + 1, "params": [p.detach().clone() for p in params],
-                              "ema": ema.shadow, "ema_updates": ema.updates, "optimiser": optimiser.state_dict(),
-                              "generator": generator.get_state(), "loss": loss_avg})
+            _save_checkpoint(work, accelerator, "unet", step + 1)
         if validate_every and (step + 1) % validate_every == 0 and step + 1 < total:
             _validation_grid(work, f"validation/step-{step + 1:07d}.png", accelerator.unwrap_model(unet),
                              accelerator.unwrap_model(text_encoder), parts, ema, params, validation_prompts)
@@ -1394,27 +1508,26 @@ def _validation_grid(work: _WorkFolder, rel: str, unet, text_encoder, parts, ema
     from .sampler import Case
     from .writers.png import png_bytes
 
-    backup = None
     if ema is not None:
-        backup = [p.detach().clone() for p in params]
+        ema.store(params)
         ema.copy_to(params)
-    was_training = unet.training
+    was_training = unet.training, text_encoder.training
     unet.eval()
     text_encoder.eval()
     try:
-        size = parts["vae"].config.sample_size
-        backend = DiffusionBackend.from_components(unet=unet, vae=parts["vae"], text_encoder=text_encoder,
+        vae = parts["vae"].to(next(unet.parameters()).device)  # on the CPU when the latent cache was read back
+        size = vae.config.sample_size
+        backend = DiffusionBackend.from_components(unet=unet, vae=vae, text_encoder=text_encoder,
                                                    tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
                                                    width=size, height=size, steps=20, guidance_scale=4.0,
                                                    threads=torch.get_num_threads())
         cases = [Case(f"v{i}", i, "val", 1000 + i, (), None, None, None) for i in range(len(prompts))]
         images = backend.generate(cases, [Prompt(text=p) for p in prompts])
     finally:
-        if backup is not None:
-            with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
-        unet.train(was_training)
+        if ema is not None:
+            ema.restore(params)
+        unet.train(was_training[0])
+        text_encoder.train(was_training[1])
     row = np.concatenate([im.pixels for im in images], axis=1)
     work.write_bytes("validation", rel, png_bytes((np.clip(row, 0, 1) * 255).round().astype(np.uint8)))
 

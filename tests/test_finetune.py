@@ -228,13 +228,22 @@ def test_lora_from_scratch_is_refused(phantom_set, tmp_path):
 
 
 def test_cosine_schedule_warms_up_then_anneals_to_a_tenth():
-    from synthmed.finetune import _lr_at
+    from synthmed.finetune import _lr_scheduler
 
-    assert _lr_at(0, 1.0, 200, "cosine", 1000) == pytest.approx(1 / 200)
-    assert _lr_at(199, 1.0, 200, "cosine", 1000) == pytest.approx(1.0)
-    assert _lr_at(599, 1.0, 200, "cosine", 1000) == pytest.approx(0.55, abs=0.01)  # half way: between 1 and 0.1
-    assert _lr_at(999, 1.0, 200, "cosine", 1000) == pytest.approx(0.1)
-    assert _lr_at(999, 1.0, 200, "constant", 1000) == 1.0
+    def rates(schedule: str) -> list[float]:
+        optimiser = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler, out = _lr_scheduler(optimiser, schedule, 200, 1000), []
+        for _ in range(1000):
+            out.append(optimiser.param_groups[0]["lr"])
+            optimiser.step()
+            scheduler.step()
+        return out
+
+    cosine, constant = rates("cosine"), rates("constant")
+    assert cosine[0] == 0 and cosine[100] == pytest.approx(0.5) and cosine[200] == pytest.approx(1.0)
+    assert cosine[600] == pytest.approx(0.55, abs=0.01)  # half way: between 1 and 0.1
+    assert cosine[999] == pytest.approx(0.1, abs=1e-4) and min(cosine[200:]) >= 0.1
+    assert constant[:201] == pytest.approx(cosine[:201]) and constant[999] == 1.0
 
 
 def test_unknown_lr_schedule_is_refused(phantom_set, tmp_path):
@@ -348,9 +357,124 @@ def test_a_save_killed_between_its_renames_is_put_back_and_its_folders_removed(p
 def test_a_damaged_last_vae_checkpoint_trains_its_steps_again_to_the_same_weights(phantom_set, tmp_path):
     straight = finetune(phantom_set, "scratch", tmp_path / "a", steps=2, vae_steps=4, **FAST)
     finetune(phantom_set, "scratch", tmp_path / "b", steps=0, vae_steps=4, **FAST)
-    state = tmp_path / "b.training" / "checkpoints" / "vae-0000004" / "state.pt"
+    state = tmp_path / "b.training" / "checkpoints" / "vae-0000004" / "optimizer.bin"
     state.write_bytes(state.read_bytes()[:500])
     with pytest.warns(UserWarning, match="vae-0000004.*continuing from checkpoints/vae-0000002"):
         resumed = finetune(phantom_set, "scratch", tmp_path / "b", steps=2, vae_steps=4, resume=True, **FAST)
     a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- a RoentGen-shaped base (#23.4, #19.2)
+
+def _tiny_models():
+    """The functions of tests/backends/conftest.py (its fixtures reach only tests/backends)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "backends" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_synthmed_tiny_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def roentgen_shaped(tmp_path_factory) -> Path:
+    """Stable Diffusion 1.x layout as RoentGen has it: CLIP BPE tokenizer and text encoder, RGB VAE; tiny, random."""
+    helpers = _tiny_models()
+    root = tmp_path_factory.mktemp("roentgen-shaped")
+    text_encoder, tokenizer = helpers.tiny_clip(root / "vocab")
+    return helpers.save_pipeline(root / "model", text_encoder, tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_roentgen_shaped_base_trains_with_checkpointing_and_accumulation(phantom_set, roentgen_shaped, tmp_path,
+                                                                           mode):
+    """#23.4: LoRA and full fine-tuning with gradient checkpointing and accumulation give a model the backend loads."""
+    from synthmed.backends.diffusion import DiffusionBackend
+    from synthmed.prompts import Prompt
+    from synthmed.sampler import Case
+
+    result = finetune(phantom_set, roentgen_shaped, tmp_path / "model", mode=mode, steps=2, learning_rate=1e-2,
+                      gradient_checkpointing=True, gradient_accumulation=2, train_text_encoder=mode == "lora",
+                      **FAST)
+    assert result.steps == 2 and result.losses["unet"] > 0
+    settings = json.loads((result.model_dir / "training.json").read_text())["settings"]
+    assert settings["gradient_accumulation"] == 2 and settings["batch_size"] == 2
+    before, after = _weights(roentgen_shaped), _weights(result.model_dir)
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after if k.startswith("unet/"))
+    backend = DiffusionBackend(result.model_dir, width=64, height=64, steps=2, threads=1)
+    image = backend.generate([Case("c", 0, "train", 5, (), "F", 40, "PA")], [Prompt("PA chest radiograph")])[0]
+    assert image.pixels.shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_keeps_the_weights_and_accumulation_changes_them(phantom_set, roentgen_shaped,
+                                                                                 tmp_path):
+    """Checkpointing trades time for memory, not results; two micro-batches per step are another optimisation."""
+    runs = {}
+    for name, options in {"plain": {}, "checkpointed": {"gradient_checkpointing": True},
+                          "accumulated": {"gradient_accumulation": 2}}.items():
+        runs[name] = _weights(finetune(phantom_set, roentgen_shaped, tmp_path / name, mode="lora", steps=3,
+                                       learning_rate=1e-2, save_dtype="float32", **options, **FAST).model_dir)
+    plain, checkpointed, accumulated = runs["plain"], runs["checkpointed"], runs["accumulated"]
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    assert any(not torch.equal(plain[k], accumulated[k]) for k in plain)
+
+
+@pytest.mark.slow
+def test_resume_with_accumulation_lora_and_cosine_reaches_the_same_weights(phantom_set, roentgen_shaped, tmp_path):
+    """#19.2: save_state/load_state carry the adapters, the optimiser, the LR schedule, the EMA, accelerate's RNG
+    states and the data generator: 2 steps, stop, resume to 4 equals 4 in one go (accumulation 2, cosine, LoRA on
+    the UNet and the text encoder)."""
+    options = dict(mode="lora", train_text_encoder=True, lr_schedule="cosine", learning_rate=1e-2,
+                   gradient_accumulation=2, gradient_checkpointing=True, save_dtype="float32", ema_decay=0.9, **FAST)
+    straight = finetune(phantom_set, roentgen_shaped, tmp_path / "a", steps=4, **options)
+    finetune(phantom_set, roentgen_shaped, tmp_path / "b", steps=2, **options)
+    checkpoint = tmp_path / "b.training" / "checkpoints" / "unet-0000002"
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint / "model.safetensors")  # the adapters only, not the frozen base
+    assert saved and all("lora_" in k for k in saved)
+    resumed = finetune(phantom_set, roentgen_shaped, tmp_path / "b", steps=4, resume=True, **options)
+    a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.losses == resumed.losses
+
+
+def test_a_device_or_precision_the_machine_lacks_is_refused_before_anything_is_written(phantom_set, tmp_path):
+    """fp16 on a CPU would silently train in float32: refused (exit 2), as is --device cuda with no CUDA GPU."""
+    def cli(*args):
+        return CliRunner().invoke(main, ["finetune", "--manifest", str(phantom_set), "--base", "scratch",
+                                         "-o", str(tmp_path / "m"), *args])
+
+    result = cli("--device", "cpu", "--mixed-precision", "fp16")
+    assert result.exit_code == 2 and "--mixed-precision fp16 needs a CUDA GPU" in result.stderr
+    if not torch.cuda.is_available():
+        result = cli("--device", "cuda")
+        assert result.exit_code == 2 and "--device cuda" in result.stderr and "no CUDA GPU" in result.stderr
+        with pytest.raises(ValueError, match="mixed_precision='fp16' needs a CUDA GPU"):
+            finetune(phantom_set, "scratch", tmp_path / "m", mixed_precision="fp16", **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; a test that changes it resets it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_on_the_cpu(phantom_set, roentgen_shaped, tmp_path, fresh_accelerate_state):
+    result = finetune(phantom_set, roentgen_shaped, tmp_path / "m", mode="lora", steps=2, mixed_precision="bf16",
+                      device="cpu", **FAST)
+    assert result.steps == 2 and 0 < result.losses["unet"] < float("inf")
+    assert json.loads((result.model_dir / "training.json").read_text())["settings"]["mixed_precision"] == "bf16"

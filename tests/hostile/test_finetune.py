@@ -162,13 +162,62 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(training_s
     """#17.14: a truncated newest checkpoint: resume warns and continues from the previous one, to the same weights."""
     straight = finetune(training_set, "scratch", tmp_path / "a", steps=6, vae_steps=2, **FAST)
     finetune(training_set, "scratch", tmp_path / "b", steps=4, vae_steps=2, **FAST)
-    state = tmp_path / "b.training" / "checkpoints" / "unet-0000004" / "state.pt"
+    state = tmp_path / "b.training" / "checkpoints" / "unet-0000004" / "model.safetensors"
     state.write_bytes(state.read_bytes()[:1000])
     result = _cli(training_set, tmp_path / "b", "--steps", "6", "--vae-steps", "2", "--resume")
     assert result.exit_code == 0, result.output
     assert "unet-0000004" in result.stderr and "unet-0000002" in result.stderr  # the warning names both
     a, b = _weights(straight.model_dir), _weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Planted:
+    """A pickle that writes a file when it is loaded: what a planted checkpoint file could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.slow
+def test_a_changed_pickle_in_a_checkpoint_is_never_loaded(training_set, tmp_path):
+    """#19.2: accelerate's checkpoints hold pickles; one whose bytes are not those finetune recorded is skipped,
+    named, unloaded (no code of it runs), and training resumes from the checkpoint before it."""
+    import pickle
+
+    finetune(training_set, "scratch", tmp_path / "m", steps=4, vae_steps=2, **FAST)
+    marker = tmp_path / "ran.txt"
+    planted = tmp_path / "m.training" / "checkpoints" / "unet-0000004" / "custom_checkpoint_1.pkl"
+    planted.write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.warns(UserWarning, match="unet-0000004/custom_checkpoint_1.pkl does not match its record.*"
+                                         "continuing from checkpoints/unet-0000002"):
+        result = finetune(training_set, "scratch", tmp_path / "m", steps=4, vae_steps=2, resume=True, **FAST)
+    assert result.steps == 4 and not marker.exists()
+    again = finetune(training_set, "scratch", tmp_path / "m", steps=4, vae_steps=2, resume=True, **FAST)
+    assert not again.notes and not marker.exists()  # the remade checkpoint loads; the planted bytes stay aside
+
+
+def test_a_checkpoint_save_interrupted_midway_leaves_nothing_under_a_final_name(training_set, tmp_path,
+                                                                                monkeypatch):
+    """#19.2: save_state writes into a recorded staging folder; interrupted, that folder goes and no checkpoint
+    (whole or partial) is left to resume from; the next run resumes cleanly."""
+    from accelerate import Accelerator
+
+    def interrupted(self, output_dir=None, **kwargs):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 64)  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "save_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(training_set, "scratch", tmp_path / "m", steps=2, vae_steps=2, **FAST)
+    monkeypatch.undo()
+    work = tmp_path / "m.training"
+    assert not (work / "checkpoints").exists()
+    assert not [p for p in (work / ".synthmed").iterdir() if p.name.startswith("checkpoint-")]
+    result = finetune(training_set, "scratch", tmp_path / "m", steps=2, vae_steps=2, resume=True, **FAST)
+    assert result.steps == 2 and not result.notes
 
 
 def test_a_binary_manifest_error_names_the_file(training_set, tmp_path):
