@@ -6,10 +6,12 @@ VENV ?= .venv
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu) instead of pulling a multi-GB CUDA build through diffusers.
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# qc --features FOLDER (the `features` extra): torchvision from the same index as torch, the release matching TORCH
+TORCHVISION ?= torchvision==0.28.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean system-deps default-model model-card auditor auditor-drr anatomy
+.PHONY: demo test bench clean system-deps default-model model-card auditor auditor-drr anatomy features
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# torchvision and timm for `synthmed qc OUT --features FOLDER` (docs/datasets.md). On x86_64 give
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu: PyPI's torchvision there is built for a CUDA torch.
+features: $(STAMP)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)' '$(TORCHVISION)'
+	$(BIN)/python -m pip install -q -e '.[features]'
+	$(BIN)/python -c "import torchvision, timm; print('torchvision', torchvision.__version__, 'timm', timm.__version__)"
 
 demo: $(STAMP) system-deps anatomy
 	$(BIN)/synthmed validate dataset_specs/*.yaml

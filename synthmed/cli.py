@@ -310,13 +310,20 @@ def _as_flags(message: str) -> str:
 @click.option("--reference", type=click.Path(path_type=Path), metavar="MANIFEST",
               help="Reference images: a manifest (CSV with png_path, file_name or path), or a real dataset's "
                    "folder or CSV (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14; docs/datasets.md). Intensity bands "
-                   "are fitted on them, and FID, KID, precision/recall/density/coverage computed against them.")
+                   "are fitted on them, and FID, KID, precision/recall/density/coverage computed against them: "
+                   "over the whole set, and per finding where the reference has labels.")
+@click.option("--reference-uncertain", type=click.Choice(["ignore", "positive", "negative"]), default="ignore",
+              show_default=True,
+              help="How a real reference dataset's uncertain labels (-1) count in the per-finding figures: in "
+                   "neither group (U-Ignore), present (U-Ones) or absent (U-Zeros).")
 @click.option("--training-manifest", type=click.Path(dir_okay=False, path_type=Path), metavar="MANIFEST",
               help="Manifest (or a real dataset's CSV) of the images the generator was trained on, for the "
                    "memorisation audit.")
-@click.option("--features", metavar="MODULE:ATTR",
-              help="Feature extractor for FID, duplicates and memorisation (an object with name and __call__, or "
-                   "a class making one); default: the shipped auditor's embedding.")
+@click.option("--features", metavar="FOLDER|MODULE:ATTR",
+              help="Feature extractor for FID, duplicates and memorisation: a model folder (config.json naming a "
+                   "torchvision or timm architecture + model.safetensors; docs/datasets.md), or MODULE:ATTR (an "
+                   "object with name and __call__, or a class making one); default: the shipped auditor's "
+                   "embedding.")
 @click.option("--no-auditor", is_flag=True, help="Skip the auditor (label fidelity, IS-style figure, default features).")
 @click.option("--fast", is_flag=True, help="Only the cheap checks, as at the end of generate: per-image, intensity, "
                                            "spec fidelity, duplicates (FID only with --reference).")
@@ -326,8 +333,9 @@ def _as_flags(message: str) -> str:
               help="Write qc_report.json and report.html into DIR (made if needed) and leave OUT untouched: for a "
                    "read-only build or another user's folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def qc(out: Path, reference: Path | None, training_manifest: Path | None, features: str | None, no_auditor: bool,
-       fast: bool, dciodvfy_sample: int | None, report_dir: Path | None, quiet: bool) -> None:
+def qc(out: Path, reference: Path | None, reference_uncertain: str, training_manifest: Path | None,
+       features: str | None, no_auditor: bool, fast: bool, dciodvfy_sample: int | None, report_dir: Path | None,
+       quiet: bool) -> None:
     """Check an output folder: per-image checks, spec fidelity, duplicates, diversity, FID, label fidelity.
 
     Writes OUT/qc_report.json and OUT/report.html and fills the manifest's qc_status and qc_flags, each only where
@@ -342,7 +350,7 @@ def qc(out: Path, reference: Path | None, training_manifest: Path | None, featur
     try:
         result = run_qc(out, reference=reference, training_manifest=training_manifest, feature_extractor=features,
                         auditor=not no_auditor, full=not fast, dciodvfy_sample=dciodvfy_sample, progress=not quiet,
-                        report_dir=report_dir)
+                        report_dir=report_dir, reference_uncertain=reference_uncertain)
     except QCError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)

@@ -20,7 +20,9 @@ Where things are:
   :mod:`~synthmed.qc.label_fidelity`, :mod:`~synthmed.qc.memorisation`.
 - :mod:`~synthmed.qc.check_table` (the rows of the report's check table), :mod:`~synthmed.qc.report`
   (report.html and the terminal's words), :mod:`~synthmed.qc.metrics` (FID, KID, PRDC, MS-SSIM, hashes),
-  :mod:`~synthmed.qc.auditor` (the auditor model, label fidelity, the memorisation audit).
+  :mod:`~synthmed.qc.auditor` (the auditor model, label fidelity, the memorisation audit),
+  :mod:`~synthmed.qc.feature_folder` (``--features FOLDER``: a torchvision or timm model in safetensors as the
+  feature space).
 
 To add a set-level check: copy ``synthmed/qc/diversity.py`` (the smallest family) to a module of its own,
 write its ``section(inputs) -> dict`` (``inputs``: :class:`~synthmed.qc.inputs.CheckInputs`; give the section a

@@ -322,6 +322,17 @@ class ImageSet:
     regions: list[dict[str, float]] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    findings: list[tuple[str, ...]] | None = None   # each read image's finding ids (in ids' order); None: no labels
+    labels: str | None = None                       # where the labels came from, or why there are none
+
+
+@dataclass(frozen=True)
+class ListedImage:
+    """One image a reference or training set lists: its id, its file, its finding ids (None: the set has no labels)."""
+
+    image_id: str
+    path: Path | None
+    findings: tuple[str, ...] | None = None
 
 
 def _image_path_column(rows: list[dict]) -> str | None:
@@ -386,6 +397,17 @@ def image_list(manifest: Path) -> list[tuple[str, Path]]:
     """(image id, path) of every image a reference or training set lists: a synthmed-style manifest (CSV with
     png_path / file_name / path / image / dicom_path, relative to its folder), or a real dataset's folder or
     CSV in its own layout (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14: :func:`synthmed.datasets.read_dataset`)."""
+    return [(image.image_id, image.path) for image in listed_images(manifest)[0]]
+
+
+def listed_images(manifest: Path, uncertain: str = "ignore") -> tuple[list[ListedImage], str]:
+    """The images a reference or training set lists (as :func:`image_list`), each with its finding ids, and where
+    the labels came from (or why there are none).
+
+    A manifest's labels are its ``findings`` column (``finding:location:severity|...``); a real dataset's are its
+    records' findings in synthmed's vocabulary, uncertain ones (-1) read by ``uncertain`` (``ignore``: the image
+    is in neither group; ``positive``; ``negative``; :func:`synthmed.datasets.read_dataset`).
+    """
     rows = []
     if not manifest.is_dir():
         try:
@@ -395,27 +417,45 @@ def image_list(manifest: Path) -> list[tuple[str, Path]]:
             raise QCError(f"cannot read the manifest {manifest}: {e}") from None
     column = _image_path_column(rows)
     if column is not None:
+        labelled = "findings" in rows[0]
         out = []
         for n, row in enumerate(rows):
             rel = row.get(column) or row.get("dicom_path") or ""
-            out.append((row.get("case_id") or rel or str(n), manifest.parent / rel if rel else None))
-        return out
+            findings = finding_ids(row.get("findings") or "") if labelled else None
+            out.append(ListedImage(row.get("case_id") or rel or str(n), manifest.parent / rel if rel else None,
+                                   findings))
+        return out, ("the manifest's findings column" if labelled else "the manifest has no findings column")
     from ..datasets import DatasetError, read_dataset
 
     try:
-        dataset = read_dataset(manifest)
+        dataset = read_dataset(manifest, uncertain=uncertain)
     except DatasetError as e:
         raise QCError(f"{manifest} lists no images: it needs a png_path, file_name, path or dicom_path column, or "
                       f"the layout of CheXpert, MIMIC-CXR-JPG or NIH ChestX-ray14 ({e})") from None
-    return [(record.source_id, Path(record.path)) for record in dataset.records]
+    return ([ListedImage(record.source_id, Path(record.path), tuple(dict.fromkeys(record.finding_ids)))
+             for record in dataset.records],
+            f"the {dataset.kind} labels in synthmed's vocabulary (uncertain labels: {dataset.uncertain_policy})")
 
 
-def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_thumbs: bool) -> ImageSet:
-    """Read every image of a reference or training set (see :func:`image_list`), each as a viewer shows it."""
-    listed = image_list(manifest)
-    found = ImageSet()
+def finding_ids(findings_field: str) -> tuple[str, ...]:
+    """The finding ids of a manifest's ``findings`` field, each once, in order.
+
+    Example:
+        >>> finding_ids("pleural_effusion:left:mild|cardiomegaly::|pleural_effusion:right:mild")
+        ('pleural_effusion', 'cardiomegaly')
+    """
+    return tuple(dict.fromkeys(part.split(":")[0] for part in findings_field.split("|") if part.split(":")[0]))
+
+
+def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_thumbs: bool,
+                   uncertain: str = "ignore") -> ImageSet:
+    """Read every image of a reference or training set (see :func:`listed_images`), each as a viewer shows it."""
+    listed, labels = listed_images(manifest, uncertain)
+    labelled = bool(listed) and all(image.findings is not None for image in listed)
+    found = ImageSet(findings=[] if labelled else None, labels=labels)
     batcher = Batcher(shape, extractor=extractor)
-    for image_id, path in listed:
+    for image in listed:
+        image_id, path = image.image_id, image.path
         read = read_reference_image(path) if path is not None else None
         if read is None:
             found.unreadable.append(image_id)
@@ -423,6 +463,8 @@ def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_th
         stored, full = read
         pixels = stored.astype(np.float32) * np.float32(1.0 / full)
         found.ids.append(image_id)
+        if found.findings is not None:
+            found.findings.append(image.findings)
         found.stats.append(pixel_stats(stored, full))
         found.regions.append(region_means(box_downsample(pixels, REGION_SIDE)))
         if keep_thumbs:

@@ -7,7 +7,7 @@ the thumbnails, so the same run gives the same bytes.
 Sections (each a ``<section id=...>``): ``summary`` (verdict and the check table, a row per check of
 :mod:`synthmed.qc.registry`), ``spec-fidelity`` (spec-vs-actual bars per attribute, the pair table),
 ``samples`` (a grid per finding x severity), ``intensity`` (histograms and bands), ``set-metrics`` (FID /
-KID / PRDC, diversity, duplicates, auditor, memorisation, dciodvfy; a check's section without a drawing of
+KID / PRDC, over the set and per finding, diversity, duplicates, auditor, memorisation, dciodvfy; a check's section without a drawing of
 its own gets its status in words) and ``failures`` (every flagged image, with thumbnails).
 
 Example:
@@ -382,6 +382,7 @@ def _set_metrics(report: Mapping, thumbs: Mapping[str, np.ndarray]) -> str:
         parts.append(f'<p>Features: <code>{escape(str(ref.get("feature_extractor")))}</code>, '
                      f'{_fmt(ref.get("n_generated"))} generated vs {_fmt(ref.get("n_reference"))} reference images. '
                      f'{escape(str(ref.get("note", "")))}</p>' + _table(["figure", "value"], rows))
+        parts.append(_per_finding(ref.get("per_finding")))
     else:
         parts.append(f'<p class="skipped">skipped: {escape(str(ref.get("reason")))}</p>')
     div = sections.get("diversity", {})
@@ -441,6 +442,37 @@ def _set_metrics(report: Mapping, thumbs: Mapping[str, np.ndarray]) -> str:
         if name not in DRAWN_SECTIONS and isinstance(section, Mapping):
             parts.append(f"<h3>{escape(str(name))}</h3>" + _section_words(section))
     parts.append("</section>")
+    return "".join(parts)
+
+
+PER_FINDING_FIGURES = ("fid", "kid", "precision", "recall", "density", "coverage")
+
+
+def _per_finding(per: Any) -> str:
+    """The reference figures per finding: a row per finding compared, then those skipped, with why."""
+    if not isinstance(per, Mapping):
+        return ""
+    parts = ["<h3>Against the reference set, per finding</h3>"]
+    if per.get("status") != "done":
+        return parts[0] + f'<p class="skipped">skipped: {escape(str(per.get("reason")))}</p>'
+    findings = per.get("findings") if isinstance(per.get("findings"), Mapping) else {}
+    parts.append(f'<p>Labels: {escape(str(per.get("labels")))}. Generated images with a finding against reference '
+                 f'images with it (an image counts under each of its findings and the findings above them); at least '
+                 f'{_fmt(per.get("min_images"))} images a side. Reported, not gated.</p>')
+    rows = [[f"<code>{escape(str(name))}</code>", _fmt(f.get("n_generated")), _fmt(f.get("n_reference")),
+             *[_fmt(f.get(k)) for k in PER_FINDING_FIGURES]] for name, f in findings.items() if isinstance(f, Mapping)]
+    if rows:
+        parts.append(_table(["finding", "generated", "reference", *PER_FINDING_FIGURES], rows))
+    else:
+        parts.append('<p class="muted">no finding has enough images on both sides</p>')
+    skipped = per.get("skipped") if isinstance(per.get("skipped"), Mapping) else {}
+    if skipped:
+        parts.append("<p>Not compared:</p><ul>" + "".join(f"<li><code>{escape(str(name))}</code>: {escape(str(why))}"
+                                                          f"</li>" for name, why in skipped.items()) + "</ul>")
+    only = per.get("reference_only") or []
+    if only:
+        parts.append(f'<p class="muted">In the reference only (no generated image has them): '
+                     f'{escape(", ".join(map(str, only)))}</p>')
     return "".join(parts)
 
 

@@ -22,8 +22,10 @@ Where each check lives (one module per family; the registry names them):
   :mod:`synthmed.qc.duplicates`.
 - ``diversity``: mean MS-SSIM among images of one finding cell (RoentGen's intra-prompt MS-SSIM):
   :mod:`synthmed.qc.diversity`.
-- ``fid``, ``kid``, ``precision``, ``recall``, ``coverage``: against a reference manifest's images:
-  :mod:`synthmed.qc.reference_metrics`.
+- ``fid``, ``kid``, ``precision``, ``recall``, ``coverage``: against a reference manifest's images (or a real
+  dataset's), over the whole set and, where the reference carries labels, per finding:
+  :mod:`synthmed.qc.reference_metrics`. A standard feature space comes from a model folder:
+  :mod:`synthmed.qc.feature_folder`.
 - ``label_fidelity`` and an IS-style figure, from the auditor's readings: :mod:`synthmed.qc.label_fidelity`.
 - ``memorisation``: nearest training images, from a training manifest: :mod:`synthmed.qc.memorisation`.
 
@@ -54,6 +56,7 @@ from .. import __version__
 from .check_table import section_rows
 from .checks import REGION_SIDE, Expected, ImageResult, PixelLimits, box_downsample, check_row
 from .diversity import DIVERSITY_PER_GROUP, DIVERSITY_SIDE
+from .feature_folder import load_feature_folder, looks_like_folder
 from .inputs import (AuditorEmbedding, Batcher, CheckInputs, FeatureExtractor, QCError, check_paths, import_extractor,
                      load_auditor, load_card_spec, read_any_image, read_cases, read_image_set, read_manifest, resize,
                      shipped_films)
@@ -118,20 +121,23 @@ def check_rows(out: str | Path, spec, rows: Iterable[Mapping[str, str]]) -> dict
 
 
 def qc(out: str | Path, *, reference: str | Path | None = None, training_manifest: str | Path | None = None,
-       config=None, feature_extractor: FeatureExtractor | str | None = None, auditor: Any = True,
+       config=None, feature_extractor: FeatureExtractor | str | os.PathLike | None = None, auditor: Any = True,
        full: bool = True, dciodvfy_sample: int | None = None, write: bool = True, lock: bool = True,
        progress: bool = False, precomputed: Mapping[str, ImageResult] | None = None,
-       report_dir: str | Path | None = None) -> QCResult:
+       report_dir: str | Path | None = None, reference_uncertain: str = "ignore") -> QCResult:
     """Check a synthmed output folder and write its quality report.
 
     Args:
         out: the output folder (manifest.csv, dataset_card.json, images/, dicom/).
         reference: a manifest (CSV with png_path, file_name or path, relative to its folder) of reference
-            images: the intensity bands are fitted on them and FID / KID / PRDC computed against them.
+            images, or a real dataset's folder or CSV (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14): the intensity
+            bands are fitted on them and FID / KID / PRDC computed against them, per finding too where the
+            reference has labels (a manifest's ``findings`` column, a real dataset's labels).
         training_manifest: the manifest of the images the generator was trained on, for the memorisation audit.
         config: a ``QCSpec`` (thresholds, gate); default: the spec's ``qc:`` section (from dataset_card.json).
         feature_extractor: for FID / KID / PRDC, embedding duplicates and memorisation: an object with ``name``
-            and ``__call__(images float32 [N, H, W] in [0, 1]) -> [N, D]``, or ``"module:attribute"``;
+            and ``__call__(images float32 [N, H, W] in [0, 1]) -> [N, D]``, ``"module:attribute"``, or the path
+            of a model folder (a torchvision or timm model in safetensors: :mod:`synthmed.qc.feature_folder`);
             default: the shipped auditor's embedding.
         auditor: True (load the shipped auditor), False (no auditor sections) or an auditor object.
         full: False runs only the cheap part (per-image checks, intensity, spec fidelity, duplicates, dciodvfy
@@ -149,6 +155,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
             when the run needs no pixels of them (the cheap run without a reference or training set).
         report_dir: write qc_report.json and report.html into this folder (made if needed) and leave ``out``
             untouched: for a read-only build or another user's folder.
+        reference_uncertain: how a real dataset's uncertain labels (-1) count in the per-finding figures:
+            ``ignore`` (in neither group), ``positive`` or ``negative`` (:func:`synthmed.datasets.read_dataset`).
 
     Raises:
         QCError: not an output folder, a manifest naming files outside it, an unreadable reference, a folder
@@ -161,7 +169,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     # 1. Check inputs
     _check_arguments(out=out, reference=reference, training_manifest=training_manifest, report_dir=report_dir,
                      feature_extractor=feature_extractor, auditor=auditor, full=full, write=write, lock=lock,
-                     progress=progress, dciodvfy_sample=dciodvfy_sample, precomputed=precomputed)
+                     progress=progress, dciodvfy_sample=dciodvfy_sample, precomputed=precomputed,
+                     reference_uncertain=reference_uncertain)
     out = Path(out)
     if not out.is_dir():
         raise QCError(f"{out} is not a folder" if out.exists() else f"{out} does not exist")
@@ -190,15 +199,17 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
             if not (path.is_file() or (name == "reference" and path.is_dir())):
                 raise QCError(f"the {name} {path} is not a file" + (" or a dataset folder" if name == "reference" else ""))
             paths[name] = path
-    if isinstance(feature_extractor, str):
-        feature_extractor = import_extractor(feature_extractor)
+    if isinstance(feature_extractor, (str, os.PathLike)):
+        text = os.fspath(feature_extractor)
+        feature_extractor = (load_feature_folder(text) if isinstance(feature_extractor, os.PathLike)
+                             or looks_like_folder(text) else import_extractor(text))
     limits, expected = PixelLimits.from_thresholds(config.thresholds), Expected.from_spec(spec)
     if precomputed and (limits != PixelLimits.from_thresholds(spec.qc.thresholds)):
         precomputed = None  # made under the spec's own thresholds, not this config's
     outputs = Outputs(out, Path(report_dir) if report_dir is not None else None, write=write, lock=lock)
     try:
         return _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, outputs,
-                    progress, started, precomputed or {})
+                    progress, started, precomputed or {}, reference_uncertain)
     finally:
         outputs.release()
 
@@ -223,9 +234,14 @@ def _check_arguments(**args) -> None:
                                                                      or hasattr(auditor, "embed")):
         raise TypeError(f"auditor must be True, False or an auditor object, got {name_of(auditor)}")
     extractor = args["feature_extractor"]
-    if extractor is not None and not isinstance(extractor, str) and not callable(extractor):
-        raise TypeError(f"feature_extractor must be None, 'module:attribute' or a callable with a name, "
-                        f"got {name_of(extractor)}")
+    if extractor is not None and not isinstance(extractor, (str, os.PathLike)) and not callable(extractor):
+        raise TypeError(f"feature_extractor must be None, 'module:attribute', a model folder or a callable with a "
+                        f"name, got {name_of(extractor)}")
+    from ..datasets import UNCERTAIN_POLICIES
+
+    if args["reference_uncertain"] not in UNCERTAIN_POLICIES:
+        raise TypeError(f"reference_uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, "
+                        f"got {name_of(args['reference_uncertain'])}")
     sample = args["dciodvfy_sample"]
     if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int)):
         raise TypeError(f"dciodvfy_sample must be None or a whole number, got {name_of(sample)}")
@@ -235,7 +251,7 @@ def _check_arguments(**args) -> None:
 
 
 def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, auditor, full, outputs, progress,
-         started, precomputed) -> QCResult:
+         started, precomputed, reference_uncertain) -> QCResult:
     thresholds = config.thresholds
     notes: list[str] = []
     # 2. The auditor and the feature extractor. The cheap run computes features only for a reference or a
@@ -306,7 +322,8 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
 
     # 4. Other image sets, and the build's own record of its plan
     shape = (expected.height, expected.width)
-    reference_set = (read_image_set(paths["reference"], shape, extractor, keep_thumbs=False)
+    reference_set = (read_image_set(paths["reference"], shape, extractor, keep_thumbs=False,
+                                    uncertain=reference_uncertain)
                      if "reference" in paths and needed("reference_set") else None)
     training_set = (read_image_set(paths["training manifest"], shape, extractor, keep_thumbs=True)
                     if "training manifest" in paths and needed("training_set") else None)

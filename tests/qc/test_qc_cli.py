@@ -735,3 +735,119 @@ def test_a_monochrome1_reference_reads_as_a_viewer_shows_it(out, tmp_path):
     result = qc(out, reference=folder / "manifest.csv", feature_extractor=ThumbFeatures(), auditor=False, write=False)
     assert result.report["sections"]["reference"]["fid"] == pytest.approx(0.0, abs=1e-4)
     assert result.report["sections"]["intensity"]["status"] == "pass"
+
+
+# ----------------------------------------------------------------------------- per-finding figures against a reference
+
+def write_chexpert(root: Path, out: Path, labels_of) -> Path:
+    """A CheXpert-v1.0-small folder holding out's PNGs, each row labelled by ``labels_of(manifest row)``."""
+    rows = []
+    for n, row in enumerate(manifest_rows(out)):
+        rel = f"CheXpert-v1.0-small/train/patient{n:05d}/study1/view1_frontal.png"
+        (root / rel).parent.mkdir(parents=True)
+        shutil.copyfile(out / row["png_path"], root / rel)
+        rows.append({"Path": rel, "Sex": "Female", "Age": "61", "Frontal/Lateral": "Frontal", "AP/PA": "PA",
+                     **{label: "" for label in CHEXPERT_LABELS}, **labels_of(n, row)})
+    with open(root / "CheXpert-v1.0-small" / "train.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "CheXpert-v1.0-small" / "train.csv"
+
+
+def finding_counts(out: Path) -> dict[str, int]:
+    from collections import Counter
+
+    from synthmed.qc.inputs import finding_ids
+
+    return dict(Counter(f for row in manifest_rows(out) for f in finding_ids(row["findings"])))
+
+
+def test_per_finding_figures_against_a_labelled_manifest(out, tmp_path, monkeypatch):
+    """#23 item 5: the set-level figures per finding, between the images of each finding on either side."""
+    import synthmed.qc.reference_metrics as reference_metrics
+
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    counts = finding_counts(out)
+    assert set(counts) == {"no_finding", "pneumonia"} and min(counts.values()) >= 3
+    # at the shipped minimum (20 a side), a 12-image set is too small for any finding: each is listed with why
+    result = qc(out, reference=reference / "manifest.csv", feature_extractor=ThumbFeatures(), auditor=False, write=False)
+    ref = result.report["sections"]["reference"]
+    per = ref["per_finding"]
+    assert per["status"] == "done" and per["min_images"] == 20 and per["findings"] == {}
+    assert per["labels"] == "the manifest's findings column"
+    assert per["skipped"] == {f: f"{n} generated and {n} reference images; at least 20 of each are needed"
+                              for f, n in counts.items()}
+    # with a lower minimum each finding is compared, and the same images give 0
+    monkeypatch.setattr(reference_metrics, "MIN_IMAGES_PER_FINDING", 3)
+    result = qc(out, reference=reference / "manifest.csv", feature_extractor=ThumbFeatures(), auditor=False)
+    ref = result.report["sections"]["reference"]
+    assert ref["fid"] == pytest.approx(0.0, abs=1e-6) and ref["n_generated"] == COUNT  # the set-level figures stay
+    per = ref["per_finding"]
+    assert list(per["findings"]) == ["no_finding", "pneumonia"] and per["skipped"] == {}  # the vocabulary's order
+    for finding, n in counts.items():
+        figures = per["findings"][finding]
+        assert (figures["n_generated"], figures["n_reference"]) == (n, n)
+        assert figures["fid"] == pytest.approx(0.0, abs=1e-4) and figures["precision"] == 1.0
+    assert report_of(out)["sections"]["reference"]["per_finding"] == per
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Against the reference set, per finding" in html and "<code>pneumonia</code>" in html
+    # a reference without labels: the set-level figures only, and why
+    paths = tmp_path / "paths.csv"
+    paths.write_text("png_path\n" + "".join(f"reference/{row['png_path']}\n" for row in manifest_rows(out)))
+    ref = qc(out, reference=paths, feature_extractor=ThumbFeatures(), auditor=False, write=False).report["sections"]["reference"]
+    assert ref["status"] == "done" and ref["per_finding"] == {
+        "status": "skipped", "reason": "the reference has no labels (the manifest has no findings column)"}
+
+
+def test_per_finding_figures_against_a_chexpert_folder_follow_the_uncertain_policy(out, tmp_path, monkeypatch):
+    """CheXpert's labels in synthmed's vocabulary; an uncertain Pneumonia (-1) is in neither group under U-Ignore
+    and counts under U-Ones (--reference-uncertain positive); findings only the reference has are listed."""
+    import synthmed.qc.reference_metrics as reference_metrics
+    from synthmed.qc.inputs import finding_ids
+
+    monkeypatch.setattr(reference_metrics, "MIN_IMAGES_PER_FINDING", 3)
+    counts = finding_counts(out)
+    first = next(n for n, row in enumerate(manifest_rows(out)) if "pneumonia" in finding_ids(row["findings"]))
+
+    def labels_of(n, row):
+        if "pneumonia" not in finding_ids(row["findings"]):
+            return {"No Finding": "1.0"}
+        return {"Pneumonia": "-1.0", "Fracture": "1.0"} if n == first else {"Pneumonia": "1.0"}
+
+    train_csv = write_chexpert(tmp_path / "chexpert", out, labels_of)
+    result = qc(out, reference=train_csv, feature_extractor=ThumbFeatures(), auditor=False, write=False)
+    per = result.report["sections"]["reference"]["per_finding"]
+    assert per["labels"] == "the chexpert labels in synthmed's vocabulary (uncertain labels: ignore)"
+    assert per["findings"]["pneumonia"]["n_reference"] == counts["pneumonia"] - 1
+    assert per["findings"]["no_finding"]["fid"] == pytest.approx(0.0, abs=1e-4)
+    assert per["reference_only"] == ["fracture"]
+    cli = run("qc", out, "-q", "--no-auditor", "--reference", train_csv, "--reference-uncertain", "positive",
+              "--features", f"{__name__}:ThumbFeatures")
+    assert cli.exit_code == 0, cli.output
+    per = report_of(out)["sections"]["reference"]["per_finding"]
+    assert per["labels"].endswith("(uncertain labels: positive)")
+    assert per["findings"]["pneumonia"]["n_reference"] == counts["pneumonia"]
+    assert per["findings"]["pneumonia"]["fid"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_finding_counts_under_the_finding_above_it(out, tmp_path, monkeypatch):
+    """NIH's Nodule is synthmed's nodule, CheXpert's Lung Lesion its parent: a nodule film is compared under both."""
+    import synthmed.qc.reference_metrics as reference_metrics
+
+    monkeypatch.setattr(reference_metrics, "MIN_IMAGES_PER_FINDING", 3)
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference)
+    rows = manifest_rows(reference)
+    for row in rows:
+        row["findings"] = "nodule::" if "pneumonia" in row["findings"] else row["findings"]
+    with open(reference / "relabelled.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    per = qc(out, reference=reference / "relabelled.csv", feature_extractor=ThumbFeatures(), auditor=False,
+             write=False).report["sections"]["reference"]["per_finding"]
+    assert "pneumonia" in per["skipped"] and per["skipped"]["pneumonia"].endswith("and 0 reference images; at least "
+                                                                                  "3 of each are needed")
+    assert per["reference_only"] == ["lung_lesion", "nodule"]
