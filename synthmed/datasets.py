@@ -8,7 +8,10 @@ LL), the findings as :class:`synthmed.cells.FindingLabel`, the dataset's labels 
 synthmed's vocabulary (kept, by name), the report's impression where the dataset has one, and the row's id.
 Uncertain labels (CheXpert's -1) follow a policy named as in the CheXpert paper (Irvin et al. 2019):
 ``ignore`` (U-Ignore), ``positive`` (U-Ones), ``negative`` (U-Zeros). :func:`read_image` reads the images
-(JPEG, PNG, DICOM) as a viewer shows them. The layouts and label tables are described in docs/datasets.md.
+(JPEG, PNG, DICOM) as a viewer shows them. For training on a real set, :func:`training_pairs` turns the records
+into (image, prompt) pairs (the labels through synthmed's own prompt templates, or the report's impression) and
+:func:`prepare_image` brings an image of any size to a square of the training size. The layouts and label tables
+are described in docs/datasets.md.
 
 Example:
     >>> ds = read_dataset("/data/CheXpert-v1.0-small/train.csv", uncertain="positive")  # doctest: +SKIP
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import os
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
@@ -40,9 +45,12 @@ from .vocabulary import CHEXPERT_COLUMNS, Vocabulary, get_vocabulary
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from .spec import PromptSpec
+
 __all__ = ["read_dataset", "detect_kind", "read_chexpert", "read_mimic", "read_nih", "read_csv", "load_column_map", "read_image",
            "mimic_impression", "Dataset", "DatasetRecord", "ColumnMap", "DatasetError", "KINDS",
-           "UNCERTAIN_POLICIES", "NIH_LABELS", "MIMIC_VIEWS", "CHEXPERT_VIEWS"]
+           "UNCERTAIN_POLICIES", "NIH_LABELS", "MIMIC_VIEWS", "CHEXPERT_VIEWS", "training_pairs", "TrainingPair",
+           "TrainingPairs", "prepare_image", "PROMPT_SOURCES", "NO_REPORT_POLICIES", "CROPS"]
 
 KINDS = ("chexpert", "mimic", "nih", "csv")
 # What to do with an uncertain label (-1), named as in Irvin et al. 2019 (CheXpert): U-Ignore, U-Ones, U-Zeros.
@@ -1188,3 +1196,272 @@ def _read_dicom(path: Path, *, force: bool) -> "np.ndarray":
     if photometric == "MONOCHROME1" or inverse:
         scaled = 1.0 - scaled
     return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- training on a real set
+
+# Where a training prompt comes from: the record's labels through a synthmed template, or its report's impression.
+PROMPT_SOURCES = ("labels", "reports")
+# A record without an impression under prompts="reports": left out (counted), or prompted from its labels.
+NO_REPORT_POLICIES = ("skip", "labels")
+CROPS = ("center", "random")
+
+# TrainingPairs.skipped reasons (besides LATERAL and UNKNOWN_VIEW, as for Dataset.skipped)
+NO_REPORT = "no report impression"
+NO_FINDINGS = "no finding to prompt (labels blank, uncertain or unmapped)"
+# TrainingPairs.notes: records kept whose prompt says less than the dataset's labels
+NOTE_UNCERTAIN = "uncertain finding left out of the prompt"
+NOTE_NO_FINDING = "No Finding beside a finding: no_finding left out of the prompt"
+NOTE_LABELS_FOR_REPORT = "no report impression: prompt from the labels"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPair:
+    """One image of a real dataset and the prompt to train on.
+
+    Args:
+        path: the image file (the record's, absolute).
+        prompt: the text: the labels filled into a synthmed template, or the report's impression.
+        case_id: the record's source id.
+        split: the record's split; ``train`` where the dataset names none (as a blank split in a manifest).
+        source: what the prompt was made from: ``labels`` or ``report``.
+    """
+
+    path: Path
+    prompt: str
+    case_id: str
+    split: str
+    source: str = "labels"
+
+
+@dataclass
+class TrainingPairs:
+    """The pairs :func:`training_pairs` made, and what it left out or shortened.
+
+    Attributes:
+        pairs: the (image, prompt) pairs, in the dataset's order.
+        prompts: ``labels`` or ``reports``.
+        template_id: the template the label prompts were filled into (a built-in name or ``custom-<sha256[:8]>``).
+        skipped: reason -> records left out (no report impression, no finding to prompt, no age for a template
+            that needs one, another split, a lateral under ``frontal_only``, ...).
+        notes: what -> records kept whose prompt leaves out part of their labels (an unmapped label, an uncertain
+            finding, No Finding beside a finding) or that fell back to their labels for want of a report.
+    """
+
+    pairs: list[TrainingPair]
+    prompts: str
+    template_id: str
+    skipped: dict[str, int]
+    notes: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[TrainingPair]:
+        return iter(self.pairs)
+
+    def __getitem__(self, index: int) -> TrainingPair:
+        return self.pairs[index]
+
+    def summary(self) -> str:
+        """One line: how many pairs, from what, what was left out and what shortened."""
+        def counts(c: Mapping[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+        source = "report impressions" if self.prompts == "reports" else f"labels (template {self.template_id})"
+        return (f"{len(self.pairs)} training pairs, prompts from {source}; skipped: {counts(self.skipped)}; "
+                f"notes: {counts(self.notes)}")
+
+
+def _prompt_spec(template: "str | PromptSpec") -> "PromptSpec":
+    """A built-in template's name, a template text or a PromptSpec, checked as a spec's ``prompt.template`` is."""
+    from .spec import BUILTIN_TEMPLATES, PromptSpec, check_template
+
+    if isinstance(template, PromptSpec):
+        text, template_id = template.template, template.template_id
+        if template_id in BUILTIN_TEMPLATES:
+            return template
+    elif not isinstance(template, str):
+        raise DatasetError(f"template={template!r}: give a built-in template's name "
+                           f"({', '.join(BUILTIN_TEMPLATES)}), a template text or a PromptSpec")
+    elif template in BUILTIN_TEMPLATES:
+        return PromptSpec(template=BUILTIN_TEMPLATES[template], template_id=template)
+    else:
+        by_text = {t: name for name, t in BUILTIN_TEMPLATES.items()}
+        if template in by_text:  # a built-in written out keeps its version id
+            return PromptSpec(template=template, template_id=by_text[template])
+        text, template_id = template, "custom-" + hashlib.sha256(template.encode("utf-8")).hexdigest()[:8]
+    problems = check_template(text)
+    if problems:
+        raise DatasetError(f"template={text!r}: " + "; ".join(problems)
+                           + f" (built-in templates: {', '.join(BUILTIN_TEMPLATES)})")
+    if isinstance(template, str):
+        return PromptSpec(template=text, template_id=template_id)
+    return template
+
+
+# The template placeholders that need a value of the record (findings always have one, possibly empty)
+_PLACEHOLDER_FIELDS = {"view": "view", "view_long": "view", "age": "age", "sex": "sex"}
+
+
+def training_pairs(dataset: Dataset, *, prompts: str = "labels", template: "str | PromptSpec" = "synthmed-v1",
+                   split: str | None = None, frontal_only: bool = False, no_report: str = "skip") -> TrainingPairs:
+    """Turn a real dataset's records into (image, prompt) pairs to fine-tune a model on.
+
+    With ``prompts="labels"`` each record becomes a :class:`synthmed.sampler.Case` (its findings, sex, age and
+    view) filled into a synthmed template by :func:`synthmed.prompts.build_prompt`, so a model fine-tuned on real
+    images answers to the prompts a spec writes. With ``prompts="reports"`` the prompt is the report's impression,
+    whitespace folded (RoentGen's recipe, Chambon et al. 2022); a record without one is left out and counted
+    (``no_report="skip"``) or prompted from its labels (``no_report="labels"``, counted in ``notes``).
+
+    Nothing is dropped silently. Left out and counted in ``skipped``: a record with no finding to prompt (every
+    label blank, uncertain under ``ignore``, or unmapped), one lacking the sex, age or view its template names
+    (``roentgen-v1`` names none), one of another split, a lateral or unknown view under ``frontal_only``. Kept and
+    counted in ``notes``: a record whose prompt leaves out an unmapped label (NIH's Hernia) or an uncertain
+    finding, or No Finding beside a finding (CheXpert's No Finding with Support Devices is synthmed's
+    ``support_devices`` alone; beside a disease it is the labeler's contradiction, and the disease is kept).
+
+    Args:
+        dataset: what :func:`read_dataset` read (its ``frontal_only`` and ``uncertain`` policy already applied).
+        prompts: ``labels`` or ``reports``.
+        template: a built-in template's name (``synthmed-v1``, ``roentgen-v1``), a template text with
+            ``{findings}`` (and ``{view}``, ``{view_long}``, ``{age}``, ``{sex}``), or a spec's PromptSpec.
+        split: keep the records of this split only (a record without one counts as ``train``); None keeps all.
+        frontal_only: keep PA and AP only, as ``read_dataset(frontal_only=True)`` does.
+        no_report: under ``prompts="reports"``: ``skip`` or ``labels``.
+
+    Raises:
+        DatasetError: an unknown ``prompts``/``no_report`` or a template with problems (every one named).
+
+    Example:
+        >>> pairs = training_pairs(read_dataset("/data/CheXpert-v1.0-small"), split="train")  # doctest: +SKIP
+        >>> pairs[0].prompt  # doctest: +SKIP
+        'AP chest radiograph of a 68 year old female. Pneumonia.'
+    """
+    from .prompts import build_prompt
+    from .sampler import Case
+
+    # 1. Check the arguments
+    if prompts not in PROMPT_SOURCES:
+        raise DatasetError(f"prompts={prompts!r}: use one of {', '.join(PROMPT_SOURCES)}")
+    if no_report not in NO_REPORT_POLICIES:
+        raise DatasetError(f"no_report={no_report!r}: use one of {', '.join(NO_REPORT_POLICIES)}")
+    prompt_spec = _prompt_spec(template)
+    needs = {_PLACEHOLDER_FIELDS[name] for _, name, _, _ in string.Formatter().parse(prompt_spec.template)
+             if name in _PLACEHOLDER_FIELDS}
+    vocab = get_vocabulary()
+    devices = {f.id for f in vocab.findings.values() if f.chexpert == "Support Devices"}
+    pairs: list[TrainingPair] = []
+    skipped: Counter = Counter()
+    notes: Counter = Counter()
+    # 2. One pair per record that can have one
+    for index, record in enumerate(dataset.records):
+        if frontal_only and record.view not in FRONTAL_VIEWS:
+            skipped[LATERAL if record.view == "LL" else UNKNOWN_VIEW] += 1
+            continue
+        record_split = record.split or "train"
+        if split is not None and record_split != split:
+            skipped[f"split {record_split} (not {split})"] += 1
+            continue
+        if prompts == "reports":
+            impression = " ".join((record.impression or "").split())
+            if impression:
+                pairs.append(TrainingPair(record.path, impression, record.source_id, record_split, "report"))
+                continue
+            if no_report == "skip":
+                skipped[NO_REPORT] += 1
+                continue
+        # 3. The labels, as a case of synthmed's
+        findings = list(record.findings)
+        if len(findings) > 1 and any(f.finding == "no_finding" for f in findings):
+            findings = [f for f in findings if f.finding != "no_finding"]
+            if any(f.finding not in devices for f in findings):
+                notes[NOTE_NO_FINDING] += 1
+        if not findings:
+            skipped[NO_FINDINGS] += 1
+            continue
+        missing = sorted(name for name in needs if getattr(record, name) is None)
+        if missing:
+            skipped[f"no {' or '.join(missing)} (template {prompt_spec.template_id} needs it)"] += 1
+            continue
+        case = Case(record.source_id, index, record_split, None, tuple(findings), record.sex, record.age, record.view)
+        try:
+            text = build_prompt(case, prompt_spec, vocab).text
+        except (KeyError, ValueError) as e:  # a value the vocabulary lacks: counted, not fatal
+            skipped[f"cannot fill the template ({e})"] += 1
+            continue
+        for label in record.unmapped:
+            notes[f"unmapped label left out of the prompt: {label}"] += 1
+        if record.uncertain:
+            notes[NOTE_UNCERTAIN] += 1
+        if prompts == "reports":
+            notes[NOTE_LABELS_FOR_REPORT] += 1
+        pairs.append(TrainingPair(record.path, text, record.source_id, record_split, "labels"))
+    return TrainingPairs(pairs, prompts, prompt_spec.template_id, dict(skipped), dict(notes))
+
+
+def prepare_image(image: "str | os.PathLike | np.ndarray", size: int, *, crop: str = "center",
+                  rng: "np.random.Generator | None" = None) -> "np.ndarray":
+    """An image of any size as a ``size`` x ``size`` training image: shorter side to ``size``, aspect kept, then
+    a square crop across the longer side.
+
+    The file is read by :func:`read_image` (DICOM's VOI LUT and MONOCHROME1, 16-bit PNG, JPEG) and resized from
+    its float values, not from 8 bits, with Pillow's Lanczos filter (antialiased when shrinking; it rings a
+    little at hard edges, so the result is clipped to [0, 1]). An image whose shorter side is below ``size`` is
+    enlarged the same way: no padding, and no detail is added. ``crop="center"`` takes the middle;
+    ``crop="random"`` draws the offset along the longer side from ``rng`` (one integer per image, so the same
+    seed gives the same crop). A square image has no offset to draw: both crops are the whole image.
+
+    Args:
+        image: an image file, or an array [H, W] in [0, 1] as :func:`read_image` returns.
+        size: the training size in pixels.
+        crop: ``center`` or ``random``.
+        rng: a ``numpy.random.Generator``; required for ``crop="random"``.
+
+    Returns:
+        float32 [size, size] in [0, 1], 0 black.
+
+    Raises:
+        DatasetError: a bad argument, or an image file that cannot be read (naming it).
+
+    Example:
+        >>> import numpy as np
+        >>> prepare_image(np.zeros((390, 320), np.float32), 256).shape
+        (256, 256)
+    """
+    import numpy as np
+    from PIL import Image
+
+    # 1. Check the arguments
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise DatasetError(f"size={size!r}: give the training size in pixels, a positive whole number")
+    if crop not in CROPS:
+        raise DatasetError(f"crop={crop!r}: use one of {', '.join(CROPS)}")
+    if crop == "random" and not isinstance(rng, np.random.Generator):
+        raise DatasetError(f"crop='random' draws its offset from rng=, a numpy.random.Generator "
+                           f"(numpy.random.default_rng(seed)); got {rng!r}")
+    # 2. The pixels, as floats
+    if isinstance(image, np.ndarray):
+        pixels = image
+        if pixels.ndim != 2 or pixels.size == 0:
+            raise DatasetError(f"image: give a 2-D array [H, W], not one of shape {pixels.shape}")
+    else:
+        pixels = read_image(image)
+    pixels = np.asarray(pixels, dtype=np.float32)
+    height, width = pixels.shape
+    # 3. Shorter side to size, aspect kept
+    scale = size / min(height, width)
+    new_h = size if height <= width else max(size, int(height * scale + 0.5))
+    new_w = size if width <= height else max(size, int(width * scale + 0.5))
+    if (new_h, new_w) != (height, width):
+        resized = Image.fromarray(pixels).resize((new_w, new_h), Image.Resampling.LANCZOS)
+        pixels = np.asarray(resized, dtype=np.float32)
+    # 4. The square: the middle, or an offset drawn along the longer side
+    extra_h, extra_w = new_h - size, new_w - size
+    if crop == "center":
+        top, left = extra_h // 2, extra_w // 2
+    else:
+        offset = int(rng.integers(0, max(extra_h, extra_w) + 1))
+        top, left = (offset, 0) if extra_h else (0, offset)
+    out = pixels[top:top + size, left:left + size]
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)

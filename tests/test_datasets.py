@@ -20,8 +20,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from synthmed.cells import FindingLabel
 from synthmed.datasets import (
-    MISSING, NIH_LABELS, DatasetError, load_column_map, mimic_impression, read_dataset, read_image,
+    LATERAL, MISSING, NIH_LABELS, NO_FINDINGS, NO_REPORT, NOTE_LABELS_FOR_REPORT, NOTE_NO_FINDING, NOTE_UNCERTAIN,
+    DatasetError, load_column_map, mimic_impression, prepare_image, read_dataset, read_image, training_pairs,
 )
+from synthmed.prompts import build_prompt
+from synthmed.sampler import Case
+from synthmed.spec import load_spec
 from synthmed.vocabulary import CHEXPERT_COLUMNS, get_vocabulary
 from synthmed.writers.manifest import MANIFEST_COLUMNS
 
@@ -477,3 +481,178 @@ def test_a_file_that_is_not_an_image_is_refused_by_name(tmp_path: Path):
         read_image(tmp_path / "fake.dcm")
     with pytest.raises(DatasetError, match=r"no image file .*absent\.jpg"):
         read_image(tmp_path / "absent.jpg")
+
+
+# ----------------------------------------------------------------------------- training pairs
+
+def test_label_prompts_are_synthmeds_own_template_filled_from_the_record(chexpert: Path):
+    pairs = training_pairs(read_dataset(chexpert))
+    first, lateral, normal, valid = pairs
+    assert first.prompt == "PA chest radiograph of a 68 year old female. Pneumonia."
+    # the same text a spec's case with these labels gets
+    case = Case("x", 0, "train", 1, (FindingLabel("pneumonia"),), "F", 68, "PA")
+    assert first.prompt == build_prompt(case, load_spec("spec_version: 1\nname: x\ncount: 1\nfindings:\n"
+                                                        "  - {finding: pneumonia, weight: 1}\n").prompt).text
+    assert (first.path, first.case_id, first.split, first.source) == (
+        chexpert / "train/patient00001/study1/view1_frontal.jpg",
+        "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "train", "labels")
+    assert lateral.prompt.startswith("LL chest radiograph")
+    # CheXpert's No Finding with Support Devices is synthmed's support devices alone: no note
+    assert normal.prompt == "AP chest radiograph of a 41 year old male. Support devices."
+    assert (valid.split, valid.prompt) == ("valid", "AP chest radiograph of a 73 year old male. Pulmonary edema.")
+    # the uncertain pleural effusion (policy ignore) is not in the prompt, and that is said
+    assert pairs.notes == {NOTE_UNCERTAIN: 2} and pairs.skipped == {} and pairs.template_id == "synthmed-v1"
+    assert "4 training pairs" in pairs.summary()
+
+
+def test_label_prompts_take_any_template_and_refuse_a_bad_one(chexpert: Path):
+    ds = read_dataset(chexpert)
+    assert training_pairs(ds, template="roentgen-v1")[0].prompt == "Pneumonia"
+    custom = training_pairs(ds, template="{findings} on a {view_long} film")
+    assert custom[1].prompt == "Pneumonia on a left lateral film" and custom.template_id.startswith("custom-")
+    with pytest.raises(DatasetError, match=r"unknown placeholder '\{gender\}'.*synthmed-v1"):
+        training_pairs(ds, template="{findings}, {gender}")
+    with pytest.raises(DatasetError, match="must contain {findings}"):
+        training_pairs(ds, template="synthmed-v2")
+    with pytest.raises(DatasetError, match=r"prompts='impressions': use one of labels, reports"):
+        training_pairs(ds, prompts="impressions")
+
+
+def test_split_and_frontal_only_filters_are_counted(chexpert: Path):
+    ds = read_dataset(chexpert)
+    valid = training_pairs(ds, split="valid")
+    assert [p.split for p in valid] == ["valid"] and valid.skipped == {"split train (not valid)": 3}
+    # frontal_only at reading or here: the same pairs, the lateral counted either way
+    frontal = training_pairs(ds, frontal_only=True)
+    assert frontal.skipped == {LATERAL: 1}
+    read_frontal = read_dataset(chexpert, frontal_only=True)
+    assert training_pairs(read_frontal).pairs == frontal.pairs and read_frontal.skipped[LATERAL] == 1
+    assert all("lateral" not in str(p.path) for p in frontal)
+
+
+def test_records_with_nothing_to_prompt_or_contradicting_labels_are_reported(tmp_path: Path):
+    for name in "abcd":
+        jpeg(tmp_path / f"{name}.jpg")
+    row = {"Sex": "Male", "Age": "60", "Frontal/Lateral": "Frontal", "AP/PA": "PA"}
+    write_csv(tmp_path / "train.csv", CHEXPERT_HEADER, [
+        {"Path": "a.jpg", **row, **chexpert_labels(No_Finding="1.0", Pneumonia="1.0")},  # the labeler contradicts
+        {"Path": "b.jpg", **row, **chexpert_labels(Edema="-1.0")},  # uncertain only
+        {"Path": "c.jpg", **row, **chexpert_labels()},  # all blank
+        {"Path": "d.jpg", **row, "Age": "", **chexpert_labels(Edema="1.0")},  # no age, which synthmed-v1 names
+    ])
+    ds = read_dataset(tmp_path)
+    pairs = training_pairs(ds)
+    assert [p.prompt for p in pairs] == ["PA chest radiograph of a 60 year old male. Pneumonia."]
+    assert pairs.notes == {NOTE_NO_FINDING: 1}
+    assert pairs.skipped == {NO_FINDINGS: 2, "no age (template synthmed-v1 needs it)": 1}
+    assert len(training_pairs(ds, template="roentgen-v1")) == 2  # a findings-only template needs no age
+    assert [p.prompt for p in training_pairs(read_dataset(tmp_path, uncertain="positive"), template="roentgen-v1")
+            ] == ["Pneumonia", "Pulmonary edema", "Pulmonary edema"]
+
+
+def test_nih_unmapped_labels_are_noted_where_the_prompt_leaves_them_out(nih: Path):
+    pairs = training_pairs(read_dataset(nih), template="roentgen-v1")
+    assert [p.prompt for p in pairs] == ["Cardiomegaly", "Pleural effusion and lung opacity",
+                                         "No acute cardiopulmonary abnormality"]
+    assert pairs.notes == {"unmapped label left out of the prompt: Emphysema": 1,
+                           "unmapped label left out of the prompt: Hernia": 1}
+    assert [p.split for p in pairs] == ["train", "train", "test"]  # NIH's test list; no list: train
+
+
+def test_report_prompts_are_the_impression_and_records_without_one_are_skipped_or_use_labels(mimic: Path):
+    ds = read_dataset(mimic)
+    reports = training_pairs(ds, prompts="reports")
+    assert [p.prompt for p in reports] == ["Small left pleural effusion. No pneumothorax."] * 2
+    assert [p.source for p in reports] == ["report", "report"] and reports.skipped == {NO_REPORT: 1}
+    # the AP AXIAL image has no report; its labels need no view, sex or age under a findings-only template
+    fallback = training_pairs(ds, prompts="reports", no_report="labels", template="roentgen-v1")
+    assert [(p.source, p.prompt) for p in fallback][2] == ("labels", "No acute cardiopulmonary abnormality")
+    assert fallback.notes == {NOTE_LABELS_FOR_REPORT: 1} and fallback.skipped == {}
+    # under synthmed-v1 it lacks all three: left out, and said why
+    strict = training_pairs(ds, prompts="reports", no_report="labels")
+    assert len(strict) == 2 and strict.skipped == {"no age or sex or view (template synthmed-v1 needs it)": 1}
+    labels = training_pairs(ds)
+    assert labels[0].prompt == "PA chest radiograph of a 52 year old female. Pleural effusion."
+    assert training_pairs(ds, prompts="reports", split="test").skipped == {"split train (not test)": 2, NO_REPORT: 1}
+    with pytest.raises(DatasetError, match="no_report='fallback'"):
+        training_pairs(ds, prompts="reports", no_report="fallback")
+
+
+# ----------------------------------------------------------------------------- image preparation
+
+def lanczos(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The reference: Pillow's Lanczos resize of the float image."""
+    return np.asarray(Image.fromarray(pixels.astype(np.float32)).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def smooth(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth image in (0.1, 0.9) with structure everywhere (so every crop differs)."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    phase = np.random.default_rng(seed).uniform(0, 6, 4)
+    return 0.5 + 0.2 * np.sin(7 * x + phase[0]) * np.cos(5 * y + phase[1]) + 0.15 * np.sin(11 * (x + y) + phase[2])
+
+
+def test_a_portrait_16_bit_png_is_resized_from_its_16_bits_and_centre_cropped(tmp_path: Path):
+    deep = (smooth(90, 60) * 65535).astype(np.uint16)  # H 90, W 60
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    out = prepare_image(tmp_path / "deep.png", 32)
+    assert out.dtype == np.float32 and out.shape == (32, 32)
+    # shorter side (60) to 32, aspect kept: 48 rows, of which the middle 32
+    reference = lanczos(deep / 65535, 32, 48)
+    assert np.allclose(out, np.clip(reference[8:40], 0, 1), atol=1e-6)
+    # the low bits count: a ramp within one 8-bit step keeps its levels
+    ramp = np.tile(np.arange(0, 256, 2, dtype=np.uint16) + 1000, (64, 1))  # 64 x 128, 1000..1254 of 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    fine = prepare_image(tmp_path / "ramp.png", 16)
+    assert 0 < fine.max() - fine.min() < 1 / 255 and len(np.unique(fine.round(7))) > 8
+
+
+def test_a_landscape_jpeg_crops_across_its_width_and_a_small_image_is_enlarged(tmp_path: Path):
+    picture = (smooth(50, 80, seed=1) * 255).astype(np.uint8)  # H 50, W 80
+    Image.fromarray(picture).save(tmp_path / "wide.jpg", quality=95)
+    pixels = read_image(tmp_path / "wide.jpg")
+    out = prepare_image(tmp_path / "wide.jpg", 40)
+    reference = np.clip(lanczos(pixels, 64, 40), 0, 1)  # 80 x 50 -> 64 x 40
+    assert out.shape == (40, 40) and np.allclose(out, reference[:, 12:52], atol=1e-6)
+    small = prepare_image(pixels[:10, :20], 64)  # an array works too; 20 x 10 -> 128 x 64, then the middle
+    assert small.shape == (64, 64) and np.allclose(small, np.clip(lanczos(pixels[:10, :20], 128, 64), 0, 1)[:, 32:96],
+                                                   atol=1e-6)
+
+
+def test_random_crops_come_from_the_generator_and_lie_in_the_resized_image(tmp_path: Path):
+    pixels = smooth(48, 120, seed=2).astype(np.float32)
+    reference = np.clip(lanczos(pixels, 80, 32), 0, 1)  # 120 x 48 -> 80 x 32: offsets 0..48 across
+    centre = prepare_image(pixels, 32)
+    crops = [prepare_image(pixels, 32, crop="random", rng=np.random.default_rng(seed)) for seed in range(6)]
+    again = prepare_image(pixels, 32, crop="random", rng=np.random.default_rng(3))
+    assert np.array_equal(crops[3], again)  # the same seed, the same crop
+    assert len({c.tobytes() for c in crops}) > 1 and any(not np.allclose(c, centre) for c in crops)
+    for crop in crops:  # each is a window of the resized image, at a whole-pixel offset
+        assert any(np.allclose(crop, reference[:, x:x + 32], atol=1e-6) for x in range(49))
+    assert np.allclose(centre, reference[:, 24:56], atol=1e-6)
+    square = smooth(40, 40).astype(np.float32)  # nothing to draw: the whole image
+    assert np.array_equal(prepare_image(square, 40, crop="random", rng=np.random.default_rng(0)),
+                          prepare_image(square, 40))
+
+
+def test_a_monochrome1_dicom_is_prepared_as_a_viewer_shows_it(tmp_path: Path):
+    pixels = (smooth(30, 45) * 4095).astype(np.uint16)  # 12 bits stored, landscape
+    window = {"WindowCenter": 2048, "WindowWidth": 4096}
+    mono1 = prepare_image(write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1", **window), 20)
+    mono2 = prepare_image(write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2", **window), 20)
+    assert mono1.shape == (20, 20) and np.allclose(mono1, 1.0 - mono2, atol=1e-5)
+    assert np.corrcoef(mono1.ravel(), prepare_image(pixels / 4095.0, 20).ravel())[0, 1] < -0.99  # inverted
+
+
+def test_prepare_image_refuses_bad_arguments_by_name(tmp_path: Path):
+    image = np.zeros((8, 12), np.float32)
+    with pytest.raises(DatasetError, match=r"crop='random' draws its offset from rng="):
+        prepare_image(image, 8, crop="random")
+    with pytest.raises(DatasetError, match=r"crop='top': use one of center, random"):
+        prepare_image(image, 8, crop="top")
+    with pytest.raises(DatasetError, match=r"size=0"):
+        prepare_image(image, 0)
+    with pytest.raises(DatasetError, match=r"shape \(2, 8, 12\)"):
+        prepare_image(np.zeros((2, 8, 12)), 8)
+    with pytest.raises(DatasetError, match=r"no image file .*absent\.png"):
+        prepare_image(tmp_path / "absent.png", 8)
