@@ -203,7 +203,30 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
 
 @main.command()
 @click.option("--manifest", required=True, type=click.Path(path_type=Path),
-              help="A synthmed manifest.csv (or its folder): phantom images, or your own described in the same columns.")
+              help="A synthmed manifest.csv (or its folder): phantom images, or your own described in the same "
+                   "columns; or a real dataset's folder or CSV: CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any "
+                   "CSV with --column-map (records of split train, or of none; docs/datasets.md).")
+@click.option("--dataset-kind", type=click.Choice(["chexpert", "mimic", "nih", "csv"]),
+              help="Force the real dataset's layout (default: told from its files and columns).")
+@click.option("--column-map", type=click.Path(dir_okay=False, path_type=Path), metavar="YAML",
+              help="For a CSV in no known layout: a YAML file naming its columns (docs/datasets.md).")
+@click.option("--prompts", type=click.Choice(["labels", "reports"]), default="labels", show_default=True,
+              help="A real dataset's prompts: its labels through --template (the model answers synthmed's specs), "
+                   "or its reports' impressions (RoentGen's recipe).")
+@click.option("--no-report", type=click.Choice(["skip", "labels"]),
+              help="With --prompts reports, a record without an impression: skip it (default) or prompt its labels.")
+@click.option("--uncertain", type=click.Choice(["ignore", "positive", "negative"]),
+              help="A real dataset's uncertain labels (-1): left out of the prompt (ignore, the default), "
+                   "present (positive) or absent (negative).")
+@click.option("--views", type=click.Choice(["all", "frontal"]), default="all", show_default=True,
+              help="Train on every view, or on PA and AP only (laterals and unknown views left out, counted).")
+@click.option("--size", type=click.IntRange(8), metavar="N",
+              help="Training size: each image's shorter side resized to N, then a square crop (aspect kept). "
+                   "Default: a manifest of same-size PNGs as it is; anything else at the model's native size "
+                   "(512 for an SD-1.x/RoentGen folder, 256 from scratch).")
+@click.option("--crop", type=click.Choice(["center", "random"]), default="center", show_default=True,
+              help="The square taken across the longer side; random: one offset per image drawn from --seed (the "
+                   "latent cache holds one crop per image, the same after --resume).")
 @click.option("--base", required=True, help="'scratch' (the small default design) or a local diffusers model folder.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The model folder to write (a diffusers pipeline, safetensors).")
@@ -247,11 +270,12 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
 @click.option("--allow-pickle", is_flag=True, help="Allow a base model with pickled weights (only if you trust it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> None:
-    """Train a latent-diffusion model on a manifest, with the prompts generation uses.
+    """Train a latent-diffusion model on a manifest or a real dataset, with the prompts generation uses.
 
     \b
     synthmed finetune --manifest out/phantom/manifest.csv --base scratch -o models/mine --steps 8000
     synthmed finetune --manifest my_cxr/manifest.csv --base ./roentgen --mode lora -o models/roentgen-lora
+    synthmed finetune --manifest /data/CheXpert-v1.0-small --base ./roentgen --mode lora --views frontal -o models/cxp
     synthmed finetune ... --device cuda --mixed-precision bf16 --gradient-checkpointing --gradient-accumulation 4
 
     Interrupt at any time; rerun with --resume to continue from the last checkpoint.
@@ -289,6 +313,8 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
     losses = ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items())
     click.echo(f"trained {result.steps:,} UNet steps ({result.vae_steps:,} VAE) in {result.seconds / 60:.1f} min; "
                f"last losses: {losses or 'n/a'}")
+    for line in result.record.get("data", {}).get("summary", ()):
+        click.echo(f"  data:        {line}")
     click.echo(f"  model:       {result.model_dir}  (use it: generator.model: {result.model_dir})")
     click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
     click.echo(f"  validation:  {result.work_dir / 'validation'}")
@@ -301,8 +327,11 @@ def _as_flags(message: str) -> str:
     for argument, flag in (("overwrite=True", "--overwrite"), ("resume=True", "--resume"),
                            ("allow_pickle=True", "--allow-pickle")):
         message = message.replace(argument, flag)
-    message = re.sub(r"\b(device|mixed_precision)='(\w+)'", lambda m: f"--{m[1].replace('_', '-')} {m[2]}", message)
-    return re.sub(r"(?<![\w/.-])work_dir(?![\w/.-])", "--work-dir", message)
+    message = re.sub(r"\b(device|mixed_precision|dataset_kind|prompts|no_report|uncertain|views|crop)='(\w+)'",
+                     lambda m: f"--{m[1].replace('_', '-')} {m[2]}", message)
+    message = re.sub(r"\bsize=(\d*)", lambda m: f"--size {m[1]}".rstrip(), message)
+    return re.sub(r"(?<![\w/.-])(work_dir|dataset_kind|column_map|no_report)=?(?![\w/.-])",
+                  lambda m: f"--{m[1].replace('_', '-')}", message)
 
 
 @main.command()

@@ -1,7 +1,10 @@
-"""Train or fine-tune a diffusers latent-diffusion model on a synthmed-format manifest.
+"""Train or fine-tune a diffusers latent-diffusion model on a synthmed-format manifest or a real dataset.
 
 The prompts are built from each row's labels by the same templates generation uses, so a model
-trained here answers the prompts `synthmed generate` writes. Two starting points:
+trained here answers the prompts `synthmed generate` writes. A real dataset (CheXpert, MIMIC-CXR-JPG, NIH
+ChestX-ray14, any CSV with a column map) is read by :mod:`synthmed.datasets`: its labels prompted the same way,
+or its report impressions (RoentGen's recipe), its images of any size brought to the training size. Two
+starting points:
 
 - ``base="scratch"``: the small default design (a word-level tokenizer built from the vocabulary,
   a 2-layer 128-d CLIP text encoder, a 1-channel AutoencoderKL, a small UNet). Stage 1 trains
@@ -34,6 +37,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -87,6 +91,29 @@ class TrainingExample:
     prompt: str
     case_id: str
     split: str
+    view: str | None = None  # PA, AP, LL; None where the manifest or dataset does not say
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What finetune trains on: the examples, and what reading them left out.
+
+    Attributes:
+        examples: the (image, prompt) examples, in the order of the manifest or dataset.
+        kind: ``manifest`` (a synthmed manifest) or the real dataset's layout: chexpert, mimic, nih, csv.
+        size: (width, height) when every image is a PNG of that one size (trained as it is), else None (each
+            image is brought to the training size by :func:`synthmed.datasets.prepare_image`).
+        sha256: the manifest's sha256; for a real dataset, that of its (image path, prompt) list.
+        summary: what was read and what was left out, one line each, for the user.
+        counts: the same as numbers (``images``, ``skipped`` reason -> count, ``notes``), for training.json.
+    """
+
+    examples: list[TrainingExample]
+    kind: str
+    size: tuple[int, int] | None
+    sha256: str
+    summary: tuple[str, ...] = ()
+    counts: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -167,13 +194,18 @@ def _case_from_row(row: dict, number: int, problems: list[str], where: str):
 
 
 def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1", split: str | None = "train",
-                           check_files: bool = True) -> tuple[list[TrainingExample], tuple[int, int]]:
+                           check_files: bool = True,
+                           any_size: bool = False) -> tuple[list[TrainingExample], tuple[int, int]]:
     """Read a synthmed-format manifest into training examples, checking it all first.
 
     The image column is ``png_path`` (else ``file_name``), relative to the manifest's folder; the
     labels are the ``findings`` column (``finding:location:severity|...``) with ``sex``, ``age``
     and ``view`` where the template uses them. Every problem (missing file, unknown label, mixed
     sizes) is collected and raised together.
+
+    Args:
+        any_size: images of any size and format (PNG, JPEG, DICOM; finetune brings them to one size): only
+            their existence is checked, and the size returned is (0, 0).
 
     Returns:
         (examples, (width, height)).
@@ -222,7 +254,11 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         if not row.get(image_column):
             problems.append(f"{path}:row {number}: {image_column} is empty")
             continue
-        if check_files:
+        if check_files and any_size:
+            if not image.is_file():
+                problems.append(f"{path}:row {number}: image {image} does not exist")
+                continue
+        elif check_files:
             try:
                 width, height, _ = _png_size(image)
                 sizes[(width, height)] = sizes.get((width, height), 0) + 1
@@ -237,7 +273,7 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         except ValueError as e:
             problems.append(f"{path}:row {number}: {e}")
             continue
-        examples.append(TrainingExample(image, prompt, case.case_id, case.split))
+        examples.append(TrainingExample(image, prompt, case.case_id, case.split, case.view))
     if len(sizes) > 1:
         listing = ", ".join(f"{w}x{h} ({n} images)" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
         problems.append(f"{path}: images have mixed sizes: {listing}; train on one size")
@@ -250,42 +286,256 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
     return examples, size
 
 
-class _LazyImages:
-    """The training images, read on first use (a resumed run past the latent cache never reads them)."""
+# What finetune trains on (issue #23): the settings of the training data, with the values a work folder written
+# before these options holds implicitly (a synthmed manifest of one-size PNGs, trained as it is).
+PROMPT_SOURCES = ("labels", "reports")
+VIEWS = ("all", "frontal")
+CROPS = ("center", "random")
+DATA_DEFAULTS = {"dataset_kind": None, "prompts": "labels", "no_report": None, "uncertain": None, "views": "all",
+                 "size": None, "crop": "center"}
+# The splits a real dataset's records are trained on; a record without one counts as train. NIH's train_val list
+# is its training pool (its test list is the held-out set), so it is trained on too.
+TRAIN_SPLITS = ("train", "train_val")
 
-    def __init__(self, examples, progress):
+
+def _is_synthmed_manifest(path: Path) -> bool:
+    """Whether ``path`` is a synthmed manifest (or a folder holding manifest.csv), not a real dataset's layout."""
+    if path.is_dir():
+        return (path / "manifest.csv").is_file()
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return True  # not a readable CSV: the manifest reader says why, naming the file and line
+    return bool({"png_path", "file_name"} & set(header)) and "findings" in header
+
+
+def _one_png_size(examples: Sequence[TrainingExample]) -> tuple[int, int] | None:
+    """(width, height) when every image is a PNG of that one size (read from the headers); else None."""
+    size = None
+    for ex in examples:
+        try:
+            width, height, _ = _png_size(ex.path)
+        except (OSError, ValueError):
+            return None
+        if size not in (None, (width, height)):
+            return None
+        size = (width, height)
+    return size
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+def read_training_set(source: str | Path, *, template: str = "synthmed-v1", dataset_kind: str | None = None,
+                      column_map: str | Path | None = None, prompts: str = "labels", no_report: str | None = None,
+                      uncertain: str | None = None, views: str = "all") -> TrainingSet:
+    """Read what finetune trains on: a synthmed manifest, or a real dataset's folder or CSV, checked first.
+
+    A synthmed manifest (a CSV with ``png_path`` or ``file_name`` and ``findings``, or the folder holding
+    ``manifest.csv``) is read by :func:`read_training_manifest`: its ``train`` rows, prompted from their findings.
+    Anything else is a real dataset (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any CSV with ``column_map``),
+    read by :func:`synthmed.datasets.read_dataset` and turned into (image, prompt) pairs by
+    :func:`synthmed.datasets.training_pairs`: the records of split train (NIH: train_val) or of none, prompted
+    from their labels through ``template`` or from their report's impression. What is left out, and why, is in
+    the result's ``summary`` and ``counts``.
+
+    Args:
+        source: a manifest.csv or its folder; a dataset's folder or CSV.
+        template: the prompt template for label prompts (a built-in name or a template string).
+        dataset_kind: chexpert, mimic, nih or csv to force the layout (None: told from the files).
+        column_map: for a CSV in no known layout: a YAML file naming its columns (docs/datasets.md).
+        prompts: ``labels`` or ``reports`` (the impression; RoentGen's recipe).
+        no_report: with ``prompts="reports"``, a record without an impression: ``skip`` (default) or ``labels``.
+        uncertain: a dataset's uncertain labels (-1): ``ignore`` (default), ``positive`` or ``negative``.
+        views: ``all``, or ``frontal`` (PA and AP only; laterals and unknown views left out, counted).
+
+    Raises:
+        ManifestError: a manifest with problems (every one, with its row), or nothing to train on.
+        DatasetError: a dataset file that does not hold what its layout says (naming the file and line).
+        ValueError: arguments that do not fit together or do not fit the source, naming them.
+
+    Example:
+        >>> data = read_training_set("/data/CheXpert-v1.0-small", views="frontal")  # doctest: +SKIP
+        >>> data.kind, len(data.examples), data.summary[-1]  # doctest: +SKIP
+        ('chexpert', 191027, '191027 training pairs, prompts from labels (template synthmed-v1); skipped: ...')
+    """
+    from collections import Counter
+    from dataclasses import replace
+
+    from .datasets import (FRONTAL_VIEWS, KINDS, LATERAL, NO_REPORT_POLICIES, UNCERTAIN_POLICIES, UNKNOWN_VIEW,
+                           DatasetError, TrainingPairs, detect_kind, read_dataset, training_pairs)
+
+    # 1. The arguments, and how they go together
+    for name, value, choices in (("prompts", prompts, PROMPT_SOURCES), ("views", views, VIEWS),
+                                 ("dataset_kind", dataset_kind, (None, *KINDS)),
+                                 ("no_report", no_report, (None, *NO_REPORT_POLICIES)),
+                                 ("uncertain", uncertain, (None, *UNCERTAIN_POLICIES))):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(str(c) for c in choices)}, got {value!r}")
+    if no_report is not None and prompts != "reports":
+        raise ValueError(f"no_report={no_report!r} says what to do with a record without a report impression under "
+                         "prompts='reports'; with label prompts there is no report to miss: leave no_report out")
+    if column_map is not None and dataset_kind not in (None, "csv"):
+        raise ValueError(f"column_map names the columns of a CSV in no known layout (dataset_kind='csv'); the "
+                         f"{dataset_kind} layout names its own columns: leave column_map out")
+    if dataset_kind == "csv" and column_map is None:
+        raise ValueError("dataset_kind='csv' needs column_map (a YAML file naming the CSV's columns; "
+                         "docs/datasets.md)")
+    path = Path(source)
+    if not path.exists():
+        raise ManifestError(f"{path}: no such file or folder (give a synthmed manifest.csv or the folder holding "
+                            "one, or a real dataset's folder or CSV)")
+    # 2. A synthmed manifest: its train rows, prompted from its findings column
+    if dataset_kind is None and column_map is None and _is_synthmed_manifest(path):
+        if prompts == "reports":
+            raise ValueError(f"prompts='reports' needs report impressions, and the synthmed manifest {path} has none "
+                             "(its prompts come from its findings column); use prompts='labels'")
+        if uncertain is not None:
+            raise ValueError(f"uncertain={uncertain!r} says how to read a real dataset's uncertain labels (-1); the "
+                             f"synthmed manifest {path} has none: leave it out")
+        examples, _ = read_training_manifest(path, template=template, any_size=True)
+        skipped: Counter = Counter()
+        if views == "frontal":
+            skipped.update(LATERAL if ex.view == "LL" else UNKNOWN_VIEW for ex in examples
+                           if ex.view not in FRONTAL_VIEWS)
+            examples = [ex for ex in examples if ex.view in FRONTAL_VIEWS]
+        file = path / "manifest.csv" if path.is_dir() else path
+        line = f"{len(examples)} training images of split train in {file}; skipped: {_counts(skipped)}"
+        if not examples:
+            raise ManifestError(f"nothing to train on: {line}")
+        return TrainingSet(examples, "manifest", _one_png_size(examples), _sha256_file(file), (line,),
+                           {"images": len(examples), "skipped": dict(skipped)})
+    # 3. A real dataset: its records of the training split, as (image, prompt) pairs
+    if dataset_kind is None and column_map is None:
+        try:
+            detect_kind(path)
+        except DatasetError as e:
+            what = ("holds no manifest.csv (a synthmed set) and no real dataset synthmed knows" if path.is_dir()
+                    else "is not a synthmed manifest (a png_path or file_name column and a findings column) nor a "
+                    "real dataset synthmed knows")
+            raise ManifestError(f"{path} {what}: {str(e).replace(' kind=', ' dataset_kind=')}") from None
+    dataset = read_dataset(path, dataset_kind, uncertain=uncertain or "ignore", column_map=column_map)
+    if prompts == "reports" and not any(record.impression for record in dataset.records):
+        raise ValueError(f"prompts='reports': no record of the {dataset.kind} dataset {path} has a report "
+                         "impression (CheXpert Plus' section_impression, MIMIC-CXR's report files, a column map's "
+                         "report column); use prompts='labels'")
+    split_skipped: Counter = Counter(f"split {r.split} (not train)" for r in dataset.records
+                                     if (r.split or "train") not in TRAIN_SPLITS)
+    training = [r for r in dataset.records if (r.split or "train") in TRAIN_SPLITS]
+    pairs = training_pairs(replace(dataset, records=training), prompts=prompts, template=template,
+                           frontal_only=views == "frontal", no_report=no_report or "skip")
+    pairs = TrainingPairs(pairs.pairs, pairs.prompts, pairs.template_id, {**split_skipped, **pairs.skipped},
+                          pairs.notes)
+    summary = (dataset.summary(), pairs.summary())
+    if not pairs.pairs:
+        raise ManifestError(f"nothing to train on in {path}: {summary[1]} (the dataset: {summary[0]})")
+    digest = hashlib.sha256()
+    for pair in pairs:  # the list trained on, by paths inside the dataset: the same after the folder moves
+        where = pair.path.relative_to(dataset.root).as_posix() if pair.path.is_relative_to(dataset.root) \
+            else str(pair.path)
+        digest.update((json.dumps([where, pair.prompt]) + "\n").encode("utf-8"))
+    examples = [TrainingExample(p.path, p.prompt, p.case_id, p.split) for p in pairs]
+    counts = {"images": len(examples), "records": len(dataset.records), "skipped": pairs.skipped,
+              "notes": pairs.notes, "dataset_skipped": dataset.skipped, "unmapped": dataset.unmapped,
+              "uncertain": dataset.uncertain_policy}
+    return TrainingSet(examples, dataset.kind, None, digest.hexdigest(), summary, counts)
+
+
+def _model_geometry(base: str | Path, allow_pickle: bool) -> tuple[int, int]:
+    """(native size, the multiple every side must be) of the model to train, from its configs, before loading it.
+
+    The native size is the UNet's sample_size times the VAE's scale factor (512 for Stable Diffusion 1.x and
+    RoentGen); the scratch design's is 256 (``default_components``).
+    """
+    if str(base) == "scratch":
+        vae_scale = 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1)
+        return 256, vae_scale * 2 ** (len(UNET_CONFIG["block_out_channels"]) - 1)
+    from .model_folder import check_model_folder
+
+    check_model_folder(base, allow_pickle=allow_pickle)  # the folder's own problems first, named by file
+    unet = _read_json_object(Path(base) / "unet" / "config.json")
+    vae = _read_json_object(Path(base) / "vae" / "config.json")
+    sample, levels, unet_levels = unet.get("sample_size"), vae.get("block_out_channels"), unet.get("block_out_channels")
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise ValueError(f"{Path(base) / 'unet' / 'config.json'}: sample_size {sample!r} is not one whole number; "
+                         "give size= (the training size) yourself")
+    vae_scale = 2 ** (len(levels or [1]) - 1)
+    return sample * vae_scale, vae_scale * 2 ** (len(unet_levels or [1]) - 1)
+
+
+class _LazyImages:
+    """The training images, read on first use (a resumed run past the latent cache never reads them).
+
+    ``size`` None: the PNGs as they are (one size); else each image brought to ``size`` x ``size`` by
+    :func:`synthmed.datasets.prepare_image`, a random crop drawn once per image (see :func:`_load_images`).
+    """
+
+    def __init__(self, examples, progress, size: int | None = None, crop: str = "center", seed: int = 0):
         self.examples, self.progress, self._tensor = examples, progress, None
+        self.size, self.crop, self.seed = size, crop, seed
+
+    def __len__(self) -> int:
+        return len(self.examples)
 
     def get(self):
         if self._tensor is None:
-            self._tensor = _load_images(self.examples, self.progress)
+            self._tensor = _load_images(self.examples, self.progress, self.size, self.crop, self.seed)
         return self._tensor
+
+    def batch(self, start: int, stop: int):
+        """Images ``start:stop``, from memory when all were read, else read now (the latent cache of a base model
+        needs no more than a batch in memory)."""
+        if self._tensor is not None:
+            return self._tensor[start:stop]
+        return _load_images(self.examples[start:stop], False, self.size, self.crop, self.seed, first=start)
 
     def release(self) -> None:
         self._tensor = None
 
 
-def _load_images(examples: Sequence[TrainingExample], progress: bool):
-    """All images as one float16 tensor [N, 1, H, W] in [-1, 1] (16-bit and 8-bit PNGs)."""
+def _crop_rng(seed: int, index: int):
+    """The generator of image ``index``'s random crop: one per image, from the run's seed and the image's place in
+    the training list, so the crop is the same in every run and after a resume."""
+    import numpy as np
+
+    return np.random.default_rng(np.random.SeedSequence(seed % 2 ** 64, spawn_key=(index,)))
+
+
+def _load_images(examples: Sequence[TrainingExample], progress: bool, size: int | None = None, crop: str = "center",
+                 seed: int = 0, first: int = 0):
+    """The images as one float16 tensor [N, 1, H, W] in [-1, 1].
+
+    ``size`` None: 16-bit and 8-bit PNGs as they are. Else any image :func:`synthmed.datasets.read_image` reads
+    (PNG, JPEG, DICOM), shorter side to ``size`` and a square crop (:func:`synthmed.datasets.prepare_image`); a
+    random crop's offset comes from :func:`_crop_rng` (``first`` is the index of ``examples[0]``).
+    """
     import numpy as np
     import torch
     from PIL import Image
 
+    from .datasets import prepare_image
     from .progress import progress_bar
 
     out = None
     bar = progress_bar(len(examples), progress)
     bar.set_description("reading images")
     for i, ex in enumerate(examples):
-        with Image.open(ex.path) as im:
-            mode = im.mode
-            arr = np.asarray(im)
-        if arr.ndim == 3:
-            arr = arr[..., :3].mean(axis=-1)
-        scale = 65535.0 if mode.startswith("I") or arr.dtype == np.uint16 else 255.0
+        if size is not None:
+            rng = _crop_rng(seed, first + i) if crop == "random" else None
+            pixels = prepare_image(ex.path, size, crop=crop, rng=rng) * 2 - 1
+        else:
+            with Image.open(ex.path) as im:
+                mode = im.mode
+                arr = np.asarray(im)
+            if arr.ndim == 3:
+                arr = arr[..., :3].mean(axis=-1)
+            scale = 65535.0 if mode.startswith("I") or arr.dtype == np.uint16 else 255.0
+            pixels = arr.astype(np.float32) / scale * 2 - 1
         if out is None:
-            out = torch.empty((len(examples), 1, *arr.shape), dtype=torch.float16)
-        out[i, 0] = torch.from_numpy(arr.astype(np.float32) / scale * 2 - 1)
+            out = torch.empty((len(examples), 1, *pixels.shape), dtype=torch.float16)
+        out[i, 0] = torch.from_numpy(pixels)
         bar.update(1)
     bar.close()
     return out
@@ -935,7 +1185,8 @@ _ARGUMENT_NAMES = ("manifest", "base", "out", "mode", "train_text_encoder", "ste
                    "checkpoint_every", "validate_every", "validation_prompts", "resume", "overwrite", "work_dir",
                    "seed", "threads", "device", "mixed_precision", "lora_rank", "cond_dropout", "ema_decay",
                    "min_snr_gamma", "allow_pickle", "save_dtype", "progress", "gradient_accumulation",
-                   "gradient_checkpointing")
+                   "gradient_checkpointing", "dataset_kind", "column_map", "prompts", "no_report", "uncertain",
+                   "views", "size", "crop")
 
 
 def _check_arguments(**args: Any) -> None:
@@ -961,14 +1212,16 @@ def _check_arguments(**args: Any) -> None:
         if not isinstance(args[name], str) or args[name] not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {name_of(args[name])}")
 
-    for name in ("manifest", "base", "out", "work_dir"):
+    for name in ("manifest", "base", "out", "work_dir", "column_map"):
         value = args[name]
-        if name == "work_dir" and value is None:
+        if name in ("work_dir", "column_map") and value is None:
             continue
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-            what = {"manifest": "the path of a manifest.csv (or its folder)", "out": "the path of the model folder",
+            what = {"manifest": "the path of a manifest.csv (or its folder), or of a real dataset's folder or CSV",
+                    "out": "the path of the model folder",
                     "base": "'scratch' or the path of a local diffusers model folder",
-                    "work_dir": "None or the path of the work folder"}[name]
+                    "work_dir": "None or the path of the work folder",
+                    "column_map": "None or the path of a column map (YAML)"}[name]
             raise TypeError(f"{name} must be {what}, got {name_of(value)}")
     for name in ("resume", "overwrite", "allow_pickle", "progress", "gradient_checkpointing"):
         if not isinstance(args[name], bool):
@@ -980,6 +1233,7 @@ def _check_arguments(**args: Any) -> None:
                       ("checkpoint_every", 1), ("validate_every", 0), ("lora_rank", 1), ("gradient_accumulation", 1)):
         number(name, whole=True, low=low)
     number("threads", whole=True, low=1, optional=True)
+    number("size", whole=True, low=8, optional=True)
     number("seed", whole=True, low=-(2 ** 63), high=2 ** 64 - 1)  # what torch.manual_seed takes
     number("learning_rate", whole=False, low=0, open_low=True, optional=True)
     number("vae_learning_rate", whole=False, low=0, open_low=True)
@@ -991,6 +1245,13 @@ def _check_arguments(**args: Any) -> None:
     choice("device", DEVICES)
     choice("mixed_precision", ("no", "fp16", "bf16"))
     choice("save_dtype", ("float16", "float32", "bfloat16"))
+    choice("prompts", PROMPT_SOURCES)
+    choice("views", VIEWS)
+    choice("crop", CROPS)
+    for name, choices in (("dataset_kind", ("chexpert", "mimic", "nih", "csv")), ("no_report", ("skip", "labels")),
+                          ("uncertain", ("ignore", "positive", "negative"))):
+        if args[name] is not None and (not isinstance(args[name], str) or args[name] not in choices):
+            raise ValueError(f"{name} must be None or one of {', '.join(choices)}, got {name_of(args[name])}")
     if not isinstance(args["template"], str):
         raise TypeError(f"template must be a template name or string, got {name_of(args['template'])}")
     prompts = args["validation_prompts"]
@@ -1032,11 +1293,30 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
              threads: int | None = None, device: str = "auto", mixed_precision: str = "no", lora_rank: int = 8,
              cond_dropout: float = 0.1, ema_decay: float = 0.999, min_snr_gamma: float = 5.0, allow_pickle: bool = False,
              save_dtype: str = "float16", progress: bool = True, gradient_accumulation: int = 1,
-             gradient_checkpointing: bool = False) -> FinetuneResult:
-    """Train a latent-diffusion model on a manifest and save it as a diffusers folder at ``out``.
+             gradient_checkpointing: bool = False, dataset_kind: str | None = None,
+             column_map: str | Path | None = None, prompts: str = "labels", no_report: str | None = None,
+             uncertain: str | None = None, views: str = "all", size: int | None = None,
+             crop: str = "center") -> FinetuneResult:
+    """Train a latent-diffusion model on a manifest or a real dataset and save it as a diffusers folder at ``out``.
 
     Args:
-        manifest: a synthmed manifest.csv (or the folder holding one); rows of the ``train`` split are used.
+        manifest: a synthmed manifest.csv (or the folder holding one; rows of the ``train`` split are used), or
+            a real dataset's folder or CSV: CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any CSV with
+            ``column_map`` (records of split train, or of none; see :func:`read_training_set`).
+        dataset_kind: chexpert, mimic, nih or csv, to force a real dataset's layout (None: told from its files).
+        column_map: a YAML file naming the columns of a CSV in no known layout (docs/datasets.md).
+        prompts: a real dataset's prompts: ``"labels"`` (its labels through ``template``, so the model answers
+            synthmed's specs) or ``"reports"`` (the report's impression, RoentGen's recipe).
+        no_report: with ``prompts="reports"``, a record without an impression: ``"skip"`` (default) or
+            ``"labels"``.
+        uncertain: a real dataset's uncertain labels (-1): ``"ignore"`` (default), ``"positive"``, ``"negative"``.
+        views: ``"all"``, or ``"frontal"`` (PA and AP; laterals and unknown views left out, counted).
+        size: the training size: each image's shorter side resized to it, then a square crop (aspect kept;
+            :func:`synthmed.datasets.prepare_image`). Default: a manifest of PNGs of one size is trained at that
+            size as it is; anything else (a real dataset, mixed sizes, JPEG, DICOM) at the model's native size
+            (UNet sample_size x VAE scale: 512 for Stable Diffusion 1.x / RoentGen, 256 from scratch).
+        crop: ``"center"``, or ``"random"``: an offset along the longer side drawn once per image from the seed
+            and the image's index (the latent cache holds one crop per image; a resume finds the same crops).
         base: ``"scratch"`` for the small default design, or a local diffusers model folder to fine-tune.
         out: the model folder to write (written at the end, atomically).
         mode: ``"full"`` (every UNet weight) or ``"lora"`` (low-rank adapters, merged into the saved UNet).
@@ -1066,7 +1346,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
 
     Raises:
         ManifestError: the manifest has problems (reported before any training).
-        ValueError: a bad argument, naming it.
+        DatasetError: a real dataset's file or image that cannot be read, naming the file (and line).
+        ValueError: a bad argument, or arguments that do not go together, naming them.
 
     Example:
         >>> finetune("out/phantom", "scratch", "models/mine", steps=4000, vae_steps=1500)  # doctest: +SKIP
@@ -1087,10 +1368,29 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     work.clean_staging()  # a killed run's half-done saves (a model caught mid-swap is put back first)
     work.ledger.remove_temp_files()  # and its temp files, by the names and pids its claims recorded
     _ModelFolder(out).check(resume=resume, overwrite=overwrite)  # its files are replaced only if finetune wrote them
-    examples, (width, height) = read_training_manifest(manifest, template=template)
+    data = read_training_set(manifest, template=template, dataset_kind=dataset_kind, column_map=column_map,
+                             prompts=prompts, no_report=no_report, uncertain=uncertain, views=views)
+    examples = data.examples
+    if scratch and prompts == "reports":
+        work.warn("prompts='reports' from scratch: the scratch design's word-level tokenizer knows only the words of "
+                  "synthmed's templates, so most words of an impression become [UNK]; fine-tune a base model with a "
+                  "CLIP tokenizer (RoentGen, Stable Diffusion) on reports")
+    if size is None and data.size is not None:  # PNGs of one size: trained as they are, as before these options
+        if crop != "center":
+            raise ValueError(f"crop={crop!r} crops images brought to the training size, and these PNGs of one size "
+                             f"({data.size[0]}x{data.size[1]}) are trained as they are; give size= to resize and "
+                             "crop them")
+        width, height = data.size
+    else:
+        native, factor = _model_geometry(base, allow_pickle)
+        if size is not None and size % factor:
+            raise ValueError(f"size={size}: this model needs sides that are a multiple of {factor} (its VAE's scale "
+                             f"times its UNet's downsampling); its native size is {native}")
+        width = height = size or native
     if train_text_encoder is None:
         train_text_encoder = scratch
-    manifest_path = Path(manifest) / "manifest.csv" if Path(manifest).is_dir() else Path(manifest)
+    manifest_path = Path(manifest) / "manifest.csv" if data.kind == "manifest" and Path(manifest).is_dir() \
+        else Path(manifest)
     settings = {"base": "scratch" if scratch else str(Path(base).resolve()), "mode": mode,
                 "train_text_encoder": bool(train_text_encoder), "steps": steps, "vae_steps": vae_steps if scratch else 0,
                 "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
@@ -1098,8 +1398,13 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "gradient_accumulation": gradient_accumulation, "mixed_precision": mixed_precision,
                 "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout,
                 "ema_decay": ema_decay,
-                "min_snr_gamma": min_snr_gamma, "manifest_sha256": _sha256_file(manifest_path),
-                "images": len(examples), "width": width, "height": height}
+                "min_snr_gamma": min_snr_gamma, "manifest_sha256": data.sha256,
+                "images": len(examples), "width": width, "height": height,
+                # what is trained on (DATA_DEFAULTS: a manifest of one-size PNGs as it is, as before these options)
+                "dataset_kind": None if data.kind == "manifest" else data.kind, "prompts": prompts,
+                "no_report": (no_report or "skip") if prompts == "reports" else None,
+                "uncertain": None if data.kind == "manifest" else uncertain or "ignore", "views": views,
+                "size": None if data.size is not None and size is None else width, "crop": crop}
     if not scratch:  # resume must not mix checkpoints made from other base weights (a retrained base, same path)
         from .model_folder import model_hash
 
@@ -1112,7 +1417,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         except ValueError as e:
             raise ValueError(f"{e}; it records the settings of the run to resume: resume needs it as finetune "
                              "wrote it (or start again: overwrite=True without resume=True)") from None
-        for key, value in (("lr_schedule", "constant"), ("gradient_accumulation", 1), ("mixed_precision", "no")):
+        for key, value in (("lr_schedule", "constant"), ("gradient_accumulation", 1), ("mixed_precision", "no"),
+                           *DATA_DEFAULTS.items()):
             before.setdefault(key, value)  # work folders from before these options
         if "base_hash" in settings:
             before.setdefault("base_hash", settings["base_hash"])
@@ -1152,6 +1458,9 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     accelerate_options = dict(mixed_precision=mixed_precision, cpu=(device == "cpu"))
     started = time.time()
     log = _Log(work_path / "log.jsonl")
+    if progress:  # what is trained on, and what was left out and why, before the hours of training
+        for line in data.summary:
+            print(line, file=sys.stderr)
 
     # 2. Components
     torch.manual_seed(seed)
@@ -1164,9 +1473,10 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
     if width % factor or height % factor:
         raise ManifestError(f"images are {width}x{height}; this model needs sides that are multiples of {factor}")
-    images = _LazyImages(examples, progress)
+    images = _LazyImages(examples, progress, settings["size"], crop, seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    record: dict[str, Any] = {"settings": settings, "losses": {}}
+    record: dict[str, Any] = {"settings": settings, "losses": {}, "data": {"kind": data.kind, **data.counts,
+                                                                        "summary": data.summary}}
     if not scratch and (Path(base) / "training.json").is_file():  # the base's own training: the model's lineage
         try:
             record["base_training"] = json.loads((Path(base) / "training.json").read_text(encoding="utf-8"))
@@ -1324,13 +1634,21 @@ def _save_vae(vae, work: _WorkFolder) -> None:
 
 
 def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
-    """Encode every image once; cached in work/latents.pt, keyed by the manifest and the VAE."""
+    """Encode every image once; cached in work/latents.pt, keyed by the manifest and the VAE.
+
+    One latent per image: a random crop (``crop="random"``) is drawn once per image, not again at every step.
+    """
     import torch
 
     from .progress import progress_bar
 
     key = {"manifest_sha256": settings["manifest_sha256"], "vae_steps": settings["vae_steps"],
            "base": settings["base"], "images": settings["images"]}
+    # the data settings only where they differ from a manifest trained as it is: caches written before they
+    # existed keep their key
+    data = {k: settings.get(k, v) for k, v in DATA_DEFAULTS.items() if settings.get(k, v) != v}
+    if data:
+        key["data"] = {**data, **({"seed": settings["seed"]} if data.get("crop") == "random" else {})}
     path = work.root / "latents.pt"
     if path.is_file():
         problem, cached = work.damage("latents", ["latents.pt"]), None
@@ -1347,7 +1665,6 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
             if scratch:
                 vae.register_to_config(scaling_factor=float(cached["scaling_factor"]))
             return cached["latents"]
-    images = images.get()
     vae = vae.to(accelerator.device).eval()
     channels = vae.config.in_channels
     chunks = []
@@ -1355,7 +1672,7 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     bar.set_description("encoding latents")
     with torch.inference_mode():
         for i in range(0, len(images), 16):
-            x = images[i:i + 16].float().to(accelerator.device)
+            x = images.batch(i, i + 16).float().to(accelerator.device)
             if channels != 1:
                 x = x.expand(-1, channels, -1, -1)
             chunks.append(vae.encode(x).latent_dist.mean.float().cpu())

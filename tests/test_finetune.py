@@ -18,7 +18,7 @@ from click.testing import CliRunner  # noqa: E402
 from synthmed.build import generate  # noqa: E402
 from synthmed.cli import main  # noqa: E402
 from synthmed.finetune import (ManifestError, build_word_tokenizer, finetune,  # noqa: E402
-                               read_training_manifest, vocabulary_words)
+                               read_training_manifest, read_training_set, vocabulary_words)
 
 SPEC = """
 spec_version: 1
@@ -478,3 +478,273 @@ def test_bf16_mixed_precision_trains_on_the_cpu(phantom_set, roentgen_shaped, tm
                       device="cpu", **FAST)
     assert result.steps == 2 and 0 < result.losses["unet"] < float("inf")
     assert json.loads((result.model_dir / "training.json").read_text())["settings"]["mixed_precision"] == "bf16"
+
+
+# ----------------------------------------------------------------------------- a real dataset (#23.1-3)
+
+def _dataset_builders():
+    """The fake-dataset builders of tests/test_datasets.py (CheXpert's columns and value conventions, DICOM)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "test_datasets.py"
+    spec = importlib.util.spec_from_file_location("_synthmed_dataset_builders", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gradient(path: Path, width: int, height: int, seed: int) -> Path:
+    """A non-uniform image (so that where a crop lies shows), saved by its suffix: JPEG, PNG (16-bit for I;16)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = (xs / width * 0.6 + ys / height * 0.3 + rng.random((height, width)) * 0.1).clip(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".png":
+        Image.fromarray((pixels * 65535).astype(np.uint16)).save(path)
+    else:
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path, "JPEG", quality=95)
+    return path
+
+
+IMPRESSIONS = {1: "Right lower lobe pneumonia.", 2: "No acute cardiopulmonary process.", 4: "Mild pulmonary edema."}
+
+
+def _fake_chexpert(root: Path, *, reports: bool = True) -> Path:
+    """CheXpert-v1.0-small/ (train.csv and valid.csv; CheXpert Plus' section_impression when ``reports``) with
+    non-square JPEGs of mixed sizes: four frontal films and a lateral in train, one frontal in valid."""
+    helpers = _dataset_builders()
+    labels, folder = helpers.chexpert_labels, "CheXpert-v1.0-small"
+    rows = [  # (patient, view file, size, sex, age, frontal/lateral, AP/PA, labels)
+        (1, "view1_frontal", (80, 64), "Female", "68", "Frontal", "PA", labels(Pneumonia="1.0")),
+        (1, "view2_lateral", (64, 80), "Female", "68", "Lateral", "", labels(Pneumonia="1.0")),
+        (2, "view1_frontal", (64, 96), "Male", "41", "Frontal", "AP", labels(No_Finding="1.0")),
+        (3, "view1_frontal", (96, 72), "Female", "55", "Frontal", "PA",
+         labels(Pleural_Effusion="1.0", Cardiomegaly="-1.0")),
+        (4, "view1_frontal", (72, 88), "Male", "70", "Frontal", "AP", labels(Edema="1.0")),
+    ]
+    header = helpers.CHEXPERT_HEADER + (["section_impression"] if reports else [])
+    train = []
+    for n, (patient, view, size, sex, age, frontal, appa, found) in enumerate(rows):
+        rel = f"train/patient{patient:05d}/study1/{view}.jpg"
+        _gradient(root / folder / rel, *size, seed=n)
+        row = {"Path": f"{folder}/{rel}", "Sex": sex, "Age": age, "Frontal/Lateral": frontal, "AP/PA": appa, **found}
+        if reports:
+            row["section_impression"] = IMPRESSIONS.get(patient, "")
+        train.append(row)
+    helpers.write_csv(root / folder / "train.csv", header, train)
+    _gradient(root / folder / "valid/patient64541/study1/view1_frontal.jpg", 88, 64, seed=9)
+    helpers.write_csv(root / folder / "valid.csv", header, [
+        {"Path": f"{folder}/valid/patient64541/study1/view1_frontal.jpg", "Sex": "Male", "Age": "73",
+         "Frontal/Lateral": "Frontal", "AP/PA": "AP", **labels(Edema="1.0")}])
+    return root / folder
+
+
+@pytest.fixture(scope="module")
+def chexpert_folder(tmp_path_factory) -> Path:
+    return _fake_chexpert(tmp_path_factory.mktemp("chexpert"))
+
+
+def test_a_real_dataset_gives_label_or_report_prompts_of_its_training_split(chexpert_folder):
+    """#23.2: labels through synthmed's template (as training_pairs makes them) or the impressions; the valid
+    split, laterals under views='frontal' and records without a report are left out and counted."""
+    from synthmed.datasets import LATERAL, NO_REPORT, read_dataset, training_pairs
+
+    labels = read_training_set(chexpert_folder)
+    assert labels.kind == "chexpert" and labels.size is None and len(labels.examples) == 5
+    expected = training_pairs(read_dataset(chexpert_folder), split="train")
+    assert [ex.prompt for ex in labels.examples] == [p.prompt for p in expected]
+    assert labels.examples[0].prompt == "PA chest radiograph of a 68 year old female. Pneumonia."
+    assert labels.counts["skipped"] == {"split valid (not train)": 1}
+    assert "skipped: split valid (not train) 1" in labels.summary[1]
+
+    frontal = read_training_set(chexpert_folder, views="frontal")
+    assert len(frontal.examples) == 4 and frontal.counts["skipped"][LATERAL] == 1
+    assert not any("lateral" in str(ex.path) for ex in frontal.examples)
+
+    reports = read_training_set(chexpert_folder, prompts="reports", views="frontal")
+    assert [ex.prompt for ex in reports.examples] == [IMPRESSIONS[1], IMPRESSIONS[2], IMPRESSIONS[4]]
+    assert reports.counts["skipped"][NO_REPORT] == 1 and reports.sha256 != frontal.sha256
+    filled = read_training_set(chexpert_folder, prompts="reports", no_report="labels", views="frontal")
+    assert filled.examples[2].prompt == "PA chest radiograph of a 55 year old female. Pleural effusion."
+    positive = read_training_set(chexpert_folder, uncertain="positive", views="frontal")
+    assert "cardiomegaly" in positive.examples[2].prompt.lower()
+
+
+def test_images_of_any_size_and_format_are_brought_to_the_training_size(tmp_path):
+    """#23.3: a 16-bit PNG, a JPEG and a MONOCHROME1 DICOM, listed by a CSV with a column map; a random crop is one
+    offset per image from the seed and the image's index, the same every time."""
+    import numpy as np
+
+    from synthmed.datasets import prepare_image
+    from synthmed.finetune import _crop_rng, _load_images
+
+    helpers = _dataset_builders()
+    _gradient(tmp_path / "a.png", 96, 64, seed=1)
+    _gradient(tmp_path / "b.jpg", 64, 80, seed=2)
+    helpers.write_dicom(tmp_path / "c.dcm", (np.arange(70 * 50).reshape(70, 50) % 4096), "MONOCHROME1",
+                        WindowCenter=2048, WindowWidth=4096)
+    helpers.write_csv(tmp_path / "list.csv", ["file", "finding"], [
+        {"file": f, "finding": "Edema"} for f in ("a.png", "b.jpg", "c.dcm")])
+    (tmp_path / "map.yaml").write_text("path: file\nfindings: finding\n", encoding="utf-8")
+    data = read_training_set(tmp_path / "list.csv", column_map=tmp_path / "map.yaml", template="roentgen-v1")
+    assert data.kind == "csv" and len(data.examples) == 3
+    centre = _load_images(data.examples, False, 32)
+    assert centre.shape == (3, 1, 32, 32) and centre.dtype == torch.float16
+    assert -1 <= float(centre.min()) < float(centre.max()) <= 1
+    first, again = (_load_images(data.examples, False, 32, "random", 7) for _ in range(2))
+    assert torch.equal(first, again) and not torch.equal(first, centre)
+    for i, ex in enumerate(data.examples):  # each image's own generator: the same crop read alone
+        alone = prepare_image(ex.path, 32, crop="random", rng=_crop_rng(7, i)) * 2 - 1
+        assert torch.equal(first[i, 0], torch.from_numpy(alone).half())
+    assert not torch.equal(_load_images(data.examples, False, 32, "random", 8), first)  # another seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompts", ["labels", "reports"])
+def test_fine_tunes_on_a_chexpert_folder_of_mixed_size_jpegs(chexpert_folder, tiny_base, tmp_path, monkeypatch,
+                                                              prompts):
+    """#23: scratch on label prompts, a base on report prompts; frontal only; the native size of the model; what was
+    trained on (prompts) and what was left out (counts, in training.json)."""
+    import synthmed.finetune as ft
+    from synthmed.datasets import LATERAL
+
+    used: list[list[str]] = []
+    token_ids = ft._token_ids
+    monkeypatch.setattr(ft, "_token_ids", lambda tok, texts, te: used.append(list(texts)) or token_ids(tok, texts, te))
+    base, extra = ("scratch", {"size": 64, "vae_steps": 2}) if prompts == "labels" else (tiny_base, {})
+    result = finetune(chexpert_folder, base, tmp_path / "m", steps=2, views="frontal", prompts=prompts, **extra,
+                      **FAST)
+    record = json.loads((result.model_dir / "training.json").read_text())
+    settings, data = record["settings"], record["data"]
+    assert (settings["dataset_kind"], settings["prompts"], settings["views"]) == ("chexpert", prompts, "frontal")
+    assert settings["size"] == settings["width"] == settings["height"] == 64  # tiny_base's native size is 64
+    assert settings["uncertain"] == "ignore" and settings["crop"] == "center"
+    assert data["kind"] == "chexpert" and data["skipped"][LATERAL] == 1
+    assert data["skipped"]["split valid (not train)"] == 1
+    if prompts == "labels":
+        assert data["images"] == settings["images"] == 4
+        assert used[0][0] == "PA chest radiograph of a 68 year old female. Pneumonia."
+    else:
+        assert data["images"] == 3 and data["skipped"]["no report impression"] == 1
+        assert used[0] == [IMPRESSIONS[1], IMPRESSIONS[2], IMPRESSIONS[4]]
+    assert not any(IMPRESSIONS[1] in line for line in data["summary"])  # counts, never a report's text
+
+
+@pytest.mark.slow
+def test_random_crops_are_the_same_across_runs_and_after_resume(chexpert_folder, tiny_base, tmp_path):
+    options = dict(views="frontal", size=64, crop="random", save_dtype="float32", learning_rate=1e-2, **FAST)
+    straight = finetune(chexpert_folder, tiny_base, tmp_path / "a", steps=4, **options)
+    finetune(chexpert_folder, tiny_base, tmp_path / "b", steps=2, **options)
+    resumed = finetune(chexpert_folder, tiny_base, tmp_path / "b", steps=4, resume=True, **options)
+    a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    latents = [torch.load(r.work_dir / "latents.pt", weights_only=True) for r in (straight, resumed)]
+    assert torch.equal(latents[0]["latents"], latents[1]["latents"])
+    centre = finetune(chexpert_folder, tiny_base, tmp_path / "c", steps=0, views="frontal", size=64, **FAST)
+    assert not torch.equal(torch.load(centre.work_dir / "latents.pt", weights_only=True)["latents"],
+                           latents[0]["latents"])
+
+
+@pytest.mark.slow
+def test_a_manifest_trained_at_its_own_size_through_prepare_image_gives_the_same_weights(phantom_set, tiny_base,
+                                                                                         tmp_path):
+    """A synthmed manifest of one-size PNGs is trained as it is (settings size None, the latent cache keyed as
+    before these options); given size= of that same size, prepare_image changes no pixel, so no weight."""
+    plain = finetune(phantom_set, tiny_base, tmp_path / "a", steps=2, save_dtype="float32", **FAST)
+    sized = finetune(phantom_set, tiny_base, tmp_path / "b", steps=2, save_dtype="float32", size=64, **FAST)
+    settings = json.loads((plain.model_dir / "training.json").read_text())["settings"]
+    assert settings["size"] is None and settings["dataset_kind"] is None and settings["width"] == 64
+    key = json.loads(torch.load(plain.work_dir / "latents.pt", weights_only=True)["key"])
+    assert set(key) == {"manifest_sha256", "vae_steps", "base", "images"}
+    a, b = _weights(plain.model_dir), _weights(sized.model_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_work_folder_from_before_the_dataset_options_still_resumes(phantom_set, tmp_path):
+    """A work folder whose settings.json predates prompts/uncertain/views/size/crop/dataset_kind resumes: the
+    missing keys are what that version did (a synthmed manifest, label prompts, images as they are)."""
+    from synthmed.finetune import DATA_DEFAULTS
+    from synthmed.ledger import Ledger, file_sha256
+
+    finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, **FAST)
+    settings = tmp_path / "m.training" / "settings.json"
+    old = json.loads(settings.read_text())
+    assert {k: old.pop(k) for k in DATA_DEFAULTS} == DATA_DEFAULTS
+    settings.write_text(json.dumps(old))
+    Ledger(settings.parent, settings.parent / ".synthmed").record("settings", {"settings.json": file_sha256(settings)})
+    assert finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, resume=True, **FAST).steps == 0
+    settings.write_text(json.dumps(old))
+    Ledger(settings.parent, settings.parent / ".synthmed").record("settings", {"settings.json": file_sha256(settings)})
+    with pytest.raises(ValueError, match=r"\(size, views changed\)"):
+        finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, resume=True, views="frontal",
+                 size=64, **FAST)
+
+
+def _cli_finetune(source: Path, out: Path, *args: str):
+    return CliRunner().invoke(main, ["finetune", "--manifest", str(source), "--base", "scratch", "-o", str(out),
+                                     "--steps", "0", "--vae-steps", "0", "--threads", "1", "-q", *args])
+
+
+USAGE_ERRORS = {  # flags -> what the message names
+    "reports without reports": (["--prompts", "reports"], "--prompts reports"),
+    "column map with a layout": (["--column-map", "map.yaml", "--dataset-kind", "chexpert"], "--column-map"),
+    "csv without a column map": (["--dataset-kind", "csv"], "--dataset-kind csv needs --column-map"),
+    "no-report without reports": (["--no-report", "labels"], "--no-report labels"),
+    "size not a multiple": (["--size", "100"], "--size 100"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(USAGE_ERRORS))
+def test_flags_that_do_not_fit_the_dataset_are_usage_errors(tmp_path, name):
+    """Exit 2, no traceback, the flag named, nothing written."""
+    source = _fake_chexpert(tmp_path / "data", reports=False)
+    (tmp_path / "map.yaml").write_text("path: Path\nfindings: Pneumonia\n", encoding="utf-8")
+    flags, named = USAGE_ERRORS[name]
+    flags = [str(tmp_path / f) if f == "map.yaml" else f for f in flags]
+    result = _cli_finetune(source, tmp_path / "m", *flags)
+    assert result.exit_code == 2, result.output
+    assert named in result.stderr and "Traceback" not in result.output and "=" not in result.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.training").exists()
+
+
+def test_manifest_only_flags_and_bad_dataset_rows_are_usage_errors(phantom_set, tmp_path):
+    result = _cli_finetune(phantom_set, tmp_path / "m", "--uncertain", "positive")
+    assert result.exit_code == 2 and "--uncertain positive" in result.stderr
+    result = _cli_finetune(phantom_set, tmp_path / "m", "--crop", "random")
+    assert result.exit_code == 2 and "--crop random" in result.stderr and "--size" in result.stderr
+    result = _cli_finetune(phantom_set, tmp_path / "m", "--prompts", "reports")
+    assert result.exit_code == 2 and "--prompts reports" in result.stderr
+    source = _fake_chexpert(tmp_path / "data")
+    text = (source / "train.csv").read_text(encoding="utf-8").splitlines()
+    text[3] = text[3].replace(",1.0,", ",2.0,", 1)  # row 3 of the table: a label CheXpert never writes
+    (source / "train.csv").write_text("\n".join(text) + "\n", encoding="utf-8")
+    result = _cli_finetune(source, tmp_path / "m")
+    assert result.exit_code == 2 and f"{source / 'train.csv'}:4" in result.stderr and "2.0" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "m").exists()
+    result = _cli_finetune(tmp_path, tmp_path / "m")  # neither a synthmed set nor a dataset: both are named
+    assert result.exit_code == 2 and "manifest.csv" in result.stderr and "chexpert" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_command_trains_on_a_csv_with_a_column_map_and_shows_what_it_left_out(tmp_path, tiny_base):
+    helpers = _dataset_builders()
+    _gradient(tmp_path / "imgs/a.png", 96, 64, seed=1)
+    _gradient(tmp_path / "imgs/b.jpg", 64, 80, seed=2)
+    helpers.write_csv(tmp_path / "list.csv", ["file", "finding", "projection"], [
+        {"file": "imgs/a.png", "finding": "Edema", "projection": "PA"},
+        {"file": "imgs/b.jpg", "finding": "Pneumonia", "projection": "LL"},
+        {"file": "imgs/missing.jpg", "finding": "Pneumonia", "projection": "PA"}])
+    (tmp_path / "map.yaml").write_text("path: file\nfindings: finding\nview: projection\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(tmp_path / "list.csv"), "--base", str(tiny_base),
+                                       "--column-map", str(tmp_path / "map.yaml"), "--template", "roentgen-v1",
+                                       "--views", "frontal", "--size", "32", "--crop", "random", "-o",
+                                       str(tmp_path / "m"), "--steps", "1", "--batch-size", "1", "--threads", "1",
+                                       "-q"])
+    assert result.exit_code == 0, result.output
+    assert "missing image file 1" in result.output and "lateral view (frontal_only) 1" in result.output
+    settings = json.loads((tmp_path / "m" / "training.json").read_text())["settings"]
+    assert (settings["dataset_kind"], settings["size"], settings["crop"], settings["images"]) == ("csv", 32,
+                                                                                                 "random", 1)
