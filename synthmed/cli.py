@@ -345,9 +345,9 @@ def _as_flags(message: str) -> str:
               show_default=True,
               help="How a real reference dataset's uncertain labels (-1) count in the per-finding figures: in "
                    "neither group (U-Ignore), present (U-Ones) or absent (U-Zeros).")
-@click.option("--training-manifest", type=click.Path(dir_okay=False, path_type=Path), metavar="MANIFEST",
-              help="Manifest (or a real dataset's CSV) of the images the generator was trained on, for the "
-                   "memorisation audit.")
+@click.option("--training-manifest", type=click.Path(path_type=Path), metavar="MANIFEST",
+              help="Manifest, or a real dataset's folder or CSV, of the images the generator was trained on, for "
+                   "the memorisation audit.")
 @click.option("--features", metavar="FOLDER|MODULE:ATTR",
               help="Feature extractor for FID, duplicates and memorisation: a model folder (config.json naming a "
                    "torchvision or timm architecture + model.safetensors; docs/datasets.md), or MODULE:ATTR (an "

@@ -133,7 +133,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
             images, or a real dataset's folder or CSV (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14): the intensity
             bands are fitted on them and FID / KID / PRDC computed against them, per finding too where the
             reference has labels (a manifest's ``findings`` column, a real dataset's labels).
-        training_manifest: the manifest of the images the generator was trained on, for the memorisation audit.
+        training_manifest: the manifest (or a real dataset's folder or CSV) of the images the generator was
+            trained on, for the memorisation audit.
         config: a ``QCSpec`` (thresholds, gate); default: the spec's ``qc:`` section (from dataset_card.json).
         feature_extractor: for FID / KID / PRDC, embedding duplicates and memorisation: an object with ``name``
             and ``__call__(images float32 [N, H, W] in [0, 1]) -> [N, D]``, ``"module:attribute"``, or the path
@@ -196,8 +197,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     for name, value in (("reference", reference), ("training manifest", training_manifest)):
         if value is not None:
             path = Path(value)
-            if not (path.is_file() or (name == "reference" and path.is_dir())):
-                raise QCError(f"the {name} {path} is not a file" + (" or a dataset folder" if name == "reference" else ""))
+            if not (path.is_file() or path.is_dir()):
+                raise QCError(f"the {name} {path} is not a file or a dataset folder")
             paths[name] = path
     if isinstance(feature_extractor, (str, os.PathLike)):
         text = os.fspath(feature_extractor)

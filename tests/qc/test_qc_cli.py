@@ -702,6 +702,11 @@ def test_a_chexpert_folder_is_a_reference_in_its_own_layout(out, tmp_path):
     cli = run("qc", out, "-q", "--no-auditor", "--reference", root / "CheXpert-v1.0-small" / "train.csv",
               "--features", f"{__name__}:ThumbFeatures")
     assert cli.exit_code == 0, cli.output
+    # a model fine-tuned on that folder: its training set for the memorisation audit is the folder as it comes
+    result = qc(out, training_manifest=root / "CheXpert-v1.0-small", feature_extractor=ThumbFeatures(),
+                auditor=False, write=False)
+    memo = result.report["sections"]["memorisation"]
+    assert set(memo.get("flagged", [])) == {row["case_id"] for row in manifest_rows(out)}, memo  # copies, all found
 
 
 def test_a_monochrome1_reference_reads_as_a_viewer_shows_it(out, tmp_path):
