@@ -36,10 +36,10 @@ DEFAULT_TRAIN := out/default-train
 DEFAULT_WORK := out/default-model-training
 # Two stages: from scratch at a constant learning rate (VAE, latent cache, UNet + text encoder), then the same
 # data again from that model with the rate annealed (cosine). Both resume after an interruption.
-default-model: $(STAMP)
+default-model: $(STAMP) anatomy
 	$(BIN)/synthmed generate dataset_specs/default_model_training.yaml -o $(DEFAULT_TRAIN) --resume
 	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base scratch -o out/default-model-constant \
-		--work-dir $(DEFAULT_WORK) --steps $(or $(STEPS),8400) --vae-steps 2500 --checkpoint-every 200 \
+		--work-dir $(DEFAULT_WORK) --steps $(or $(STEPS),8400) --vae-steps 8000 --checkpoint-every 200 \
 		--validate-every 1000 --resume
 	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base out/default-model-constant \
 		-o out/default-model --work-dir out/default-model-anneal --mode full --train-text-encoder \

@@ -62,12 +62,14 @@ MODEL_PATHS = ("model_index.json", "training.json", "unet", "vae", "text_encoder
 TEXT_ENCODER_CONFIG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=64, projection_dim=128)
 # Narrower than the (32, 64, 128, 128) first sketched: 2.2x cheaper per step on 2 cores, and fully convolutional
-# (no mid-block attention) so that a VAE trained on small crops applies unchanged to whole images.
-VAE_CONFIG = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(16, 32, 64, 64),
+# (no mid-block attention) so that a VAE trained on small crops applies unchanged to whole images. On DRR films
+# wider VAEs reconstructed worse in the same steps and 8 latent channels kept more fine structure than 4, at the
+# same decode cost (scripts/measure_model_capacity.py; docs/default_model.md, "Why these sizes").
+VAE_CONFIG = dict(in_channels=1, out_channels=1, latent_channels=8, block_out_channels=(16, 32, 64, 64),
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                   layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False)
 # One resnet per level: 5.7x cheaper per training step than two on 2 cores.
-UNET_CONFIG = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
+UNET_CONFIG = dict(in_channels=8, out_channels=8, block_out_channels=(32, 64, 128), layers_per_block=1,
                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32)
