@@ -361,8 +361,13 @@ def _require_columns(path: Path, columns: Iterable[str], layout: str) -> list[st
     return header
 
 
-def _relative_parts(text: str) -> tuple[str, ...] | None:
-    """The parts of a path written in a dataset's CSV, or None when it is absolute or climbs out with '..'."""
+def relative_parts(text: str) -> tuple[str, ...] | None:
+    """The parts of a path written in a dataset's CSV, or None when it is absolute or climbs out with '..'.
+
+    Example:
+        >>> relative_parts("train/p1/./view1.jpg"), relative_parts("../x.png"), relative_parts("/data/x.png")
+        (('train', 'p1', 'view1.jpg'), None, None)
+    """
     text = text.replace("\\", "/")
     if text.startswith("/") or PureWindowsPath(text).drive or "\x00" in text:
         return None
@@ -475,7 +480,7 @@ class _Collector:
         if not text:
             self.skipped[NO_PATH] += 1
             return None
-        parts = _relative_parts(text)
+        parts = relative_parts(text)
         if parts is None:
             self.skipped[ESCAPES] += 1
             return None
@@ -676,7 +681,7 @@ def read_mimic(path: str | os.PathLike, *, uncertain: str = "ignore", frontal_on
         if image is None:
             continue
         if (subject, study) not in impressions:
-            parts = _relative_parts(f"{study_dir}/s{study}.txt")
+            parts = relative_parts(f"{study_dir}/s{study}.txt")
             report = _read_report(out.root.joinpath(*parts)) if parts else None
             impressions[(subject, study)] = mimic_impression(report) if report else None
         sex = age = None
@@ -790,7 +795,7 @@ def read_nih(path: str | os.PathLike, *, uncertain: str = "ignore", frontal_only
         if not index:
             out.skipped[NO_PATH] += 1
             continue
-        parts = _relative_parts(index)
+        parts = relative_parts(index)
         if parts is None:
             out.skipped[ESCAPES] += 1
             continue
@@ -1112,6 +1117,8 @@ def read_image(path: str | os.PathLike) -> "np.ndarray":
         if path.suffix.lower() in (".dcm", ".dicom"):  # a DICOM file without its 128-byte preamble
             return _read_dicom(path, force=True)
         raise DatasetError(f"{path} is not an image synthmed reads (JPEG, PNG or DICOM)") from None
+    except Image.DecompressionBombError as e:  # not an OSError: Pillow refuses it before decoding
+        raise DatasetError(f"{path}: the image is larger than Pillow's safety limit ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"{path}: cannot decode the image ({e})") from None
 

@@ -145,6 +145,47 @@ def _png_size(path: Path) -> tuple[int, int, int]:
     return width, height, head[24]
 
 
+def _leaves_folder(folder: Path, rel: str) -> bool:
+    """Whether a manifest's image path is absolute, climbs out with '..', or resolves (through a link) outside
+    ``folder``, which is given resolved."""
+    from .datasets import relative_parts
+
+    parts = relative_parts(rel)
+    return parts is None or not folder.joinpath(*parts).resolve().is_relative_to(folder)
+
+
+def _header_problem(image: Path) -> str | None:
+    """Why an image's header cannot be read as :func:`synthmed.datasets.read_image` opens the file (pydicom for
+    DICOM, Pillow for the rest), or None; no pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    def read_dicom_header(force: bool) -> None:
+        import pydicom
+
+        header = pydicom.dcmread(image, stop_before_pixels=True, force=force)
+        if "Rows" not in header or "Columns" not in header:
+            raise ValueError("its header has no Rows and Columns")
+
+    try:
+        with open(image, "rb") as fh:
+            preamble = fh.read(132)[128:132] == b"DICM"
+        if preamble:
+            read_dicom_header(force=False)
+            return None
+        try:
+            with Image.open(image):  # the size is read from the header; Pillow's size limit is checked here
+                pass
+        except UnidentifiedImageError:
+            if image.suffix.lower() not in (".dcm", ".dicom"):
+                return "is not an image finetune reads (JPEG, PNG or DICOM)"
+            read_dicom_header(force=True)  # a DICOM file without its 128-byte preamble
+    except Image.DecompressionBombError as e:
+        return f"is larger than Pillow's safety limit ({e})"
+    except Exception as e:  # noqa: BLE001 - Pillow and pydicom raise many kinds on a damaged header
+        return f"cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
 def _first_bad_utf8(path: Path) -> tuple[int, int]:
     """(line, byte offset) of the first byte of a file that is not UTF-8, read in blocks."""
     import codecs
@@ -207,7 +248,7 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
 
     Args:
         any_size: images of any size and format (PNG, JPEG, DICOM; finetune brings them to one size): only
-            their existence is checked, and the size returned is (0, 0).
+            their headers are read, and the size returned is (0, 0).
 
     Returns:
         (examples, (width, height)).
@@ -248,6 +289,7 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
             raise ManifestError(f"{path}: line {reader.line_num}: not a readable CSV file ({e})") from None
     examples: list[TrainingExample] = []
     sizes: dict[tuple[int, int], int] = {}
+    folder = path.parent.resolve()
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         if split is not None and (row.get("split") or "train") != split:
             continue
@@ -256,9 +298,18 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         if not row.get(image_column):
             problems.append(f"{path}:row {number}: {image_column} is empty")
             continue
+        if _leaves_folder(folder, row[image_column]):
+            problems.append(f"{path}:row {number}: {image_column} {row[image_column]!r} is outside the manifest's "
+                            f"folder (an absolute path, '..', or a link out of it); finetune reads images only "
+                            f"inside {path.parent}")
+            continue
         if check_files and any_size:
             if not image.is_file():
                 problems.append(f"{path}:row {number}: image {image} does not exist")
+                continue
+            problem = _header_problem(image)
+            if problem is not None:
+                problems.append(f"{path}:row {number}: image {image} {problem}")
                 continue
         elif check_files:
             try:
@@ -1266,8 +1317,26 @@ def _check_device(device: str, mixed_precision: str) -> None:
     """Refuse a device or a mixed precision this machine does not have (ValueError), before anything is written.
 
     fp16 needs a CUDA GPU (accelerate would quietly train in float32 on a CPU); bf16 runs on CPUs and on GPUs that
-    have it.
+    have it. accelerate fixes its state once per process: a second run (a notebook's) that asks for another
+    precision or device is refused here, not after its work folder is written.
     """
+    _check_machine(device, mixed_precision)  # first: what this machine cannot do at all
+    state = sys.modules.get("accelerate.state")  # not imported yet: no state is fixed in this process
+    if state is not None and state.is_initialized():
+        import torch
+
+        fixed = state.AcceleratorState()
+        cpu_lost = device == "cpu" and fixed.device.type != "cpu"  # accelerate would refuse it
+        gpu_lost = device != "cpu" and fixed.device.type == "cpu" and torch.cuda.is_available()  # silently the CPU
+        if fixed.mixed_precision != mixed_precision or cpu_lost or gpu_lost:
+            raise ValueError(f"accelerate fixes mixed precision once per Python process (and its device): this "
+                             f"process set it up with mixed_precision={fixed.mixed_precision!r} on "
+                             f"{fixed.device.type}, and this run asks for mixed_precision={mixed_precision!r}, "
+                             f"device={device!r}; restart the kernel/process to change it")
+
+
+def _check_machine(device: str, mixed_precision: str) -> None:
+    """The device and mixed precision checks of :func:`_check_device` that hold whatever ran before."""
     if device == "auto" and mixed_precision == "no":
         return
     try:

@@ -483,6 +483,24 @@ def test_a_file_that_is_not_an_image_is_refused_by_name(tmp_path: Path):
         read_image(tmp_path / "absent.jpg")
 
 
+def test_an_image_beyond_pillows_safety_limit_is_refused_by_name(tmp_path: Path):
+    """A 20000 x 20000 1-bit PNG (a few kB on disk) trips Pillow's decompression-bomb check: a DatasetError."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(bytes(2501)) for _ in range(20000)) + packer.flush()
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    for name in ("huge.png", "huge.dcm"):  # a .dcm name is tried by Pillow first too
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DatasetError, match=rf"{name}.*larger than Pillow's safety limit"):
+            read_image(tmp_path / name)
+
+
 # ----------------------------------------------------------------------------- training pairs
 
 def test_label_prompts_are_synthmeds_own_template_filled_from_the_record(chexpert: Path):

@@ -132,6 +132,63 @@ def test_mixed_sizes_are_refused(phantom_set, tmp_path):
         read_training_manifest(_broken_copy(phantom_set, tmp_path, edit))
 
 
+def test_image_paths_outside_the_manifest_folder_are_refused_with_their_rows(phantom_set, tmp_path):
+    """'..', an absolute path and a link out of the folder would train on files the user did not hand over."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def edit(out, rows):
+        shutil.copyfile(out / rows[0]["png_path"], outside / "x.png")
+        link = Path(rows[2]["png_path"]).parent / "link.png"
+        (out / link).symlink_to(outside / "x.png")
+        rows[0]["png_path"], rows[1]["png_path"], rows[2]["png_path"] = ("../outside/x.png", str(outside / "x.png"),
+                                                                          link.as_posix())
+
+    out = _broken_copy(phantom_set, tmp_path, edit)
+    for read in (read_training_manifest, read_training_set):
+        with pytest.raises(ManifestError) as err:
+            read(out)
+        text = str(err.value)
+        assert "3 problem(s)" in text and text.count("outside the manifest's folder") == 3, text
+        assert "row 2: png_path '../outside/x.png'" in text and f"row 3: png_path '{outside / 'x.png'}'" in text
+        assert "row 4: png_path" in text and "link.png" in text
+
+
+def _huge_png(path: Path, side: int = 20000) -> Path:
+    """A 1-bit PNG of side x side zeros: a few kB on disk, beyond Pillow's decompression-bomb limit."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + (side + 7) // 8)  # the filter byte and the packed bits of one row
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_damaged_images_are_listed_with_their_rows_before_anything_is_written(phantom_set, tmp_path):
+    """Images of any size are checked by their headers up front: every bad one named by its row, nothing written."""
+    def edit(out, rows):
+        (out / rows[0]["png_path"]).write_bytes(b"not an image at all")
+        _huge_png(out / rows[1]["png_path"])
+
+    out = _broken_copy(phantom_set, tmp_path, edit)
+    with pytest.raises(ManifestError) as err:
+        read_training_set(out)
+    text = str(err.value)
+    assert "2 problem(s)" in text and "row 2: image" in text and "row 3: image" in text, text
+    assert "larger than Pillow's safety limit" in text
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(out), "--base", "scratch", "-o",
+                                       str(tmp_path / "model")])
+    assert result.exit_code == 2 and "row 2: image" in result.stderr and "row 3: image" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.training").exists()
+
+
 def test_word_tokenizer_knows_every_prompt_word(phantom_set):
     tok = build_word_tokenizer()
     examples, _ = read_training_manifest(phantom_set)
@@ -480,6 +537,18 @@ def test_bf16_mixed_precision_trains_on_the_cpu(phantom_set, roentgen_shaped, tm
     assert json.loads((result.model_dir / "training.json").read_text())["settings"]["mixed_precision"] == "bf16"
 
 
+def test_a_second_run_with_another_mixed_precision_is_refused_before_anything_is_written(phantom_set, tmp_path,
+                                                                                         fresh_accelerate_state):
+    """accelerate's state is process-wide: a notebook's second run with another precision is refused up front."""
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="bf16", cpu=True)  # an earlier run in this process
+    with pytest.raises(ValueError, match="accelerate fixes mixed precision once per Python process.*restart"):
+        finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, mixed_precision="no", device="cpu",
+                 **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- a real dataset (#23.1-3)
 
 def _dataset_builders():
@@ -748,3 +817,19 @@ def test_the_command_trains_on_a_csv_with_a_column_map_and_shows_what_it_left_ou
     settings = json.loads((tmp_path / "m" / "training.json").read_text())["settings"]
     assert (settings["dataset_kind"], settings["size"], settings["crop"], settings["images"]) == ("csv", 32,
                                                                                                  "random", 1)
+
+
+def test_an_image_beyond_pillows_limit_in_a_dataset_is_a_usage_error_naming_it(tmp_path):
+    """A real dataset's images are read in training: one too large for Pillow is exit 2 naming it, no traceback."""
+    helpers = _dataset_builders()
+    _gradient(tmp_path / "imgs/a.png", 64, 64, seed=1)
+    _huge_png(tmp_path / "imgs/huge.png")
+    helpers.write_csv(tmp_path / "list.csv", ["file", "finding"], [{"file": "imgs/a.png", "finding": "Edema"},
+                                                                   {"file": "imgs/huge.png", "finding": "Edema"}])
+    (tmp_path / "map.yaml").write_text("path: file\nfindings: finding\n", encoding="utf-8")
+    result = _cli_finetune(tmp_path / "list.csv", tmp_path / "m", "--column-map", str(tmp_path / "map.yaml"),
+                           "--template", "roentgen-v1", "--size", "32", "--batch-size", "1",
+                           "--vae-batch-size", "1")
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "imgs/huge.png") in result.stderr and "Pillow's safety limit" in result.stderr
+    assert "Traceback" not in result.output

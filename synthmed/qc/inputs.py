@@ -417,6 +417,18 @@ def listed_images(manifest: Path, uncertain: str = "ignore") -> tuple[list[Liste
             raise QCError(f"cannot read the manifest {manifest}: {e}") from None
     column = _image_path_column(rows)
     if column is not None:
+        from .checks import inside_folder
+
+        base, bad = manifest.parent.resolve(), []
+        for n, row in enumerate(rows, start=1):  # held to its folder as the output manifest is (check_paths)
+            named = column if row.get(column) else "dicom_path"
+            rel = row.get(named) or ""
+            if rel and not (inside_folder(rel) and (manifest.parent / rel).resolve().is_relative_to(base)):
+                bad.append(f"row {n} ({row.get('case_id') or '?'}) {named} {rel!r}")
+        if bad:
+            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise QCError(f"{manifest} names images outside its folder {manifest.parent} (qc reads a reference or "
+                          f"training set only inside its manifest's folder, and follows no link out of it): {shown}")
         labelled = "findings" in rows[0]
         out = []
         for n, row in enumerate(rows):

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 from synthmed.build import generate
 from synthmed.cli import main as cli_main
-from synthmed.qc import qc
+from synthmed.qc import QCError, qc
 from synthmed.qc.checks import check_generated, decode_dicom, decode_png
 from synthmed.writers.manifest import merge_parts, write_part
 
@@ -233,6 +233,41 @@ def test_a_bomb_in_the_set_and_in_a_reference_is_a_clear_row_failure(out, tmp_pa
     failure = next(f for f in report_of(out)["images"]["failures"] if f["case_id"] == rows[3]["case_id"])
     assert "readable" in failure["flags"] and "limit" in failure["messages"]["readable"]
     assert any("1 reference image(s) could not be read" in n for n in report_of(out)["notes"])
+
+
+def test_a_png_bomb_named_dcm_in_a_reference_is_unreadable_not_a_traceback(out, tmp_path):
+    """A .dcm name sends a reference image to the DICOM reader, which tries Pillow first: its bomb check is caught."""
+    reference = tmp_path / "reference"
+    (reference / "images").mkdir(parents=True)
+    (reference / "images" / "bomb.dcm").write_bytes(_png(20_000, 20_000, _zeros_deflated(1 << 20), depth=1))
+    (reference / "manifest.csv").write_text("file_name\nimages/bomb.dcm\n", encoding="utf-8")
+    result = run("qc", out, "-q", "--no-auditor", "--reference", reference / "manifest.csv")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "could be read" in result.output
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "linked"])
+def test_a_reference_or_training_manifest_naming_files_outside_its_folder_is_refused(out, tmp_path, how):
+    """Reference and training manifests are held to their folder as the output manifest is (check_paths)."""
+    from synthmed.qc.inputs import image_list
+
+    rows = rows_of(out)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(out / rows[0]["png_path"], outside / "x.png")
+    reference = tmp_path / "reference"
+    (reference / "images").mkdir(parents=True)
+    shutil.copyfile(out / rows[1]["png_path"], reference / "images" / "r.png")
+    (reference / "images" / "link.png").symlink_to(outside / "x.png")
+    bad = {"dotdot": "../outside/x.png", "absolute": str(outside / "x.png"), "linked": "images/link.png"}[how]
+    manifest = reference / "manifest.csv"
+    manifest.write_text(f"case_id,file_name\nr,images/r.png\nx,{bad}\n", encoding="utf-8")
+    with pytest.raises(QCError, match="outside") as err:
+        image_list(manifest)  # what --training-manifest reads too
+    assert str(manifest) in str(err.value) and f"row 2 (x) file_name {bad!r}" in str(err.value)
+    result = run("qc", out, "-q", "--no-auditor", "--reference", manifest)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and f"row 2 (x) file_name {bad!r}" in result.output
 
 
 # ----------------------------------------------------------------------------- #17.11 read-only folders
