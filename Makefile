@@ -1,7 +1,10 @@
 # The two commands of the README:  `make demo`  and  `make test`.
-# Both set up a virtual environment in .venv on first use (CPU only; nothing is downloaded at run time).
+# Each sets up its own virtual environment on first use (CPU only; nothing is downloaded at run time):
+# `make test` .venv with the test extra (every backend, Ray, MONAI, notebooks), `make demo` .venv-demo with the
+# demo extra only (the diffusion backend, its writers and QC).
 PY ?= python3
 VENV ?= .venv
+DEMO_VENV ?= .venv-demo
 # torch is installed first, pinned, so that pip takes a CPU build where one is on offer (a local wheel, or
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu) instead of pulling a multi-GB CUDA build through diffusers.
 TORCH ?= torch==2.13.0
@@ -10,15 +13,25 @@ TORCH_INDEX ?=
 TORCHVISION ?= torchvision==0.28.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_BIN := $(DEMO_VENV)/bin
+DEMO_STAMP := $(DEMO_VENV)/.installed
 
 .PHONY: demo test bench clean system-deps default-model model-card auditor auditor-drr anatomy features
 
+# $(call venv,FOLDER,EXTRA): a virtual environment with torch (CPU, first) and synthmed[EXTRA], then its stamp
+define venv
+	$(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
+	$(1)/bin/python -m pip install -q -e '.[$(2)]'
+	touch $(1)/.installed
+endef
+
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(call venv,$(VENV),test)
+
+$(DEMO_STAMP): pyproject.toml
+	$(call venv,$(DEMO_VENV),demo)
 
 # torchvision and timm for `synthmed qc OUT --features FOLDER` (docs/datasets.md). On x86_64 give
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu: PyPI's torchvision there is built for a CUDA torch.
@@ -27,9 +40,10 @@ features: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[features]'
 	$(BIN)/python -c "import torchvision, timm; print('torchvision', torchvision.__version__, 'timm', timm.__version__)"
 
-demo: $(STAMP) system-deps anatomy
-	$(BIN)/synthmed validate dataset_specs/*.yaml
-	$(BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --limit 64 --overwrite
+# The drr specs validate without the CT (make anatomy) and nibabel: only generating from them needs those.
+demo: $(DEMO_STAMP) system-deps
+	$(DEMO_BIN)/synthmed validate dataset_specs/*.yaml
+	$(DEMO_BIN)/synthmed generate dataset_specs/pneumonia.yaml -o out/demo --limit 64 --overwrite
 
 # Rebuild the shipped default model from its spec (CPU-hours: interrupt freely, rerun to resume).
 DEFAULT_TRAIN := out/default-train
@@ -84,4 +98,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_writers.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_VENV) out .pytest_cache .hypothesis
