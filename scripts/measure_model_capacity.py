@@ -258,6 +258,8 @@ def main(argv=None) -> int:
                    "auditor": auditor_reading(recon, held_rows)}
         results.setdefault("trained", {})[str(folder)] = figures
         print(f"{folder}: {json.dumps(figures)}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     for name in filter(None, args.candidates.split(",")):
         torch.manual_seed(args.seed)
         vae = make_vae(name)
