@@ -683,18 +683,7 @@ CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "
 def test_a_chexpert_folder_is_a_reference_in_its_own_layout(out, tmp_path):
     """#23: `qc OUT --reference chexpert/train.csv` was refused ("lists no images"): CheXpert's column is Path."""
     root = tmp_path / "chexpert"
-    rows = []
-    for n, row in enumerate(manifest_rows(out)):
-        rel = f"CheXpert-v1.0-small/train/patient{n:05d}/study1/view1_frontal.png"
-        (root / rel).parent.mkdir(parents=True)
-        shutil.copyfile(out / row["png_path"], root / rel)
-        rows.append({"Path": rel, "Sex": "Female", "Age": "61", "Frontal/Lateral": "Frontal", "AP/PA": "PA",
-                     **{label: "1.0" if label == "No Finding" else "" for label in CHEXPERT_LABELS}})
-    (root / "CheXpert-v1.0-small").mkdir(exist_ok=True)
-    with open(root / "CheXpert-v1.0-small" / "train.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_chexpert(root, out, lambda n, row: {"No Finding": "1.0"})
     for reference in (root / "CheXpert-v1.0-small" / "train.csv", root / "CheXpert-v1.0-small"):
         result = qc(out, reference=reference, feature_extractor=ThumbFeatures(), auditor=False, write=False)
         ref = result.report["sections"]["reference"]
