@@ -10,8 +10,8 @@ Example:
     >>> train = synthmed.ManifestDataset(result.out, split="train")  # doctest: +SKIP
 
 Importing synthmed is light: numpy, torch and diffusers load only when a function needs them.
-``generate``, ``qc``, ``finetune``, ``ManifestDataset`` and ``manifest_records`` are imported on
-first use. ``synthmed.qc`` and ``synthmed.finetune`` are modules that can be called
+``generate``, ``qc``, ``finetune``, ``distill``, ``ManifestDataset`` and ``manifest_records`` are imported on
+first use. ``synthmed.qc``, ``synthmed.finetune`` and ``synthmed.distill`` are modules that can be called
 (``synthmed.qc(out)`` runs ``synthmed.qc.qc(out)``; see ``synthmed/_callable.py``).
 """
 
@@ -31,18 +31,21 @@ _LAZY = {
     "BuildError": ("synthmed.build", "BuildError"),
     "qc": ("synthmed.qc", None),
     "finetune": ("synthmed.finetune", None),
+    "distill": ("synthmed.distill", None),
     "QCResult": ("synthmed.qc.run", "QCResult"),
     "FinetuneResult": ("synthmed.finetune", "FinetuneResult"),
+    "DistillResult": ("synthmed.distill", "DistillResult"),
     "ManifestDataset": ("synthmed.data", "ManifestDataset"),
     "manifest_records": ("synthmed.data", "manifest_records"),
 }
-_CALLABLE_MODULES = {"synthmed.qc": "synthmed.qc.run:qc", "synthmed.finetune": "synthmed.finetune:finetune"}
+_CALLABLE_MODULES = {"synthmed.qc": "synthmed.qc.run:qc", "synthmed.finetune": "synthmed.finetune:finetune",
+                     "synthmed.distill": "synthmed.distill:distill"}
 
 __all__ = [
-    "CHEXPERT_COLUMNS", "BuildError", "BuildResult", "Case", "CaseList", "DatasetSpec", "FindingLabel",
-    "FinetuneResult", "ManifestDataset", "Prompt", "QCResult", "SpecError", "SpecProblem",
-    "build_prompt", "case_to_tags", "finetune", "generate", "get_vocabulary", "load_spec", "manifest_records",
-    "parse_tag_prompt", "qc", "sample_cases",
+    "CHEXPERT_COLUMNS", "BuildError", "BuildResult", "Case", "CaseList", "DatasetSpec", "DistillResult",
+    "FindingLabel", "FinetuneResult", "ManifestDataset", "Prompt", "QCResult", "SpecError", "SpecProblem",
+    "build_prompt", "case_to_tags", "distill", "finetune", "generate", "get_vocabulary", "load_spec",
+    "manifest_records", "parse_tag_prompt", "qc", "sample_cases",
 ]
 
 
@@ -70,8 +73,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import finetune, qc
+    from . import distill, finetune, qc
     from .build import BuildError, BuildResult, generate
     from .data import ManifestDataset, manifest_records
+    from .distill import DistillResult
     from .finetune import FinetuneResult
     from .qc.run import QCResult

@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 failure, 2 usage or spec error. Expected errors print a mess
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -124,8 +125,9 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Override generator.batch_size; never changes an image.")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Override generator.steps.")
 @click.option("--guidance-scale", type=click.FloatRange(0, 50), help="Override generator.guidance_scale.")
-@click.option("--scheduler", type=click.Choice(["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc"]),
-              help="Override generator.scheduler.")
+@click.option("--scheduler", type=click.Choice(["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc",
+                                               "lcm"]),
+              help="Override generator.scheduler (lcm: a student made by synthmed distill).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Override generator.dtype.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Override generator.device.")
 @click.option("--compile/--no-compile", default=None, help="Wrap the UNet in torch.compile.")
@@ -280,23 +282,11 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
 
     Interrupt at any time; rerun with --resume to continue from the last checkpoint.
     """
-    import warnings
-
-    from .finetune import FinetuneWarning, ManifestError
+    from .finetune import ManifestError
     from .finetune import finetune as run_finetune
 
-    shown = warnings.showwarning
-
-    def show(message, category, *args, **kwargs):  # finetune's own warnings as one plain line, when they happen
-        if issubclass(category, FinetuneWarning):
-            click.echo(f"warning: {_as_flags(str(message))}", err=True)
-        else:
-            shown(message, category, *args, **kwargs)
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", FinetuneWarning)
-            warnings.showwarning = show
+        with _training_warnings():
             result = run_finetune(manifest, base, out, progress=not quiet, **options)
     except (ManifestError, ValueError) as e:
         click.echo(f"error: {_as_flags(str(e))}", err=True)
@@ -318,6 +308,131 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
     click.echo(f"  model:       {result.model_dir}  (use it: generator.model: {result.model_dir})")
     click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
     click.echo(f"  validation:  {result.work_dir / 'validation'}")
+
+
+@main.command()
+@click.option("--teacher", required=True,
+              help="The teacher: 'default' (the shipped model) or a local Stable-Diffusion-shaped diffusers folder "
+                   "(RoentGen-style), loaded offline, safetensors unless --allow-pickle.")
+@click.option("--manifest", required=True, type=click.Path(path_type=Path),
+              help="What to distil on, as finetune reads it: a synthmed manifest.csv (or its folder), or a real "
+                   "dataset's folder or CSV (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or --column-map).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The student folder to write (a diffusers pipeline with an LCMScheduler, safetensors).")
+@click.option("--mode", type=click.Choice(["auto", "full", "lora"]), default="auto", show_default=True,
+              help="full: every UNet weight, the guidance scale an input of the student; lora: LoRA adapters "
+                   "(merged), one guidance scale distilled in; auto: full below 200 M UNet parameters, else lora.")
+@click.option("--steps", type=click.IntRange(0), default=2000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Latents per step.")
+@click.option("--learning-rate", type=click.FloatRange(0, min_open=True),
+              help="AdamW's rate after 100 warm-up steps (default 1e-4).")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--guidance-min", type=click.FloatRange(1, 50),
+              help="Full mode: the lowest guidance scale the student learns (default 2).")
+@click.option("--guidance-max", type=click.FloatRange(1, 50),
+              help="Full mode: the highest guidance scale the student learns (default 8).")
+@click.option("--guidance-scale", type=click.FloatRange(1, 50), default=4.0, show_default=True,
+              help="Full mode: the guidance the student's card recommends; lora mode: the one distilled into it.")
+@click.option("--num-ddim-timesteps", type=click.IntRange(2, 1000), default=50, show_default=True,
+              help="N of the DDIM solver the teacher takes its steps with (every 1000/N-th of its timesteps).")
+@click.option("--student-steps", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="The sampling steps the student's card and distillation.json recommend.")
+@click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096),
+              help="Full mode: the width of the student's guidance embedding (default 256).")
+@click.option("--ema-decay", type=click.FloatRange(0, 1),
+              help="Full mode: the target network's moving-average decay (default 0.95).")
+@click.option("--lora-rank", type=click.IntRange(1, 4096), help="Lora mode: the adapters' rank (default 64).")
+@click.option("--save-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
+              show_default=True,
+              help="Precision of the saved student UNet (the teacher's parts are copied as they are).")
+@click.option("--template", default="synthmed-v1", show_default=True,
+              help="Prompt template (a built-in name or a template string), the same as generation uses.")
+@click.option("--dataset-kind", type=click.Choice(["chexpert", "mimic", "nih", "csv"]),
+              help="Force the real dataset's layout (default: told from its files and columns).")
+@click.option("--column-map", type=click.Path(dir_okay=False, path_type=Path), metavar="YAML",
+              help="For a CSV in no known layout: a YAML file naming its columns (docs/datasets.md).")
+@click.option("--prompts", type=click.Choice(["labels", "reports"]), default="labels", show_default=True,
+              help="A real dataset's prompts: its labels through --template, or its reports' impressions.")
+@click.option("--no-report", type=click.Choice(["skip", "labels"]),
+              help="With --prompts reports, a record without an impression: skip it (default) or prompt its labels.")
+@click.option("--uncertain", type=click.Choice(["ignore", "positive", "negative"]),
+              help="A real dataset's uncertain labels (-1): left out (default), present or absent.")
+@click.option("--views", type=click.Choice(["all", "frontal"]), default="all", show_default=True)
+@click.option("--size", type=click.IntRange(8), metavar="N",
+              help="Training size (shorter side to N, then a square crop); default: same-size PNGs as they are, "
+                   "else the teacher's native size.")
+@click.option("--crop", type=click.Choice(["center", "random"]), default="center", show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=250, show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints, latent cache, log (default: OUTPUT.training).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a student / checkpoints an earlier run wrote.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")
+@click.option("--allow-pickle", is_flag=True, help="Allow a teacher with pickled weights (only if you trust it).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def distill(teacher: str, manifest: Path, out: Path, quiet: bool, **options) -> None:
+    """Distil a few-step student of a teacher model: 4 steps, one UNet evaluation per step (no guidance pass).
+
+    Latent consistency distillation; the student is a plain diffusers folder that generate samples with
+    its recommended settings (lcm, 4 steps) when the spec sets no steps or scheduler.
+
+    \b
+    synthmed distill --teacher default --manifest out/drr/manifest.csv -o models/student
+    synthmed distill --teacher ./roentgen --manifest my_cxr/manifest.csv -o models/roentgen-lcm --mode lora \\
+        --template roentgen-v1 --device cuda --mixed-precision bf16 --gradient-checkpointing
+
+    Interrupt at any time; rerun with --resume to continue from the last checkpoint.
+    """
+    from .distill import distill as run_distill
+    from .finetune import ManifestError
+
+    try:
+        with _training_warnings():
+            result = run_distill(manifest, teacher, out, progress=not quiet, **options)
+    except (ManifestError, ValueError) as e:  # ModelFolderError (a bad teacher) is a ValueError
+        click.echo(f"error: {_as_flags(str(e))}", err=True)
+        raise SystemExit(2)
+    except ImportError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command with --resume to continue from the last checkpoint", err=True)
+        raise SystemExit(130)
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    loss = result.losses.get("consistency")
+    recommended = result.record["recommended"]
+    click.echo(f"distilled {result.steps:,} steps ({result.mode}) in {result.seconds / 60:.1f} min; last loss: "
+               f"{'n/a' if loss is None else f'{loss:.5f}'}")
+    click.echo(f"  student:     {result.model_dir}  (use it: generator.model: {result.model_dir}; it samples with "
+               f"{recommended['scheduler']}, {recommended['steps']} steps, guidance {recommended['guidance_scale']:g})")
+    click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
+
+
+@contextlib.contextmanager
+def _training_warnings():
+    """finetune's and distill's own warnings as one plain line each, when they happen."""
+    import warnings
+
+    from .finetune import FinetuneWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, FinetuneWarning):
+            click.echo(f"warning: {_as_flags(str(message))}", err=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FinetuneWarning)
+        warnings.showwarning = show
+        yield
 
 
 def _as_flags(message: str) -> str:

@@ -818,10 +818,10 @@ def _running(pid) -> bool:
 class _WorkFolder:
     """The work folder and its ledger (WORK/.synthmed): the files finetune wrote there, the only ones it replaces."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tool: str = "finetune"):
         from .ledger import Ledger
 
-        self.root = root
+        self.root, self.tool = root, tool  # tool: the command named in messages (finetune, distill)
         self.state = root / STATE_DIR
         self.ledger = Ledger(root, self.state)
         self.notes: list[str] = []  # warnings the run gave (also raised as FinetuneWarning)
@@ -839,10 +839,10 @@ class _WorkFolder:
         try:
             moved = self.ledger.claim(key, rels, repair=repair)
         except ForeignFileError as e:
-            raise ValueError(f"{e} (in the work folder {self.root}); finetune overwrites only files it wrote. Move "
+            raise ValueError(f"{e} (in the work folder {self.root}); {self.tool} overwrites only files it wrote. Move "
                              f"{'it' if len(e.rels) == 1 else 'them'} away or choose another work folder") from None
         for rel, aside in moved:
-            self.warn(f"{self.root / rel} had changed since finetune wrote it; it is kept as {self.root / aside} "
+            self.warn(f"{self.root / rel} had changed since {self.tool} wrote it; it is kept as {self.root / aside} "
                       "and made again")
 
     def write_bytes(self, key: str, rel: str, data: bytes) -> None:
@@ -931,9 +931,9 @@ class _WorkFolder:
         removal = self.ledger.remove_owned()
         for rel in kept:  # the user's (empty) folders finetune wrote into: emptied, not removed
             (self.root / rel).mkdir(parents=True, exist_ok=True)
-        left = self.foreign() + [f"{r} (changed since finetune wrote it)" for r in removal.changed]
+        left = self.foreign() + [f"{r} (changed since {self.tool} wrote it)" for r in removal.changed]
         if left:
-            self.warn(f"overwrite=True left {len(left)} file(s) in {self.root} that finetune did not write: "
+            self.warn(f"overwrite=True left {len(left)} file(s) in {self.root} that {self.tool} did not write: "
                       f"{_shown(left)}")
 
     def remove(self, keys: Sequence[str]) -> None:
@@ -950,7 +950,7 @@ class _WorkFolder:
                 except OSError:
                     pass
         if changed:
-            self.warn(f"left {_shown(changed)} in {self.root}: changed since finetune wrote it")
+            self.warn(f"left {_shown(changed)} in {self.root}: changed since {self.tool} wrote it")
 
     # ------------------------------------------------------------------ staged saves
     def _staging_record(self) -> list[dict]:
@@ -986,7 +986,7 @@ class _WorkFolder:
         """Remove a staged folder's recorded files and empty folders; name anything else left in it."""
         left = _remove_recorded(folder)
         if left:
-            self.warn(f"left {folder}: it holds file(s) finetune did not record there ({_shown(left)}); "
+            self.warn(f"left {folder}: it holds file(s) {self.tool} did not record there ({_shown(left)}); "
                       "remove it yourself if it is yours to remove")
         else:
             self._write_staging_record([e for e in self._staging_record() if e["path"] != str(folder.absolute())])
@@ -1010,11 +1010,12 @@ class _WorkFolder:
 class _ModelFolder:
     """The output model folder and its record (OUT/.synthmed/claims/model.json): the files finetune wrote there."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, paths: Sequence[str] = MODEL_PATHS, tool: str = "finetune"):
         from .ledger import Ledger
 
         self.out = out
         self.ledger = Ledger(out, out / STATE_DIR)
+        self.paths, self.tool = tuple(paths), tool  # paths: the model's top-level entries; tool: named in messages
 
     def survey(self) -> tuple[list[str], list[str], list[str]]:
         """(ours, changed, foreign): what the record names unchanged, names but changed since, and does not name."""
@@ -1033,9 +1034,8 @@ class _ModelFolder:
                 changed.append(rel)
         return ours, changed, foreign
 
-    @staticmethod
-    def _in_the_model(rels: Sequence[str]) -> list[str]:
-        return [r for r in rels if r.split("/")[0].split(" ")[0] in MODEL_PATHS]
+    def _in_the_model(self, rels: Sequence[str]) -> list[str]:
+        return [r for r in rels if r.split("/")[0].split(" ")[0] in self.paths]
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
         """Before training: refuse a folder whose files finetune would overwrite or mix with the model it writes."""
@@ -1047,14 +1047,14 @@ class _ModelFolder:
         ours, changed, foreign = self.survey()
         if not (ours or changed or foreign):
             return
-        theirs = foreign + [f"{r} (changed since finetune wrote it)" for r in changed]
+        theirs = foreign + [f"{r} (changed since {self.tool} wrote it)" for r in changed]
         clash = self._in_the_model(theirs)
         if clash:
-            raise ValueError(f"{out} holds model files that synthmed finetune did not write ({_shown(clash)}); it "
+            raise ValueError(f"{out} holds model files that synthmed {self.tool} did not write ({_shown(clash)}); it "
                              "replaces only a model it wrote. Choose another output folder, or move them out")
         if not theirs:
             if not (overwrite or resume):
-                raise ValueError(f"{out} already holds files (a model finetune wrote); pass overwrite=True "
+                raise ValueError(f"{out} already holds files (a model {self.tool} wrote); pass overwrite=True "
                                  "to replace it, or resume=True to continue its training")
             return
         if not overwrite and not (resume and ours):
@@ -1079,10 +1079,10 @@ class _ModelFolder:
                 os.replace(staged, out)
             work.end_staging(staged)  # gone: only drops it from the record
             return
-        theirs = foreign + [f"{r} (changed since finetune wrote it)" for r in changed]
+        theirs = foreign + [f"{r} (changed since {self.tool} wrote it)" for r in changed]
         clash = self._in_the_model(theirs)
         if clash:
-            raise ValueError(f"{out} now holds model files that synthmed finetune did not write ({_shown(clash)}); "
+            raise ValueError(f"{out} now holds model files that synthmed {self.tool} did not write ({_shown(clash)}); "
                              f"the trained model is left in {staged}")
         # a user's files beside the model: replace ours one by one, leave theirs
         from .ledger import ForeignFileError
@@ -1105,7 +1105,7 @@ class _ModelFolder:
         self.ledger.record(MODEL_CLAIM, digests)
         Ledger(staged, staged / STATE_DIR).forget(MODEL_CLAIM)  # its files moved out: its record names nothing
         work.end_staging(staged)
-        work.warn(f"{out}: the model was written beside {len(theirs)} file(s) finetune did not write, left alone: "
+        work.warn(f"{out}: the model was written beside {len(theirs)} file(s) {self.tool} did not write, left alone: "
                   f"{_shown(theirs)}")
 
 
@@ -1190,7 +1190,7 @@ def _checkpoint_problem(work: _WorkFolder, stage: str, step: int, name: str) -> 
     # files a repair set aside (<name>.changed-<token>) are never read; anything else must be ours
     extra = [r for r in _files_under(folder) if f"checkpoints/{name}/{r}" not in recorded and ".changed-" not in r]
     if extra:
-        return f"checkpoints/{name} holds {_shown(extra)}, which finetune did not write"
+        return f"checkpoints/{name} holds {_shown(extra)}, which {work.tool} did not write"
     try:
         meta = _read_json_object(folder / "meta.json")
     except (OSError, ValueError) as e:
@@ -1218,7 +1218,7 @@ def _load_checkpoint(work: _WorkFolder, accelerator, stage: str) -> int | None:
         try:  # strict=False: a LoRA checkpoint holds the adapters only (see _only_trained)
             accelerator.load_state(str(work.root / "checkpoints" / name), strict=False)
         except Exception as e:  # noqa: BLE001 - our own intact files that this setup cannot take
-            raise ValueError(f"checkpoints/{name} in {work.root} is as finetune wrote it but does not load here "
+            raise ValueError(f"checkpoints/{name} in {work.root} is as {work.tool} wrote it but does not load here "
                              f"({str(e).splitlines()[0] if str(e) else e!r}); start again (overwrite=True) or "
                              "choose another work_dir") from None
         if skipped:
@@ -1243,12 +1243,17 @@ _ARGUMENT_NAMES = ("manifest", "base", "out", "mode", "train_text_encoder", "ste
 
 
 def _check_arguments(**args: Any) -> None:
-    """Refuse wrong argument types (TypeError) and values (ValueError) at the door, naming the argument."""
+    """Refuse wrong argument types (TypeError) and values (ValueError) at the door, naming the argument.
+
+    An argument not given is not checked: synthmed.distill passes the ones it shares with finetune.
+    """
     def name_of(value) -> str:
         return f"{type(value).__name__} {value!r}"[:120]
 
     def number(name: str, *, whole: bool, low: float | None = None, high: float | None = None, open_low=False,
                optional: bool = False) -> None:
+        if name not in args:
+            return
         value = args[name]
         if value is None and optional:
             return
@@ -1262,10 +1267,14 @@ def _check_arguments(**args: Any) -> None:
             raise ValueError(f"{name} must be at most {high}, got {value!r}")
 
     def choice(name: str, choices: Sequence[str]) -> None:
+        if name not in args:
+            return
         if not isinstance(args[name], str) or args[name] not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {name_of(args[name])}")
 
     for name in ("manifest", "base", "out", "work_dir", "column_map"):
+        if name not in args:
+            continue
         value = args[name]
         if name in ("work_dir", "column_map") and value is None:
             continue
@@ -1277,9 +1286,9 @@ def _check_arguments(**args: Any) -> None:
                     "column_map": "None or the path of a column map (YAML)"}[name]
             raise TypeError(f"{name} must be {what}, got {name_of(value)}")
     for name in ("resume", "overwrite", "allow_pickle", "progress", "gradient_checkpointing"):
-        if not isinstance(args[name], bool):
+        if name in args and not isinstance(args[name], bool):
             raise TypeError(f"{name} must be True or False, got {name_of(args[name])}")
-    if args["train_text_encoder"] is not None and not isinstance(args["train_text_encoder"], bool):
+    if args.get("train_text_encoder") is not None and not isinstance(args["train_text_encoder"], bool):
         raise TypeError(f"train_text_encoder must be True, False or None (the default for the base), "
                         f"got {name_of(args['train_text_encoder'])}")
     for name, low in (("steps", 0), ("vae_steps", 0), ("batch_size", 1), ("vae_batch_size", 1), ("vae_crop", 8),
@@ -1303,11 +1312,11 @@ def _check_arguments(**args: Any) -> None:
     choice("crop", CROPS)
     for name, choices in (("dataset_kind", ("chexpert", "mimic", "nih", "csv")), ("no_report", ("skip", "labels")),
                           ("uncertain", ("ignore", "positive", "negative"))):
-        if args[name] is not None and (not isinstance(args[name], str) or args[name] not in choices):
+        if args.get(name) is not None and (not isinstance(args[name], str) or args[name] not in choices):
             raise ValueError(f"{name} must be None or one of {', '.join(choices)}, got {name_of(args[name])}")
-    if not isinstance(args["template"], str):
+    if "template" in args and not isinstance(args["template"], str):
         raise TypeError(f"template must be a template name or string, got {name_of(args['template'])}")
-    prompts = args["validation_prompts"]
+    prompts = args.get("validation_prompts")
     if prompts is not None and (isinstance(prompts, str) or not isinstance(prompts, Sequence)
                                 or not all(isinstance(p, str) for p in prompts)):
         raise TypeError(f"validation_prompts must be None or a list of prompt strings, got {name_of(prompts)}")
@@ -1938,7 +1947,9 @@ def _library_bars(progress: bool):
 
 
 def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path,
-                   base: Path | None, work: _WorkFolder, progress: bool = True) -> None:
+                   base: Path | None, work: _WorkFolder, progress: bool = True, *,
+                   record_file: str = "training.json", copied: Sequence[str] = ("tokenizer",),
+                   extra_files: dict[str, str] | None = None, folder: _ModelFolder | None = None) -> None:
     """Write the diffusers folder into a new, recorded folder next to ``out``, then put it in place.
 
     The folder carries its own record (``out/.synthmed``: every file with its sha256), so a later run replaces
@@ -1946,6 +1957,12 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
 
     From a base folder the tokenizer (never trained) is copied as it was, so the new folder loads wherever the
     base did; the configs do not keep the local path each component was loaded from (``_name_or_path``).
+
+    Args:
+        record_file: the name the record is written under (with ``manifest``).
+        copied: the components copied from ``base`` as they are (distill copies the text encoder and VAE too).
+        extra_files: more text files of the folder, relative path -> text (distill's model card).
+        folder: the output folder's checks (default: finetune's).
     """
     import torch
     from diffusers import StableDiffusionPipeline
@@ -1958,13 +1975,15 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
     tmp = work.begin_staging(out.with_name(out.name + ".saving"), "saving", out)
     with _library_bars(progress):
         pipe.save_pretrained(tmp, safe_serialization=True)
-    if base is not None and (base / "tokenizer").is_dir():
-        shutil.rmtree(tmp / "tokenizer")  # the one just saved, in the folder this run made
-        shutil.copytree(base / "tokenizer", tmp / "tokenizer")
+    for component in copied:
+        if base is None or not (base / component).is_dir():
+            continue
+        shutil.rmtree(tmp / component)  # the one just saved, in the folder this run made
+        shutil.copytree(base / component, tmp / component)
         try:  # and the class the base names for it
-            entry = json.loads((base / "model_index.json").read_text(encoding="utf-8"))["tokenizer"]
+            entry = json.loads((base / "model_index.json").read_text(encoding="utf-8"))[component]
             index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
-            index["tokenizer"] = entry
+            index[component] = entry
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         except (OSError, ValueError, KeyError):
             pass
@@ -1984,14 +2003,42 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
         data = json.loads(config.read_text(encoding="utf-8"))
         if data.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    (tmp / "training.json").write_text(json.dumps({**record, "manifest": str(manifest)}, indent=1), encoding="utf-8")
+    (tmp / record_file).write_text(json.dumps({**record, "manifest": str(manifest)}, indent=1), encoding="utf-8")
+    for rel, text in (extra_files or {}).items():
+        (tmp / rel).write_text(text, encoding="utf-8")
     from .ledger import Ledger, file_sha256
 
     Ledger(tmp, tmp / STATE_DIR).record(MODEL_CLAIM, {r: file_sha256(tmp / r) for r in _files_under(tmp)
                                                       if not r.endswith("/")})
-    _ModelFolder(out).save(tmp, work)
+    (_ModelFolder(out) if folder is None else folder).save(tmp, work)
     for module in (parts["vae"], parts["text_encoder"], parts["unet"]):
         module.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- shared with synthmed.distill
+# distill trains on the same data and keeps the same run rules (its records, checkpoints, resume, the folders it
+# may replace): the pieces it reuses, under public names (docs/architecture.md, rule 5).
+WorkFolder = _WorkFolder
+ModelFolder = _ModelFolder
+LazyImages = _LazyImages
+TrainingProgress = _Progress
+TrainingLog = _Log
+check_arguments = _check_arguments
+check_device = _check_device
+model_geometry = _model_geometry
+load_base = _load_base
+latent_cache = _latent_cache
+token_ids = _token_ids
+lr_scheduler = _lr_scheduler
+only_trained = _only_trained
+enable_gradient_checkpointing = _enable_gradient_checkpointing
+save_checkpoint = _save_checkpoint
+load_checkpoint = _load_checkpoint
+save_pipeline = _save_pipeline
+read_json_object = _read_json_object
+earlier_record = _earlier_record
+logged_seconds = _logged_seconds
+shown = _shown
 
 
 # Keep this at the end: `synthmed.finetune(...)` calls the function `finetune` above (the module is made callable,

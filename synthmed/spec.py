@@ -216,11 +216,18 @@ class AnatomyEntry:
 
 @dataclass(frozen=True)
 class GeneratorSpec:
+    """How images are made (the spec's ``generator``).
+
+    ``steps``, ``guidance_scale`` and ``scheduler`` are None where the spec leaves them out: the diffusion
+    backend then takes the model folder's recommended settings (a distilled student's: lcm, 4 steps), else
+    20 / 4.0 / dpm_solver (``synthmed.backends.resolve_generator`` says which, without loading the model).
+    """
+
     backend: str = "diffusion"
     model: str = "default"
-    steps: int = 20
-    guidance_scale: float = 4.0
-    scheduler: str = "dpm_solver"
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
     batch_size: int = 8
     dtype: str = "float32"
     device: str = "auto"

@@ -13,6 +13,12 @@ Then runs its own denoising loop so that:
 With no emphasis, the result equals ``StableDiffusionPipeline(..., generator=[g])`` for the
 same settings (tests check this).
 
+A distilled few-step student (``synthmed distill``) is a folder like any other: when its UNet takes the
+guidance scale as an input (``time_cond_proj_dim``), the guidance embedding is passed as ``timestep_cond``
+and no classifier-free guidance pass runs (one UNet evaluation per step), as diffusers' pipelines do. Sampling
+settings left unset (None) come from the folder: a student's ``distillation.json`` recommends its scheduler,
+steps and guidance (:func:`recommended_sampling`); any other folder gets 20 DPM-Solver++ steps at guidance 4.
+
 Example:
     >>> backend = DiffusionBackend("path/to/model", width=256, height=256, steps=20)  # doctest: +SKIP
     >>> images = backend.generate(cases, prompts)  # doctest: +SKIP
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +40,8 @@ from ..model_folder import (
     ModelFolderError, check_model_folder, estimate_size, load_component, model_hash)
 
 # The model-folder rules live in synthmed.model_folder; they lived here before, so they stay importable from here.
-__all__ = ["DTYPES", "MICRO_BATCH", "SCHEDULERS", "DiffusionBackend",
+__all__ = ["DISTILLATION_FILE", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS", "DiffusionBackend",
+           "guidance_embedding", "read_distillation", "recommended_sampling",
            "MAX_COMPONENT_LAYERS", "MAX_COMPONENT_PARAMETERS", "MAX_CONFIG_BYTES", "MAX_CONFIG_INTEGER",
            "MAX_TOKENIZER_FILE_BYTES", "MAX_TRAIN_TIMESTEPS", "PICKLE_SUFFIXES", "REQUIRED_COMPONENTS",
            "SAFE_LIBRARIES", "SLOT_KINDS", "WEIGHTED_COMPONENTS", "ModelFolderError", "check_model_folder",
@@ -47,7 +55,11 @@ SCHEDULERS = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),  # a latent consistency student's sampler (synthmed distill)
 }
+# The sampling settings of a folder that recommends none (every model before synthmed distill).
+PLAIN_SAMPLING = {"scheduler": "dpm_solver", "steps": 20, "guidance_scale": 4.0}
+DISTILLATION_FILE = "distillation.json"  # what synthmed distill writes beside a student's components
 DTYPES = ("float32", "bfloat16", "float16")
 # The UNet and VAE always run on exactly this many cases (padded), because CPU convolution
 # kernels pick their algorithm by batch size: the same case in a batch of 1 and of 4 differs
@@ -65,7 +77,9 @@ class DiffusionBackend:
     Args:
         model: path of the diffusers folder.
         width, height: image size; multiples of the model's VAE x UNet factor.
-        steps, guidance_scale, scheduler: sampling settings (scheduler: a key of ``SCHEDULERS``).
+        steps, guidance_scale, scheduler: sampling settings (scheduler: a key of ``SCHEDULERS``); None: the
+            folder's recommended ones (:func:`recommended_sampling`). A student whose UNet takes the guidance
+            scale as an input samples with ``lcm`` only.
         dtype: float32, bfloat16 or float16.
         device: auto, cpu, cuda or mps.
         allow_pickle: allow .bin/.ckpt weights (they can run code when loaded).
@@ -76,13 +90,13 @@ class DiffusionBackend:
         cache_size: prompt embeddings kept.
     """
 
-    def __init__(self, model: str | Path, *, width: int = 256, height: int = 256, steps: int = 20,
-                 guidance_scale: float = 4.0, scheduler: str = "dpm_solver", dtype: str = "float32",
+    def __init__(self, model: str | Path, *, width: int = 256, height: int = 256, steps: int | None = None,
+                 guidance_scale: float | None = None, scheduler: str | None = None, dtype: str = "float32",
                  device: str = "auto", allow_pickle: bool = False, compile: bool = False,
                  quantize: str | None = None, coarse_to_fine: dict | None = None, threads: int | None = None,
                  cache_size: int = 1024, model_id: str | None = None):
         # 1. Check inputs (before torch or any weight is touched)
-        if scheduler not in SCHEDULERS:
+        if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -90,7 +104,7 @@ class DiffusionBackend:
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}")
         if quantize not in (None, "none", "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        if steps < 1:
+        if steps is not None and steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if coarse_to_fine:
             scale, strength = coarse_to_fine.get("scale", 0.5), coarse_to_fine.get("strength", 0.6)
@@ -101,6 +115,13 @@ class DiffusionBackend:
             self.coarse_to_fine = None
         self.root = Path(model)
         self.index = check_model_folder(self.root, allow_pickle=allow_pickle, width=width, height=height)
+        if None in (steps, guidance_scale, scheduler):  # what the spec leaves unset, the folder recommends
+            recommended = recommended_sampling(self.root)
+            steps = recommended["steps"] if steps is None else steps
+            guidance_scale = recommended["guidance_scale"] if guidance_scale is None else guidance_scale
+            scheduler = recommended["scheduler"] if scheduler is None else scheduler
+        _check_student_settings(self.root, scheduler, int(steps), self.coarse_to_fine)
+        self.distilled = read_distillation(self.root)
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler
         self.allow_pickle = allow_pickle
@@ -147,7 +168,7 @@ class DiffusionBackend:
         self.root, self.index, self.allow_pickle = Path(model_id), {}, False
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler_name
-        self.quantize, self.micro_batch, self.coarse_to_fine = None, MICRO_BATCH, None
+        self.quantize, self.micro_batch, self.coarse_to_fine, self.distilled = None, MICRO_BATCH, None, None
         self.threads = int(threads or torch.get_num_threads())
         self.device, self.dtype = next(unet.parameters()).device, torch.float32
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
@@ -172,6 +193,10 @@ class DiffusionBackend:
                                    f"cross_attention_dim ({self.unet.config.cross_attention_dim})")
         import diffusers
 
+        # a student that takes the guidance scale as an input: no classifier-free guidance pass (read before
+        # int8 or compile wrap the UNet)
+        self.time_cond_proj_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        self.classifier_free = self.guidance_scale > 1.0 and self.time_cond_proj_dim is None
         cls_name, overrides = SCHEDULERS[scheduler]
         self.scheduler_config = getattr(diffusers, cls_name).from_config(base_scheduler.config, **overrides).config
         self._scheduler_cls = getattr(diffusers, cls_name)
@@ -191,6 +216,8 @@ class DiffusionBackend:
                     "compile": bool(compile), "quantize": self.quantize or "none", "coarse_to_fine": self.coarse_to_fine,
                     "width": self.width, "height": self.height, "torch": torch.__version__,
                     "diffusers": diffusers.__version__}
+        if self.distilled is not None:  # a student: which teacher, how (only then: other manifests keep their bytes)
+            settings["distilled"] = self.distilled
         self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings)
 
     def _load(self, name: str):
@@ -286,8 +313,7 @@ class DiffusionBackend:
             # 1. Prompt embeddings, [negative..., prompt...] as diffusers orders them; padding rows are zeros
             cond = [self.embed(p.text, p.weights) for p in prompts]
             cond = torch.cat(cond + [torch.zeros_like(cond[0])] * pad)
-            guided = self.guidance_scale > 1.0
-            if guided:
+            if self.classifier_free:
                 uncond = [self.embed(p.negative) for p in prompts]
                 embeddings = torch.cat(uncond + [torch.zeros_like(uncond[0])] * pad + [cond])
             else:
@@ -330,13 +356,17 @@ class DiffusionBackend:
             timesteps = scheduler.timesteps
             latents = latents * scheduler.init_noise_sigma
         accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
-        guided = self.guidance_scale > 1.0
+        guided = self.classifier_free
         import torch
 
+        extra_unet = {}
+        if self.time_cond_proj_dim is not None:  # as diffusers' pipelines: w = guidance_scale - 1, embedded
+            w = torch.full((latents.shape[0],), self.guidance_scale - 1.0)
+            extra_unet["timestep_cond"] = guidance_embedding(w, self.time_cond_proj_dim).to(self.device, latents.dtype)
         for t in timesteps:
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            noise = self.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra_unet)[0]
             if guided:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + self.guidance_scale * (cond - uncond)
@@ -363,3 +393,130 @@ class DiffusionBackend:
     def _decode(self, latents):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+
+
+# ----------------------------------------------------------------------------- distilled students
+
+def guidance_embedding(w, embedding_dim: int):
+    """The sinusoidal embedding of guidance weights ``w`` [B] -> [B, embedding_dim] (float32) that a
+    guidance-conditioned UNet takes as ``timestep_cond``; w is the guidance scale minus 1.
+
+    The formula of diffusers' ``StableDiffusionPipeline.get_guidance_scale_embedding`` (after VDM's timestep
+    embedding), here so that distillation and generation share one definition.
+
+    Example:
+        >>> import torch
+        >>> guidance_embedding(torch.tensor([3.0]), 8).shape
+        torch.Size([1, 8])
+    """
+    import math
+
+    import torch
+
+    w = w.float() * 1000.0
+    half = embedding_dim // 2
+    scale = math.log(10000.0) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -torch.tensor(scale))
+    angles = w[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if embedding_dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object from a small file of a model folder, or ModelFolderError naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES // 2 ** 20} MiB")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_distillation(model: str | Path) -> dict | None:
+    """What a student's ``distillation.json`` says of its making, for the run record: its mode, teacher and
+    teacher hash (None for a folder without one).
+
+    Example:
+        >>> read_distillation("models/student")  # doctest: +SKIP
+        {'method': 'latent consistency distillation', 'mode': 'full', 'teacher_hash': 'f4806b...'}
+    """
+    path = Path(model) / DISTILLATION_FILE
+    if not path.is_file():
+        return None
+    record = _json_object(path)
+    teacher = record.get("teacher") if isinstance(record.get("teacher"), dict) else {}
+    return {"method": str(record.get("method", "")), "mode": str(record.get("mode", "")),
+            "teacher_hash": str(teacher.get("model_hash", ""))}
+
+
+def recommended_sampling(model: str | Path) -> dict:
+    """The scheduler, steps and guidance scale a model folder recommends, reading only JSON.
+
+    A student made by ``synthmed distill`` recommends its own (``distillation.json``, key ``recommended``);
+    a folder whose scheduler is diffusers' ``LCMScheduler`` without that file gets lcm, 4 steps and guidance 4.0
+    when its UNet takes the guidance scale as an input, else 1.0 (the guidance is distilled into its weights);
+    any other folder gets :data:`PLAIN_SAMPLING` (20 DPM-Solver++ steps, guidance 4.0). A folder that cannot be
+    read gets PLAIN_SAMPLING too: loading it says what is wrong.
+
+    Raises:
+        ModelFolderError: a distillation.json that is not JSON, or whose recommendation is not one synthmed runs.
+
+    Example:
+        >>> recommended_sampling("synthmed/models/default")  # doctest: +SKIP
+        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0}
+    """
+    root = Path(model)
+    path = root / DISTILLATION_FILE
+    if path.is_file():
+        recommended = _json_object(path).get("recommended")
+        if not isinstance(recommended, dict):
+            raise ModelFolderError(f"{path}: 'recommended' must be an object with scheduler, steps and "
+                                   f"guidance_scale, got {json.dumps(recommended)[:100]}")
+        scheduler, steps, guidance = (recommended.get(k) for k in ("scheduler", "steps", "guidance_scale"))
+        if scheduler not in SCHEDULERS:
+            raise ModelFolderError(f"{path}: recommended.scheduler {json.dumps(scheduler)[:60]} is not one of "
+                                   f"{', '.join(SCHEDULERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ModelFolderError(f"{path}: recommended.steps {json.dumps(steps)[:60]} is not a whole number "
+                                   "from 1 to 1000")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
+            raise ModelFolderError(f"{path}: recommended.guidance_scale {json.dumps(guidance)[:60]} is not a "
+                                   "number from 0 to 50")
+        return {"scheduler": scheduler, "steps": steps, "guidance_scale": float(guidance)}
+    try:
+        scheduler = _json_object(root / "scheduler" / "scheduler_config.json").get("_class_name")
+        conditioned = _json_object(root / "unet" / "config.json").get("time_cond_proj_dim") is not None
+    except ModelFolderError:
+        return dict(PLAIN_SAMPLING)
+    if scheduler == "LCMScheduler":
+        return {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0 if conditioned else 1.0}
+    return dict(PLAIN_SAMPLING)
+
+
+def _check_student_settings(root: Path, scheduler: str, steps: int, coarse_to_fine: dict | None) -> None:
+    """Refuse sampling settings a student (or the lcm scheduler) cannot take, before any weight is loaded."""
+    conditioned = _json_object(root / "unet" / "config.json").get("time_cond_proj_dim")
+    if conditioned is not None and scheduler != "lcm":
+        raise ValueError(f"scheduler {scheduler!r} (generator.scheduler) cannot sample {root}: its UNet takes the "
+                         f"guidance scale as an input (unet/config.json time_cond_proj_dim {conditioned}), a "
+                         "latent consistency student made for the lcm scheduler; set generator.scheduler to lcm "
+                         "or leave it out (the folder's recommended settings are used)")
+    if scheduler == "lcm":
+        config = _json_object(root / "scheduler" / "scheduler_config.json")
+        solver = config.get("original_inference_steps", 50) if config.get("_class_name") == "LCMScheduler" else 50
+        if isinstance(solver, int) and steps > solver:
+            raise ValueError(f"steps {steps} (generator.steps): the lcm scheduler samples at most the "
+                             f"{solver} steps of the solver its student was distilled with (scheduler/"
+                             "scheduler_config.json original_inference_steps); a student needs 1 to 8")
+    if coarse_to_fine and scheduler == "lcm":
+        raise ValueError(f"coarse_to_fine (generator.coarse_to_fine) does not combine with the lcm scheduler of "
+                         f"a few-step student such as {root}: a 4-step student's refine pass would keep "
+                         "int(4 x strength) steps of a schedule made for 4; leave coarse_to_fine out (the student "
+                         "is the fast path)")

@@ -97,9 +97,13 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
 
     from ..sampler import SAMPLER_VERSION
 
-    generator = {k: v for k, v in dataclasses.asdict(spec.generator).items() if k != "batch_size"}
-    generator["anatomy"] = [a.id for a in spec.generator.anatomy]  # their files' sha256 are in the model hash
+    from ..backends import resolve_generator
+
     model = None if model is None else os.fspath(model)  # a Path from a notebook is fine
+    # the sampling settings the spec leaves out, as the model folder recommends them (a distilled student's)
+    resolved = resolve_generator(spec, backend=backend_name, model=model)
+    generator = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "batch_size"}
+    generator["anatomy"] = [a.id for a in spec.generator.anatomy]  # their files' sha256 are in the model hash
     generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,
            "backend": generator["backend"], "model": generator["model"], "generator": generator,

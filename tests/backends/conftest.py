@@ -12,6 +12,8 @@ Folders (session-scoped, read-only for tests; a test that breaks a folder copies
 - ``tiny_sd_gray_dir``: the same with a one-channel VAE.
 - ``tiny_bert_dir``: the same UNet/VAE/scheduler with a BERT text encoder and WordPiece tokenizer
   (the layout of LDM-style models whose text encoder is not CLIP).
+- ``tiny_student_dir``: the layout ``synthmed distill`` writes for a full-mode student: the UNet takes the
+  guidance scale as an input (``time_cond_proj_dim``), an LCMScheduler, and ``distillation.json``.
 """
 
 from __future__ import annotations
@@ -93,14 +95,14 @@ def write_bert_vocabulary(folder: Path, words=PROMPT_WORDS) -> Path:
 
 # ----------------------------------------------------------------------------- components
 
-def tiny_unet():
+def tiny_unet(**overrides):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
     return UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_ATTENTION_DIM, norm_num_groups=4, attention_head_dim=2)
+        cross_attention_dim=CROSS_ATTENTION_DIM, norm_num_groups=4, attention_head_dim=2, **overrides)
 
 
 def tiny_vae(channels: int = 3):
@@ -148,13 +150,32 @@ def tiny_bert(workdir: Path):
     return BertModel(config).eval(), tokenizer
 
 
-def save_pipeline(folder: Path, text_encoder, tokenizer, vae_channels: int = 3) -> Path:
+def save_pipeline(folder: Path, text_encoder, tokenizer, vae_channels: int = 3, unet=None, scheduler=None) -> Path:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=tiny_vae(vae_channels), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=tiny_unet(), scheduler=tiny_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   unet=tiny_unet() if unet is None else unet,
+                                   scheduler=tiny_scheduler() if scheduler is None else scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+STUDENT_GUIDANCE = 4.0  # what the tiny student's distillation.json recommends
+
+
+def save_student(folder: Path, text_encoder, tokenizer) -> Path:
+    """A full-mode student's folder as ``synthmed distill`` writes it, with random weights (its guidance input
+    too, so that the guidance scale changes the image): UNet with ``time_cond_proj_dim``, LCMScheduler with the
+    solver's 50 steps, and distillation.json recommending lcm, 4 steps, guidance 4."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(tiny_scheduler().config, original_inference_steps=50, timestep_scaling=10.0)
+    save_pipeline(folder, text_encoder, tokenizer, unet=tiny_unet(time_cond_proj_dim=8), scheduler=scheduler)
+    (folder / "distillation.json").write_text(json.dumps({
+        "format": 1, "method": "latent consistency distillation", "mode": "full",
+        "teacher": {"path": "tiny-sd", "model_hash": "0" * 64},
+        "recommended": {"scheduler": "lcm", "steps": 4, "guidance_scale": STUDENT_GUIDANCE}}), encoding="utf-8")
     return folder
 
 
@@ -174,6 +195,14 @@ def tiny_sd_gray_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-sd-gray")
     text_encoder, tokenizer = tiny_clip(root / "vocab")
     return save_pipeline(root / "model", text_encoder, tokenizer, vae_channels=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory) -> Path:
+    """A guidance-conditioned LCM student of the tiny SD layout (see :func:`save_student`)."""
+    root = tmp_path_factory.mktemp("tiny-student")
+    text_encoder, tokenizer = tiny_clip(root / "vocab")
+    return save_student(root / "model", text_encoder, tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -234,7 +234,7 @@ def test_scheduler_names_match_the_spec_schema():
                         .read_text(encoding="utf-8"))
     names = schema["properties"]["generator"]["properties"]["scheduler"]["enum"]
     assert sorted(SCHEDULERS) == sorted(names) == sorted(
-        ["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc"])
+        ["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc", "lcm"])
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))

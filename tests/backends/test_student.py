@@ -1,0 +1,258 @@
+"""A distilled few-step student in the diffusion backend (the folder ``synthmed distill`` writes; built tiny and
+random in conftest.py): diffusers' pipeline gives the same image, one UNet evaluation per step, images that do not
+depend on the batch, sampling settings from the folder when the spec sets none, the settings it refuses, int8.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from conftest import SIZE, STUDENT_GUIDANCE, make_case, make_prompt  # noqa: E402
+
+from synthmed.backends.diffusion import (PLAIN_SAMPLING, DiffusionBackend, recommended_sampling,  # noqa: E402
+                                         guidance_embedding)
+from synthmed.model_folder import ModelFolderError  # noqa: E402
+from synthmed.writers.png import to_stored  # noqa: E402
+
+THREADS = 1
+NEGATIVE = "text, letters, watermark"
+
+
+def student_backend(folder, **kwargs) -> DiffusionBackend:
+    """No sampling settings: the folder's (lcm, 4 steps, guidance 4)."""
+    return DiffusionBackend(folder, width=SIZE, height=SIZE, device="cpu", threads=THREADS, **kwargs)
+
+
+def stored(image) -> np.ndarray:
+    return to_stored(image.pixels, 16)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_student_dir) -> DiffusionBackend:
+    return student_backend(tiny_student_dir)
+
+
+class UNetCalls:
+    """Counts the UNet's evaluations and the rows of each (a forward pre-hook), and keeps its keyword arguments."""
+
+    def __init__(self, backend: DiffusionBackend):
+        self.rows: list[int] = []
+        self.kwargs: list[dict] = []
+        self.handle = backend.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        self.rows.append(int((args[0] if args else kwargs["sample"]).shape[0]))
+        self.kwargs.append(dict(kwargs))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+# ----------------------------------------------------------------------------- settings from the folder
+
+def test_a_student_samples_with_its_recommended_settings(student, tiny_student_dir, tiny_sd_dir):
+    settings = student.info.settings
+    assert (settings["scheduler"], settings["steps"], settings["guidance_scale"]) == ("lcm", 4, STUDENT_GUIDANCE)
+    assert settings["distilled"] == {"method": "latent consistency distillation", "mode": "full",
+                                     "teacher_hash": "0" * 64}
+    assert student.time_cond_proj_dim == 8 and not student.classifier_free
+    # any other folder: exactly the settings every spec had before students (and no new key in the manifest)
+    teacher = student_backend(tiny_sd_dir)
+    assert {k: teacher.info.settings[k] for k in PLAIN_SAMPLING} == PLAIN_SAMPLING == {
+        "scheduler": "dpm_solver", "steps": 20, "guidance_scale": 4.0}
+    assert "distilled" not in teacher.info.settings and teacher.classifier_free
+    # what the spec sets wins
+    mine = student_backend(tiny_student_dir, steps=2, guidance_scale=6.0)
+    assert (mine.info.settings["steps"], mine.info.settings["guidance_scale"]) == (2, 6.0)
+
+
+def test_an_lcm_folder_without_distillation_json_recommends_lcm(tiny_student_dir, tiny_sd_dir, tmp_path):
+    """A diffusers LCM folder made elsewhere: 4 lcm steps; guidance 4 when the UNet takes it, else 1 (an LCM-LoRA
+    merged into a plain UNet has its guidance in its weights)."""
+    conditioned = tmp_path / "conditioned"
+    shutil.copytree(tiny_student_dir, conditioned)
+    (conditioned / "distillation.json").unlink()
+    assert recommended_sampling(conditioned) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0}
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_sd_dir, plain)
+    shutil.copy(conditioned / "scheduler" / "scheduler_config.json", plain / "scheduler" / "scheduler_config.json")
+    assert recommended_sampling(plain) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.0}
+    assert recommended_sampling(tiny_sd_dir) == PLAIN_SAMPLING
+
+
+@pytest.mark.parametrize("content, needle", [("{not json", "cannot be read as JSON"),
+                                             ('{"recommended": {"scheduler": "lms", "steps": 4, "guidance_scale": 1}}',
+                                              "recommended.scheduler"),
+                                             ('{"recommended": {"scheduler": "lcm", "steps": 0, "guidance_scale": 1}}',
+                                              "recommended.steps")])
+def test_a_damaged_distillation_json_is_refused_naming_it(tiny_student_dir, tmp_path, content, needle):
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, folder)
+    (folder / "distillation.json").write_text(content, encoding="utf-8")
+    with pytest.raises(ModelFolderError, match=needle) as excinfo:
+        student_backend(folder)
+    assert "distillation.json" in str(excinfo.value)
+
+
+# ----------------------------------------------------------------------------- the same images as diffusers
+
+@pytest.mark.parametrize("guidance", [STUDENT_GUIDANCE, 1.5])
+def test_a_student_equals_diffusers_pipeline(tiny_student_dir, guidance):
+    """StableDiffusionPipeline with the folder's LCMScheduler, generator=[seeded CPU generator]: it embeds the
+    guidance scale itself and runs no guidance pass; the backend's image is the same, alone and in a batch."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_student_dir, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    case = make_case(seed=2024)
+    prompt = make_prompt(case, negative=NEGATIVE)
+    expected = pipe(prompt.text, negative_prompt=prompt.negative, num_inference_steps=4, guidance_scale=guidance,
+                    width=SIZE, height=SIZE, generator=[torch.Generator("cpu").manual_seed(case.seed)],
+                    output_type="np").images[0].mean(axis=-1)
+    ours = student_backend(tiny_student_dir, guidance_scale=guidance)
+    np.testing.assert_allclose(ours.generate([case], [prompt])[0].pixels, expected, atol=1e-5, rtol=0)
+    other = make_case(1, seed=9)
+    batched = ours.generate([other, case], [make_prompt(other, negative=NEGATIVE), prompt])[1].pixels
+    np.testing.assert_allclose(batched, expected, atol=1e-5, rtol=0)
+
+
+def test_the_guidance_scale_reaches_the_student(tiny_student_dir, cases):
+    prompts = [make_prompt(c) for c in cases[:1]]
+    low = student_backend(tiny_student_dir, guidance_scale=1.5).generate(cases[:1], prompts)[0]
+    high = student_backend(tiny_student_dir, guidance_scale=8.0).generate(cases[:1], prompts)[0]
+    assert not np.array_equal(stored(low), stored(high))
+
+
+def test_guidance_embedding_is_diffusers_own():
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([0.0, 0.5, 3.0, 7.0])
+    for dim in (8, 9, 256):
+        expected = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        assert torch.equal(guidance_embedding(w, dim), expected)
+
+
+# ----------------------------------------------------------------------------- one evaluation per step, batch-free
+
+def test_one_unet_evaluation_per_step_for_a_student_two_rows_for_a_teacher(student, tiny_sd_dir):
+    case = make_case(seed=7)
+    calls = UNetCalls(student)
+    try:
+        student.generate([case], [make_prompt(case, negative=NEGATIVE)])
+    finally:
+        calls.close()
+    assert calls.rows == [student.micro_batch] * 4  # 4 steps, one evaluation of the (padded) micro-batch each
+    assert all(kw["timestep_cond"].shape == (student.micro_batch, 8) for kw in calls.kwargs)
+    teacher = DiffusionBackend(tiny_sd_dir, width=SIZE, height=SIZE, steps=4, scheduler="lcm", guidance_scale=4.0,
+                               device="cpu", threads=THREADS)
+    calls = UNetCalls(teacher)
+    try:
+        teacher.generate([case], [make_prompt(case, negative=NEGATIVE)])
+    finally:
+        calls.close()
+    assert calls.rows == [2 * teacher.micro_batch] * 4  # the guidance pass: prompt and negative rows each step
+    assert all("timestep_cond" not in kw for kw in calls.kwargs)
+
+
+def test_student_images_do_not_depend_on_the_batch(student):
+    """The LCM sampler draws fresh noise between steps: from each case's own generator."""
+    cases = [make_case(i, seed=100 + i) for i in range(10)]  # more than one micro-batch
+    prompts = [make_prompt(c) for c in cases]
+    together = student.generate(cases, prompts)
+    for i in (0, 9):
+        alone = student.generate([cases[i]], [prompts[i]])[0]
+        assert np.array_equal(stored(alone), stored(together[i])), cases[i].case_id
+    swapped = student.generate([cases[1], cases[0]], [prompts[1], prompts[0]])
+    assert np.array_equal(stored(swapped[1]), stored(together[0]))
+    assert len({stored(im).tobytes() for im in together}) == len(cases)
+
+
+# ----------------------------------------------------------------------------- what a student refuses, and int8
+
+@pytest.mark.parametrize("scheduler", ["dpm_solver", "ddim"])
+def test_a_student_refuses_another_scheduler_naming_it(tiny_student_dir, scheduler):
+    with pytest.raises(ValueError, match="generator.scheduler") as excinfo:
+        student_backend(tiny_student_dir, scheduler=scheduler)
+    assert repr(scheduler) in str(excinfo.value) and "lcm" in str(excinfo.value)
+
+
+def test_coarse_to_fine_with_a_student_is_refused(tiny_student_dir):
+    with pytest.raises(ValueError, match="4-step student"):
+        student_backend(tiny_student_dir, coarse_to_fine={"scale": 0.5, "strength": 0.6})
+
+
+def test_more_lcm_steps_than_the_solver_had_are_refused(tiny_student_dir):
+    """LCMScheduler's steps are a subset of the distillation solver's 50; more would fail inside diffusers."""
+    assert student_backend(tiny_student_dir, steps=50).steps == 50
+    with pytest.raises(ValueError, match="generator.steps.*at most the 50 steps"):
+        student_backend(tiny_student_dir, steps=51)
+
+
+def test_int8_combines_with_a_student(tiny_student_dir, student):
+    ours = student_backend(tiny_student_dir, quantize="int8")
+    settings = ours.info.settings
+    assert (settings["quantize"], settings["scheduler"], settings["steps"]) == ("int8", "lcm", 4)
+    cases = [make_case(i, seed=300 + i) for i in range(3)]
+    prompts = [make_prompt(c) for c in cases]
+    calls = UNetCalls(ours)
+    try:
+        images = ours.generate(cases, prompts)
+    finally:
+        calls.close()
+    assert calls.rows == [1] * 4 * len(cases)  # each case alone (int8 scales over the batch), one evaluation a step
+    alone = ours.generate(cases[1:2], prompts[1:2])[0]
+    assert np.array_equal(stored(alone), stored(images[1]))
+    plain = student.generate(cases[:1], prompts[:1])[0]
+    assert np.abs(images[0].pixels - plain.pixels).max() < 0.2  # the same model, quantised
+
+
+# ----------------------------------------------------------------------------- through the build
+
+def _spec(model: Path, **generator) -> str:
+    settings = {"backend": "diffusion", "model": str(model), "threads": THREADS, **generator}
+    gen = ", ".join(f"{k}: {json.dumps(v)}" for k, v in settings.items())
+    return ("spec_version: 1\nname: tiny-student\nseed: 5\ncount: 3\n"
+            f"image: {{size: {SIZE}, formats: [png]}}\n"
+            "findings:\n  - {finding: no_finding, weight: 1}\n  - {finding: pneumonia, weight: 1}\n"
+            f"generator: {{{gen}}}\n")
+
+
+def test_a_build_records_the_settings_the_model_chose(tiny_student_dir, tiny_sd_dir, tmp_path):
+    from synthmed.backends import resolve_generator
+    from synthmed.build import generate
+    from synthmed.spec import load_spec
+
+    spec = load_spec(_spec(tiny_student_dir))
+    assert (spec.generator.steps, spec.generator.scheduler, spec.generator.guidance_scale) == (None, None, None)
+    generate(spec, tmp_path / "student", progress=False, qc=False)
+    run = json.loads((tmp_path / "student" / ".synthmed" / "run.json").read_text(encoding="utf-8"))
+    assert {k: run["generator"][k] for k in ("scheduler", "steps", "guidance_scale")} == {
+        "scheduler": "lcm", "steps": 4, "guidance_scale": STUDENT_GUIDANCE}
+    with open(tmp_path / "student" / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    generation = json.loads(rows[0]["generation"])
+    assert (generation["scheduler"], generation["steps"], generation["quantize"]) == ("lcm", 4, "none")
+    assert generation["distilled"]["mode"] == "full"
+    # a spec for an ordinary model records what it always did
+    plain = resolve_generator(load_spec(_spec(tiny_sd_dir)))
+    assert (plain.steps, plain.guidance_scale, plain.scheduler) == (20, 4.0, "dpm_solver")
+
+
+def test_a_build_refuses_a_scheduler_the_student_cannot_take(tiny_student_dir, tmp_path):
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    with pytest.raises(BuildError, match="generator.scheduler") as excinfo:
+        generate(load_spec(_spec(tiny_student_dir, scheduler="euler")), tmp_path / "out", progress=False, qc=False)
+    assert excinfo.value.exit_code == 2
