@@ -38,12 +38,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows (smoke tests)")
+    parser.add_argument("--blur", type=float, default=0.0, metavar="SIGMA",
+                        help="also blur half the training images, Gaussian sigma drawn up to SIGMA pixels (at the input "
+                             "size), so that the auditor reads soft images (a model's, a VAE's) by their content")
+    parser.add_argument("--init", default=None, metavar="FOLDER",
+                        help="start from the weights of an auditor folder of the same design (fine-tuning)")
     parser.add_argument("--checkpoint", default=None,
                         help="folder for the state after each epoch; a rerun with the same arguments resumes from it")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if not 0 <= args.blur <= 8:
+        parser.error(f"--blur must be between 0 and 8 pixels; got {args.blur}")
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        parser.error(f"--init {args.init}: no auditor there (config.json is missing)")
     return args
 
 
@@ -89,11 +98,37 @@ def load_images(folder: Path, rows: list[dict], size: int) -> np.ndarray:
     return out
 
 
-def augment(batch, rng: np.random.Generator, max_shift: int):
-    """Gamma and contrast jitter, a little noise and a shift of up to ``max_shift`` pixels; no flips."""
+def gaussian_blur(batch, sigmas: np.ndarray):
+    """Each image [N, 1, H, W] blurred with its own Gaussian sigma in pixels (0: unchanged); separable, reflect edges."""
     import torch
     import torch.nn.functional as F
 
+    n, _, h, w = batch.shape
+    radius = max(1, int(np.ceil(3 * float(sigmas.max()))))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernels = np.zeros((n, x.size))
+    for i, sigma in enumerate(sigmas):
+        if sigma > 0:
+            kernels[i] = np.exp(-0.5 * (x / sigma) ** 2)
+        else:
+            kernels[i, radius] = 1.0
+    kernels = torch.from_numpy((kernels / kernels.sum(1, keepdims=True)).astype(np.float32))
+    planes = F.pad(batch.reshape(1, n, h, w), (radius,) * 4, mode="reflect")
+    planes = F.conv2d(planes, kernels[:, None, None, :], groups=n)
+    planes = F.conv2d(planes, kernels[:, None, :, None], groups=n)
+    return planes.reshape(n, 1, h, w)
+
+
+def augment(batch, rng: np.random.Generator, max_shift: int, blur: float = 0.0):
+    """Gamma and contrast jitter, a little noise and a shift of up to ``max_shift`` pixels; no flips. With ``blur``,
+    half the images (drawn) are first blurred with a Gaussian of sigma drawn up to ``blur`` pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    if blur > 0:
+        sigmas = rng.uniform(0.0, blur, len(batch)) * (rng.random(len(batch)) < 0.5)
+        if sigmas.any():
+            batch = gaussian_blur(batch, sigmas)
     n, _, h, w = batch.shape
     gamma = torch.from_numpy(np.exp(rng.uniform(-0.2, 0.2, (n, 1, 1, 1))).astype(np.float32))
     gain = torch.from_numpy(rng.uniform(0.9, 1.1, (n, 1, 1, 1)).astype(np.float32))
@@ -180,8 +215,11 @@ def model_card(config: dict, report: dict) -> str:
         f"- {training['epochs']} epochs, batch {training['batch_size']}, AdamW, one-cycle lr peak "
         f"{training['lr']}, seed {training['seed']}, {training['threads']} CPU thread(s), "
         f"wall time {training['wall_time_s'] / 60:.1f} min, torch {training['torch']}",
-        f"- augmentation: gamma/contrast jitter, Gaussian noise, shifts up to {training.get('max_shift', 5)} px; "
-        "no flips (left/right is a label)",
+        f"- augmentation: gamma/contrast jitter, Gaussian noise, shifts up to {training.get('max_shift', 5)} px"
+        + (f", Gaussian blur of half the images (sigma up to {training['blur']} px, so that soft images from a model or "
+           "a VAE are read by their content)" if training.get("blur") else "")
+        + "; no flips (left/right is a label)"
+        + (f"\n- started from the weights of `{training['init']}`" if training.get("init") else ""),
         "",
         f"## Held-out figures (split=val, {report['n_images']} images)",
         "",
@@ -331,6 +369,17 @@ def main(argv=None) -> int:
     # 2. model, optimiser, schedule
     auditor = Auditor.from_config(config, seed=args.seed)
     network = auditor.network
+    if args.init is not None:
+        try:
+            start = Auditor.load(args.init)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --init {args.init}: {e}")
+        design = ("blocks", "embedding_dim", "input_size", "space_to_depth", "finding_names", "location_names",
+                  "severity_names")
+        differ = [k for k in design if start.config.get(k) != config.get(k)]
+        if differ:
+            sys.exit(f"error: --init {args.init} is an auditor of another design ({', '.join(differ)} differ)")
+        network.load_state_dict({k: v.float() for k, v in start.network.state_dict().items()})
     steps_per_epoch = len(train_index) // args.batch_size
     optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, epochs=args.epochs,
@@ -351,7 +400,7 @@ def main(argv=None) -> int:
         epoch_start = time.time()
         for step in range(steps_per_epoch):
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = augment(pixels[batch].float()[:, None], rng, max_shift)
+            x = augment(pixels[batch].float()[:, None], rng, max_shift, args.blur)
             finding_logits, location_logits, severity_logits = network(x)
             losses = (bce(finding_logits, findings[batch]) / len(batch), ce(location_logits, locations[batch]),
                       ce(severity_logits, severities[batch]))
@@ -383,7 +432,7 @@ def main(argv=None) -> int:
         "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
         "n_train": int(len(train_index)), "n_val": int(len(val_index)),
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "threads": args.threads, "max_shift": max_shift, "wall_time_s": round(wall, 1), "torch": torch.__version__,
+        "threads": args.threads, "max_shift": max_shift, "blur": args.blur, "init": args.init, "wall_time_s": round(wall, 1), "torch": torch.__version__,
         "parameters": int(sum(p.numel() for p in network.parameters())),
         "train_support": {name: int(findings[train_index, j].sum()) for j, name in enumerate(config["finding_names"])},
         "command": "python scripts/train_auditor.py " + " ".join(sys.argv[1:] if argv is None else argv),

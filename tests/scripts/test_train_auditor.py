@@ -95,3 +95,43 @@ def test_the_card_says_which_films_and_gives_figures_by_view(script, manifest, t
     assert "digitally reconstructed radiographs" in card and "phantom backend" not in card
     assert "| LL |" in card and "location as the film shows it" in card
     assert script.films_of([{"backend": "phantom"}, {"backend": "drr"}]) == "phantom"
+
+
+def test_blur_softens_each_image_by_its_own_sigma(script):
+    rng = np.random.default_rng(1)
+    batch = torch.from_numpy(rng.random((3, 1, 24, 24)).astype(np.float32))
+    out = script.gaussian_blur(batch, np.array([0.0, 1.0, 2.5]))
+    assert torch.equal(out[0], batch[0])  # sigma 0: untouched
+    assert out[1].std() < batch[1].std() and out[2].std() < out[1].std()  # more blur, less texture
+    assert torch.allclose(out.mean(dim=(2, 3)), batch.mean(dim=(2, 3)), atol=0.02)  # the mean level stays
+
+
+def test_blur_and_init_are_used_and_written_to_the_card(script, manifest, tmp_path):
+    assert _train(script, manifest, tmp_path / "plain") == 0
+    assert _train(script, manifest, tmp_path / "blurred", "--blur", "1.5") == 0
+    assert any(not np.array_equal(a, b) for a, b in zip(_weights(tmp_path / "plain").values(),
+                                                          _weights(tmp_path / "blurred").values()))
+    assert _train(script, manifest, tmp_path / "tuned", "--init", str(tmp_path / "blurred"), "--epochs", "1") == 0
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["training"]["init"] == str(tmp_path / "blurred") and config["training"]["blur"] == 0.0
+    card = (tmp_path / "blurred" / "README.md").read_text()
+    assert "Gaussian blur of half the images (sigma up to 1.5 px" in card
+    assert "started from the weights" in (tmp_path / "tuned" / "README.md").read_text()
+
+
+def test_init_from_an_auditor_of_another_design_is_refused(script, manifest, tmp_path, capsys):
+    assert _train(script, manifest, tmp_path / "a") == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["embedding_dim"] = 64  # its weights no longer fit its config
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="--init .* does not match"):
+        _train(script, manifest, tmp_path / "b", "--init", str(tmp_path / "a"))
+    assert _train(script, manifest, tmp_path / "d", "--blur", "1") == 0
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    config["finding_names"] = config["finding_names"][::-1]  # loads, but reads findings in another order
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="another design .*finding_names"):
+        _train(script, manifest, tmp_path / "e", "--init", str(tmp_path / "d"))
+    with pytest.raises(SystemExit) as exit_info:
+        _train(script, manifest, tmp_path / "c", "--init", str(tmp_path / "nothing"))
+    assert exit_info.value.code == 2 and "no auditor there" in capsys.readouterr().err
