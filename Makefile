@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 DEMO_BIN := $(DEMO_VENV)/bin
 DEMO_STAMP := $(DEMO_VENV)/.installed
 
-.PHONY: demo test bench clean system-deps default-model model-card auditor auditor-drr anatomy features
+.PHONY: demo test bench clean system-deps default-model default-fast model-card auditor auditor-drr anatomy features
 
 # $(call venv,FOLDER,EXTRA): a virtual environment with torch (CPU, first) and synthmed[EXTRA], then its stamp
 define venv
@@ -62,6 +62,17 @@ default-model: $(STAMP) anatomy
 	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
 	rm -rf synthmed/models/default/.synthmed  # finetune's record of its files: not part of the shipped model
 	$(MAKE) model-card
+
+# The shipped default model distilled into a 4-step student without a guidance pass (synthmed distill), on the
+# default model's own training set: `generator.model: default-fast`. Rerun after `make default-model` (the
+# teacher's card first: the student's is written beside it); resumes after an interruption.
+default-fast: $(STAMP)
+	$(BIN)/synthmed distill --teacher default --manifest $(DEFAULT_TRAIN)/manifest.csv -o out/default-fast \
+		--work-dir out/default-fast-training --steps $(or $(FAST_STEPS),2000) --checkpoint-every 200 --resume
+	rm -rf synthmed/models/default-fast && cp -r out/default-fast synthmed/models/default-fast
+	rm -rf synthmed/models/default-fast/.synthmed  # distill's record of its files: not part of the shipped model
+	$(BIN)/python scripts/model_card.py --model synthmed/models/default-fast --teacher synthmed/models/default \
+		--training $(DEFAULT_TRAIN)/manifest.csv --docs docs/default_fast_model.md
 
 # Rebuild the shipped label-fidelity auditor (QC and the model card) from its spec; about an hour on 2 cores.
 AUDITOR_TRAIN := out/auditor-train

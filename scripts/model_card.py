@@ -12,6 +12,14 @@ the same labels), then reports:
 - speed: images/s of `synthmed generate` with the model on this machine.
 
     python scripts/model_card.py --model synthmed/models/default --training out/default-train/manifest.csv
+
+With ``--teacher``, the model is a student made by ``synthmed distill`` and its card puts every figure
+beside its teacher's on the same held-out cases (the teacher's evaluation.json, written by this script
+first); the targets are those of the fast default: within 0.03 of the teacher in finding-set and location
+agreement.
+
+    python scripts/model_card.py --model synthmed/models/default-fast --teacher synthmed/models/default \
+        --docs docs/default_fast_model.md
 """
 
 from __future__ import annotations
@@ -137,6 +145,122 @@ A wider or deeper UNet costs 1.5-3x per training step, so fewer steps fit the CP
 """
 
 
+# The fast default's targets (#22 item 2): this close to its teacher, on the same held-out cases.
+STUDENT_MARGIN = {"finding_set": 0.03, "location": 0.03}
+
+
+def student_targets(evaluation: dict, teacher: dict) -> list[dict]:
+    """The student's targets beside its teacher's figures: within STUDENT_MARGIN of them."""
+    rows = []
+    for key, what, get in (("finding_set", "finding set agreement",
+                            lambda e: e["label_fidelity"]["findings"]["exact_set_agreement"]),
+                           ("location", "location agreement", lambda e: e["label_fidelity"]["location"]["accuracy"])):
+        value, reference = get(evaluation), get(teacher)
+        rows.append({"what": f"{what} (teacher {fmt(reference)})", "target": f">= {fmt(reference - STUDENT_MARGIN[key])}",
+                     "value": fmt(value), "met": value >= reference - STUDENT_MARGIN[key] - 1e-12})
+    speedup = evaluation["speed_images_per_s"] / teacher["speed_images_per_s"]
+    rows.append({"what": f"images/s (teacher {fmt(teacher['speed_images_per_s'], 2)})", "target": "> teacher",
+                 "value": f"{evaluation['speed_images_per_s']:.2f} ({speedup:.1f}x)", "met": speedup > 1})
+    return rows
+
+
+def write_student_card(args, evaluation: dict, teacher: dict, gen_rows, train_rows, memo) -> None:
+    """README.md of a distilled student (its making from distillation.json, its figures beside its teacher's)."""
+    distillation = json.loads((args.model / "distillation.json").read_text(encoding="utf-8"))
+    settings, films = distillation.get("settings", {}), evaluation["films"]
+    fl, tl = evaluation["label_fidelity"], teacher["label_fidelity"]
+    cl = evaluation["label_fidelity_ceiling"]
+    sampling, t_sampling = evaluation["sampling"], teacher.get("sampling") or {}
+    size_mb = sum(p.stat().st_size for p in args.model.rglob("*") if p.is_file()) / 2**20
+    target_lines = "\n".join(f"| {t['what']} | {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |"
+                             for t in evaluation["targets"])
+    per_finding = "\n".join(
+        f"| {name} | {v['support']} | {fmt(v['sensitivity'])} | {fmt(tl['findings']['per_finding'][name]['sensitivity'])}"
+        f" | {fmt(cl['findings']['per_finding'][name]['sensitivity'])} |"
+        for name, v in fl["findings"]["per_finding"].items() if v["support"])
+    rows = [("finding set agreement (exact)", lambda r: r["findings"]["exact_set_agreement"]),
+            ("mean per-finding accuracy", lambda r: r["findings"]["mean_accuracy"]),
+            ("location (exact)", lambda r: r["location"]["accuracy"]),
+            ("location (side)", lambda r: r["location"]["side_accuracy"]),
+            ("severity", lambda r: r["severity"]["accuracy"])]
+    table = "\n".join(f"| {what} | {fmt(get(fl))} | {fmt(get(tl))} | {fmt(get(cl))} |" for what, get in rows)
+    teacher_name = evaluation["teacher"]["folder"]
+    seconds = distillation.get("seconds")
+    card = f"""# synthmed default-fast model
+
+The shipped default model (`{teacher_name}`) distilled by `synthmed distill` into a student that samples in
+**{sampling.get('steps')} steps with one UNet evaluation per step** (the classifier-free guidance is distilled
+into it: no unconditional pass), so `synthmed generate` makes images several times faster on a CPU. Used when a
+spec says `generator.model: default-fast`; a spec that leaves `generator.steps`, `scheduler` and
+`guidance_scale` out gets the student's own ({sampling.get('scheduler')}, {sampling.get('steps')} steps,
+guidance {sampling.get('guidance_scale')}).
+
+## Intended use
+As the default model's: building and testing pipelines, demos, teaching, pre-training experiments, where speed
+matters more than the last points of label fidelity. The images are **synthetic** ({FILMS_TEXT[films]} as learned
+by a small model, then distilled): **not for diagnosis**, not evidence about any patient; every image synthmed
+writes from it is marked synthetic.
+
+## Distillation
+- Teacher: `{teacher_name}` (model hash `{str(distillation.get('teacher', {}).get('model_hash', settings.get('teacher_hash', '')))[:16]}`).
+- Method: {distillation.get('method', 'latent consistency distillation')} ({settings.get('mode')} mode: the
+  student is the teacher's UNet with the guidance scale as an input, learnt over guidance
+  {settings.get('guidance_min')}-{settings.get('guidance_max')}; target network an EMA of the student, decay
+  {settings.get('ema_decay')}); DDIM solver over {settings.get('num_ddim_timesteps')} of the teacher's timesteps,
+  Huber loss c = {settings.get('huber_c')}.
+- Data: the teacher's own training set (`dataset_specs/default_model_training.yaml`, {settings.get('images', 0):,}
+  films); {settings.get('steps', 0):,} steps of batch {settings.get('batch_size')}, learning rate
+  {settings.get('learning_rate') or 1e-4:g}{f', {seconds / 3600:.2f} h' if seconds else ''} on a 2-core CPU.
+- Rebuild: `make default-fast` (after `make default-model`; resumes after an interruption).
+- {size_mb:.1f} MB in all (fp16 safetensors; tokenizer, text encoder and VAE are the teacher's).
+
+## Targets
+| figure | target | value | |
+|---|---|---|---|
+{target_lines}
+
+## Label fidelity beside the teacher
+The {films} auditor (`{evaluation['auditor']}`) reads {len(gen_rows)} images of the held-out cases of
+`dataset_specs/default_model_evaluation.yaml` made by the student ({sampling.get('scheduler')},
+{sampling.get('steps')} steps, guidance {sampling.get('guidance_scale')}) and by the teacher
+({t_sampling.get('scheduler', 'dpm_solver')}, {t_sampling.get('steps', 20)} steps, guidance
+{t_sampling.get('guidance_scale', 4.0)}); the last column is the auditor on the {films} films of the same cases
+(its ceiling).
+
+| figure | student | teacher | {films} films (ceiling) |
+|---|---|---|---|
+{table}
+
+| finding | cases | student sensitivity | teacher sensitivity | {films} sensitivity |
+|---|---|---|---|---|
+{per_finding}
+
+## FID and memorisation
+Fréchet distance in the auditor's embedding space against the held-out {films} films: student
+**{evaluation['fid']:.2f}**, teacher {teacher['fid']:.2f}, floor (training films against the same set)
+{evaluation['fid_floor']:.2f}. Memorisation against {len(train_rows)} training films: flagged
+{memo['encoder']['flagged_fraction']:.1%} in encoder space, {memo['pixel']['flagged_fraction']:.1%} in pixel space.
+
+## Speed
+`synthmed generate`, 256x256, every output (DICOM, SR, SEG, PNG), QC off: student
+**{evaluation['speed_images_per_s']:.2f} images/s**, teacher {teacher['speed_images_per_s']:.2f} images/s, on
+{platform.machine()} with {os.cpu_count()} CPU cores (shared with other work while measured).
+
+## Samples
+The first case of each finding: the student's image above, the {films} film of the same case below.
+
+![samples](../../../docs/default_fast_model_samples.png)
+"""
+    grid_path = args.docs.parent / "default_fast_model_samples.png"
+    import shutil
+
+    shutil.copyfile(args.work / "samples.png", grid_path)
+    (args.model / "README.md").write_text(card, encoding="utf-8")
+    args.docs.write_text(card.replace("](../../../docs/default_fast_model_samples.png)",
+                                      "](default_fast_model_samples.png)"), encoding="utf-8")
+    print(card)
+
+
 def fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
@@ -193,21 +317,42 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "synthmed/models/default")
     parser.add_argument("--training", type=Path, default=ROOT / "out/default-train/manifest.csv")
     parser.add_argument("--spec", type=Path, default=ROOT / "dataset_specs/default_model_evaluation.yaml")
-    parser.add_argument("--work", type=Path, default=ROOT / "out/model-card")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: out/model-card-<model>)")
     parser.add_argument("--train-sample", type=int, default=1200, help="training images compared against")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/default_model.md")
     parser.add_argument("--films", choices=("drr", "phantom"), default="drr",
                         help="the backend the model learned from: the reference images and the auditor")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="the model is a distilled student of this teacher (whose evaluation.json, on the same "
+                             "spec, is put beside the student's figures)")
     args = parser.parse_args()
     films = args.films
+    args.work = args.work or ROOT / "out" / f"model-card-{args.model.name}"
+    import hashlib
+
+    spec_sha256 = hashlib.sha256(args.spec.read_bytes()).hexdigest()
+    teacher_eval = None
+    if args.teacher is not None:
+        teacher_file = args.teacher / "evaluation.json"
+        teacher_eval = json.loads(teacher_file.read_text(encoding="utf-8")) if teacher_file.is_file() else {}
+        if teacher_eval.get("eval_spec_sha256") != spec_sha256:
+            raise SystemExit(f"error: {teacher_file} is not an evaluation on {args.spec} as it is now; run "
+                             f"`python scripts/model_card.py --model {args.teacher}` (make model-card) first")
+
+    import dataclasses
 
     from synthmed.build import generate
+    from synthmed.spec import load_spec
     from synthmed.qc.auditor import Auditor, label_fidelity, memorisation_audit, shipped_auditor_dir
     from synthmed.qc.metrics import fid_from_features
 
     # 1. The held-out cases, by the model and by the backend it learned from
     started = time.time()
-    made = generate(args.spec, args.work / "generated", model=str(args.model), overwrite=True, progress=True, qc=False)
+    spec = load_spec(args.spec)
+    if args.teacher is not None:  # the spec's sampling settings are the teacher's: the student samples as it recommends
+        spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=None, scheduler=None,
+                                                                       guidance_scale=None))
+    made = generate(spec, args.work / "generated", model=str(args.model), overwrite=True, progress=True, qc=False)
     speed = made.written / made.seconds
     generate(args.spec, args.work / films, backend=films, overwrite=True, progress=True, qc=False)
     gen_rows, gen = read_set(args.work / "generated" / "manifest.csv")
@@ -232,12 +377,8 @@ def main() -> None:
     memo = memorisation_audit(f_gen, [r["case_id"] for r in gen_rows], f_train, [r["case_id"] for r in train_rows],
                               gen_pixels=gen, train_pixels=train)
     grid(gen_rows, gen, ref, args.work / "samples.png")
-    docs_grid = args.docs.parent / "default_model_samples.png"
-    grid(gen_rows, gen, ref, docs_grid)
 
     # 3. The card
-    training = json.loads((args.model / "training.json").read_text(encoding="utf-8"))
-    settings = lineage(training)[0]["settings"]  # the scratch stage: design, VAE
     params = {}
     from safetensors import safe_open
 
@@ -257,9 +398,22 @@ def main() -> None:
                          for space in ("encoder", "pixel")},
         "speed_images_per_s": speed, "eval_cases": len(gen_rows),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": time.time() - started,
+        "eval_spec_sha256": spec_sha256, "sampling": {k: v for k, v in json.loads((args.work / "generated" / ".synthmed" / "run.json").read_text(
+            encoding="utf-8"))["generator"].items() if k in ("scheduler", "steps", "guidance_scale")},
     }
+    if teacher_eval is not None:
+        evaluation["teacher"] = {"folder": str(args.teacher.relative_to(ROOT)) if args.teacher.is_absolute()
+                                 and args.teacher.is_relative_to(ROOT) else str(args.teacher),
+                                 "evaluation": teacher_eval}
+        evaluation["targets"] = targets = student_targets(evaluation, teacher_eval)
+        (args.model / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float), encoding="utf-8")
+        write_student_card(args, evaluation, teacher_eval, gen_rows, train_rows, memo)
+        return
     evaluation["targets"] = targets = card_targets(evaluation)
     (args.model / "evaluation.json").write_text(json.dumps(evaluation, indent=1, default=float), encoding="utf-8")
+    grid(gen_rows, gen, ref, args.docs.parent / "default_model_samples.png")
+    training = json.loads((args.model / "training.json").read_text(encoding="utf-8"))
+    settings = lineage(training)[0]["settings"]  # the scratch stage: design, VAE
 
     film_text = FILMS_TEXT[films]
     fl, cl = fidelity["findings"], ceiling["findings"]

@@ -121,7 +121,8 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--limit", type=click.IntRange(1), help="Build only the first N cases (the same ones a full run starts with).")
 @click.option("--backend", type=click.Choice(["diffusion", "drr", "phantom", "pattern"]),
               help="Override generator.backend (pattern: a fast test pattern with exact masks, for dry runs).")
-@click.option("--model", help="Override generator.model: 'default' or a local diffusers pipeline folder.")
+@click.option("--model", help="Override generator.model: 'default', 'default-fast' (its 4-step student) or a local "
+              "diffusers pipeline folder.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Override generator.batch_size; never changes an image.")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Override generator.steps.")
 @click.option("--guidance-scale", type=click.FloatRange(0, 50), help="Override generator.guidance_scale.")

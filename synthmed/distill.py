@@ -134,10 +134,10 @@ def _check_distill_arguments(teacher, mode, guidance_min, guidance_max, guidance
 
 
 def _teacher_folder(teacher: str | os.PathLike) -> Path:
-    if os.fspath(teacher) == "default":
-        from .backends import default_model_dir
+    from .backends import SHIPPED_MODELS, default_model_dir
 
-        return default_model_dir()
+    if os.fspath(teacher) in SHIPPED_MODELS:
+        return default_model_dir(os.fspath(teacher))
     return Path(teacher)
 
 
@@ -313,7 +313,10 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
 
     manifest_path = Path(manifest) / "manifest.csv" if data.kind == "manifest" and Path(manifest).is_dir() \
         else Path(manifest)
-    settings = {"teacher": str(teacher_path.resolve()), "teacher_hash": model_hash(teacher_path), "mode": mode,
+    from .backends import SHIPPED_MODELS
+
+    shipped = os.fspath(teacher) in SHIPPED_MODELS  # recorded by its name, not this machine's path to it
+    settings = {"teacher": os.fspath(teacher) if shipped else str(teacher_path.resolve()), "teacher_hash": model_hash(teacher_path), "mode": mode,
                 "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
                 "lr_schedule": lr_schedule, "guidance_min": guidance_min, "guidance_max": guidance_max,
                 "guidance_scale": guidance_scale, "num_ddim_timesteps": num_ddim_timesteps,
@@ -634,7 +637,8 @@ def _model_card(card: dict, out: Path, manifest: Path) -> str:
     """README.md: the student, its teacher (path and model hash), the method, the data and how to sample it."""
     s, rec = card["settings"], card["recommended"]
     full = card["mode"] == "full"
-    name = Path(s["teacher"]).name
+    name = f"the shipped {s['teacher']} model" if "/" not in s["teacher"] and "\\" not in s["teacher"] \
+        else Path(s["teacher"]).name
     guidance = (f"an input of the UNet (`time_cond_proj_dim` {s['time_cond_proj_dim']}), learnt over guidance scales "
                 f"{s['guidance_min']:g} to {s['guidance_max']:g}; recommended {rec['guidance_scale']:g}" if full else
                 f"guidance scale {s['guidance_scale']:g} distilled into the adapters (sample at guidance 1: no "

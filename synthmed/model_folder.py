@@ -80,11 +80,13 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
     """
     root = Path(path)
     if root.exists() and not root.is_dir():
-        raise ModelFolderError(f"model folder {root} is a file, not a folder (generator.model must be 'default' or a "
-                               "local diffusers pipeline folder, as saved by pipeline.save_pretrained)")
+        raise ModelFolderError(f"model folder {root} is a file, not a folder (generator.model must be 'default', "
+                               "'default-fast' or a local diffusers pipeline folder, as saved by "
+                               "pipeline.save_pretrained)")
     if not root.is_dir():
-        raise ModelFolderError(f"model folder {root} does not exist (generator.model must be 'default' or a local "
-                               f"diffusers pipeline folder; a relative path is taken from {Path.cwd()})")
+        raise ModelFolderError(f"model folder {root} does not exist (generator.model must be 'default', "
+                               f"'default-fast' or a local diffusers pipeline folder; a relative path is taken from "
+                               f"{Path.cwd()})")
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ModelFolderError(f"{index_file} is missing: {root} is not a diffusers pipeline folder "

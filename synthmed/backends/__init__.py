@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..spec import DatasetSpec
 
 __all__ = ["BACKENDS", "Backend", "BackendInfo", "BackendUnavailable", "GeneratedImage", "ImageGeometry",
-           "create_backend", "default_model_dir", "resolve_generator"]
+           "SHIPPED_MODELS", "create_backend", "default_model_dir", "resolve_generator"]
 
 BACKENDS = ("diffusion", "phantom", "pattern", "drr")
 
@@ -59,11 +59,23 @@ def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: st
     raise BackendUnavailable(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
 
 
-def default_model_dir():
-    """Where the shipped default model lives inside the package."""
+# generator.model names of the models shipped in the package -> the model id written to every manifest row.
+# default-fast is the default distilled by `synthmed distill` (`make default-fast`): 4 steps, no guidance pass.
+SHIPPED_MODELS = {"default": "synthmed-default", "default-fast": "synthmed-default-fast"}
+
+
+def default_model_dir(name: str = "default"):
+    """Where a shipped model (``default`` or ``default-fast``) lives inside the package.
+
+    Example:
+        >>> default_model_dir("default-fast").name
+        'default-fast'
+    """
     from pathlib import Path
 
-    return Path(__file__).resolve().parent.parent / "models" / "default"
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"no shipped model is called {name!r} (shipped: {', '.join(SHIPPED_MODELS)})")
+    return Path(__file__).resolve().parent.parent / "models" / name
 
 
 def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None):
@@ -94,7 +106,7 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
         from ..model_folder import ModelFolderError
 
         try:  # a folder that cannot be read is refused, with its reason, when the backend loads it
-            settings = recommended_sampling(default_model_dir() if model == "default" else model)
+            settings = recommended_sampling(default_model_dir(model) if model in SHIPPED_MODELS else model)
         except ModelFolderError:
             pass
     return dataclasses.replace(g, **{k: settings[k] for k in unset})
@@ -103,13 +115,13 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
 def _diffusion_backend(spec: "DatasetSpec", model: str | None):
     g = spec.generator
     model = model or g.model
-    if model == "default":
-        path = default_model_dir()
+    if model in SHIPPED_MODELS:
+        path = default_model_dir(model)
         if not (path / "model_index.json").is_file():
             raise BackendUnavailable(
-                "the shipped default model is not in this installation; set generator.model (or --model) to a local "
-                "diffusers pipeline folder, or use --backend phantom")
-        model_id = "synthmed-default"
+                f"the shipped {model} model is not in this installation; set generator.model (or --model) to a local "
+                "diffusers pipeline folder, or use --backend drr or phantom")
+        model_id = SHIPPED_MODELS[model]
     else:
         path, model_id = model, None
     try:

@@ -202,7 +202,9 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
 def _job(spec: "DatasetSpec", out: Path, *, limit, backend, model, batch_size, qc=False) -> dict:
     # workers have their own working folder: every path they get is absolute
     model = model or spec.generator.model
-    if model and model != "default" and Path(model).exists():
+    from ..backends import SHIPPED_MODELS
+
+    if model and model not in SHIPPED_MODELS and Path(model).exists():
         model = os.path.abspath(model)
     return {"spec": spec, "out": os.path.abspath(out), "limit": limit, "backend": backend, "model": model,
             "batch_size": batch_size, "qc": bool(qc), "synthmed_version": __version__}

@@ -80,3 +80,17 @@ generator: {backend: diffusion, model: default, steps: 4, threads: 1}
         (row,) = list(csv.DictReader(fh))
     assert row["model_id"] == "synthmed-default" and row["findings"] == "pleural_effusion:left:severe"
     assert row["Pleural Effusion"] == "1" and (tmp_path / "out" / row["png_path"]).is_file()
+
+
+def test_a_shipped_model_missing_from_the_installation_is_named(monkeypatch, tmp_path):
+    from synthmed import backends
+    from synthmed.backends import BackendUnavailable, create_backend
+    from synthmed.spec import load_spec
+
+    with pytest.raises(ValueError, match="no shipped model is called 'fastest'"):
+        default_model_dir("fastest")
+    monkeypatch.setattr(backends, "default_model_dir", lambda name="default": tmp_path / name)
+    spec = load_spec("spec_version: 1\nname: d\ncount: 2\nfindings: [{finding: cardiomegaly, weight: 1}]\n"
+                     "generator: {model: default-fast}\n")
+    with pytest.raises(BackendUnavailable, match="the shipped default-fast model is not in this installation"):
+        create_backend(spec)
