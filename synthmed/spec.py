@@ -71,8 +71,6 @@ DEFAULT_AGE = {"distribution": "truncated_normal", "mean": 55, "sd": 15, "min": 
 PHANTOM_SIZE_RANGE = (128, 1024)
 # Views a backend draws, for the backends that do not draw every view of the vocabulary (the lateral, LL).
 BACKEND_VIEWS = {"phantom": ("PA", "AP"), "pattern": ("PA", "AP")}
-# Views the shipped default diffusion model was trained on (its tokenizer maps any other view word to [UNK]).
-DEFAULT_MODEL_VIEWS = ("PA", "AP")
 # How alike (difflib ratio) a misspelt word and a known one must be for a "did you mean"
 SUGGEST_CUTOFF = 0.75
 
@@ -664,12 +662,11 @@ class _MeaningChecker:
             warnings=tuple(p for p in self.problems if p.level == "warning"), qc=qc)
 
     def views_drawn(self, view: dict[str, float] | None) -> None:
-        """A view the backend does not draw (the phantom's lateral) is an error at its key; one the shipped model
-        was not trained on, a warning."""
+        """A view the backend does not draw (the phantom's lateral) is an error at its key. (The shipped models
+        learned PA, AP and lateral drr films: every view.)"""
         backend = self.get("generator", "backend", default=GeneratorSpec.backend)
         drawn = BACKEND_VIEWS.get(backend) if isinstance(backend, str) else None
         raw = self.data.get("view")
-        default_model = backend == "diffusion" and self.get("generator", "model", default="default") == "default"
         for vid in view or ():
             keys = [k for k in raw if self.vocab.resolve("view", k) == vid] if isinstance(raw, dict) else []
             path = ("view", keys[0]) if keys else ("view",)
@@ -677,10 +674,6 @@ class _MeaningChecker:
             if drawn is not None and vid not in drawn:
                 self.error(path, f"the {backend} backend (generator.backend) draws {' and '.join(drawn)} films, not "
                            f"{vid} ({long}); use backend drr or diffusion for {vid}, or remove it", key=bool(keys))
-            elif default_model and vid not in DEFAULT_MODEL_VIEWS:
-                self.error(path, f"the shipped default model was trained on {' and '.join(DEFAULT_MODEL_VIEWS)} films "
-                           f"only and draws a frontal film for {vid} ({long}), labelled {vid}; use backend drr, or a "
-                           "model trained on laterals", key=bool(keys), level="warning")
 
     def age(self) -> AgeSpec | None:
         path = ("patient", "age")

@@ -645,11 +645,8 @@ def test_frontal_views_with_the_phantom_still_load():
     assert spec.view.keys == ("PA", "AP")
 
 
-def test_a_lateral_for_the_shipped_default_model_warns_that_it_draws_frontal_films():
-    """#18: the shipped model knows PA and AP only ('LL' is [UNK] to its tokenizer): a warning, not an error."""
-    spec = load_spec(BASE + "view: {PA: 1, LL: 1}\n")  # backend diffusion, model default
-    (w,) = spec.warnings
-    assert (w.json_path, w.line, w.level) == ("view.LL", 7, "warning")
-    assert "draws a frontal film for LL" in w.message
-    assert not load_spec(BASE + "view: {PA: 1, LL: 1}\ngenerator: {model: ./my-lateral-model}\n").warnings
-    assert not load_spec(BASE + "view: {PA: 1, AP: 1}\n").warnings
+def test_a_lateral_for_the_shipped_models_loads_without_a_warning():
+    """#19: the shipped default model (and its fast student) learned PA, AP and lateral drr films."""
+    for model in ("default", "default-fast", "./my-model"):
+        spec = load_spec(BASE + f"view: {{PA: 1, LL: 1}}\ngenerator: {{model: {model}}}\n")
+        assert not spec.warnings and spec.view.keys == ("PA", "LL")

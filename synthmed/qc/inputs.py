@@ -160,9 +160,15 @@ def read_cases(out: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 # ----------------------------------------------------------------------------- the auditor and features
 
+# The shipped default model and its distilled fast student learned drr films: the drr auditor reads their images
+DEFAULT_MODEL_IDS = ("synthmed-default", "synthmed-default-fast")
+
+
 def shipped_films(rows: Sequence[Mapping[str, str]]) -> str:
-    """Which shipped auditor reads these images: ``drr`` where most rows come from the drr backend, else ``phantom``."""
-    drr = sum(1 for r in rows if (r.get("backend") or "") == "drr")
+    """Which shipped auditor reads these images: ``drr`` where most rows are drr films (the drr backend's, or the
+    shipped default model's, which learned them), else ``phantom``."""
+    drr = sum(1 for r in rows if (r.get("backend") or "") == "drr"
+              or ((r.get("backend") or "") == "diffusion" and (r.get("model_id") or "") in DEFAULT_MODEL_IDS))
     return "drr" if rows and 2 * drr > len(rows) else "phantom"
 
 

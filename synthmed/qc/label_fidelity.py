@@ -17,14 +17,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .check_table import set_row, verdict
-from .inputs import CheckInputs
+from .inputs import DEFAULT_MODEL_IDS, CheckInputs
 from .registry import get
 
-# The shipped auditors judge sets whose images look like the films they were trained on: (backend, model id)
-SHIPPED_AUDITOR_DOMAIN = (("phantom", None), ("diffusion", "synthmed-default"))
+# The shipped auditors judge sets whose images look like the films they were trained on: (backend, model id).
+# The shipped default model (and its distilled fast student) learned drr films, so the drr auditor reads them.
+SHIPPED_AUDITOR_DOMAIN = (("phantom", None),)
 # The drr auditor gives no verdict yet: it reads 0.911 of its held-out films' finding sets exactly (PA 0.943, AP 0.945,
 # lateral 0.779; 0.970 of dataset_specs/icu_drr.yaml's first 200), under the 0.95 issue #18 asks of it first
-SHIPPED_AUDITOR_DOMAINS = {"phantom": SHIPPED_AUDITOR_DOMAIN, "drr": (("drr", None),)}
+SHIPPED_AUDITOR_DOMAINS = {"phantom": SHIPPED_AUDITOR_DOMAIN,
+                           "drr": (("drr", None),) + tuple(("diffusion", m) for m in DEFAULT_MODEL_IDS)}
 NO_VERDICT_YET = {"drr": ("the shipped drr auditor gives no verdict yet: it reads 0.91 of its held-out films' finding "
                           "sets exactly (frontal 0.94, lateral 0.78), under the 0.95 it must reach first; its score "
                           "is reported only")}
@@ -40,9 +42,9 @@ def auditor_applies(rows: Sequence[Mapping[str, str]], auditor, shipped: bool,
     """Whether label fidelity may give a verdict on these images: (applies, why not).
 
     An auditor the caller brings applies (they chose it for their images). A shipped one was trained on
-    256 x 256 films of one kind (``films``): the phantom auditor judges sets of the phantom backend and of the
-    shipped default model, the drr auditor sets of the drr backend, at its input size or larger; on other
-    images its score is a figure to look at, not a verdict. Either way a verdict needs
+    256 x 256 films of one kind (``films``): the phantom auditor judges sets of the phantom backend, the drr
+    auditor sets of the drr backend and of the shipped default model (which learned drr films), at its input
+    size or larger; on other images its score is a figure to look at, not a verdict. Either way a verdict needs
     :data:`LABEL_FIDELITY_MIN_IMAGES` images read (``n_read``).
     """
     if n_read is not None and n_read < LABEL_FIDELITY_MIN_IMAGES:
@@ -53,12 +55,12 @@ def auditor_applies(rows: Sequence[Mapping[str, str]], auditor, shipped: bool,
     if films in NO_VERDICT_YET:
         return False, NO_VERDICT_YET[films]
     made_by = {(r.get("backend") or "?", r.get("model_id") or None) for r in rows}
-    domain = {backend: model for backend, model in SHIPPED_AUDITOR_DOMAINS[films]}
+    domain = SHIPPED_AUDITOR_DOMAINS[films]
     foreign = sorted(f"{b}" + (f" ({m})" if m else "") for b, m in made_by
-                     if b not in domain or (domain[b] is not None and m != domain[b]))
+                     if not any(b == db and (dm is None or m == dm) for db, dm in domain))
     if foreign:
-        judged = ("sets of the phantom backend and the shipped default model" if films == "phantom"
-                  else "sets of the drr backend")
+        judged = ("sets of the phantom backend" if films == "phantom"
+                  else "sets of the drr backend and of the shipped default model")
         return False, (f"the shipped auditor was trained on {films} films; it gives a verdict on {judged}, "
                        f"not on {', '.join(foreign)} images (its score is reported only)")
     config = getattr(auditor, "config", None)

@@ -362,6 +362,23 @@ def test_qc_reads_drr_sets_with_the_drr_auditor():
     assert not applies and "drr" in why
 
 
+def test_qc_reads_the_default_models_images_with_the_drr_auditor():
+    """The shipped default model (and its fast student) learned drr films: the drr auditor reads them."""
+    from synthmed.qc.label_fidelity import SHIPPED_AUDITOR_DOMAINS
+    from synthmed.qc.run import auditor_applies, shipped_films
+
+    row = {"backend": "diffusion", "width": "256", "height": "256"}
+    default = [dict(row, model_id="synthmed-default")] * 40
+    assert shipped_films(default) == "drr" and shipped_films([dict(row, model_id="synthmed-default-fast")]) == "drr"
+    assert shipped_films([dict(row, model_id="my-roentgen")] * 3) == "phantom"  # not ours: no shipped domain
+    phantom = [{"backend": "phantom", "width": "256", "height": "256"}] * 40
+    applies, why = auditor_applies(default, None, shipped=True, n_read=40, films="phantom")
+    assert not applies and "diffusion (synthmed-default)" in why
+    drr_domain = SHIPPED_AUDITOR_DOMAINS["drr"]
+    assert ("diffusion", "synthmed-default") in drr_domain and ("diffusion", None) not in drr_domain
+    assert auditor_applies(phantom, None, shipped=True, n_read=40, films="phantom") == (True, None)
+
+
 def test_qc_gives_no_verdict_on_findings_the_auditor_cannot_read():
     """A shipped auditor whose card says it misses small nodules reports, but does not judge, a set with nodules."""
     from types import SimpleNamespace
