@@ -13,12 +13,15 @@ from synthmed.qc.dciodvfy import dciodvfy_available, dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
 from synthmed.vocabulary import get_vocabulary
 from synthmed.writers.dicom import dicom_dataset
+from synthmed.writers import sr as sr_module
 from synthmed.writers.sr import SR_SOP_CLASS_UID, SRReadError, finding_tracking_uid, read_sr_labels, sr_bytes
 
 PROVENANCE = dict(dataset_name="pneumonia-demo", spec_hash="ab" * 32, backend="phantom", model_id="phantom-1",
                   model_hash="sha256:" + "0" * 64, prompt="PA chest radiograph, moderate right pleural effusion",
                   synthmed_version="0.1.0")
 KW = {k: v for k, v in PROVENANCE.items() if k not in ("dataset_name", "prompt")}  # what the SR takes
+
+highdicom_sr = sr_module._sr_bytes_highdicom  # the reference: highdicom every time, no template
 
 needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(),
                                     reason="dciodvfy (Debian package dicom3tools) is not installed")
@@ -144,6 +147,7 @@ def test_same_inputs_give_identical_bytes_and_no_clock(monkeypatch):
     import highdicom.base
     import highdicom.sr.sop
 
+    sr_module._TEMPLATES.clear()  # the first write goes through highdicom, under the real clock
     first = write_sr(make_case())
 
     class Later(datetime.datetime):
@@ -155,6 +159,8 @@ def test_same_inputs_give_identical_bytes_and_no_clock(monkeypatch):
     monkeypatch.setattr(highdicom.base, "datetime", fake)
     monkeypatch.setattr(highdicom.sr.sop, "datetime", fake)
     assert write_sr(make_case()) == first
+    case = make_case()
+    assert highdicom_sr(image_of(case), case, **KW) == first  # highdicom itself, under the fake clock
     assert datetime.date.today().strftime("%Y%m%d").encode() not in first
 
 
@@ -205,3 +211,175 @@ def test_dciodvfy_reports_no_errors_with_geometry(tmp_path):
     path = tmp_path / "sr.dcm"
     path.write_bytes(sr_bytes(image_of(case, "dx", geometry=make_geometry("AP")), case, **KW))
     assert dciodvfy_errors(path) == []
+
+
+# ----------------------------------------------------------------------------- templates (the fast path)
+
+RUN_B = dict(spec_hash="cd" * 32, backend="drr", model_id="drr-physics-2", model_hash="sha256:" + "7" * 64,
+             synthmed_version="0.2.0")
+
+
+@pytest.fixture
+def fresh_templates():
+    sr_module._TEMPLATES.clear()
+    yield
+    sr_module._TEMPLATES.clear()
+
+
+@pytest.fixture
+def highdicom_calls(monkeypatch, fresh_templates):
+    """The cases sr_bytes builds with highdicom (the others come from a template), by case id."""
+    calls = []
+
+    def spy(image, case, **kw):
+        calls.append(case.case_id)
+        return highdicom_sr(image, case, **kw)
+
+    monkeypatch.setattr(sr_module, "_sr_bytes_highdicom", spy)
+    return calls
+
+
+SHAPES = {
+    "no-finding": (FindingLabel("no_finding"),),
+    "site-and-severity": (FindingLabel("pneumonia", "right_lower_lobe", "mild"),),
+    "site-only": (FindingLabel("pneumothorax", "left", None),),
+    "severity-only": (FindingLabel("cardiomegaly", None, "severe"),),
+    "bare": (FindingLabel("edema"),),
+    "local-code": (FindingLabel("support_devices", None, "moderate"),),  # 99SYNTHMED: a coding scheme item
+    "three": make_case().findings,
+}
+CASE_IDS = ("case-0000001", "case-0000002", "case-0012345", "x", "c-17-characters-x", "case 7 b",
+            "id-" + "9" * 61)
+
+
+def varied_inputs(count: int = 64) -> list[tuple[Case, dict, dict, dict]]:
+    """(case, image arguments, image provenance, SR provenance): every shape, both IODs, views with and without
+    geometry, patients with and without sex and age, case ids of several lengths, two runs -- each template key
+    several times with other per-case values, in a shuffled (fixed) order so the cache is exercised across
+    shapes and runs."""
+    import random
+
+    rng = random.Random(20240611)
+    runs = [(PROVENANCE, KW), (dict(PROVENANCE, dataset_name="drr-set", **RUN_B), RUN_B)]
+    shapes = list(SHAPES.values())
+    worlds = [(0, "dx", shape) for shape in shapes] + [(1, "dx", shapes[1]), (1, "dx", shapes[-1]),
+                                                       (0, "sc", shapes[0]), (1, "sc", shapes[-1])]
+    patients = [dict(sex="F", age=58), dict(sex="M", age=7), dict(sex=None, age=63), dict(sex="M", age=None),
+                dict(sex=None, age=102), dict(sex="F", age=31)]
+    views = [("PA", None), ("AP", "geometry"), ("LL", None), (None, None), ("LL", "geometry"), ("PA", "geometry")]
+    inputs = []
+    for n in range(count):
+        run, iod, shape = worlds[n] if n < len(worlds) else worlds[rng.randrange(len(worlds))]
+        (view, geometry), bits = views[rng.randrange(len(views))], rng.choice([8, 12])
+        image_provenance, sr_provenance = runs[run]
+        case = make_case(CASE_IDS[rng.randrange(len(CASE_IDS))], findings=shape, view=view,
+                         split=rng.choice(["train", "val", None]), seed=rng.choice([1, 99, None]),
+                         **patients[rng.randrange(len(patients))])
+        image_kw = dict(iod=iod, bits=bits, geometry=make_geometry(view or "PA") if geometry else None)
+        inputs.append((case, image_kw, dict(image_provenance, prompt=f"prompt {n}"), sr_provenance))
+    rng.shuffle(inputs)
+    return inputs
+
+
+def image_with(case, image_kw, image_provenance):
+    pixels = np.zeros((16, 16), np.uint16 if image_kw["bits"] == 12 else np.uint8)
+    return dicom_dataset(pixels, case, iod=image_kw["iod"], bits_stored=image_kw["bits"],
+                         geometry=image_kw["geometry"], **image_provenance)
+
+
+def test_templates_give_highdicom_bytes_for_every_case(highdicom_calls):
+    inputs = varied_inputs()
+    keys, fallbacks = set(), 0
+    for n, (case, image_kw, image_provenance, provenance) in enumerate(inputs):
+        image = image_with(case, image_kw, image_provenance)
+        fast = sr_bytes(image, case, **provenance)
+        assert fast == highdicom_sr(image, case, **provenance), f"input {n}: {case} {image_kw} {provenance}"
+        if sr_module._slot_values(image, case, provenance["spec_hash"]) is None:
+            fallbacks += 1
+        else:
+            keys.add(sr_module._template_key(image, case, provenance))
+    # highdicom made the first SR of each key and those a template cannot take; templates made the others
+    assert len(highdicom_calls) == len(keys) + fallbacks and len(sr_module._TEMPLATES) == len(keys)
+    assert len(inputs) - len(highdicom_calls) >= len(inputs) // 2, highdicom_calls
+
+
+def test_a_cached_template_is_not_changed_by_later_cases(highdicom_calls):
+    a = make_case("case-0000001", sex="F", age=58)
+    b = make_case("case-0000222-longer-id", sex="M", age=None)
+    image_a, image_b = image_of(a), image_of(b, "dx", geometry=None)
+    first = sr_bytes(image_a, a, **KW)
+    b_bytes = sr_bytes(image_b, b, **KW)
+    c = make_case("case-0000333", sex="M", age=33)
+    c_bytes = sr_bytes(image_of(c), c, **KW)
+    assert sr_bytes(image_a, a, **KW) == first
+    assert highdicom_calls == ["case-0000001", "case-0000222-longer-id"]  # b: no Patient's Age, another key
+    assert c_bytes != first and b_bytes != first
+    assert highdicom_sr(image_of(c), c, **KW) == c_bytes
+
+
+def test_the_same_shape_in_another_run_is_another_template(highdicom_calls):
+    case = make_case()
+    image_a = image_of(case)
+    image_b = dicom_dataset(np.zeros((16, 16), np.uint16), case, **dict(PROVENANCE, **RUN_B))
+    a, b = sr_bytes(image_a, case, **KW), sr_bytes(image_b, case, **RUN_B)
+    assert len(highdicom_calls) == 2 and a != b
+    assert sr_bytes(image_a, case, **KW) == a and sr_bytes(image_b, case, **RUN_B) == b
+    assert len(highdicom_calls) == 2
+
+
+def test_values_a_template_cannot_carry_go_the_highdicom_way(highdicom_calls):
+    # a non-ASCII case id: pydicom encodes it in the image's character set (UTF-8), so no template takes it
+    for case_id in ("cäse-0000001", "cäse-0000002"):
+        case = make_case(case_id)
+        image = image_of(case)
+        assert sr_bytes(image, case, **KW) == sr_bytes(image, case, **KW) == highdicom_sr(image, case, **KW)
+    assert highdicom_calls == ["cäse-0000001", "cäse-0000001", "cäse-0000002", "cäse-0000002"]
+    assert len(sr_module._TEMPLATES) == 0
+    # an image attribute the template key cannot hold (a sequence highdicom copies) goes the same way
+    case = make_case()
+    image = image_of(case)
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "113100", "DCM", "Basic Application"
+    image.DeidentificationMethodCodeSequence = [item]
+    assert sr_bytes(image, case, **KW) == sr_bytes(image, case, **KW)
+    assert highdicom_calls[-2:] == ["case-0000001", "case-0000001"]
+
+
+def test_errors_are_the_same_with_a_template(highdicom_calls):
+    sr_bytes(image_of(make_case("case-0000001")), make_case("case-0000001"), **KW)
+    with pytest.raises(ValueError, match="not the image of case-0000002"):
+        sr_bytes(image_of(make_case("case-0000001")), make_case("case-0000002"), **KW)
+    with pytest.raises(ValueError, match="case.findings"):
+        write_sr(make_case(findings=()))
+
+
+def test_threads_share_the_templates(fresh_templates):
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = varied_inputs()[:16]
+    images = [image_with(case, image_kw, image_provenance) for case, image_kw, image_provenance, _ in inputs]
+    expected = [highdicom_sr(image, case, **provenance)
+                for image, (case, _, _, provenance) in zip(images, inputs)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda n: sr_bytes(images[n], inputs[n][0], **inputs[n][3]), list(range(16)) * 2))
+    assert got == expected * 2
+
+
+def test_the_template_cache_is_bounded():
+    cache = sr_module._TemplateCache(2)
+    for key in "abc":
+        cache.put(key, key)
+    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") == "c"
+    cache.get("b")
+    cache.put("d", "d")
+    assert cache.get("b") == "b" and cache.get("c") is None
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("iod", ("sc", "dx"))
+def test_dciodvfy_reports_no_errors_for_an_sr_from_a_template(tmp_path, highdicom_calls, iod):
+    for n, case in enumerate((make_case("case-0000001"), make_case("case-0000002-x", sex="M", view="AP"))):
+        path = tmp_path / f"sr{n}.dcm"
+        path.write_bytes(write_sr(case, iod))
+        assert dciodvfy_errors(path) == []
+    assert highdicom_calls == ["case-0000001"]  # the second one came from the template
