@@ -1949,7 +1949,8 @@ def _library_bars(progress: bool):
 def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path,
                    base: Path | None, work: _WorkFolder, progress: bool = True, *,
                    record_file: str = "training.json", copied: Sequence[str] = ("tokenizer",),
-                   extra_files: dict[str, str] | None = None, folder: _ModelFolder | None = None) -> None:
+                   extra_files: dict[str, str] | None = None, folder: _ModelFolder | None = None,
+                   extra_modules: dict | None = None) -> None:
     """Write the diffusers folder into a new, recorded folder next to ``out``, then put it in place.
 
     The folder carries its own record (``out/.synthmed``: every file with its sha256), so a later run replaces
@@ -1962,6 +1963,8 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
         record_file: the name the record is written under (with ``manifest``).
         copied: the components copied from ``base`` as they are (distill copies the text encoder and VAE too).
         extra_files: more text files of the folder, relative path -> text (distill's model card).
+        extra_modules: more diffusers models saved as subfolders (safetensors, ``save_dtype``), name -> model,
+            not in model_index.json (distill's tiny decoder).
         folder: the output folder's checks (default: finetune's).
     """
     import torch
@@ -2006,6 +2009,14 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
     (tmp / record_file).write_text(json.dumps({**record, "manifest": str(manifest)}, indent=1), encoding="utf-8")
     for rel, text in (extra_files or {}).items():
         (tmp / rel).write_text(text, encoding="utf-8")
+    for name, module in (extra_modules or {}).items():
+        with _library_bars(progress):
+            module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
+        module.to(torch.float32)
+        config = tmp / name / "config.json"
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     from .ledger import Ledger, file_sha256
 
     Ledger(tmp, tmp / STATE_DIR).record(MODEL_CLAIM, {r: file_sha256(tmp / r) for r in _files_under(tmp)

@@ -5,9 +5,11 @@ refuses, naming the file, anything that is not a Stable-Diffusion-shaped latent-
 a custom pipeline or component class (code from the folder), a class of another kind in a slot (unet, vae,
 text_encoder, tokenizer, scheduler), pickle files unless pickle is explicitly allowed, configs beyond the
 limits below. ``load_component`` then loads one slot offline, safetensors unless pickle is allowed, never
-with remote code, and refuses weights that do not fit. ``model_hash`` is the sha256 of the files that make
-an image. The diffusion backend (``synthmed.backends.diffusion``) and ``synthmed.finetune`` read model
-folders through here.
+with remote code, and refuses weights that do not fit. A folder may also hold a tiny decoder, ``tiny_vae/`` (a
+TAESD-style diffusers ``AutoencoderTiny`` that ``synthmed distill`` trains; not in model_index.json), checked by
+``check_tiny_decoder`` and loaded by ``load_component`` under the same rules. ``model_hash`` is the sha256 of the
+files that make an image. The diffusion backend (``synthmed.backends.diffusion``) and ``synthmed.finetune`` read
+model folders through here.
 
 Example:
     >>> try:
@@ -33,6 +35,10 @@ from typing import Any, Sequence
 # The slots of model_index.json that are read, those that hold weights, and the libraries a slot's class may name.
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+# The optional tiny decoder's folder: a diffusers AutoencoderTiny beside the slots, not listed in model_index.json
+# (diffusers' own loading ignores it), decoding the UNet's scaled latents (generator.decoder: tiny).
+TINY_DECODER = "tiny_vae"
+TINY_DECODER_CLASS = "AutoencoderTiny"
 SAFE_LIBRARIES = ("diffusers", "transformers")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Limits on what a model folder may ask for, checked before anything is read whole or built (README, "Your own
@@ -207,16 +213,7 @@ def _check_sizes(root: Path) -> None:
     """Refuse configs that ask for more than the limits (layers, parameters, timesteps) before anything is built."""
     for name in WEIGHTED_COMPONENTS:
         path = root / name / "config.json"
-        config = _read_config(path)
-        _check_integers(config, path, MAX_CONFIG_INTEGER)
-        params, layers = estimate_size(name, config, path)
-        if layers > MAX_COMPONENT_LAYERS:
-            raise ModelFolderError(f"{path}: a {name} of {layers:,} layers ({_sizes_text(name, config, _LAYER_KEYS)}); "
-                                   f"the limit is {MAX_COMPONENT_LAYERS:,} layers per component")
-        if params > MAX_COMPONENT_PARAMETERS:
-            raise ModelFolderError(f"{path}: a {name} of about {params / 1e9:,.1f} G parameters, "
-                                   f"{params * 4 / 1e9:,.0f} GB in float32 ({_sizes_text(name, config, _SIZE_KEYS)}); "
-                                   f"the limit is {MAX_COMPONENT_PARAMETERS / 1e9:g} G parameters per component")
+        _check_component_size(name, _read_config(path), path)
     path = root / "scheduler" / "scheduler_config.json"
     config = _read_config(path)
     _check_integers(config, path, MAX_TRAIN_TIMESTEPS)
@@ -229,6 +226,76 @@ def _check_sizes(root: Path) -> None:
         if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or length < 1):
             raise ModelFolderError(f"{path}: model_max_length {json.dumps(length)[:100]} must be a whole number of at "
                                    "least 1 (the longest prompt in tokens; CLIP's is 77)")
+
+
+def _check_component_size(name: str, config: dict, path: Path) -> None:
+    """A unet, vae or text_encoder config within the limits: whole numbers, layers, parameters."""
+    _check_integers(config, path, MAX_CONFIG_INTEGER)
+    params, layers = estimate_size(name, config, path)
+    if layers > MAX_COMPONENT_LAYERS:
+        raise ModelFolderError(f"{path}: a {name} of {layers:,} layers ({_sizes_text(name, config, _LAYER_KEYS)}); "
+                               f"the limit is {MAX_COMPONENT_LAYERS:,} layers per component")
+    if params > MAX_COMPONENT_PARAMETERS:
+        raise ModelFolderError(f"{path}: a {name} of about {params / 1e9:,.1f} G parameters, "
+                               f"{params * 4 / 1e9:,.0f} GB in float32 ({_sizes_text(name, config, _SIZE_KEYS)}); "
+                               f"the limit is {MAX_COMPONENT_PARAMETERS / 1e9:g} G parameters per component")
+
+
+def check_tiny_decoder(path: str | Path, *, allow_pickle: bool = False) -> dict:
+    """Check a model folder's tiny decoder (``tiny_vae/``) before it is loaded; returns its config.json.
+
+    Reads only JSON (each file bounded by MAX_CONFIG_BYTES) and file names: the folder must hold a diffusers
+    ``AutoencoderTiny`` within the limits, with safetensors weights (pickle ones only with ``allow_pickle``), that
+    decodes the latents of the folder's VAE (its latent channels) at the VAE's scale factor.
+
+    Raises:
+        ModelFolderError: naming the folder (it has no tiny decoder) or the file at fault.
+
+    Example:
+        >>> try:
+        ...     check_tiny_decoder("no/such/model")
+        ... except ModelFolderError as e:
+        ...     print(str(e).split(" (")[0])
+        no/such/model has no tiny decoder
+    """
+    root = Path(path)
+    folder = root / TINY_DECODER
+    if not folder.is_dir():
+        raise ModelFolderError(f"{root} has no tiny decoder ({folder} is missing): generator.decoder tiny (--decoder "
+                               f"tiny) decodes with a diffusers {TINY_DECODER_CLASS} saved there, as synthmed distill "
+                               "can train one; use generator.decoder full (--decoder full), the folder's own VAE")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelFolderError(f"{config_file} is missing")
+    config = _read_config(config_file)
+    class_name = config.get("_class_name")
+    if class_name != TINY_DECODER_CLASS:
+        raise ModelFolderError(f"{config_file}: _class_name {json.dumps(class_name)[:100]} is not "
+                               f"{TINY_DECODER_CLASS}; the tiny decoder ({TINY_DECODER}/) must be a diffusers "
+                               f"{TINY_DECODER_CLASS} (TAESD-style); no other class is loaded from there")
+    _check_component_size("vae", config, config_file)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not any(p.name.endswith(".safetensors") for p in files):
+        weights = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+        if not weights:
+            raise ModelFolderError(f"{folder} has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise ModelFolderError(f"{weights[0]} is a pickle file, which can run code when loaded; convert it to "
+                                   "safetensors, or allow it if you trust it (--allow-pickle, generator.allow_pickle: "
+                                   "true)")
+    vae_config = _read_config(root / "vae" / "config.json")
+    latents, tiny_latents = vae_config.get("latent_channels", 4), config.get("latent_channels", 4)
+    if tiny_latents != latents:
+        raise ModelFolderError(f"{config_file}: the tiny decoder takes {json.dumps(tiny_latents)[:40]} latent channels "
+                               f"but the VAE makes {latents} (vae/config.json latent_channels)")
+    stages = _ints(config, "decoder_block_out_channels", [64] * 4, config_file)
+    factor = _int(config, "upsampling_scaling_factor", 2, config_file) ** (len(stages) - 1)
+    vae_factor = 2 ** (len(vae_config.get("block_out_channels", [1])) - 1)
+    if factor != vae_factor:
+        raise ModelFolderError(f"{config_file}: the tiny decoder upsamples {factor}x but the VAE's scale factor is "
+                               f"{vae_factor} (decoder_block_out_channels and upsampling_scaling_factor; "
+                               "vae/config.json block_out_channels)")
+    return config
 
 
 def _check_integers(config: dict, path: Path, limit: int) -> None:
@@ -405,7 +472,8 @@ def _quiet_libraries():
 
 def model_hash(path: str | Path) -> str:
     """sha256 over the relative path and bytes of model_index.json and every file of the components that make
-    an image (unet, vae, text_encoder, tokenizer, scheduler); a model card or notes beside them do not count.
+    an image (unet, vae, text_encoder, tokenizer, scheduler, and the tiny decoder ``tiny_vae/`` where there is
+    one); a model card or notes beside them do not count.
 
     Example:
         >>> model_hash("path/to/model")[:12]  # doctest: +SKIP
@@ -413,7 +481,8 @@ def model_hash(path: str | Path) -> str:
     """
     root = Path(path)
     digest = hashlib.sha256()
-    files = [root / "model_index.json"] + [p for c in REQUIRED_COMPONENTS for p in (root / c).rglob("*")]
+    files = [root / "model_index.json"] + [p for c in REQUIRED_COMPONENTS + (TINY_DECODER,)
+                                           for p in (root / c).rglob("*")]
     for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".") and p.suffix != ".md"):
         digest.update(str(file.relative_to(root)).encode("utf-8") + b"\0")
         with open(file, "rb") as fh:
@@ -427,7 +496,8 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
 
     Args:
         root: the folder; index: its model_index.json, as check_model_folder returned it.
-        name: a slot of REQUIRED_COMPONENTS. dtype: a torch dtype for the weighted slots.
+        name: a slot of REQUIRED_COMPONENTS, or TINY_DECODER (checked by check_tiny_decoder; its index entry is
+            ``["diffusers", "AutoencoderTiny"]``). dtype: a torch dtype for the weighted slots.
         allow_pickle: load pickle weights when a slot has no safetensors.
 
     Raises:
@@ -450,18 +520,19 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
                                f"(component '{name}'); is {library} too old?")
     folder = root / name
     kwargs: dict[str, Any] = {"local_files_only": True}
-    if name in WEIGHTED_COMPONENTS:
+    weighted = name in WEIGHTED_COMPONENTS or name == TINY_DECODER
+    if weighted:
         has_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
         kwargs["use_safetensors"] = True if has_safetensors or not allow_pickle else False
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
-    if name in WEIGHTED_COMPONENTS:
+    if weighted:
         kwargs["output_loading_info"] = True
     try:
         with _quiet_libraries():
             loaded = cls.from_pretrained(folder, **kwargs)
     except Exception as e:  # a broken folder fails in many ways inside diffusers / transformers / safetensors
         raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {type(e).__name__}: {e}") from None
-    if name not in WEIGHTED_COMPONENTS:
+    if not weighted:
         return loaded
     component, info = loaded
     # from_pretrained fills missing weights with random values, silently: refuse that. Weights it does not

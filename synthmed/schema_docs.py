@@ -22,7 +22,7 @@ def _type_of(node: dict, defs: dict) -> str:
         return {"weights": "weights", "weight": "number > 0 (at most 1e12)", "choice": "value or weights",
                 "pixels": "integer"}.get(name, name)
     if "enum" in node:
-        return " \\| ".join(f"`{v}`" for v in node["enum"])
+        return " \\| ".join(f"`{'null' if v is None else v}`" for v in node["enum"])
     if "const" in node:
         return f"`{node['const']}`"
     if "anyOf" in node:

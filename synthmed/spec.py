@@ -216,9 +216,10 @@ class AnatomyEntry:
 class GeneratorSpec:
     """How images are made (the spec's ``generator``).
 
-    ``steps``, ``guidance_scale`` and ``scheduler`` are None where the spec leaves them out: the diffusion
-    backend then takes the model folder's recommended settings (a distilled student's: lcm, 4 steps), else
-    20 / 4.0 / dpm_solver (``synthmed.backends.resolve_generator`` says which, without loading the model).
+    ``steps``, ``guidance_scale``, ``scheduler`` and ``decoder`` are None where the spec leaves them out: the
+    diffusion backend then takes the model folder's recommended settings (a distilled student's: lcm, 4 steps, and
+    its tiny decoder where it has one), else 20 / 4.0 / dpm_solver / full (``synthmed.backends.resolve_generator``
+    says which, without loading the model).
     """
 
     backend: str = "diffusion"
@@ -233,6 +234,7 @@ class GeneratorSpec:
     compile: bool = False
     quantize: str = "none"
     coarse_to_fine: dict | None = None
+    decoder: str | None = None  # full (the VAE), tiny (the folder's tiny_vae/), None: the folder's recommendation
     threads: int | None = None
     anatomy: tuple[AnatomyEntry, ...] = ()  # () = the shipped CT only
 
@@ -481,7 +483,7 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
                      "number": "a number", "boolean": "true or false"}
             add(path, f"expected {' or '.join(names.get(w, w) for w in want)}, got {_type_name(inst)} {inst!r}"[:300])
         elif v == "enum":
-            choices = sch["enum"]
+            choices = [c for c in sch["enum"] if c is not None]  # null (generator.decoder): leave the key out
             add(path, f"{inst!r} is not one of {', '.join(map(str, choices))}{_suggest(inst, choices)}")
         elif v == "const":
             add(path, f"must be {sch['const']!r}, got {inst!r}")

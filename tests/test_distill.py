@@ -224,3 +224,69 @@ def test_synthmed_distill_is_callable_from_the_package():
     import synthmed
 
     assert callable(synthmed.distill) and synthmed.distill.__synthmed_call__ == "synthmed.distill:distill"
+
+
+# ----------------------------------------------------------------------------- the tiny decoder
+
+TINY = dict(mode="full", save_dtype="float32", learning_rate=1e-3, **FAST)
+
+
+def test_the_tiny_decoder_is_an_autoencoder_tiny_the_student_recommends(phantom_set, tiny_base, tmp_path):  # noqa: F811
+    """tiny_decoder_steps: a diffusers AutoencoderTiny in tiny_vae/ (outside model_index.json, so diffusers' own
+    loading is unchanged), decoding the teacher's latents to images of the teacher's size; carded, and on offer
+    (generator.decoder: tiny) but not recommended: the teacher's VAE stays the default."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    result = distill(phantom_set, tiny_base, tmp_path / "s", steps=1, tiny_decoder_steps=2, **TINY)
+    folder = result.model_dir
+    assert (folder / "tiny_vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "tiny_vae" not in json.loads((folder / "model_index.json").read_text())
+    record = json.loads((folder / "distillation.json").read_text())
+    assert "decoder" not in record["recommended"] and record["tiny_decoder"]["steps"] == 2
+    assert "## Tiny decoder" in (folder / "README.md").read_text()
+    tiny = AutoencoderTiny.from_pretrained(folder / "tiny_vae")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    z = torch.randn(1, vae.config.latent_channels, 8, 8)
+    with torch.no_grad():
+        assert tiny.decode(z).sample.shape == vae.decode(z).sample.shape
+    assert result.losses["tiny_decoder"] > 0
+    plain = distill(phantom_set, tiny_base, tmp_path / "p", steps=1, **TINY)
+    assert not (plain.model_dir / "tiny_vae").exists() and "tiny_decoder" not in plain.record
+
+
+@pytest.mark.slow
+def test_the_tiny_decoder_resumes_to_the_same_weights_and_can_be_added_later(phantom_set, tiny_base,  # noqa: F811
+                                                                            tmp_path):
+    straight = distill(phantom_set, tiny_base, tmp_path / "a", steps=2, tiny_decoder_steps=4, **TINY)
+    distill(phantom_set, tiny_base, tmp_path / "b", steps=2, **TINY)  # a finished student, no tiny decoder
+    distill(phantom_set, tiny_base, tmp_path / "b", steps=2, tiny_decoder_steps=2, resume=True, **TINY)
+    resumed = distill(phantom_set, tiny_base, tmp_path / "b", steps=2, tiny_decoder_steps=4, resume=True, **TINY)
+    a, b = _weights(straight.model_dir), _weights(resumed.model_dir)
+    assert any(k.startswith("tiny_vae/") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_tiny_decoder_learns_to_draw_the_films_from_their_latents(phantom_set, tiny_base, tmp_path):  # noqa: F811
+    """After training, decoding the teacher's latents of the training films comes much closer to the films than
+    the same network's starting weights do (L1 over all 8 films)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from synthmed.distill import tiny_vae_config
+    from synthmed.finetune import read_training_set
+
+    options = {**TINY, "batch_size": 8}
+    result = distill(phantom_set, tiny_base, tmp_path / "s", steps=1, tiny_decoder_steps=60, **options)
+    vae = AutoencoderKL.from_pretrained(result.model_dir / "vae")
+    films = read_training_set(phantom_set).examples
+    from PIL import Image
+    import numpy as np
+
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(ex.path), np.float32) / 255 * 2 - 1)[None]
+                     for ex in films]).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        trained = AutoencoderTiny.from_pretrained(result.model_dir / "tiny_vae").decode(z).sample
+        torch.manual_seed(1)  # the run's starting weights (seed 0 + 1)
+        start = AutoencoderTiny(**tiny_vae_config(vae.config)).decode(z).sample
+    assert (trained - x).abs().mean() < 0.6 * (start - x).abs().mean()

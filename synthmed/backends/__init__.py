@@ -79,28 +79,29 @@ def default_model_dir(name: str = "default"):
 
 
 def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None):
-    """The spec's generator with ``steps``, ``guidance_scale`` and ``scheduler`` as the build runs them.
+    """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler`` and ``decoder`` as the build runs them.
 
     Where the spec sets them, its values; else, for the diffusion backend, what the model folder recommends
-    (a distilled student's ``distillation.json``: lcm, 4 steps; read from JSON, nothing loaded), else 20 steps,
-    guidance 4.0, dpm_solver. ``backend`` and ``model`` override the spec's, as in :func:`create_backend`.
+    (a distilled student's ``distillation.json``: lcm, 4 steps, and the tiny decoder where distill trained one;
+    read from JSON, nothing loaded), else 20 steps, guidance 4.0, dpm_solver and the full decoder (the VAE).
+    ``backend`` and ``model`` override the spec's, as in :func:`create_backend`.
 
     Example:
         >>> from synthmed.spec import load_spec
         >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 2\\nfindings: [{finding: cardiomegaly, weight: 1}]")
         >>> g = resolve_generator(spec, backend="pattern")
-        >>> g.steps, g.guidance_scale, g.scheduler
-        (20, 4.0, 'dpm_solver')
+        >>> g.steps, g.guidance_scale, g.scheduler, g.decoder
+        (20, 4.0, 'dpm_solver', 'full')
     """
     import dataclasses
 
     from .diffusion import PLAIN_SAMPLING, recommended_sampling
 
     g = spec.generator
-    unset = [k for k in ("steps", "guidance_scale", "scheduler") if getattr(g, k) is None]
+    unset = [k for k in ("steps", "guidance_scale", "scheduler", "decoder") if getattr(g, k) is None]
     if not unset:
         return g
-    settings = PLAIN_SAMPLING
+    settings = {**PLAIN_SAMPLING, "decoder": "full"}
     if (backend or g.backend) == "diffusion":
         model = model or g.model
         from ..model_folder import ModelFolderError
@@ -138,7 +139,8 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None):
         return DiffusionBackend(path, width=spec.image.width, height=spec.image.height, steps=g.steps,
                                 guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype, device=g.device,
                                 allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
-                                coarse_to_fine=g.coarse_to_fine, threads=g.threads, model_id=model_id)
+                                coarse_to_fine=g.coarse_to_fine, decoder=g.decoder, threads=g.threads,
+                                model_id=model_id)
     except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None
 

@@ -19,6 +19,11 @@ and no classifier-free guidance pass runs (one UNet evaluation per step), as dif
 settings left unset (None) come from the folder: a student's ``distillation.json`` recommends its scheduler,
 steps and guidance (:func:`recommended_sampling`); any other folder gets 20 DPM-Solver++ steps at guidance 4.
 
+A folder may hold a tiny decoder beside its components, ``tiny_vae/`` (a TAESD-style ``AutoencoderTiny`` that
+``synthmed distill`` trains, not in model_index.json): ``decoder="tiny"`` decodes the latents with it instead of the
+VAE (the VAE still encodes coarse_to_fine's image); ``decoder=None`` takes the folder's recommendation (tiny when its
+``distillation.json`` recommends it, else the full VAE).
+
 Example:
     >>> backend = DiffusionBackend("path/to/model", width=256, height=256, steps=20)  # doctest: +SKIP
     >>> images = backend.generate(cases, prompts)  # doctest: +SKIP
@@ -36,16 +41,17 @@ from typing import Sequence
 from .base import BackendInfo, GeneratedImage
 from ..model_folder import (
     MAX_COMPONENT_LAYERS, MAX_COMPONENT_PARAMETERS, MAX_CONFIG_BYTES, MAX_CONFIG_INTEGER, MAX_TOKENIZER_FILE_BYTES,
-    MAX_TRAIN_TIMESTEPS, PICKLE_SUFFIXES, REQUIRED_COMPONENTS, SAFE_LIBRARIES, SLOT_KINDS, WEIGHTED_COMPONENTS,
-    ModelFolderError, check_model_folder, estimate_size, load_component, model_hash)
+    MAX_TRAIN_TIMESTEPS, PICKLE_SUFFIXES, REQUIRED_COMPONENTS, SAFE_LIBRARIES, SLOT_KINDS, TINY_DECODER,
+    TINY_DECODER_CLASS, WEIGHTED_COMPONENTS, ModelFolderError, check_model_folder, check_tiny_decoder, estimate_size,
+    load_component, model_hash)
 
 # The model-folder rules live in synthmed.model_folder; they lived here before, so they stay importable from here.
-__all__ = ["DISTILLATION_FILE", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS", "DiffusionBackend",
-           "guidance_embedding", "read_distillation", "recommended_sampling",
+__all__ = ["DECODERS", "DISTILLATION_FILE", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS",
+           "DiffusionBackend", "guidance_embedding", "read_distillation", "recommended_sampling",
            "MAX_COMPONENT_LAYERS", "MAX_COMPONENT_PARAMETERS", "MAX_CONFIG_BYTES", "MAX_CONFIG_INTEGER",
            "MAX_TOKENIZER_FILE_BYTES", "MAX_TRAIN_TIMESTEPS", "PICKLE_SUFFIXES", "REQUIRED_COMPONENTS",
-           "SAFE_LIBRARIES", "SLOT_KINDS", "WEIGHTED_COMPONENTS", "ModelFolderError", "check_model_folder",
-           "estimate_size", "load_component", "model_hash"]
+           "SAFE_LIBRARIES", "SLOT_KINDS", "TINY_DECODER", "WEIGHTED_COMPONENTS", "ModelFolderError",
+           "check_model_folder", "check_tiny_decoder", "estimate_size", "load_component", "model_hash"]
 
 # name -> (diffusers scheduler class, config overrides)
 SCHEDULERS = {
@@ -60,6 +66,8 @@ SCHEDULERS = {
 # The sampling settings of a folder that recommends none (every model before synthmed distill).
 PLAIN_SAMPLING = {"scheduler": "dpm_solver", "steps": 20, "guidance_scale": 4.0}
 DISTILLATION_FILE = "distillation.json"  # what synthmed distill writes beside a student's components
+# What decodes the latents: the folder's VAE, or its tiny decoder (tiny_vae/, a TAESD-style AutoencoderTiny).
+DECODERS = ("full", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 # The UNet and VAE always run on exactly this many cases (padded), because CPU convolution
 # kernels pick their algorithm by batch size: the same case in a batch of 1 and of 4 differs
@@ -86,6 +94,8 @@ class DiffusionBackend:
         compile: wrap the UNet in ``torch.compile``.
         quantize: ``"int8"`` for dynamic int8 quantisation of the UNet's Linear layers (CPU).
         coarse_to_fine: ``{"scale": 0.5, "strength": 0.6}``: generate at scale x size, upscale, refine.
+        decoder: ``"full"`` (the folder's VAE) or ``"tiny"`` (its ``tiny_vae/`` AutoencoderTiny); None: the
+            folder's recommendation (:func:`recommended_sampling`).
         threads: torch CPU threads (default: all cores).
         cache_size: prompt embeddings kept.
     """
@@ -93,8 +103,8 @@ class DiffusionBackend:
     def __init__(self, model: str | Path, *, width: int = 256, height: int = 256, steps: int | None = None,
                  guidance_scale: float | None = None, scheduler: str | None = None, dtype: str = "float32",
                  device: str = "auto", allow_pickle: bool = False, compile: bool = False,
-                 quantize: str | None = None, coarse_to_fine: dict | None = None, threads: int | None = None,
-                 cache_size: int = 1024, model_id: str | None = None):
+                 quantize: str | None = None, coarse_to_fine: dict | None = None, decoder: str | None = None,
+                 threads: int | None = None, cache_size: int = 1024, model_id: str | None = None):
         # 1. Check inputs (before torch or any weight is touched)
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
@@ -102,6 +112,8 @@ class DiffusionBackend:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}")
+        if decoder is not None and decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)} or None, got {decoder!r}")
         if quantize not in (None, "none", "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         if steps is not None and steps < 1:
@@ -115,12 +127,22 @@ class DiffusionBackend:
             self.coarse_to_fine = None
         self.root = Path(model)
         self.index = check_model_folder(self.root, allow_pickle=allow_pickle, width=width, height=height)
-        if None in (steps, guidance_scale, scheduler):  # what the spec leaves unset, the folder recommends
+        recommended = None
+        if None in (steps, guidance_scale, scheduler, decoder):  # what the spec leaves unset, the folder recommends
             recommended = recommended_sampling(self.root)
             steps = recommended["steps"] if steps is None else steps
             guidance_scale = recommended["guidance_scale"] if guidance_scale is None else guidance_scale
             scheduler = recommended["scheduler"] if scheduler is None else scheduler
         _check_student_settings(self.root, scheduler, int(steps), self.coarse_to_fine)
+        if decoder is None:
+            decoder = recommended["decoder"]
+            if decoder == "tiny" and not (self.root / TINY_DECODER).is_dir():
+                raise ModelFolderError(f"{self.root / DISTILLATION_FILE} recommends the tiny decoder, but "
+                                       f"{self.root} has no tiny decoder ({TINY_DECODER}/ is missing); set "
+                                       "generator.decoder to full (--decoder full) to decode with its VAE")
+        if decoder == "tiny":
+            check_tiny_decoder(self.root, allow_pickle=allow_pickle)
+        self.decoder = decoder
         self.distilled = read_distillation(self.root)
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler
@@ -147,6 +169,10 @@ class DiffusionBackend:
         # 3. Load components (offline, safetensors first, no remote code)
         self.unet = self._load("unet").to(self.device).eval()
         self.vae = self._load("vae").to(self.device).eval()
+        self.tiny_vae = None
+        if self.decoder == "tiny":
+            self.tiny_vae = load_component(self.root, {TINY_DECODER: ["diffusers", TINY_DECODER_CLASS]}, TINY_DECODER,
+                                           dtype=self.dtype, allow_pickle=allow_pickle).to(self.device).eval()
         self.text_encoder = self._load("text_encoder").to(self.device).eval()
         self.tokenizer = self._load("tokenizer")
         self._setup(self._load("scheduler"), scheduler, dtype, compile, cache_size, model_id or self.root.name,
@@ -169,6 +195,7 @@ class DiffusionBackend:
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler_name
         self.quantize, self.micro_batch, self.coarse_to_fine, self.distilled = None, MICRO_BATCH, None, None
+        self.decoder, self.tiny_vae = "full", None
         self.threads = int(threads or torch.get_num_threads())
         self.device, self.dtype = next(unet.parameters()).device, torch.float32
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
@@ -218,6 +245,8 @@ class DiffusionBackend:
                     "diffusers": diffusers.__version__}
         if self.distilled is not None:  # a student: which teacher, how (only then: other manifests keep their bytes)
             settings["distilled"] = self.distilled
+        if self.decoder == "tiny":  # likewise only when it is not the VAE
+            settings["decoder"] = "tiny"
         self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings)
 
     def _load(self, name: str):
@@ -384,6 +413,9 @@ class DiffusionBackend:
         timesteps = scheduler.timesteps[t_start * scheduler.order:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
+        channels = self.vae.config.in_channels
+        if images.shape[1] != channels:  # e.g. a grayscale tiny decoder's image before an RGB VAE's encoder
+            images = images.mean(dim=1, keepdim=True).expand(-1, channels, -1, -1)
         posterior = self.vae.encode(images.to(self.dtype)).latent_dist
         latents = posterior.mode() * self.vae.config.scaling_factor  # the mode: no randomness outside the generators
         noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g, dtype=torch.float32) for g in generators])
@@ -391,8 +423,10 @@ class DiffusionBackend:
         return self._denoise(latents, embeddings, generators, scheduler=scheduler, timesteps=timesteps)
 
     def _decode(self, latents):
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return self.vae.decode(latents / self.vae.config.scaling_factor + shift, return_dict=False)[0]
+        """Latents to images in [-1, 1]: with the tiny decoder when it was chosen, else the VAE."""
+        decoder = self.vae if self.tiny_vae is None else self.tiny_vae
+        shift = getattr(decoder.config, "shift_factor", None) or 0.0
+        return decoder.decode(latents / decoder.config.scaling_factor + shift, return_dict=False)[0]
 
 
 # ----------------------------------------------------------------------------- distilled students
@@ -457,20 +491,22 @@ def read_distillation(model: str | Path) -> dict | None:
 
 
 def recommended_sampling(model: str | Path) -> dict:
-    """The scheduler, steps and guidance scale a model folder recommends, reading only JSON.
+    """The scheduler, steps, guidance scale and decoder a model folder recommends, reading only JSON.
 
-    A student made by ``synthmed distill`` recommends its own (``distillation.json``, key ``recommended``);
+    A student made by ``synthmed distill`` recommends its own (``distillation.json``, key ``recommended``; its
+    ``decoder`` is ``tiny`` when distill trained a tiny decoder, absent or ``full`` otherwise);
     a folder whose scheduler is diffusers' ``LCMScheduler`` without that file gets lcm, 4 steps and guidance 4.0
     when its UNet takes the guidance scale as an input, else 1.0 (the guidance is distilled into its weights);
     any other folder gets :data:`PLAIN_SAMPLING` (20 DPM-Solver++ steps, guidance 4.0). A folder that cannot be
-    read gets PLAIN_SAMPLING too: loading it says what is wrong.
+    read gets PLAIN_SAMPLING too: loading it says what is wrong. Only a distillation.json recommends the tiny
+    decoder: every other answer has ``decoder`` ``full``.
 
     Raises:
         ModelFolderError: a distillation.json that is not JSON, or whose recommendation is not one synthmed runs.
 
     Example:
         >>> recommended_sampling("synthmed/models/default")  # doctest: +SKIP
-        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0}
+        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0, 'decoder': 'full'}
     """
     root = Path(model)
     path = root / DISTILLATION_FILE
@@ -489,15 +525,19 @@ def recommended_sampling(model: str | Path) -> dict:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
             raise ModelFolderError(f"{path}: recommended.guidance_scale {json.dumps(guidance)[:60]} is not a "
                                    "number from 0 to 50")
-        return {"scheduler": scheduler, "steps": steps, "guidance_scale": float(guidance)}
+        decoder = recommended.get("decoder", "full")
+        if decoder not in DECODERS:
+            raise ModelFolderError(f"{path}: recommended.decoder {json.dumps(decoder)[:60]} is not one of "
+                                   f"{', '.join(DECODERS)}")
+        return {"scheduler": scheduler, "steps": steps, "guidance_scale": float(guidance), "decoder": decoder}
     try:
         scheduler = _json_object(root / "scheduler" / "scheduler_config.json").get("_class_name")
         conditioned = _json_object(root / "unet" / "config.json").get("time_cond_proj_dim") is not None
     except ModelFolderError:
-        return dict(PLAIN_SAMPLING)
+        return {**PLAIN_SAMPLING, "decoder": "full"}
     if scheduler == "LCMScheduler":
-        return {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0 if conditioned else 1.0}
-    return dict(PLAIN_SAMPLING)
+        return {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0 if conditioned else 1.0, "decoder": "full"}
+    return {**PLAIN_SAMPLING, "decoder": "full"}
 
 
 def _check_student_settings(root: Path, scheduler: str, steps: int, coarse_to_fine: dict | None) -> None:

@@ -103,6 +103,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     # the sampling settings the spec leaves out, as the model folder recommends them (a distilled student's)
     resolved = resolve_generator(spec, backend=backend_name, model=model)
     generator = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "batch_size"}
+    if generator["decoder"] != "tiny":  # recorded only when not the VAE: earlier runs' records stay as they were
+        del generator["decoder"]
     generator["anatomy"] = [a.id for a in spec.generator.anatomy]  # their files' sha256 are in the model hash
     generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,

@@ -113,8 +113,10 @@ class RunFolder:
                 changed = []
                 for key in run:
                     old, new = previous.get(key), run[key]
-                    if isinstance(old, dict) and isinstance(new, dict):
-                        changed += [f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+                    if isinstance(old, dict) and isinstance(new, dict):  # a key only the old one has counts too
+                        keys = list(new) + [k for k in old if k not in new]  # (generator.decoder: tiny, then none)
+                        changed += [f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+                                    if old.get(k) != new.get(k)]
                     elif old != new:
                         changed.append(key if key == "spec_hash" else f"{key} {old!r} -> {new!r}")
                 if changed:
