@@ -1,7 +1,10 @@
 """images/s of `synthmed generate` against a bare diffusers pipeline batched as synthmed batches, side by side.
 
-Issue 5 item 7; issue 22 item 3 (the batched baseline). Two models, one after the other:
+Issue 5 item 7; issue 22 item 3 (the batched baseline). Three models, one after the other:
 
+- fast: ``synthmed/models/default-fast``, the shipped 4-step student, at its own recommendation (LCMScheduler, 4
+  steps, the guidance scale as a UNet input: no guidance pass, its tiny decoder); the bare side loads the same
+  folder and swaps in the same tiny decoder (``pipe.vae = AutoencoderTiny.from_pretrained(...)``);
 - shipped: ``synthmed/models/default``, as ``generator.model: default`` loads it;
 - random: random weights (torch seed 0) in the shipped design's shape, built from
   ``synthmed.finetune.default_components`` (its ``*_CONFIG`` constants) and its word tokenizer,
@@ -11,7 +14,8 @@ On each model both sides run the same settings: size, steps, guidance, DPM-Solve
 the folder's scheduler config, the first N cases of dataset_specs/pneumonia.yaml with their
 prompts, negative prompts and seeds, in micro-batches of synthmed's size (8):
 
-- bare: ``StableDiffusionPipeline.from_pretrained(model, torch_dtype=float32)``, then one call per
+- bare: ``StableDiffusionPipeline.from_pretrained(model, torch_dtype=float32)``, its UNet and VAE in NHWC
+  (``channels_last``, as synthmed's backend runs them: 1.25x / 1.7x faster convolutions here), then one call per
   micro-batch with the prompts and negative prompts as lists, one ``torch.Generator`` per case
   seeded with the case's seed, ``output_type="np"``, nothing written (issue 22's strong baseline);
 - synthmed: ``synthmed.build.generate(spec, out, backend=<DiffusionBackend>)``: DICOM image + SR
@@ -27,8 +31,14 @@ synthmed's set-up, writer drain + card, and QC inside generate()); end to end co
 timer around a module is its cost). Rounds alternate the order of the sides (A B C, then C B A, ...)
 so that other load on the machine affects them alike; ratios come from the summed times.
 
+Then, per model, end to end as a user meets it: fresh processes from start to exit, ``synthmed generate`` of the
+first 100 cases (every output, QC included) against a script that imports, loads and runs the bare pipeline
+(nothing written), alternating, best of 2 (issue 22: 100 images in <= 15 s with the fast default; >= 0.95x the
+bare pipeline at the teacher's settings).
+
     python benchmarks/bench_diffusion.py [--count 32] [--rounds 2] [--steps 20] [--size 256]
-                                         [--models shipped,random] [--threads N] [--no-png-only]
+                                         [--models fast,shipped,random] [--threads N] [--no-png-only]
+                                         [--e2e-count 100] [--e2e-rounds 2]
 
 On a small machine shared with other work, torch's default of one thread per core suffers
 badly when another process holds a core (threads wait on each other at every op); compare
@@ -54,7 +64,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_FILE = REPO / "dataset_specs" / "pneumonia.yaml"
-MODELS = ("shipped", "random")
+MODELS = ("fast", "shipped", "random")
 STAGES = ("text encoder", "UNet", "VAE decode")
 
 # What each side imports before it can load a model: a fresh interpreter runs this and is timed whole.
@@ -234,6 +244,15 @@ def run_synthmed(spec, backend, clock: StageClock, count: int, out: Path) -> dic
 
 # ----------------------------------------------------------------------------- one model
 
+def model_sampling(name: str, model_dir: Path, args) -> dict:
+    """The sampling both sides run: the student's own recommendation (fast), else --steps, --guidance, DPM-Solver++."""
+    if name == "fast":
+        from synthmed.backends.diffusion import recommended_sampling
+
+        return recommended_sampling(model_dir)
+    return {"scheduler": "dpm_solver", "steps": args.steps, "guidance_scale": args.guidance, "decoder": "full"}
+
+
 def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, start_up: dict) -> dict:
     """Load both sides on one model, warm them up, run the rounds and print the model's figures."""
     import torch
@@ -244,10 +263,12 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
     from synthmed.prompts import build_prompt
     from synthmed.sampler import sample_cases
 
+    sampling = model_sampling(name, model_dir, args)
     spec = dataclasses.replace(
         base, image=dataclasses.replace(base.image, width=args.size, height=args.size, formats=("dicom", "png")),
-        generator=dataclasses.replace(base.generator, backend="diffusion", model=model, steps=args.steps,
-                                      guidance_scale=args.guidance, scheduler="dpm_solver", threads=args.threads))
+        generator=dataclasses.replace(base.generator, backend="diffusion", model=model, steps=sampling["steps"],
+                                      guidance_scale=sampling["guidance_scale"], scheduler=sampling["scheduler"],
+                                      decoder=sampling["decoder"], threads=args.threads))
     spec_png = dataclasses.replace(spec, image=dataclasses.replace(spec.image, formats=("png",)))
     cases = list(sample_cases(spec, limit=args.count))
     prompts = [build_prompt(c, spec.prompt) for c in cases]
@@ -261,8 +282,15 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
         warnings.simplefilter("ignore", FutureWarning)
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True,
                                                        safety_checker=None)
-    # DPM-Solver++ from the folder's scheduler config, as synthmed makes it (SCHEDULERS["dpm_solver"])
-    pipe.scheduler = backend._scheduler_cls.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    if sampling["scheduler"] == "dpm_solver":  # DPM-Solver++ from the folder's config, as synthmed makes it
+        pipe.scheduler = backend._scheduler_cls.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    if sampling["decoder"] == "tiny":  # the student's tiny decoder, as a diffusers user swaps it in
+        from diffusers import AutoencoderTiny
+
+        pipe.vae = AutoencoderTiny.from_pretrained(model_dir / "tiny_vae", torch_dtype=torch.float32,
+                                                   local_files_only=True)
+    for module in (pipe.unet, pipe.vae):  # NHWC convolutions, as synthmed's backend runs them (diffusers' docs too)
+        module.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     load_bare = time.perf_counter() - t0
 
@@ -271,7 +299,9 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
 
     assert settings(pipe.scheduler.config) == settings(backend.scheduler_config), "the two sides' schedulers differ"
     micro = backend.micro_batch
-    print(f"\n=== model: {name} ({model_dir})")
+    print(f"\n=== model: {name} ({model_dir}): {sampling['scheduler']}, {sampling['steps']} steps, guidance "
+          f"{sampling['guidance_scale']:g}{' (an input of the UNet: no guidance pass)' if backend.time_cond_proj_dim else ''}, "
+          f"{sampling['decoder']} decoder")
     print(f"  {describe(pipe)}")
     print(f"  load: bare from_pretrained {load_bare:.2f} s | synthmed DiffusionBackend {load_synth:.2f} s "
           f"(includes checking and hashing the folder)")
@@ -282,20 +312,21 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
     t0 = time.perf_counter()
     clock = StageClock(pipe.text_encoder, pipe.unet, pipe.vae)
     run_bare(pipe, clock, cases[:micro], prompts[:micro], micro_batch=micro, size=args.size, steps=2,
-             guidance=args.guidance)
+             guidance=sampling["guidance_scale"])
     clock.close()
     warm_bare = time.perf_counter() - t0
     t0 = time.perf_counter()
     backend.steps = 2
     build.generate(spec, tmp / f"warm-{name}", limit=min(micro, args.count), backend=backend, progress=False)
-    backend.steps = args.steps
+    backend.steps = sampling["steps"]
     shutil.rmtree(tmp / f"warm-{name}", ignore_errors=True)
     warm_synth = time.perf_counter() - t0
     print(f"  warm-up (2 steps, excluded): bare {warm_bare:.2f} s | synthmed {warm_synth:.2f} s")
 
     # 3. Rounds, the order of the sides alternating
     clocks = {"bare": StageClock(pipe.text_encoder, pipe.unet, pipe.vae),
-              "synthmed": StageClock(backend.text_encoder, backend.unet, backend.vae)}
+              "synthmed": StageClock(backend.text_encoder, backend.unet,
+                                          backend.vae if backend.tiny_vae is None else backend.tiny_vae)}
     sides = ["bare", "synthmed"] + ([] if args.no_png_only else ["synthmed-png"])
     results: dict[str, list[dict]] = {s: [] for s in sides}
     n = args.count
@@ -304,7 +335,7 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
         for side in (sides if r % 2 == 0 else sides[::-1]):
             if side == "bare":
                 res = run_bare(pipe, clocks["bare"], cases, prompts, micro_batch=micro, size=args.size,
-                               steps=args.steps, guidance=args.guidance)
+                               steps=sampling["steps"], guidance=sampling["guidance_scale"])
                 note = f"{-(-n // micro)} pipeline calls, numpy out, nothing written"
             else:
                 out = tmp / f"{name}-{side}-{r}"
@@ -391,6 +422,77 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
     return figures
 
 
+# ----------------------------------------------------------------------------- end to end, measured
+
+BARE_SCRIPT = """\
+import json, sys, time
+import torch
+from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, StableDiffusionPipeline
+job = json.load(open(sys.argv[1]))
+torch.set_num_threads(job["threads"]) if job["threads"] else None
+pipe = StableDiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True,
+                                               safety_checker=None)
+if job["scheduler"] == "dpm_solver":
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+if job["decoder"] == "tiny":
+    pipe.vae = AutoencoderTiny.from_pretrained(job["model"] + "/tiny_vae", torch_dtype=torch.float32,
+                                               local_files_only=True)
+for module in (pipe.unet, pipe.vae):
+    module.to(memory_format=torch.channels_last)
+pipe.set_progress_bar_config(disable=True)
+m, n = job["micro_batch"], len(job["prompts"])
+for i in range(0, n, m):
+    images = pipe(prompt=job["prompts"][i:i + m], negative_prompt=job["negatives"][i:i + m], height=job["size"],
+                  width=job["size"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
+                  output_type="np", generator=[torch.Generator("cpu").manual_seed(s) for s in job["seeds"][i:i + m]])
+    assert len(images.images) == len(job["prompts"][i:i + m])
+"""
+
+
+def end_to_end(name: str, model_dir: Path, base, args, tmp: Path) -> tuple[float, float]:
+    """Wall seconds of fresh processes making ``--e2e-count`` images, process start to exit: ``synthmed generate``
+    (every output: DICOM image + SR, PNG, manifest, card, QC) and the bare pipeline (nothing written), the order of
+    the two alternating over ``--e2e-rounds``; the best of each side."""
+    import json
+
+    from synthmed.backends.diffusion import MICRO_BATCH
+    from synthmed.prompts import build_prompt
+    from synthmed.sampler import sample_cases
+
+    sampling = model_sampling(name, model_dir, args)
+    cases = list(sample_cases(base, limit=args.e2e_count))
+    prompts = [build_prompt(c, base.prompt) for c in cases]
+    job = tmp / f"e2e-{name}.json"
+    job.write_text(json.dumps({"model": str(model_dir), "prompts": [p.text for p in prompts],
+                               "negatives": [p.negative for p in prompts], "seeds": [int(c.seed) for c in cases],
+                               "steps": sampling["steps"], "guidance": sampling["guidance_scale"],
+                               "scheduler": sampling["scheduler"], "decoder": sampling["decoder"],
+                               "size": base.image.width, "micro_batch": MICRO_BATCH, "threads": args.threads}))
+    script = tmp / "bare_e2e.py"
+    script.write_text(BARE_SCRIPT)
+    synthmed = [str(Path(sys.executable).parent / "synthmed"), "generate", str(SPEC_FILE), "--limit",
+                str(args.e2e_count), "--model", str(model_dir), "--steps", str(sampling["steps"]), "--guidance-scale",
+                str(sampling["guidance_scale"]), "--scheduler", sampling["scheduler"], "--decoder", sampling["decoder"]]
+    if args.threads:
+        synthmed += ["--threads", str(args.threads)]
+    times: dict[str, list[float]] = {"bare": [], "synthmed": []}
+    for r in range(args.e2e_rounds):
+        for side in (("bare", "synthmed") if r % 2 == 0 else ("synthmed", "bare")):
+            out = tmp / f"e2e-{name}-{r}"
+            command = [sys.executable, str(script), str(job)] if side == "bare" else synthmed + ["-o", str(out)]
+            t0 = time.perf_counter()
+            subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            times[side].append(time.perf_counter() - t0)
+            shutil.rmtree(out, ignore_errors=True)
+    bare, synth = min(times["bare"]), min(times["synthmed"])
+    n = args.e2e_count
+    print(f"  end to end, measured (fresh processes, process start to exit, {n} images, best of {args.e2e_rounds}): "
+          f"bare {bare:.1f} s ({n / bare:.2f} images/s; rounds {', '.join(f'{t:.1f}' for t in times['bare'])}), "
+          f"synthmed generate {synth:.1f} s ({n / synth:.2f} images/s; rounds "
+          f"{', '.join(f'{t:.1f}' for t in times['synthmed'])}), ratio {bare / synth:.3f}x")
+    return bare, synth
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -404,6 +506,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both sides (default: the backend's default, all cores)")
     parser.add_argument("--no-png-only", action="store_true", help="skip the synthmed PNG-only control run")
+    parser.add_argument("--e2e-count", type=int, default=100,
+                        help="images of the measured end-to-end runs in fresh processes (0: skip them)")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="measured end-to-end runs per side")
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
@@ -440,8 +545,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as tmp:
         tmp = Path(tmp)
         for name in models:
-            if name == "shipped":
-                model, model_dir = "default", default_model_dir()
+            if name in ("shipped", "fast"):
+                model = "default" if name == "shipped" else "default-fast"
+                model_dir = default_model_dir(model)
             else:
                 t0 = time.perf_counter()
                 model_dir = build_random_model(tmp / "random-model", args.size)
@@ -449,6 +555,8 @@ def main() -> None:
                 print(f"\nrandom model built from synthmed.finetune.default_components in "
                       f"{time.perf_counter() - t0:.1f} s")
             figures[name] = bench_model(name, model, model_dir, base, args, tmp, start_up)
+            if args.e2e_count and args.size == base.image.width:
+                figures[name]["measured"] = end_to_end(name, model_dir, base, args, tmp)
 
     print("\nboth models (images/s of the runs; steady s/image; end to end composed):")
     for name, f in figures.items():
@@ -457,6 +565,13 @@ def main() -> None:
         print(f"  {name:<8} bare {f['bare']:.3f}, synthmed {f['synthmed']:.3f} images/s "
               f"({f['synthmed'] / f['bare']:.3f}x) | {steady_text} | end to end {f['e2e'][0]:.3f} vs "
               f"{f['e2e'][1]:.3f} images/s ({f['e2e'][1] / f['e2e'][0]:.3f}x)")
+    for name, f in figures.items():
+        if "measured" in f:
+            bare, synth = f["measured"]
+            target = (f"; target <= 15 s: {'met' if synth <= 15 else 'not met'}" if name == "fast" else
+                      f"; target >= 0.95x: {'met' if bare / synth >= 0.95 else 'not met'}")
+            print(f"  {name:<8} measured end to end, {args.e2e_count} images: bare {bare:.1f} s, synthmed {synth:.1f} s "
+                  f"({bare / synth:.3f}x){target}")
     print("note: synthmed applies the spec's emphasis (finding words x1.3) to its embeddings; the bare pipeline gets "
           "the same text without it (no effect on cost). synthmed encodes each distinct prompt once per run; the "
           "bare pipeline encodes every prompt and negative on every call.")

@@ -175,6 +175,13 @@ class DiffusionBackend:
                                            dtype=self.dtype, allow_pickle=allow_pickle).to(self.device).eval()
         self.text_encoder = self._load("text_encoder").to(self.device).eval()
         self.tokenizer = self._load("tokenizer")
+        if self.device.type in ("cpu", "cuda"):
+            # oneDNN's (and cuDNN's) convolutions run faster on NHWC: on a 2-core CPU the UNet 1.25x, the VAE
+            # decode 1.7x, the tiny decoder 1.6x (benchmarks/bench_diffusion.py). Not for components in training
+            # (from_components): their layout stays the trainer's.
+            for module in (self.unet, self.vae, self.tiny_vae):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         self._setup(self._load("scheduler"), scheduler, dtype, compile, cache_size, model_id or self.root.name,
                     model_hash(self.root))
 
