@@ -68,7 +68,8 @@ default-model: $(STAMP) anatomy
 # teacher's card first: the student's is written beside it); resumes after an interruption.
 default-fast: $(STAMP)
 	$(BIN)/synthmed distill --teacher default --manifest $(DEFAULT_TRAIN)/manifest.csv -o out/default-fast \
-		--work-dir out/default-fast-training --steps $(or $(FAST_STEPS),2000) --checkpoint-every 200 --resume
+		--work-dir out/default-fast-training --steps $(or $(FAST_STEPS),2000) --checkpoint-every 200 --resume \
+		--tiny-decoder-steps $(or $(TINY_DECODER_STEPS),2000)
 	rm -rf synthmed/models/default-fast && cp -r out/default-fast synthmed/models/default-fast
 	rm -rf synthmed/models/default-fast/.synthmed  # distill's record of its files: not part of the shipped model
 	$(BIN)/python scripts/model_card.py --model synthmed/models/default-fast --teacher synthmed/models/default \

@@ -164,6 +164,34 @@ def student_targets(evaluation: dict, teacher: dict) -> list[dict]:
     return rows
 
 
+def decoder_section(evaluation: dict, teacher: dict) -> str:
+    """The student's two decoders (the teacher's VAE, its tiny one) on the same latents, as the auditor reads them."""
+    other = evaluation.get("other_decoder")
+    if not other:
+        return ""
+    mine = evaluation["sampling"]["decoder"]
+    columns = {mine: (evaluation["label_fidelity"], evaluation["fid"], evaluation["speed_images_per_s"]),
+               other["decoder"]: (other["label_fidelity"], other["fid"], other["speed_images_per_s"])}
+    full, tiny = columns["full"], columns["tiny"]
+    rows = [("finding set agreement (exact)", lambda r: r["findings"]["exact_set_agreement"]),
+            ("location (exact)", lambda r: r["location"]["accuracy"]),
+            ("severity", lambda r: r["severity"]["accuracy"])]
+    table = "\n".join(f"| {what} | {fmt(get(full[0]))} | {fmt(get(tiny[0]))} | {fmt(get(teacher['label_fidelity']))} |"
+                      for what, get in rows)
+    default = "the teacher's VAE" if mine == "full" else "its tiny decoder"
+    return f"""## Decoder
+The student decodes with {default} by default. It also carries a TAESD-style decoder (`tiny_vae/`, diffusers
+`AutoencoderTiny`, `generator.decoder: tiny`); the same student's latents through each, read by the same auditor:
+
+| figure | teacher's VAE decoder{' (default)' if mine == 'full' else ''} | tiny decoder{' (default)' if mine == 'tiny' else ''} | teacher |
+|---|---|---|---|
+{table}
+| FID in the auditor's space | {full[1]:.1f} | {tiny[1]:.1f} | {teacher['fid']:.1f} |
+| images/s (card run, QC off) | {full[2]:.2f} | {tiny[2]:.2f} | {teacher['speed_images_per_s']:.2f} |
+
+"""
+
+
 def write_student_card(args, evaluation: dict, teacher: dict, gen_rows, train_rows, memo) -> None:
     """README.md of a distilled student (its making from distillation.json, its figures beside its teacher's)."""
     distillation = json.loads((args.model / "distillation.json").read_text(encoding="utf-8"))
@@ -212,7 +240,7 @@ writes from it is marked synthetic.
   films); {settings.get('steps', 0):,} steps of batch {settings.get('batch_size')}, learning rate
   {settings.get('learning_rate') or 1e-4:g}{f', {seconds / 3600:.2f} h' if seconds else ''} on a 2-core CPU.
 - Rebuild: `make default-fast` (after `make default-model`; resumes after an interruption).
-- {size_mb:.1f} MB in all (fp16 safetensors; tokenizer, text encoder and VAE are the teacher's).
+- {size_mb:.1f} MB in all (fp16 safetensors; tokenizer, text encoder and VAE are the teacher's{'; the tiny decoder is its own' if evaluation.get('other_decoder') else ''}).
 
 ## Targets
 | figure | target | value | |
@@ -222,7 +250,7 @@ writes from it is marked synthetic.
 ## Label fidelity beside the teacher
 The {films} auditor (`{evaluation['auditor']}`) reads {len(gen_rows)} images of the held-out cases of
 `dataset_specs/default_model_evaluation.yaml` made by the student ({sampling.get('scheduler')},
-{sampling.get('steps')} steps, guidance {sampling.get('guidance_scale')}) and by the teacher
+{sampling.get('steps')} steps, guidance {sampling.get('guidance_scale')}, {sampling.get('decoder', 'full')} decoder) and by the teacher
 ({t_sampling.get('scheduler', 'dpm_solver')}, {t_sampling.get('steps', 20)} steps, guidance
 {t_sampling.get('guidance_scale', 4.0)}); the last column is the auditor on the {films} films of the same cases
 (its ceiling).
@@ -235,7 +263,7 @@ The {films} auditor (`{evaluation['auditor']}`) reads {len(gen_rows)} images of 
 |---|---|---|---|---|
 {per_finding}
 
-## FID and memorisation
+{decoder_section(evaluation, teacher)}## FID and memorisation
 Fréchet distance in the auditor's embedding space against the held-out {films} films: student
 **{evaluation['fid']:.2f}**, teacher {teacher['fid']:.2f}, floor (training films against the same set)
 {evaluation['fid_floor']:.2f}. Memorisation against {len(train_rows)} training films: flagged
@@ -351,7 +379,7 @@ def main() -> None:
     spec = load_spec(args.spec)
     if args.teacher is not None:  # the spec's sampling settings are the teacher's: the student samples as it recommends
         spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=None, scheduler=None,
-                                                                       guidance_scale=None))
+                                                                       guidance_scale=None, decoder=None))
     made = generate(spec, args.work / "generated", model=str(args.model), overwrite=True, progress=True, qc=False)
     speed = made.written / made.seconds
     generate(args.spec, args.work / films, backend=films, overwrite=True, progress=True, qc=False)
@@ -377,6 +405,19 @@ def main() -> None:
     memo = memorisation_audit(f_gen, [r["case_id"] for r in gen_rows], f_train, [r["case_id"] for r in train_rows],
                               gen_pixels=gen, train_pixels=train)
     grid(gen_rows, gen, ref, args.work / "samples.png")
+    other_decoder = None
+    run_generator = json.loads((args.work / "generated" / ".synthmed" / "run.json").read_text(encoding="utf-8"))[
+        "generator"]
+    decoder = run_generator.get("decoder") or "full"
+    if (args.model / "tiny_vae").is_dir():  # the same latents through the other decoder: what the choice costs
+        other = "full" if decoder == "tiny" else "tiny"
+        spec_other = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, decoder=other))
+        made_other = generate(spec_other, args.work / f"generated-{other}-decoder", model=str(args.model),
+                              overwrite=True, progress=True, qc=False)
+        other_rows, other_images = read_set(args.work / f"generated-{other}-decoder" / "manifest.csv")
+        other_decoder = {"decoder": other, "label_fidelity": label_fidelity(auditor.predict(other_images), other_rows),
+                         "fid": fid_from_features(auditor.embed(other_images), f_ref, method="eigh"),
+                         "speed_images_per_s": made_other.written / made_other.seconds}
 
     # 3. The card
     params = {}
@@ -398,9 +439,12 @@ def main() -> None:
                          for space in ("encoder", "pixel")},
         "speed_images_per_s": speed, "eval_cases": len(gen_rows),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": time.time() - started,
-        "eval_spec_sha256": spec_sha256, "sampling": {k: v for k, v in json.loads((args.work / "generated" / ".synthmed" / "run.json").read_text(
-            encoding="utf-8"))["generator"].items() if k in ("scheduler", "steps", "guidance_scale")},
+        "eval_spec_sha256": spec_sha256,
+        "sampling": {**{k: v for k, v in run_generator.items() if k in ("scheduler", "steps", "guidance_scale")},
+                     "decoder": decoder},
     }
+    if other_decoder is not None:
+        evaluation["other_decoder"] = other_decoder
     if teacher_eval is not None:
         evaluation["teacher"] = {"folder": str(args.teacher.relative_to(ROOT)) if args.teacher.is_absolute()
                                  and args.teacher.is_relative_to(ROOT) else str(args.teacher),

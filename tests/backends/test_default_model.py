@@ -58,26 +58,32 @@ def test_model_card_describes_the_training_its_record_holds():
     assert "(lora UNet, learning rate 0.0001 constant" in text  # LoRA's default rate, no text encoder
 
 
-@pytest.mark.slow
-def test_default_model_generates_a_labelled_image_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("""
+def smoke_row(tmp_path, generator: str, out: str = "out") -> dict:
+    """The manifest row of one severe left pleural effusion made with ``generator`` (a YAML flow mapping), offline."""
+    spec = tmp_path / f"{out}.yaml"
+    spec.write_text(f"""
 spec_version: 1
-name: default-model-smoke
+name: shipped-model-smoke
 seed: 3
 count: 2
-image: {size: 256, formats: [png, dicom]}
+image: {{size: 256, formats: [png, dicom]}}
 findings:
   - finding: pleural_effusion
     weight: 1
     location: left
     severity: severe
-generator: {backend: diffusion, model: default, steps: 4, threads: 1}
+generator: {generator}
 """, encoding="utf-8")
-    result = generate(spec, tmp_path / "out", limit=1, progress=False, qc=False)
+    result = generate(spec, tmp_path / out, limit=1, progress=False, qc=False)
     with open(result.manifest, newline="", encoding="utf-8") as fh:
         (row,) = list(csv.DictReader(fh))
+    return row
+
+
+@pytest.mark.slow
+def test_default_model_generates_a_labelled_image_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    row = smoke_row(tmp_path, "{backend: diffusion, model: default, steps: 4, threads: 1}")
     assert row["model_id"] == "synthmed-default" and row["findings"] == "pleural_effusion:left:severe"
     assert row["Pleural Effusion"] == "1" and (tmp_path / "out" / row["png_path"]).is_file()
 
