@@ -586,15 +586,8 @@ def _train_student(teacher_unet, text_encoder, noise_scheduler, latents, ids, em
                 decay = settings["ema_decay"]
                 for kept, new in zip(target.parameters(), accelerator.unwrap_model(student).parameters()):
                     kept.mul_(decay).add_(new.detach(), alpha=1 - decay)
-        value = float(loss.detach())
-        loss_avg = value if loss_avg is None else 0.99 * loss_avg + 0.01 * value
-        state.step, state.loss = step + 1, loss_avg
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_avg:.5f}")
-        if (step + 1) % 25 == 0:
-            log.write(stage=STAGE, step=step + 1, loss=round(loss_avg, 7), t=round(time.time(), 1))
-        if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-            save_checkpoint(work, accelerator, STAGE, step + 1)
+        loss_avg = _step_done(state, step, float(loss.detach()), (0.99, 0.01), 7, bar, log, work, accelerator,
+                              checkpoint_every, total)
     bar.close()
     if target is not None:  # the saved student is the moving average (the target the loss pulled toward)
         unet = target
@@ -602,6 +595,21 @@ def _train_student(teacher_unet, text_encoder, noise_scheduler, latents, ids, em
         unet = accelerator.unwrap_model(student).merge_and_unload()
     unet.eval().requires_grad_(False)
     return unet, loss_avg, max(start, total)
+
+
+def _step_done(state, step: int, value: float, weights: tuple, digits: int, bar, log, work, accelerator,
+               checkpoint_every: int, total: int) -> float:
+    """After optimiser step ``step`` of a stage: its running loss (``weights`` of the old and the new value), the
+    progress bar, the log every 25 steps, a checkpoint every ``checkpoint_every`` and at the end."""
+    loss = value if state.loss is None else weights[0] * state.loss + weights[1] * value
+    state.step, state.loss = step + 1, loss
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.{digits - 2}f}")
+    if (step + 1) % 25 == 0:
+        log.write(stage=state.stage, step=step + 1, loss=round(loss, digits), t=round(time.time(), 1))
+    if (step + 1) % checkpoint_every == 0 or step + 1 == total:
+        save_checkpoint(work, accelerator, state.stage, step + 1)
+    return loss
 
 
 def _guidance_conditioned(teacher_unet, dim: int):
@@ -701,15 +709,8 @@ def _train_tiny_vae(vae_config, latents, images, work, settings, generator, acce
             optimiser.step()
             schedule.step()
             optimiser.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
-            state.step, state.loss = step + 1, loss_avg
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-            if (step + 1) % 25 == 0:
-                log.write(stage=TINY_STAGE, step=step + 1, loss=round(loss_avg, 6), t=round(time.time(), 1))
-            if (step + 1) % checkpoint_every == 0 or step + 1 == total:
-                save_checkpoint(work, accelerator, TINY_STAGE, step + 1)
+            loss_avg = _step_done(state, step, float(loss.detach()), (0.98, 0.02), 6, bar, log, work, accelerator,
+                                  checkpoint_every, total)
         bar.close()
     return model.eval().requires_grad_(False), loss_avg
 
