@@ -272,7 +272,8 @@ Fréchet distance in the auditor's embedding space against the held-out {films} 
 ## Speed
 `synthmed generate`, 256x256, every output (DICOM, SR, SEG, PNG), QC off: student
 **{evaluation['speed_images_per_s']:.2f} images/s**, teacher {teacher['speed_images_per_s']:.2f} images/s, on
-{platform.machine()} with {os.cpu_count()} CPU cores (shared with other work while measured).
+{platform.machine()} with {os.cpu_count()} CPU cores, in the card's own run (benchmarks/bench_diffusion.py
+measures it against the bare diffusers pipeline).
 
 ## Samples
 The first case of each finding: the student's image above, the {films} film of the same case below.
@@ -534,8 +535,8 @@ Pixel space (64x64, L2): median {fmt(memo['pixel']['distances']['median'])}, min
 
 ## Speed
 `synthmed generate` with this model, 256x256, 20 DPM-Solver steps, guidance 4, every output (DICOM, SR, SEG,
-PNG): **{speed:.2f} images/s** on {platform.machine()} with {os.cpu_count()} CPU cores (shared with other work
-while measured).
+PNG): **{speed:.2f} images/s** on {platform.machine()} with {os.cpu_count()} CPU cores, in the card's
+own run (benchmarks/bench_diffusion.py measures it against the bare diffusers pipeline).
 
 {capacity_section(args.docs.parent / "default_model_capacity.json")}
 ## Samples

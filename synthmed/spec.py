@@ -218,7 +218,7 @@ class GeneratorSpec:
 
     ``steps``, ``guidance_scale``, ``scheduler`` and ``decoder`` are None where the spec leaves them out: the
     diffusion backend then takes the model folder's recommended settings (a distilled student's: lcm, 4 steps, and
-    its tiny decoder where it has one), else 20 / 4.0 / dpm_solver / full (``synthmed.backends.resolve_generator``
+    the decoder its distillation.json names), else 20 / 4.0 / dpm_solver / full (``synthmed.backends.resolve_generator``
     says which, without loading the model).
     """
 

@@ -290,3 +290,21 @@ def test_the_tiny_decoder_learns_to_draw_the_films_from_their_latents(phantom_se
         torch.manual_seed(1)  # the run's starting weights (seed 0 + 1)
         start = AutoencoderTiny(**tiny_vae_config(vae.config)).decode(z).sample
     assert (trained - x).abs().mean() < 0.6 * (start - x).abs().mean()
+
+
+def test_a_users_tiny_vae_files_are_never_replaced(phantom_set, tiny_base, tmp_path):  # noqa: F811
+    """tiny_vae/ is one of the student folder's entries: a user's file there is refused and left as it was, also
+    one put beside the tiny decoder distill wrote."""
+    other = tmp_path / "other"
+    (other / "tiny_vae").mkdir(parents=True)
+    (other / "tiny_vae" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="tiny_vae/config.json"):
+        distill(phantom_set, tiny_base, other, steps=1, tiny_decoder_steps=1, overwrite=True, **TINY)
+    assert (other / "tiny_vae" / "config.json").read_text() == "{}"
+    out = tmp_path / "student"
+    distill(phantom_set, tiny_base, out, steps=1, tiny_decoder_steps=1, **TINY)
+    (out / "tiny_vae" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="tiny_vae/notes.txt"):
+        distill(phantom_set, tiny_base, out, steps=1, tiny_decoder_steps=1, overwrite=True, **TINY)
+    assert (out / "tiny_vae" / "notes.txt").read_text() == "mine"
+    assert (out / "tiny_vae" / "diffusion_pytorch_model.safetensors").is_file()

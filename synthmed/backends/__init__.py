@@ -82,7 +82,7 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
     """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler`` and ``decoder`` as the build runs them.
 
     Where the spec sets them, its values; else, for the diffusion backend, what the model folder recommends
-    (a distilled student's ``distillation.json``: lcm, 4 steps, and the tiny decoder where distill trained one;
+    (a distilled student's ``distillation.json``: lcm, 4 steps, and its decoder;
     read from JSON, nothing loaded), else 20 steps, guidance 4.0, dpm_solver and the full decoder (the VAE).
     ``backend`` and ``model`` override the spec's, as in :func:`create_backend`.
 

@@ -501,7 +501,7 @@ def recommended_sampling(model: str | Path) -> dict:
     """The scheduler, steps, guidance scale and decoder a model folder recommends, reading only JSON.
 
     A student made by ``synthmed distill`` recommends its own (``distillation.json``, key ``recommended``; its
-    ``decoder`` is ``tiny`` when distill trained a tiny decoder, absent or ``full`` otherwise);
+    ``decoder``, absent or ``full`` as distill writes it, may say ``tiny``);
     a folder whose scheduler is diffusers' ``LCMScheduler`` without that file gets lcm, 4 steps and guidance 4.0
     when its UNet takes the guidance scale as an input, else 1.0 (the guidance is distilled into its weights);
     any other folder gets :data:`PLAIN_SAMPLING` (20 DPM-Solver++ steps, guidance 4.0). A folder that cannot be
