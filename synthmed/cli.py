@@ -40,6 +40,31 @@ def main() -> None:
     # transformers' advisory notes (e.g. that torchvision is absent) are noise on this command line
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    torch and numpy allocate and free large buffers on every batch; by default glibc serves each from a fresh mmap and
+    unmaps it on free, so the next batch page-faults the same memory in again (about 3.5 M faults and 5 s of kernel
+    time per 100 diffusion images on 2 cores). This is the tuning PyTorch's CPU launcher gets from jemalloc or
+    tcmalloc; the outputs do not change, the peak memory grows by about a tenth. Left alone where the user has
+    chosen malloc settings (MALLOC_*_ or GLIBC_TUNABLES) or the C library is not glibc. Returns whether it applied.
+    """
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or any(
+            k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt takes no such parameters
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 @main.command()

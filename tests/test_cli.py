@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -308,3 +309,34 @@ def test_module_entry_point_reports_bad_spec_without_traceback(bad_spec):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"{bad_spec}:3:8: count:" in proc.stderr
+
+
+# ---- the process's malloc tuning: applied by the command, never over the user's own settings
+
+_MALLOC_PROBE = """
+import ctypes, sys
+from synthmed import cli
+applied = cli._keep_freed_memory()
+# glibc's mallinfo2 has no field for the mmap limit; a 64 MiB buffer freed and taken again shows it: with the
+# limit at 0 it comes from the heap (hblkhd, the bytes in mmapped blocks, stays 0) instead of its own mmap
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.mallinfo2.restype = MallInfo2
+p = libc.malloc(64 << 20)
+print(applied, libc.mallinfo2().hblkhd >= 64 << 20)
+libc.free(ctypes.c_void_p(p))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize("user_env, expected", [({}, "True False"), ({"MALLOC_MMAP_MAX_": "65536"}, "False True"),
+                                                ({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "False True")])
+def test_commands_keep_freed_memory_unless_the_user_chose_malloc_settings(user_env, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env={**env, **user_env}, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert " ".join(out) == expected
