@@ -69,7 +69,7 @@ default-model: $(STAMP) anatomy
 default-fast: $(STAMP)
 	$(BIN)/synthmed distill --teacher default --manifest $(DEFAULT_TRAIN)/manifest.csv -o out/default-fast \
 		--work-dir out/default-fast-training --steps $(or $(FAST_STEPS),2000) --checkpoint-every 200 --resume \
-		--tiny-decoder-steps $(or $(TINY_DECODER_STEPS),2000)
+		--tiny-decoder-steps $(or $(TINY_DECODER_STEPS),2000) --recommend-dtype auto
 	rm -rf synthmed/models/default-fast && cp -r out/default-fast synthmed/models/default-fast
 	rm -rf synthmed/models/default-fast/.synthmed  # distill's record of its files: not part of the shipped model
 	$(BIN)/python scripts/model_card.py --model synthmed/models/default-fast --teacher synthmed/models/default \

@@ -250,7 +250,8 @@ writes from it is marked synthetic.
 ## Label fidelity beside the teacher
 The {films} auditor (`{evaluation['auditor']}`) reads {len(gen_rows)} images of the held-out cases of
 `dataset_specs/default_model_evaluation.yaml` made by the student ({sampling.get('scheduler')},
-{sampling.get('steps')} steps, guidance {sampling.get('guidance_scale')}, {sampling.get('decoder', 'full')} decoder) and by the teacher
+{sampling.get('steps')} steps, guidance {sampling.get('guidance_scale')}, {sampling.get('decoder', 'full')} decoder,
+{sampling.get('dtype', 'float32')}) and by the teacher
 ({t_sampling.get('scheduler', 'dpm_solver')}, {t_sampling.get('steps', 20)} steps, guidance
 {t_sampling.get('guidance_scale', 4.0)}); the last column is the auditor on the {films} films of the same cases
 (its ceiling).
@@ -442,7 +443,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": time.time() - started,
         "eval_spec_sha256": spec_sha256,
         "sampling": {**{k: v for k, v in run_generator.items() if k in ("scheduler", "steps", "guidance_scale")},
-                     "decoder": decoder},
+                     "decoder": decoder, "dtype": json.loads(gen_rows[0]["generation"]).get("dtype", "float32")},
     }
     if other_decoder is not None:
         evaluation["other_decoder"] = other_decoder

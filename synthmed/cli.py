@@ -154,7 +154,8 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--scheduler", type=click.Choice(["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc",
                                                "lcm"]),
               help="Override generator.scheduler (lcm: a student made by synthmed distill).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Override generator.dtype.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+              help="Override generator.dtype (auto: bfloat16 where the CPU or GPU computes it natively, else float32).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Override generator.device.")
 @click.option("--compile/--no-compile", default=None, help="Wrap the UNet in torch.compile.")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), help="Dynamic int8 quantisation of the UNet (CPU).")
@@ -374,6 +375,9 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
 @click.option("--tiny-decoder-steps", type=click.IntRange(0), default=0, show_default=True, metavar="N",
               help="Also train a TAESD-style decoder (tiny_vae/, about 3x faster than the VAE decode) for N steps, "
                    "for generator.decoder: tiny.")
+@click.option("--recommend-dtype", type=click.Choice(["float32", "bfloat16", "auto"]), default="float32",
+              show_default=True, help="The dtype the student recommends for generation (auto: bfloat16 where the "
+                                      "machine computes it natively); check its images first.")
 @click.option("--save-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
               show_default=True,
               help="Precision of the saved student UNet (the teacher's parts are copied as they are).")

@@ -121,7 +121,7 @@ def _number(name: str, value, *, whole: bool, low: float, high: float, optional:
 
 def _check_distill_arguments(teacher, mode, guidance_min, guidance_max, guidance_scale, num_ddim_timesteps,
                              student_steps, time_cond_proj_dim, ema_decay, huber_c, lora_rank,
-                             tiny_decoder_steps=0) -> None:
+                             tiny_decoder_steps=0, recommend_dtype="float32") -> None:
     """The arguments distill has and finetune has not (finetune's check_arguments takes the shared ones)."""
     if not isinstance(teacher, (str, os.PathLike)) or not os.fspath(teacher):
         raise TypeError(f"teacher must be the path of a local diffusers model folder (or 'default', the shipped "
@@ -139,6 +139,8 @@ def _check_distill_arguments(teacher, mode, guidance_min, guidance_max, guidance
     _number("huber_c", huber_c, whole=False, low=1e-8, high=1.0)
     _number("lora_rank", lora_rank, whole=True, low=1, high=4096, optional=True)
     _number("tiny_decoder_steps", tiny_decoder_steps, whole=True, low=0, high=10_000_000)
+    if recommend_dtype not in ("float32", "bfloat16", "auto"):  # float16 needs a GPU: not a recommendation to ship
+        raise ValueError(f"recommend_dtype must be float32, bfloat16 or auto, got {_name_of(recommend_dtype)}")
 
 
 def _teacher_folder(teacher: str | os.PathLike) -> Path:
@@ -206,7 +208,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
             guidance_min: float | None = None, guidance_max: float | None = None, guidance_scale: float = 4.0,
             num_ddim_timesteps: int = 50, student_steps: int = 4, time_cond_proj_dim: int | None = None,
             ema_decay: float | None = None, huber_c: float = 0.001, lora_rank: int | None = None,
-            tiny_decoder_steps: int = 0, template: str = "synthmed-v1", checkpoint_every: int = 250, resume: bool = False,
+            tiny_decoder_steps: int = 0, recommend_dtype: str = "float32", template: str = "synthmed-v1", checkpoint_every: int = 250, resume: bool = False,
             overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0, threads: int | None = None,
             device: str = "auto", mixed_precision: str = "no", allow_pickle: bool = False,
             save_dtype: str = "float16", progress: bool = True, gradient_checkpointing: bool = False,
@@ -243,6 +245,10 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
             latents of the same images for this many steps, into the student's ``tiny_vae/``, for
             ``generator.decoder: tiny`` (the student still recommends the teacher's VAE: how the tiny decoder's
             images read is for the user's auditor to judge). 0 (default): none. A resume may add or lengthen it.
+        recommend_dtype: the dtype the student recommends for generation (distillation.json
+            ``recommended.dtype``): float32 (default), bfloat16, or auto (bfloat16 where the machine computes it
+            natively). Recommend a lower precision only after checking its images (the shipped default-fast's card
+            did). A resume may change it.
         checkpoint_every: save the whole training state every N steps in ``work_dir/checkpoints``.
         resume: continue from the newest checkpoint in ``work_dir`` (the same settings are required): the same
             weights as a run that never stopped; a damaged checkpoint is skipped (warned) for the one before.
@@ -273,7 +279,8 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                     mixed_precision=mixed_precision, save_dtype=save_dtype, prompts=prompts, views=views, crop=crop,
                     dataset_kind=dataset_kind, no_report=no_report, uncertain=uncertain, template=template)
     _check_distill_arguments(teacher, mode, guidance_min, guidance_max, guidance_scale, num_ddim_timesteps,
-                             student_steps, time_cond_proj_dim, ema_decay, huber_c, lora_rank, tiny_decoder_steps)
+                             student_steps, time_cond_proj_dim, ema_decay, huber_c, lora_rank, tiny_decoder_steps,
+                             recommend_dtype)
     teacher_path = _teacher_folder(teacher)
     unet_config, _ = _check_teacher(teacher_path, allow_pickle, num_ddim_timesteps)
     mode = _choose_mode(mode, unet_config, teacher_path)
@@ -335,7 +342,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                 "guidance_scale": guidance_scale, "num_ddim_timesteps": num_ddim_timesteps,
                 "student_steps": student_steps, "time_cond_proj_dim": time_cond_proj_dim, "ema_decay": ema_decay,
                 "huber_c": huber_c, "lora_rank": lora_rank, "timestep_scaling": TIMESTEP_SCALING,
-                "tiny_decoder_steps": tiny_decoder_steps,
+                "tiny_decoder_steps": tiny_decoder_steps, "recommend_dtype": recommend_dtype,
                 "mixed_precision": mixed_precision, "template": template, "seed": seed,
                 "manifest_sha256": data.sha256, "images": len(examples), "width": width, "height": height,
                 "dataset_kind": None if data.kind == "manifest" else data.kind, "prompts": prompts,
@@ -350,7 +357,8 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
         except ValueError as e:
             raise ValueError(f"{e}; it records the settings of the run to resume: resume needs it as distill wrote "
                              "it (or start again: overwrite=True without resume=True)") from None
-        lengthened = ("steps", "tiny_decoder_steps")  # a resume may train longer, or add the tiny decoder
+        # a resume may train longer, add the tiny decoder, or recommend another dtype (not part of training)
+        lengthened = ("steps", "tiny_decoder_steps", "recommend_dtype")
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k)
                          and k not in lengthened)
         if changed:
@@ -739,7 +747,9 @@ def _card_record(record: dict, teacher: Path, settings: dict, vae_config=None) -
         "teacher": {"path": settings["teacher"], "model_hash": settings["teacher_hash"],
                     **({"training": teacher_training} if teacher_training else {})},
         "recommended": {"scheduler": "lcm", "steps": settings["student_steps"],
-                        "guidance_scale": float(settings["guidance_scale"]) if full else 1.0},
+                        "guidance_scale": float(settings["guidance_scale"]) if full else 1.0,
+                        **({"dtype": settings["recommend_dtype"]}
+                           if settings.get("recommend_dtype", "float32") != "float32" else {})},
         "guidance": ({"input": True, "time_cond_proj_dim": settings["time_cond_proj_dim"],
                       "min": settings["guidance_min"], "max": settings["guidance_max"]} if full
                      else {"input": False, "distilled_scale": settings["guidance_scale"]}),

@@ -216,9 +216,10 @@ class AnatomyEntry:
 class GeneratorSpec:
     """How images are made (the spec's ``generator``).
 
-    ``steps``, ``guidance_scale``, ``scheduler`` and ``decoder`` are None where the spec leaves them out: the
+    ``steps``, ``guidance_scale``, ``scheduler``, ``decoder`` and ``dtype`` are None where the spec leaves them out: the
     diffusion backend then takes the model folder's recommended settings (a distilled student's: lcm, 4 steps, and
-    the decoder its distillation.json names), else 20 / 4.0 / dpm_solver / full (``synthmed.backends.resolve_generator``
+    the decoder and dtype its distillation.json names), else 20 / 4.0 / dpm_solver / full / float32
+    (``synthmed.backends.resolve_generator``
     says which, without loading the model).
     """
 
@@ -228,7 +229,7 @@ class GeneratorSpec:
     guidance_scale: float | None = None
     scheduler: str | None = None
     batch_size: int = 8
-    dtype: str = "float32"
+    dtype: str | None = None  # float32, bfloat16, float16, auto; None: the folder's recommendation, else float32
     device: str = "auto"
     allow_pickle: bool = False
     compile: bool = False

@@ -237,6 +237,8 @@ def test_the_tiny_decoder_is_an_autoencoder_tiny_the_student_recommends(phantom_
     (generator.decoder: tiny) but not recommended: the teacher's VAE stays the default."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
+    from synthmed.backends.diffusion import recommended_sampling
+
     result = distill(phantom_set, tiny_base, tmp_path / "s", steps=1, tiny_decoder_steps=2, **TINY)
     folder = result.model_dir
     assert (folder / "tiny_vae" / "diffusion_pytorch_model.safetensors").is_file()
@@ -250,8 +252,12 @@ def test_the_tiny_decoder_is_an_autoencoder_tiny_the_student_recommends(phantom_
     with torch.no_grad():
         assert tiny.decode(z).sample.shape == vae.decode(z).sample.shape
     assert result.losses["tiny_decoder"] > 0
-    plain = distill(phantom_set, tiny_base, tmp_path / "p", steps=1, **TINY)
+    assert "dtype" not in record["recommended"]  # float32: the distillation.json of every earlier student
+    plain = distill(phantom_set, tiny_base, tmp_path / "p", steps=1, recommend_dtype="auto", **TINY)
     assert not (plain.model_dir / "tiny_vae").exists() and "tiny_decoder" not in plain.record
+    assert recommended_sampling(plain.model_dir)["dtype"] == "auto"  # what generate then runs in
+    with pytest.raises(ValueError, match="recommend_dtype must be float32, bfloat16 or auto"):
+        distill(phantom_set, tiny_base, tmp_path / "q", steps=1, recommend_dtype="float16", **TINY)
 
 
 @pytest.mark.slow
@@ -271,6 +277,8 @@ def test_the_tiny_decoder_learns_to_draw_the_films_from_their_latents(phantom_se
     """After training, decoding the teacher's latents of the training films comes much closer to the films than
     the same network's starting weights do (L1 over all 8 films)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from synthmed.backends.diffusion import recommended_sampling
 
     from synthmed.distill import tiny_vae_config
     from synthmed.finetune import read_training_set

@@ -79,7 +79,8 @@ def default_model_dir(name: str = "default"):
 
 
 def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None):
-    """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler`` and ``decoder`` as the build runs them.
+    """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler``, ``decoder`` and ``dtype`` as the build
+    runs them (``dtype`` may be ``auto``: the backend picks float32 or bfloat16 for the machine).
 
     Where the spec sets them, its values; else, for the diffusion backend, what the model folder recommends
     (a distilled student's ``distillation.json``: lcm, 4 steps, and its decoder;
@@ -98,10 +99,10 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
     from .diffusion import PLAIN_SAMPLING, recommended_sampling
 
     g = spec.generator
-    unset = [k for k in ("steps", "guidance_scale", "scheduler", "decoder") if getattr(g, k) is None]
+    unset = [k for k in ("steps", "guidance_scale", "scheduler", "decoder", "dtype") if getattr(g, k) is None]
     if not unset:
         return g
-    settings = {**PLAIN_SAMPLING, "decoder": "full"}
+    settings = {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
     if (backend or g.backend) == "diffusion":
         model = model or g.model
         from ..model_folder import ModelFolderError

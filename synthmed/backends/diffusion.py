@@ -46,7 +46,7 @@ from ..model_folder import (
     load_component, model_hash)
 
 # The model-folder rules live in synthmed.model_folder; they lived here before, so they stay importable from here.
-__all__ = ["DECODERS", "DISTILLATION_FILE", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS",
+__all__ = ["DECODERS", "DISTILLATION_FILE", "DTYPE_CHOICES", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS",
            "DiffusionBackend", "guidance_embedding", "read_distillation", "recommended_sampling",
            "MAX_COMPONENT_LAYERS", "MAX_COMPONENT_PARAMETERS", "MAX_CONFIG_BYTES", "MAX_CONFIG_INTEGER",
            "MAX_TOKENIZER_FILE_BYTES", "MAX_TRAIN_TIMESTEPS", "PICKLE_SUFFIXES", "REQUIRED_COMPONENTS",
@@ -69,6 +69,8 @@ DISTILLATION_FILE = "distillation.json"  # what synthmed distill writes beside a
 # What decodes the latents: the folder's VAE, or its tiny decoder (tiny_vae/, a TAESD-style AutoencoderTiny).
 DECODERS = ("full", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
+# generator.dtype also takes "auto": bfloat16 where the device computes it natively (native_dtype), else float32
+DTYPE_CHOICES = (*DTYPES, "auto")
 # The UNet and VAE always run on exactly this many cases (padded), because CPU convolution
 # kernels pick their algorithm by batch size: the same case in a batch of 1 and of 4 differs
 # in the last float bits. At a fixed batch size a case's result does not depend on its
@@ -88,7 +90,9 @@ class DiffusionBackend:
         steps, guidance_scale, scheduler: sampling settings (scheduler: a key of ``SCHEDULERS``); None: the
             folder's recommended ones (:func:`recommended_sampling`). A student whose UNet takes the guidance
             scale as an input samples with ``lcm`` only.
-        dtype: float32, bfloat16 or float16.
+        dtype: float32, bfloat16, float16, or auto (:func:`native_dtype`: bfloat16 where the device computes it
+            natively, else float32); None: the folder's recommendation (:func:`recommended_sampling`), else float32.
+            The dtype used is recorded in the settings (``dtype``; ``dtype_choice: auto`` where auto chose it).
         device: auto, cpu, cuda or mps.
         allow_pickle: allow .bin/.ckpt weights (they can run code when loaded).
         compile: wrap the UNet in ``torch.compile``.
@@ -101,15 +105,15 @@ class DiffusionBackend:
     """
 
     def __init__(self, model: str | Path, *, width: int = 256, height: int = 256, steps: int | None = None,
-                 guidance_scale: float | None = None, scheduler: str | None = None, dtype: str = "float32",
+                 guidance_scale: float | None = None, scheduler: str | None = None, dtype: str | None = None,
                  device: str = "auto", allow_pickle: bool = False, compile: bool = False,
                  quantize: str | None = None, coarse_to_fine: dict | None = None, decoder: str | None = None,
                  threads: int | None = None, cache_size: int = 1024, model_id: str | None = None):
         # 1. Check inputs (before torch or any weight is touched)
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype is not None and dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} or None, got {dtype!r}")
         if device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}")
         if decoder is not None and decoder not in DECODERS:
@@ -128,11 +132,12 @@ class DiffusionBackend:
         self.root = Path(model)
         self.index = check_model_folder(self.root, allow_pickle=allow_pickle, width=width, height=height)
         recommended = None
-        if None in (steps, guidance_scale, scheduler, decoder):  # what the spec leaves unset, the folder recommends
+        if None in (steps, guidance_scale, scheduler, decoder, dtype):  # what the spec leaves unset, the folder recommends
             recommended = recommended_sampling(self.root)
             steps = recommended["steps"] if steps is None else steps
             guidance_scale = recommended["guidance_scale"] if guidance_scale is None else guidance_scale
             scheduler = recommended["scheduler"] if scheduler is None else scheduler
+            dtype = recommended["dtype"] if dtype is None else dtype
         _check_student_settings(self.root, scheduler, int(steps), self.coarse_to_fine)
         if decoder is None:
             decoder = recommended["decoder"]
@@ -164,6 +169,8 @@ class DiffusionBackend:
         if self.quantize and device != "cpu":
             raise ValueError("quantize: int8 (dynamic quantisation) runs on the CPU only")
         self.device = torch.device(device)
+        self.dtype_choice = dtype
+        dtype = native_dtype(self.device) if dtype == "auto" else dtype
         self.dtype = getattr(torch, dtype)
 
         # 3. Load components (offline, safetensors first, no remote code)
@@ -254,6 +261,8 @@ class DiffusionBackend:
             settings["distilled"] = self.distilled
         if self.decoder == "tiny":  # likewise only when it is not the VAE
             settings["decoder"] = "tiny"
+        if self.dtype_choice == "auto":  # and which dtype was asked for where the machine chose it
+            settings["dtype_choice"] = "auto"
         self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings)
 
     def _load(self, name: str):
@@ -498,7 +507,7 @@ def read_distillation(model: str | Path) -> dict | None:
 
 
 def recommended_sampling(model: str | Path) -> dict:
-    """The scheduler, steps, guidance scale and decoder a model folder recommends, reading only JSON.
+    """The scheduler, steps, guidance scale, decoder and dtype a model folder recommends, reading only JSON.
 
     A student made by ``synthmed distill`` recommends its own (``distillation.json``, key ``recommended``; its
     ``decoder``, absent or ``full`` as distill writes it, may say ``tiny``);
@@ -506,14 +515,15 @@ def recommended_sampling(model: str | Path) -> dict:
     when its UNet takes the guidance scale as an input, else 1.0 (the guidance is distilled into its weights);
     any other folder gets :data:`PLAIN_SAMPLING` (20 DPM-Solver++ steps, guidance 4.0). A folder that cannot be
     read gets PLAIN_SAMPLING too: loading it says what is wrong. Only a distillation.json recommends the tiny
-    decoder: every other answer has ``decoder`` ``full``.
+    decoder: every other answer has ``decoder`` ``full``. Likewise ``dtype``: float32 unless a distillation.json
+    recommends another (``auto`` for the shipped default-fast, whose card was checked in bfloat16).
 
     Raises:
         ModelFolderError: a distillation.json that is not JSON, or whose recommendation is not one synthmed runs.
 
     Example:
         >>> recommended_sampling("synthmed/models/default")  # doctest: +SKIP
-        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0, 'decoder': 'full'}
+        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0, 'decoder': 'full', 'dtype': 'float32'}
     """
     root = Path(model)
     path = root / DISTILLATION_FILE
@@ -536,15 +546,47 @@ def recommended_sampling(model: str | Path) -> dict:
         if decoder not in DECODERS:
             raise ModelFolderError(f"{path}: recommended.decoder {json.dumps(decoder)[:60]} is not one of "
                                    f"{', '.join(DECODERS)}")
-        return {"scheduler": scheduler, "steps": steps, "guidance_scale": float(guidance), "decoder": decoder}
+        dtype = recommended.get("dtype", "float32")
+        if dtype not in DTYPE_CHOICES:
+            raise ModelFolderError(f"{path}: recommended.dtype {json.dumps(dtype)[:60]} is not one of "
+                                   f"{', '.join(DTYPE_CHOICES)}")
+        return {"scheduler": scheduler, "steps": steps, "guidance_scale": float(guidance), "decoder": decoder,
+                "dtype": dtype}
     try:
         scheduler = _json_object(root / "scheduler" / "scheduler_config.json").get("_class_name")
         conditioned = _json_object(root / "unet" / "config.json").get("time_cond_proj_dim") is not None
     except ModelFolderError:
-        return {**PLAIN_SAMPLING, "decoder": "full"}
+        return {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
     if scheduler == "LCMScheduler":
-        return {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0 if conditioned else 1.0, "decoder": "full"}
-    return {**PLAIN_SAMPLING, "decoder": "full"}
+        return {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0 if conditioned else 1.0, "decoder": "full",
+                "dtype": "float32"}
+    return {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
+
+
+def native_dtype(device) -> str:
+    """``bfloat16`` where ``device`` computes it natively, else ``float32``: what ``dtype: auto`` runs in.
+
+    Native means a CUDA GPU that torch says supports bfloat16, or a CPU with AMX tiles or AVX-512 BF16 (oneDNN then
+    runs bfloat16 convolutions and matmuls in hardware; elsewhere bfloat16 is emulated and slower than float32).
+
+    Example:
+        >>> import torch
+        >>> native_dtype(torch.device("cpu")) in ("bfloat16", "float32")
+        True
+    """
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if kind == "cpu":
+        cpu = getattr(torch, "cpu", None)  # torch.cpu's probes are private: absent in some builds, then float32
+        probes = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        try:
+            return "bfloat16" if any(probe() for probe in probes if callable(probe)) else "float32"
+        except RuntimeError:
+            return "float32"
+    return "float32"
 
 
 def _check_student_settings(root: Path, scheduler: str, steps: int, coarse_to_fine: dict | None) -> None:

@@ -27,7 +27,9 @@ def test_the_fast_default_is_a_four_step_student_of_the_shipped_default():
     assert sum(p.stat().st_size for p in files) <= 30 * 2**20
     distillation = json.loads((FAST / "distillation.json").read_text(encoding="utf-8"))
     assert distillation["teacher"]["model_hash"] == model_hash(MODEL)  # re-distil when the default is retrained
-    assert recommended_sampling(FAST) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0, "decoder": "full"}
+    # bfloat16 where the machine computes it natively: its images read as float32's did (README, Speed)
+    assert recommended_sampling(FAST) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0, "decoder": "full",
+                                          "dtype": "auto"}
     assert (FAST / "tiny_vae" / "diffusion_pytorch_model.safetensors").is_file()
     unet = json.loads((FAST / "unet" / "config.json").read_text(encoding="utf-8"))
     assert unet["time_cond_proj_dim"] is not None  # guidance is an input: one UNet evaluation per step
@@ -49,5 +51,10 @@ def test_the_fast_default_generates_with_its_own_settings(tmp_path, monkeypatch)
     assert row["model_id"] == "synthmed-default-fast" and row["findings"] == "pleural_effusion:left:severe"
     assert (generation["scheduler"], generation["steps"]) == ("lcm", 4) and "distilled" in generation
     assert "decoder" not in generation  # the teacher's VAE, the default
+    import torch
+
+    from synthmed.backends.diffusion import native_dtype
+
+    assert (generation["dtype"], generation["dtype_choice"]) == (native_dtype(torch.device("cpu")), "auto")
     tiny = smoke_row(tmp_path, "{backend: diffusion, model: default-fast, threads: 1, decoder: tiny}", "tiny")
     assert json.loads(tiny["generation"])["decoder"] == "tiny"

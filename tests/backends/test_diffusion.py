@@ -770,3 +770,43 @@ def test_a_file_given_as_the_model_folder_is_named_as_a_file(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"\0" * 16)
     _assert_refused(weights, "is a file")
+
+
+# ----------------------------------------------------------------------------- dtype: auto
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(False, False, "float32"), (True, False, "bfloat16"),
+                                                        (False, True, "bfloat16")])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, amx, avx512_bf16, expected):
+    from synthmed.backends.diffusion import native_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert native_dtype(torch.device("cpu")) == expected
+    assert native_dtype("mps") == "float32"
+
+
+def test_auto_dtype_runs_and_is_recorded_as_chosen(tiny_sd_dir, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    auto = make_backend(tiny_sd_dir, dtype="auto")
+    assert auto.dtype == torch.bfloat16 and next(auto.unet.parameters()).dtype == torch.bfloat16
+    assert (auto.info.settings["dtype"], auto.info.settings["dtype_choice"]) == ("bfloat16", "auto")
+    case = make_case(1)
+    image = auto.generate([case], [make_prompt(case)])[0]
+    assert np.isfinite(image.pixels).all() and image.pixels.std() > 0
+    plain = make_backend(tiny_sd_dir, dtype="float32")
+    assert plain.info.settings["dtype"] == "float32" and "dtype_choice" not in plain.info.settings
+
+
+def test_a_student_may_recommend_a_dtype_and_a_bad_one_is_refused(tiny_sd_dir, tmp_path):
+    from synthmed.backends.diffusion import recommended_sampling
+
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_sd_dir, folder)
+    record = {"recommended": {"scheduler": "dpm_solver", "steps": 3, "guidance_scale": 2.0, "dtype": "auto"}}
+    (folder / "distillation.json").write_text(json.dumps(record))
+    assert recommended_sampling(folder)["dtype"] == "auto"
+    assert recommended_sampling(tiny_sd_dir)["dtype"] == "float32"
+    record["recommended"]["dtype"] = "float8"
+    (folder / "distillation.json").write_text(json.dumps(record))
+    with pytest.raises(ModelFolderError, match="recommended.dtype"):
+        recommended_sampling(folder)

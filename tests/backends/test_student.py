@@ -82,12 +82,13 @@ def test_an_lcm_folder_without_distillation_json_recommends_lcm(tiny_student_dir
     shutil.copytree(tiny_student_dir, conditioned)
     (conditioned / "distillation.json").unlink()
     assert recommended_sampling(conditioned) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0,
-                                                  "decoder": "full"}
+                                                  "decoder": "full", "dtype": "float32"}
     plain = tmp_path / "plain"
     shutil.copytree(tiny_sd_dir, plain)
     shutil.copy(conditioned / "scheduler" / "scheduler_config.json", plain / "scheduler" / "scheduler_config.json")
-    assert recommended_sampling(plain) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.0, "decoder": "full"}
-    assert recommended_sampling(tiny_sd_dir) == {**PLAIN_SAMPLING, "decoder": "full"}
+    assert recommended_sampling(plain) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.0, "decoder": "full",
+                                          "dtype": "float32"}
+    assert recommended_sampling(tiny_sd_dir) == {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
 
 
 @pytest.mark.parametrize("content, needle", [("{not json", "cannot be read as JSON"),
