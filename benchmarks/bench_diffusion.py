@@ -3,8 +3,8 @@
 Issue 5 item 7; issue 22 item 3 (the batched baseline). Three models, one after the other:
 
 - fast: ``synthmed/models/default-fast``, the shipped 4-step student, at its own recommendation (LCMScheduler, 4
-  steps, the guidance scale as a UNet input: no guidance pass, its tiny decoder); the bare side loads the same
-  folder and swaps in the same tiny decoder (``pipe.vae = AutoencoderTiny.from_pretrained(...)``);
+  steps, the guidance scale as a UNet input: no guidance pass, the full VAE decoder); where a recommendation names
+  the tiny decoder, the bare side swaps in the same one (``pipe.vae = AutoencoderTiny.from_pretrained(...)``);
 - shipped: ``synthmed/models/default``, as ``generator.model: default`` loads it;
 - random: random weights (torch seed 0) in the shipped design's shape, built from
   ``synthmed.finetune.default_components`` (its ``*_CONFIG`` constants) and its word tokenizer,
@@ -34,7 +34,10 @@ so that other load on the machine affects them alike; ratios come from the summe
 Then, per model, end to end as a user meets it: fresh processes from start to exit, ``synthmed generate`` of the
 first 100 cases (every output, QC included) against a script that imports, loads and runs the bare pipeline
 (nothing written), alternating, best of 2 (issue 22: 100 images in <= 15 s with the fast default; >= 0.95x the
-bare pipeline at the teacher's settings).
+bare pipeline at the teacher's settings). ``synthmed generate`` keeps freed memory for reuse (glibc ``mallopt``;
+without it, torch re-faults its freed buffers: about 3.5 M page faults per 100 images); as a control the bare script
+also runs with the same setting through glibc's environment variables (``bare+malloc``). The in-process runs above
+share this process's allocator, set the same way.
 
     python benchmarks/bench_diffusion.py [--count 32] [--rounds 2] [--steps 20] [--size 256]
                                          [--models fast,shipped,random] [--threads N] [--no-png-only]
@@ -66,6 +69,8 @@ REPO = Path(__file__).resolve().parent.parent
 SPEC_FILE = REPO / "dataset_specs" / "pneumonia.yaml"
 MODELS = ("fast", "shipped", "random")
 STAGES = ("text encoder", "UNet", "VAE decode")
+# synthmed's commands keep freed memory for reuse (synthmed.cli._keep_freed_memory); the same, for a bare script
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 # What each side imports before it can load a model: a fresh interpreter runs this and is timed whole.
 BARE_IMPORTS = "import torch\nfrom diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline"
@@ -167,6 +172,52 @@ def steady(batch_ends: list[float], batch_sizes: list[int]) -> float | None:
     return (batch_ends[-1] - batch_ends[0]) / sum(batch_sizes[1:])
 
 
+# ----------------------------------------------------------------------------- the physical floor
+
+def matmul_gflops(dtype: str = "float32", size: int = 2048, seconds: float = 2.0) -> float:
+    """Sustained GFLOP/s of this CPU at torch's thread count: a ``size``² matmul into a preallocated output
+    (a fresh 16 MiB output per call would time the allocator's page faults too), best of 3 runs of ``seconds``."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=getattr(torch, dtype)), torch.randn(size, size, dtype=getattr(torch, dtype))
+    c = torch.empty(size, size, dtype=getattr(torch, dtype))
+    torch.matmul(a, b, out=c)
+    best = 0.0
+    for _ in range(3):
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            torch.matmul(a, b, out=c)
+            calls += 1
+        best = max(best, 2 * size ** 3 * calls / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def model_gflop(pipe, size: int, guidance_pass: bool) -> dict[str, float]:
+    """GFLOP per image of each stage, counted by torch's FlopCounterMode (matmuls and convolutions) on one case:
+    one UNet evaluation (two with a guidance pass), one VAE (or tiny) decode at ``size``²."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, vae = pipe.unet, pipe.vae
+    dtype = next(unet.parameters()).dtype
+    latent = torch.randn(1, unet.config.in_channels, size // 8, size // 8, dtype=dtype)
+    text = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=dtype)
+    extra = {}
+    if unet.config.time_cond_proj_dim:
+        extra["timestep_cond"] = torch.zeros(1, unet.config.time_cond_proj_dim, dtype=dtype)
+    figures = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            unet(latent, torch.tensor(500), text, **extra)
+        figures["UNet"] = counter.get_total_flops() / 1e9 * (2 if guidance_pass else 1)
+        z = torch.randn(1, getattr(vae.config, "latent_channels", 4), size // 8, size // 8,
+                        dtype=next(vae.parameters()).dtype)
+        with FlopCounterMode(display=False) as counter:
+            vae.decode(z)
+        figures["VAE decode"] = counter.get_total_flops() / 1e9
+    return figures
+
+
 # ----------------------------------------------------------------------------- the two sides
 
 def run_bare(pipe, clock: StageClock, cases, prompts, *, micro_batch: int, size: int, steps: int,
@@ -245,12 +296,17 @@ def run_synthmed(spec, backend, clock: StageClock, count: int, out: Path) -> dic
 # ----------------------------------------------------------------------------- one model
 
 def model_sampling(name: str, model_dir: Path, args) -> dict:
-    """The sampling both sides run: the student's own recommendation (fast), else --steps, --guidance, DPM-Solver++."""
-    if name == "fast":
-        from synthmed.backends.diffusion import recommended_sampling
+    """The sampling both sides run: the student's own recommendation (fast; its dtype as this machine resolves
+    ``auto``), else --steps, --guidance, DPM-Solver++, float32. ``--dtype`` sets the dtype of both sides."""
+    import torch
 
-        return recommended_sampling(model_dir)
-    return {"scheduler": "dpm_solver", "steps": args.steps, "guidance_scale": args.guidance, "decoder": "full"}
+    from synthmed.backends.diffusion import native_dtype, recommended_sampling
+
+    sampling = recommended_sampling(model_dir) if name == "fast" else {
+        "scheduler": "dpm_solver", "steps": args.steps, "guidance_scale": args.guidance, "decoder": "full",
+        "dtype": "float32"}
+    dtype = args.dtype or sampling["dtype"]
+    return {**sampling, "dtype": native_dtype(torch.device("cpu")) if dtype == "auto" else dtype}
 
 
 def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, start_up: dict) -> dict:
@@ -268,7 +324,7 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
         base, image=dataclasses.replace(base.image, width=args.size, height=args.size, formats=("dicom", "png")),
         generator=dataclasses.replace(base.generator, backend="diffusion", model=model, steps=sampling["steps"],
                                       guidance_scale=sampling["guidance_scale"], scheduler=sampling["scheduler"],
-                                      decoder=sampling["decoder"], threads=args.threads))
+                                      decoder=sampling["decoder"], dtype=sampling["dtype"], threads=args.threads))
     spec_png = dataclasses.replace(spec, image=dataclasses.replace(spec.image, formats=("png",)))
     cases = list(sample_cases(spec, limit=args.count))
     prompts = [build_prompt(c, spec.prompt) for c in cases]
@@ -280,14 +336,15 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # newer diffusers call it dtype; torch_dtype works from 0.30 on
         warnings.simplefilter("ignore", FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, local_files_only=True,
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=getattr(torch, sampling["dtype"]),
+                                                       local_files_only=True,
                                                        safety_checker=None)
     if sampling["scheduler"] == "dpm_solver":  # DPM-Solver++ from the folder's config, as synthmed makes it
         pipe.scheduler = backend._scheduler_cls.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     if sampling["decoder"] == "tiny":  # the student's tiny decoder, as a diffusers user swaps it in
         from diffusers import AutoencoderTiny
 
-        pipe.vae = AutoencoderTiny.from_pretrained(model_dir / "tiny_vae", torch_dtype=torch.float32,
+        pipe.vae = AutoencoderTiny.from_pretrained(model_dir / "tiny_vae", torch_dtype=getattr(torch, sampling["dtype"]),
                                                    local_files_only=True)
     for module in (pipe.unet, pipe.vae):  # NHWC convolutions, as synthmed's backend runs them (diffusers' docs too)
         module.to(memory_format=torch.channels_last)
@@ -301,7 +358,7 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
     micro = backend.micro_batch
     print(f"\n=== model: {name} ({model_dir}): {sampling['scheduler']}, {sampling['steps']} steps, guidance "
           f"{sampling['guidance_scale']:g}{' (an input of the UNet: no guidance pass)' if backend.time_cond_proj_dim else ''}, "
-          f"{sampling['decoder']} decoder")
+          f"{sampling['decoder']} decoder, {sampling['dtype']} on both sides")
     print(f"  {describe(pipe)}")
     print(f"  load: bare from_pretrained {load_bare:.2f} s | synthmed DiffusionBackend {load_synth:.2f} s "
           f"(includes checking and hashing the folder)")
@@ -416,6 +473,16 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
           f"batch, the rows above count only where the main thread waits); prompt cache {hits}/{looks} hits; the "
           f"bare pipeline encodes {2 * micro} prompts per call")
 
+    # 6. The physical floor: the model's arithmetic at this CPU's sustained matmul rate
+    gflop = model_gflop(pipe, args.size, guidance_pass=not backend.time_cond_proj_dim and sampling["guidance_scale"] > 1)
+    per_image = gflop["UNet"] * sampling["steps"] + gflop["VAE decode"]
+    rate = args.gflops[sampling["dtype"]]
+    floor = per_image / rate
+    print(f"  floor: {gflop['UNet']:.2f} GFLOP per UNet step x {sampling['steps']} + {gflop['VAE decode']:.2f} GFLOP "
+          f"of decode = {per_image:.1f} GFLOP per image; at {rate:.0f} GFLOP/s (this CPU's {sampling['dtype']} matmul) "
+          f"{floor * 1000:.1f} ms/image, {floor * 100:.1f} s per 100 images plus start-up; measured steady state: bare "
+          f"{floor / sb:.0%} of it, synthmed {floor / ss:.0%}" if sb and ss else "")
+
     figures = {"bare": n_all / bare, "synthmed": n_all / synth, "steady": (sb, ss), "e2e": (n / e2e_bare, n / e2e_synth)}
     del pipe, backend
     gc.collect()
@@ -430,12 +497,12 @@ import torch
 from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, StableDiffusionPipeline
 job = json.load(open(sys.argv[1]))
 torch.set_num_threads(job["threads"]) if job["threads"] else None
-pipe = StableDiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, local_files_only=True,
+pipe = StableDiffusionPipeline.from_pretrained(job["model"], torch_dtype=getattr(torch, job["dtype"]), local_files_only=True,
                                                safety_checker=None)
 if job["scheduler"] == "dpm_solver":
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
 if job["decoder"] == "tiny":
-    pipe.vae = AutoencoderTiny.from_pretrained(job["model"] + "/tiny_vae", torch_dtype=torch.float32,
+    pipe.vae = AutoencoderTiny.from_pretrained(job["model"] + "/tiny_vae", torch_dtype=getattr(torch, job["dtype"]),
                                                local_files_only=True)
 for module in (pipe.unet, pipe.vae):
     module.to(memory_format=torch.channels_last)
@@ -466,30 +533,38 @@ def end_to_end(name: str, model_dir: Path, base, args, tmp: Path) -> tuple[float
     job.write_text(json.dumps({"model": str(model_dir), "prompts": [p.text for p in prompts],
                                "negatives": [p.negative for p in prompts], "seeds": [int(c.seed) for c in cases],
                                "steps": sampling["steps"], "guidance": sampling["guidance_scale"],
-                               "scheduler": sampling["scheduler"], "decoder": sampling["decoder"],
+                               "scheduler": sampling["scheduler"], "decoder": sampling["decoder"], "dtype": sampling["dtype"],
                                "size": base.image.width, "micro_batch": MICRO_BATCH, "threads": args.threads}))
     script = tmp / "bare_e2e.py"
     script.write_text(BARE_SCRIPT)
     synthmed = [str(Path(sys.executable).parent / "synthmed"), "generate", str(SPEC_FILE), "--limit",
                 str(args.e2e_count), "--model", str(model_dir), "--steps", str(sampling["steps"]), "--guidance-scale",
-                str(sampling["guidance_scale"]), "--scheduler", sampling["scheduler"], "--decoder", sampling["decoder"]]
+                str(sampling["guidance_scale"]), "--scheduler", sampling["scheduler"], "--decoder", sampling["decoder"],
+                "--dtype", sampling["dtype"]]
     if args.threads:
         synthmed += ["--threads", str(args.threads)]
-    times: dict[str, list[float]] = {"bare": [], "synthmed": []}
+    sides = ("bare", "synthmed", "bare+malloc")
+    times: dict[str, list[float]] = {side: [] for side in sides}
     for r in range(args.e2e_rounds):
-        for side in (("bare", "synthmed") if r % 2 == 0 else ("synthmed", "bare")):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
             out = tmp / f"e2e-{name}-{r}"
-            command = [sys.executable, str(script), str(job)] if side == "bare" else synthmed + ["-o", str(out)]
+            command = synthmed + ["-o", str(out)] if side == "synthmed" else [sys.executable, str(script), str(job)]
+            env = {**os.environ, **MALLOC_ENV} if side == "bare+malloc" else None
             t0 = time.perf_counter()
-            subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            subprocess.run(command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             times[side].append(time.perf_counter() - t0)
             shutil.rmtree(out, ignore_errors=True)
-    bare, synth = min(times["bare"]), min(times["synthmed"])
-    n = args.e2e_count
+    best = {side: min(t) for side, t in times.items()}
+    bare, synth, n = best["bare"], best["synthmed"], args.e2e_count
+
+    def figure(side: str) -> str:
+        return (f"{best[side]:.1f} s ({n / best[side]:.2f} images/s; rounds "
+                f"{', '.join(f'{t:.1f}' for t in times[side])})")
+
     print(f"  end to end, measured (fresh processes, process start to exit, {n} images, best of {args.e2e_rounds}): "
-          f"bare {bare:.1f} s ({n / bare:.2f} images/s; rounds {', '.join(f'{t:.1f}' for t in times['bare'])}), "
-          f"synthmed generate {synth:.1f} s ({n / synth:.2f} images/s; rounds "
-          f"{', '.join(f'{t:.1f}' for t in times['synthmed'])}), ratio {bare / synth:.3f}x")
+          f"bare {figure('bare')}, synthmed generate {figure('synthmed')}, ratio {bare / synth:.3f}x")
+    print(f"    control: the bare script with synthmed's allocator setting ({' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}) "
+          f"{figure('bare+malloc')}, ratio to synthmed {best['bare+malloc'] / synth:.3f}x")
     return bare, synth
 
 
@@ -505,6 +580,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: shipped, random")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both sides (default: the backend's default, all cores)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default=None,
+                        help="both sides' dtype (default: the model's recommendation; default-fast's is auto)")
     parser.add_argument("--no-png-only", action="store_true", help="skip the synthmed PNG-only control run")
     parser.add_argument("--e2e-count", type=int, default=100,
                         help="images of the measured end-to-end runs in fresh processes (0: skip them)")
@@ -520,6 +597,9 @@ def main() -> None:
     # Start-up first, in fresh interpreters, before this one holds memory
     start_up = {"bare": start_up_seconds(BARE_IMPORTS), "synthmed": start_up_seconds(SYNTHMED_IMPORTS)}
 
+    from synthmed.cli import _keep_freed_memory
+
+    keeps_freed_memory = _keep_freed_memory()  # as `synthmed generate` does; both in-process sides share it
     import numpy as np
     import torch
     import diffusers
@@ -540,6 +620,14 @@ def main() -> None:
           f"{SPEC_FILE.name} with their prompts and seeds")
     print(f"start-up (fresh interpreter importing what the side needs, best of 2): bare {start_up['bare']:.2f} s, "
           f"synthmed {start_up['synthmed']:.2f} s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.gflops = {dtype: matmul_gflops(dtype) for dtype in ("float32", "bfloat16")}
+    print(f"matmul (2048², preallocated output, {torch.get_num_threads()} threads): float32 "
+          f"{args.gflops['float32']:.0f} GFLOP/s, bfloat16 {args.gflops['bfloat16']:.0f} GFLOP/s")
+    print(f"allocator: this process keeps freed memory for reuse as `synthmed generate` does: "
+          f"{'yes' if keeps_freed_memory else 'no (MALLOC_*/GLIBC_TUNABLES set, or not glibc)'}; both in-process "
+          f"sides share it, so their ratios compare the pipelines alone")
     base = load_spec(SPEC_FILE)
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as tmp:
