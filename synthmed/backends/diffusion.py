@@ -211,7 +211,7 @@ class DiffusionBackend:
         self.quantize, self.micro_batch, self.coarse_to_fine, self.distilled = None, MICRO_BATCH, None, None
         self.decoder, self.tiny_vae = "full", None
         self.threads = int(threads or torch.get_num_threads())
-        self.device, self.dtype = next(unet.parameters()).device, torch.float32
+        self.device, self.dtype, self.dtype_choice = next(unet.parameters()).device, torch.float32, "float32"
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self._setup(scheduler, scheduler_name, "float32", False, 64, model_id, "in-memory")
         return self
