@@ -214,14 +214,18 @@ def write_student_card(args, evaluation: dict, teacher: dict, gen_rows, train_ro
     table = "\n".join(f"| {what} | {fmt(get(fl))} | {fmt(get(tl))} | {fmt(get(cl))} |" for what, get in rows)
     teacher_name = evaluation["teacher"]["folder"]
     seconds = distillation.get("seconds")
+    recommended_dtype = distillation.get("recommended", {}).get("dtype", "float32")
+    dtype_text = {"auto": "auto: bfloat16 where the CPU or GPU computes it natively, else float32"}.get(
+        recommended_dtype, recommended_dtype)
     card = f"""# synthmed default-fast model
 
 The shipped default model (`{teacher_name}`) distilled by `synthmed distill` into a student that samples in
 **{sampling.get('steps')} steps with one UNet evaluation per step** (the classifier-free guidance is distilled
 into it: no unconditional pass), so `synthmed generate` makes images several times faster on a CPU. Used when a
-spec says `generator.model: default-fast`; a spec that leaves `generator.steps`, `scheduler` and
-`guidance_scale` out gets the student's own ({sampling.get('scheduler')}, {sampling.get('steps')} steps,
-guidance {sampling.get('guidance_scale')}).
+spec says `generator.model: default-fast`; a spec that leaves `generator.steps`, `scheduler`,
+`guidance_scale` and `dtype` out gets the student's own ({sampling.get('scheduler')}, {sampling.get('steps')} steps,
+guidance {sampling.get('guidance_scale')}, dtype {dtype_text}; the figures below were measured in
+{sampling.get('dtype', 'float32')}).
 
 ## Intended use
 As the default model's: building and testing pipelines, demos, teaching, pre-training experiments, where speed
