@@ -89,7 +89,8 @@ class ChunkWorker:
         spec = job["spec"]
         self.cases = sample_cases(spec, limit=job["limit"])
         engine = load_backend(spec, job["backend"], job["model"])
-        check_same_model(self.out, engine.info.model_hash, job.get("made_with"))
+        check_same_model(self.out, engine.info.model_hash, job.get("made_with"), engine.info.settings.get("dtype"),
+                         job.get("made_in"))
         self.maker = ChunkMaker(spec, self.out, engine, job["batch_size"])
         self.spec, self.check = spec, job["qc"]
         self.versions = json.dumps(software_versions(spec, engine.info.name), sort_keys=True)
@@ -137,7 +138,8 @@ class ChunkWorker:
 def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tuple[int, int]], todo: list[int], *,
                       limit: int | None, backend: str | None, model: str | None, batch_size: int | None,
                       progress: bool, address: str | None, workers: int | None,
-                      gpus_per_worker: float, qc: bool = False, made_with: str | None = None) -> tuple[int, dict, dict]:
+                      gpus_per_worker: float, qc: bool = False, made_with: str | None = None,
+                      made_in: str | None = None) -> tuple[int, dict, dict]:
     """Make the chunks in ``todo`` on Ray workers.
 
     Returns (images written, the workers' software versions, per-image check results by case id:
@@ -155,7 +157,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
     try:
         # 2. The job every worker gets, and the pool size
         job = _job(spec, folder.out, limit=limit, backend=backend, model=model, batch_size=batch_size, qc=qc)
-        job["made_with"] = made_with
+        job["made_with"], job["made_in"] = made_with, made_in
         workers = min(workers or _default_workers(ray, gpus_per_worker), len(todo))
         # 3. One row per chunk, one block per row, two chunks in flight per actor: the next chunk is already on the
         #    actor when one ends (with one in flight, an actor idled 0.15-0.2 s per 1.9 s chunk while a busy

@@ -123,7 +123,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         folder.claim("run", ["cases.jsonl"])
         _write_cases_jsonl(out, cases)
         folder.ledger.record_files("run", ["cases.jsonl"])
-        made_with = _model_hash_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
+        made_with, made_in = _model_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
         # 3. Backend and chunks (the backend only now: loading a model is the slow part)
         written, interrupted, versions, checked = 0, False, None, {}
         run_qc = spec.qc.enabled if qc is None else qc
@@ -133,10 +133,10 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             written, versions, checked = run_chunks_on_ray(
                 spec, folder, chunks, todo, limit=limit, backend=backend, model=model, batch_size=batch_size,
                 progress=progress, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                qc=run_qc, made_with=made_with)
+                qc=run_qc, made_with=made_with, made_in=made_in)
         elif todo:
             engine = load_backend(spec, backend, model)
-            check_same_model(out, engine.info.model_hash, made_with)
+            check_same_model(out, engine.info.model_hash, made_with, engine.info.settings.get("dtype"), made_in)
             maker = ChunkMaker(spec, out, engine, batch_size)
             written, interrupted = run_chunks(maker, cases, chunks, todo, progress)
         # 4. Manifest, card
@@ -191,15 +191,22 @@ def _check_arguments(*, spec, out, resume, overwrite, limit, backend, model, bat
         raise TypeError(f"model must be 'default' or the path of a model folder, got {name_of(model)}")
 
 
-def _model_hash_of_parts(folder: "RunFolder", kept: list[int]) -> str | None:
-    """The model hash the kept chunks were made with (their first row says it), or None if none is kept."""
+def _model_of_parts(folder: "RunFolder", kept: list[int]) -> tuple[str | None, str | None]:
+    """The model hash the kept chunks were made with and the dtype they ran in (their first row says both; the
+    dtype only for a diffusion model), or None if none is kept."""
+    import json
+
     from ..writers.manifest import read_part
 
     for k in kept:
         rows = read_part(part_path(folder.parts, k))
         if rows:
-            return rows[0]["model_hash"]
-    return None
+            try:
+                dtype = json.loads(rows[0].get("generation") or "{}").get("dtype")
+            except (ValueError, AttributeError):
+                dtype = None
+            return rows[0]["model_hash"], dtype if isinstance(dtype, str) else None
+    return None, None
 
 
 def _run_qc(folder: RunFolder, progress: bool, checked: dict):

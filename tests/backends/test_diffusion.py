@@ -810,3 +810,23 @@ def test_a_student_may_recommend_a_dtype_and_a_bad_one_is_refused(tiny_sd_dir, t
     (folder / "distillation.json").write_text(json.dumps(record))
     with pytest.raises(ModelFolderError, match="recommended.dtype"):
         recommended_sampling(folder)
+
+
+def test_a_resume_refuses_to_finish_a_run_in_another_dtype_than_auto_began_it(tiny_sd_dir, tmp_path, monkeypatch):
+    """dtype auto picks per machine: a run begun in float32 is not finished in bfloat16 (mixed films), and the user
+    is told which dtype to set to finish it."""
+    from test_student import _spec
+
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    spec = load_spec(_spec(tiny_sd_dir, dtype="auto", steps=2).replace("count: 3", "count: 66"))
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    generate(spec, tmp_path / "run", limit=64, progress=False, qc=False)  # one whole chunk, in float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # "another machine"
+    with pytest.raises(BuildError, match="partly made in float32, but this run computes in bfloat16") as excinfo:
+        generate(spec, tmp_path / "run", resume=True, progress=False, qc=False)
+    assert excinfo.value.exit_code == 2
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)  # back where it began
+    assert generate(spec, tmp_path / "run", resume=True, progress=False, qc=False).written == 2
