@@ -334,6 +334,7 @@ libc.free(ctypes.c_void_p(p))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.parametrize("user_env, expected", [({}, "True False"), ({"MALLOC_MMAP_MAX_": "65536"}, "False True"),
+                                                ({"MALLOC_ARENA_MAX": "2"}, "False True"),
                                                 ({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "False True")])
 def test_commands_keep_freed_memory_unless_the_user_chose_malloc_settings(user_env, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}

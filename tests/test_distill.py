@@ -278,8 +278,6 @@ def test_the_tiny_decoder_learns_to_draw_the_films_from_their_latents(phantom_se
     the same network's starting weights do (L1 over all 8 films)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from synthmed.backends.diffusion import recommended_sampling
-
     from synthmed.distill import tiny_vae_config
     from synthmed.finetune import read_training_set
 

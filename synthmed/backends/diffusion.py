@@ -170,7 +170,11 @@ class DiffusionBackend:
             raise ValueError("quantize: int8 (dynamic quantisation) runs on the CPU only")
         self.device = torch.device(device)
         self.dtype_choice = dtype
-        dtype = native_dtype(self.device) if dtype == "auto" else dtype
+        if dtype == "auto":  # int8's dynamic quantisation computes in float32
+            dtype = "float32" if self.quantize else native_dtype(self.device)
+        if self.quantize and dtype != "float32":
+            raise ValueError(f"quantize: int8 computes in float32; dtype {dtype} does not combine with it (set "
+                             "generator.dtype to float32 or auto, or leave quantize out)")
         self.dtype = getattr(torch, dtype)
 
         # 3. Load components (offline, safetensors first, no remote code)
@@ -577,8 +581,14 @@ def native_dtype(device) -> str:
     import torch
 
     kind = getattr(device, "type", str(device))
-    if kind == "cuda":
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if kind == "cuda":  # not where torch emulates it (GPUs before Ampere): slower than float32 there
+        if not torch.cuda.is_available():
+            return "float32"
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # a torch before 2.3 has no such argument and answers for native support
+            native = torch.cuda.is_bf16_supported()
+        return "bfloat16" if native else "float32"
     if kind == "cpu":
         cpu = getattr(torch, "cpu", None)  # torch.cpu's probes are private: absent in some builds, then float32
         probes = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]

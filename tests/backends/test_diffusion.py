@@ -797,6 +797,16 @@ def test_auto_dtype_runs_and_is_recorded_as_chosen(tiny_sd_dir, monkeypatch):
     assert plain.info.settings["dtype"] == "float32" and "dtype_choice" not in plain.info.settings
 
 
+def test_auto_with_int8_computes_in_float32_and_bfloat16_with_int8_is_refused(tiny_sd_dir, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # auto would be bf16
+    quantized = make_backend(tiny_sd_dir, dtype="auto", quantize="int8")
+    assert quantized.dtype == torch.float32 and quantized.info.settings["dtype"] == "float32"
+    case = make_case(2)
+    assert np.isfinite(quantized.generate([case], [make_prompt(case)])[0].pixels).all()
+    with pytest.raises(ValueError, match="quantize: int8 computes in float32; dtype bfloat16"):
+        make_backend(tiny_sd_dir, dtype="bfloat16", quantize="int8")
+
+
 def test_a_student_may_recommend_a_dtype_and_a_bad_one_is_refused(tiny_sd_dir, tmp_path):
     from synthmed.backends.diffusion import recommended_sampling
 
@@ -813,8 +823,8 @@ def test_a_student_may_recommend_a_dtype_and_a_bad_one_is_refused(tiny_sd_dir, t
 
 
 def test_a_resume_refuses_to_finish_a_run_in_another_dtype_than_auto_began_it(tiny_sd_dir, tmp_path, monkeypatch):
-    """dtype auto picks per machine: a run begun in float32 is not finished in bfloat16 (mixed films), and the user
-    is told which dtype to set to finish it."""
+    """dtype auto picks per machine: a run begun in float32 is not finished in bfloat16 (mixed films); the message
+    names both, and the same machine finishes it."""
     from test_student import _spec
 
     from synthmed.build import BuildError, generate
