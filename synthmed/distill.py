@@ -62,8 +62,8 @@ from typing import Any
 from .finetune import (MODEL_PATHS, PLANNED_TOPS, LazyImages, ManifestError, ModelFolder,
                        TrainingLog, TrainingProgress, WorkFolder, check_arguments, check_device, earlier_record,
                        enable_gradient_checkpointing, latent_cache, load_base, load_checkpoint, logged_seconds,
-                       lr_scheduler, model_geometry, only_trained, read_json_object, read_training_set,
-                       save_checkpoint, save_pipeline, shown, token_ids)
+                       lr_scheduler, model_geometry, only_trained, random_crops, read_json_object,
+                       read_training_set, save_checkpoint, save_pipeline, shown, token_ids)
 
 __all__ = ["DistillResult", "distill", "MODES", "FULL_MODE_LIMIT"]
 
@@ -698,9 +698,7 @@ def _train_tiny_vae(vae_config, latents, images, work, settings, generator, acce
         bar.set_description("tiny decoder")
         bar.update(start)
         for step in range(start, total):
-            idx = torch.randint(n, (batch,), generator=generator)
-            ys = torch.randint(lh - crop + 1, (batch,), generator=generator)
-            xs = torch.randint(lw - crop + 1, (batch,), generator=generator)
+            idx, ys, xs = random_crops(generator, n, lh, lw, crop, crop, batch)
             z = torch.stack([latents[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx, ys, xs)]).float()
             x = torch.stack([pixels[i, :, y * scale:(y + crop) * scale, x0 * scale:(x0 + crop) * scale]
                              for i, y, x0 in zip(idx, ys, xs)]).float()

@@ -1634,6 +1634,17 @@ class _Log:
             fh.write(json.dumps(entry) + "\n")
 
 
+def random_crops(generator, n: int, height: int, width: int, crop_h: int, crop_w: int, batch: int):
+    """One training batch's random crops: (which of the ``n`` examples, top rows, left columns), drawn from
+    ``generator`` in that order (checkpoints restore it, so a resume draws the same crops)."""
+    import torch
+
+    idx = torch.randint(n, (batch,), generator=generator)
+    ys = torch.randint(height - crop_h + 1, (batch,), generator=generator)
+    xs = torch.randint(width - crop_w + 1, (batch,), generator=generator)
+    return idx, ys, xs
+
+
 def _train_vae(vae, images, work, settings, generator, accelerator, log, resume, checkpoint_every, progress):
     """Stage 1: L1 + image-gradient L1 + a small KL term on random crops."""
     import torch
@@ -1672,9 +1683,7 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
     bar.set_description("VAE")
     bar.update(start)
     for step in range(start, total):
-        idx = torch.randint(n, (batch,), generator=generator)
-        ys = torch.randint(h - crop_h + 1, (batch,), generator=generator)
-        xs = torch.randint(w - crop_w + 1, (batch,), generator=generator)
+        idx, ys, xs = random_crops(generator, n, h, w, crop_h, crop_w, batch)
         x = torch.stack([images[i, :, y:y + crop_h, x0:x0 + crop_w] for i, y, x0 in zip(idx, ys, xs)]).float()
         x = x.to(accelerator.device)
         with accelerator.accumulate(vae):
