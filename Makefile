@@ -82,13 +82,13 @@ auditor: $(STAMP)
 	$(BIN)/python scripts/train_auditor.py --manifest $(AUDITOR_TRAIN)/manifest.csv -o synthmed/models/auditor \
 		--threads $(or $(THREADS),2)
 
-# The same for the drr backend's auditor (synthmed/models/auditor-drr): 28,544 DRR films (about 55 min), then
-# training (18 epochs, about 50 min on 2 threads; a rerun resumes both from where a killed one stopped).
+# The same for the drr backend's auditor (synthmed/models/auditor-drr): 28,544 DRR films (about 30 min), then
+# training (24 epochs, about an hour on 2 threads; a rerun resumes both from where a killed one stopped).
 AUDITOR_DRR_TRAIN := out/auditor-drr-train
 auditor-drr: $(STAMP) anatomy
 	$(BIN)/synthmed generate dataset_specs/auditor_training_drr.yaml -o $(AUDITOR_DRR_TRAIN) --resume --limit 28544
 	$(BIN)/python scripts/train_auditor.py --manifest $(AUDITOR_DRR_TRAIN)/manifest.csv -o synthmed/models/auditor-drr \
-		--epochs 18 --threads $(or $(THREADS),2) --checkpoint out/auditor-drr-checkpoint
+		--epochs 24 --threads $(or $(THREADS),2) --checkpoint out/auditor-drr-checkpoint
 
 # Measure the shipped model (label fidelity, FID, memorisation, speed) into its model card.
 model-card: $(STAMP)

@@ -32,7 +32,8 @@ EXTRA = [("AP", "pleural_effusion", "bilateral", "moderate"), ("AP", "edema", "b
          ("AP", "endotracheal_tube", None, None), ("AP", "central_venous_catheter", None, None),
          ("LL", "pleural_effusion", "right", "moderate"), ("LL", "consolidation", "right_lower_lobe", "severe"),
          ("LL", "mass", "right_upper_lobe", "moderate"), ("LL", "pacemaker", None, None),
-         ("LL", "pneumothorax", "left", "severe"), ("LL", "no_finding", None, None)]
+         ("LL", "pneumothorax", "left", "severe"), ("LL", "cardiomegaly", None, "severe"),
+         ("LL", "nodule", "right_upper_lobe", "moderate"), ("LL", "no_finding", None, None)]
 RED = 255  # palette index of the outline colour
 
 

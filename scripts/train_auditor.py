@@ -168,6 +168,23 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def dataset_of(folder: Path) -> dict | None:
+    """What the training set was built from, by its dataset card: the spec's name and its cases built."""
+    try:
+        card = json.loads((folder / "dataset_card.json").read_text(encoding="utf-8"))
+        return {"spec_name": str(card["spec"]["name"]), "cases": int(card["count"]),
+                "spec_count": int(card["spec"]["count"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _built_from(dataset: dict | None) -> str:
+    if not dataset:
+        return ""
+    part = "" if dataset["cases"] == dataset["spec_count"] else f"its first {dataset['cases']:,} cases of {dataset['spec_count']:,}"
+    return f" (spec `{dataset['spec_name']}`" + (f", {part})" if part else ")")
+
+
 def model_card(config: dict, report: dict) -> str:
     """README.md for the weights folder: use, data, procedure and held-out figures."""
     training = config["training"]
@@ -208,7 +225,8 @@ def model_card(config: dict, report: dict) -> str:
         "",
         "## Training",
         "",
-        f"- data: `{training['manifest']}` (sha256 `{training['manifest_sha256'][:16]}...`), "
+        f"- data: `{training['manifest']}`{_built_from(training.get('dataset'))} "
+        f"(sha256 `{training['manifest_sha256'][:16]}...`), "
         f"{training['n_train']} train / {training['n_val']} val images, {config.get('films', 'phantom')} backend, "
         "exact labels",
         f"- command: `{training['command']}`",
@@ -430,6 +448,7 @@ def main(argv=None) -> int:
     auditor.config["training"] = {
         "manifest": str(args.manifest),
         "manifest_sha256": hashlib.sha256(manifest_file.read_bytes()).hexdigest(),
+        "dataset": dataset_of(manifest_file.parent),
         "n_train": int(len(train_index)), "n_val": int(len(val_index)),
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "threads": args.threads, "max_shift": max_shift, "blur": args.blur, "init": args.init, "wall_time_s": round(wall, 1), "torch": torch.__version__,

@@ -297,6 +297,36 @@ def test_cardiomegaly_measures_its_severity_band(backend, severity):
     assert normal.measurements["cardiothoracic_ratio"] < 0.5
 
 
+def test_a_lateral_film_shows_cardiomegaly_grown_by_severity(backend):
+    """A lateral film cannot measure the ratio, but its heart is drawn: grown by severity, masked, changing the film
+    (the auditor read lateral cardiomegaly at chance while it was labelled and not drawn)."""
+    normal = _render(backend, _case(seed=4, view="LL"))
+    assert "cardiothoracic_ratio" not in normal.measurements
+    areas = []
+    for severity in ("mild", "severe"):
+        image = _render(backend, _case(seed=4, finding="cardiomegaly", severity=severity, view="LL"))
+        heart = image.masks["cardiomegaly"]
+        assert heart.any()
+        assert np.percentile(np.abs(image.pixels - normal.pixels)[heart], 90) > 0.02
+        areas.append(int(heart.sum()))
+    assert areas[1] > areas[0] * 1.1
+
+
+def test_a_nodule_stands_out_of_the_lung_and_stays_smaller_than_a_mass(ct):
+    """A mild (smallest) nodule lifts the film by over 0.06 on average over its mask (a 15 mm soft-tissue one drawn
+    before lifted it 0.04, about the lung texture's own spread, and was read in 0.37 of PA films), and a nodule's 3D
+    size never reaches a mass's (nodule <= 30 mm, mass from 36 mm): the auditor tells them apart by size."""
+    from synthmed.backends.drr.render import render_case
+
+    for seed in (1, 4):
+        clear = render_case(_case(seed=seed), 128, 128, anatomy=ct)
+        image = render_case(_case(seed=seed, finding="nodule", location="right_upper_lobe", severity="mild"),
+                            128, 128, anatomy=ct)
+        assert (image.pixels - clear.pixels)[image.masks["nodule"]].mean() > 0.06, seed
+    assert fnd.NODULE_MAX_MM <= 30.0 < 36.0 <= 0.9 * fnd.MASS_MM[0]
+    assert max(fnd.NODULE_MM) * 1.1 > fnd.NODULE_MAX_MM  # the cap binds: a severe nodule is drawn at most 30 mm
+
+
 def test_every_drawn_finding_has_a_mask_on_each_view(backend):
     cases = [_case(seed=20 + i, finding=f, location=loc, severity="moderate", view=view, index=i)
              for i, (f, loc, view) in enumerate([

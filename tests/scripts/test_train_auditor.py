@@ -95,6 +95,17 @@ def test_the_card_says_which_films_and_gives_figures_by_view(script, manifest, t
     assert "digitally reconstructed radiographs" in card and "phantom backend" not in card
     assert "| LL |" in card and "location as the film shows it" in card
     assert script.films_of([{"backend": "phantom"}, {"backend": "drr"}]) == "phantom"
+    assert config["training"]["dataset"] is None and "(spec" not in card  # no dataset card beside this manifest
+
+
+def test_the_card_names_the_spec_its_films_were_built_from(script, manifest, tmp_path):
+    (manifest.parent / "dataset_card.json").write_text(json.dumps(
+        {"name": "x", "count": 24, "spec": {"name": "auditor-training-drr", "count": 40000}}))
+    assert _train(script, manifest, tmp_path / "out") == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "(spec `auditor-training-drr`, its first 24 cases of 40,000)" in card
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["training"]["dataset"] == {
+        "spec_name": "auditor-training-drr", "cases": 24, "spec_count": 40000}
 
 
 def test_blur_softens_each_image_by_its_own_sigma(script):

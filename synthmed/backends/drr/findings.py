@@ -37,9 +37,15 @@ DRAWN = ("atelectasis", "cardiomegaly", "central_venous_catheter", "consolidatio
 # cardiothoracic ratio bands by severity (the measured ratio is what is reported), as the phantom's
 CTR_BAND = {"mild": (0.528, 0.542), "moderate": (0.563, 0.587), "severe": (0.625, 0.68)}
 _SEV = {"mild": 0, "moderate": 1, "severe": 2, None: 1}
-NODULE_MM = (15.0, 21.0, 28.0)   # from 15 mm: a 12 mm nodule projects at about the lung texture's own contrast
+# a nodule is at most 30 mm across and a mass larger, so the two never overlap in size (a nodule is drawn up to 1.1x
+# its size by severity, a mass down to 0.9x). Under 20 mm a soft-tissue nodule projects at about the lung texture's
+# own contrast at 256 x 256 (a drawn 15 mm one was read in 0.37 of PA films); a nodule is drawn solid, at
+# NODULE_CONTRAST x soft tissue's attenuation above the lung it fills, as it reads on a processed film
+NODULE_MM = (20.0, 24.5, 28.0)
+NODULE_MAX_MM = 30.0
+NODULE_CONTRAST = 1.5
 FRACTURE_FADE_MM = 30.0       # the displaced fragment rejoins the rib's course over this length
-MASS_MM = (36.0, 50.0, 70.0)
+MASS_MM = (40.0, 54.0, 72.0)
 
 LOBE_OF = {
     "right_upper_lobe": ("lung_upper_lobe_right",), "right_middle_lobe": ("lung_middle_lobe_right",),
@@ -378,6 +384,8 @@ def lesion(vp, names, label, rng, *, kind: str) -> Drawn:
     """A round, slightly lobulated soft-tissue lesion in the named region, diameter by severity."""
     sev = _SEV[label.severity]
     diam = (NODULE_MM if kind == "nodule" else MASS_MM)[sev] * rng.uniform(0.9, 1.1)
+    if kind == "nodule":
+        diam = min(diam, NODULE_MAX_MM)
     r = diam / 2
     box, lobe = location_region(vp, names, label.location, "right_upper_lobe")
     x, y, z = _patient_coords(vp, box)
@@ -411,7 +419,8 @@ def lesion(vp, names, label, rng, *, kind: str) -> Drawn:
         raise FindingNotDrawable(f"{label.finding}: no room in {label.location}")
     mu = box.take(vp.mu).astype(np.float32)
     edge = np.clip((radius - rho) / 1.5, 0.0, 1.0)
-    delta_mu = np.where(region, np.maximum(MU_SOFT - mu, 0.0) * edge, 0.0).astype(np.float32)
+    gain = NODULE_CONTRAST if kind == "nodule" else 1.0
+    delta_mu = np.where(region, np.maximum(MU_SOFT - mu, 0.0) * edge * gain, 0.0).astype(np.float32)
     return _finish(vp, label.finding, box, region, delta_mu)
 
 

@@ -7,7 +7,8 @@ Steps (a pure function of the case):
 3. per slab: tissue + bone x bone density + findings; warped by the patient's habitus, inspiration,
    rotation (parallax between slabs), tilt, centring and a smooth elastic field; summed;
 4. soft-tissue thickness and breast shadows; exposure, scatter, blur, noise, log and display;
-5. masks warped exactly as their slab; the cardiothoracic ratio measured on the film's own heart and lungs.
+5. masks warped exactly as their slab; the cardiothoracic ratio measured on the film's own heart and lungs (a
+   lateral film's heart is grown to the scale that gives its ratio on a PA film of the same anatomy).
 """
 
 from __future__ import annotations
@@ -137,6 +138,20 @@ def _landmarks(vp: ViewProjection, names: dict) -> _Landmarks:
     return vp.cache["landmarks"]
 
 
+def _heart_scale_for_ctr(anatomy, names: dict, width: int, height: int, target: float) -> float:
+    """The heart's scale (:func:`~.findings.cardiomegaly`) at which an unwarped PA film of the anatomy shows the
+    cardiothoracic ratio ``target``; the ratio by scale is traced once per anatomy and size, kept with the PA view."""
+    vp = project_view(anatomy, "PA", int(width), int(height))
+    if "ctr_by_scale" not in vp.cache:
+        hg = fnd.heart_growth(vp, names)
+        lung_w = max(_widths(_landmarks(vp, names).lungs), 1)
+        scales = np.linspace(1.0, fnd.HEART_SCALE_MAX, 37)
+        ctrs = np.maximum.accumulate([_widths(hg.mask(s)) / lung_w for s in scales])
+        vp.cache["ctr_by_scale"] = (scales, ctrs)
+    scales, ctrs = vp.cache["ctr_by_scale"]
+    return float(np.interp(target, ctrs, scales))
+
+
 def _breasts(vp: ViewProjection, var: Variation, lm: _Landmarks) -> np.ndarray:
     """Line integral of two breasts on a frontal film (film pixels): the anterior half of an ellipsoid each,
     sharp below (the inframammary fold), fading upwards into the chest wall."""
@@ -249,6 +264,9 @@ def render_case(case, width: int, height: int, *, anatomy=None) -> GeneratedImag
                     break
                 scale = step
             drawn.append(fnd.cardiomegaly(vp, names, scale))
+    elif cardio is not None:
+        # a lateral film cannot measure the ratio: its heart grows as the PA film's of the same anatomy would
+        drawn.append(fnd.cardiomegaly(vp, names, _heart_scale_for_ctr(anatomy, names, width, height, cardio[0])))
 
     per_slab: dict[int, np.ndarray] = {}
     aorta = fnd.unfolded_aorta(vp, names, var.aorta_unfolding)
