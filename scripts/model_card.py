@@ -244,7 +244,7 @@ writes from it is marked synthetic.
   films); {settings.get('steps', 0):,} steps of batch {settings.get('batch_size')}, learning rate
   {settings.get('learning_rate') or 1e-4:g}{f', {seconds / 3600:.2f} h' if seconds else ''} on a 2-core CPU.
 - Rebuild: `make default-fast` (after `make default-model`; resumes after an interruption).
-- {size_mb:.1f} MB in all (fp16 safetensors; tokenizer, text encoder and VAE are the teacher's{'; the tiny decoder is its own' if evaluation.get('other_decoder') else ''}).
+{rebuilt_set_note(settings.get("manifest_sha256"), args.training)}- {size_mb:.1f} MB in all (fp16 safetensors; tokenizer, text encoder and VAE are the teacher's{'; the tiny decoder is its own' if evaluation.get('other_decoder') else ''}).
 
 ## Targets
 | figure | target | value | |
@@ -315,6 +315,21 @@ PRE_FIX_SET = "faf4fcc7397a"
 def _rate(s: dict) -> str:
     lr = s["learning_rate"] or (5e-4 if s["base"] == "scratch" else 1e-4 if s["mode"] == "lora" else 1e-5)
     return f"learning rate {lr:g} " + ("cosine to a tenth" if s.get("lr_schedule") == "cosine" else "constant")
+
+
+def rebuilt_set_note(trained_on: str | None, compared: Path) -> str:
+    """A card line where the training films the card compares against (memorisation, the FID floor) are not the
+    build the model last trained on: a rebuild of its spec after the backend changed how it draws. Empty if same."""
+    import hashlib
+
+    now = hashlib.sha256(compared.read_bytes()).hexdigest()
+    if not trained_on or trained_on == now:
+        return ""
+    return textwrap.fill(
+        f"- The training films compared against below (the FID floor, memorisation) are a build of the spec made "
+        f"after this model was trained (manifest sha256 `{now[:12]}`; it trained on `{trained_on[:12]}`): the "
+        "backend has drawn some findings differently since (docs/drr.md says what changed), so they are the films "
+        "the spec gives now, which `make default-model` would train on.", 112, subsequent_indent="  ") + "\n"
 
 
 def training_steps_lines(training: dict) -> str:
@@ -500,7 +515,7 @@ real radiographs**, and not evidence about any patient. Every image synthmed wri
   safetensors, {size_mb:.1f} MB in all. Sizes chosen from measurements: `scripts/measure_model_capacity.py`
   (docs/default_model.md, "Why these sizes").
 {training_steps_lines(training)}
-
+{rebuilt_set_note(lineage(training)[-1]["settings"].get("manifest_sha256"), args.training)}
 ## Targets
 | figure | target | value | |
 |---|---|---|---|

@@ -30,8 +30,9 @@ SHIPPED_AUDITOR_DOMAINS = {"phantom": SHIPPED_AUDITOR_DOMAIN,
 # finding in 0.92 or more of the films that show it: over the 0.95 / 0.95 / 0.8 issue #18 asked of it first
 # (tests/qc/test_auditor.py holds its card to that)
 NO_VERDICT_YET: dict[str, str] = {}
-# Label fidelity gives a verdict from this many images up: the shipped model reads 0.69 of 64 pneumonia-spec
-# films exactly (0.89 of 240 evaluation cases), so with fewer the sampling spread (±0.17 at 30) is the verdict
+# Label fidelity gives a verdict from this many images up: the drr auditor reads the shipped default model's
+# images of 64 pneumonia-spec cases at 0.80 (0.71 of 600 evaluation cases; 0.23 with the labels shifted by one
+# row), so with fewer the sampling spread (±0.17 at 30) is the verdict
 LABEL_FIDELITY_MIN_IMAGES = 30
 # A shipped auditor judges a set only if it detects each of the set's findings in this share of its held-out films
 MIN_READ_SENSITIVITY = 0.8
