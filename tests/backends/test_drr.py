@@ -429,6 +429,29 @@ def test_a_drr_build_writes_images_masks_and_manifest(ct, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_refuses_a_run_begun_under_another_drawing(ct, tmp_path, monkeypatch):
+    """Films of one run are all of one drawing: after the backend draws differently (DRAWING_VERSION), --resume of a
+    run begun before refuses with exit 2, naming both, instead of finishing it with films of the new drawing."""
+    import synthmed.backends.drr as drr
+    from synthmed.build import generate
+    from synthmed.build.errors import BuildError
+
+    from synthmed.build import CHUNK_SIZE
+
+    spec = load_spec(f"spec_version: 1\nname: drr-resume\ncount: {CHUNK_SIZE + 2}\nseed: 3\nimage: {{size: 64}}\n"
+                     "generator: {backend: drr}\nqc: {enabled: false}\nfindings: [{finding: nodule, weight: 1}]")
+    out = tmp_path / "out"
+    generate(spec, out, progress=False, limit=CHUNK_SIZE)  # one whole chunk kept, one left to make
+    assert f"synthmed-drr-v{drr.DRAWING_VERSION}" in (out / "manifest.csv").read_text(encoding="utf-8")
+    monkeypatch.setattr(drr, "DRAWING_VERSION", drr.DRAWING_VERSION + 1)
+    with pytest.raises(BuildError, match="partly made by a model") as refused:
+        generate(spec, out, progress=False, resume=True)
+    assert refused.value.exit_code == 2
+    monkeypatch.undo()
+    assert generate(spec, out, progress=False, resume=True).written == 2
+
+
+@pytest.mark.slow
 def test_the_shipped_icu_drr_spec_builds(ct, tmp_path):
     """dataset_specs/icu_drr.yaml validates and builds (a few cases, small films) with every mask drawn."""
     import yaml

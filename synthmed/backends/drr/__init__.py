@@ -24,7 +24,11 @@ from ..base import BackendInfo, GeneratedImage
 from .anatomy import ANATOMY_ID, SOURCE, AnatomyMissing, check_anatomy
 from .findings import DRAWN, FindingNotDrawable, check_drawable
 
-MODEL_ID = "synthmed-drr-v1"
+# Bumped whenever the same case gives another film (how a finding is drawn, the physics): the manifest's model_id
+# says which drawing made each film, and a --resume refuses to finish a run begun under another (the backend's
+# model hash carries it). 2: nodules drawn readable and apart from masses in size, lateral films' cardiomegaly.
+DRAWING_VERSION = 2
+MODEL_ID = f"synthmed-drr-v{DRAWING_VERSION}"
 VIEWS = ("PA", "AP", "LL")
 SIZE_RANGE = (64, 1024)
 
@@ -67,12 +71,13 @@ class DrrBackend:
                     raise VolumeError(f"anatomy '{v.id}': {path} is gone (it was there when the spec was validated)")
         for v in user:  # validate read headers only; cached per process, every case's volume is loaded anyway
             load_volume(v)
-        model_hash = ANATOMY_ID
-        if user:  # a resume must not mix volumes: their files' sha256 make the backend's hash
+        model_hash = f"{ANATOMY_ID}+drawing-{DRAWING_VERSION}"
+        if user:  # a resume must not mix volumes: their files' sha256 (and the drawing) make the backend's hash
             import hashlib
             import json
 
-            model_hash = hashlib.sha256(json.dumps(anatomy_card(self.volumes)["volumes"], sort_keys=True)
+            model_hash = hashlib.sha256(json.dumps({"volumes": anatomy_card(self.volumes)["volumes"],
+                                                    "drawing": DRAWING_VERSION}, sort_keys=True)
                                         .encode("utf-8")).hexdigest()
         self.info = BackendInfo(name="drr", model_id=MODEL_ID, model_hash=model_hash,
                                 settings={"width": width, "height": height,
