@@ -181,8 +181,9 @@ def dataset_of(folder: Path) -> dict | None:
 def _built_from(dataset: dict | None) -> str:
     if not dataset:
         return ""
-    part = "" if dataset["cases"] == dataset["spec_count"] else f"its first {dataset['cases']:,} cases of {dataset['spec_count']:,}"
-    return f" (spec `{dataset['spec_name']}`" + (f", {part})" if part else ")")
+    if dataset["cases"] == dataset["spec_count"]:
+        return f" (spec `{dataset['spec_name']}`)"
+    return f" (spec `{dataset['spec_name']}`, its first {dataset['cases']:,} cases of {dataset['spec_count']:,})"
 
 
 def model_card(config: dict, report: dict) -> str:

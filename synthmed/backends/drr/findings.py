@@ -39,8 +39,8 @@ CTR_BAND = {"mild": (0.528, 0.542), "moderate": (0.563, 0.587), "severe": (0.625
 _SEV = {"mild": 0, "moderate": 1, "severe": 2, None: 1}
 # a nodule is at most 30 mm across and a mass larger, so the two never overlap in size (a nodule is drawn up to 1.1x
 # its size by severity, a mass down to 0.9x). Under 20 mm a soft-tissue nodule projects at about the lung texture's
-# own contrast at 256 x 256 (a drawn 15 mm one was read in 0.37 of PA films); a nodule is drawn solid, at
-# NODULE_CONTRAST x soft tissue's attenuation above the lung it fills, as it reads on a processed film
+# own contrast at 256 x 256 (a drawn 15 mm one was read in 0.37 of PA films); a nodule is drawn solid, its
+# attenuation step over the lung it fills NODULE_CONTRAST x soft tissue's (as the fracture is drawn at 1.8x)
 NODULE_MM = (20.0, 24.5, 28.0)
 NODULE_MAX_MM = 30.0
 NODULE_CONTRAST = 1.5
