@@ -27,18 +27,24 @@ from pathlib import Path
 
 import numpy as np
 
-CANDIDATES = {  # block_out_channels, layers_per_block, latent channels (all: 1 channel in/out, 8x down)
-    "v16": ((16, 32, 64, 64), 1, 4),  # the default model's VAE so far
-    "v16c8": ((16, 32, 64, 64), 1, 8),
+CANDIDATES = {  # block_out_channels, layers_per_block, latent channels (1 channel in/out; 2^(blocks-1) x down)
+    "v16": ((16, 32, 64, 64), 1, 4),  # the default model's VAE before the drr films
+    "v16c8": ((16, 32, 64, 64), 1, 8),  # the default model's VAE now
+    "v16c16": ((16, 32, 64, 64), 1, 16),
+    "v16d4": ((16, 32, 64), 1, 4),  # 4x down: a 64x64x4 latent for a 256x256 film
+    "v16d4c8": ((16, 32, 64), 1, 8),
     "v24": ((24, 48, 96, 128), 1, 4),
     "v32": ((32, 64, 128, 128), 1, 4),
     "v32x2": ((32, 64, 128, 128), 2, 4),
 }
-UNETS = {  # block_out_channels, layers_per_block, norm groups (cross-attention at the two lower levels, 128-d text)
-    "u32": ((32, 64, 128), 1, 32),  # the default model's UNet so far
-    "u48": ((48, 96, 192), 1, 16),
-    "u32x2": ((32, 64, 128), 2, 32),
-    "u64": ((64, 128, 256), 1, 32),
+UNETS = {  # block_out_channels, layers_per_block, norm groups, latent side and channels (cross-attention at the
+    # two lowest levels, 128-d text); a latent of 32 goes with an 8x-down VAE, 64 with a 4x-down one
+    "u32": ((32, 64, 128), 1, 32, 32, 8),  # the default model's UNet
+    "u48": ((48, 96, 192), 1, 16, 32, 8),
+    "u32x2": ((32, 64, 128), 2, 32, 32, 8),
+    "u64": ((64, 128, 256), 1, 32, 32, 8),
+    "u16l64": ((16, 32, 64, 128), 1, 8, 64, 4),  # one more level on top of u32's, at the 4x-down latent
+    "u24l64": ((24, 48, 96, 192), 1, 8, 64, 4),
 }
 
 
@@ -87,7 +93,8 @@ def make_vae(name: str):
 
     channels, layers, latent = CANDIDATES[name]
     return AutoencoderKL(in_channels=1, out_channels=1, latent_channels=latent, block_out_channels=channels,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels),
                          layers_per_block=layers, norm_num_groups=8, mid_block_add_attention=False, sample_size=256)
 
 
@@ -171,22 +178,30 @@ def auditor_reading(films: np.ndarray, rows: list[dict]) -> dict:
             "location_agreement": report["location"]["accuracy"], "severity_agreement": report["severity"]["accuracy"]}
 
 
+def make_unet(name: str):
+    """A UNet candidate of :data:`UNETS` (random weights), for a latent of its side and channels."""
+    from diffusers import UNet2DConditionModel
+
+    channels, layers, groups, side, latent = UNETS[name]
+    plain = len(channels) - 2  # levels without cross-attention
+    return UNet2DConditionModel(sample_size=side, in_channels=latent, out_channels=latent,
+                                block_out_channels=channels, layers_per_block=layers, norm_num_groups=groups,
+                                cross_attention_dim=128, attention_head_dim=4 if channels[0] == 32 else 8,
+                                down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * 2,
+                                up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",) * plain)
+
+
 def unet_costs(names: list[str], repeats: int = 3) -> dict:
     """Sampling ms per image (20 steps, guidance batch of 2 x 8) and seconds per training step (batch 16)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     costs = {}
     for name in names:
-        channels, layers, groups = UNETS[name]
+        _, _, _, side, latent = UNETS[name]
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, block_out_channels=channels,
-                                    layers_per_block=layers, norm_num_groups=groups, cross_attention_dim=128,
-                                    attention_head_dim=4 if channels[0] == 32 else 8,
-                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        unet = make_unet(name)
         params = sum(p.numel() for p in unet.parameters())
-        x, text = torch.randn(16, 4, 32, 32), torch.randn(16, 24, 128)
+        x, text = torch.randn(16, latent, side, side), torch.randn(16, 24, 128)
         unet.eval()
         with torch.inference_mode():
             unet(x, 500, encoder_hidden_states=text)
@@ -237,7 +252,8 @@ def main(argv=None) -> int:
     films, held = load(folder, train_rows), load(folder, held_rows)
     print(f"{len(films)} training films, {len(held)} held out, {films.shape[1]}x{films.shape[2]}; "
           f"{args.steps} steps of batch {args.batch_size}, crop {args.crop}; {args.threads} threads", flush=True)
-    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    results = {"settings": {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v
+                            for k, v in vars(args).items()},
                "ceiling": auditor_reading(held, held_rows), "candidates": {}}
     print(f"auditor on the original films: {results['ceiling']}", flush=True)
     from scipy.ndimage import gaussian_filter

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-from PIL import Image  # noqa: E402
+from tiny_manifest import write_tiny_manifest  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_auditor.py"
 FINDINGS = ["no_finding", "pleural_effusion:left:mild", "cardiomegaly::moderate", "nodule:right_upper_zone:severe"]
@@ -28,21 +27,8 @@ def script():
 
 @pytest.fixture
 def manifest(tmp_path) -> Path:
-    """A tiny manifest of random 32 x 32 films, some of them from the drr backend."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "set"
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for i in range(24):
-        name = f"images/case-{i:03d}.png"
-        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(folder / name)
-        rows.append({"file_name": name, "split": "val" if i % 4 == 0 else "train", "findings": FINDINGS[i % 4],
-                     "view": ("PA", "AP", "LL")[i % 3], "backend": "drr"})
-    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder / "manifest.csv"
+    """A tiny manifest of random 32 x 32 drr films."""
+    return write_tiny_manifest(tmp_path / "set", FINDINGS, n=24, size=32, val_every=4, views=("PA", "AP", "LL"))
 
 
 def _train(script, manifest, out, *extra):
