@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed
 DEMO_BIN := $(DEMO_VENV)/bin
 DEMO_STAMP := $(DEMO_VENV)/.installed
 
-.PHONY: demo test bench clean system-deps default-model default-fast model-card auditor auditor-drr anatomy features
+.PHONY: demo test bench clean system-deps default-model default-model-refresh default-fast model-card auditor auditor-drr anatomy features
 
 # $(call venv,FOLDER,EXTRA): a virtual environment with torch (CPU, first) and synthmed[EXTRA], then its stamp
 define venv
@@ -61,6 +61,22 @@ default-model: $(STAMP) anatomy
 		--checkpoint-every 200 --validate-every 1000 --resume
 	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
 	rm -rf synthmed/models/default/.synthmed  # finetune's record of its files: not part of the shipped model
+	$(MAKE) model-card
+
+# Continue the shipped default model on the current build of its spec, for when the drr backend has changed how
+# it draws a finding and a from-scratch rebuild (above) does not fit the time: the anneal stage again, from a copy
+# of synthmed/models/default taken once (so an interrupted run resumes from the same base), then the card. To
+# refresh a model this target installed, move out/default-model-base and out/default-model-refresh aside first.
+# Then `make default-fast`: the fast default is distilled from the default it ships with.
+default-model-refresh: $(STAMP) anatomy
+	$(BIN)/synthmed generate dataset_specs/default_model_training.yaml -o $(DEFAULT_TRAIN) --resume
+	test -d out/default-model-base || cp -r synthmed/models/default out/default-model-base
+	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base out/default-model-base \
+		-o out/default-model-refreshed --work-dir out/default-model-refresh --mode full --train-text-encoder \
+		--learning-rate 3e-4 --lr-schedule cosine --steps $(or $(REFRESH_STEPS),5000) --seed 2 \
+		--checkpoint-every 200 --validate-every 1000 --resume
+	rm -rf synthmed/models/default && cp -r out/default-model-refreshed synthmed/models/default
+	rm -rf synthmed/models/default/.synthmed
 	$(MAKE) model-card
 
 # The shipped default model distilled into a 4-step student without a guidance pass (synthmed distill), on the

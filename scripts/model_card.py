@@ -95,28 +95,37 @@ def card_targets(evaluation: dict) -> list[dict]:
             for what, target, value, sign in rows]
 
 
+def _capacity_tables(vae: dict, unet: dict | None) -> tuple[str, str]:
+    """The VAE and UNet tables of one run of scripts/measure_model_capacity.py (markdown rows, headers included)."""
+    reading = lambda a: (f"{a['finding_set_agreement']:.3f} / {a['location_agreement']:.3f} / "  # noqa: E731
+                         f"{a['severity_agreement']:.3f}")
+    threads = lambda f: f"{f['threads']} thread{'s' if f['threads'] > 1 else ''}"  # noqa: E731
+    rows = ["| VAE | parameters | decode ms/image | PSNR dB | detail kept | auditor |", "|---|---|---|---|---|---|",
+            f"| original films (ceiling) | | | | 1 | {reading(vae['ceiling'])} |"]
+    rows += [f"| original films, Gaussian blur {sigma} px | | | {f['psnr_db']} | {f['detail_kept']} | {reading(f['auditor'])} |"
+             for sigma, f in vae.get("blurred", {}).items()]
+    for name, f in vae["candidates"].items():
+        rows.append(f"| {name} | {f['parameters'] / 1e6:.2f} M | {f['decode_ms_per_image']} ({threads(f)}) | "
+                    f"{f['psnr_db']} | {f['detail_kept']} | {reading(f['auditor'])} |")
+    for name, f in vae.get("trained", {}).items():
+        rows.append(f"| {name} | {f['parameters'] / 1e6:.2f} M | {f['decode_ms_per_image']} | {f['psnr_db']} | "
+                    f"{f['detail_kept']} | {reading(f['auditor'])} |")
+    unet_rows = ["| UNet | parameters | fp16 MiB | sampling ms/image | training step s |", "|---|---|---|---|---|"]
+    unet_rows += [f"| {name} | {f['parameters'] / 1e6:.2f} M | {f['fp16_mib']} | {f['sampling_ms_per_image']} | "
+                  f"{f['train_step_s']} |" for name, f in (unet or {}).get("candidates", {}).items()]
+    return "\n".join(rows), "\n".join(unet_rows) if unet else ""
+
+
 def capacity_section(path: Path) -> str:
-    """The card's "Why these sizes": the measurements of scripts/measure_model_capacity.py kept in ``path``."""
+    """The card's "Why these sizes": the measurements of scripts/measure_model_capacity.py kept in ``path``, the
+    first run's tables and reading, then each later run's (``later``: its own films, auditor and machine)."""
     if not path.is_file():
         return ""
     m = json.loads(path.read_text(encoding="utf-8"))
     vae, unet = m["vae"], m["unet"]
-    c = vae["ceiling"]
-    reading = lambda a: (f"{a['finding_set_agreement']:.3f} / {a['location_agreement']:.3f} / "  # noqa: E731
-                         f"{a['severity_agreement']:.3f}")
-    rows = [f"| original films (ceiling) | | | | 1 | {reading(c)} |"]
-    rows += [f"| original films, Gaussian blur {sigma} px | | | {f['psnr_db']} | {f['detail_kept']} | {reading(f['auditor'])} |"
-             for sigma, f in vae.get("blurred", {}).items()]
-    for name, f in vae["candidates"].items():
-        rows.append(f"| {name} | {f['parameters'] / 1e6:.2f} M | {f['decode_ms_per_image']} ({f['threads']} thread"
-                    f"{'s' if f['threads'] > 1 else ''}) | {f['psnr_db']} | {f['detail_kept']} | {reading(f['auditor'])} |")
-    for name, f in vae.get("trained", {}).items():
-        rows.append(f"| {name} | {f['parameters'] / 1e6:.2f} M | {f['decode_ms_per_image']} | {f['psnr_db']} | "
-                    f"{f['detail_kept']} | {reading(f['auditor'])} |")
-    unet_rows = [f"| {name} | {f['parameters'] / 1e6:.2f} M | {f['fp16_mib']} | {f['sampling_ms_per_image']} | "
-                 f"{f['train_step_s']} |" for name, f in unet["candidates"].items()]
+    vae_table, unet_table = _capacity_tables(vae, unet)
     s = vae["settings"]
-    return f"""
+    text = f"""
 ## Why these sizes
 Measured with `scripts/measure_model_capacity.py` ({m['what']}; figures in `docs/default_model_capacity.json`).
 VAE candidates (v16: blocks (16, 32, 64, 64), 4 latent channels; v16c8: the same with 8; v24: (24, 48, 96, 128))
@@ -125,9 +134,7 @@ DRR films and reconstructed {s['held_out']} held-out films. Detail kept: 1 - the
 structures 1-4 pixels across (vessels, rib cortices, small nodules, line edges). Auditor: the DRR auditor's
 finding set / location / severity agreement on the reconstructions.
 
-| VAE | parameters | decode ms/image | PSNR dB | detail kept | auditor |
-|---|---|---|---|---|---|
-""" + "\n".join(rows) + f"""
+{vae_table}
 
 In the same steps the wider VAE reconstructed worse (the stage is limited by steps, not width), and 8 latent
 channels kept more fine structure than 4 at the same decode cost; the auditor reads blur as missing findings
@@ -136,13 +143,22 @@ channels kept more fine structure than 4 at the same decode cost; the auditor re
 UNet candidates, timed on {unet['threads']} thread (sampling: 20 steps, guidance batched; training: one step of
 batch 16):
 
-| UNet | parameters | fp16 MiB | sampling ms/image | training step s |
-|---|---|---|---|---|
-""" + "\n".join(unet_rows) + """
+{unet_table}
 
 A wider or deeper UNet costs 1.5-3x per training step, so fewer steps fit the CPU-hours a rebuild may take, and
 1.2-2.2x per image when sampling (u64 alone would pass the 30 MiB budget): the (32, 64, 128) UNet is kept.
 """
+    for later in m.get("later", []):
+        vae_table, unet_table = _capacity_tables(later["vae"], later.get("unet"))
+        text += f"""
+### {later['title']}
+{textwrap.fill(later['what'], 112)}
+
+{vae_table}
+{chr(10) + unet_table + chr(10) if unet_table else ''}
+{textwrap.fill(later['reading'], 112)}
+"""
+    return text
 
 
 # The fast default's targets (#22 item 2): this close to its teacher, on the same held-out cases.
@@ -277,7 +293,7 @@ Fréchet distance in the auditor's embedding space against the held-out {films} 
 ## Speed
 `synthmed generate`, 256x256, every output (DICOM, SR, SEG, PNG), QC off: student
 **{evaluation['speed_images_per_s']:.2f} images/s**, teacher {teacher['speed_images_per_s']:.2f} images/s, on
-{platform.machine()} with {os.cpu_count()} CPU cores, in the card's own run (benchmarks/bench_diffusion.py
+{machine_text()}, in the card's own run (benchmarks/bench_diffusion.py
 measures it against the bare diffusers pipeline).
 
 ## Samples
@@ -293,6 +309,19 @@ The first case of each finding: the student's image above, the {films} film of t
     args.docs.write_text(card.replace("](../../../docs/default_fast_model_samples.png)",
                                       "](default_fast_model_samples.png)"), encoding="utf-8")
     print(card)
+
+
+def machine_text() -> str:
+    """The machine speed was measured on, CPU model included (the same card's images/s differ about 2x between the
+    2-core machines this project runs on), e.g. ``x86_64 (AMD EPYC) with 2 CPU cores``."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor()
+    return f"{platform.machine()}{f' ({model})' if model else ''} with {os.cpu_count()} CPU cores"
 
 
 def fmt(v, digits=3):
@@ -350,7 +379,11 @@ def training_steps_lines(training: dict) -> str:
              f"UNet {fmt(stages[-1]['losses'].get('unet'), 4)}; training time {hours:.2f} h (from the logs) "
              "on a 2-core CPU shared with other work.")
     rebuild = ("- Rebuild: `make default-model` (generates the training set, runs "
-               f"{'both stages' if len(stages) == 2 else 'every stage'}, resumes after an interruption).")
+               f"{'both stages' if len(stages) == 2 else 'every stage' if len(stages) < 2 else 'the first two stages'}"
+               ", resumes after an interruption).")
+    if len(stages) > 2:
+        rebuild += (" Each later stage is `make default-model-refresh`: the anneal stage again, from the shipped "
+                    "weights, on the build of the spec after the drr backend changed how it draws a finding.")
     if len({t["settings"]["manifest_sha256"] for t in stages}) > 1:
         if s1["manifest_sha256"].startswith(PRE_FIX_SET):
             rebuild += (" The first stage ran on the set the spec gave before the sampler kept every mixture entry "
@@ -459,7 +492,7 @@ def main() -> None:
                                                              "flagged_fraction")} if memo.get(space) else None
                          for space in ("encoder", "pixel")},
         "speed_images_per_s": speed, "eval_cases": len(gen_rows),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "seconds": time.time() - started,
+        "machine": machine_text(), "seconds": time.time() - started,
         "eval_spec_sha256": spec_sha256,
         "sampling": {**{k: v for k, v in run_generator.items() if k in ("scheduler", "steps", "guidance_scale")},
                      "decoder": decoder, "dtype": json.loads(gen_rows[0]["generation"]).get("dtype", "float32")},
@@ -555,7 +588,7 @@ Pixel space (64x64, L2): median {fmt(memo['pixel']['distances']['median'])}, min
 
 ## Speed
 `synthmed generate` with this model, 256x256, 20 DPM-Solver steps, guidance 4, every output (DICOM, SR, SEG,
-PNG): **{speed:.2f} images/s** on {platform.machine()} with {os.cpu_count()} CPU cores, in the card's
+PNG): **{speed:.2f} images/s** on {machine_text()}, in the card's
 own run (benchmarks/bench_diffusion.py measures it against the bare diffusers pipeline).
 
 {capacity_section(args.docs.parent / "default_model_capacity.json")}

@@ -56,6 +56,9 @@ def test_model_card_describes_the_training_its_record_holds():
                                           "train_text_encoder": False, "mode": "lora"}}
     text = " ".join(card_script.training_steps_lines(lora_stage).split())
     assert "(lora UNet, learning rate 0.0001 constant" in text  # LoRA's default rate, no text encoder
+    stacked = {**training, "base_training": training}  # one stage more than the shipped record: three or more
+    text = " ".join(card_script.training_steps_lines(stacked).split())
+    assert "runs the first two stages" in text and "Each later stage is `make default-model-refresh`" in text
 
 
 def smoke_row(tmp_path, generator: str, out: str = "out") -> dict:
