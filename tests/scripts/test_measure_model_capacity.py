@@ -3,26 +3,20 @@ trained VAE folder writes its figures to --json."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("scipy")
-from tiny_manifest import write_tiny_manifest  # noqa: E402
+from script_helpers import load_script, write_tiny_manifest  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "measure_model_capacity.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("measure_model_capacity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("measure_model_capacity")
 
 
 def test_each_vae_candidate_downsamples_by_two_per_level_after_the_first(script):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,18 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-from tiny_manifest import write_tiny_manifest  # noqa: E402
+from script_helpers import load_script, write_tiny_manifest  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_auditor.py"
 FINDINGS = ["no_finding", "pleural_effusion:left:mild", "cardiomegaly::moderate", "nodule:right_upper_zone:severe"]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_auditor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_auditor")
 
 
 @pytest.fixture

@@ -1,13 +1,24 @@
-"""Shared by the tests of scripts/: a tiny synthmed-style manifest of random films."""
+"""Shared by the tests of scripts/: a script loaded as a module, and a tiny manifest of random films."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_tiny_manifest(folder: Path, findings: Sequence[str], *, n: int, size: int, val_every: int,
