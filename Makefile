@@ -70,7 +70,9 @@ default-model: $(STAMP) anatomy
 # Then `make default-fast`: the fast default is distilled from the default it ships with.
 default-model-refresh: $(STAMP) anatomy
 	$(BIN)/synthmed generate dataset_specs/default_model_training.yaml -o $(DEFAULT_TRAIN) --resume
-	test -d out/default-model-base || cp -r synthmed/models/default out/default-model-base
+	test -d out/default-model-base || (rm -rf out/default-model-base.partial && \
+		cp -r synthmed/models/default out/default-model-base.partial && \
+		mv out/default-model-base.partial out/default-model-base)  # a copy cut short is never taken as the base
 	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base out/default-model-base \
 		-o out/default-model-refreshed --work-dir out/default-model-refresh --mode full --train-text-encoder \
 		--learning-rate 3e-4 --lr-schedule cosine --steps $(or $(REFRESH_STEPS),5000) --seed 2 \
