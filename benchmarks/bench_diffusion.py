@@ -664,7 +664,7 @@ def main() -> None:
                 print(f"\nrandom model built from synthmed.finetune.default_components in "
                       f"{time.perf_counter() - t0:.1f} s")
             figures[name] = bench_model(name, model, model_dir, base, args, tmp, start_up)
-            if args.e2e_count and args.size == base.image.width:
+            if args.e2e_count and args.e2e_rounds and args.size == base.image.width:
                 figures[name]["measured"] = end_to_end(name, model_dir, base, args, tmp)
 
     print("\nboth models (images/s of the runs; steady s/image; end to end composed):")

@@ -37,14 +37,15 @@ CANDIDATES = {  # block_out_channels, layers_per_block, latent channels (1 chann
     "v32": ((32, 64, 128, 128), 1, 4),
     "v32x2": ((32, 64, 128, 128), 2, 4),
 }
-UNETS = {  # block_out_channels, layers_per_block, norm groups, latent side and channels (cross-attention at the
-    # two lowest levels, 128-d text); a latent of 32 goes with an 8x-down VAE, 64 with a 4x-down one
+UNETS = {  # block_out_channels, layers_per_block, norm groups, latent side and channels, [levels with cross-attention,
+    # the lowest ones: 2 unless given] (128-d text); a latent of 32 goes with an 8x-down VAE, 64 with a 4x-down one
     "u32": ((32, 64, 128), 1, 32, 32, 8),  # the default model's UNet
     "u48": ((48, 96, 192), 1, 16, 32, 8),
     "u32x2": ((32, 64, 128), 2, 32, 32, 8),
     "u64": ((64, 128, 256), 1, 32, 32, 8),
     "u16l64": ((16, 32, 64, 128), 1, 8, 64, 4),  # one more level on top of u32's, at the 4x-down latent
     "u24l64": ((24, 48, 96, 192), 1, 8, 64, 4),
+    "u16l64a1": ((16, 32, 64, 128), 1, 8, 64, 4, 1),  # u16l64 with cross-attention at 8x8 only (not at 16x16)
 }
 
 
@@ -182,13 +183,14 @@ def make_unet(name: str):
     """A UNet candidate of :data:`UNETS` (random weights), for a latent of its side and channels."""
     from diffusers import UNet2DConditionModel
 
-    channels, layers, groups, side, latent = UNETS[name]
-    plain = len(channels) - 2  # levels without cross-attention
+    channels, layers, groups, side, latent, *attended = UNETS[name]
+    attended = attended[0] if attended else 2
+    plain = len(channels) - attended  # levels without cross-attention
     return UNet2DConditionModel(sample_size=side, in_channels=latent, out_channels=latent,
                                 block_out_channels=channels, layers_per_block=layers, norm_num_groups=groups,
                                 cross_attention_dim=128, attention_head_dim=4 if channels[0] == 32 else 8,
-                                down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * 2,
-                                up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",) * plain)
+                                down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attended,
+                                up_block_types=("CrossAttnUpBlock2D",) * attended + ("UpBlock2D",) * plain)
 
 
 def unet_costs(names: list[str], repeats: int = 3) -> dict:
@@ -197,7 +199,7 @@ def unet_costs(names: list[str], repeats: int = 3) -> dict:
 
     costs = {}
     for name in names:
-        _, _, _, side, latent = UNETS[name]
+        _, _, _, side, latent, *_ = UNETS[name]
         torch.manual_seed(0)
         unet = make_unet(name)
         params = sum(p.numel() for p in unet.parameters())

@@ -70,10 +70,12 @@ VAE_CONFIG = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_ch
                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                   layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False)
 # One resnet per level (5.7x cheaper per training step than two on 2 cores); a level more than the 32x32-latent
-# UNet (32, 64, 128) before it, so the lowest two (16x16 and 8x8, cross-attention) are the same size.
+# UNet (32, 64, 128) before it, so that the lowest two (16x16 and 8x8) are the same size. Cross-attention (with
+# self-attention) at 8x8 and in the mid block only: at 16x16 too it sampled at 605 against 441 ms an image, under
+# the 1.5 images/s the default must keep (scripts/measure_model_capacity.py --unets u16l64,u16l64a1).
 UNET_CONFIG = dict(in_channels=4, out_channels=4, block_out_channels=(16, 32, 64, 128), layers_per_block=1,
-                   down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                   down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
+                   up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3,
                    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=8)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
@@ -1491,6 +1493,9 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         from .model_folder import model_hash
 
         settings["base_hash"] = model_hash(base)
+    else:  # nor load checkpoints of another design (a synthmed whose *_CONFIG changed since they were made)
+        settings.update(json.loads(json.dumps({"vae_design": VAE_CONFIG, "unet_design": {
+            "unet": UNET_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG}})))
     work_path.mkdir(parents=True, exist_ok=True)
     settings_file = work_path / "settings.json"
     if settings_file.is_file() and resume:
@@ -1502,11 +1507,14 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         for key, value in (("lr_schedule", "constant"), ("gradient_accumulation", 1), ("mixed_precision", "no"),
                            *DATA_DEFAULTS.items()):
             before.setdefault(key, value)  # work folders from before these options
-        if "base_hash" in settings:
-            before.setdefault("base_hash", settings["base_hash"])
+        for key in ("base_hash", "vae_design", "unet_design"):  # work folders from before these were recorded
+            if key in settings:
+                before.setdefault(key, settings[key])
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k) and k != "steps")
         if changed:
-            why = " (the base model's files are not those it started from)" if "base_hash" in changed else ""
+            why = (" (the base model's files are not those it started from)" if "base_hash" in changed else
+                   " (this synthmed's scratch design is not the one its checkpoints were made with)"
+                   if {"vae_design", "unet_design"} & set(changed) else "")
             raise ValueError(f"{work_path} was trained with other settings ({', '.join(changed)} changed){why}; "
                              "resume needs the same manifest, base and settings, or start a new work_dir")
     elif not resume and any(work.checkpoints(stage) for stage in ("vae", "unet")):

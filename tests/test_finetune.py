@@ -247,6 +247,18 @@ def test_changed_settings_refuse_resume_and_existing_output_needs_overwrite(phan
         finetune(phantom_set, "scratch", tmp_path / "m2", work_dir=work, resume=True, steps=0, vae_steps=0, **FAST)
 
 
+def test_resume_refuses_checkpoints_of_another_scratch_design(phantom_set, tmp_path, monkeypatch):
+    import synthmed.finetune as finetune_module
+
+    work = tmp_path / "work"
+    finetune(phantom_set, "scratch", tmp_path / "a", work_dir=work, steps=0, vae_steps=0, **FAST)
+    monkeypatch.setattr(finetune_module, "UNET_CONFIG", {**finetune_module.UNET_CONFIG, "attention_head_dim": 4})
+    with pytest.raises(ValueError, match=r"unet_design changed.*scratch design is not the one"):
+        finetune(phantom_set, "scratch", tmp_path / "b", work_dir=work, steps=0, vae_steps=0, resume=True, **FAST)
+    monkeypatch.undo()  # the design it was made with: resume goes on
+    finetune(phantom_set, "scratch", tmp_path / "c", work_dir=work, steps=0, vae_steps=0, resume=True, **FAST)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fine_tunes_a_base_model(phantom_set, tiny_base, tmp_path, mode):

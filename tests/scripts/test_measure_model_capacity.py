@@ -33,11 +33,23 @@ def test_each_vae_candidate_downsamples_by_two_per_level_after_the_first(script)
 
 def test_each_unet_candidate_takes_the_latent_it_is_timed_on(script):
     text = torch.zeros(1, 24, 128)
-    for name, (_, _, _, side, latent) in script.UNETS.items():
+    for name, (_, _, _, side, latent, *_) in script.UNETS.items():
         unet = script.make_unet(name).eval()
         with torch.inference_mode():
             out = unet(torch.zeros(1, latent, side, side), 500, encoder_hidden_states=text).sample
         assert tuple(out.shape) == (1, latent, side, side), name
+
+
+def test_the_scratch_unet_design_is_the_candidate_its_timing_chose(script):
+    from synthmed.finetune import UNET_CONFIG
+
+    def plain(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    measured = script.make_unet("u16l64a1").config
+    for key in ("block_out_channels", "layers_per_block", "norm_num_groups", "attention_head_dim",
+                "down_block_types", "up_block_types", "in_channels"):
+        assert plain(measured[key]) == plain(UNET_CONFIG[key]), key
 
 
 def test_a_trained_vae_folder_is_measured_into_the_json(script, tmp_path):
