@@ -74,12 +74,18 @@ TARGETS = {"finding_set": 0.92, "location": 0.90, "severity": 0.85, "sensitivity
            "memorised": 0.0, "images_per_s": 1.5}
 
 
+def lowest_sensitivity(fidelity: dict) -> tuple[str | None, float | None]:
+    """The finding read least often where labelled, and its sensitivity, from a label_fidelity report."""
+    per_finding = {name: v["sensitivity"] for name, v in fidelity["findings"]["per_finding"].items()
+                   if v["support"] and v["sensitivity"] is not None}
+    return min(per_finding.items(), key=lambda kv: kv[1]) if per_finding else (None, None)
+
+
 def card_targets(evaluation: dict) -> list[dict]:
     """Each target of the card: what, the target, the value, met or not."""
     fidelity = evaluation["label_fidelity"]
-    per_finding = {name: v["sensitivity"] for name, v in fidelity["findings"]["per_finding"].items()
-                   if v["support"] and v["sensitivity"] is not None}
-    worst = min(per_finding.items(), key=lambda kv: kv[1]) if per_finding else ("none", None)
+    name, value = lowest_sensitivity(fidelity)
+    worst = (name or "none", value)
     ratio = evaluation["fid"] / evaluation["fid_floor"] if evaluation["fid_floor"] else None
     flagged = max(evaluation["memorisation"][space]["flagged_fraction"]
                   for space in ("encoder", "pixel") if evaluation["memorisation"].get(space))

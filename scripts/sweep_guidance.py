@@ -49,9 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def reading(fidelity: dict) -> dict:
     """The card's figures from a label_fidelity report: agreements and the lowest per-finding sensitivity."""
-    per_finding = {name: v["sensitivity"] for name, v in fidelity["findings"]["per_finding"].items()
-                   if v["support"] and v["sensitivity"] is not None}
-    worst = min(per_finding.items(), key=lambda kv: kv[1]) if per_finding else (None, None)
+    from model_card import lowest_sensitivity
+
+    worst = lowest_sensitivity(fidelity)
     return {"finding_set": fidelity["findings"]["exact_set_agreement"],
             "location": fidelity["location"]["accuracy"], "severity": fidelity["severity"]["accuracy"],
             "lowest_sensitivity": worst[1], "lowest_sensitivity_finding": worst[0]}
