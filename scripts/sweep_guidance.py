@@ -48,13 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def reading(fidelity: dict) -> dict:
-    """The card's figures from a label_fidelity report: agreements and the lowest per-finding sensitivity."""
+    """The card's figures from a label_fidelity report: agreements, the lowest and each finding's sensitivity."""
     from model_card import lowest_sensitivity
 
     worst = lowest_sensitivity(fidelity)
     return {"finding_set": fidelity["findings"]["exact_set_agreement"],
             "location": fidelity["location"]["accuracy"], "severity": fidelity["severity"]["accuracy"],
-            "lowest_sensitivity": worst[1], "lowest_sensitivity_finding": worst[0]}
+            "lowest_sensitivity": worst[1], "lowest_sensitivity_finding": worst[0],
+            "sensitivity": {name: v["sensitivity"] for name, v in fidelity["findings"]["per_finding"].items()
+                            if v["support"]}}
 
 
 def main(argv=None) -> int:
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
                                            "fid_to_films": fid_from_features(auditor.embed(images), f_ref,
                                                                              method="eigh"),
                                            "images_per_s": made.written / seconds}
-        print(f"guidance {scale:g}: {json.dumps(figures['scales'][f'{scale:g}'])}", flush=True)
+        shown = {k: v for k, v in figures["scales"][f"{scale:g}"].items() if k != "sensitivity"}
+        print(f"guidance {scale:g}: {json.dumps(shown)}", flush=True)
 
     print(f"\n{args.count} cases of {args.spec.name} (seed {args.seed}), read by {auditor.name}")
     print("| guidance | finding set | location | severity | lowest sensitivity | FID to films |")
