@@ -486,8 +486,10 @@ class Auditor:
                  for k, v in self.network.state_dict().items()}
         config = dict(self.config)
         config["weights_dtype"] = "float16"
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "model_type": MODEL_TYPE,
-                                                               "version": str(config.get("version"))})
+        # one metadata key: safetensors writes the metadata from a hash map, so several keys come out in another
+        # order at each save and the same weights would not give the same bytes (model_type and version are in
+        # config.json)
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
 
