@@ -48,17 +48,23 @@ demo: $(DEMO_STAMP) system-deps
 # Rebuild the shipped default model from its spec (CPU-hours: interrupt freely, rerun to resume).
 DEFAULT_TRAIN := out/default-train
 DEFAULT_WORK := out/default-model-training
-# Two stages: from scratch at a constant learning rate (VAE, latent cache, UNet + text encoder), then the same
-# data again from that model with the rate annealed (cosine). Both resume after an interruption.
+# Stage 1 from scratch at a constant learning rate (VAE, latent cache, UNet + text encoder), then the same data
+# again ANNEALS times (seeds 1, 2, ...), each from the previous stage's model with the rate annealed (cosine):
+# each anneal raised what the auditor reads (docs/default_model_rebuild.md). Every stage resumes after an
+# interruption; the last stage's model is out/default-model.
+ANNEALS := 3
 default-model: $(STAMP) anatomy
 	$(BIN)/synthmed generate dataset_specs/default_model_training.yaml -o $(DEFAULT_TRAIN) --resume
 	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base scratch -o out/default-model-constant \
 		--work-dir $(DEFAULT_WORK) --steps $(or $(STEPS),8400) --vae-steps 8000 --checkpoint-every 200 \
 		--validate-every 1000 --resume
-	$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base out/default-model-constant \
-		-o out/default-model --work-dir out/default-model-anneal --mode full --train-text-encoder \
-		--learning-rate 3e-4 --lr-schedule cosine --steps $(or $(ANNEAL_STEPS),5000) --seed 1 \
-		--checkpoint-every 200 --validate-every 1000 --resume
+	set -e; base=out/default-model-constant; for n in $$(seq 1 $(ANNEALS)); do \
+		model=out/default-model-anneal$$n-model; if [ $$n = $(ANNEALS) ]; then model=out/default-model; fi; \
+		$(BIN)/synthmed finetune --manifest $(DEFAULT_TRAIN)/manifest.csv --base $$base -o $$model \
+			--work-dir out/default-model-anneal$$n --mode full --train-text-encoder --learning-rate 3e-4 \
+			--lr-schedule cosine --steps $(or $(ANNEAL_STEPS),5000) --seed $$n --checkpoint-every 200 \
+			--validate-every 1000 --resume; \
+		base=$$model; done
 	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
 	rm -rf synthmed/models/default/.synthmed  # finetune's record of its files: not part of the shipped model
 	$(MAKE) model-card
