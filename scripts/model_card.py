@@ -343,6 +343,7 @@ def total_unet_steps(training: dict) -> int:
     return sum(stage["steps"] for stage in lineage(training))
 
 
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}  # a stage count in the card's words
 # The manifest the first stage of the shipped model ran on, built before the sampler fix (see the card).
 PRE_FIX_SET = "faf4fcc7397a"
 
@@ -384,10 +385,12 @@ def training_steps_lines(training: dict) -> str:
     line += (f"; last losses: VAE {fmt(first['losses'].get('vae'), 4)}, "
              f"UNet {fmt(stages[-1]['losses'].get('unet'), 4)}; training time {hours:.2f} h (from the logs) "
              "on a 2-core CPU shared with other work.")
-    rebuild = ("- Rebuild: `make default-model` (generates the training set, runs "
-               f"{'both stages' if len(stages) == 2 else 'every stage' if len(stages) < 2 else 'the first two stages'}"
-               ", resumes after an interruption).")
-    if len(stages) > 2:
+    # a stage of `make default-model-refresh` starts from its copy of the shipped model, out/default-model-base
+    made = sum(Path(str(t["settings"]["base"])).name != "default-model-base" for t in stages)
+    runs = ("both stages" if made == len(stages) == 2 else "every stage" if made == len(stages)
+            else f"the first {NUMBERS.get(made, made)} stages" if made > 1 else "the first stage")
+    rebuild = f"- Rebuild: `make default-model` (generates the training set, runs {runs}, resumes after an interruption)."
+    if made < len(stages):
         rebuild += (" Each later stage is `make default-model-refresh`: the anneal stage again, from the shipped "
                     "weights, on the build of the spec after the drr backend changed how it draws a finding.")
     if len({t["settings"]["manifest_sha256"] for t in stages}) > 1:

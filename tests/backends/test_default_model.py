@@ -56,8 +56,18 @@ def test_model_card_describes_the_training_its_record_holds():
                                           "train_text_encoder": False, "mode": "lora"}}
     text = " ".join(card_script.training_steps_lines(lora_stage).split())
     assert "(lora UNet, learning rate 0.0001 constant" in text  # LoRA's default rate, no text encoder
-    stacked = {**training, "base_training": training}  # one stage more than the shipped record: three or more
-    text = " ".join(card_script.training_steps_lines(stacked).split())
+    first = card_script.lineage(training)[0]
+
+    def card_of(*bases):  # the first stage, then one more stage from each base in turn
+        record = first
+        for base in bases:
+            record = {**record, "settings": {**record["settings"], "base": base}, "base_training": record}
+        return " ".join(card_script.training_steps_lines(record).split())
+
+    assert "runs both stages" in card_of("/x/out/default-model-constant")
+    text = card_of("/x/out/default-model-constant", "/x/out/default-model-anneal1-model", "/x/out/default-model-anneal2-model")
+    assert "runs every stage" in text and "default-model-refresh" not in text  # make default-model's four stages
+    text = card_of("/x/out/default-model-constant", "/x/out/default-model-base", "/x/out/default-model-base")
     assert "runs the first two stages" in text and "Each later stage is `make default-model-refresh`" in text
 
 
