@@ -235,7 +235,8 @@ def write_student_card(args, evaluation: dict, teacher: dict, gen_rows, train_ro
             ("severity", lambda r: r["severity"]["accuracy"])]
     table = "\n".join(f"| {what} | {fmt(get(fl))} | {fmt(get(tl))} | {fmt(get(cl))} |" for what, get in rows)
     teacher_name = evaluation["teacher"]["folder"]
-    seconds = distillation.get("seconds")
+    # "seconds" is the last run's alone; a resumed distillation's logs hold every leg
+    seconds = distillation.get("logged_seconds", distillation.get("seconds"))
     recommended_dtype = distillation.get("recommended", {}).get("dtype", "float32")
     dtype_text = {"auto": "auto: bfloat16 where the CPU or GPU computes it natively, else float32"}.get(
         recommended_dtype, recommended_dtype)

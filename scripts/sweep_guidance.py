@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=424242, help="the cases' seed (not the card's)")
     p.add_argument("--count", type=int, default=160, help="cases per scale")
     p.add_argument("--guidance", default="2,3,4,6,8", help="comma-separated guidance scales")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the spec's; a distilled student's own, e.g. 4)")
     p.add_argument("--films", choices=("drr", "phantom"), default="drr")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: out/guidance-<model>)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -70,11 +72,16 @@ def main(argv=None) -> int:
 
     spec = load_spec(args.spec)
     spec = dataclasses.replace(spec, seed=args.seed, count=args.count)
+    if (args.model / "distillation.json").is_file():  # a student samples with its own scheduler and steps
+        spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=None, scheduler=None))
+    if args.steps:
+        spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=args.steps))
     auditor = Auditor.load(shipped_auditor_dir(args.films))
     generate(spec, args.work / args.films, backend=args.films, overwrite=True, progress=False, qc=False)
     ref_rows, ref = read_set(args.work / args.films / "manifest.csv")
     f_ref = auditor.embed(ref)
     figures = {"model": str(args.model), "spec": str(args.spec), "seed": args.seed, "count": args.count,
+               "steps": spec.generator.steps,
                "auditor": auditor.name, "films": reading(label_fidelity(auditor.predict(ref), ref_rows)),
                "scales": {}}
     for scale in args.scales:

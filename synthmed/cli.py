@@ -365,7 +365,8 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
 @click.option("--num-ddim-timesteps", type=click.IntRange(2, 1000), default=50, show_default=True,
               help="N of the DDIM solver the teacher takes its steps with (every 1000/N-th of its timesteps).")
 @click.option("--student-steps", type=click.IntRange(1, 1000), default=4, show_default=True,
-              help="The sampling steps the student's card and distillation.json recommend.")
+              help="The sampling steps the student's card and distillation.json recommend; a --resume may change "
+                   "it without training again (measure it: scripts/sweep_guidance.py --steps).")
 @click.option("--time-cond-proj-dim", type=click.IntRange(4, 4096),
               help="Full mode: the width of the student's guidance embedding (default 256).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1),

@@ -236,7 +236,8 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
         guidance_scale: full mode: the scale recommended for generation (within the range); lora mode: the one
             scale distilled into the weights (a lora student then samples at guidance 1: no guidance pass).
         num_ddim_timesteps: N of the DDIM solver (the teacher's timesteps, every num_train_timesteps / N-th).
-        student_steps: the sampling steps the student's card and distillation.json recommend (default 4).
+        student_steps: the sampling steps the student's card and distillation.json recommend (default 4); a resume
+            may change it without training again.
         time_cond_proj_dim: full mode: the width of the guidance embedding (default 256, as LCM's).
         ema_decay: full mode: the target network's moving-average decay (default 0.95).
         huber_c: the Huber loss's c (0.001).
@@ -357,8 +358,9 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
         except ValueError as e:
             raise ValueError(f"{e}; it records the settings of the run to resume: resume needs it as distill wrote "
                              "it (or start again: overwrite=True without resume=True)") from None
-        # a resume may train longer, add the tiny decoder, or recommend another dtype (not part of training)
-        lengthened = ("steps", "tiny_decoder_steps", "recommend_dtype")
+        # a resume may train longer, add the tiny decoder, or recommend another dtype or number of sampling steps
+        # (what the student was measured to sample best with; neither is part of training)
+        lengthened = ("steps", "tiny_decoder_steps", "recommend_dtype", "student_steps")
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k)
                          and k not in lengthened)
         if changed:

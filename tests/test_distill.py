@@ -159,6 +159,18 @@ def test_resume_with_other_settings_is_refused(phantom_set, tiny_base, tmp_path)
         distill(phantom_set, tiny_base, tmp_path / "s", steps=4, mode="full", guidance_scale=5.0, resume=True, **FAST)
 
 
+def test_resume_may_change_the_recommended_steps_and_keeps_the_weights(phantom_set, tiny_base, tmp_path):  # noqa: F811
+    """How many steps the student samples best with is measured after training: a resume records it, trains nothing."""
+    first = distill(phantom_set, tiny_base, tmp_path / "s", steps=2, mode="full", save_dtype="float32", **FAST)
+    before = _weights(first.model_dir)
+    again = distill(phantom_set, tiny_base, tmp_path / "s", steps=2, mode="full", save_dtype="float32",
+                    student_steps=8, resume=True, **FAST)
+    record = json.loads((again.model_dir / "distillation.json").read_text(encoding="utf-8"))
+    assert record["recommended"]["steps"] == 8 and record["steps"] == 2
+    after = _weights(again.model_dir)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 # ----------------------------------------------------------------------------- refusals, before anything is written
 
 def _cli(*args) -> "object":
