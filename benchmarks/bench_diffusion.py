@@ -2,8 +2,8 @@
 
 Issue 5 item 7; issue 22 item 3 (the batched baseline). Three models, one after the other:
 
-- fast: ``synthmed/models/default-fast``, the shipped 4-step student, at its own recommendation (LCMScheduler, 4
-  steps, the guidance scale as a UNet input: no guidance pass, the full VAE decoder); where a recommendation names
+- fast: ``synthmed/models/default-fast``, the shipped few-step student, at its own recommendation (LCMScheduler,
+  8 steps, the guidance scale as a UNet input: no guidance pass, the full VAE decoder); where a recommendation names
   the tiny decoder, the bare side swaps in the same one (``pipe.vae = AutoencoderTiny.from_pretrained(...)``);
 - shipped: ``synthmed/models/default``, as ``generator.model: default`` loads it;
 - random: random weights (torch seed 0) in the shipped design's shape, built from
