@@ -81,6 +81,48 @@ def lowest_sensitivity(fidelity: dict) -> tuple[str | None, float | None]:
     return min(per_finding.items(), key=lambda kv: kv[1]) if per_finding else (None, None)
 
 
+def by_view(gen_read, ref_read, gen_rows, ref_rows) -> dict:
+    """The card's three agreements on each view's cases, the model's beside the films' (its ceiling).
+
+    A user who makes only frontal films wants the frontal figure, not an average over laterals.
+
+        >>> by_view(gen_read, ref_read, gen_rows, ref_rows)["PA"]["model"]["finding_set"]  # doctest: +SKIP
+        0.863
+    """
+    import dataclasses
+
+    from synthmed.qc.auditor import label_fidelity
+
+    def agreements(read, rows, idx):
+        taken = dataclasses.replace(read, finding_probs=read.finding_probs[idx],
+                                    location_probs=read.location_probs[idx],
+                                    severity_probs=read.severity_probs[idx])
+        fl = label_fidelity(taken, [rows[i] for i in idx])
+        return {"finding_set": fl["findings"]["exact_set_agreement"], "location": fl["location"]["accuracy"],
+                "severity": fl["severity"]["accuracy"]}
+
+    views = {}
+    for view in sorted({r["view"] for r in gen_rows}):
+        idx = [i for i, r in enumerate(gen_rows) if r["view"] == view]
+        views[view] = {"cases": len(idx), "model": agreements(gen_read, gen_rows, idx),
+                       "ceiling": agreements(ref_read, ref_rows, idx)}
+    return views
+
+
+def view_table(views: dict, model: str, films: str, teacher_views: dict | None = None) -> str:
+    """The per-view rows of a card: cases, then each agreement as model / (teacher /) films."""
+    names = f"{model} / teacher / {films} films" if teacher_views else f"{model} / {films} films"
+    head = f"| view | cases | finding set ({names}) | location | severity |\n|---|---|---|---|---|\n"
+
+    def cell(view, v, k):
+        teacher = f"{fmt(teacher_views[view]['model'][k])} / " if teacher_views and view in teacher_views else ""
+        return f"{fmt(v['model'][k])} / {teacher}{fmt(v['ceiling'][k])}"
+
+    return head + "\n".join(f"| {view} | {v['cases']} | "
+                             + " | ".join(cell(view, v, k) for k in ("finding_set", "location", "severity")) + " |"
+                             for view, v in views.items())
+
+
 def card_targets(evaluation: dict) -> list[dict]:
     """Each target of the card: what, the target, the value, met or not."""
     fidelity = evaluation["label_fidelity"]
@@ -291,6 +333,10 @@ The {films} auditor (`{evaluation['auditor']}`) reads {len(gen_rows)} images of 
 |---|---|---|---|---|
 {per_finding}
 
+By view (PA, AP, LL: lateral):
+
+{view_table(evaluation["by_view"], "student", films, teacher.get("by_view"))}
+
 {decoder_section(evaluation, teacher)}## FID and memorisation
 Fréchet distance in the auditor's embedding space against the held-out {films} films: student
 **{evaluation['fid']:.2f}**, teacher {teacher['fid']:.2f}, floor (training films against the same set)
@@ -496,6 +542,7 @@ def main() -> None:
     evaluation = {
         "films": films, "label_fidelity": fidelity, "label_fidelity_ceiling": ceiling,
         "same_reading_as_reference": same_reading,
+        "by_view": by_view(gen_read, ref_read, gen_rows, ref_rows),
         "auditor": auditor.name, "fid": fid, "fid_floor": fid_floor,
         "memorisation": {k: v for k, v in memo.items() if k in ("n_generated", "n_training")} |
                         {space: {k: memo[space][k] for k in ("threshold", "distances", "training_distances",
@@ -582,6 +629,10 @@ cases (its ceiling: what it misses there, it cannot credit the model with).
 | finding | cases | accuracy | sensitivity | specificity | {films} sensitivity |
 |---|---|---|---|---|---|
 {per_finding}
+
+By view (PA, AP, LL: lateral):
+
+{view_table(evaluation["by_view"], "model", films)}
 
 ## FID
 Fréchet distance in the auditor's embedding space (`method="eigh"`): the model's images vs the held-out

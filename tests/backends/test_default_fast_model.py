@@ -41,6 +41,7 @@ def test_the_fast_default_is_an_eight_step_student_of_the_shipped_default():
     assert evaluation["other_decoder"]["decoder"] == "tiny"  # the tiny decoder judged by the auditor, on the card
     card = (FAST / "README.md").read_text(encoding="utf-8")
     assert "Label fidelity beside the teacher" in card and "synthmed/models/default" in card
+    assert set(evaluation["by_view"]) == set(teacher["by_view"]) and "By view" in card
 
 
 @pytest.mark.slow

@@ -32,8 +32,11 @@ def test_shipped_model_is_a_small_fp16_safetensors_diffusers_folder():
 
 def test_model_card_records_training_and_quality():
     card = (MODEL / "README.md").read_text(encoding="utf-8")
-    for heading in ("Training", "Label fidelity", "FID", "Memorisation", "Speed", "Intended use"):
+    for heading in ("Training", "Label fidelity", "By view", "FID", "Memorisation", "Speed", "Intended use"):
         assert heading in card, heading
+    evaluation = json.loads((MODEL / "evaluation.json").read_text(encoding="utf-8"))
+    assert set(evaluation["by_view"]) == {"PA", "AP", "LL"}  # the evaluation spec's views, each read on its own
+    assert sum(v["cases"] for v in evaluation["by_view"].values()) == evaluation["eval_cases"]
     training = json.loads((MODEL / "training.json").read_text(encoding="utf-8"))
     assert training["steps"] > 0
     while "base_training" in training:  # fine-tuned from an earlier synthmed model: its lineage ends at scratch
@@ -113,3 +116,36 @@ def test_a_shipped_model_missing_from_the_installation_is_named(monkeypatch, tmp
                      "generator: {model: default-fast}\n")
     with pytest.raises(BackendUnavailable, match="the shipped default-fast model is not in this installation"):
         create_backend(spec)
+
+
+def test_the_card_reads_each_view_on_its_own_cases():
+    """A user who makes only frontal films reads the frontal figures: each view's agreements, on that view's cases."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from synthmed.qc.auditor import AuditorPrediction
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "model_card.py"
+    spec = importlib.util.spec_from_file_location("model_card", script)
+    card_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card_script)
+    rows = [{"view": view, "findings": "pleural_effusion:left:severe"} for view in ("PA", "PA", "LL")]
+
+    def read(right):  # the effusion read (left, severe) on the cases where ``right`` is true, nothing elsewhere
+        findings, locations = ("pleural_effusion", "no_finding"), ("left", "right", "none")
+        return AuditorPrediction(
+            np.array([[0.9, 0.1] if r else [0.1, 0.9] for r in right], np.float32),
+            np.array([[0.9, 0.05, 0.05] if r else [0.05, 0.05, 0.9] for r in right], np.float32),
+            np.array([[0.0, 0.0, 0.1, 0.9] if r else [0.9, 0.1, 0.0, 0.0] for r in right], np.float32),
+            finding_names=findings, location_names=locations)
+
+    views = card_script.by_view(read([True, False, True]), read([True, True, True]), rows, rows)
+    assert views["PA"]["cases"] == 2 and views["LL"]["cases"] == 1
+    assert views["PA"]["model"] == {"finding_set": 0.5, "location": 0.5, "severity": 0.5}
+    assert views["LL"]["model"]["finding_set"] == 1.0 and views["PA"]["ceiling"]["finding_set"] == 1.0
+    table = card_script.view_table(views, "model", "drr")
+    assert "| PA | 2 | 0.500 / 1.000 | 0.500 / 1.000 | 0.500 / 1.000 |" in table
+    assert "0.500 / 1.000 / 1.000" in card_script.view_table(views, "student", "drr", views | {"PA": {
+        "model": {"finding_set": 1.0, "location": 1.0, "severity": 1.0}}})
