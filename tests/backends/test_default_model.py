@@ -45,7 +45,8 @@ def test_model_card_records_training_and_quality():
     assert training["settings"]["base"] == "scratch" and training["vae_steps"] > 0
 
 
-def test_model_card_describes_the_training_its_record_holds():
+def _card_script():
+    """scripts/model_card.py as a module (scripts/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -53,6 +54,11 @@ def test_model_card_describes_the_training_its_record_holds():
     spec = importlib.util.spec_from_file_location("model_card", script)
     card_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(card_script)
+    return card_script
+
+
+def test_model_card_describes_the_training_its_record_holds():
+    card_script = _card_script()
     training = json.loads((MODEL / "training.json").read_text(encoding="utf-8"))
     assert card_script.training_steps_lines(training) in (MODEL / "README.md").read_text(encoding="utf-8")
     lora_stage = {**training, "settings": {**training["settings"], "learning_rate": None, "lr_schedule": "constant",
@@ -120,17 +126,11 @@ def test_a_shipped_model_missing_from_the_installation_is_named(monkeypatch, tmp
 
 def test_the_card_reads_each_view_on_its_own_cases():
     """A user who makes only frontal films reads the frontal figures: each view's agreements, on that view's cases."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
     from synthmed.qc.auditor import AuditorPrediction
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "model_card.py"
-    spec = importlib.util.spec_from_file_location("model_card", script)
-    card_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(card_script)
+    card_script = _card_script()
     rows = [{"view": view, "findings": "pleural_effusion:left:severe"} for view in ("PA", "PA", "LL")]
 
     def read(right):  # the effusion read (left, severe) on the cases where ``right`` is true, nothing elsewhere
