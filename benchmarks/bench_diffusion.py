@@ -341,7 +341,8 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
                                                        local_files_only=True,
                                                        safety_checker=None)
     if sampling["scheduler"] == "dpm_solver":  # DPM-Solver++ from the folder's config, as synthmed makes it
-        pipe.scheduler = backend._scheduler_cls.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+        pipe.scheduler = backend._scheduler_cls.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                            timestep_spacing=backend.timestep_spacing)
     if sampling["decoder"] == "tiny":  # the student's tiny decoder, as a diffusers user swaps it in
         from diffusers import AutoencoderTiny
 
@@ -501,7 +502,8 @@ torch.set_num_threads(job["threads"]) if job["threads"] else None
 pipe = StableDiffusionPipeline.from_pretrained(job["model"], torch_dtype=getattr(torch, job["dtype"]), local_files_only=True,
                                                safety_checker=None)
 if job["scheduler"] == "dpm_solver":
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             timestep_spacing="trailing")
 if job["decoder"] == "tiny":
     pipe.vae = AutoencoderTiny.from_pretrained(job["model"] + "/tiny_vae", torch_dtype=getattr(torch, job["dtype"]),
                                                local_files_only=True)

@@ -109,6 +109,14 @@ def by_view(gen_read, ref_read, gen_rows, ref_rows) -> dict:
     return views
 
 
+def sampling_text(evaluation: dict) -> str:
+    """How the card's images were sampled, e.g. "dpm_solver, 20 steps, trailing timestep spacing, guidance 4"."""
+    s = evaluation.get("sampling") or {}
+    spacing = f", {s['timestep_spacing']} timestep spacing" if s.get("timestep_spacing") else ""
+    return (f"{s.get('scheduler', 'dpm_solver')}, {s.get('steps', 20)} steps{spacing}, "
+            f"guidance {s.get('guidance_scale', 4.0):g}")
+
+
 def view_table(views: dict, model: str, films: str, teacher_views: dict | None = None) -> str:
     """The per-view rows of a card: cases, then each agreement as model / (teacher /) films."""
     names = f"{model} / teacher / {films} films" if teacher_views else f"{model} / {films} films"
@@ -262,7 +270,7 @@ def write_student_card(args, evaluation: dict, teacher: dict, gen_rows, train_ro
     settings, films = distillation.get("settings", {}), evaluation["films"]
     fl, tl = evaluation["label_fidelity"], teacher["label_fidelity"]
     cl = evaluation["label_fidelity_ceiling"]
-    sampling, t_sampling = evaluation["sampling"], teacher.get("sampling") or {}
+    sampling = evaluation["sampling"]
     size_mb = sum(p.stat().st_size for p in args.model.rglob("*") if p.is_file()) / 2**20
     target_lines = "\n".join(f"| {t['what']} | {t['target']} | {t['value']} | {'met' if t['met'] else '**not met**'} |"
                              for t in evaluation["targets"])
@@ -321,8 +329,7 @@ The {films} auditor (`{evaluation['auditor']}`) reads {len(gen_rows)} images of 
 `dataset_specs/default_model_evaluation.yaml` made by the student ({sampling.get('scheduler')},
 {sampling.get('steps')} steps, guidance {sampling.get('guidance_scale')}, {sampling.get('decoder', 'full')} decoder,
 {sampling.get('dtype', 'float32')}) and by the teacher
-({t_sampling.get('scheduler', 'dpm_solver')}, {t_sampling.get('steps', 20)} steps, guidance
-{t_sampling.get('guidance_scale', 4.0)}); the last column is the auditor on the {films} films of the same cases
+({sampling_text(teacher)}); the last column is the auditor on the {films} films of the same cases
 (its ceiling).
 
 | figure | student | teacher | {films} films (ceiling) |
@@ -551,7 +558,8 @@ def main() -> None:
         "speed_images_per_s": speed, "eval_cases": len(gen_rows),
         "machine": machine_text(), "seconds": time.time() - started,
         "eval_spec_sha256": spec_sha256,
-        "sampling": {**{k: v for k, v in run_generator.items() if k in ("scheduler", "steps", "guidance_scale")},
+        "sampling": {**{k: v for k, v in run_generator.items()
+                        if k in ("scheduler", "steps", "guidance_scale", "timestep_spacing")},
                      "decoder": decoder, "dtype": json.loads(gen_rows[0]["generation"]).get("dtype", "float32")},
     }
     if other_decoder is not None:
@@ -614,7 +622,7 @@ real radiographs**, and not evidence about any patient. Every image synthmed wri
 ## Label fidelity
 The auditor (`{shipped_auditor_dir(films).relative_to(ROOT)}`, {auditor.name}, trained on {films} films of
 its own spec) reads {len(gen_rows)} images the model made for the held-out cases of
-`dataset_specs/default_model_evaluation.yaml`; the last column is the auditor on the {films} films of the same
+`dataset_specs/default_model_evaluation.yaml` ({sampling_text(evaluation)}); the last column is the auditor on the {films} films of the same
 cases (its ceiling: what it misses there, it cannot credit the model with).
 
 | figure | model | {films} films (ceiling) |
@@ -648,7 +656,7 @@ Pixel space (64x64, L2): median {fmt(memo['pixel']['distances']['median'])}, min
 {fmt(memo['pixel']['distances']['min'])}; flagged {memo['pixel']['flagged_fraction']:.1%}.
 
 ## Speed
-`synthmed generate` with this model, 256x256, 20 DPM-Solver steps, guidance 4, every output (DICOM, SR, SEG,
+`synthmed generate` with this model, 256x256, {sampling_text(evaluation)}, every output (DICOM, SR, SEG,
 PNG): **{speed:.2f} images/s** on {machine_text()}, in the card's
 own run (benchmarks/bench_diffusion.py measures it against the bare diffusers pipeline).
 

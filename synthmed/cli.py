@@ -153,6 +153,8 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--scheduler", type=click.Choice(["dpm_solver", "ddim", "euler", "euler_ancestral", "pndm", "unipc",
                                                "lcm"]),
               help="Override generator.scheduler (lcm: a student made by synthmed distill).")
+@click.option("--timestep-spacing", type=click.Choice(["leading", "linspace", "trailing"]),
+              help="Override generator.timestep_spacing (default: trailing with dpm_solver, euler and unipc).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
               help="Override generator.dtype (auto: bfloat16 where the CPU or GPU computes it natively, else float32).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Override generator.device.")

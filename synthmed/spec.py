@@ -212,6 +212,51 @@ class AnatomyEntry:
     structures: str | None = None
 
 
+# Where a sampler's steps fall on the training schedule (the scheduler config's timestep_spacing). leading, what
+# SD-1.x folders say, starts a stride short of the last training timestep (t = 941 at 20 DPM-Solver steps), so
+# pure noise is denoised as if it held signal; trailing starts at t = 999 (Lin et al. 2024, "Common diffusion noise
+# schedules and sample steps are flawed"). synthmed samples trailing by default with the solvers that step along
+# their own list of timesteps (on the shipped default it reads better, laterals most:
+# docs/default_model_rebuild.md); ddim and pndm step by the fixed stride num_train_timesteps // steps (diffusers),
+# which only leading (or trailing where steps divides num_train_timesteps) matches, and lcm places its own steps:
+# those keep the folder's spacing.
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+TRAILING_BY_DEFAULT = ("dpm_solver", "euler", "euler_ancestral", "unipc")
+
+
+def resolve_timestep_spacing(scheduler: str, chosen: str | None, folder_config: dict, steps: int) -> str:
+    """The timestep spacing a run samples with: ``chosen`` (the spec's) where given, else trailing for the solvers
+    of :data:`TRAILING_BY_DEFAULT` and the folder's own (its scheduler config, diffusers' default leading) for ddim,
+    pndm and lcm.
+
+    Raises:
+        ValueError: a spacing the scheduler cannot step by: any with lcm (it places its own steps); with ddim or
+            pndm, linspace, or trailing where ``steps`` does not divide the training timesteps.
+
+    Example:
+        >>> resolve_timestep_spacing("dpm_solver", None, {"timestep_spacing": "leading"}, 20)
+        'trailing'
+        >>> resolve_timestep_spacing("ddim", None, {"timestep_spacing": "leading"}, 20)
+        'leading'
+    """
+    if chosen is None:
+        own = folder_config.get("timestep_spacing") or "leading"
+        return "trailing" if scheduler in TRAILING_BY_DEFAULT else str(own)
+    if chosen not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)} or None, got {chosen!r}")
+    if scheduler == "lcm":
+        raise ValueError(f"timestep_spacing {chosen} (generator.timestep_spacing): the lcm scheduler places its own "
+                         "steps; leave timestep_spacing out")
+    trained = folder_config.get("num_train_timesteps")
+    trained = trained if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0 else 1000
+    if scheduler in ("ddim", "pndm") and (chosen == "linspace" or (chosen == "trailing" and trained % steps)):
+        divides = f", or a number of steps that divides {trained}" if chosen == "trailing" else ""
+        raise ValueError(f"timestep_spacing {chosen} (generator.timestep_spacing): {scheduler} steps by the fixed "
+                         f"stride {trained} // {steps} (diffusers, {steps} steps), which this spacing does not "
+                         f"keep; use leading{divides}, or another scheduler (dpm_solver, euler, unipc)")
+    return chosen
+
+
 @dataclass(frozen=True)
 class GeneratorSpec:
     """How images are made (the spec's ``generator``).
@@ -228,6 +273,7 @@ class GeneratorSpec:
     steps: int | None = None
     guidance_scale: float | None = None
     scheduler: str | None = None
+    timestep_spacing: str | None = None  # leading, linspace, trailing; None: trailing for dpm_solver, euler, unipc
     batch_size: int = 8
     dtype: str | None = None  # float32, bfloat16, float16, auto; None: the folder's recommendation, else float32
     device: str = "auto"
@@ -851,8 +897,20 @@ class _MeaningChecker:
         values = {k: g.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}
         if values["coarse_to_fine"] is False:
             values["coarse_to_fine"] = None
+        self.spacing_takes(values)
         values["anatomy"] = self.anatomy(g.get("anatomy"), values["backend"], components)
         return GeneratorSpec(**values)
+
+    def spacing_takes(self, g: dict) -> None:
+        """generator.timestep_spacing where the spec's scheduler cannot step by it (lcm, ddim or pndm: see
+        synthmed.backends.diffusion.resolve_timestep_spacing) is an error at its key."""
+        spacing, scheduler = g.get("timestep_spacing"), g.get("scheduler")
+        if spacing is None or scheduler is None:
+            return
+        try:  # the folder's num_train_timesteps is not read here: 1000, every SD-shaped folder's
+            resolve_timestep_spacing(scheduler, spacing, {}, g.get("steps") or 20)
+        except ValueError as e:
+            self.error(("generator", "timestep_spacing"), str(e).split(" (generator.timestep_spacing): ", 1)[-1])
 
     def anatomy(self, entries: list | None, backend: str, components) -> tuple[AnatomyEntry, ...]:
         """generator.anatomy: ids unique, paths resolved; each volume's files checked (headers only) against

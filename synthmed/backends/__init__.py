@@ -79,8 +79,10 @@ def default_model_dir(name: str = "default"):
 
 
 def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None):
-    """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler``, ``decoder`` and ``dtype`` as the build
-    runs them (``dtype`` may be ``auto``: the backend picks float32 or bfloat16 for the machine).
+    """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler``, ``decoder``, ``dtype`` and (diffusion
+    only) ``timestep_spacing`` as the build runs them (``dtype`` may be ``auto``: the backend picks float32 or
+    bfloat16 for the machine; ``timestep_spacing`` is None where it is the model folder's own, as every run
+    before the key existed sampled, so that their records stay the same).
 
     Where the spec sets them, its values; else, for the diffusion backend, what the model folder recommends
     (a distilled student's ``distillation.json``: lcm, 4 steps, and its decoder;
@@ -91,8 +93,8 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
         >>> from synthmed.spec import load_spec
         >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 2\\nfindings: [{finding: cardiomegaly, weight: 1}]")
         >>> g = resolve_generator(spec, backend="pattern")
-        >>> g.steps, g.guidance_scale, g.scheduler, g.decoder
-        (20, 4.0, 'dpm_solver', 'full')
+        >>> g.steps, g.guidance_scale, g.scheduler, g.decoder, g.timestep_spacing
+        (20, 4.0, 'dpm_solver', 'full', None)
     """
     import dataclasses
 
@@ -100,18 +102,32 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
 
     g = spec.generator
     unset = [k for k in ("steps", "guidance_scale", "scheduler", "decoder", "dtype") if getattr(g, k) is None]
-    if not unset:
+    diffusion = (backend or g.backend) == "diffusion"
+    if not unset and not diffusion:
         return g
     settings = {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
-    if (backend or g.backend) == "diffusion":
+    folder = None
+    if diffusion:
         model = model or g.model
+        folder = default_model_dir(model) if model in SHIPPED_MODELS else model
         from ..model_folder import ModelFolderError
 
         try:  # a folder that cannot be read is refused, with its reason, when the backend loads it
-            settings = recommended_sampling(default_model_dir(model) if model in SHIPPED_MODELS else model)
+            settings = recommended_sampling(folder)
         except ModelFolderError:
             pass
-    return dataclasses.replace(g, **{k: settings[k] for k in unset})
+    g = dataclasses.replace(g, **{k: settings[k] for k in unset})
+    if diffusion:
+        from .diffusion import resolve_timestep_spacing, scheduler_config
+
+        config = scheduler_config(folder)
+        try:
+            spacing = resolve_timestep_spacing(g.scheduler, g.timestep_spacing, config, g.steps)
+        except ValueError:  # refused, with its reason, when the backend loads
+            spacing = g.timestep_spacing
+        # None where it is the folder's own: what every synthmed before timestep_spacing sampled and recorded
+        g = dataclasses.replace(g, timestep_spacing=None if spacing == config.get("timestep_spacing") else spacing)
+    return g
 
 
 def _diffusion_backend(spec: "DatasetSpec", model: str | None):
@@ -141,7 +157,7 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None):
                                 guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype, device=g.device,
                                 allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
                                 coarse_to_fine=g.coarse_to_fine, decoder=g.decoder, threads=g.threads,
-                                model_id=model_id)
+                                model_id=model_id, timestep_spacing=g.timestep_spacing)
     except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None
 

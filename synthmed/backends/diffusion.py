@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import BackendInfo, GeneratedImage
+from ..spec import TIMESTEP_SPACINGS, TRAILING_BY_DEFAULT, resolve_timestep_spacing  # noqa: F401 (re-exported)
 from ..model_folder import (
     MAX_COMPONENT_LAYERS, MAX_COMPONENT_PARAMETERS, MAX_CONFIG_BYTES, MAX_CONFIG_INTEGER, MAX_TOKENIZER_FILE_BYTES,
     MAX_TRAIN_TIMESTEPS, PICKLE_SUFFIXES, REQUIRED_COMPONENTS, SAFE_LIBRARIES, SLOT_KINDS, TINY_DECODER,
@@ -47,7 +48,8 @@ from ..model_folder import (
 
 # The model-folder rules live in synthmed.model_folder; they lived here before, so they stay importable from here.
 __all__ = ["DECODERS", "DISTILLATION_FILE", "DTYPE_CHOICES", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS",
-           "DiffusionBackend", "guidance_embedding", "read_distillation", "recommended_sampling",
+           "TIMESTEP_SPACINGS", "TRAILING_BY_DEFAULT", "DiffusionBackend", "guidance_embedding", "read_distillation",
+           "recommended_sampling", "resolve_timestep_spacing",
            "MAX_COMPONENT_LAYERS", "MAX_COMPONENT_PARAMETERS", "MAX_CONFIG_BYTES", "MAX_CONFIG_INTEGER",
            "MAX_TOKENIZER_FILE_BYTES", "MAX_TRAIN_TIMESTEPS", "PICKLE_SUFFIXES", "REQUIRED_COMPONENTS",
            "SAFE_LIBRARIES", "SLOT_KINDS", "TINY_DECODER", "WEIGHTED_COMPONENTS", "ModelFolderError",
@@ -90,6 +92,8 @@ class DiffusionBackend:
         steps, guidance_scale, scheduler: sampling settings (scheduler: a key of ``SCHEDULERS``); None: the
             folder's recommended ones (:func:`recommended_sampling`). A student whose UNet takes the guidance
             scale as an input samples with ``lcm`` only.
+        timestep_spacing: leading, linspace or trailing; None: trailing with dpm_solver, euler, euler_ancestral
+            and unipc, the folder's own with ddim, pndm and lcm (:func:`resolve_timestep_spacing`).
         dtype: float32, bfloat16, float16, or auto (:func:`native_dtype`: bfloat16 where the device computes it
             natively, else float32); None: the folder's recommendation (:func:`recommended_sampling`), else float32.
             The dtype used is recorded in the settings (``dtype``; ``dtype_choice: auto`` where auto chose it).
@@ -108,7 +112,8 @@ class DiffusionBackend:
                  guidance_scale: float | None = None, scheduler: str | None = None, dtype: str | None = None,
                  device: str = "auto", allow_pickle: bool = False, compile: bool = False,
                  quantize: str | None = None, coarse_to_fine: dict | None = None, decoder: str | None = None,
-                 threads: int | None = None, cache_size: int = 1024, model_id: str | None = None):
+                 threads: int | None = None, cache_size: int = 1024, model_id: str | None = None,
+                 timestep_spacing: str | None = None):
         # 1. Check inputs (before torch or any weight is touched)
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
@@ -139,6 +144,8 @@ class DiffusionBackend:
             scheduler = recommended["scheduler"] if scheduler is None else scheduler
             dtype = recommended["dtype"] if dtype is None else dtype
         _check_student_settings(self.root, scheduler, int(steps), self.coarse_to_fine)
+        self.timestep_spacing = resolve_timestep_spacing(
+            scheduler, timestep_spacing, scheduler_config(self.root), int(steps))
         if decoder is None:
             decoder = recommended["decoder"]
             if decoder == "tiny" and not (self.root / TINY_DECODER).is_dir():
@@ -199,7 +206,8 @@ class DiffusionBackend:
     @classmethod
     def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler, width: int = 256, height: int = 256,
                         steps: int = 20, guidance_scale: float = 4.0, scheduler_name: str = "dpm_solver",
-                        threads: int | None = None, model_id: str = "in-memory") -> "DiffusionBackend":
+                        threads: int | None = None, model_id: str = "in-memory",
+                        timestep_spacing: str | None = None) -> "DiffusionBackend":
         """A backend over components already in memory (e.g. a model being trained); float32 on their device.
 
         Example:
@@ -217,6 +225,8 @@ class DiffusionBackend:
         self.threads = int(threads or torch.get_num_threads())
         self.device, self.dtype, self.dtype_choice = next(unet.parameters()).device, torch.float32, "float32"
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.timestep_spacing = resolve_timestep_spacing(scheduler_name, timestep_spacing, dict(scheduler.config),
+                                                         self.steps)
         self._setup(scheduler, scheduler_name, "float32", False, 64, model_id, "in-memory")
         return self
 
@@ -243,8 +253,10 @@ class DiffusionBackend:
         self.time_cond_proj_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         self.classifier_free = self.guidance_scale > 1.0 and self.time_cond_proj_dim is None
         cls_name, overrides = SCHEDULERS[scheduler]
-        self.scheduler_config = getattr(diffusers, cls_name).from_config(base_scheduler.config, **overrides).config
         self._scheduler_cls = getattr(diffusers, cls_name)
+        folder_spacing = self._scheduler_cls.from_config(base_scheduler.config, **overrides).config.timestep_spacing
+        self.scheduler_config = self._scheduler_cls.from_config(
+            base_scheduler.config, **{**overrides, "timestep_spacing": self.timestep_spacing}).config
         if self.quantize == "int8":
             from torch.ao.quantization import quantize_dynamic
 
@@ -263,6 +275,8 @@ class DiffusionBackend:
                     "diffusers": diffusers.__version__}
         if self.distilled is not None:  # a student: which teacher, how (only then: other manifests keep their bytes)
             settings["distilled"] = self.distilled
+        if self.timestep_spacing != folder_spacing:  # likewise only when it is not the folder's own (as before)
+            settings["timestep_spacing"] = self.timestep_spacing
         if self.decoder == "tiny":  # likewise only when it is not the VAE
             settings["decoder"] = "tiny"
         if self.dtype_choice == "auto":  # and which dtype was asked for where the machine chose it
@@ -597,6 +611,15 @@ def native_dtype(device) -> str:
         except RuntimeError:
             return "float32"
     return "float32"
+
+
+def scheduler_config(model: str | Path) -> dict:
+    """A model folder's scheduler/scheduler_config.json, or {} where it cannot be read (loading the folder says
+    why)."""
+    try:
+        return _json_object(Path(model) / "scheduler" / "scheduler_config.json")
+    except ModelFolderError:
+        return {}
 
 
 def _check_student_settings(root: Path, scheduler: str, steps: int, coarse_to_fine: dict | None) -> None:

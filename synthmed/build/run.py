@@ -105,6 +105,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     generator = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "batch_size"}
     if generator["decoder"] != "tiny":  # recorded only when not the VAE: earlier runs' records stay as they were
         del generator["decoder"]
+    if generator["timestep_spacing"] is None:  # likewise when it is the model folder's own (or no diffusion)
+        del generator["timestep_spacing"]
     generator["anatomy"] = [a.id for a in spec.generator.anatomy]  # their files' sha256 are in the model hash
     generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,

@@ -22,7 +22,7 @@ pytest.importorskip("diffusers")
 from conftest import SIZE, emphasised, make_case, make_prompt  # noqa: E402
 
 from synthmed.backends import BackendInfo, GeneratedImage  # noqa: E402
-from synthmed.backends.diffusion import SCHEDULERS, DiffusionBackend  # noqa: E402
+from synthmed.backends.diffusion import SCHEDULERS, DiffusionBackend, resolve_timestep_spacing  # noqa: E402
 from synthmed.model_folder import ModelFolderError, check_model_folder  # noqa: E402
 from synthmed.prompts import Prompt  # noqa: E402
 from synthmed.writers.png import to_stored  # noqa: E402
@@ -79,13 +79,21 @@ def sd_pipeline(tiny_sd_dir):
     return pipe
 
 
+def reference_scheduler(base, scheduler: str):
+    """diffusers' scheduler as the backend samples with it by default: its class, overrides and timestep spacing."""
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[scheduler]
+    spacing = resolve_timestep_spacing(scheduler, None, dict(base.config), STEPS)
+    return getattr(diffusers, cls_name).from_config(base.config, **overrides, timestep_spacing=spacing)
+
+
 def pipeline_images(pipe, scheduler: str, case, prompt: Prompt, width: int = SIZE, height: int = SIZE) -> np.ndarray:
     """``pipe`` run the way the backend promises to match: one CPU generator seeded with the case seed."""
     import diffusers
 
-    cls_name, overrides = SCHEDULERS[scheduler]
     base = pipe.scheduler
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(base.config, **overrides)
+    pipe.scheduler = reference_scheduler(base, scheduler)
     try:
         out = pipe(prompt.text, negative_prompt=prompt.negative or None, num_inference_steps=STEPS,
                    guidance_scale=GUIDANCE, width=width, height=height,
@@ -119,8 +127,7 @@ def test_rgb_vae_output_is_the_channel_mean(backend, sd_pipeline):
     assert np.abs(out[..., 0] - out[..., 1]).max() > 1e-3  # the channels really differ
     import diffusers
 
-    sd_pipeline.scheduler, base = diffusers.DPMSolverMultistepScheduler.from_config(
-        sd_pipeline.scheduler.config, **SCHEDULERS["dpm_solver"][1]), sd_pipeline.scheduler
+    sd_pipeline.scheduler, base = reference_scheduler(sd_pipeline.scheduler, "dpm_solver"), sd_pipeline.scheduler
     try:
         out = sd_pipeline(prompt.text, num_inference_steps=STEPS, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
                           generator=[torch.Generator("cpu").manual_seed(case.seed)], output_type="np").images[0]
@@ -263,6 +270,34 @@ def test_euler_ancestral_noise_comes_from_the_case_seed(tiny_sd_dir):
 def test_unknown_scheduler_is_refused_before_loading(tiny_sd_dir):
     with pytest.raises(ValueError, match="dpm_solver"):
         DiffusionBackend(tiny_sd_dir, width=SIZE, height=SIZE, scheduler="lms")
+
+
+def test_sampling_starts_from_the_last_training_timestep_by_default(tiny_sd_dir, cases):
+    """dpm_solver (and euler, unipc) sample with trailing spacing unless told otherwise: the first step is the
+    training schedule's last timestep, where the folder's leading spacing starts one stride short of it."""
+    folder = json.loads((Path(tiny_sd_dir) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert folder.get("timestep_spacing", "leading") == "leading"
+    default, leading = make_backend(tiny_sd_dir), make_backend(tiny_sd_dir, timestep_spacing="leading")
+    trained = folder.get("num_train_timesteps", 1000)
+    assert int(default._scheduler().timesteps[0]) == trained - 1
+    assert int(leading._scheduler().timesteps[0]) < trained - trained // (2 * STEPS)
+    # recorded where it is not the folder's own: the settings of a leading run are those synthmed always wrote
+    assert default.info.settings["timestep_spacing"] == "trailing" and "timestep_spacing" not in leading.info.settings
+    prompts = [make_prompt(c) for c in cases[:2]]
+    for a, b in zip(default.generate(cases[:2], prompts), leading.generate(cases[:2], prompts)):
+        assert not np.array_equal(stored(a), stored(b))
+
+
+def test_ddim_and_pndm_keep_the_folders_spacing(tiny_sd_dir):
+    for scheduler in ("ddim", "pndm"):
+        ours = make_backend(tiny_sd_dir, scheduler=scheduler, steps=4)
+        assert ours.timestep_spacing == "leading" and "timestep_spacing" not in ours.info.settings
+    assert make_backend(tiny_sd_dir, scheduler="ddim", steps=4, timestep_spacing="trailing").info.settings[
+        "timestep_spacing"] == "trailing"  # 4 steps divide 1000: ddim's fixed stride lands on trailing's steps
+    with pytest.raises(ValueError, match="fixed stride 1000 // 3"):
+        make_backend(tiny_sd_dir, scheduler="ddim", steps=3, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="one of leading, linspace, trailing"):
+        make_backend(tiny_sd_dir, timestep_spacing="sideways")
 
 
 # ----------------------------------------------------------------------------- prompt-embedding cache

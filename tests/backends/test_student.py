@@ -246,9 +246,14 @@ def test_a_build_records_the_settings_the_model_chose(tiny_student_dir, tiny_sd_
     generation = json.loads(rows[0]["generation"])
     assert (generation["scheduler"], generation["steps"], generation["quantize"]) == ("lcm", 4, "none")
     assert generation["distilled"]["mode"] == "full"
-    # a spec for an ordinary model records what it always did
+    # lcm places its own steps: the folder's spacing, recorded as before (not at all)
+    assert "timestep_spacing" not in run["generator"] and "timestep_spacing" not in generation
+    # a spec for an ordinary model: dpm_solver's 20 steps at 4.0, spaced trailing (not the folder's leading)
     plain = resolve_generator(load_spec(_spec(tiny_sd_dir)))
-    assert (plain.steps, plain.guidance_scale, plain.scheduler) == (20, 4.0, "dpm_solver")
+    assert (plain.steps, plain.guidance_scale, plain.scheduler, plain.timestep_spacing) == (
+        20, 4.0, "dpm_solver", "trailing")
+    assert resolve_generator(load_spec(_spec(tiny_sd_dir, scheduler="ddim"))).timestep_spacing is None
+    assert resolve_generator(load_spec(_spec(tiny_sd_dir)), backend="phantom").timestep_spacing is None
 
 
 def test_a_build_refuses_a_scheduler_the_student_cannot_take(tiny_student_dir, tmp_path):
@@ -258,3 +263,50 @@ def test_a_build_refuses_a_scheduler_the_student_cannot_take(tiny_student_dir, t
     with pytest.raises(BuildError, match="generator.scheduler") as excinfo:
         generate(load_spec(_spec(tiny_student_dir, scheduler="euler")), tmp_path / "out", progress=False, qc=False)
     assert excinfo.value.exit_code == 2
+
+
+def test_the_cli_sets_the_timestep_spacing_and_refuses_one_lcm_cannot_take(tiny_student_dir, tiny_sd_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from synthmed.cli import main
+
+    spec = tmp_path / "student.yaml"
+    spec.write_text(_spec(tiny_student_dir), encoding="utf-8")
+    result = CliRunner().invoke(main, ["generate", str(spec), "-o", str(tmp_path / "student"), "-q", "--no-qc",
+                                       "--timestep-spacing", "trailing"])
+    assert result.exit_code == 2, result.output
+    assert "the lcm scheduler places its own steps" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "student" / "images").exists()
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(_spec(tiny_sd_dir, steps=2), encoding="utf-8")
+    for spacing, recorded in (("linspace", "linspace"), ("leading", None)):  # leading: the folder's own
+        out = tmp_path / f"plain-{spacing}"
+        result = CliRunner().invoke(main, ["generate", str(plain), "-o", str(out), "-q", "--no-qc",
+                                           "--timestep-spacing", spacing])
+        assert result.exit_code == 0, result.output
+        run = json.loads((out / ".synthmed" / "run.json").read_text(encoding="utf-8"))
+        with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+            generation = json.loads(next(csv.DictReader(fh))["generation"])
+        assert run["generator"].get("timestep_spacing") == generation.get("timestep_spacing") == recorded
+
+
+def test_a_run_sampled_with_the_folders_spacing_resumes_only_with_it(tiny_sd_dir, tmp_path):
+    """A run made with the folder's own spacing records none, as every run before timestep_spacing did: resuming
+    it under the new default (trailing) is refused, naming the key; with --timestep-spacing leading it finishes."""
+    from click.testing import CliRunner
+
+    from synthmed.cli import main
+
+    spec, out = tmp_path / "plain.yaml", tmp_path / "out"
+    spec.write_text(_spec(tiny_sd_dir, steps=2), encoding="utf-8")
+    base = ["generate", str(spec), "-o", str(out), "-q", "--no-qc"]
+    assert CliRunner().invoke(main, base + ["--limit", "2", "--timestep-spacing", "leading"]).exit_code == 0
+    assert "timestep_spacing" not in json.loads((out / ".synthmed" / "run.json").read_text(encoding="utf-8"))[
+        "generator"]
+    refused = CliRunner().invoke(main, base + ["--resume"])
+    assert refused.exit_code == 2 and "generator.timestep_spacing None -> 'trailing'" in refused.output
+    finished = CliRunner().invoke(main, base + ["--resume", "--timestep-spacing", "leading"])
+    assert finished.exit_code == 0, finished.output
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and all("timestep_spacing" not in json.loads(r["generation"]) for r in rows)
