@@ -118,7 +118,7 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
             pass
     g = dataclasses.replace(g, **{k: settings[k] for k in unset})
     if diffusion:
-        from .diffusion import resolve_timestep_spacing, scheduler_config
+        from .diffusion import SCHEDULERS, folder_spacing, resolve_timestep_spacing, scheduler_config
 
         config = scheduler_config(folder)
         try:
@@ -126,7 +126,8 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
         except ValueError:  # refused, with its reason, when the backend loads
             spacing = g.timestep_spacing
         # None where it is the folder's own: what every synthmed before timestep_spacing sampled and recorded
-        g = dataclasses.replace(g, timestep_spacing=None if spacing == config.get("timestep_spacing") else spacing)
+        own = folder_spacing(g.scheduler, config) if g.scheduler in SCHEDULERS else None
+        g = dataclasses.replace(g, timestep_spacing=None if spacing == own else spacing)
     return g
 
 

@@ -49,7 +49,7 @@ from ..model_folder import (
 # The model-folder rules live in synthmed.model_folder; they lived here before, so they stay importable from here.
 __all__ = ["DECODERS", "DISTILLATION_FILE", "DTYPE_CHOICES", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS",
            "TIMESTEP_SPACINGS", "TRAILING_BY_DEFAULT", "DiffusionBackend", "guidance_embedding", "read_distillation",
-           "recommended_sampling", "resolve_timestep_spacing",
+           "folder_spacing", "recommended_sampling", "resolve_timestep_spacing",
            "MAX_COMPONENT_LAYERS", "MAX_COMPONENT_PARAMETERS", "MAX_CONFIG_BYTES", "MAX_CONFIG_INTEGER",
            "MAX_TOKENIZER_FILE_BYTES", "MAX_TRAIN_TIMESTEPS", "PICKLE_SUFFIXES", "REQUIRED_COMPONENTS",
            "SAFE_LIBRARIES", "SLOT_KINDS", "TINY_DECODER", "WEIGHTED_COMPONENTS", "ModelFolderError",
@@ -254,7 +254,6 @@ class DiffusionBackend:
         self.classifier_free = self.guidance_scale > 1.0 and self.time_cond_proj_dim is None
         cls_name, overrides = SCHEDULERS[scheduler]
         self._scheduler_cls = getattr(diffusers, cls_name)
-        folder_spacing = self._scheduler_cls.from_config(base_scheduler.config, **overrides).config.timestep_spacing
         self.scheduler_config = self._scheduler_cls.from_config(
             base_scheduler.config, **{**overrides, "timestep_spacing": self.timestep_spacing}).config
         if self.quantize == "int8":
@@ -275,7 +274,7 @@ class DiffusionBackend:
                     "diffusers": diffusers.__version__}
         if self.distilled is not None:  # a student: which teacher, how (only then: other manifests keep their bytes)
             settings["distilled"] = self.distilled
-        if self.timestep_spacing != folder_spacing:  # likewise only when it is not the folder's own (as before)
+        if self.timestep_spacing != folder_spacing(scheduler, dict(base_scheduler.config)):  # likewise: not as before
             settings["timestep_spacing"] = self.timestep_spacing
         if self.decoder == "tiny":  # likewise only when it is not the VAE
             settings["decoder"] = "tiny"
@@ -620,6 +619,21 @@ def scheduler_config(model: str | Path) -> dict:
         return _json_object(Path(model) / "scheduler" / "scheduler_config.json")
     except ModelFolderError:
         return {}
+
+
+def folder_spacing(scheduler: str, config: dict) -> str:
+    """The timestep spacing ``scheduler`` takes from a folder's scheduler config as diffusers builds it (the
+    config's value, else the class's default): what synthmed sampled before ``timestep_spacing`` existed.
+
+    Example:
+        >>> folder_spacing("dpm_solver", {"timestep_spacing": "leading"})
+        'leading'
+    """
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[scheduler]
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return getattr(diffusers, cls_name).from_config(config, **overrides).config.timestep_spacing
 
 
 def _check_student_settings(root: Path, scheduler: str, steps: int, coarse_to_fine: dict | None) -> None:

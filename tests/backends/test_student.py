@@ -310,3 +310,19 @@ def test_a_run_sampled_with_the_folders_spacing_resumes_only_with_it(tiny_sd_dir
     with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and all("timestep_spacing" not in json.loads(r["generation"]) for r in rows)
+
+
+def test_a_folder_whose_scheduler_config_names_no_spacing_records_none_where_it_samples_as_before(tiny_sd_dir,
+                                                                                                  tmp_path):
+    """Without the key diffusers uses its class's default (leading for DDIM): sampled as before, recorded as before."""
+    from synthmed.backends import resolve_generator
+    from synthmed.spec import load_spec
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.pop("timestep_spacing", None)
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    assert resolve_generator(load_spec(_spec(folder, scheduler="ddim", steps=2))).timestep_spacing is None
+    assert resolve_generator(load_spec(_spec(folder, steps=2))).timestep_spacing == "trailing"
