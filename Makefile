@@ -67,6 +67,7 @@ default-model: $(STAMP) anatomy
 		base=$$model; done
 	rm -rf synthmed/models/default && cp -r out/default-model synthmed/models/default
 	rm -rf synthmed/models/default/.synthmed  # finetune's record of its files: not part of the shipped model
+	cp dataset_specs/default_model_sampling.json synthmed/models/default/sampling.json  # its late guidance
 	$(MAKE) model-card
 
 # Continue the shipped default model on the current build of its spec, for when the drr backend has changed how
@@ -85,18 +86,21 @@ default-model-refresh: $(STAMP) anatomy
 		--checkpoint-every 200 --validate-every 1000 --resume
 	rm -rf synthmed/models/default && cp -r out/default-model-refreshed synthmed/models/default
 	rm -rf synthmed/models/default/.synthmed
+	cp dataset_specs/default_model_sampling.json synthmed/models/default/sampling.json
 	$(MAKE) model-card
 
 # The shipped default model distilled into a few-step student without a guidance pass (synthmed distill), on the
 # default model's own training set: `generator.model: default-fast`. Rerun after `make default-model` (the
 # teacher's card first: the student's is written beside it); resumes after an interruption. It recommends 8
 # steps: the 4x-down default's student read 0.82 of the finding sets at 8 steps and 0.71 at 4 (320 cases,
-# scripts/sweep_guidance.py --steps), at 4.4 against 6.3 images/s (the teacher's: 2.0).
+# scripts/sweep_guidance.py --steps), at 4.4 against 6.3 images/s (the teacher's: 2.0). The shipped student learned
+# its teacher guided at 4 throughout (--late-guidance none); FAST_LATE_GUIDANCE=2@500 distils the teacher as it now
+# samples (docs/default_model_rebuild.md, "Late guidance"; in a new work folder: a resume keeps its settings).
 default-fast: $(STAMP)
 	$(BIN)/synthmed distill --teacher default --manifest $(DEFAULT_TRAIN)/manifest.csv -o out/default-fast \
 		--work-dir out/default-fast-training --steps $(or $(FAST_STEPS),2000) --checkpoint-every 200 --resume \
 		--tiny-decoder-steps $(or $(TINY_DECODER_STEPS),2000) --recommend-dtype auto \
-		--student-steps $(or $(STUDENT_STEPS),8)
+		--student-steps $(or $(STUDENT_STEPS),8) --late-guidance $(or $(FAST_LATE_GUIDANCE),none)
 	rm -rf synthmed/models/default-fast && cp -r out/default-fast synthmed/models/default-fast
 	rm -rf synthmed/models/default-fast/.synthmed  # distill's record of its files: not part of the shipped model
 	$(BIN)/python scripts/model_card.py --model synthmed/models/default-fast --teacher synthmed/models/default \

@@ -221,11 +221,31 @@ def model_gflop(pipe, size: int, guidance_pass: bool) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the two sides
 
+def late_guidance_callback(late: dict | None):
+    """A diffusers step-end callback that guides the steps below ``late["below_timestep"]`` at ``late["scale"]``
+    (diffusers' "dynamic classifier-free guidance"; at 1 or less without the guidance pass, as its
+    SDCFGCutoffCallback), so that the bare pipeline samples what synthmed's ``late_guidance`` samples; None: none."""
+    if late is None:
+        return None
+
+    def callback(pipe, step_index, timestep, kwargs):
+        timesteps = pipe.scheduler.timesteps
+        below = late["below_timestep"]
+        if step_index + 1 < len(timesteps) and float(timestep) >= below > float(timesteps[step_index + 1]):
+            pipe._guidance_scale = late["scale"]
+            if late["scale"] <= 1:  # the prompts' half of the embeddings: no guidance pass from here on
+                kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+        return kwargs
+
+    return callback
+
+
 def run_bare(pipe, clock: StageClock, cases, prompts, *, micro_batch: int, size: int, steps: int,
-             guidance: float) -> dict:
+             guidance: float, late: dict | None = None) -> dict:
     """The pipeline on synthmed's micro-batches: prompt lists, one generator per case, numpy out, nothing written."""
     import torch
 
+    callback = late_guidance_callback(late)
     clock.reset()
     ends, sizes = [], []
     started = time.perf_counter()
@@ -233,6 +253,7 @@ def run_bare(pipe, clock: StageClock, cases, prompts, *, micro_batch: int, size:
         batch, texts = cases[i:i + micro_batch], prompts[i:i + micro_batch]
         images = pipe(prompt=[p.text for p in texts], negative_prompt=[p.negative for p in texts], height=size,
                       width=size, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                      callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"],
                       generator=[torch.Generator("cpu").manual_seed(int(c.seed)) for c in batch]).images
         assert len(images) == len(batch)
         ends.append(time.perf_counter())
@@ -296,6 +317,10 @@ def run_synthmed(spec, backend, clock: StageClock, count: int, out: Path) -> dic
 
 # ----------------------------------------------------------------------------- one model
 
+def late_text(late: dict | None) -> str:
+    return "" if late is None else f"guidance {late['scale']:g} below timestep {late['below_timestep']}, "
+
+
 def model_sampling(name: str, model_dir: Path, args) -> dict:
     """The sampling both sides run: the student's own recommendation (fast; its dtype as this machine resolves
     ``auto``), else --steps, --guidance, DPM-Solver++, float32. ``--dtype`` sets the dtype of both sides."""
@@ -305,7 +330,7 @@ def model_sampling(name: str, model_dir: Path, args) -> dict:
 
     sampling = recommended_sampling(model_dir) if name == "fast" else {
         "scheduler": "dpm_solver", "steps": args.steps, "guidance_scale": args.guidance, "decoder": "full",
-        "dtype": "float32"}
+        "dtype": "float32", "late_guidance": recommended_sampling(model_dir)["late_guidance"]}
     dtype = args.dtype or sampling["dtype"]
     return {**sampling, "dtype": native_dtype(torch.device("cpu")) if dtype == "auto" else dtype}
 
@@ -325,7 +350,8 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
         base, image=dataclasses.replace(base.image, width=args.size, height=args.size, formats=("dicom", "png")),
         generator=dataclasses.replace(base.generator, backend="diffusion", model=model, steps=sampling["steps"],
                                       guidance_scale=sampling["guidance_scale"], scheduler=sampling["scheduler"],
-                                      decoder=sampling["decoder"], dtype=sampling["dtype"], threads=args.threads))
+                                      decoder=sampling["decoder"], dtype=sampling["dtype"], threads=args.threads,
+                                      late_guidance=sampling["late_guidance"] or "none"))
     spec_png = dataclasses.replace(spec, image=dataclasses.replace(spec.image, formats=("png",)))
     cases = list(sample_cases(spec, limit=args.count))
     prompts = [build_prompt(c, spec.prompt) for c in cases]
@@ -357,10 +383,14 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
         return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
     assert settings(pipe.scheduler.config) == settings(backend.scheduler_config), "the two sides' schedulers differ"
+    late = sampling["late_guidance"]
+    if late is not None and (sampling["guidance_scale"] <= 1 or late["below_timestep"] > backend._scheduler().timesteps[0]):
+        raise SystemExit(f"late guidance {late} with guidance {sampling['guidance_scale']:g}: the bare pipeline's "
+                         "step-end callback changes the guidance from the second step on, of a guided run only")
     micro = backend.micro_batch
     print(f"\n=== model: {name} ({model_dir}): {sampling['scheduler']}, {sampling['steps']} steps, guidance "
           f"{sampling['guidance_scale']:g}{' (an input of the UNet: no guidance pass)' if backend.time_cond_proj_dim else ''}, "
-          f"{sampling['decoder']} decoder, {sampling['dtype']} on both sides")
+          f"{late_text(sampling['late_guidance'])}{sampling['decoder']} decoder, {sampling['dtype']} on both sides")
     print(f"  {describe(pipe)}")
     print(f"  load: bare from_pretrained {load_bare:.2f} s | synthmed DiffusionBackend {load_synth:.2f} s "
           f"(includes checking and hashing the folder)")
@@ -371,7 +401,7 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
     t0 = time.perf_counter()
     clock = StageClock(pipe.text_encoder, pipe.unet, pipe.vae)
     run_bare(pipe, clock, cases[:micro], prompts[:micro], micro_batch=micro, size=args.size, steps=2,
-             guidance=sampling["guidance_scale"])
+             guidance=sampling["guidance_scale"], late=sampling["late_guidance"])
     clock.close()
     warm_bare = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -394,7 +424,8 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
         for side in (sides if r % 2 == 0 else sides[::-1]):
             if side == "bare":
                 res = run_bare(pipe, clocks["bare"], cases, prompts, micro_batch=micro, size=args.size,
-                               steps=sampling["steps"], guidance=sampling["guidance_scale"])
+                               steps=sampling["steps"], guidance=sampling["guidance_scale"],
+                               late=sampling["late_guidance"])
                 note = f"{-(-n // micro)} pipeline calls, numpy out, nothing written"
             else:
                 out = tmp / f"{name}-{side}-{r}"
@@ -510,11 +541,25 @@ if job["decoder"] == "tiny":
 for module in (pipe.unet, pipe.vae):
     module.to(memory_format=torch.channels_last)
 pipe.set_progress_bar_config(disable=True)
+late = job["late_guidance"]
+
+
+def callback(pipe, step_index, timestep, kwargs):  # synthmed's late_guidance, as late_guidance_callback
+    timesteps = pipe.scheduler.timesteps
+    if late and step_index + 1 < len(timesteps) and float(timestep) >= late["below_timestep"] > float(
+            timesteps[step_index + 1]):
+        pipe._guidance_scale = late["scale"]
+        if late["scale"] <= 1:
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+    return kwargs
+
+
 m, n = job["micro_batch"], int(sys.argv[2])
 for i in range(0, n, m):
     j = min(i + m, n)
     images = pipe(prompt=job["prompts"][i:j], negative_prompt=job["negatives"][i:j], height=job["size"],
                   width=job["size"], num_inference_steps=job["steps"], guidance_scale=job["guidance"],
+                  callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"],
                   output_type="np", generator=[torch.Generator("cpu").manual_seed(s) for s in job["seeds"][i:j]])
     assert len(images.images) == j - i
 """
@@ -542,12 +587,14 @@ def end_to_end(name: str, model_dir: Path, base, args, tmp: Path) -> dict:
                                "steps": sampling["steps"], "guidance": sampling["guidance_scale"],
                                "scheduler": sampling["scheduler"], "decoder": sampling["decoder"],
                                "dtype": sampling["dtype"], "size": base.image.width, "micro_batch": MICRO_BATCH,
-                               "threads": args.threads}))
+                               "threads": args.threads, "late_guidance": sampling["late_guidance"]}))
     script = tmp / "bare_e2e.py"
     script.write_text(BARE_SCRIPT)
     synthmed = [str(Path(sys.executable).parent / "synthmed"), "generate", str(SPEC_FILE), "--model", str(model_dir),
                 "--steps", str(sampling["steps"]), "--guidance-scale", str(sampling["guidance_scale"]), "--scheduler",
-                sampling["scheduler"], "--decoder", sampling["decoder"], "--dtype", sampling["dtype"]]
+                sampling["scheduler"], "--decoder", sampling["decoder"], "--dtype", sampling["dtype"],
+                "--late-guidance", "{scale:g}@{below_timestep}".format(**late) if (late := sampling["late_guidance"])
+                else "none"]
     if args.threads:
         synthmed += ["--threads", str(args.threads)]
     sides = ("bare", "synthmed", "bare+malloc")

@@ -110,11 +110,14 @@ def by_view(gen_read, ref_read, gen_rows, ref_rows) -> dict:
 
 
 def sampling_text(evaluation: dict) -> str:
-    """How the card's images were sampled, e.g. "dpm_solver, 20 steps, trailing timestep spacing, guidance 4"."""
+    """How the card's images were sampled, e.g. "dpm_solver, 20 steps, trailing timestep spacing, guidance 4 (2 below
+    timestep 500)"."""
     s = evaluation.get("sampling") or {}
     spacing = f", {s['timestep_spacing']} timestep spacing" if s.get("timestep_spacing") else ""
+    late = s.get("late_guidance")
+    late = f" ({late['scale']:g} below timestep {late['below_timestep']})" if late else ""
     return (f"{s.get('scheduler', 'dpm_solver')}, {s.get('steps', 20)} steps{spacing}, "
-            f"guidance {s.get('guidance_scale', 4.0):g}")
+            f"guidance {s.get('guidance_scale', 4.0):g}{late}")
 
 
 def view_table(views: dict, model: str, films: str, teacher_views: dict | None = None) -> str:
@@ -496,7 +499,8 @@ def main() -> None:
     spec = load_spec(args.spec)
     if args.teacher is not None:  # the spec's sampling settings are the teacher's: the student samples as it recommends
         spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=None, scheduler=None,
-                                                                       guidance_scale=None, decoder=None))
+                                                                       guidance_scale=None, decoder=None,
+                                                                       late_guidance=None))
     made = generate(spec, args.work / "generated", model=str(args.model), overwrite=True, progress=True, qc=False)
     speed = made.written / made.seconds
     generate(args.spec, args.work / films, backend=films, overwrite=True, progress=True, qc=False)
@@ -559,7 +563,7 @@ def main() -> None:
         "machine": machine_text(), "seconds": time.time() - started,
         "eval_spec_sha256": spec_sha256,
         "sampling": {**{k: v for k, v in run_generator.items()
-                        if k in ("scheduler", "steps", "guidance_scale", "timestep_spacing")},
+                        if k in ("scheduler", "steps", "guidance_scale", "timestep_spacing", "late_guidance")},
                      "decoder": decoder, "dtype": json.loads(gen_rows[0]["generation"]).get("dtype", "float32")},
     }
     if other_decoder is not None:

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", default="2,3,4,6,8", help="comma-separated guidance scales")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the spec's; a distilled student's own, e.g. 4)")
+    p.add_argument("--late-guidance", default=None, metavar="SCALE@TIMESTEP|none",
+                   help="the guidance below a timestep, the same at every scale swept (default: the model folder's "
+                        "recommendation, as generate samples it; the shipped default's is 2@500)")
     p.add_argument("--films", choices=("drr", "phantom"), default="drr")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: out/guidance-<model>)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -45,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--guidance {args.guidance!r}: numbers separated by commas, e.g. 2,4,6")
     if not args.scales or args.count < 2:
         p.error("give at least one guidance scale and --count of 2 or more")
+    if args.late_guidance not in (None, "none"):
+        from synthmed.spec import parse_late_guidance
+
+        try:
+            args.late_guidance = parse_late_guidance(args.late_guidance)
+        except ValueError as e:
+            p.error(f"--late-guidance: {e}")
     args.work = args.work or ROOT / "out" / f"guidance-{args.model.name}"
     return args
 
@@ -76,12 +86,17 @@ def main(argv=None) -> int:
         spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=None, scheduler=None))
     if args.steps:
         spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, steps=args.steps))
+    if args.late_guidance is not None:
+        spec = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, late_guidance=args.late_guidance))
+    from synthmed.backends import resolve_generator
+
+    late = resolve_generator(spec, model=str(args.model)).late_guidance  # what every row below samples with
     auditor = Auditor.load(shipped_auditor_dir(args.films))
     generate(spec, args.work / args.films, backend=args.films, overwrite=True, progress=False, qc=False)
     ref_rows, ref = read_set(args.work / args.films / "manifest.csv")
     f_ref = auditor.embed(ref)
     figures = {"model": str(args.model), "spec": str(args.spec), "seed": args.seed, "count": args.count,
-               "steps": spec.generator.steps,
+               "steps": spec.generator.steps, "late_guidance": late,
                "auditor": auditor.name, "films": reading(label_fidelity(auditor.predict(ref), ref_rows)),
                "scales": {}}
     for scale in args.scales:
@@ -99,7 +114,8 @@ def main(argv=None) -> int:
         shown = {k: v for k, v in figures["scales"][f"{scale:g}"].items() if k != "sensitivity"}
         print(f"guidance {scale:g}: {json.dumps(shown)}", flush=True)
 
-    print(f"\n{args.count} cases of {args.spec.name} (seed {args.seed}), read by {auditor.name}")
+    late_text = f"; below timestep {late['below_timestep']} every row guides at {late['scale']:g}" if late else ""
+    print(f"\n{args.count} cases of {args.spec.name} (seed {args.seed}), read by {auditor.name}{late_text}")
     print("| guidance | finding set | location | severity | lowest sensitivity | FID to films |")
     print("|---|---|---|---|---|---|")
     film = figures["films"]

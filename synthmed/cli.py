@@ -18,6 +18,30 @@ from . import __version__
 from .spec import SpecError, load_spec
 
 
+def _late_guidance(value: str | None):
+    """--late-guidance checked, and kept as written (``SCALE@TIMESTEP`` or ``none``: what a resume command repeats);
+    :func:`_generator_overrides` parses it."""
+    if value is None or value == "none":
+        return value
+    from .spec import parse_late_guidance
+
+    try:
+        parse_late_guidance(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def _generator_overrides(options: dict) -> dict:
+    """The generate options that override spec.generator, as GeneratorSpec holds them."""
+    overrides = {k: v for k, v in options.items() if v is not None}
+    if overrides.get("late_guidance") not in (None, "none"):
+        from .spec import parse_late_guidance
+
+        overrides["late_guidance"] = parse_late_guidance(overrides["late_guidance"])
+    return overrides
+
+
 def _fail_spec(e: SpecError) -> None:
     click.echo(str(e), err=True)
     raise SystemExit(2)
@@ -155,6 +179,10 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
               help="Override generator.scheduler (lcm: a student made by synthmed distill).")
 @click.option("--timestep-spacing", type=click.Choice(["leading", "linspace", "trailing"]),
               help="Override generator.timestep_spacing (default: trailing with dpm_solver, euler and unipc).")
+@click.option("--late-guidance", metavar="SCALE@TIMESTEP|none", callback=lambda ctx, param, value: _late_guidance(value),
+              help="Override generator.late_guidance: e.g. 2@500 guides the steps below timestep 500 at 2 instead of "
+                   "--guidance-scale; none: the same guidance to the last step (default: the model folder's "
+                   "recommendation; the shipped default's is 2@500).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
               help="Override generator.dtype (auto: bfloat16 where the CPU or GPU computes it natively, else float32).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="Override generator.device.")
@@ -195,7 +223,7 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     except SpecError as e:
         _fail_spec(e)
     _print_warnings(spec)
-    overrides = {k: v for k, v in generator_options.items() if v is not None}
+    overrides = _generator_overrides(generator_options)
     if overrides:
         import dataclasses
 
@@ -385,6 +413,9 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
               help="Precision of the saved student UNet (the teacher's parts are copied as they are).")
 @click.option("--template", default="synthmed-v1", show_default=True,
               help="Prompt template (a built-in name or a template string), the same as generation uses.")
+@click.option("--late-guidance", metavar="SCALE@TIMESTEP|none", callback=lambda ctx, param, value: _late_guidance(value),
+              help="The teacher's guidance at its steps below TIMESTEP, which the student learns (e.g. 2@500); none: "
+                   "the same guidance throughout (default: the teacher folder's recommendation).")
 @click.option("--dataset-kind", type=click.Choice(["chexpert", "mimic", "nih", "csv"]),
               help="Force the real dataset's layout (default: told from its files and columns).")
 @click.option("--column-map", type=click.Path(dir_okay=False, path_type=Path), metavar="YAML",

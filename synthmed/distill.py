@@ -208,7 +208,8 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
             guidance_min: float | None = None, guidance_max: float | None = None, guidance_scale: float = 4.0,
             num_ddim_timesteps: int = 50, student_steps: int = 4, time_cond_proj_dim: int | None = None,
             ema_decay: float | None = None, huber_c: float = 0.001, lora_rank: int | None = None,
-            tiny_decoder_steps: int = 0, recommend_dtype: str = "float32", template: str = "synthmed-v1", checkpoint_every: int = 250, resume: bool = False,
+            tiny_decoder_steps: int = 0, recommend_dtype: str = "float32", template: str = "synthmed-v1",
+            late_guidance: dict | str | None = None, checkpoint_every: int = 250, resume: bool = False,
             overwrite: bool = False, work_dir: str | Path | None = None, seed: int = 0, threads: int | None = None,
             device: str = "auto", mixed_precision: str = "no", allow_pickle: bool = False,
             save_dtype: str = "float16", progress: bool = True, gradient_checkpointing: bool = False,
@@ -235,6 +236,11 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
             teacher's at each, as ``uncond + g (cond - uncond)``).
         guidance_scale: full mode: the scale recommended for generation (within the range); lora mode: the one
             scale distilled into the weights (a lora student then samples at guidance 1: no guidance pass).
+        late_guidance: the teacher's guidance at its least noisy steps, as ``generator.late_guidance``:
+            ``{"scale": s, "below_timestep": t}`` guides the teacher's solver steps from below t at s instead of
+            the student's guidance (the student learns the teacher as it samples, and needs no late guidance of
+            its own); ``"none"``: the same guidance throughout; None (default): the teacher folder's
+            recommendation (its sampling.json; the shipped default's is 2 below 500).
         num_ddim_timesteps: N of the DDIM solver (the teacher's timesteps, every num_train_timesteps / N-th).
         student_steps: the sampling steps the student's card and distillation.json recommend (default 4); a resume
             may change it without training again.
@@ -284,6 +290,11 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                              recommend_dtype)
     teacher_path = _teacher_folder(teacher)
     unet_config, _ = _check_teacher(teacher_path, allow_pickle, num_ddim_timesteps)
+    from .backends.diffusion import recommended_sampling
+    from .spec import parse_late_guidance
+
+    late_guidance = recommended_sampling(teacher_path)["late_guidance"] if late_guidance is None \
+        else parse_late_guidance(late_guidance)
     mode = _choose_mode(mode, unet_config, teacher_path)
     if mode == "full":
         if lora_rank is not None:
@@ -350,6 +361,8 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                 "no_report": (no_report or "skip") if prompts == "reports" else None,
                 "uncertain": None if data.kind == "manifest" else uncertain or "ignore", "views": views,
                 "size": None if data.size is not None and size is None else width, "crop": crop}
+    if late_guidance is not None:  # only then: the settings of runs before it stay the same (and resume)
+        settings["late_guidance"] = late_guidance
     work_path.mkdir(parents=True, exist_ok=True)
     settings_file = work_path / "settings.json"
     if settings_file.is_file() and resume:
@@ -556,10 +569,13 @@ def _train_student(teacher_unet, text_encoder, noise_scheduler, latents, ids, em
         else:
             g = torch.full((batch,), float(settings["guidance_scale"]))
         z0, noise, index, tokens = z0.to(device), noise.to(device), index.to(device), ids[idx].to(device)
-        w = (g - 1.0).to(device).view(-1, 1, 1, 1)
         cond = {"timestep_cond": guidance_embedding(g - 1.0, settings["time_cond_proj_dim"]).to(device)} \
             if mode == "full" else {}
         t_start = solver_t[index]
+        late = settings.get("late_guidance")
+        if late is not None:  # the teacher's own guidance at its least noisy steps (the student's input stays g)
+            g = torch.where(t_start.cpu() < late["below_timestep"], torch.full_like(g, late["scale"]), g)
+        w = (g - 1.0).to(device).view(-1, 1, 1, 1)
         t_end = (t_start - skip).clamp(min=0)
         with torch.no_grad():
             hidden = text_encoder(tokens)[0]

@@ -23,8 +23,9 @@ def _type_of(node: dict, defs: dict) -> str:
                 "pixels": "integer"}.get(name, name)
     if "enum" in node:
         return " \\| ".join(f"`{'null' if v is None else v}`" for v in node["enum"])
-    if "const" in node:
-        return f"`{node['const']}`"
+    if "const" in node:  # as the spec writes it (YAML): null, false
+        value = node["const"]
+        return f"`{'null' if value is None else str(value).lower() if isinstance(value, bool) else value}`"
     if "anyOf" in node:
         return " or ".join(_type_of(n, defs) for n in node["anyOf"])
     t = node.get("type", "")

@@ -257,6 +257,53 @@ def resolve_timestep_spacing(scheduler: str, chosen: str | None, folder_config: 
     return chosen
 
 
+# generator.late_guidance: a lighter classifier-free guidance over the last, least noisy steps. Guidance settles
+# what is drawn and where in the noisy steps; at the last ones it mostly makes what is drawn stronger (on the
+# shipped default, findings one grade too severe: docs/default_model_rebuild.md, "Late guidance").
+LATE_GUIDANCE_OFF = "none"
+
+
+def parse_late_guidance(value) -> dict | None:
+    """generator.late_guidance (or ``--late-guidance``) as the backend takes it: None where it is off, else
+    ``{"scale": float, "below_timestep": int}`` (the guidance at the steps whose timestep is below that).
+
+    Accepts ``"none"``, a mapping with ``scale`` (1..50; 1 runs no guidance pass) and ``below_timestep``
+    (1..1000), or the command line's ``SCALE@TIMESTEP``.
+
+    Raises:
+        ValueError: anything else, saying what was expected.
+
+    Example:
+        >>> parse_late_guidance("2@500")
+        {'scale': 2.0, 'below_timestep': 500}
+        >>> parse_late_guidance("none") is None
+        True
+    """
+    if value is None or value == LATE_GUIDANCE_OFF:
+        return None
+    if isinstance(value, str):
+        scale, at, below = value.partition("@")
+        try:
+            parsed = {"scale": float(scale), "below_timestep": int(below)} if at else None
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise ValueError(f"late guidance must be 'none' or SCALE@TIMESTEP (e.g. 2@500: guidance 2 at the steps "
+                             f"below timestep 500), got {value!r}")
+        value = parsed
+    if not isinstance(value, dict) or set(value) != {"scale", "below_timestep"}:
+        raise ValueError("late guidance must be 'none' or {scale, below_timestep}, got "
+                         f"{value!r}")
+    scale, below = value["scale"], value["below_timestep"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1 <= scale <= 50:
+        raise ValueError(f"late guidance scale must be a number from 1 to 50 (1: no guidance pass), got {scale!r}")
+    if isinstance(below, float) and below.is_integer():  # 500.0: YAML and JSON Schema take it as a whole number
+        below = int(below)
+    if isinstance(below, bool) or not isinstance(below, int) or not 1 <= below <= 1000:
+        raise ValueError(f"late guidance below_timestep must be a whole number from 1 to 1000, got {below!r}")
+    return {"scale": float(scale), "below_timestep": int(below)}
+
+
 @dataclass(frozen=True)
 class GeneratorSpec:
     """How images are made (the spec's ``generator``).
@@ -274,6 +321,8 @@ class GeneratorSpec:
     guidance_scale: float | None = None
     scheduler: str | None = None
     timestep_spacing: str | None = None  # leading, linspace, trailing; None: trailing for dpm_solver, euler, unipc
+    # "none", {scale, below_timestep}; None: the folder's recommendation (parse_late_guidance)
+    late_guidance: dict | str | None = None
     batch_size: int = 8
     dtype: str | None = None  # float32, bfloat16, float16, auto; None: the folder's recommendation, else float32
     device: str = "auto"
@@ -580,6 +629,14 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
                 else:
                     add(path, f"expected default or a mapping {{ct: ..., labels: ...}}, got {_type_name(inst)} "
                         f"{inst!r}"[:300])
+            elif path == ("generator", "late_guidance"):
+                if isinstance(inst, dict):  # the mapping form: say what is wrong inside it
+                    for sub in error.context or ():
+                        if sub.relative_schema_path and sub.relative_schema_path[0] == 2:
+                            visit(sub)
+                else:
+                    add(path, f"expected none or a mapping {{scale: 2, below_timestep: 500}} (guidance 2 at the "
+                        f"steps below timestep 500), got {_type_name(inst)} {inst!r}"[:300])
             else:
                 add(path, error.message)
         else:
@@ -897,6 +954,12 @@ class _MeaningChecker:
         values = {k: g.get(k, getattr(defaults, k)) for k in defaults.__dataclass_fields__}
         if values["coarse_to_fine"] is False:
             values["coarse_to_fine"] = None
+        if isinstance(values["late_guidance"], dict):  # the schema checked it: scale a float, as the CLI's
+            try:
+                values["late_guidance"] = parse_late_guidance(values["late_guidance"])
+            except ValueError as e:
+                self.error(("generator", "late_guidance"), str(e))
+                values["late_guidance"] = None
         self.spacing_takes(values)
         values["anatomy"] = self.anatomy(g.get("anatomy"), values["backend"], components)
         return GeneratorSpec(**values)

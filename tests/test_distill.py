@@ -171,6 +171,30 @@ def test_resume_may_change_the_recommended_steps_and_keeps_the_weights(phantom_s
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_the_student_learns_the_teachers_late_guidance(phantom_set, tiny_base, tmp_path):  # noqa: F811
+    """The teacher's solver steps below the timestep are guided at the late scale: taken from the teacher folder's
+    recommendation unless given, recorded in the settings (only when on), and what the student learns changes."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_base, teacher)
+    late = {"scale": 1.5, "below_timestep": 1000}  # every solver step: the difference cannot hide in the draws
+    (teacher / "sampling.json").write_text(json.dumps({"recommended": {"late_guidance": late}}), encoding="utf-8")
+    options = dict(steps=2, mode="full", save_dtype="float32", learning_rate=1e-2, **FAST)
+    recommended = distill(phantom_set, teacher, tmp_path / "recommended", **options)
+    given = distill(phantom_set, tiny_base, tmp_path / "given", late_guidance=late, **options)
+    off = distill(phantom_set, teacher, tmp_path / "off", late_guidance="none", **options)
+    records = [json.loads((r.model_dir / "distillation.json").read_text(encoding="utf-8"))
+               for r in (recommended, given, off)]
+    assert records[0]["settings"]["late_guidance"] == records[1]["settings"]["late_guidance"] == late
+    assert "late_guidance" not in records[2]["settings"] and "late_guidance" not in records[0]["recommended"]
+    a, b, c = (_weights(r.model_dir) for r in (recommended, given, off))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="late guidance scale must be a number from 1 to 50"):
+        distill(phantom_set, tiny_base, tmp_path / "bad", late_guidance={"scale": -2, "below_timestep": 500},
+                **options)
+    assert not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------- refusals, before anything is written
 
 def _cli(*args) -> "object":

@@ -80,9 +80,10 @@ def default_model_dir(name: str = "default"):
 
 def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None):
     """The spec's generator with ``steps``, ``guidance_scale``, ``scheduler``, ``decoder``, ``dtype`` and (diffusion
-    only) ``timestep_spacing`` as the build runs them (``dtype`` may be ``auto``: the backend picks float32 or
-    bfloat16 for the machine; ``timestep_spacing`` is None where it is the model folder's own, as every run
-    before the key existed sampled, so that their records stay the same).
+    only) ``timestep_spacing`` and ``late_guidance`` as the build runs them (``dtype`` may be ``auto``: the backend
+    picks float32 or bfloat16 for the machine; ``timestep_spacing`` is None where it is the model folder's own, and
+    ``late_guidance`` None where it is off, as every run before those keys existed sampled, so that their records
+    stay the same).
 
     Where the spec sets them, its values; else, for the diffusion backend, what the model folder recommends
     (a distilled student's ``distillation.json``: lcm, 4 steps, and its decoder;
@@ -93,19 +94,24 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
         >>> from synthmed.spec import load_spec
         >>> spec = load_spec("spec_version: 1\\nname: d\\ncount: 2\\nfindings: [{finding: cardiomegaly, weight: 1}]")
         >>> g = resolve_generator(spec, backend="pattern")
-        >>> g.steps, g.guidance_scale, g.scheduler, g.decoder, g.timestep_spacing
-        (20, 4.0, 'dpm_solver', 'full', None)
+        >>> g.steps, g.guidance_scale, g.scheduler, g.decoder, g.timestep_spacing, g.late_guidance
+        (20, 4.0, 'dpm_solver', 'full', None, None)
     """
     import dataclasses
 
+    from ..spec import parse_late_guidance
     from .diffusion import PLAIN_SAMPLING, recommended_sampling
 
     g = spec.generator
     unset = [k for k in ("steps", "guidance_scale", "scheduler", "decoder", "dtype") if getattr(g, k) is None]
     diffusion = (backend or g.backend) == "diffusion"
+    if not diffusion:  # only a diffusion model is guided late
+        g = dataclasses.replace(g, late_guidance=None)
+    elif g.late_guidance is None:
+        unset.append("late_guidance")
     if not unset and not diffusion:
         return g
-    settings = {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
+    settings = {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32", "late_guidance": None}
     folder = None
     if diffusion:
         model = model or g.model
@@ -127,7 +133,8 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
             spacing = g.timestep_spacing
         # None where it is the folder's own: what every synthmed before timestep_spacing sampled and recorded
         own = folder_spacing(g.scheduler, config) if g.scheduler in SCHEDULERS else None
-        g = dataclasses.replace(g, timestep_spacing=None if spacing == own else spacing)
+        g = dataclasses.replace(g, timestep_spacing=None if spacing == own else spacing,
+                                late_guidance=parse_late_guidance(g.late_guidance))
     return g
 
 
@@ -158,7 +165,8 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None):
                                 guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype, device=g.device,
                                 allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
                                 coarse_to_fine=g.coarse_to_fine, decoder=g.decoder, threads=g.threads,
-                                model_id=model_id, timestep_spacing=g.timestep_spacing)
+                                model_id=model_id, timestep_spacing=g.timestep_spacing,
+                                late_guidance=g.late_guidance)
     except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import BackendInfo, GeneratedImage
-from ..spec import TIMESTEP_SPACINGS, TRAILING_BY_DEFAULT, resolve_timestep_spacing  # noqa: F401 (re-exported)
+from ..spec import TIMESTEP_SPACINGS, TRAILING_BY_DEFAULT, parse_late_guidance, resolve_timestep_spacing  # noqa: F401
 from ..model_folder import (
     MAX_COMPONENT_LAYERS, MAX_COMPONENT_PARAMETERS, MAX_CONFIG_BYTES, MAX_CONFIG_INTEGER, MAX_TOKENIZER_FILE_BYTES,
     MAX_TRAIN_TIMESTEPS, PICKLE_SUFFIXES, REQUIRED_COMPONENTS, SAFE_LIBRARIES, SLOT_KINDS, TINY_DECODER,
@@ -48,6 +48,7 @@ from ..model_folder import (
 
 # The model-folder rules live in synthmed.model_folder; they lived here before, so they stay importable from here.
 __all__ = ["DECODERS", "DISTILLATION_FILE", "DTYPE_CHOICES", "DTYPES", "MICRO_BATCH", "PLAIN_SAMPLING", "SCHEDULERS",
+           "RECOMMENDABLE", "SAMPLING_FILE",
            "TIMESTEP_SPACINGS", "TRAILING_BY_DEFAULT", "DiffusionBackend", "guidance_embedding", "read_distillation",
            "folder_spacing", "recommended_sampling", "resolve_timestep_spacing",
            "MAX_COMPONENT_LAYERS", "MAX_COMPONENT_PARAMETERS", "MAX_CONFIG_BYTES", "MAX_CONFIG_INTEGER",
@@ -68,6 +69,9 @@ SCHEDULERS = {
 # The sampling settings of a folder that recommends none (every model before synthmed distill).
 PLAIN_SAMPLING = {"scheduler": "dpm_solver", "steps": 20, "guidance_scale": 4.0}
 DISTILLATION_FILE = "distillation.json"  # what synthmed distill writes beside a student's components
+# Sampling settings any model folder may recommend (its "recommended" object); a student's distillation.json wins.
+SAMPLING_FILE = "sampling.json"
+RECOMMENDABLE = ("scheduler", "steps", "guidance_scale", "late_guidance", "decoder", "dtype")
 # What decodes the latents: the folder's VAE, or its tiny decoder (tiny_vae/, a TAESD-style AutoencoderTiny).
 DECODERS = ("full", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -94,6 +98,9 @@ class DiffusionBackend:
             scale as an input samples with ``lcm`` only.
         timestep_spacing: leading, linspace or trailing; None: trailing with dpm_solver, euler, euler_ancestral
             and unipc, the folder's own with ddim, pndm and lcm (:func:`resolve_timestep_spacing`).
+        late_guidance: ``{"scale": s, "below_timestep": t}``: guidance s instead of ``guidance_scale`` at the
+            steps whose timestep is below t (1..50; 1: no guidance pass there); ``"none"``: the same
+            guidance throughout; None: the folder's recommendation (:func:`recommended_sampling`).
         dtype: float32, bfloat16, float16, or auto (:func:`native_dtype`: bfloat16 where the device computes it
             natively, else float32); None: the folder's recommendation (:func:`recommended_sampling`), else float32.
             The dtype used is recorded in the settings (``dtype``; ``dtype_choice: auto`` where auto chose it).
@@ -113,7 +120,7 @@ class DiffusionBackend:
                  device: str = "auto", allow_pickle: bool = False, compile: bool = False,
                  quantize: str | None = None, coarse_to_fine: dict | None = None, decoder: str | None = None,
                  threads: int | None = None, cache_size: int = 1024, model_id: str | None = None,
-                 timestep_spacing: str | None = None):
+                 timestep_spacing: str | None = None, late_guidance: dict | str | None = None):
         # 1. Check inputs (before torch or any weight is touched)
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
@@ -137,19 +144,21 @@ class DiffusionBackend:
         self.root = Path(model)
         self.index = check_model_folder(self.root, allow_pickle=allow_pickle, width=width, height=height)
         recommended = None
-        if None in (steps, guidance_scale, scheduler, decoder, dtype):  # what the spec leaves unset, the folder recommends
-            recommended = recommended_sampling(self.root)
+        if None in (steps, guidance_scale, scheduler, decoder, dtype, late_guidance):  # what the spec leaves unset,
+            recommended = recommended_sampling(self.root)  # the folder recommends
             steps = recommended["steps"] if steps is None else steps
             guidance_scale = recommended["guidance_scale"] if guidance_scale is None else guidance_scale
             scheduler = recommended["scheduler"] if scheduler is None else scheduler
             dtype = recommended["dtype"] if dtype is None else dtype
+            late_guidance = recommended["late_guidance"] if late_guidance is None else late_guidance
         _check_student_settings(self.root, scheduler, int(steps), self.coarse_to_fine)
         self.timestep_spacing = resolve_timestep_spacing(
             scheduler, timestep_spacing, scheduler_config(self.root), int(steps))
         if decoder is None:
             decoder = recommended["decoder"]
             if decoder == "tiny" and not (self.root / TINY_DECODER).is_dir():
-                raise ModelFolderError(f"{self.root / DISTILLATION_FILE} recommends the tiny decoder, but "
+                source = DISTILLATION_FILE if (self.root / DISTILLATION_FILE).is_file() else SAMPLING_FILE
+                raise ModelFolderError(f"{self.root / source} recommends the tiny decoder, but "
                                        f"{self.root} has no tiny decoder ({TINY_DECODER}/ is missing); set "
                                        "generator.decoder to full (--decoder full) to decode with its VAE")
         if decoder == "tiny":
@@ -158,6 +167,7 @@ class DiffusionBackend:
         self.distilled = read_distillation(self.root)
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler
+        self.late_guidance = parse_late_guidance(late_guidance)  # None: off
         self.allow_pickle = allow_pickle
         self.quantize = None if quantize in (None, "none") else quantize
         self.micro_batch = 1 if self.quantize else MICRO_BATCH
@@ -207,7 +217,8 @@ class DiffusionBackend:
     def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler, width: int = 256, height: int = 256,
                         steps: int = 20, guidance_scale: float = 4.0, scheduler_name: str = "dpm_solver",
                         threads: int | None = None, model_id: str = "in-memory",
-                        timestep_spacing: str | None = None) -> "DiffusionBackend":
+                        timestep_spacing: str | None = None,
+                        late_guidance: dict | str | None = None) -> "DiffusionBackend":
         """A backend over components already in memory (e.g. a model being trained); float32 on their device.
 
         Example:
@@ -220,6 +231,7 @@ class DiffusionBackend:
         self.root, self.index, self.allow_pickle = Path(model_id), {}, False
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler_name
+        self.late_guidance = parse_late_guidance(late_guidance)
         self.quantize, self.micro_batch, self.coarse_to_fine, self.distilled = None, MICRO_BATCH, None, None
         self.decoder, self.tiny_vae = "full", None
         self.threads = int(threads or torch.get_num_threads())
@@ -251,7 +263,8 @@ class DiffusionBackend:
         # a student that takes the guidance scale as an input: no classifier-free guidance pass (read before
         # int8 or compile wrap the UNet)
         self.time_cond_proj_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
-        self.classifier_free = self.guidance_scale > 1.0 and self.time_cond_proj_dim is None
+        late = self.late_guidance["scale"] if self.late_guidance else self.guidance_scale
+        self.classifier_free = max(self.guidance_scale, late) > 1.0 and self.time_cond_proj_dim is None
         cls_name, overrides = SCHEDULERS[scheduler]
         self._scheduler_cls = getattr(diffusers, cls_name)
         self.scheduler_config = self._scheduler_cls.from_config(
@@ -276,6 +289,8 @@ class DiffusionBackend:
             settings["distilled"] = self.distilled
         if self.timestep_spacing != folder_spacing(scheduler, dict(base_scheduler.config)):  # likewise: not as before
             settings["timestep_spacing"] = self.timestep_spacing
+        if self.late_guidance is not None:  # likewise only when guidance changes at the last steps
+            settings["late_guidance"] = dict(self.late_guidance)
         if self.decoder == "tiny":  # likewise only when it is not the VAE
             settings["decoder"] = "tiny"
         if self.dtype_choice == "auto":  # and which dtype was asked for where the machine chose it
@@ -421,20 +436,38 @@ class DiffusionBackend:
         guided = self.classifier_free
         import torch
 
-        extra_unet = {}
-        if self.time_cond_proj_dim is not None:  # as diffusers' pipelines: w = guidance_scale - 1, embedded
-            w = torch.full((latents.shape[0],), self.guidance_scale - 1.0)
-            extra_unet["timestep_cond"] = guidance_embedding(w, self.time_cond_proj_dim).to(self.device, latents.dtype)
+        conditioned = {}  # a guidance-conditioned student's guidance embedding, by scale
         for t in timesteps:
-            model_input = torch.cat([latents] * 2) if guided else latents
+            scale = self.guidance_at(t)
+            extra_unet = {}
+            if self.time_cond_proj_dim is not None:  # as diffusers' pipelines: w = guidance_scale - 1, embedded
+                if scale not in conditioned:
+                    w = torch.full((latents.shape[0],), scale - 1.0)
+                    conditioned[scale] = guidance_embedding(w, self.time_cond_proj_dim).to(self.device, latents.dtype)
+                extra_unet["timestep_cond"] = conditioned[scale]
+            # a step at guidance 1 or less runs the prompt's half only (as diffusers' SDCFGCutoffCallback)
+            step_guided = guided and scale > 1.0
+            model_input = torch.cat([latents] * 2) if step_guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False, **extra_unet)[0]
-            if guided:
+            context = embeddings if step_guided or not guided else embeddings[latents.shape[0]:]
+            noise = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False, **extra_unet)[0]
+            if step_guided:
                 uncond, cond = noise.chunk(2)
-                noise = uncond + self.guidance_scale * (cond - uncond)
+                noise = uncond + scale * (cond - uncond)
             extra = {"generator": generators} if accepts_generator else {}
             latents = scheduler.step(noise, t, latents, return_dict=False, **extra)[0]
         return latents
+
+    def guidance_at(self, timestep) -> float:
+        """The guidance scale of the step at ``timestep``: ``late_guidance``'s below its timestep, else
+        ``guidance_scale``.
+
+        Example:
+            >>> backend.guidance_at(999), backend.guidance_at(499)  # doctest: +SKIP
+            (4.0, 2.0)
+        """
+        late = self.late_guidance
+        return late["scale"] if late is not None and float(timestep) < late["below_timestep"] else self.guidance_scale
 
     def _refine(self, images, embeddings, generators):
         """Image-to-image at the target size: encode, noise to the strength's step, denoise the rest."""
@@ -524,60 +557,97 @@ def read_distillation(model: str | Path) -> dict | None:
 
 
 def recommended_sampling(model: str | Path) -> dict:
-    """The scheduler, steps, guidance scale, decoder and dtype a model folder recommends, reading only JSON.
+    """The scheduler, steps, guidance scale, late guidance, decoder and dtype a model folder recommends, reading
+    only JSON.
 
     A student made by ``synthmed distill`` recommends its own (``distillation.json``, key ``recommended``; its
     ``decoder``, absent or ``full`` as distill writes it, may say ``tiny``);
     a folder whose scheduler is diffusers' ``LCMScheduler`` without that file gets lcm, 4 steps and guidance 4.0
     when its UNet takes the guidance scale as an input, else 1.0 (the guidance is distilled into its weights);
-    any other folder gets :data:`PLAIN_SAMPLING` (20 DPM-Solver++ steps, guidance 4.0). A folder that cannot be
-    read gets PLAIN_SAMPLING too: loading it says what is wrong. Only a distillation.json recommends the tiny
-    decoder: every other answer has ``decoder`` ``full``. Likewise ``dtype``: float32 unless a distillation.json
-    recommends another (``auto`` for the shipped default-fast, whose card was checked in bfloat16).
+    any other folder gets :data:`PLAIN_SAMPLING` (20 DPM-Solver++ steps, guidance 4.0). Any folder may carry a
+    ``sampling.json`` (:data:`SAMPLING_FILE`) whose ``recommended`` object names some of these settings (the
+    shipped default's says its late guidance); a student's distillation.json is read instead of it. A folder
+    that cannot be read gets PLAIN_SAMPLING too: loading it says what is wrong. ``decoder`` is ``full`` and
+    ``dtype`` float32, and ``late_guidance`` None (off), unless a file recommends otherwise (dtype ``auto`` for
+    the shipped default-fast, whose card was checked in bfloat16).
 
     Raises:
-        ModelFolderError: a distillation.json that is not JSON, or whose recommendation is not one synthmed runs.
+        ModelFolderError: a distillation.json or sampling.json that is not JSON, or whose recommendation is not one
+            synthmed runs.
 
     Example:
         >>> recommended_sampling("synthmed/models/default")  # doctest: +SKIP
-        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0, 'decoder': 'full', 'dtype': 'float32'}
+        {'scheduler': 'dpm_solver', 'steps': 20, 'guidance_scale': 4.0, 'decoder': 'full', 'dtype': 'float32',
+         'late_guidance': {'scale': 2.0, 'below_timestep': 500}}
     """
     root = Path(model)
+    out = {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32", "late_guidance": None}
     path = root / DISTILLATION_FILE
     if path.is_file():
         recommended = _json_object(path).get("recommended")
         if not isinstance(recommended, dict):
             raise ModelFolderError(f"{path}: 'recommended' must be an object with scheduler, steps and "
                                    f"guidance_scale, got {json.dumps(recommended)[:100]}")
-        scheduler, steps, guidance = (recommended.get(k) for k in ("scheduler", "steps", "guidance_scale"))
-        if scheduler not in SCHEDULERS:
-            raise ModelFolderError(f"{path}: recommended.scheduler {json.dumps(scheduler)[:60]} is not one of "
-                                   f"{', '.join(SCHEDULERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise ModelFolderError(f"{path}: recommended.steps {json.dumps(steps)[:60]} is not a whole number "
-                                   "from 1 to 1000")
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
-            raise ModelFolderError(f"{path}: recommended.guidance_scale {json.dumps(guidance)[:60]} is not a "
-                                   "number from 0 to 50")
-        decoder = recommended.get("decoder", "full")
-        if decoder not in DECODERS:
-            raise ModelFolderError(f"{path}: recommended.decoder {json.dumps(decoder)[:60]} is not one of "
-                                   f"{', '.join(DECODERS)}")
-        dtype = recommended.get("dtype", "float32")
-        if dtype not in DTYPE_CHOICES:
-            raise ModelFolderError(f"{path}: recommended.dtype {json.dumps(dtype)[:60]} is not one of "
-                                   f"{', '.join(DTYPE_CHOICES)}")
-        return {"scheduler": scheduler, "steps": steps, "guidance_scale": float(guidance), "decoder": decoder,
-                "dtype": dtype}
+        for key in ("scheduler", "steps", "guidance_scale"):  # a student names all three
+            if key not in recommended:
+                raise ModelFolderError(f"{path}: recommended.{key} is missing")
+        return {**out, **_checked_recommendation(path, recommended)}
     try:
         scheduler = _json_object(root / "scheduler" / "scheduler_config.json").get("_class_name")
         conditioned = _json_object(root / "unet" / "config.json").get("time_cond_proj_dim") is not None
     except ModelFolderError:
-        return {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
+        return out
     if scheduler == "LCMScheduler":
-        return {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0 if conditioned else 1.0, "decoder": "full",
-                "dtype": "float32"}
-    return {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
+        out.update(scheduler="lcm", steps=4, guidance_scale=4.0 if conditioned else 1.0)
+    path = root / SAMPLING_FILE
+    if path.is_file():
+        recommended = _json_object(path).get("recommended")
+        if not isinstance(recommended, dict):
+            raise ModelFolderError(f"{path}: 'recommended' must be an object naming some of "
+                                   f"{', '.join(RECOMMENDABLE)}, got {json.dumps(recommended)[:100]}")
+        unknown = sorted(set(recommended) - set(RECOMMENDABLE))
+        if unknown:
+            raise ModelFolderError(f"{path}: recommended.{unknown[0]} is not a sampling setting synthmed takes "
+                                   f"({', '.join(RECOMMENDABLE)})")
+        out.update(_checked_recommendation(path, recommended))
+    return out
+
+
+def _checked_recommendation(path: Path, recommended: dict) -> dict:
+    """The settings of a ``recommended`` object that it names, each checked (ModelFolderError naming the key)."""
+    out = {}
+
+    def bad(key: str, wanted: str):
+        raise ModelFolderError(f"{path}: recommended.{key} {json.dumps(recommended[key])[:60]} is not {wanted}")
+
+    if "scheduler" in recommended:
+        if recommended["scheduler"] not in SCHEDULERS:
+            bad("scheduler", f"one of {', '.join(SCHEDULERS)}")
+        out["scheduler"] = recommended["scheduler"]
+    if "steps" in recommended:
+        steps = recommended["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            bad("steps", "a whole number from 1 to 1000")
+        out["steps"] = steps
+    if "guidance_scale" in recommended:
+        guidance = recommended["guidance_scale"]
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 50:
+            bad("guidance_scale", "a number from 0 to 50")
+        out["guidance_scale"] = float(guidance)
+    if "decoder" in recommended:
+        if recommended["decoder"] not in DECODERS:
+            bad("decoder", f"one of {', '.join(DECODERS)}")
+        out["decoder"] = recommended["decoder"]
+    if "dtype" in recommended:
+        if recommended["dtype"] not in DTYPE_CHOICES:
+            bad("dtype", f"one of {', '.join(DTYPE_CHOICES)}")
+        out["dtype"] = recommended["dtype"]
+    if "late_guidance" in recommended:
+        try:
+            out["late_guidance"] = parse_late_guidance(recommended["late_guidance"])
+        except ValueError:
+            bad("late_guidance", "'none' or {scale: 1..50, below_timestep: 1..1000}")
+    return out
 
 
 def native_dtype(device) -> str:

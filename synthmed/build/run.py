@@ -107,6 +107,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         del generator["decoder"]
     if generator["timestep_spacing"] is None:  # likewise when it is the model folder's own (or no diffusion)
         del generator["timestep_spacing"]
+    if generator["late_guidance"] is None:  # likewise when guidance stays the same to the last step
+        del generator["late_guidance"]
     generator["anatomy"] = [a.id for a in spec.generator.anatomy]  # their files' sha256 are in the model hash
     generator.update(backend=backend_name or spec.generator.backend, model=model or spec.generator.model)
     run = {"format": RUN_FORMAT, "name": spec.name, "spec_hash": spec.spec_hash,

@@ -122,7 +122,7 @@ class RunFolder:
                 if changed:
                     what = "; ".join(changed)
                     raise BuildError(f"{out} was built from a different spec or settings (changed: {what}); "
-                                     "rerun with --overwrite to start again", 2)
+                                     f"rerun with --overwrite to start again{_as_it_began(previous, run)}", 2)
         elif overwrite and not self.ledger.is_empty():
             self.clear(self.planned)  # a run killed before it wrote run.json
         self.ledger.remove_temp_files()  # a killed run's, by the pids its claims recorded
@@ -277,3 +277,13 @@ def file_sha256(path: Path) -> str | None:
 
 def part_path(parts: Path, k: int) -> Path:
     return parts / f"part-{k:06d}.csv"
+
+
+def _as_it_began(previous: dict, run: dict) -> str:
+    """How to finish a run whose only sampling change is the model folder's new late-guidance recommendation."""
+    old = (previous.get("generator") or {}).get("late_guidance")
+    new = (run.get("generator") or {}).get("late_guidance")
+    if old == new or (old is not None and not isinstance(old, dict)):
+        return ""
+    flag = "none" if old is None else f"{old.get('scale', 0):g}@{old.get('below_timestep', 0)}"
+    return f", or finish it with the guidance it began with: --late-guidance {flag} (generator.late_guidance)"

@@ -29,7 +29,7 @@ def test_the_fast_default_is_an_eight_step_student_of_the_shipped_default():
     assert distillation["teacher"]["model_hash"] == model_hash(MODEL)  # re-distil when the default is retrained
     # bfloat16 where the machine computes it natively: its images read as float32's did (README, Speed)
     assert recommended_sampling(FAST) == {"scheduler": "lcm", "steps": 8, "guidance_scale": 4.0, "decoder": "full",
-                                          "dtype": "auto"}
+                                          "dtype": "auto", "late_guidance": None}
     assert (FAST / "tiny_vae" / "diffusion_pytorch_model.safetensors").is_file()
     unet = json.loads((FAST / "unet" / "config.json").read_text(encoding="utf-8"))
     assert unet["time_cond_proj_dim"] is not None  # guidance is an input: one UNet evaluation per step

@@ -45,6 +45,21 @@ def test_model_card_records_training_and_quality():
     assert training["settings"]["base"] == "scratch" and training["vae_steps"] > 0
 
 
+def test_the_default_recommends_its_late_guidance_and_its_card_measured_it():
+    """generate samples the default as its card measured it: guidance 4, 2 below timestep 500 (sampling.json, from
+    the recipe file make default-model installs)."""
+    from pathlib import Path
+
+    from synthmed.backends.diffusion import recommended_sampling
+
+    late = {"scale": 2.0, "below_timestep": 500}
+    assert recommended_sampling(MODEL)["late_guidance"] == late
+    recipe = Path(__file__).resolve().parents[2] / "dataset_specs" / "default_model_sampling.json"
+    assert (MODEL / "sampling.json").read_bytes() == recipe.read_bytes()
+    sampling = json.loads((MODEL / "evaluation.json").read_text(encoding="utf-8"))["sampling"]
+    assert sampling["late_guidance"] == late and sampling["guidance_scale"] == 4.0
+
+
 def _card_script():
     """scripts/model_card.py as a module (scripts/ is not a package)."""
     import importlib.util

@@ -300,6 +300,107 @@ def test_ddim_and_pndm_keep_the_folders_spacing(tiny_sd_dir):
         make_backend(tiny_sd_dir, timestep_spacing="sideways")
 
 
+# ----------------------------------------------------------------------------- late guidance
+
+LATE_STEPS = 4  # trailing: timesteps 999, 749, 499, 249
+
+
+def _pipeline_with_callback(pipe, case, prompt, callback, steps: int = LATE_STEPS) -> np.ndarray:
+    base = pipe.scheduler
+    pipe.scheduler = reference_scheduler(base, "dpm_solver")
+    try:
+        out = pipe(prompt.text, negative_prompt=prompt.negative or None, num_inference_steps=steps,
+                   guidance_scale=GUIDANCE, width=SIZE, height=SIZE, callback_on_step_end=callback,
+                   generator=[torch.Generator("cpu").manual_seed(case.seed)], output_type="np").images
+    finally:
+        pipe.scheduler = base
+    return out[0].mean(axis=-1)
+
+
+def test_late_guidance_equals_diffusers_pipeline_changing_its_guidance_in_a_callback(tiny_sd_dir, sd_pipeline):
+    """{scale: 2, below_timestep: 500}: the steps at 499 and 249 are guided at 2, as diffusers' pipeline does when a
+    step-end callback sets its guidance scale (diffusers' "dynamic classifier-free guidance")."""
+    ours = make_backend(tiny_sd_dir, steps=LATE_STEPS, late_guidance={"scale": 2.0, "below_timestep": 500})
+    assert [int(t) for t in ours._scheduler().timesteps] == [999, 749, 499, 249]
+    assert [ours.guidance_at(t) for t in ours._scheduler().timesteps] == [4.0, 4.0, 2.0, 2.0]
+    case = make_case(seed=77)
+    prompt = make_prompt(case, negative=NEGATIVE)
+
+    def lighter_from_499(pipe, step_index, timestep, kwargs):
+        if int(timestep) == 749:  # called at the end of a step: sets the guidance of the next one
+            pipe._guidance_scale = 2.0
+        return kwargs
+
+    image = ours.generate([case], [prompt])[0].pixels
+    np.testing.assert_allclose(image, _pipeline_with_callback(sd_pipeline, case, prompt, lighter_from_499),
+                               atol=1e-5, rtol=0)
+    constant = make_backend(tiny_sd_dir, steps=LATE_STEPS, late_guidance="none").generate([case], [prompt])[0]
+    assert np.abs(constant.pixels - image).max() > 1e-4  # and the late steps' guidance shows (10x the tolerance)
+
+
+def test_late_guidance_of_one_runs_no_guidance_pass_as_diffusers_cfg_cutoff(tiny_sd_dir, sd_pipeline):
+    """A late scale of 1 runs the prompt's half only at those steps (half the UNet work there): the image of
+    diffusers' SDCFGCutoffCallback, which drops the guidance pass after a step."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    ours = make_backend(tiny_sd_dir, steps=LATE_STEPS, late_guidance={"scale": 1.0, "below_timestep": 500})
+    rows = []
+    hook = ours.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    case = make_case(seed=78)
+    prompt = make_prompt(case, negative=NEGATIVE)
+    try:
+        image = ours.generate([case], [prompt])[0].pixels
+    finally:
+        hook.remove()
+    m = ours.micro_batch
+    assert rows == [2 * m, 2 * m, m, m]
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)  # after the step at 749
+    expected = _pipeline_with_callback(sd_pipeline, case, prompt, cutoff)
+    np.testing.assert_allclose(image, expected, atol=1e-5, rtol=0)
+
+
+def test_late_guidance_below_every_step_is_that_guidance_throughout(tiny_sd_dir, cases):
+    """below_timestep 1000 takes in every step of a 1000-step model: the images of guidance_scale = its scale."""
+    late = make_backend(tiny_sd_dir, late_guidance={"scale": 2.5, "below_timestep": 1000})
+    assert_same_images(late, make_backend(tiny_sd_dir, guidance_scale=2.5), cases[:2])
+
+
+def test_a_folder_may_recommend_late_guidance_recorded_only_when_on(tiny_sd_dir, tmp_path, cases):
+    from synthmed.backends.diffusion import recommended_sampling
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, folder)
+    assert recommended_sampling(folder)["late_guidance"] is None
+    assert "late_guidance" not in make_backend(folder).info.settings  # off: recorded as every run before it
+    (folder / "sampling.json").write_text(json.dumps(
+        {"recommended": {"late_guidance": {"scale": 2, "below_timestep": 500}}}), encoding="utf-8")
+    late = {"scale": 2.0, "below_timestep": 500}
+    assert recommended_sampling(folder) == {"scheduler": "dpm_solver", "steps": 20, "guidance_scale": 4.0,
+                                            "decoder": "full", "dtype": "float32", "late_guidance": late}
+    recommended = make_backend(folder)
+    assert recommended.late_guidance == recommended.info.settings["late_guidance"] == late
+    assert_same_images(recommended, make_backend(tiny_sd_dir, late_guidance=late), cases[:2])
+    off = make_backend(folder, late_guidance="none")
+    assert off.late_guidance is None and "late_guidance" not in off.info.settings
+    assert_same_images(off, make_backend(tiny_sd_dir), cases[:2])
+    for record, needle in (({"recommended": {"late_guidance": {"scale": 2}}}, "recommended.late_guidance"),
+                           ({"recommended": {"guidance": 3}}, "recommended.guidance is not a sampling setting"),
+                           ({"recommended": [1]}, "'recommended' must be an object")):
+        (folder / "sampling.json").write_text(json.dumps(record), encoding="utf-8")
+        with pytest.raises(ModelFolderError, match=needle):
+            make_backend(folder)
+
+
+def test_late_guidance_is_checked(tiny_sd_dir):
+    assert make_backend(tiny_sd_dir, late_guidance={"scale": 2, "below_timestep": 500.0}).late_guidance == {
+        "scale": 2.0, "below_timestep": 500}  # 500.0 is the whole number YAML and JSON Schema take it for
+    for bad, needle in (({"scale": 0.5, "below_timestep": 500}, "scale must be a number from 1 to 50"),
+                        ({"scale": 2, "below_timestep": 0}, "below_timestep must be a whole number from 1 to 1000"),
+                        ({"scale": 2}, "'none' or {scale, below_timestep}"), ("2", "SCALE@TIMESTEP")):
+        with pytest.raises(ValueError, match=needle):
+            make_backend(tiny_sd_dir, late_guidance=bad)
+
+
 # ----------------------------------------------------------------------------- prompt-embedding cache
 
 def test_cache_encodes_each_distinct_prompt_once(tiny_sd_dir):

@@ -82,13 +82,14 @@ def test_an_lcm_folder_without_distillation_json_recommends_lcm(tiny_student_dir
     shutil.copytree(tiny_student_dir, conditioned)
     (conditioned / "distillation.json").unlink()
     assert recommended_sampling(conditioned) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0,
-                                                  "decoder": "full", "dtype": "float32"}
+                                                  "decoder": "full", "dtype": "float32", "late_guidance": None}
     plain = tmp_path / "plain"
     shutil.copytree(tiny_sd_dir, plain)
     shutil.copy(conditioned / "scheduler" / "scheduler_config.json", plain / "scheduler" / "scheduler_config.json")
     assert recommended_sampling(plain) == {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.0, "decoder": "full",
-                                          "dtype": "float32"}
-    assert recommended_sampling(tiny_sd_dir) == {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32"}
+                                          "dtype": "float32", "late_guidance": None}
+    assert recommended_sampling(tiny_sd_dir) == {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32",
+                                                 "late_guidance": None}
 
 
 @pytest.mark.parametrize("content, needle", [("{not json", "cannot be read as JSON"),
@@ -326,3 +327,100 @@ def test_a_folder_whose_scheduler_config_names_no_spacing_records_none_where_it_
     config_path.write_text(json.dumps(config), encoding="utf-8")
     assert resolve_generator(load_spec(_spec(folder, scheduler="ddim", steps=2))).timestep_spacing is None
     assert resolve_generator(load_spec(_spec(folder, steps=2))).timestep_spacing == "trailing"
+
+
+# ----------------------------------------------------------------------------- late guidance
+
+def test_a_guidance_conditioned_student_takes_late_guidance_as_its_guidance_input(tiny_student_dir, cases):
+    """A student embeds the guidance scale (no guidance pass): late guidance changes the embedding of the late steps
+    only, and below every step it is that guidance throughout."""
+    late = student_backend(tiny_student_dir, late_guidance={"scale": 2.0, "below_timestep": 500})
+    calls = UNetCalls(late)
+    try:
+        late.generate(cases[:1], [make_prompt(cases[0])])
+    finally:
+        calls.close()
+    timesteps = [float(t) for t in late._scheduler().timesteps]
+    assert len(calls.rows) == len(timesteps) and set(calls.rows) == {late.micro_batch}  # no guidance pass
+    for t, kwargs in zip(timesteps, calls.kwargs):
+        w = (2.0 if t < 500 else STUDENT_GUIDANCE) - 1.0
+        expected = guidance_embedding(torch.full((late.micro_batch,), w), late.time_cond_proj_dim)
+        assert torch.equal(kwargs["timestep_cond"], expected), t
+    assert late.info.settings["late_guidance"] == {"scale": 2.0, "below_timestep": 500}
+    everywhere = student_backend(tiny_student_dir, late_guidance={"scale": 2.0, "below_timestep": 1000})
+    plain = student_backend(tiny_student_dir, guidance_scale=2.0)
+    prompts = [make_prompt(c) for c in cases[:2]]
+    for a, b in zip(everywhere.generate(cases[:2], prompts), plain.generate(cases[:2], prompts)):
+        assert np.array_equal(a.pixels, b.pixels)
+
+
+def test_the_cli_sets_late_guidance_and_a_run_resumes_only_with_the_guidance_it_began_with(tiny_sd_dir, tmp_path):
+    """A folder recommending late guidance: the run records it (run.json and the generation column); a run begun
+    with --late-guidance none records nothing, as runs before the key, and resumes only with it (the refusal names
+    the key); a malformed value is a usage error."""
+    from click.testing import CliRunner
+
+    from synthmed.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, folder)
+    late = {"scale": 2.0, "below_timestep": 500}
+    (folder / "sampling.json").write_text(json.dumps({"recommended": {"late_guidance": late}}), encoding="utf-8")
+    spec = tmp_path / "plain.yaml"
+    spec.write_text(_spec(folder, steps=2), encoding="utf-8")
+
+    def read(out):
+        run = json.loads((out / ".synthmed" / "run.json").read_text(encoding="utf-8"))
+        with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+            return run["generator"], [json.loads(r["generation"]) for r in csv.DictReader(fh)]
+
+    made = CliRunner().invoke(main, ["generate", str(spec), "-o", str(tmp_path / "recommended"), "-q", "--no-qc"])
+    assert made.exit_code == 0, made.output
+    generator, rows = read(tmp_path / "recommended")
+    assert generator["late_guidance"] == late and all(r["late_guidance"] == late for r in rows)
+    mine = CliRunner().invoke(main, ["generate", str(spec), "-o", str(tmp_path / "mine"), "-q", "--no-qc",
+                                     "--late-guidance", "1.5@300"])
+    assert mine.exit_code == 0, mine.output
+    assert read(tmp_path / "mine")[0]["late_guidance"] == {"scale": 1.5, "below_timestep": 300}
+
+    out = tmp_path / "off"
+    base = ["generate", str(spec), "-o", str(out), "-q", "--no-qc"]
+    assert CliRunner().invoke(main, base + ["--limit", "2", "--late-guidance", "none"]).exit_code == 0
+    assert "late_guidance" not in read(out)[0]
+    refused = CliRunner().invoke(main, base + ["--resume"])
+    assert refused.exit_code == 2 and "generator.late_guidance None -> " in refused.output, refused.output
+    assert "finish it with the guidance it began with: --late-guidance none" in refused.output
+    finished = CliRunner().invoke(main, base + ["--resume", "--late-guidance", "none"])
+    assert finished.exit_code == 0, finished.output
+    generator, rows = read(out)
+    assert "late_guidance" not in generator and len(rows) == 3 and all("late_guidance" not in r for r in rows)
+
+    for bad in ("2", "2@later", "60@500", "0.5@500"):
+        wrong = CliRunner().invoke(main, base + ["--overwrite", "--late-guidance", bad])
+        assert wrong.exit_code == 2 and "--late-guidance" in wrong.output and "Traceback" not in wrong.output, bad
+
+
+def test_an_interrupted_run_prints_a_resume_command_that_repeats_the_late_guidance(tiny_sd_dir, tmp_path,
+                                                                                    monkeypatch):
+    """The printed command is rerunnable: --late-guidance as it was written, not as synthmed parsed it."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    import synthmed.build
+    from synthmed.cli import main
+    from synthmed.spec import load_spec
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthmed.build, "generate", interrupted)
+    spec = tmp_path / "plain.yaml"
+    spec.write_text(_spec(tiny_sd_dir, steps=2), encoding="utf-8")
+    result = CliRunner().invoke(main, ["generate", str(spec), "-o", str(tmp_path / "out"), "--late-guidance", "2@500"])
+    assert result.exit_code == 130
+    words = shlex.split(result.output.split("rerun with --resume to finish: ", 1)[1].strip())
+    assert words[words.index("--late-guidance") + 1] == "2@500" and words[-1] == "--resume"
+    assert load_spec(spec.read_text(encoding="utf-8").replace(
+        "threads:", "late_guidance: {scale: 2, below_timestep: 500.0}, threads:")).generator.late_guidance == {
+        "scale": 2.0, "below_timestep": 500}  # and a spec's 500.0 is the whole number it means
