@@ -621,22 +621,14 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
         elif v == "anyOf":
             if path and path[-1] == "size":
                 add(path, f"expected a size (integer 64..1024, a multiple of 8) or [width, height], got {inst!r}")
-            elif path[:2] == ("generator", "anatomy") and len(path) == 3:
+            elif (form := _mapping_form(path)) is not None:
+                branch, expected = form
                 if isinstance(inst, dict):  # the mapping form: say what is wrong inside it
                     for sub in error.context or ():
-                        if sub.relative_schema_path and sub.relative_schema_path[0] == 1:
+                        if sub.relative_schema_path and sub.relative_schema_path[0] == branch:
                             visit(sub)
                 else:
-                    add(path, f"expected default or a mapping {{ct: ..., labels: ...}}, got {_type_name(inst)} "
-                        f"{inst!r}"[:300])
-            elif path == ("generator", "late_guidance"):
-                if isinstance(inst, dict):  # the mapping form: say what is wrong inside it
-                    for sub in error.context or ():
-                        if sub.relative_schema_path and sub.relative_schema_path[0] == 2:
-                            visit(sub)
-                else:
-                    add(path, f"expected none or a mapping {{scale: 2, below_timestep: 500}} (guidance 2 at the "
-                        f"steps below timestep 500), got {_type_name(inst)} {inst!r}"[:300])
+                    add(path, f"{expected}, got {_type_name(inst)} {inst!r}"[:300])
             else:
                 add(path, error.message)
         else:
@@ -645,6 +637,16 @@ def _schema_problems(doc: YamlDocument) -> list[SpecProblem]:
     for error in _schema_validator().iter_errors(doc.data):
         visit(error)
     return problems
+
+
+def _mapping_form(path: tuple) -> tuple[int, str] | None:
+    """A key whose schema is a word or a mapping (anyOf): the mapping's branch, and what to say otherwise."""
+    if path[:2] == ("generator", "anatomy") and len(path) == 3:
+        return 1, "expected default or a mapping {ct: ..., labels: ...}"
+    if path == ("generator", "late_guidance"):
+        return 2, ("expected none or a mapping {scale: 2, below_timestep: 500} (guidance 2 at the steps below "
+                   "timestep 500)")
+    return None
 
 
 def _home_of(key: str, schema: dict) -> str | None:

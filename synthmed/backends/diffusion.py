@@ -584,10 +584,7 @@ def recommended_sampling(model: str | Path) -> dict:
     out = {**PLAIN_SAMPLING, "decoder": "full", "dtype": "float32", "late_guidance": None}
     path = root / DISTILLATION_FILE
     if path.is_file():
-        recommended = _json_object(path).get("recommended")
-        if not isinstance(recommended, dict):
-            raise ModelFolderError(f"{path}: 'recommended' must be an object with scheduler, steps and "
-                                   f"guidance_scale, got {json.dumps(recommended)[:100]}")
+        recommended = _recommended_object(path, "with scheduler, steps and guidance_scale")
         for key in ("scheduler", "steps", "guidance_scale"):  # a student names all three
             if key not in recommended:
                 raise ModelFolderError(f"{path}: recommended.{key} is missing")
@@ -601,16 +598,21 @@ def recommended_sampling(model: str | Path) -> dict:
         out.update(scheduler="lcm", steps=4, guidance_scale=4.0 if conditioned else 1.0)
     path = root / SAMPLING_FILE
     if path.is_file():
-        recommended = _json_object(path).get("recommended")
-        if not isinstance(recommended, dict):
-            raise ModelFolderError(f"{path}: 'recommended' must be an object naming some of "
-                                   f"{', '.join(RECOMMENDABLE)}, got {json.dumps(recommended)[:100]}")
+        recommended = _recommended_object(path, f"naming some of {', '.join(RECOMMENDABLE)}")
         unknown = sorted(set(recommended) - set(RECOMMENDABLE))
         if unknown:
             raise ModelFolderError(f"{path}: recommended.{unknown[0]} is not a sampling setting synthmed takes "
                                    f"({', '.join(RECOMMENDABLE)})")
         out.update(_checked_recommendation(path, recommended))
     return out
+
+
+def _recommended_object(path: Path, what: str) -> dict:
+    """The ``recommended`` object of a folder's distillation.json or sampling.json (ModelFolderError otherwise)."""
+    recommended = _json_object(path).get("recommended")
+    if not isinstance(recommended, dict):
+        raise ModelFolderError(f"{path}: 'recommended' must be an object {what}, got {json.dumps(recommended)[:100]}")
+    return recommended
 
 
 def _checked_recommendation(path: Path, recommended: dict) -> dict:
