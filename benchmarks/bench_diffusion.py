@@ -576,6 +576,7 @@ def end_to_end(name: str, model_dir: Path, base, args, tmp: Path) -> dict:
     from synthmed.backends.diffusion import MICRO_BATCH
     from synthmed.prompts import build_prompt
     from synthmed.sampler import sample_cases
+    from synthmed.spec import late_guidance_flag
 
     sampling = model_sampling(name, model_dir, args)
     n, half = args.e2e_count, args.e2e_count // 2
@@ -593,8 +594,7 @@ def end_to_end(name: str, model_dir: Path, base, args, tmp: Path) -> dict:
     synthmed = [str(Path(sys.executable).parent / "synthmed"), "generate", str(SPEC_FILE), "--model", str(model_dir),
                 "--steps", str(sampling["steps"]), "--guidance-scale", str(sampling["guidance_scale"]), "--scheduler",
                 sampling["scheduler"], "--decoder", sampling["decoder"], "--dtype", sampling["dtype"],
-                "--late-guidance", "{scale:g}@{below_timestep}".format(**late) if (late := sampling["late_guidance"])
-                else "none"]
+                "--late-guidance", late_guidance_flag(sampling["late_guidance"])]
     if args.threads:
         synthmed += ["--threads", str(args.threads)]
     sides = ("bare", "synthmed", "bare+malloc")

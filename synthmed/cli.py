@@ -18,7 +18,7 @@ from . import __version__
 from .spec import SpecError, load_spec
 
 
-def _late_guidance(value: str | None):
+def _late_guidance(ctx, param, value: str | None):
     """--late-guidance checked, and kept as written (``SCALE@TIMESTEP`` or ``none``: what a resume command repeats);
     :func:`_generator_overrides` parses it."""
     if value is None or value == "none":
@@ -179,7 +179,7 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
               help="Override generator.scheduler (lcm: a student made by synthmed distill).")
 @click.option("--timestep-spacing", type=click.Choice(["leading", "linspace", "trailing"]),
               help="Override generator.timestep_spacing (default: trailing with dpm_solver, euler and unipc).")
-@click.option("--late-guidance", metavar="SCALE@TIMESTEP|none", callback=lambda ctx, param, value: _late_guidance(value),
+@click.option("--late-guidance", metavar="SCALE@TIMESTEP|none", callback=_late_guidance,
               help="Override generator.late_guidance: e.g. 2@500 guides the steps below timestep 500 at 2 instead of "
                    "--guidance-scale; none: the same guidance to the last step (default: the model folder's "
                    "recommendation; the shipped default's is 2@500).")
@@ -413,7 +413,7 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
               help="Precision of the saved student UNet (the teacher's parts are copied as they are).")
 @click.option("--template", default="synthmed-v1", show_default=True,
               help="Prompt template (a built-in name or a template string), the same as generation uses.")
-@click.option("--late-guidance", metavar="SCALE@TIMESTEP|none", callback=lambda ctx, param, value: _late_guidance(value),
+@click.option("--late-guidance", metavar="SCALE@TIMESTEP|none", callback=_late_guidance,
               help="The teacher's guidance at its steps below TIMESTEP, which the student learns (e.g. 2@500); none: "
                    "the same guidance throughout (default: the teacher folder's recommendation).")
 @click.option("--dataset-kind", type=click.Choice(["chexpert", "mimic", "nih", "csv"]),

@@ -304,6 +304,16 @@ def parse_late_guidance(value) -> dict | None:
     return {"scale": float(scale), "below_timestep": int(below)}
 
 
+def late_guidance_flag(late: dict | None) -> str:
+    """The ``--late-guidance`` value of a parsed late guidance: ``SCALE@TIMESTEP``, or ``none``.
+
+    Example:
+        >>> late_guidance_flag({"scale": 2.0, "below_timestep": 500}), late_guidance_flag(None)
+        ('2@500', 'none')
+    """
+    return "none" if late is None else f"{late['scale']:g}@{late['below_timestep']}"
+
+
 @dataclass(frozen=True)
 class GeneratorSpec:
     """How images are made (the spec's ``generator``).

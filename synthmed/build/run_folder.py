@@ -281,9 +281,13 @@ def part_path(parts: Path, k: int) -> Path:
 
 def _as_it_began(previous: dict, run: dict) -> str:
     """How to finish a run whose only sampling change is the model folder's new late-guidance recommendation."""
+    from ..spec import late_guidance_flag
+
     old = (previous.get("generator") or {}).get("late_guidance")
-    new = (run.get("generator") or {}).get("late_guidance")
-    if old == new or (old is not None and not isinstance(old, dict)):
+    if old == (run.get("generator") or {}).get("late_guidance"):
         return ""
-    flag = "none" if old is None else f"{old.get('scale', 0):g}@{old.get('below_timestep', 0)}"
+    try:
+        flag = late_guidance_flag(old)
+    except (KeyError, TypeError):  # a record this synthmed did not write
+        return ""
     return f", or finish it with the guidance it began with: --late-guidance {flag} (generator.late_guidance)"
