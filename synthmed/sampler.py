@@ -32,7 +32,10 @@ from .vocabulary import CHEXPERT_COLUMNS, Vocabulary, get_vocabulary
 
 # Bumped whenever the same spec gives other cases; a run started under another version is not resumed.
 # 2: exact allocation also keeps each entry's location and severity totals within one (balance_attributes).
-SAMPLER_VERSION = 2
+# 3: remainders that differ only by float noise tie (go to the earlier cell), in largest_remainder and balance_groups.
+SAMPLER_VERSION = 3
+# Remainders closer than this tie (float noise, not a real difference).
+TIED_REMAINDER = 1e-9
 # An entry with more cells than this (four findings at every lobe and severity) keeps its largest-remainder counts.
 MAX_BALANCED_CELLS = 20_000
 
@@ -102,21 +105,35 @@ def case_id_for(index: int) -> str:
 def largest_remainder(total: int, probs: Sequence[float]) -> list[int]:
     """Integer counts summing to ``total``, each the floor or ceiling of ``total * p``.
 
-    Leftover units go to the largest remainders; ties to the earlier choice.
+    Leftover units go to the largest remainders; ties to the earlier choice. Remainders within
+    ``TIED_REMAINDER`` of each other tie: equal weights normalised in another order differ in the
+    last bits, and that must not decide which of them gets the spare case.
 
     Example:
         >>> largest_remainder(10, [0.5, 0.3, 0.2])
         [5, 3, 2]
         >>> largest_remainder(3, [1/3, 1/3, 1/3])
         [1, 1, 1]
+        >>> largest_remainder(24, [0.1 / 9.4, 4.4 / 9.4, 4.8 / 9.4, 0.1 / 9.4])  # .2553 thrice: the first
+        [1, 11, 12, 0]
     """
     targets = [total * p for p in probs]
     counts = [int(t) for t in targets]
     left = total - sum(counts)
-    order = sorted(range(len(probs)), key=lambda j: (-(targets[j] - counts[j]), j))
-    for j in order[:left]:
+    if left <= 0:
+        return counts
+    remainder = [t - c for t, c in zip(targets, counts)]
+    cut = sorted(remainder, reverse=True)[left - 1]  # the smallest remainder that gets a unit
+    above = [j for j, r in enumerate(remainder) if r > cut + TIED_REMAINDER]
+    tied = [j for j, r in enumerate(remainder) if abs(r - cut) <= TIED_REMAINDER]
+    for j in above + tied[:left - len(above)]:
         counts[j] += 1
     return counts
+
+
+def _remainder(target: float) -> float:
+    """``target``'s fractional part, rounded so that remainders within float noise of each other tie."""
+    return round(target - math.floor(target), 9)  # 9 decimals: TIED_REMAINDER
 
 
 def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequence[int]) -> list[int]:
@@ -147,9 +164,9 @@ def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequ
         under = worst if miss[worst] < 0 else min(range(n_groups), key=lambda g: (miss[g], g))
         # rounded up in `over` with the smallest remainder; rounded down in `under` with the largest
         give = min((j for j in members[over] if counts[j] > targets[j] + 1e-12),
-                   key=lambda j: (targets[j] - math.floor(targets[j]), -j))
+                   key=lambda j: (_remainder(targets[j]), -j))
         take = max((j for j in members[under] if counts[j] < targets[j] - 1e-12),
-                   key=lambda j: (targets[j] - math.floor(targets[j]), -j))
+                   key=lambda j: (_remainder(targets[j]), -j))
         counts[give] -= 1
         counts[take] += 1
         miss[over] -= 1

@@ -96,6 +96,8 @@ def spec_dicts(draw, allocation="exact", count=st.integers(1, 5000)):
     (3, [0.1, 0.45, 0.45], [0, 2, 1]),           # .35 ties .35 and beats .3: the earlier of the tied
     (1, [0.25] * 4, [1, 0, 0, 0]),
     (0, [0.5, 0.5], [0, 0]),
+    # .2553 thrice, the third larger by float noise once normalised twice: a tie all the same
+    (24, [0.010638297872340427, 0.4680851063829788, 0.5106382978723405, 0.010638297872340427], [1, 11, 12, 0]),
 ])
 def test_largest_remainder_gives_leftover_units_to_the_largest_remainders_ties_first(total, probs, expected):
     """#17: the documented rule, pinned (cell counts within one of their targets let a wrong order through)."""
@@ -146,6 +148,15 @@ TIED_REMAINDERS = {  # found by hypothesis: three cells at 5/9 and three at 15 +
                   "location": {"right_upper_lobe": 0.1, "right_middle_lobe": 1.3, "right_lower_lobe": 3.0,
                                "left_upper_lobe": 2.8}}]}
 
+# found by hypothesis: 0.1 of 9.4 and 4.8 of 9.4 leave the same remainder; normalised once more (as the sampler
+# does) the second came out larger in the last bit and took the spare case from the first
+NOISY_TIE = {
+    "spec_version": 1, "name": "prop", "seed": 0, "count": 24, "allocation": "exact", "splits": {"train": 0.1},
+    "patient": {"sex": {"F": 0.1},
+                "age": {"distribution": "truncated_normal", "mean": 55, "sd": 15, "min": 18, "max": 90}},
+    "view": {"PA": 0.1, "AP": 0.1},
+    "findings": [{"finding": "no_finding", "weight": w} for w in (0.1, 4.4, 4.8, 0.1)]}
+
 
 @PROPERTY
 @given(spec_dicts())
@@ -188,6 +199,7 @@ def _attribute_errors(cells, counts, targets) -> float:
 
 @PROPERTY
 @given(spec_dicts())
+@example(NOISY_TIE)
 def test_exact_location_and_severity_totals_are_not_worse_than_largest_remainder(d):
     """Moves for locations and severities keep every cell and entry within one and never widen the worst error."""
     from synthmed.sampler import balance_groups, largest_remainder
