@@ -110,12 +110,12 @@ def by_view(gen_read, ref_read, gen_rows, ref_rows) -> dict:
 
 
 def sampling_text(evaluation: dict) -> str:
-    """How the card's images were sampled, e.g. "dpm_solver, 20 steps, trailing timestep spacing, guidance 4 (2 below
-    timestep 500)"."""
+    """How the card's images were sampled, e.g. "dpm_solver, 20 steps, trailing timestep spacing, guidance 4 then 2
+    below timestep 500" (no parentheses: the cards print it inside their own)."""
     s = evaluation.get("sampling") or {}
     spacing = f", {s['timestep_spacing']} timestep spacing" if s.get("timestep_spacing") else ""
     late = s.get("late_guidance")
-    late = f" ({late['scale']:g} below timestep {late['below_timestep']})" if late else ""
+    late = f" then {late['scale']:g} below timestep {late['below_timestep']}" if late else ""
     return (f"{s.get('scheduler', 'dpm_solver')}, {s.get('steps', 20)} steps{spacing}, "
             f"guidance {s.get('guidance_scale', 4.0):g}{late}")
 

@@ -58,6 +58,9 @@ def test_the_default_recommends_its_late_guidance_and_its_card_measured_it():
     assert (MODEL / "sampling.json").read_bytes() == recipe.read_bytes()
     sampling = json.loads((MODEL / "evaluation.json").read_text(encoding="utf-8"))["sampling"]
     assert sampling["late_guidance"] == late and sampling["guidance_scale"] == 4.0
+    text = _card_script().sampling_text({"sampling": sampling})
+    assert text.endswith("guidance 4 then 2 below timestep 500") and "(" not in text  # printed inside parentheses
+    assert f"({text})" in " ".join((MODEL / "README.md").read_text(encoding="utf-8").split())
 
 
 def _card_script():
