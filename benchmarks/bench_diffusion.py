@@ -193,15 +193,17 @@ def matmul_gflops(dtype: str = "float32", size: int = 2048, seconds: float = 2.0
     return best
 
 
-def model_gflop(pipe, size: int, guidance_pass: bool) -> dict[str, float]:
-    """GFLOP per image of each stage, counted by torch's FlopCounterMode (matmuls and convolutions) on one case:
-    one UNet evaluation (two with a guidance pass), one VAE (or tiny) decode at ``size``²."""
+def model_gflop(pipe, size: int) -> dict[str, float]:
+    """GFLOP of each stage, counted by torch's FlopCounterMode (matmuls and convolutions) on one case: one UNet
+    evaluation on the latent of a ``size``² image (the VAE's own scale: 4x down for the default), one VAE (or
+    tiny) decode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     unet, vae = pipe.unet, pipe.vae
     dtype = next(unet.parameters()).dtype
-    latent = torch.randn(1, unet.config.in_channels, size // 8, size // 8, dtype=dtype)
+    side = size // pipe.vae_scale_factor
+    latent = torch.randn(1, unet.config.in_channels, side, side, dtype=dtype)
     text = torch.randn(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=dtype)
     extra = {}
     if unet.config.time_cond_proj_dim:
@@ -210,8 +212,8 @@ def model_gflop(pipe, size: int, guidance_pass: bool) -> dict[str, float]:
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             unet(latent, torch.tensor(500), text, **extra)
-        figures["UNet"] = counter.get_total_flops() / 1e9 * (2 if guidance_pass else 1)
-        z = torch.randn(1, getattr(vae.config, "latent_channels", 4), size // 8, size // 8,
+        figures["UNet"] = counter.get_total_flops() / 1e9
+        z = torch.randn(1, getattr(vae.config, "latent_channels", 4), side, side,
                         dtype=next(vae.parameters()).dtype)
         with FlopCounterMode(display=False) as counter:
             vae.decode(z)
@@ -507,11 +509,15 @@ def bench_model(name: str, model: str, model_dir: Path, base, args, tmp: Path, s
           f"bare pipeline encodes {2 * micro} prompts per call")
 
     # 6. The physical floor: the model's arithmetic at this CPU's sustained matmul rate
-    gflop = model_gflop(pipe, args.size, guidance_pass=not backend.time_cond_proj_dim and sampling["guidance_scale"] > 1)
-    per_image = gflop["UNet"] * sampling["steps"] + gflop["VAE decode"]
+    gflop = model_gflop(pipe, args.size)
+    # two evaluations where a step runs the guidance pass, one where it does not (a student; late guidance at 1)
+    evaluations = sum(2 if backend.classifier_free and backend.guidance_at(t) > 1 else 1
+                      for t in backend._scheduler().timesteps)
+    per_image = gflop["UNet"] * evaluations + gflop["VAE decode"]
     rate = args.gflops[sampling["dtype"]]
     floor = per_image / rate
-    print(f"  floor: {gflop['UNet']:.2f} GFLOP per UNet step x {sampling['steps']} + {gflop['VAE decode']:.2f} GFLOP "
+    print(f"  floor: {gflop['UNet']:.2f} GFLOP per UNet evaluation x {evaluations} ({sampling['steps']} steps) + "
+          f"{gflop['VAE decode']:.2f} GFLOP "
           f"of decode = {per_image:.1f} GFLOP per image; at {rate:.0f} GFLOP/s (this CPU's {sampling['dtype']} matmul) "
           f"{floor * 1000:.1f} ms/image, {floor * 100:.1f} s per 100 images plus start-up; measured steady state: bare "
           f"{floor / sb:.0%} of it, synthmed {floor / ss:.0%}" if sb and ss else "")
