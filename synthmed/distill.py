@@ -419,8 +419,9 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
         raise ManifestError(f"images are {width}x{height}; the teacher needs sides that are multiples of {factor}")
     images = LazyImages(examples, progress, settings["size"], crop, seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    record: dict[str, Any] = {"settings": settings, "losses": {}, "data": {"kind": data.kind, **data.counts,
-                                                                        "summary": data.summary}}
+    # the record names the teacher as it was given (settings hold it resolved, for resume), as finetune does
+    record: dict[str, Any] = {"settings": {**settings, "teacher": os.fspath(teacher)}, "losses": {},
+                              "data": {"kind": data.kind, **data.counts, "summary": data.summary}}
 
     # 3. The latent cache: every image encoded once by the teacher's VAE (finetune's cache, keyed the same way)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
@@ -452,7 +453,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
     record["save_dtype"] = save_dtype
     work.ledger.record_files("log", ["log.jsonl"])
     work.write_json("record", "record.json", record)
-    card = _card_record(record, teacher_path, settings, vae.config)
+    card = _card_record(record, teacher_path, record["settings"], vae.config)
     scheduler = _student_scheduler(teacher_path, num_ddim_timesteps)
     copied = ["tokenizer"] + [c for c in ("text_encoder", "vae") if _safetensors_only(teacher_path / c)]
     save_pipeline(out, {**parts, "unet": unet, "scheduler": scheduler}, save_dtype, card, manifest_path, teacher_path,

@@ -1565,7 +1565,10 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         raise ManifestError(f"images are {width}x{height}; this model needs sides that are multiples of {factor}")
     images = _LazyImages(examples, progress, settings["size"], crop, seed)
     generator = torch.Generator("cpu").manual_seed(seed)
-    record: dict[str, Any] = {"settings": settings, "losses": {}, "data": {"kind": data.kind, **data.counts,
+    # the record names the base as it was given (settings hold it resolved, for resume): a shared model's
+    # training.json does not carry this machine's folders
+    as_given = settings if scratch else {**settings, "base": os.fspath(base)}
+    record: dict[str, Any] = {"settings": as_given, "losses": {}, "data": {"kind": data.kind, **data.counts,
                                                                         "summary": data.summary}}
     if not scratch and (Path(base) / "training.json").is_file():  # the base's own training: the model's lineage
         try:

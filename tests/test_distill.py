@@ -67,11 +67,11 @@ def test_the_student_folder_is_its_teacher_with_a_guidance_conditioned_unet(full
     # distillation.json: machine-readable; README.md: the card, naming the teacher and its hash
     record = json.loads((folder / "distillation.json").read_text())
     assert record["recommended"] == {"scheduler": "lcm", "steps": 4, "guidance_scale": 4.0}
-    assert record["teacher"] == {"path": str(tiny_base.resolve()), "model_hash": model_hash(tiny_base)}
+    assert record["teacher"] == {"path": str(tiny_base), "model_hash": model_hash(tiny_base)}  # as it was given
     assert record["mode"] == "full" and record["guidance"]["input"] is True
     assert record["settings"]["steps"] == 2 and record["losses"]["consistency"] > 0
     card = (folder / "README.md").read_text()
-    assert str(tiny_base.resolve()) in card and model_hash(tiny_base) in card
+    assert str(tiny_base) in card and model_hash(tiny_base) in card
     assert "latent consistency distillation" in card and "scheduler `lcm`, 4 steps" in card
 
 

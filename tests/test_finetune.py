@@ -348,11 +348,13 @@ def test_work_folder_from_before_the_schedule_option_still_resumes(phantom_set, 
 
 
 @pytest.mark.slow
-def test_a_model_fine_tuned_from_a_synthmed_model_keeps_its_lineage(phantom_set, tmp_path):
+def test_a_model_fine_tuned_from_a_synthmed_model_keeps_its_lineage(phantom_set, tmp_path, monkeypatch):
     first = finetune(phantom_set, "scratch", tmp_path / "first", steps=2, vae_steps=2, **FAST)
-    second = finetune(phantom_set, first.model_dir, tmp_path / "second", steps=2, train_text_encoder=True,
+    monkeypatch.chdir(tmp_path)  # the base given as a relative path is recorded so, not as this machine's folder
+    second = finetune(phantom_set, "first", tmp_path / "second", steps=2, train_text_encoder=True,
                       lr_schedule="cosine", learning_rate=1e-3, **FAST)
     record = json.loads((second.model_dir / "training.json").read_text())
+    assert record["settings"]["base"] == "first" and str(tmp_path) not in json.dumps(record)
     assert record["settings"]["lr_schedule"] == "cosine" and record["steps"] == 2
     assert record["base_training"]["settings"]["base"] == "scratch"
     assert record["base_training"]["vae_steps"] == 2 and record["base_training"]["steps"] == 2
