@@ -437,8 +437,9 @@ def training_steps_lines(training: dict) -> str:
     for before, stage in zip(stages, stages[1:]):
         s = stage["settings"]
         same = s["manifest_sha256"] == before["settings"]["manifest_sha256"]
+        weighted = f", findings' loss weight {s['finding_loss_weight']:g}" if s.get("finding_loss_weight") else ""
         line += (f", then {stage['steps']:,} more from those weights ({s['mode']} {what(s)}, {_rate(s)}, "
-                 f"seed {s['seed']}) on {'the same' if same else 'another build of the'} training set")
+                 f"seed {s['seed']}{weighted}) on {'the same' if same else 'another build of the'} training set")
     line += (f"; last losses: VAE {fmt(first['losses'].get('vae'), 4)}, "
              f"UNet {fmt(stages[-1]['losses'].get('unet'), 4)}; training time {hours:.2f} h (from the logs) "
              "on a 2-core CPU shared with other work.")

@@ -306,6 +306,9 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
               help="UNet learning rate (default: 5e-4 scratch, 1e-4 LoRA, 1e-5 full fine-tune).")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="After 200 warm-up steps: constant, or cosine down to a tenth at the last step.")
+@click.option("--finding-loss-weight", type=click.FloatRange(0, 1000), default=0.0, show_default=True, metavar="W",
+              help="Weigh the UNet's loss 1 + W on the latent cells the findings' masks cover (a drr or phantom "
+                   "manifest's mask_paths) and 1 elsewhere, so that small findings count; 0: every cell alike.")
 @click.option("--save-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
               show_default=True, help="Precision every component of the saved model is stored in (frozen ones too).")
 @click.option("--template", default="synthmed-v1", show_default=True,

@@ -98,6 +98,7 @@ class TrainingExample:
     case_id: str
     split: str
     view: str | None = None  # PA, AP, LL; None where the manifest or dataset does not say
+    masks: tuple[str, ...] = ()  # mask_paths of a synthmed manifest, relative to its folder: finding_loss_weight
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,8 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         except ValueError as e:
             problems.append(f"{path}:row {number}: {e}")
             continue
-        examples.append(TrainingExample(image, prompt, case.case_id, case.split, case.view))
+        masks = tuple(m for m in (row.get("mask_paths") or "").split("|") if m)  # read only if weighted by
+        examples.append(TrainingExample(image, prompt, case.case_id, case.split, case.view, masks))
     if len(sizes) > 1:
         listing = ", ".join(f"{w}x{h} ({n} images)" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
         problems.append(f"{path}: images have mixed sizes: {listing}; train on one size")
@@ -1243,7 +1245,7 @@ _ARGUMENT_NAMES = ("manifest", "base", "out", "mode", "train_text_encoder", "ste
                    "seed", "threads", "device", "mixed_precision", "lora_rank", "cond_dropout", "ema_decay",
                    "min_snr_gamma", "allow_pickle", "save_dtype", "progress", "gradient_accumulation",
                    "gradient_checkpointing", "dataset_kind", "column_map", "prompts", "no_report", "uncertain",
-                   "views", "size", "crop")
+                   "views", "size", "crop", "finding_loss_weight")
 
 
 def _check_arguments(**args: Any) -> None:
@@ -1306,6 +1308,7 @@ def _check_arguments(**args: Any) -> None:
     number("cond_dropout", whole=False, low=0, high=1)
     number("ema_decay", whole=False, low=0, high=1)
     number("min_snr_gamma", whole=False, low=0)
+    number("finding_loss_weight", whole=False, low=0, high=1000)
     choice("mode", MODES)
     choice("lr_schedule", LR_SCHEDULES)
     choice("device", DEVICES)
@@ -1380,7 +1383,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
              gradient_checkpointing: bool = False, dataset_kind: str | None = None,
              column_map: str | Path | None = None, prompts: str = "labels", no_report: str | None = None,
              uncertain: str | None = None, views: str = "all", size: int | None = None,
-             crop: str = "center") -> FinetuneResult:
+             crop: str = "center", finding_loss_weight: float = 0.0) -> FinetuneResult:
     """Train a latent-diffusion model on a manifest or a real dataset and save it as a diffusers folder at ``out``.
 
     Args:
@@ -1401,6 +1404,10 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             (UNet sample_size x VAE scale: 512 for Stable Diffusion 1.x / RoentGen, 256 from scratch).
         crop: ``"center"``, or ``"random"``: an offset along the longer side drawn once per image from the seed
             and the image's index (the latent cache holds one crop per image; a resume finds the same crops).
+        finding_loss_weight: w > 0 weighs the UNet's loss 1 + w on the latent cells a finding's mask covers (the
+            manifest's ``mask_paths``, max-pooled to the latent grid) and 1 elsewhere, normalised per image, so
+            that a small finding (a nodule: under 1 % of the film) counts as more than its area. Needs a synthmed
+            manifest trained at its own size; 0 (default): every cell alike.
         base: ``"scratch"`` for the small default design, or a local diffusers model folder to fine-tune.
         out: the model folder to write (written at the end, atomically).
         mode: ``"full"`` (every UNet weight) or ``"lora"`` (low-rank adapters, merged into the saved UNet).
@@ -1489,6 +1496,14 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "no_report": (no_report or "skip") if prompts == "reports" else None,
                 "uncertain": None if data.kind == "manifest" else uncertain or "ignore", "views": views,
                 "size": None if data.size is not None and size is None else width, "crop": crop}
+    if finding_loss_weight:  # only then: the settings of runs before the option stay the same (and resume)
+        if data.kind != "manifest" or settings["size"] is not None:
+            raise ValueError("finding_loss_weight needs a synthmed manifest trained at its own size (leave size "
+                             "out): its mask_paths say where each finding is")
+        if not any(ex.masks for ex in examples):
+            raise ValueError(f"finding_loss_weight: no row of {manifest_path} names a mask (mask_paths); a manifest "
+                             "of a procedural backend (drr, phantom) has them")
+        settings["finding_loss_weight"] = float(finding_loss_weight)
     if not scratch:  # resume must not mix checkpoints made from other base weights (a retrained base, same path)
         from .model_folder import model_hash
 
@@ -1590,6 +1605,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     accelerator = Accelerator(**accelerate_options, gradient_accumulation_steps=gradient_accumulation)
     latents = _latent_cache(vae, images, work, settings, accelerator, scratch, progress)
     images.release()
+    finding_maps = finding_cells(examples, manifest_path.parent, tuple(latents.shape[-2:]), progress) \
+        if settings.get("finding_loss_weight") else None
     ids = _token_ids(tokenizer, [ex.prompt for ex in examples], text_encoder)
     empty_ids = _token_ids(tokenizer, [""], text_encoder)[0]
 
@@ -1598,7 +1615,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         unet, text_encoder, unet_loss, steps = _train_unet(
             unet, text_encoder, noise_scheduler, latents, ids, empty_ids, work, settings, generator, accelerator,
             log, resume, checkpoint_every, validate_every, validation_prompts or [ex.prompt for ex in examples[:8]],
-            parts, progress, gradient_checkpointing)
+            parts, progress, gradient_checkpointing, finding_maps)
         record["losses"]["unet"] = unet_loss
 
     # 6. Save the pipeline (atomically) and its card
@@ -1792,6 +1809,55 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     return latents
 
 
+def finding_cells(examples: Sequence[TrainingExample], folder: str | Path, grid: tuple[int, int],
+                  progress: bool = False):
+    """Which latent cells each example's findings cover: the union of its masks (relative to the manifest's
+    ``folder``), max-pooled to ``grid``.
+
+    Returns a uint8 tensor (examples, height, width) of 0 and 1; an example without masks (a normal film) is all 0.
+
+    Raises:
+        ManifestError: a mask outside the folder, missing, unreadable, or not the size of its image, naming it.
+
+    Example:
+        >>> finding_cells(examples, "out/drr", (64, 64)).shape  # doctest: +SKIP
+        torch.Size([19000, 64, 64])
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .progress import progress_bar
+
+    rows, cols = grid
+    root = Path(folder).resolve()
+    cells = np.zeros((len(examples), rows, cols), dtype=np.uint8)
+    bar = progress_bar(len(examples), progress)
+    bar.set_description("finding masks")
+    for k, example in enumerate(examples):
+        for rel in example.masks:
+            mask = root / rel
+            if _leaves_folder(root, rel):
+                raise ManifestError(f"{mask}: a mask of {example.case_id} is outside the manifest's folder; finetune "
+                                    f"reads files only inside {root}")
+            try:
+                with Image.open(mask) as im:
+                    covered = np.asarray(im) > 0
+            except (OSError, ValueError) as e:
+                raise ManifestError(f"{mask}: the mask of {example.case_id} cannot be read ({e})") from None
+            height, width = covered.shape[:2]
+            if height % rows or width % cols or height // rows != width // cols:
+                raise ManifestError(f"{mask}: a {width}x{height} mask does not fit the {cols}x{rows} latent of "
+                                    f"{example.case_id}'s image; masks are the size of their images")
+            f = height // rows
+            if covered.ndim == 3:
+                covered = covered.any(axis=2)
+            cells[k] |= covered.reshape(rows, f, cols, f).any(axis=(1, 3))
+        bar.update(1)
+    bar.close()
+    return torch.from_numpy(cells)
+
+
 def _token_ids(tokenizer, prompts: Sequence[str], text_encoder):
     limit = min(int(getattr(tokenizer, "model_max_length", 77) or 77),
                 int(getattr(text_encoder.config, "max_position_embeddings", 77)))
@@ -1805,8 +1871,11 @@ def _trainable(module):
 
 def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, work, settings, generator, accelerator,
                 log, resume, checkpoint_every, validate_every, validation_prompts, parts, progress,
-                gradient_checkpointing=False):
+                gradient_checkpointing=False, finding_maps=None):
     """Stage 3: epsilon (or v) prediction with min-SNR weighting, prompt dropout for guidance, EMA.
+
+    ``finding_maps`` (from :func:`finding_cells`): each image's loss is a mean weighted 1 + w on the cells its
+    findings cover (w: ``settings["finding_loss_weight"]``) and 1 elsewhere.
 
     A step is one optimiser step over ``gradient_accumulation`` micro-batches of ``batch_size`` (accelerate's
     ``accumulate``); the learning rate, the EMA and checkpoints count optimiser steps.
@@ -1877,7 +1946,13 @@ def _train_unet(unet, text_encoder, noise_scheduler, latents, ids, empty_ids, wo
                     hidden = text_encoder(tokens)[0]
                     pred = unet(noisy, t, encoder_hidden_states=hidden).sample
                 target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                error = F.mse_loss(pred.float(), target.float(), reduction="none")
+                if finding_maps is None:
+                    per_sample = error.mean(dim=(1, 2, 3))
+                else:
+                    weight = 1.0 + settings["finding_loss_weight"] * finding_maps[idx].float()[:, None]
+                    weight = weight.to(error.device)
+                    per_sample = (error * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3))
                 if gamma:
                     snr = compute_snr(noise_scheduler, t)
                     per_sample = per_sample * snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -847,3 +848,76 @@ def test_an_image_beyond_pillows_limit_in_a_dataset_is_a_usage_error_naming_it(t
     assert result.exit_code == 2, result.output
     assert str(tmp_path / "imgs/huge.png") in result.stderr and "Pillow's safety limit" in result.stderr
     assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- finding-weighted loss
+
+def test_finding_cells_are_each_images_masks_on_the_latent_grid(phantom_set, tmp_path):
+    """A cell is 1 where any of its image's masks covers a pixel of it (max-pooled), 0 on normal films."""
+    import numpy as np
+    from PIL import Image
+
+    from synthmed.finetune import finding_cells
+
+    examples, (width, height) = read_training_manifest(phantom_set)
+    cells = finding_cells(examples, phantom_set, (height // 4, width // 4))
+    assert cells.shape == (len(examples), height // 4, width // 4) and cells.dtype == torch.uint8
+    for example, got in zip(examples, cells):
+        if not example.masks:  # no_finding
+            assert not got.any()
+            continue
+        union = np.zeros((height, width), dtype=bool)
+        for rel in example.masks:
+            union |= np.asarray(Image.open(phantom_set / rel)) > 0
+        want = union.reshape(height // 4, 4, width // 4, 4).any(axis=(1, 3))
+        assert got.any() and np.array_equal(got.numpy().astype(bool), want)
+    assert any(not e.masks for e in examples) and any(e.masks for e in examples)
+    outside = [dataclasses.replace(examples[0], masks=("../elsewhere.png",))]
+    with pytest.raises(ManifestError, match="outside the manifest's folder"):
+        finding_cells(outside, phantom_set, (height // 4, width // 4))
+    wrong = tmp_path / "m.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(wrong)
+    with pytest.raises(ManifestError, match="does not fit"):
+        finding_cells([dataclasses.replace(examples[0], masks=(wrong.name,))], tmp_path, (height // 4, width // 4))
+
+
+@pytest.mark.slow
+def test_finding_loss_weight_changes_training_resumes_exactly_and_is_recorded(phantom_set, tmp_path):
+    plain = finetune(phantom_set, "scratch", tmp_path / "plain", steps=4, vae_steps=2, **FAST)
+    weighted = finetune(phantom_set, "scratch", tmp_path / "w", steps=4, vae_steps=2, finding_loss_weight=10, **FAST)
+    a, b = _weights(plain.model_dir), _weights(weighted.model_dir)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("unet/"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("vae/"))  # the VAE stage is the same
+    record = json.loads((weighted.model_dir / "training.json").read_text())
+    assert record["settings"]["finding_loss_weight"] == 10.0
+    assert "finding_loss_weight" not in json.loads((plain.model_dir / "training.json").read_text())["settings"]
+    finetune(phantom_set, "scratch", tmp_path / "r", steps=2, vae_steps=2, finding_loss_weight=10, **FAST)
+    with pytest.raises(ValueError, match="finding_loss_weight changed"):
+        finetune(phantom_set, "scratch", tmp_path / "r", steps=4, vae_steps=2, resume=True, **FAST)
+    resumed = finetune(phantom_set, "scratch", tmp_path / "r", steps=4, vae_steps=2, finding_loss_weight=10,
+                       resume=True, **FAST)
+    c = _weights(resumed.model_dir)
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_finding_loss_weight_needs_masks_at_the_images_own_size(phantom_set, tmp_path):
+    with pytest.raises(ValueError, match="at its own size"):
+        finetune(phantom_set, "scratch", tmp_path / "m", size=32, finding_loss_weight=5, **FAST)
+    bare = tmp_path / "bare"  # the same manifest without its mask_paths
+    bare.mkdir()
+    with open(phantom_set / "manifest.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["mask_paths"] = ""
+    with open(bare / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    shutil.copytree(phantom_set / "images", bare / "images")
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(bare), "--base", "scratch", "-o",
+                                       str(tmp_path / "m"), "--finding-loss-weight", "5"])
+    assert result.exit_code == 2 and "names a mask" in result.output and not (tmp_path / "m").exists()
+    assert not (tmp_path / "m.training").exists()
+    result = CliRunner().invoke(main, ["finetune", "--manifest", str(phantom_set), "--base", "scratch", "-o",
+                                       str(tmp_path / "m"), "--finding-loss-weight", "-1"])
+    assert result.exit_code == 2 and "--finding-loss-weight" in result.output

@@ -96,6 +96,8 @@ def test_model_card_describes_the_training_its_record_holds():
     assert "runs every stage" in text and "default-model-refresh" not in text  # make default-model's four stages
     text = card_of("/x/out/default-model-constant", "/x/out/default-model-base", "/x/out/default-model-base")
     assert "runs the first two stages" in text and "Each later stage is `make default-model-refresh`" in text
+    weighted = {**training, "settings": {**training["settings"], "finding_loss_weight": 5.0}}
+    assert "seed 3, findings' loss weight 5)" in " ".join(card_script.training_steps_lines(weighted).split())
 
 
 def smoke_row(tmp_path, generator: str, out: str = "out") -> dict:
