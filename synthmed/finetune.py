@@ -331,7 +331,7 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         except ValueError as e:
             problems.append(f"{path}:row {number}: {e}")
             continue
-        masks = tuple(m for m in (row.get("mask_paths") or "").split("|") if m)  # read only if weighted by
+        masks = tuple(m for m in (row.get("mask_paths") or "").split("|") if m)  # read only with finding_loss_weight
         examples.append(TrainingExample(image, prompt, case.case_id, case.split, case.view, masks))
     if len(sizes) > 1:
         listing = ", ".join(f"{w}x{h} ({n} images)" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
@@ -1406,8 +1406,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             and the image's index (the latent cache holds one crop per image; a resume finds the same crops).
         finding_loss_weight: w > 0 weighs the UNet's loss 1 + w on the latent cells a finding's mask covers (the
             manifest's ``mask_paths``, max-pooled to the latent grid) and 1 elsewhere, normalised per image, so
-            that a small finding (a nodule: under 1 % of the film) counts as more than its area. Needs a synthmed
-            manifest trained at its own size; 0 (default): every cell alike.
+            that a small finding (a nodule: about 3 % of a drr film's cells) counts for more than its area.
+            Needs a synthmed manifest trained at its own size; 0 (default): every cell alike.
         base: ``"scratch"`` for the small default design, or a local diffusers model folder to fine-tune.
         out: the model folder to write (written at the end, atomically).
         mode: ``"full"`` (every UNet weight) or ``"lora"`` (low-rank adapters, merged into the saved UNet).
@@ -1605,8 +1605,10 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     accelerator = Accelerator(**accelerate_options, gradient_accumulation_steps=gradient_accumulation)
     latents = _latent_cache(vae, images, work, settings, accelerator, scratch, progress)
     images.release()
-    finding_maps = finding_cells(examples, manifest_path.parent, tuple(latents.shape[-2:]), progress) \
-        if settings.get("finding_loss_weight") else None
+    finding_maps = None
+    if settings.get("finding_loss_weight"):  # the masks on the latent grid (the VAE's scale: image / latent side)
+        grid = tuple(latents.shape[-2:])
+        finding_maps = finding_cells(examples, manifest_path.parent, grid, height // grid[0], progress)
     ids = _token_ids(tokenizer, [ex.prompt for ex in examples], text_encoder)
     empty_ids = _token_ids(tokenizer, [""], text_encoder)[0]
 
@@ -1809,10 +1811,10 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     return latents
 
 
-def finding_cells(examples: Sequence[TrainingExample], folder: str | Path, grid: tuple[int, int],
+def finding_cells(examples: Sequence[TrainingExample], folder: str | Path, grid: tuple[int, int], scale: int,
                   progress: bool = False):
     """Which latent cells each example's findings cover: the union of its masks (relative to the manifest's
-    ``folder``), max-pooled to ``grid``.
+    ``folder``; each the size of its image, ``grid`` x ``scale``, the VAE's downsampling), max-pooled to ``grid``.
 
     Returns a uint8 tensor (examples, height, width) of 0 and 1; an example without masks (a normal film) is all 0.
 
@@ -1820,7 +1822,7 @@ def finding_cells(examples: Sequence[TrainingExample], folder: str | Path, grid:
         ManifestError: a mask outside the folder, missing, unreadable, or not the size of its image, naming it.
 
     Example:
-        >>> finding_cells(examples, "out/drr", (64, 64)).shape  # doctest: +SKIP
+        >>> finding_cells(examples, "out/drr", (64, 64), 4).shape  # doctest: +SKIP
         torch.Size([19000, 64, 64])
     """
     import numpy as np
@@ -1845,14 +1847,12 @@ def finding_cells(examples: Sequence[TrainingExample], folder: str | Path, grid:
                     covered = np.asarray(im) > 0
             except (OSError, ValueError) as e:
                 raise ManifestError(f"{mask}: the mask of {example.case_id} cannot be read ({e})") from None
-            height, width = covered.shape[:2]
-            if height % rows or width % cols or height // rows != width // cols:
-                raise ManifestError(f"{mask}: a {width}x{height} mask does not fit the {cols}x{rows} latent of "
-                                    f"{example.case_id}'s image; masks are the size of their images")
-            f = height // rows
+            if covered.shape[:2] != (rows * scale, cols * scale):
+                raise ManifestError(f"{mask}: a {covered.shape[1]}x{covered.shape[0]} mask, but {example.case_id}'s "
+                                    f"image is {cols * scale}x{rows * scale}; masks are the size of their images")
             if covered.ndim == 3:
                 covered = covered.any(axis=2)
-            cells[k] |= covered.reshape(rows, f, cols, f).any(axis=(1, 3))
+            cells[k] |= covered.reshape(rows, scale, cols, scale).any(axis=(1, 3))
         bar.update(1)
     bar.close()
     return torch.from_numpy(cells)

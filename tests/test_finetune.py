@@ -860,7 +860,7 @@ def test_finding_cells_are_each_images_masks_on_the_latent_grid(phantom_set, tmp
     from synthmed.finetune import finding_cells
 
     examples, (width, height) = read_training_manifest(phantom_set)
-    cells = finding_cells(examples, phantom_set, (height // 4, width // 4))
+    cells = finding_cells(examples, phantom_set, (height // 4, width // 4), 4)
     assert cells.shape == (len(examples), height // 4, width // 4) and cells.dtype == torch.uint8
     for example, got in zip(examples, cells):
         if not example.masks:  # no_finding
@@ -874,11 +874,11 @@ def test_finding_cells_are_each_images_masks_on_the_latent_grid(phantom_set, tmp
     assert any(not e.masks for e in examples) and any(e.masks for e in examples)
     outside = [dataclasses.replace(examples[0], masks=("../elsewhere.png",))]
     with pytest.raises(ManifestError, match="outside the manifest's folder"):
-        finding_cells(outside, phantom_set, (height // 4, width // 4))
+        finding_cells(outside, phantom_set, (height // 4, width // 4), 4)
     wrong = tmp_path / "m.png"
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(wrong)
-    with pytest.raises(ManifestError, match="does not fit"):
-        finding_cells([dataclasses.replace(examples[0], masks=(wrong.name,))], tmp_path, (height // 4, width // 4))
+    Image.fromarray(np.zeros((height // 2, width // 2), np.uint8)).save(wrong)  # divides the grid, not the image
+    with pytest.raises(ManifestError, match="masks are the size of their images"):
+        finding_cells([dataclasses.replace(examples[0], masks=(wrong.name,))], tmp_path, (height // 4, width // 4), 4)
 
 
 @pytest.mark.slow
