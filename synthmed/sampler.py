@@ -32,10 +32,10 @@ from .vocabulary import CHEXPERT_COLUMNS, Vocabulary, get_vocabulary
 
 # Bumped whenever the same spec gives other cases; a run started under another version is not resumed.
 # 2: exact allocation also keeps each entry's location and severity totals within one (balance_attributes).
-# 3: remainders that differ only by float noise tie (go to the earlier cell), in largest_remainder and balance_groups.
+# 3: remainders are compared to REMAINDER_DIGITS decimals (float noise ties; ties go to the earlier cell).
 SAMPLER_VERSION = 3
-# Remainders closer than this tie (float noise, not a real difference).
-TIED_REMAINDER = 1e-9
+# Remainders are compared rounded to this many decimals: closer ones tie (float noise, not a real difference).
+REMAINDER_DIGITS = 9
 # An entry with more cells than this (four findings at every lobe and severity) keeps its largest-remainder counts.
 MAX_BALANCED_CELLS = 20_000
 
@@ -105,8 +105,8 @@ def case_id_for(index: int) -> str:
 def largest_remainder(total: int, probs: Sequence[float]) -> list[int]:
     """Integer counts summing to ``total``, each the floor or ceiling of ``total * p``.
 
-    Leftover units go to the largest remainders; ties to the earlier choice. Remainders within
-    ``TIED_REMAINDER`` of each other tie: equal weights normalised in another order differ in the
+    Leftover units go to the largest remainders; ties to the earlier choice. Remainders are compared
+    rounded to ``REMAINDER_DIGITS`` decimals: equal weights normalised in another order differ in the
     last bits, and that must not decide which of them gets the spare case.
 
     Example:
@@ -120,20 +120,15 @@ def largest_remainder(total: int, probs: Sequence[float]) -> list[int]:
     targets = [total * p for p in probs]
     counts = [int(t) for t in targets]
     left = total - sum(counts)
-    if left <= 0:
-        return counts
-    remainder = [t - c for t, c in zip(targets, counts)]
-    cut = sorted(remainder, reverse=True)[left - 1]  # the smallest remainder that gets a unit
-    above = [j for j, r in enumerate(remainder) if r > cut + TIED_REMAINDER]
-    tied = [j for j, r in enumerate(remainder) if abs(r - cut) <= TIED_REMAINDER]
-    for j in above + tied[:left - len(above)]:
+    order = sorted(range(len(probs)), key=lambda j: (-_remainder(targets[j]), j))
+    for j in order[:left]:
         counts[j] += 1
     return counts
 
 
 def _remainder(target: float) -> float:
     """``target``'s fractional part, rounded so that remainders within float noise of each other tie."""
-    return round(target - math.floor(target), 9)  # 9 decimals: TIED_REMAINDER
+    return round(target - math.floor(target), REMAINDER_DIGITS)
 
 
 def balance_groups(counts: Sequence[int], targets: Sequence[float], groups: Sequence[int]) -> list[int]:
