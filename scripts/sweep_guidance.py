@@ -73,7 +73,7 @@ def reading(fidelity: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from model_card import read_set
+    from model_card import by_view, read_set
 
     from synthmed.build import generate
     from synthmed.qc.auditor import Auditor, label_fidelity, shipped_auditor_dir
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     auditor = Auditor.load(shipped_auditor_dir(args.films))
     generate(spec, args.work / args.films, backend=args.films, overwrite=True, progress=False, qc=False)
     ref_rows, ref = read_set(args.work / args.films / "manifest.csv")
-    f_ref = auditor.embed(ref)
+    f_ref, ref_read = auditor.embed(ref), auditor.predict(ref)
     figures = {"model": str(args.model), "spec": str(args.spec), "seed": args.seed, "count": args.count,
                "steps": spec.generator.steps, "late_guidance": late,
-               "auditor": auditor.name, "films": reading(label_fidelity(auditor.predict(ref), ref_rows)),
+               "auditor": auditor.name, "films": reading(label_fidelity(ref_read, ref_rows)),
                "scales": {}}
     for scale in args.scales:
         scaled = dataclasses.replace(spec, generator=dataclasses.replace(spec.generator, guidance_scale=scale))
@@ -107,11 +107,13 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - started
         rows, images = read_set(folder / "manifest.csv")
         assert [r["case_id"] for r in rows] == [r["case_id"] for r in ref_rows]
-        figures["scales"][f"{scale:g}"] = {**reading(label_fidelity(auditor.predict(images), rows)),
+        read = auditor.predict(images)
+        figures["scales"][f"{scale:g}"] = {**reading(label_fidelity(read, rows)),
                                            "fid_to_films": fid_from_features(auditor.embed(images), f_ref,
                                                                              method="eigh"),
-                                           "images_per_s": made.written / seconds}
-        shown = {k: v for k, v in figures["scales"][f"{scale:g}"].items() if k != "sensitivity"}
+                                           "images_per_s": made.written / seconds,
+                                           "by_view": by_view(read, ref_read, rows, ref_rows)}
+        shown = {k: v for k, v in figures["scales"][f"{scale:g}"].items() if k not in ("sensitivity", "by_view")}
         print(f"guidance {scale:g}: {json.dumps(shown)}", flush=True)
 
     late_text = f"; below timestep {late['below_timestep']} every row guides at {late['scale']:g}" if late else ""

@@ -33,6 +33,7 @@ def test_each_scale_is_made_and_read_beside_the_films(tmp_path):
         made = figures["scales"][name]
         assert 0 <= made["finding_set"] <= 1 and made["fid_to_films"] > 0 and made["images_per_s"] > 0
         assert made["lowest_sensitivity"] == min(made["sensitivity"].values())  # each finding's, not just the worst
+        assert sum(v["cases"] for v in made["by_view"].values()) == 4  # every case read in its view's row
         with open(tmp_path / "work" / f"guidance-{name}" / "manifest.csv", newline="", encoding="utf-8") as fh:
             used = {json.loads(row["generation"])["guidance_scale"] for row in csv.DictReader(fh)}
         assert used == {float(name)}  # the scale each row claims is the one the images were made with
