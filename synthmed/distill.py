@@ -323,6 +323,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
         raise ValueError(f"{teacher_path} is the teacher; write the student (and its work folder) elsewhere")
     check_device(device, mixed_precision)
     work = WorkFolder(work_path, tool="distill")
+    work.check(out)
     work.clean_staging()  # a killed run's half-done saves (a student caught mid-swap is put back first)
     work.ledger.remove_temp_files()
     student_folder = ModelFolder(out, MODEL_FILES, tool="distill")

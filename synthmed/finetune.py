@@ -836,6 +836,20 @@ class _WorkFolder:
         self.notes.append(text)
         warnings.warn(text, FinetuneWarning, stacklevel=3)
 
+    def check(self, out: Path) -> None:
+        """Before anything is written or removed: refuse a work folder that is, holds or lies in another
+        command's folder (the model folder ``out``, a dataset, a model)."""
+        if os.path.lexists(self.root) and not self.root.is_dir():
+            raise ValueError(f"work_dir {self.root} exists and is not a folder")
+        work, model = self.root.resolve(), Path(out).resolve()
+        if work == model or work.is_relative_to(model) or model.is_relative_to(work):
+            raise ValueError(f"work_dir {self.root} and the output folder {out} must be separate folders, neither "
+                             "inside the other")
+        other = self.ledger.other_kind("work") if self.root.is_dir() and self.ledger.is_safe() else None
+        if other:
+            raise ValueError(f"work_dir {self.root} holds {other}; synthmed {self.tool} keeps its checkpoints in a "
+                             "work folder of its own and does not write into it. Choose another work_dir")
+
     # ------------------------------------------------------------------ writing
     def claim(self, key: str, rels: Sequence[str]) -> None:
         from .ledger import ForeignFileError
@@ -893,7 +907,7 @@ class _WorkFolder:
             sha = files.get(rel)
             if rel not in files:
                 return f"{rel} was never written"
-            actual = file_sha256(self.root / rel)
+            actual = file_sha256(self.root / rel, follow_links=False)
             if actual is None:
                 return f"{rel} is missing"
             if sha is None:
@@ -1034,7 +1048,7 @@ class _ModelFolder:
         for rel in _files_under(self.out):
             if rel not in owned:
                 foreign.append(rel)
-            elif owned[rel] is not None and file_sha256(self.out / rel) == owned[rel]:
+            elif owned[rel] is not None and file_sha256(self.out / rel, follow_links=False) == owned[rel]:
                 ours.append(rel)
             else:
                 changed.append(rel)
@@ -1050,6 +1064,10 @@ class _ModelFolder:
             raise ValueError(f"{out} exists and is not a folder")
         if out.is_symlink():
             raise ValueError(f"{out} is a symbolic link; give the model folder itself")
+        other = self.ledger.other_kind("model") if out.is_dir() and self.ledger.is_safe() else None
+        if other:  # a mistyped -o: not even overwrite=True replaces it
+            raise ValueError(f"{out} holds {other}; synthmed {self.tool} writes a model and does not replace or "
+                             "write into it. Choose another output folder")
         ours, changed, foreign = self.survey()
         if not (ours or changed or foreign):
             return
@@ -1456,6 +1474,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         raise ValueError(f"work_dir {work_path} exists and is not a folder")
     _check_device(device, mixed_precision)
     work = _WorkFolder(work_path)
+    work.check(out)
     work.clean_staging()  # a killed run's half-done saves (a model caught mid-swap is put back first)
     work.ledger.remove_temp_files()  # and its temp files, by the names and pids its claims recorded
     _ModelFolder(out).check(resume=resume, overwrite=overwrite)  # its files are replaced only if finetune wrote them

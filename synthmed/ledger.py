@@ -45,6 +45,32 @@ _CLAIM_TEMP = re.compile(r"\.[A-Za-z0-9_-][A-Za-z0-9_.-]*\.json\.[0-9]+-[0-9a-f]
 MAX_CLAIM_BYTES = 64 * 1024 * 1024  # a claim of a 64-case chunk is a few kB
 
 
+# What a folder holds, told by the keys of its claims: each command writes one kind of folder and refuses another's,
+# so that a mistyped -o never lets one command replace (or mix into) what another wrote.
+FOLDER_KINDS = {
+    "model": "a model that synthmed finetune or distill wrote",
+    "dataset": "a dataset that synthmed generate wrote",
+    "report": "the quality report of synthmed qc",
+    "work": "the work folder of a synthmed finetune or distill run",
+}
+
+
+def claim_kind(key: str) -> str:
+    """The kind of folder a claim key belongs to (see FOLDER_KINDS).
+
+    Example:
+        >>> claim_kind("chunk-000003"), claim_kind("model"), claim_kind("checkpoint-unet-0000200")
+        ('dataset', 'model', 'work')
+    """
+    if key in ("model", "staged"):
+        return "model"
+    if key == "run" or key.startswith("chunk-"):
+        return "dataset"
+    if key == "qc":
+        return "report"
+    return "work"
+
+
 class ForeignFileError(ValueError):
     """Files exist where synthmed would write, and no claim says synthmed wrote them."""
 
@@ -67,13 +93,20 @@ class Removal:
     changed: list[str] = field(default_factory=list)
 
 
-def file_sha256(path: Path) -> str | None:
-    """The sha256 of a file's bytes, or None if there is no such file."""
+def file_sha256(path: Path, *, follow_links: bool = True) -> str | None:
+    """The sha256 of a file's bytes, or None if there is no such file (or, with ``follow_links=False``, it is a
+    symbolic link: never a file synthmed wrote, and never read through)."""
+    if not follow_links and Path(path).is_symlink():
+        return None
     try:
         with open(path, "rb") as fh:
             return hashlib.file_digest(fh, "sha256").hexdigest()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+def _own_sha256(path: Path) -> str | None:
+    return file_sha256(path, follow_links=False)
 
 
 def _exists(path: Path) -> bool:
@@ -171,6 +204,27 @@ class Ledger:
     def is_empty(self) -> bool:
         return not self.keys()
 
+    def kinds(self) -> set[str]:
+        """The kinds of folder its claims belong to (see FOLDER_KINDS); empty when it has none."""
+        return {claim_kind(k) for k in self.keys()}
+
+    def other_kind(self, *allowed: str) -> str | None:
+        """What the folder holds, in words, when its claims are of a kind not in ``allowed``; else None.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> root = pathlib.Path(tempfile.mkdtemp())
+            >>> ledger = Ledger(root, root / ".state")
+            >>> _ = ledger.claim("run", ["manifest.csv"])
+            >>> ledger.other_kind("model")
+            'a dataset that synthmed generate wrote'
+        """
+        kinds = self.kinds()
+        if "dataset" in kinds:  # a generated dataset's own qc report is part of it
+            kinds.discard("report")
+        other = sorted(kinds - set(allowed))
+        return FOLDER_KINDS[other[0]] if other else None
+
     # ------------------------------------------------------------------ writing
     def _write(self, key: str, claim: dict) -> None:
         from .atomic import atomic_write_bytes
@@ -200,7 +254,7 @@ class Ledger:
         files = claim["files"]
         present = [r for r in rels if _exists(self.root / r)]
         # a file there is ours only if a claim names it and it is still the file that claim recorded
-        suspect = [r for r in present if r not in files or (files[r] is not None and file_sha256(self.root / r)
+        suspect = [r for r in present if r not in files or (files[r] is not None and _own_sha256(self.root / r)
                                                             != files[r])]
         if suspect:
             everything = self.known_digests()
@@ -208,7 +262,7 @@ class Ledger:
             if foreign:
                 raise ForeignFileError(self.root, foreign)
             changed = [r for r in suspect if not self._in_state(r) and None not in everything[r] and
-                       ((self.root / r).is_symlink() or file_sha256(self.root / r) not in everything[r])]
+                       ((self.root / r).is_symlink() or _own_sha256(self.root / r) not in everything[r])]
             if changed and not repair:
                 raise ForeignFileError(self.root, changed, "changed since synthmed wrote it")
         else:
@@ -236,7 +290,7 @@ class Ledger:
 
     def record_files(self, key: str, rels: Iterable[str]) -> None:
         """Add the sha256 of written files, read from disk."""
-        self.record(key, {r: file_sha256(self.root / r) for r in rels if file_sha256(self.root / r)})
+        self.record(key, {r: _own_sha256(self.root / r) for r in rels if _own_sha256(self.root / r)})
 
     def forget(self, key: str) -> None:
         """Drop a claim (its files are no longer ours: only for files that are gone)."""
@@ -280,7 +334,7 @@ class Ledger:
             sha = claim["files"].pop(rel)
             path = self._inside(rel)
             if path is not None and path.is_file() and not path.is_symlink():
-                if sha is not None and file_sha256(path) != sha:
+                if sha is not None and _own_sha256(path) != sha:
                     result.changed.append(rel)
                     continue
                 path.unlink()
@@ -296,7 +350,7 @@ class Ledger:
             path = self._inside(rel)
             if path is None or path.is_symlink() or not path.is_file():
                 continue
-            (remove if None in known or file_sha256(path) in known else changed).append(rel)
+            (remove if None in known or _own_sha256(path) in known else changed).append(rel)
         return remove, changed
 
     def remove_owned(self) -> Removal:
@@ -314,7 +368,7 @@ class Ledger:
             path = self._inside(rel)
             if path is None or path.is_symlink() or not path.is_file():
                 continue
-            if None not in known and file_sha256(path) not in known:
+            if None not in known and _own_sha256(path) not in known:
                 result.changed.append(rel)
                 continue
             path.unlink()

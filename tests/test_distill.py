@@ -256,6 +256,17 @@ def test_overwrite_never_deletes_a_file_distill_did_not_write(phantom_set, tiny_
     assert (other / "README.md").read_text() == "my model card"
 
 
+def test_a_dataset_given_as_the_student_folder_is_refused_and_kept(phantom_set, tiny_base, tmp_path):  # noqa: F811
+    data = tmp_path / "dataset"
+    shutil.copytree(phantom_set, data)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    for flag in ("--resume", "--overwrite"):
+        result = _cli("--teacher", tiny_base, "--manifest", phantom_set, "-o", data, "--steps", 0, flag)
+        assert result.exit_code == 2 and "holds a dataset that synthmed generate wrote" in result.output, result.output
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
 def test_synthmed_distill_is_callable_from_the_package():
     import synthmed
 

@@ -54,9 +54,14 @@ class RunFolder:
         """Lock the folder and check it against an earlier run; ``planned(rel)`` says whether this run will
         write ``rel`` (so that --overwrite stops before deleting anything when a file in the way would stay)."""
         self.planned = planned or (lambda rel: False)
+        self.rerun = "--overwrite" if overwrite else "--resume"  # what a refused claim's message asks to rerun with
         out = self.out
         if out.exists() and not out.is_dir():
             raise BuildError(f"{out} exists and is not a folder", 2)
+        other = self.ledger.other_kind("dataset", "report") if out.is_dir() and self.ledger.is_safe() else None
+        if other:  # a mistyped -o: not even --overwrite replaces it
+            raise BuildError(f"{out} holds {other}; synthmed generate writes a dataset and does not replace or write "
+                             "into it. Choose another output folder", 2)
         run_file = self.state / "run.json"
         if out.exists():
             try:
@@ -235,7 +240,8 @@ class RunFolder:
             self.ledger.claim(key, rels)
         except ForeignFileError as e:
             raise BuildError(f"{e} (in {self.out}); synthmed overwrites only files it wrote. Move "
-                             f"{'it' if len(e.rels) == 1 else 'them'} out of the folder and rerun with --resume", 2) \
+                             f"{'it' if len(e.rels) == 1 else 'them'} out of the folder and rerun with "
+                             f"{getattr(self, 'rerun', '--resume')}", 2) \
                 from None
 
 
@@ -268,6 +274,9 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 
 def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file in the output folder; None when there is none, or it is a link (not ours, not followed)."""
+    if path.is_symlink():
+        return None
     try:
         with open(path, "rb") as fh:
             return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -70,6 +70,10 @@ class Outputs:
         if not write:
             return
         if report_dir is not None and report_dir.resolve() != out.resolve():
+            other = Ledger(report_dir, report_dir / STATE_DIR).other_kind("report") if report_dir.is_dir() else None
+            if other:  # another dataset's own report, or a model: not replaced by this folder's
+                raise QCError(f"--report-dir {report_dir} holds {other}; qc writes a report of {out} and does not "
+                              "replace or write into it. Choose another --report-dir")
             try:
                 report_dir.mkdir(parents=True, exist_ok=True)
                 self.ledger = Ledger(report_dir, report_dir / STATE_DIR)

@@ -292,3 +292,61 @@ def test_messages_speak_to_their_audience_and_quiet_is_quiet(training_set, tmp_p
     with pytest.raises(ValueError, match="already holds") as caught:
         finetune(training_set, "scratch", out, steps=0, vae_steps=0, **FAST)
     assert "overwrite=True" in str(caught.value) and "--" not in str(caught.value).replace(str(out), "")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_dataset_folder_given_as_the_model_folder_is_refused_and_kept(training_set, tmp_path, flag):
+    """A dataset synthmed generate wrote, given as -o (a mistyped path), is not replaced by a model: exit 2, every
+    file of it as it was, no sibling folder made."""
+    import shutil
+
+    out = tmp_path / "dataset"
+    shutil.copytree(training_set, out)
+    before = _snapshot(out)
+    result = _cli(training_set, out, "--steps", "0", "--vae-steps", "0", flag)
+    assert result.exit_code == 2, result.output
+    assert "holds a dataset that synthmed generate wrote" in result.stderr and "Traceback" not in result.output
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_a_dataset_or_the_model_folder_as_the_work_folder_is_refused(training_set, tmp_path):
+    import shutil
+
+    data = tmp_path / "dataset"
+    shutil.copytree(training_set, data)
+    before = _snapshot(data)
+    result = _cli(training_set, tmp_path / "model", "--steps", "0", "--vae-steps", "0", "--work-dir", str(data),
+                  "--overwrite")
+    assert result.exit_code == 2 and "holds a dataset" in result.stderr, result.output
+    assert _snapshot(data) == before and not (tmp_path / "model").exists()
+    nested = _cli(training_set, tmp_path / "model", "--steps", "0", "--vae-steps", "0", "--work-dir",
+                  str(tmp_path / "model" / "training"))
+    assert nested.exit_code == 2 and "neither inside the other" in nested.stderr, nested.output
+
+
+def test_generate_and_qc_never_replace_a_model_or_another_datasets_report(training_set, tmp_path):
+    """generate -o MODEL (even with --overwrite) and qc --report-dir OTHER_DATASET are refused; nothing changes."""
+    import shutil
+
+    model = tmp_path / "model"
+    assert _cli(training_set, model, "--steps", "0", "--vae-steps", "0").exit_code == 0
+    before = _snapshot(model)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC, encoding="utf-8")
+    for flag in ("--overwrite", "--resume", "-q"):
+        result = CliRunner().invoke(main, ["generate", str(spec), "-o", str(model), flag])
+        assert result.exit_code == 2, result.output
+        assert "holds a model that synthmed finetune or distill wrote" in result.stderr
+        assert _snapshot(model) == before
+    other = tmp_path / "other"
+    shutil.copytree(training_set, other)
+    CliRunner().invoke(main, ["qc", str(other), "-q"])
+    theirs = _snapshot(other)
+    result = CliRunner().invoke(main, ["qc", str(training_set), "--report-dir", str(other), "-q"])
+    assert result.exit_code == 2 and "holds a dataset that synthmed generate wrote" in result.stderr, result.output
+    assert _snapshot(other) == theirs

@@ -118,6 +118,26 @@ def test_a_user_file_at_a_planned_path_is_never_overwritten(tmp_path, spec_file)
     assert (out / target).read_bytes() == b"the user's own image"
 
 
+def test_resume_refuses_an_image_replaced_by_a_link_and_never_reads_through_it(built, spec_file, tmp_path,
+                                                                                monkeypatch):
+    """A kept image that is now a link (to a copy outside OUT) is not taken as synthmed's: exit 2 naming it."""
+    target = next(r["png_path"] for r in rows(built))
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes((built / target).read_bytes())
+    (built / target).unlink()
+    (built / target).symlink_to(outside)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    monkeypatch.undo()
+    assert result.exit_code == 2, result.output
+    assert target in result.output and "Traceback" not in result.output
+    assert (built / target).is_symlink() and outside.read_bytes()
+    assert not [f for f in opened if Path(f).resolve() == outside.resolve()]
+
+
 def test_resume_without_run_record_and_a_changed_spec_remakes_every_image(built, tmp_path):
     """#17.9: with .synthmed/run.json deleted and the seed changed, --resume kept all the old images."""
     (built / ".synthmed" / "run.json").unlink()
