@@ -32,6 +32,11 @@ def _late_guidance(ctx, param, value: str | None):
     return value
 
 
+# generate's options that only the diffusion backend reads
+DIFFUSION_ONLY = ("steps", "guidance_scale", "scheduler", "timestep_spacing", "late_guidance", "dtype", "device",
+                  "compile", "quantize", "decoder")
+
+
 def _generator_overrides(options: dict) -> dict:
     """The generate options that override spec.generator, as GeneratorSpec holds them."""
     overrides = {k: v for k, v in options.items() if v is not None}
@@ -115,6 +120,23 @@ def validate(specs: tuple[Path, ...], quiet: bool) -> None:
         raise SystemExit(2)
 
 
+def _check_plan_output(output: Path, overwrite: bool) -> None:
+    """A plan file goes where nothing of the user's, or of another synthmed command, is replaced."""
+    from .build.run_folder import STATE_DIR
+    from .ledger import Ledger
+
+    parent = output.absolute().parent
+    for folder in [parent, *parent.parents]:  # a dataset's, model's or work folder's own files
+        other = Ledger(folder, folder / STATE_DIR).other_kind() if (folder / STATE_DIR).is_dir() else None
+        if other:
+            raise click.UsageError(f"--output {output} lies in {folder}, which holds {other}; write the plan "
+                                   "elsewhere")
+    if os.path.lexists(output) and (not overwrite or not output.is_file() or output.is_symlink()):
+        what = "is not a plain file" if not output.is_file() or output.is_symlink() else "exists"
+        raise click.UsageError(f"--output {output} {what}; "
+                               + ("pass --overwrite to replace it" if what == "exists" else "choose another path"))
+
+
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
@@ -122,7 +144,8 @@ def validate(specs: tuple[Path, ...], quiet: bool) -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="Print the summary table as CSV instead of text.")
 @click.option("--show", default=5, show_default=True, type=click.IntRange(0, 1000), help="How many prompts to print.")
 @click.option("--limit", type=click.IntRange(1), help="Plan only the first N cases (the same ones a full run starts with).")
-def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: int | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the --output file if it exists.")
+def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: int | None, overwrite: bool) -> None:
     """Show what a spec will produce: counts per finding x location x severity x split, and the first prompts."""
     try:
         spec = load_spec(spec_path)
@@ -131,6 +154,8 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
     _print_warnings(spec)
     if output is not None and output.suffix.lower() not in (".jsonl", ".csv"):
         raise click.UsageError(f"--output must end in .jsonl or .csv, got '{output.name}'")
+    if output is not None:
+        _check_plan_output(output, overwrite)
     from .prompts import build_prompt
     from .sampler import sample_cases
 
@@ -169,7 +194,7 @@ def plan(spec_path: Path, output: Path | None, as_csv: bool, show: int, limit: i
 @click.option("--limit", type=click.IntRange(1), help="Build only the first N cases (the same ones a full run starts with).")
 @click.option("--backend", type=click.Choice(["diffusion", "drr", "phantom", "pattern"]),
               help="Override generator.backend (pattern: a fast test pattern with exact masks, for dry runs).")
-@click.option("--model", help="Override generator.model: 'default', 'default-fast' (its 4-step student) or a local "
+@click.option("--model", help="Override generator.model: 'default', 'default-fast' (its few-step student) or a local "
               "diffusers pipeline folder.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), help="Override generator.batch_size; never changes an image.")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Override generator.steps.")
@@ -224,6 +249,12 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
         _fail_spec(e)
     _print_warnings(spec)
     overrides = _generator_overrides(generator_options)
+    used = (backend or spec.generator.backend)
+    idle = [k for k in ("model", *DIFFUSION_ONLY) if (model if k == "model" else overrides.get(k)) is not None]
+    if used != "diffusion" and idle:  # else recorded in the run, where they would only block a --resume
+        names = ", ".join("--" + k.replace("_", "-") for k in idle)
+        raise click.UsageError(f"{names} {'applies' if len(idle) == 1 else 'apply'} to the diffusion backend only; "
+                               f"this run uses the {used} backend")
     if overrides:
         import dataclasses
 
@@ -367,7 +398,7 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
                f"last losses: {losses or 'n/a'}")
     for line in result.record.get("data", {}).get("summary", ()):
         click.echo(f"  data:        {line}")
-    click.echo(f"  model:       {result.model_dir}  (use it: generator.model: {result.model_dir})")
+    click.echo(f"  model:       {result.model_dir}  (use it: generator.model: {Path(result.model_dir).absolute()})")
     click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
     click.echo(f"  validation:  {result.work_dir / 'validation'}")
 
@@ -481,8 +512,8 @@ def distill(teacher: str, manifest: Path, out: Path, quiet: bool, **options) -> 
     recommended = result.record["recommended"]
     click.echo(f"distilled {result.steps:,} steps ({result.mode}) in {result.seconds / 60:.1f} min; last loss: "
                f"{'n/a' if loss is None else f'{loss:.5f}'}")
-    click.echo(f"  student:     {result.model_dir}  (use it: generator.model: {result.model_dir}; it samples with "
-               f"{recommended['scheduler']}, {recommended['steps']} steps, guidance {recommended['guidance_scale']:g}"
+    click.echo(f"  student:     {result.model_dir}  (use it: generator.model: {Path(result.model_dir).absolute()}; "
+               f"it samples with {recommended['scheduler']}, {recommended['steps']} steps, guidance {recommended['guidance_scale']:g}"
                f"{'; generator.decoder: tiny for its tiny decoder' if 'tiny_decoder' in result.record else ''})")
     click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
 

@@ -250,6 +250,26 @@ def test_plan_csv_with_output_keeps_stdout_pure_csv(tmp_path):
     assert "wrote" not in result.stdout and "wrote 1,000 cases" in result.stderr
 
 
+def test_plan_replaces_an_existing_file_only_with_overwrite_and_never_in_a_dataset(tmp_path):
+    out = tmp_path / "mine.jsonl"
+    out.write_text("my notes\n", encoding="utf-8")
+    result = run("plan", EXAMPLE, "-o", out, "--show", "0")
+    assert result.exit_code == 2 and "pass --overwrite" in result.output, result.output
+    assert out.read_text(encoding="utf-8") == "my notes\n"
+    assert run("plan", EXAMPLE, "-o", out, "--show", "0", "--overwrite").exit_code == 0
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 1000
+    from synthmed.ledger import Ledger
+
+    dataset = tmp_path / "dataset"
+    Ledger(dataset, dataset / ".synthmed").claim("run", ["cases.jsonl"])  # as generate records its files
+    (dataset / "cases.jsonl").write_text("the dataset's cases\n", encoding="utf-8")
+    for target in (dataset / "cases.jsonl", dataset / "plans" / "new.jsonl"):
+        result = run("plan", EXAMPLE, "-o", target, "--show", "0", "--overwrite")
+        assert result.exit_code == 2 and "holds a dataset that synthmed generate wrote" in result.output, result.output
+    assert (dataset / "cases.jsonl").read_text(encoding="utf-8") == "the dataset's cases\n"
+    assert not (dataset / "plans").exists()
+
+
 @pytest.mark.parametrize("name", ["x.txt", "x.json", "x"])
 def test_plan_bad_output_extension(tmp_path, name):
     out = tmp_path / name
@@ -341,3 +361,14 @@ def test_commands_keep_freed_memory_unless_the_user_chose_malloc_settings(user_e
     out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env={**env, **user_env}, capture_output=True,
                          text=True, check=True).stdout.split()
     assert " ".join(out) == expected
+
+
+def test_diffusion_options_on_another_backend_are_refused_before_anything_is_written(tmp_path):
+    """Else they are recorded in the run and only block its --resume later."""
+    out = tmp_path / "out"
+    for args in (["--model", "nowhere"], ["--steps", "3", "--device", "cuda"], ["--dtype", "float32"]):
+        result = run("generate", EXAMPLE, "-o", out, "--backend", "pattern", "--limit", "2", "-q", *args)
+        assert result.exit_code == 2 and "diffusion backend only" in result.output, result.output
+        assert args[0] in result.output and not out.exists()
+    assert run("generate", EXAMPLE, "-o", out, "--backend", "pattern", "--limit", "2", "-q",
+               "--batch-size", "2").exit_code == 0
