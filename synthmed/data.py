@@ -235,7 +235,7 @@ def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[
         >>> records = manifest_records("out/pneumonia", split="train", masks=True)  # doctest: +SKIP
         >>> item = Dataset(data=records, transform=load_transform(masks=True))[0]  # doctest: +SKIP
         >>> item["image"].shape, item["mask"].shape, item["label_map"].shape  # doctest: +SKIP
-        (torch.Size([1, 256, 256]), torch.Size([18, 256, 256]), torch.Size([1, 256, 256]))
+        (torch.Size([1, 256, 256]), (18, 256, 256), (1, 256, 256))
     """
     manifest = _read_manifest(root_or_manifest, split, label_columns, need_masks=masks, qc_status=qc_status)
     root = manifest.root.resolve()

@@ -314,6 +314,11 @@ def late_guidance_flag(late: dict | None) -> str:
     return "none" if late is None else f"{late['scale']:g}@{late['below_timestep']}"
 
 
+# generator.model names of the models shipped in the package -> the model id written to every manifest row.
+# default-fast is the default distilled by `synthmed distill` (`make default-fast`): 8 steps, no guidance pass.
+SHIPPED_MODELS = {"default": "synthmed-default", "default-fast": "synthmed-default-fast"}
+
+
 @dataclass(frozen=True)
 class GeneratorSpec:
     """How images are made (the spec's ``generator``).
@@ -974,7 +979,24 @@ class _MeaningChecker:
                 values["late_guidance"] = None
         self.spacing_takes(values)
         values["anatomy"] = self.anatomy(g.get("anatomy"), values["backend"], components)
+        values["model"] = self.model_path(values["model"], values["backend"])
         return GeneratorSpec(**values)
+
+    def model_path(self, value: Any, backend: str) -> Any:
+        """generator.model: a shipped model's name as it is; a folder resolved against the spec's folder, as every
+        path in a spec (so a spec loads the same model wherever it is run from), which must exist when the spec's
+        files are checked and the diffusion backend will load it."""
+        if not isinstance(value, str) or value in SHIPPED_MODELS or not self.ok(("generator", "model")):
+            return value
+        try:
+            resolved = (self.files.base / Path(value).expanduser()).resolve()
+        except (RuntimeError, OSError) as e:  # ~user that does not exist, a link loop
+            self.error(("generator", "model"), f"no such model folder: {value} ({e})")
+            return value
+        if self.files.check and backend == "diffusion" and not resolved.is_dir():
+            self.error(("generator", "model"), f"no such model folder: {value} (paths in a spec are relative to the "
+                       f"spec's folder: {resolved}); give a diffusers model folder, default or default-fast")
+        return str(resolved)
 
     def spacing_takes(self, g: dict) -> None:
         """generator.timestep_spacing where the spec's scheduler cannot step by it (lcm, ddim or pndm: see

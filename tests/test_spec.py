@@ -661,8 +661,25 @@ def test_frontal_views_with_the_phantom_still_load():
     assert spec.view.keys == ("PA", "AP")
 
 
-def test_a_lateral_for_the_shipped_models_loads_without_a_warning():
+def test_a_lateral_for_the_shipped_models_loads_without_a_warning(tmp_path):
     """#19: the shipped default model (and its fast student) learned PA, AP and lateral drr films."""
-    for model in ("default", "default-fast", "./my-model"):
+    (tmp_path / "my-model").mkdir()
+    for model in ("default", "default-fast", tmp_path / "my-model"):
         spec = load_spec(BASE + f"view: {{PA: 1, LL: 1}}\ngenerator: {{model: {model}}}\n")
         assert not spec.warnings and spec.view.keys == ("PA", "LL")
+
+
+def test_a_model_path_is_relative_to_the_spec_file_wherever_it_is_run(tmp_path, monkeypatch):
+    """generator.model resolves as every path in a spec does: against the spec's folder, not the current one."""
+    (tmp_path / "specs" / "models" / "mine").mkdir(parents=True)
+    spec = tmp_path / "specs" / "s.yaml"
+    spec.write_text("spec_version: 1\nname: rel\ncount: 2\nfindings: [{finding: cardiomegaly, weight: 1}]\n"
+                    "generator: {model: models/mine}\n", encoding="utf-8")
+    for cwd in (tmp_path, tmp_path / "specs"):
+        monkeypatch.chdir(cwd)
+        assert load_spec(spec).generator.model == str((tmp_path / "specs" / "models" / "mine").resolve())
+    assert load_spec(spec.read_text(encoding="utf-8").replace("models/mine", "default")).generator.model == "default"
+    spec.write_text(spec.read_text(encoding="utf-8").replace("models/mine", "models/gone"), encoding="utf-8")
+    with pytest.raises(SpecError) as e:
+        load_spec(spec)
+    assert "generator.model" in str(e.value) and "s.yaml:5" in str(e.value) and "no such model folder" in str(e.value)
