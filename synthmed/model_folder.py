@@ -3,7 +3,8 @@
 A model folder is untrusted data. ``check_model_folder`` reads only bounded JSON (no torch, no weights) and
 refuses, naming the file, anything that is not a Stable-Diffusion-shaped latent-diffusion text-to-image folder:
 a custom pipeline or component class (code from the folder), a class of another kind in a slot (unet, vae,
-text_encoder, tokenizer, scheduler), pickle files unless pickle is explicitly allowed, configs beyond the
+text_encoder, tokenizer, scheduler), pickle files unless pickle is explicitly allowed, a UNet or scheduler that
+synthmed's text-to-image sampling cannot take (conditioning beyond the text, flow matching), configs beyond the
 limits below. ``load_component`` then loads one slot offline, safetensors unless pickle is allowed, never
 with remote code, and refuses weights that do not fit. A folder may also hold a tiny decoder, ``tiny_vae/`` (a
 TAESD-style diffusers ``AutoencoderTiny`` that ``synthmed distill`` trains; not in model_index.json), checked by
@@ -49,6 +50,14 @@ MAX_COMPONENT_PARAMETERS = 3_000_000_000  # per component, as estimated from its
 MAX_COMPONENT_LAYERS = 1000  # resnet / transformer / encoder layers per component
 MAX_CONFIG_INTEGER = 2**20  # any whole number in a component config (vocabularies reach 256 K)
 MAX_TRAIN_TIMESTEPS = 100_000  # and any whole number in the scheduler config (Stable Diffusion: 1000)
+# What synthmed's text-to-image loop samples: a UNet predicting noise (or v, or the sample) for its own input, from
+# the text alone, under a DDPM-family beta schedule that each of its samplers rebuilds from the folder's config.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # every sampler takes these (pndm all but sample)
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the ones all of synthmed's samplers know
+# UNet config keys that add an input beyond the text (class labels; SDXL-style added text/time embeddings, image
+# embeddings or a projection of the text states), which synthmed's sampling does not give
+UNET_EXTRA_CONDITIONING = ("num_class_embeds", "class_embed_type", "addition_embed_type", "encoder_hid_dim_type",
+                           "encoder_hid_dim")
 # What each slot must hold: the library base class its class must derive from (a vae must also encode and decode).
 SLOT_KINDS = {"unet": ("diffusers", "UNet2DConditionModel", "a diffusers UNet2DConditionModel"),
               "vae": ("diffusers", "ModelMixin", "a diffusers autoencoder such as AutoencoderKL or AutoencoderTiny"),
@@ -153,6 +162,8 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
         raise ModelFolderError(f"{root}: the VAE makes {vae_config.get('latent_channels', 4)} latent channels but the "
                                f"UNet takes {unet_config.get('in_channels', 4)} (vae/config.json latent_channels, "
                                "unet/config.json in_channels)")
+    _check_unet_inputs(unet_config, root / "unet" / "config.json")
+    _check_noise_schedule(root, index)
     factor = 2 ** (len(vae_config.get("block_out_channels", [1])) - 1)
     factor *= 2 ** (len(unet_config.get("block_out_channels", [1])) - 1)
     for label, size in (("width", width), ("height", height)):
@@ -160,6 +171,69 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
             raise ModelFolderError(f"{label} {size} does not suit {root}: sizes must be multiples of {factor} "
                                    "(the VAE's scale factor times the UNet's downsampling)")
     return index
+
+
+def _check_unet_inputs(config: dict, path: Path) -> None:
+    """A UNet that synthmed's loop can sample: its output is a prediction for its own input, conditioned on the
+    text alone."""
+    channels_in, channels_out = config.get("in_channels", 4), config.get("out_channels", 4)
+    if channels_out != channels_in:
+        raise ModelFolderError(f"{path}: in_channels {json.dumps(channels_in)[:40]} but out_channels "
+                               f"{json.dumps(channels_out)[:40]}: synthmed samples UNets that predict noise for their "
+                               "own latents (not a learned variance too, nor inpainting or depth UNets)")
+    for key in UNET_EXTRA_CONDITIONING:
+        if config.get(key) is not None:
+            what = "class labels" if "class" in key else "inputs beyond the text (SDXL-style added text and time " \
+                   "embeddings, image embeddings or a text projection)"
+            raise ModelFolderError(f"{path}: {key} {json.dumps(config[key])[:60]}: the UNet is conditioned on {what}, "
+                                   "which synthmed's text-to-image sampling does not give; such UNets are not "
+                                   "supported")
+
+
+def _check_noise_schedule(root: Path, index: dict) -> None:
+    """A scheduler of the DDPM family (a beta schedule synthmed's samplers rebuild), with a prediction type and
+    beta schedule they know; flow-matching and other schedulers would be sampled as the wrong process."""
+    path = root / "scheduler" / "scheduler_config.json"
+    config = _read_config(path)
+    for where, cls_name in ((root / "model_index.json", index["scheduler"][1]), (path, config.get("_class_name"))):
+        if isinstance(cls_name, str) and not _is_beta_schedule(cls_name):
+            raise ModelFolderError(f"{where}: the scheduler is {cls_name}, not a DDPM-family (beta schedule) scheduler "
+                                   "such as DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler; "
+                                   "synthmed samples noise-prediction latent-diffusion models only (not flow-matching "
+                                   "ones)")
+    if config.get("use_flow_sigmas"):
+        raise ModelFolderError(f"{path}: use_flow_sigmas is set: the model is flow-matching, which synthmed's "
+                               "samplers do not sample")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        flow = "; the model is flow-matching" if prediction == "flow_prediction" else ""
+        raise ModelFolderError(f"{path}: prediction_type {json.dumps(prediction)[:60]} is not one synthmed samples "
+                               f"({', '.join(PREDICTION_TYPES)}){flow}")
+    betas = config.get("trained_betas")
+    schedule = config.get("beta_schedule", "linear")
+    if not (isinstance(betas, list) and betas) and schedule not in BETA_SCHEDULES:
+        raise ModelFolderError(f"{path}: beta_schedule {json.dumps(schedule)[:60]} is not one synthmed's samplers know "
+                               f"({', '.join(BETA_SCHEDULES)}; or give trained_betas)")
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ModelFolderError(f"{path}: num_train_timesteps {json.dumps(steps)[:60]} must be a whole number of at "
+                               "least 1 (Stable Diffusion: 1000)")
+
+
+def _is_beta_schedule(cls_name: str) -> bool:
+    """Whether diffusers' scheduler ``cls_name`` is of the DDPM family: it takes a beta schedule (beta_schedule,
+    trained_betas), as DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC and LCM do and flow-matching or EDM ones do not."""
+    try:
+        with _quiet_libraries():
+            import diffusers
+
+            cls = getattr(diffusers, cls_name, None) if cls_name.isidentifier() else None
+    except ImportError:  # checked again when the backend loads
+        return True
+    if not isinstance(cls, type):
+        return False
+    params = inspect.signature(cls.__init__).parameters
+    return "beta_schedule" in params and "trained_betas" in params
 
 
 def _read_config(path: Path) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..spec import SHIPPED_MODELS  # the names a spec may use for the shipped models: the spec language owns them
 from .base import Backend, BackendInfo, BackendUnavailable, GeneratedImage, ImageGeometry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,8 +28,10 @@ __all__ = ["BACKENDS", "Backend", "BackendInfo", "BackendUnavailable", "Generate
 BACKENDS = ("diffusion", "phantom", "pattern", "drr")
 
 
-def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None) -> Backend:
-    """Build the backend a spec asks for (``backend``/``model`` override the spec's generator)."""
+def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None,
+                   limit: int | None = None) -> Backend:
+    """Build the backend a spec asks for (``backend``/``model`` override the spec's generator); a diffusion model
+    must take the prompt of each case the run makes (its first ``limit``, else all) whole."""
     name = backend or spec.generator.backend
     from ..spec import BACKEND_VIEWS
 
@@ -53,15 +56,10 @@ def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: st
                                      f"{spec.image.width} x {spec.image.height} (image.size in the spec)")
         return PhantomBackend(spec.image.width, spec.image.height)
     if name == "diffusion":
-        return _diffusion_backend(spec, model)
+        return _diffusion_backend(spec, model, limit)
     if name == "drr":
         return _drr_backend(spec)
     raise BackendUnavailable(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
-
-
-# generator.model names of the models shipped in the package -> the model id written to every manifest row.
-# default-fast is the default distilled by `synthmed distill` (`make default-fast`): 4 steps, no guidance pass.
-SHIPPED_MODELS = {"default": "synthmed-default", "default-fast": "synthmed-default-fast"}
 
 
 def default_model_dir(name: str = "default"):
@@ -132,13 +130,16 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
         except ValueError:  # refused, with its reason, when the backend loads
             spacing = g.timestep_spacing
         # None where it is the folder's own: what every synthmed before timestep_spacing sampled and recorded
-        own = folder_spacing(g.scheduler, config) if g.scheduler in SCHEDULERS else None
+        try:
+            own = folder_spacing(g.scheduler, config) if g.scheduler in SCHEDULERS else None
+        except (ValueError, TypeError, NotImplementedError):  # a config no sampler builds: refused when it loads
+            own = None
         g = dataclasses.replace(g, timestep_spacing=None if spacing == own else spacing,
                                 late_guidance=parse_late_guidance(g.late_guidance))
     return g
 
 
-def _diffusion_backend(spec: "DatasetSpec", model: str | None):
+def _diffusion_backend(spec: "DatasetSpec", model: str | None, limit: int | None = None):
     g = spec.generator
     model = model or g.model
     if model in SHIPPED_MODELS:
@@ -161,14 +162,48 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None):
     from .diffusion import DiffusionBackend
 
     try:
-        return DiffusionBackend(path, width=spec.image.width, height=spec.image.height, steps=g.steps,
-                                guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype, device=g.device,
-                                allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
-                                coarse_to_fine=g.coarse_to_fine, decoder=g.decoder, threads=g.threads,
-                                model_id=model_id, timestep_spacing=g.timestep_spacing,
-                                late_guidance=g.late_guidance)
+        engine = DiffusionBackend(path, width=spec.image.width, height=spec.image.height, steps=g.steps,
+                                  guidance_scale=g.guidance_scale, scheduler=g.scheduler, dtype=g.dtype,
+                                  device=g.device, allow_pickle=g.allow_pickle, compile=g.compile, quantize=g.quantize,
+                                  coarse_to_fine=g.coarse_to_fine, decoder=g.decoder, threads=g.threads,
+                                  model_id=model_id, timestep_spacing=g.timestep_spacing,
+                                  late_guidance=g.late_guidance)
     except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None
+    _check_prompt_lengths(spec, engine, limit)
+    return engine
+
+
+def _check_prompt_lengths(spec: "DatasetSpec", engine, limit: int | None = None) -> None:
+    """Refuse a spec any of whose prompts is longer than the model's text encoder takes, before any image is made:
+    the words past the limit (a case's findings, at the end of the template) would be cut, and its image would not
+    show what its labels say."""
+    from ..prompts import Prompt, build_prompt
+    from ..sampler import sample_cases
+    from ..vocabulary import get_vocabulary
+
+    vocab = get_vocabulary()
+    cases = sample_cases(spec, limit=limit)  # the cases of the run (a resumed run makes some of them)
+    prompts = [build_prompt(case, spec.prompt, vocab) for case in cases]
+    lengths = engine.prompt_lengths(prompts)
+    limit = engine.max_length
+    too_long = [(case, prompt, n) for case, prompt, n in zip(cases, prompts, lengths) if n > limit]
+    if too_long:
+        case, prompt, n = too_long[0]
+        others = ", ".join(f"{c.case_id} ({k})" for c, _, k in too_long[1:4])
+        worst = max(k for _, _, k in too_long)
+        raise BackendUnavailable(
+            f"the prompts of {len(too_long)} of {len(cases)} cases are longer than the {limit} tokens the model's text "
+            f"encoder takes, so their words past the limit (with most templates, the findings) would be cut: "
+            f"{case.case_id}'s is {n} tokens, {prompt.text!r}"
+            + (f"; also {others}{', ...' if len(too_long) > 4 else ''}" if others else "")
+            + f". Shorten prompt.template by at least {worst - limit} tokens, or give those cases fewer findings")
+    negative = spec.prompt.negative if spec.prompt is not None and engine.classifier_free else ""
+    if negative:
+        (n,) = engine.prompt_lengths([Prompt(negative)])
+        if n > limit:
+            raise BackendUnavailable(f"prompt.negative is {n} tokens long, but the model's text encoder takes at most "
+                                     f"{limit}; shorten it by at least {n - limit} tokens")
 
 
 def _drr_backend(spec: "DatasetSpec"):

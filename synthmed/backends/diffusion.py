@@ -154,6 +154,7 @@ class DiffusionBackend:
         _check_student_settings(self.root, scheduler, int(steps), self.coarse_to_fine)
         self.timestep_spacing = resolve_timestep_spacing(
             scheduler, timestep_spacing, scheduler_config(self.root), int(steps))
+        _check_schedule(self.root, self.index, scheduler, int(steps), self.timestep_spacing)
         if decoder is None:
             decoder = recommended["decoder"]
             if decoder == "tiny" and not (self.root / TINY_DECODER).is_dir():
@@ -165,6 +166,7 @@ class DiffusionBackend:
             check_tiny_decoder(self.root, allow_pickle=allow_pickle)
         self.decoder = decoder
         self.distilled = read_distillation(self.root)
+        self.truncate_prompts = False  # a prompt too long for the text encoder is an error, not silently cut
         self.width, self.height, self.steps = int(width), int(height), int(steps)
         self.guidance_scale, self.scheduler_name = float(guidance_scale), scheduler
         self.late_guidance = parse_late_guidance(late_guidance)  # None: off
@@ -234,6 +236,8 @@ class DiffusionBackend:
         self.late_guidance = parse_late_guidance(late_guidance)
         self.quantize, self.micro_batch, self.coarse_to_fine, self.distilled = None, MICRO_BATCH, None, None
         self.decoder, self.tiny_vae = "full", None
+        # a model in training sees its captions cut at the tokenizer's limit, as its training cut them
+        self.truncate_prompts = True
         self.threads = int(threads or torch.get_num_threads())
         self.device, self.dtype, self.dtype_choice = next(unet.parameters()).device, torch.float32, "float32"
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
@@ -326,13 +330,39 @@ class DiffusionBackend:
         self.cache_stats["size"] = len(self._cache)
         return value
 
+    def prompt_lengths(self, prompts: Sequence) -> list[int]:
+        """How many tokens each prompt gives the text encoder, special tokens included, counted as ``embed``
+        tokenizes it (an emphasised prompt piece by piece); more than ``max_length`` cannot be embedded whole.
+
+        Example:
+            >>> backend.prompt_lengths([Prompt("PA chest radiograph. Pneumonia.")])  # doctest: +SKIP
+            [8]
+        """
+        tok, counts = self.tokenizer, {}
+        plain = sorted({p.text for p in prompts if not p.weights})
+        if plain:
+            counts.update(zip(plain, map(len, tok(plain, verbose=False).input_ids)))
+        pieces = sorted({piece for p in prompts if p.weights for piece, _ in p.segments()})
+        specials = sum(map(len, self._special_tokens())) if pieces else 0
+        if pieces:
+            counts.update(zip(pieces, map(len, tok(pieces, add_special_tokens=False, verbose=False).input_ids)))
+        return [sum(counts[piece] for piece, _ in p.segments()) + specials if p.weights else counts[p.text]
+                for p in prompts]
+
+    def _too_long(self, tokens: int, text: str) -> ValueError:
+        return ValueError(f"the prompt {text[:100]!r}{'...' if len(text) > 100 else ''} is {tokens} tokens long, but "
+                          f"{self.root}'s text encoder takes at most {self.max_length}; its last words would be cut "
+                          "(shorten prompt.template, or give a case fewer findings)")
+
     def _encode(self, text: str, spans: tuple):
         import torch
 
         tok = self.tokenizer
         if not spans:
-            ids = tok(text, padding="max_length", max_length=self.max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = tok(text, padding="max_length", max_length=self.max_length, truncation=self.truncate_prompts,
+                      verbose=False, return_tensors="pt").input_ids
+            if ids.shape[1] > self.max_length:
+                raise self._too_long(ids.shape[1], text)
             token_weights = None
         else:
             from ..prompts import Emphasis, Prompt
@@ -340,11 +370,13 @@ class DiffusionBackend:
             pieces = Prompt(text, weights=tuple(Emphasis(s, e, w, "") for s, e, w in spans)).segments()
             body, body_w = [], []
             for piece, weight in pieces:
-                piece_ids = tok(piece, add_special_tokens=False).input_ids
+                piece_ids = tok(piece, add_special_tokens=False, verbose=False).input_ids
                 body += piece_ids
                 body_w += [weight] * len(piece_ids)
             prefix, suffix = self._special_tokens()
             keep = max(self.max_length - len(prefix) - len(suffix), 0)
+            if len(body) > keep and not self.truncate_prompts:
+                raise self._too_long(len(prefix) + len(body) + len(suffix), text)
             body, body_w = body[:keep], body_w[:keep]
             full = prefix + body + suffix
             weights = [1.0] * len(prefix) + body_w + [1.0] * len(suffix)
@@ -706,6 +738,39 @@ def folder_spacing(scheduler: str, config: dict) -> str:
     cls_name, overrides = SCHEDULERS[scheduler]
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     return getattr(diffusers, cls_name).from_config(config, **overrides).config.timestep_spacing
+
+
+def _check_schedule(root: Path, index: dict, scheduler: str, steps: int, spacing: str) -> None:
+    """Refuse, before any weight is loaded, sampling settings the folder's noise schedule cannot take: a prediction
+    type the sampler lacks, or steps whose timesteps run past the trained ones (more steps than the folder's
+    num_train_timesteps; a sampler stepping past its schedule's end makes NaN images or fails mid-run)."""
+    import diffusers
+
+    path = root / "scheduler" / "scheduler_config.json"
+    raw = _json_object(path)
+    if scheduler == "pndm" and raw.get("prediction_type") == "sample":
+        raise ModelFolderError(f"{path}: prediction_type \"sample\" is not one the pndm scheduler "
+                               "(generator.scheduler) samples (epsilon or v_prediction); choose another scheduler")
+    trained = raw.get("num_train_timesteps", 1000)
+    cls_name, overrides = SCHEDULERS[scheduler]
+    # as the backend builds it: the folder's scheduler class from its config, then the sampler from that
+    base = getattr(diffusers, index["scheduler"][1]).from_config({k: v for k, v in raw.items() if k[:1] != "_"})
+    sampler = getattr(diffusers, cls_name).from_config(base.config, **{**overrides, "timestep_spacing": spacing})
+
+    def fits(n: int) -> bool:
+        try:
+            sampler.set_timesteps(n)
+        except (ValueError, IndexError):
+            return False
+        timesteps = sampler.timesteps
+        return n <= trained and len(timesteps) > 0 and 0 <= float(timesteps.min()) <= float(timesteps.max()) < trained
+
+    if not fits(steps):
+        most = next((n for n in range(min(steps, trained), 0, -1) if fits(n)), 0)
+        raise ModelFolderError(f"{path}: num_train_timesteps {trained} is too few for {steps} {scheduler} steps "
+                               f"(generator.steps) with {spacing} timestep spacing: they run past the trained "
+                               f"timesteps; " + (f"sample at most {most} steps" if most else
+                                                 "this schedule cannot be sampled"))
 
 
 def _check_student_settings(root: Path, scheduler: str, steps: int, coarse_to_fine: dict | None) -> None:

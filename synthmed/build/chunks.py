@@ -214,13 +214,14 @@ def case_paths(spec: DatasetSpec, case: "Case") -> list[str]:
     return paths
 
 
-def load_backend(spec: DatasetSpec, backend: "str | Backend | None", model: str | None) -> "Backend":
+def load_backend(spec: DatasetSpec, backend: "str | Backend | None", model: str | None,
+                 limit: int | None = None) -> "Backend":
     from ..backends import BackendUnavailable, create_backend
 
     if backend is not None and not isinstance(backend, str):
         return backend
     try:
-        return create_backend(spec, backend=backend, model=model)
+        return create_backend(spec, backend=backend, model=model, limit=limit)
     except BackendUnavailable as e:
         raise BuildError(str(e), 2) from None
 

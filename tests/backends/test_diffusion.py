@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from conftest import SIZE, emphasised, make_case, make_prompt  # noqa: E402
+from conftest import MAX_LENGTH, SIZE, emphasised, make_case, make_prompt  # noqa: E402
 
 from synthmed.backends import BackendInfo, GeneratedImage  # noqa: E402
 from synthmed.backends.diffusion import SCHEDULERS, DiffusionBackend, resolve_timestep_spacing  # noqa: E402
@@ -493,6 +493,52 @@ def test_emphasis_changes_the_image_and_is_cached_separately(tiny_sd_dir):
     assert np.array_equal(stored(alone), stored(b))
 
 
+# ----------------------------------------------------------------------------- prompts too long for the text encoder
+
+def _padded(prompt: Prompt, words: int) -> Prompt:
+    """``prompt`` after ``words`` words of one token each ("a" in the tiny vocabulary), its emphasis moved along."""
+    from synthmed.prompts import Emphasis
+
+    pad = "a " * words
+    return Prompt(pad + prompt.text, weights=tuple(Emphasis(e.start + len(pad), e.end + len(pad), e.weight, e.role)
+                                                   for e in prompt.weights))
+
+
+@pytest.mark.parametrize("emphasis", [None, {"finding": 1.3}])
+def test_a_prompt_one_token_too_long_is_refused_not_cut(backend, emphasis):
+    """The count the up-front check uses is the one embed uses (an emphasised prompt is tokenized piece by piece):
+    at the limit a prompt embeds; one token more is an error, never silently cut."""
+    case = make_case()
+    prompt = make_prompt(case, emphasis=emphasis)
+    (n,) = backend.prompt_lengths([prompt])
+    assert n == len(backend.tokenizer(prompt.text).input_ids)
+    fits = _padded(prompt, backend.max_length - n)
+    assert backend.prompt_lengths([fits]) == [backend.max_length]
+    assert backend.embed(fits.text, fits.weights).shape[1] == backend.max_length
+    over = _padded(prompt, backend.max_length - n + 1)
+    assert backend.prompt_lengths([over]) == [backend.max_length + 1]
+    with pytest.raises(ValueError, match=f"{backend.max_length + 1} tokens long.*at most {backend.max_length}"):
+        backend.embed(over.text, over.weights)
+
+
+def test_generate_refuses_a_spec_whose_prompts_are_too_long_before_any_image(tiny_sd_dir, tmp_path):
+    """A template that pushes the findings past the tokenizer's limit is an error naming the case, the tokens and
+    the fix (exit 2), before any image; the shipped-length template builds."""
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    long_template = "{view} chest radiograph of a {age} year old {sex}, " + "a " * 60 + "{findings}."
+    text = _spec_text(tiny_sd_dir).replace("prompt: {", f"prompt: {{template: {json.dumps(long_template)}, ")
+    with pytest.raises(BuildError) as excinfo:
+        generate(load_spec(text), tmp_path / "long", progress=False)
+    message = str(excinfo.value)
+    assert excinfo.value.exit_code == 2
+    assert "case-0000000's is" in message and "tokens" in message and f"than the {MAX_LENGTH} tokens" in message
+    assert "prompt.template" in message and "fewer findings" in message
+    assert not (tmp_path / "long" / "images").exists()
+    assert generate(load_spec(_spec_text(tiny_sd_dir)), tmp_path / "short", progress=False).written == 5
+
+
 # ----------------------------------------------------------------------------- save / reload
 
 def test_resaved_folder_gives_identical_images(backend, tmp_path, cases):
@@ -678,6 +724,87 @@ def test_size_not_a_multiple_of_the_model_factor(tiny_sd_dir, width, height):
 def test_sizes_that_are_multiples_pass_the_check(tiny_sd_dir):
     index = check_model_folder(tiny_sd_dir, width=72, height=40)
     assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def _edit_config(folder: Path, file: str, **changes) -> None:
+    path = folder / file
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(changes)
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+UNET, SCHEDULER = "unet/config.json", "scheduler/scheduler_config.json"
+
+
+@pytest.mark.parametrize("file, changes, needles", [
+    (UNET, {"out_channels": 3}, ("in_channels 4", "out_channels 3")),
+    (UNET, {"out_channels": 8}, ("out_channels 8", "learned variance")),
+    (UNET, {"num_class_embeds": 10}, ("num_class_embeds 10", "class labels")),
+    (UNET, {"class_embed_type": "timestep"}, ("class_embed_type", "class labels")),
+    (UNET, {"addition_embed_type": "text_time", "addition_time_embed_dim": 8}, ("addition_embed_type", "SDXL")),
+    (UNET, {"encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 16}, ("encoder_hid_dim_type", "not supported")),
+    (SCHEDULER, {"prediction_type": "bogus"}, ("prediction_type \"bogus\"", "epsilon, v_prediction, sample")),
+    (SCHEDULER, {"prediction_type": "flow_prediction"}, ("prediction_type", "flow-matching")),
+    (SCHEDULER, {"use_flow_sigmas": True}, ("use_flow_sigmas", "flow-matching")),
+    (SCHEDULER, {"beta_schedule": "weird"}, ("beta_schedule \"weird\"", "scaled_linear")),
+    (SCHEDULER, {"beta_schedule": "sigmoid"}, ("beta_schedule \"sigmoid\"",)),  # DDPM's only: no sampler knows it
+    (SCHEDULER, {"num_train_timesteps": 0}, ("num_train_timesteps 0",)),
+    (SCHEDULER, {"_class_name": "FlowMatchEulerDiscreteScheduler"},
+     ("FlowMatchEulerDiscreteScheduler", "flow-matching")),
+])
+def test_configs_synthmed_cannot_sample_are_refused_naming_file_and_key(model_copy, file, changes, needles):
+    """Configs that fit their weights but not synthmed's text-to-image sampling (which would crash mid-run or
+    sample the wrong process) are refused before loading, naming the file and the key."""
+    folder = model_copy()
+    _edit_config(folder, file, **changes)
+    _assert_refused(folder, str(Path(file)), *needles)
+
+
+def test_a_flow_matching_scheduler_is_refused_not_replaced(model_copy, tmp_path):
+    """A flow-matching folder (its scheduler FlowMatchEulerDiscreteScheduler, as model_index.json names it) is
+    refused naming the file, through generate too (exit 2), instead of being sampled by dpm_solver on default betas."""
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    folder = model_copy()
+    _edit_index(folder, scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"])
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    _assert_refused(folder, "model_index.json", "FlowMatchEulerDiscreteScheduler", "flow-matching")
+    with pytest.raises(BuildError) as excinfo:
+        generate(load_spec(_spec_text(folder)), tmp_path / "out", progress=False)
+    assert excinfo.value.exit_code == 2 and "FlowMatchEulerDiscreteScheduler" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("changes", [{"prediction_type": "v_prediction"}, {"prediction_type": "sample"},
+                                     {"beta_schedule": "weird", "trained_betas": [0.001] * 1000}])
+def test_configs_synthmed_samples_pass_the_check(model_copy, changes):
+    folder = model_copy()
+    _edit_config(folder, SCHEDULER, **changes)
+    check_model_folder(folder, width=SIZE, height=SIZE)
+
+
+def test_steps_past_the_trained_timesteps_are_refused_before_loading(model_copy):
+    """A folder trained on 3 timesteps cannot take 4 steps (NaN images) nor 3 ddim steps of its leading spacing
+    (the last timestep 3 is past the schedule): refused naming the file, the key and what it can take."""
+    folder = model_copy()
+    _edit_config(folder, SCHEDULER, num_train_timesteps=3)
+    check_model_folder(folder, width=SIZE, height=SIZE)
+    for scheduler, steps, most in (("dpm_solver", 4, 3), ("ddim", 3, 2)):
+        with _no_weights_loaded(), pytest.raises(ModelFolderError) as excinfo:
+            make_backend(folder, scheduler=scheduler, steps=steps)
+        message = str(excinfo.value)
+        for needle in (str(Path(SCHEDULER)), "num_train_timesteps 3", f"{steps} {scheduler} steps", f"at most {most}"):
+            assert needle in message, message
+        assert make_backend(folder, scheduler=scheduler, steps=most).steps == most
+
+
+def test_pndm_cannot_sample_a_sample_predicting_model(model_copy):
+    folder = model_copy()
+    _edit_config(folder, SCHEDULER, prediction_type="sample")
+    with _no_weights_loaded(), pytest.raises(ModelFolderError, match="pndm"):
+        make_backend(folder, scheduler="pndm")
+    make_backend(folder, scheduler="ddim")
 
 
 # ----------------------------------------------------------------------------- model hash
