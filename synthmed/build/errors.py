@@ -36,6 +36,9 @@ def _remedy(err: OSError) -> str:
         return "the disk is full", "free space and rerun with --resume to finish"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return err.strerror or "permission denied", "make the folder writable and rerun with --resume to finish"
+    if err.errno in (errno.EISDIR, errno.ENOTDIR):  # a folder (or a file) of the user's stands in the way
+        return err.strerror or str(err), ("a folder or file that is not synthmed's stands where it writes; move it "
+                                          "away and rerun with --resume to finish")
     return err.strerror or str(err), "rerun with --resume to finish"
 
 

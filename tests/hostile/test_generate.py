@@ -248,6 +248,9 @@ def test_permission_denied_does_not_say_free_space(spec_file, tmp_path, monkeypa
     assert "Permission denied" in message and "free space" not in message
     full = os_error_message(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
     assert "disk is full" in full and "()" not in full and str(tmp_path) in full
+    in_the_way = write_failed_message(tmp_path, WriteFailed("images/a.png", IsADirectoryError(errno.EISDIR, "Is a "
+                                                                                              "directory")))
+    assert "move it away" in in_the_way  # not only "rerun with --resume", which fails the same way
 
 
 def test_a_damaged_run_record_is_named_not_shown_as_a_change(built, spec_file):
