@@ -115,6 +115,7 @@ class RunFolder:
                                      f"this one writes format {run['format']}{': ' + what if what else ''}); its files "
                                      "cannot be finished by this version. Rerun with --overwrite to build it again "
                                      "(it removes only the files synthmed wrote), or use a new folder", 2)
+                previous = _same_model_path(previous, run)
                 changed = []
                 for key in run:
                     old, new = previous.get(key), run[key]
@@ -271,6 +272,19 @@ def _atomic_json(path: Path, data: Any) -> None:
     from ..atomic import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _same_model_path(previous: dict, run: dict) -> dict:
+    """A run recorded before a spec's model path was taken relative to the spec, with the same folder relative to
+    the current one: the same model (its files' hash is checked against the parts), so not a change."""
+    old, new = previous.get("model"), run.get("model")
+    if not (isinstance(old, str) and isinstance(new, str)) or old == new or Path(old).is_absolute() \
+            or str(Path(old).resolve()) != new:
+        return previous
+    generator = previous.get("generator")
+    if isinstance(generator, dict) and generator.get("model") == old:
+        generator = {**generator, "model": new}
+    return {**previous, "model": new, "generator": generator}
 
 
 def file_sha256(path: Path) -> str | None:

@@ -425,3 +425,18 @@ def test_a_claims_own_temp_file_is_removed_by_the_next_run(built, spec_file):
     theirs = plant(built, ".synthmed/claims/notes.tmp", "not a claim's temp name")
     generate(spec_file, built, backend="pattern", resume=True, progress=False)
     assert not leftover.exists() and theirs.exists()
+
+
+def test_a_run_recorded_with_a_model_path_relative_to_the_current_folder_still_resumes(tmp_path, monkeypatch):
+    """Runs before generator.model was taken relative to the spec recorded it as written; the same folder is no
+    change, another one is."""
+    from synthmed.build.run_folder import _same_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    new = str((tmp_path / "models" / "mine").resolve())
+    run = {"model": new, "generator": {"model": new, "steps": 20}}
+    old = {"model": "models/mine", "generator": {"model": "models/mine", "steps": 20}}
+    assert _same_model_path(old, run) == run
+    other = {"model": "models/other", "generator": {"model": "models/other", "steps": 20}}
+    assert _same_model_path(other, run) == other
