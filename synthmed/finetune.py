@@ -842,9 +842,11 @@ class _WorkFolder:
         if os.path.lexists(self.root) and not self.root.is_dir():
             raise ValueError(f"work_dir {self.root} exists and is not a folder")
         work, model = self.root.resolve(), Path(out).resolve()
-        if work == model or work.is_relative_to(model) or model.is_relative_to(work):
-            raise ValueError(f"work_dir {self.root} and the output folder {out} must be separate folders, neither "
-                             "inside the other")
+        inside = model.relative_to(work).parts[0] if model != work and model.is_relative_to(work) else None
+        # a model saved into place moves its whole folder aside: a work folder in it would go too
+        if work == model or work.is_relative_to(model) or inside in (*PLANNED_TOPS, STATE_DIR):
+            raise ValueError(f"work_dir {self.root} and the output folder {out} must be separate folders (the model "
+                             f"folder may lie in the work folder, but not at a name it uses: {', '.join(PLANNED_TOPS)})")
         other = self.ledger.other_kind("work") if self.root.is_dir() and self.ledger.is_safe() else None
         if other:
             raise ValueError(f"work_dir {self.root} holds {other}; synthmed {self.tool} keeps its checkpoints in a "

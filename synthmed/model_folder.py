@@ -52,7 +52,7 @@ MAX_CONFIG_INTEGER = 2**20  # any whole number in a component config (vocabulari
 MAX_TRAIN_TIMESTEPS = 100_000  # and any whole number in the scheduler config (Stable Diffusion: 1000)
 # What synthmed's text-to-image loop samples: a UNet predicting noise (or v, or the sample) for its own input, from
 # the text alone, under a DDPM-family beta schedule that each of its samplers rebuilds from the folder's config.
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # every sampler takes these (pndm all but sample)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # pndm and euler_ancestral all but sample
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # the ones all of synthmed's samplers know
 # UNet config keys that add an input beyond the text (class labels; SDXL-style added text/time embeddings, image
 # embeddings or a projection of the text states), which synthmed's sampling does not give

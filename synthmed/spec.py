@@ -984,18 +984,32 @@ class _MeaningChecker:
 
     def model_path(self, value: Any, backend: str) -> Any:
         """generator.model: a shipped model's name as it is; a folder resolved against the spec's folder, as every
-        path in a spec (so a spec loads the same model wherever it is run from), which must exist when the spec's
-        files are checked and the diffusion backend will load it."""
+        path in a spec (so a spec loads the same model wherever it is run from). A folder that is not there is a
+        warning, not an error: a dry run (--backend pattern) or --model may not need it; loading it names it again.
+        Where only the current folder has it (what the path meant before it was taken relative to the spec), that
+        one is used, with a warning."""
         if not isinstance(value, str) or value in SHIPPED_MODELS or not self.ok(("generator", "model")):
             return value
+        at = ("generator", "model")
         try:
-            resolved = (self.files.base / Path(value).expanduser()).resolve()
-        except (RuntimeError, OSError) as e:  # ~user that does not exist, a link loop
-            self.error(("generator", "model"), f"no such model folder: {value} ({e})")
+            given = Path(value).expanduser()
+            resolved = (self.files.base / given).resolve()
+            found = resolved.is_dir()
+            legacy = None if found or given.is_absolute() else given.resolve()
+            if legacy is not None and not legacy.is_dir():
+                legacy = None
+        except (RuntimeError, OSError, ValueError) as e:  # ~user that does not exist, a link loop, a NUL, too long
+            if self.files.check and backend == "diffusion":
+                self.error(at, f"generator.model {value!r} is not a usable path ({e})", level="warning")
             return value
-        if self.files.check and backend == "diffusion" and not resolved.is_dir():
-            self.error(("generator", "model"), f"no such model folder: {value} (paths in a spec are relative to the "
-                       f"spec's folder: {resolved}); give a diffusers model folder, default or default-fast")
+        if legacy is not None:
+            self.error(at, f"{value} is taken from the current folder ({legacy}), not from the spec's folder "
+                       f"({resolved}), where paths in a spec are relative to; write the path relative to the spec",
+                       level="warning")
+            return str(legacy)
+        if not found and self.files.check and backend == "diffusion":
+            self.error(at, f"no such model folder: {value} (paths in a spec are relative to the spec's folder: "
+                       f"{resolved}); give a diffusers model folder, default or default-fast", level="warning")
         return str(resolved)
 
     def spacing_takes(self, g: dict) -> None:

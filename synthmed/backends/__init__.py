@@ -184,18 +184,28 @@ def _check_prompt_lengths(spec: "DatasetSpec", engine, limit: int | None = None)
 
     vocab = get_vocabulary()
     cases = sample_cases(spec, limit=limit)  # the cases of the run (a resumed run makes some of them)
-    prompts = [build_prompt(case, spec.prompt, vocab) for case in cases]
-    lengths = engine.prompt_lengths(prompts)
+    # one entry per distinct prompt (a few thousand for a million cases): its first case and how many share it
+    distinct: dict = {}
+    for case in cases:
+        prompt = build_prompt(case, spec.prompt, vocab)
+        key = (prompt.text, prompt.weights)
+        if key in distinct:
+            distinct[key][2] += 1
+        else:
+            distinct[key] = [case, prompt, 1]
+    entries = list(distinct.values())
+    lengths = engine.prompt_lengths([prompt for _, prompt, _ in entries])
     limit = engine.max_length
-    too_long = [(case, prompt, n) for case, prompt, n in zip(cases, prompts, lengths) if n > limit]
+    too_long = [(case, prompt, n, count) for (case, prompt, count), n in zip(entries, lengths) if n > limit]
     if too_long:
-        case, prompt, n = too_long[0]
-        others = ", ".join(f"{c.case_id} ({k})" for c, _, k in too_long[1:4])
-        worst = max(k for _, _, k in too_long)
+        too_long.sort(key=lambda e: e[0].index)
+        case, prompt, n, _ = too_long[0]
+        others = ", ".join(f"{c.case_id} ({k})" for c, _, k, _ in too_long[1:4])
+        worst = max(k for _, _, k, _ in too_long)
         raise BackendUnavailable(
-            f"the prompts of {len(too_long)} of {len(cases)} cases are longer than the {limit} tokens the model's text "
-            f"encoder takes, so their words past the limit (with most templates, the findings) would be cut: "
-            f"{case.case_id}'s is {n} tokens, {prompt.text!r}"
+            f"the prompts of {sum(e[3] for e in too_long)} of {len(cases)} cases are longer than the {limit} tokens "
+            f"the model's text encoder takes, so their words past the limit (with most templates, the findings) "
+            f"would be cut: {case.case_id}'s is {n} tokens, {prompt.text!r}"
             + (f"; also {others}{', ...' if len(too_long) > 4 else ''}" if others else "")
             + f". Shorten prompt.template by at least {worst - limit} tokens, or give those cases fewer findings")
     negative = spec.prompt.negative if spec.prompt is not None and engine.classifier_free else ""

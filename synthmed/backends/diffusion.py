@@ -748,8 +748,8 @@ def _check_schedule(root: Path, index: dict, scheduler: str, steps: int, spacing
 
     path = root / "scheduler" / "scheduler_config.json"
     raw = _json_object(path)
-    if scheduler == "pndm" and raw.get("prediction_type") == "sample":
-        raise ModelFolderError(f"{path}: prediction_type \"sample\" is not one the pndm scheduler "
+    if scheduler in ("pndm", "euler_ancestral") and raw.get("prediction_type") == "sample":
+        raise ModelFolderError(f"{path}: prediction_type \"sample\" is not one the {scheduler} scheduler "
                                "(generator.scheduler) samples (epsilon or v_prediction); choose another scheduler")
     trained = raw.get("num_train_timesteps", 1000)
     cls_name, overrides = SCHEDULERS[scheduler]

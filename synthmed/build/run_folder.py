@@ -58,7 +58,7 @@ class RunFolder:
         out = self.out
         if out.exists() and not out.is_dir():
             raise BuildError(f"{out} exists and is not a folder", 2)
-        other = self.ledger.other_kind("dataset", "report") if out.is_dir() and self.ledger.is_safe() else None
+        other = self.ledger.other_kind("dataset") if out.is_dir() and self.ledger.is_safe() else None
         if other:  # a mistyped -o: not even --overwrite replaces it
             raise BuildError(f"{out} holds {other}; synthmed generate writes a dataset and does not replace or write "
                              "into it. Choose another output folder", 2)

@@ -799,11 +799,12 @@ def test_steps_past_the_trained_timesteps_are_refused_before_loading(model_copy)
         assert make_backend(folder, scheduler=scheduler, steps=most).steps == most
 
 
-def test_pndm_cannot_sample_a_sample_predicting_model(model_copy):
+@pytest.mark.parametrize("scheduler", ["pndm", "euler_ancestral"])
+def test_a_scheduler_that_cannot_sample_a_sample_predicting_model_is_refused(model_copy, scheduler):
     folder = model_copy()
     _edit_config(folder, SCHEDULER, prediction_type="sample")
-    with _no_weights_loaded(), pytest.raises(ModelFolderError, match="pndm"):
-        make_backend(folder, scheduler="pndm")
+    with _no_weights_loaded(), pytest.raises(ModelFolderError, match=scheduler):
+        make_backend(folder, scheduler=scheduler)
     make_backend(folder, scheduler="ddim")
 
 

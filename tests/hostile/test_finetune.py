@@ -326,7 +326,13 @@ def test_a_dataset_or_the_model_folder_as_the_work_folder_is_refused(training_se
     assert _snapshot(data) == before and not (tmp_path / "model").exists()
     nested = _cli(training_set, tmp_path / "model", "--steps", "0", "--vae-steps", "0", "--work-dir",
                   str(tmp_path / "model" / "training"))
-    assert nested.exit_code == 2 and "neither inside the other" in nested.stderr, nested.output
+    assert nested.exit_code == 2 and "must be separate folders" in nested.stderr, nested.output
+    at_its_name = _cli(training_set, tmp_path / "run" / "checkpoints", "--steps", "0", "--vae-steps", "0",
+                       "--work-dir", str(tmp_path / "run"))
+    assert at_its_name.exit_code == 2 and "must be separate folders" in at_its_name.stderr, at_its_name.output
+    beside = _cli(training_set, tmp_path / "run" / "model", "--steps", "0", "--vae-steps", "0", "--work-dir",
+                  str(tmp_path / "run"))  # a model folder in its run's work folder: fine, as before
+    assert beside.exit_code == 0, beside.output
 
 
 def test_generate_and_qc_never_replace_a_model_or_another_datasets_report(training_set, tmp_path):
@@ -350,3 +356,10 @@ def test_generate_and_qc_never_replace_a_model_or_another_datasets_report(traini
     result = CliRunner().invoke(main, ["qc", str(training_set), "--report-dir", str(other), "-q"])
     assert result.exit_code == 2 and "holds a dataset that synthmed generate wrote" in result.stderr, result.output
     assert _snapshot(other) == theirs
+    reports = tmp_path / "reports"  # a report folder qc wrote is not a dataset generate may empty
+    CliRunner().invoke(main, ["qc", str(training_set), "--report-dir", str(reports), "-q"])
+    report = _snapshot(reports)
+    assert "qc_report.json" in report
+    result = CliRunner().invoke(main, ["generate", str(spec), "-o", str(reports), "--overwrite", "--no-qc"])
+    assert result.exit_code == 2 and "quality report" in result.stderr, result.output
+    assert _snapshot(reports) == report
