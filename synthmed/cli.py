@@ -513,7 +513,8 @@ def distill(teacher: str, manifest: Path, out: Path, quiet: bool, **options) -> 
     click.echo(f"distilled {result.steps:,} steps ({result.mode}) in {result.seconds / 60:.1f} min; last loss: "
                f"{'n/a' if loss is None else f'{loss:.5f}'}")
     click.echo(f"  student:     {result.model_dir}  (use it: generator.model: {Path(result.model_dir).absolute()}; "
-               f"it samples with {recommended['scheduler']}, {recommended['steps']} steps, guidance {recommended['guidance_scale']:g}"
+               f"it samples with {recommended['scheduler']}, {recommended['steps']} steps, guidance "
+               f"{recommended['guidance_scale']:g}"
                f"{'; generator.decoder: tiny for its tiny decoder' if 'tiny_decoder' in result.record else ''})")
     click.echo(f"  checkpoints: {result.work_dir / 'checkpoints'}")
 

@@ -49,12 +49,13 @@ class RunFolder:
         self.created = False
         self.left_alone: list[str] = []   # files --overwrite found that synthmed did not write
         self.notes: list[str] = []         # what the user should know (printed by the CLI)
+        self.rerun = "--resume"            # what a refused claim's message asks to rerun with (prepare sets it)
 
     def prepare(self, run: dict, *, resume: bool, overwrite: bool, planned=None) -> None:
         """Lock the folder and check it against an earlier run; ``planned(rel)`` says whether this run will
         write ``rel`` (so that --overwrite stops before deleting anything when a file in the way would stay)."""
         self.planned = planned or (lambda rel: False)
-        self.rerun = "--overwrite" if overwrite else "--resume"  # what a refused claim's message asks to rerun with
+        self.rerun = "--overwrite" if overwrite else "--resume"
         out = self.out
         if out.exists() and not out.is_dir():
             raise BuildError(f"{out} exists and is not a folder", 2)
@@ -242,7 +243,7 @@ class RunFolder:
         except ForeignFileError as e:
             raise BuildError(f"{e} (in {self.out}); synthmed overwrites only files it wrote. Move "
                              f"{'it' if len(e.rels) == 1 else 'them'} out of the folder and rerun with "
-                             f"{getattr(self, 'rerun', '--resume')}", 2) \
+                             f"{self.rerun}", 2) \
                 from None
 
 
