@@ -29,9 +29,9 @@ BACKENDS = ("diffusion", "phantom", "pattern", "drr")
 
 
 def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None,
-                   limit: int | None = None) -> Backend:
+                   cases=None) -> Backend:
     """Build the backend a spec asks for (``backend``/``model`` override the spec's generator); a diffusion model
-    must take the prompt of each case the run makes (its first ``limit``, else all) whole."""
+    must take the prompt of each case the run makes (``cases``, else every case of the spec) whole."""
     name = backend or spec.generator.backend
     from ..spec import BACKEND_VIEWS
 
@@ -56,7 +56,7 @@ def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: st
                                      f"{spec.image.width} x {spec.image.height} (image.size in the spec)")
         return PhantomBackend(spec.image.width, spec.image.height)
     if name == "diffusion":
-        return _diffusion_backend(spec, model, limit)
+        return _diffusion_backend(spec, model, cases)
     if name == "drr":
         return _drr_backend(spec)
     raise BackendUnavailable(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
@@ -139,7 +139,7 @@ def resolve_generator(spec: "DatasetSpec", *, backend: str | None = None, model:
     return g
 
 
-def _diffusion_backend(spec: "DatasetSpec", model: str | None, limit: int | None = None):
+def _diffusion_backend(spec: "DatasetSpec", model: str | None, cases=None):
     g = spec.generator
     model = model or g.model
     if model in SHIPPED_MODELS:
@@ -170,11 +170,11 @@ def _diffusion_backend(spec: "DatasetSpec", model: str | None, limit: int | None
                                   late_guidance=g.late_guidance)
     except (ModelFolderError, ValueError) as e:  # ValueError: settings the machine cannot run (device)
         raise BackendUnavailable(str(e)) from None
-    _check_prompt_lengths(spec, engine, limit)
+    _check_prompt_lengths(spec, engine, cases)
     return engine
 
 
-def _check_prompt_lengths(spec: "DatasetSpec", engine, limit: int | None = None) -> None:
+def _check_prompt_lengths(spec: "DatasetSpec", engine, cases=None) -> None:
     """Refuse a spec any of whose prompts is longer than the model's text encoder takes, before any image is made:
     the words past the limit (a case's findings, at the end of the template) would be cut, and its image would not
     show what its labels say."""
@@ -183,7 +183,8 @@ def _check_prompt_lengths(spec: "DatasetSpec", engine, limit: int | None = None)
     from ..vocabulary import get_vocabulary
 
     vocab = get_vocabulary()
-    cases = sample_cases(spec, limit=limit)  # the cases of the run (a resumed run makes some of them)
+    if cases is None:  # every case of the spec (a run passes its own, which it has sampled already)
+        cases = sample_cases(spec)
     # one entry per distinct prompt (a few thousand for a million cases): its first case and how many share it
     distinct: dict = {}
     for case in cases:

@@ -215,13 +215,13 @@ def case_paths(spec: DatasetSpec, case: "Case") -> list[str]:
 
 
 def load_backend(spec: DatasetSpec, backend: "str | Backend | None", model: str | None,
-                 limit: int | None = None) -> "Backend":
+                 cases=None) -> "Backend":
     from ..backends import BackendUnavailable, create_backend
 
     if backend is not None and not isinstance(backend, str):
         return backend
     try:
-        return create_backend(spec, backend=backend, model=model, limit=limit)
+        return create_backend(spec, backend=backend, model=model, cases=cases)
     except BackendUnavailable as e:
         raise BuildError(str(e), 2) from None
 

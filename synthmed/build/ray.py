@@ -88,7 +88,7 @@ class ChunkWorker:
         # whose order the sampler uses (and it lacks command-line generator overrides)
         spec = job["spec"]
         self.cases = sample_cases(spec, limit=job["limit"])
-        engine = load_backend(spec, job["backend"], job["model"], job["limit"])
+        engine = load_backend(spec, job["backend"], job["model"], self.cases)
         check_same_model(self.out, engine.info.model_hash, job.get("made_with"), engine.info.settings.get("dtype"),
                          job.get("made_in"))
         self.maker = ChunkMaker(spec, self.out, engine, job["batch_size"])

@@ -8,7 +8,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -290,13 +289,9 @@ def _same_model_path(previous: dict, run: dict) -> dict:
 
 def file_sha256(path: Path) -> str | None:
     """The sha256 of a file in the output folder; None when there is none, or it is a link (not ours, not followed)."""
-    if path.is_symlink():
-        return None
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except FileNotFoundError:
-        return None
+    from ..ledger import file_sha256 as sha256
+
+    return sha256(path, follow_links=False)
 
 
 def part_path(parts: Path, k: int) -> Path:
