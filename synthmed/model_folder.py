@@ -27,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,6 +141,8 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
         if name in WEIGHTED_COMPONENTS:
+            for weights in (p for p in files if p.parent == folder and p.name.endswith(".safetensors")):
+                check_safetensors_file(weights)
             if not any(p.name.endswith(".safetensors") for p in files if p.parent == folder):
                 weights = [p for p in pickled if p.parent == folder]  # from_pretrained reads the folder, not below
                 if not weights:
@@ -196,7 +200,7 @@ def _check_noise_schedule(root: Path, index: dict) -> None:
     path = root / "scheduler" / "scheduler_config.json"
     config = _read_config(path)
     for where, cls_name in ((root / "model_index.json", index["scheduler"][1]), (path, config.get("_class_name"))):
-        if isinstance(cls_name, str) and not _is_beta_schedule(cls_name):
+        if isinstance(cls_name, str) and not _is_beta_schedule(cls_name, where):
             raise ModelFolderError(f"{where}: the scheduler is {cls_name}, not a DDPM-family (beta schedule) scheduler "
                                    "such as DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler; "
                                    "synthmed samples noise-prediction latent-diffusion models only (not flow-matching "
@@ -220,7 +224,7 @@ def _check_noise_schedule(root: Path, index: dict) -> None:
                                "least 1 (Stable Diffusion: 1000)")
 
 
-def _is_beta_schedule(cls_name: str) -> bool:
+def _is_beta_schedule(cls_name: str, where: Path | str = "scheduler_config.json") -> bool:
     """Whether diffusers' scheduler ``cls_name`` is of the DDPM family: it takes a beta schedule (beta_schedule,
     trained_betas), as DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC and LCM do and flow-matching or EDM ones do not."""
     try:
@@ -232,6 +236,7 @@ def _is_beta_schedule(cls_name: str) -> bool:
         return True
     if not isinstance(cls, type):
         return False
+    _check_installed(cls, f"{where}: the scheduler is {cls_name}", "scheduler")
     params = inspect.signature(cls.__init__).parameters
     return "beta_schedule" in params and "trained_betas" in params
 
@@ -256,8 +261,63 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def check_safetensors_file(path: Path) -> None:
+    """A safetensors file whole: its header readable JSON, and as many bytes after it as the header's tensors
+    span. A copy or download cut short fails here by name, not later inside the loader with "Unable to load
+    weights". Reads the header only (bounded by MAX_CONFIG_BYTES).
+
+    Example:
+        >>> import tempfile
+        >>> file = Path(tempfile.mkdtemp()) / "w.safetensors"
+        >>> _ = file.write_bytes(b"not weights")
+        >>> try:
+        ...     check_safetensors_file(file)
+        ... except ModelFolderError as e:
+        ...     print(str(e).split(": ", 1)[1][:40])
+        not a safetensors file (its header is no
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            start = fh.read(8)
+            length = int.from_bytes(start, "little") if len(start) == 8 else -1
+            raw = fh.read(length) if 0 < length <= min(MAX_CONFIG_BYTES, size - 8) else b""
+    except OSError as e:
+        raise ModelFolderError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8")) if raw else None
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        cut = " or cut short" if size < 8 or length > size - 8 else ""
+        raise ModelFolderError(f"{path}: not a safetensors file (its header is not readable{cut}); copy or convert "
+                               "the weights again")
+    try:
+        end = max([int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"], default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ModelFolderError(f"{path}: not a safetensors file (its header lists tensors without data_offsets); "
+                               "copy or convert the weights again") from None
+    expected = 8 + length + end
+    if size < expected:
+        raise ModelFolderError(f"{path} is cut short: {size:,} bytes of the {expected:,} its header lists (an "
+                               "interrupted copy or download?); copy the weights again")
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:,.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
+
+
+def _check_installed(cls: Any, what: str, slot: str) -> None:
+    """diffusers and transformers export a stand-in (a ``DummyObject``) for each class whose optional library is
+    not installed; name that library rather than call the class unknown or of the wrong kind."""
+    if type(cls).__name__ != "DummyObject":
+        return
+    missing = [b for b in getattr(cls, "_backends", None) or () if importlib.util.find_spec(b) is None]
+    if missing:
+        other = (", or name DPMSolverMultistepScheduler there: synthmed samples with generator.scheduler whatever "
+                 "the folder names") if slot == "scheduler" else ""
+        raise ModelFolderError(f"{what}, which needs {', '.join(missing)}; that is not installed: install it "
+                               f"(pip install {' '.join(missing)}){other}")
 
 
 def _check_slot_class(name: str, library: str, cls_name: str, index_file: Path) -> None:
@@ -273,6 +333,7 @@ def _check_slot_class(name: str, library: str, cls_name: str, index_file: Path) 
             cls = getattr(module, cls_name, None) if cls_name.isidentifier() else None
     except ImportError:  # checked again when the backend loads
         return
+    _check_installed(cls, f"{index_file}: component '{name}' is {library}.{cls_name}", name)
     base = getattr(diffusers if base_library == "diffusers" else transformers, base_name)
     fits = isinstance(cls, type) and issubclass(cls, base)
     if fits and name == "vae":
@@ -349,6 +410,8 @@ def check_tiny_decoder(path: str | Path, *, allow_pickle: bool = False) -> dict:
                                f"{TINY_DECODER_CLASS} (TAESD-style); no other class is loaded from there")
     _check_component_size("vae", config, config_file)
     files = sorted(p for p in folder.iterdir() if p.is_file())
+    for weights in (p for p in files if p.name.endswith(".safetensors")):
+        check_safetensors_file(weights)
     if not any(p.name.endswith(".safetensors") for p in files):
         weights = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
         if not weights:

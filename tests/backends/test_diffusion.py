@@ -776,6 +776,39 @@ def test_a_flow_matching_scheduler_is_refused_not_replaced(model_copy, tmp_path)
     assert excinfo.value.exit_code == 2 and "FlowMatchEulerDiscreteScheduler" in str(excinfo.value)
 
 
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_weights_cut_short_are_named_before_loading(model_copy, component):
+    """An interrupted copy of a weights file is refused by name and size, not with the loader's bare
+    "Unable to load weights"."""
+    folder = model_copy()
+    weights = next((folder / component).glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    _assert_refused(folder, str(weights), "cut short", f"{len(data) - 100:,} bytes of the {len(data):,}")
+
+
+def test_weights_that_are_not_safetensors_are_named(model_copy):
+    folder = model_copy()
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(b"<html>404 Not Found</html>")  # what a failed download leaves
+    _assert_refused(folder, str(weights), "not a safetensors file")
+
+
+def test_a_scheduler_whose_library_is_missing_names_the_library(model_copy):
+    """diffusers exports a stand-in for DPMSolverSDEScheduler when torchsde is absent: the refusal names torchsde
+    instead of calling the class unknown or not a DDPM-family scheduler."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchsde") is not None:
+        pytest.skip("torchsde is installed")
+    folder = model_copy()
+    _edit_index(folder, scheduler=["diffusers", "DPMSolverSDEScheduler"])
+    _edit_config(folder, SCHEDULER, _class_name="DPMSolverSDEScheduler")
+    _assert_refused(folder, "model_index.json", "DPMSolverSDEScheduler", "needs torchsde", "pip install torchsde")
+    _edit_index(folder, scheduler=["diffusers", "DDIMScheduler"])  # named only in the scheduler's own config
+    _assert_refused(folder, str(Path(SCHEDULER)), "DPMSolverSDEScheduler", "needs torchsde")
+
+
 @pytest.mark.parametrize("changes", [{"prediction_type": "v_prediction"}, {"prediction_type": "sample"},
                                      {"beta_schedule": "weird", "trained_betas": [0.001] * 1000}])
 def test_configs_synthmed_samples_pass_the_check(model_copy, changes):
