@@ -36,6 +36,43 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{writer_token()}.tmp")
 
 
+def leftover_temps(path: Path) -> list[Path]:
+    """Temp files of ``path`` that a killed process left (its name's pattern, a pid no longer running). Where no
+    ledger recorded them (``synthmed plan -o``), they are named to the user, never removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / ".cases.jsonl.999999999-0a1b2c3d.tmp").write_bytes(b"{")
+        >>> [p.name for p in leftover_temps(folder / "cases.jsonl")]
+        ['.cases.jsonl.999999999-0a1b2c3d.tmp']
+    """
+    import re
+
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.tmp")
+    found = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not _running(int(match.group(1))):
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def open_temp(path: Path, *, text: bool = False):
     """Create ``path``'s temp file, new and never through a link; returns (temp path, open file).
 

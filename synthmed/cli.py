@@ -120,8 +120,17 @@ def validate(specs: tuple[Path, ...], quiet: bool) -> None:
         raise SystemExit(2)
 
 
+def _size_text(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return ""
+
+
 def _check_plan_output(output: Path, overwrite: bool) -> None:
     """A plan file goes where nothing of the user's, or of another synthmed command, is replaced."""
+    from .atomic import leftover_temps
     from .build.run_folder import STATE_DIR
     from .ledger import Ledger
 
@@ -131,6 +140,9 @@ def _check_plan_output(output: Path, overwrite: bool) -> None:
         if other:
             raise click.UsageError(f"--output {output} lies in {folder}, which holds {other}; write the plan "
                                    "elsewhere")
+    for leftover in leftover_temps(output):
+        click.echo(f"warning: {leftover} ({_size_text(leftover.lstat().st_size)}) is the temp file of an interrupted "
+                   "plan; synthmed did not record it, so it is left there: remove it yourself", err=True)
     if os.path.lexists(output) and (not overwrite or not output.is_file() or output.is_symlink()):
         what = "is not a plain file" if not output.is_file() or output.is_symlink() else "exists"
         raise click.UsageError(f"--output {output} {what}; "

@@ -270,6 +270,21 @@ def test_plan_replaces_an_existing_file_only_with_overwrite_and_never_in_a_datas
     assert not (dataset / "plans").exists()
 
 
+def test_plan_names_a_killed_plans_temp_file_and_leaves_it(tmp_path):
+    """A plan killed mid-write leaves its hidden temp file; the next plan names it (with its size) for the user to
+    remove, and removes nothing itself: no ledger recorded it."""
+    out = tmp_path / "cases.jsonl"
+    leftover = tmp_path / ".cases.jsonl.999999999-0a1b2c3d.tmp"  # no such pid runs
+    leftover.write_bytes(b"x" * 2048)
+    mine = tmp_path / ".cases.jsonl.notes.tmp"  # not the pattern: not mentioned
+    mine.write_bytes(b"mine")
+    result = run("plan", EXAMPLE, "-o", out, "--show", "0")
+    assert result.exit_code == 0, result.output
+    assert f"{leftover} (2.0 KB) is the temp file of an interrupted plan" in result.output, result.output
+    assert str(mine) not in result.output
+    assert leftover.read_bytes() == b"x" * 2048 and mine.read_bytes() == b"mine"
+
+
 @pytest.mark.parametrize("name", ["x.txt", "x.json", "x"])
 def test_plan_bad_output_extension(tmp_path, name):
     out = tmp_path / name
