@@ -628,6 +628,38 @@ def model_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+WEIGHTS_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weights file names
+
+
+def weights_variant(folder: Path, dtype=None) -> str | None:
+    """The variant to load from a folder that holds only variant weights (``diffusion_pytorch_model.fp16.safetensors``,
+    as ``save_pretrained(variant="fp16")`` and many hub folders save them); None where plain weights are there.
+    Of several variants, the one of ``dtype`` (fp16, bf16) is taken; otherwise the folder is refused.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+        >>> weights_variant(folder)
+        'fp16'
+    """
+    import re
+
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    if any(f"{stem}.safetensors" in names or f"{stem}.safetensors.index.json" in names for stem in WEIGHTS_STEMS):
+        return None
+    stems = "|".join(WEIGHTS_STEMS)
+    pattern = re.compile(rf"(?:{stems})\.(\w+)\.safetensors|(?:{stems})\.safetensors\.index\.(\w+)\.json")
+    variants = sorted({m.group(1) or m.group(2) for m in map(pattern.fullmatch, names) if m})
+    if len(variants) <= 1:
+        return variants[0] if variants else None
+    wanted = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype))
+    if wanted in variants:
+        return wanted
+    raise ModelFolderError(f"{folder} holds weights of several variants ({', '.join(variants)}) and no plain "
+                           "ones; keep one of them, or save the plain weights (save_pretrained without variant)")
+
+
 def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: bool = False):
     """One component of a checked folder (see check_model_folder): offline, safetensors first, no remote code.
 
@@ -662,6 +694,9 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
         has_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
         kwargs["use_safetensors"] = True if has_safetensors or not allow_pickle else False
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+        variant = weights_variant(folder, dtype) if has_safetensors else None
+        if variant:
+            kwargs["variant"] = variant
     if weighted:
         kwargs["output_loading_info"] = True
     try:

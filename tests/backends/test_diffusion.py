@@ -557,6 +557,24 @@ def test_resaved_folder_gives_identical_images(backend, tmp_path, cases):
         assert np.array_equal(a.pixels, b.pixels)
 
 
+def test_a_folder_saved_as_a_variant_loads_as_the_same_model(backend, tmp_path, cases):
+    """``save_pretrained(variant="fp16")`` (and many hub folders) keep only ``*.fp16.safetensors``: loaded as that
+    variant, not refused with "no file named diffusion_pytorch_model.safetensors"."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(backend.root, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "variant", safe_serialization=True, variant="fp16")
+    assert (tmp_path / "variant" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (tmp_path / "variant" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert_same_images(backend, make_backend(tmp_path / "variant"), cases[:2])
+    shutil.copy(tmp_path / "variant" / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+                tmp_path / "variant" / "unet" / "diffusion_pytorch_model.bf16.safetensors")
+    with pytest.raises(ModelFolderError, match=r"unet holds weights of several variants \(bf16, fp16\)"):
+        make_backend(tmp_path / "variant")
+    assert make_backend(tmp_path / "variant", dtype="bfloat16").unet.dtype == torch.bfloat16  # its variant is taken
+
+
 # ----------------------------------------------------------------------------- int8, coarse-to-fine, bfloat16
 
 def test_int8_quantisation_runs(tiny_sd_dir, cases):
