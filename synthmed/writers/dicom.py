@@ -137,6 +137,30 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
 
 # ----------------------------------------------------------------------------- public API
 
+def uid_root(spec_hash: str, pixel_data: bytes, rows: int, columns: int, bits_stored: int) -> str:
+    """What a case's UIDs are derived from: the spec hash and the image's own stored pixels. Two images that
+    differ (the same spec built with another model, backend, step count or software) never share a UID; the
+    same image gets the same UIDs on every rerun.
+
+    Example:
+        >>> root = uid_root("ab12", bytes(8), 2, 2, 12)
+        >>> root.startswith("ab12:pixels-"), root == uid_root("ab12", bytes(7) + b"\\1", 2, 2, 12)
+        (True, False)
+    """
+    digest = hashlib.sha256(f"{rows}x{columns}x{bits_stored}\x00".encode("ascii"))
+    digest.update(pixel_data)
+    return f"{spec_hash}:pixels-{digest.hexdigest()[:32]}"
+
+
+def image_uid_root(image: "Dataset", spec_hash: str) -> str:
+    """:func:`uid_root` of an image dataset (:func:`dicom_dataset`): the root its SR and SEG derive their UIDs from."""
+    try:
+        return uid_root(spec_hash, bytes(image.PixelData), int(image.Rows), int(image.Columns), int(image.BitsStored))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ValueError("`image` must be an image dataset with Rows, Columns, BitsStored and PixelData "
+                         "(synthmed.writers.dicom.dicom_dataset)") from None
+
+
 def derive_uid(spec_hash: str, case_id: str, kind: str) -> str:
     """A deterministic UID: ``2.25.`` + the first 128 bits of sha256(spec_hash NUL case_id NUL kind), in decimal.
 
@@ -219,7 +243,7 @@ def dicom_dataset(pixels: np.ndarray, case: "Case", *, iod: str = "dx", bits_sto
         >>> ds = dicom_dataset(np.zeros((4, 4), np.uint8), case, iod="dx", bits_stored=8, dataset_name="d",
         ...                    spec_hash="h", backend="b", model_id="m", model_hash="x", prompt="p",
         ...                    synthmed_version="0.1.0")
-        >>> ds.Modality, ds.SOPInstanceUID == derive_uid("h", "case-0000002", "instance")
+        >>> ds.Modality, ds.SOPInstanceUID == derive_uid(image_uid_root(ds, "h"), "case-0000002", "instance")
         ('DX', True)
     """
     _import_pydicom()
@@ -241,7 +265,8 @@ def dicom_dataset(pixels: np.ndarray, case: "Case", *, iod: str = "dx", bits_sto
     case_id = _check_case(case, vocab)
     _check_geometry(geometry, case)
     rows, columns = pixels.shape
-    uid = {kind: derive_uid(spec_hash, case_id, kind) for kind in ("study", "series", "instance")}
+    root = uid_root(spec_hash, pixel_bytes, rows, columns, bits_stored)
+    uid = {kind: derive_uid(root, case_id, kind) for kind in ("study", "series", "instance")}
     model = f"{backend}/{model_id}"
 
     ds = Dataset()

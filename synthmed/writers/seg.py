@@ -40,7 +40,8 @@ import numpy as np
 
 from ..vocabulary import Code, get_vocabulary
 from .coding import UnknownCodeError, as_code, coded_concept, finding_of, finding_site
-from .dicom import PLACEHOLDER_DATE, PLACEHOLDER_TIME, derive_uid, finish_derived_object, long_string, part10_bytes
+from .dicom import (PLACEHOLDER_DATE, PLACEHOLDER_TIME, derive_uid, finish_derived_object, image_uid_root,
+                    long_string, part10_bytes)
 from .sr import finding_tracking_uid
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,6 +104,7 @@ def seg_bytes(image: "Dataset", case: "Case", masks: Mapping[str, np.ndarray], *
         stack.append(mask.astype(bool))
     pixels = np.stack(stack, axis=-1)[np.newaxis]  # (frames=1, rows, columns, segments)
     model = f"{backend}/{model_id}"
+    root = image_uid_root(image, spec_hash)
 
     # 2. One segment per mask, coded as the SR codes the finding
     algorithm = hd.AlgorithmIdentificationSequence(name=long_string(f"synthmed {model}"),
@@ -113,10 +115,10 @@ def seg_bytes(image: "Dataset", case: "Case", masks: Mapping[str, np.ndarray], *
         entry = vocab.findings[finding]
         labels = [(n, label) for n, label in enumerate(case.findings) if label.finding == finding]
         if labels:
-            tracking_uid = finding_tracking_uid(spec_hash, case.case_id, labels[0][0])
+            tracking_uid = finding_tracking_uid(root, case.case_id, labels[0][0])
             tracking_id = f"SYNTHETIC {case.case_id} finding {labels[0][0] + 1}: {finding}"
         else:  # a mask the backend drew beyond the case's findings
-            tracking_uid = derive_uid(spec_hash, case.case_id, f"segment-{finding}")
+            tracking_uid = derive_uid(root, case.case_id, f"segment-{finding}")
             tracking_id = f"SYNTHETIC {case.case_id} segment {number}: {finding}"
         sites = list(dict.fromkeys(finding_site(label.location, vocab) for _, label in labels if label.location))
         description = hd.seg.SegmentDescription(
@@ -146,8 +148,8 @@ def seg_bytes(image: "Dataset", case: "Case", masks: Mapping[str, np.ndarray], *
     description = image.get("StudyDescription", "").removeprefix("SYNTHETIC chest X-ray - ")
     seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=pixels, segmentation_type="BINARY", segment_descriptions=descriptions,
-        series_instance_uid=derive_uid(spec_hash, case.case_id, "seg-series"), series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=derive_uid(spec_hash, case.case_id, "seg-instance"), instance_number=1,
+        series_instance_uid=derive_uid(root, case.case_id, "seg-series"), series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=derive_uid(root, case.case_id, "seg-instance"), instance_number=1,
         manufacturer="synthmed", manufacturer_model_name=long_string(model),
         software_versions=long_string(synthmed_version), device_serial_number="SYNTHETIC",
         omit_empty_frames=bool(pixels.any()), content_label="SYNTHETIC_MASKS",
@@ -156,7 +158,7 @@ def seg_bytes(image: "Dataset", case: "Case", masks: Mapping[str, np.ndarray], *
         content_time=PLACEHOLDER_TIME, series_date=PLACEHOLDER_DATE, series_time=PLACEHOLDER_TIME)
 
     # 4. What highdicom draws at random or leaves out for a projection image
-    dimensions = derive_uid(spec_hash, case.case_id, "seg-dimensions")
+    dimensions = derive_uid(root, case.case_id, "seg-dimensions")
     for item in [*seg.get("DimensionOrganizationSequence", []), *seg.get("DimensionIndexSequence", [])]:
         item.DimensionOrganizationUID = dimensions
     if "PatientOrientation" in image:  # type 2C in General Image when there is no frame of reference

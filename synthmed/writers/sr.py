@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..vocabulary import Code, get_vocabulary
 from .coding import SEVERITY, UnknownCodeError, as_code, coded_concept, finding_of, finding_site, location_of, \
     severity_of
-from .dicom import PLACEHOLDER_DATE, PLACEHOLDER_TIME, derive_uid, finish_derived_object, long_string, part10_bytes
+from .dicom import (PLACEHOLDER_DATE, PLACEHOLDER_TIME, derive_uid, finish_derived_object, image_uid_root,
+                    long_string, part10_bytes)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -150,6 +151,7 @@ def _sr_bytes_highdicom(image: "Dataset", case: "Case", *, spec_hash: str, backe
     _check_inputs(image, case)
     vocab = get_vocabulary()
     model = f"{backend}/{model_id}"
+    root = image_uid_root(image, spec_hash)
 
     # 2. One measurement group per finding
     source = SourceImageForMeasurementGroup(referenced_sop_class_uid=image.SOPClassUID,
@@ -165,7 +167,7 @@ def _sr_bytes_highdicom(image: "Dataset", case: "Case", *, spec_hash: str, backe
         if label.severity is not None:
             evaluations.append(QualitativeEvaluation(coded_concept(SEVERITY),
                                                      coded_concept(vocab.severities[label.severity].code)))
-        tracking = TrackingIdentifier(uid=finding_tracking_uid(spec_hash, case.case_id, n),
+        tracking = TrackingIdentifier(uid=finding_tracking_uid(root, case.case_id, n),
                                       identifier=_tracking_identifier(case.case_id, n, label.finding))
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, finding_type=coded_concept(vocab.findings[label.finding].code),
@@ -184,8 +186,8 @@ def _sr_bytes_highdicom(image: "Dataset", case: "Case", *, spec_hash: str, backe
     # 4. The document, in the image's study
     description = image.get("StudyDescription", "").removeprefix("SYNTHETIC chest X-ray - ")
     sr = Comprehensive3DSR(
-        evidence=[image], content=report[0], series_instance_uid=derive_uid(spec_hash, case.case_id, "sr-series"),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=derive_uid(spec_hash, case.case_id, "sr-instance"),
+        evidence=[image], content=report[0], series_instance_uid=derive_uid(root, case.case_id, "sr-series"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=derive_uid(root, case.case_id, "sr-instance"),
         instance_number=1, manufacturer="synthmed", is_complete=True, is_final=True,
         series_description=long_string(f"SYNTHETIC labels {description}"), content_date=PLACEHOLDER_DATE,
         content_time=PLACEHOLDER_TIME, series_date=PLACEHOLDER_DATE, series_time=PLACEHOLDER_TIME)
@@ -288,10 +290,11 @@ def _slot_values(image: "Dataset", case: "Case", spec_hash: str) -> dict[str, st
     (then the case goes the highdicom way)."""
     from pydicom.valuerep import PersonName
 
-    values = {"sr-instance": derive_uid(spec_hash, case.case_id, "sr-instance"),
-              "sr-series": derive_uid(spec_hash, case.case_id, "sr-series")}
+    root = image_uid_root(image, spec_hash)
+    values = {"sr-instance": derive_uid(root, case.case_id, "sr-instance"),
+              "sr-series": derive_uid(root, case.case_id, "sr-series")}
     for n, label in enumerate(case.findings):
-        values[f"tracking-uid-{n}"] = finding_tracking_uid(spec_hash, case.case_id, n)
+        values[f"tracking-uid-{n}"] = finding_tracking_uid(root, case.case_id, n)
         values[f"tracking-text-{n}"] = _tracking_identifier(case.case_id, n, label.finding)
     for keyword, name in _UID_ATTRIBUTES.items():
         value = image.get(keyword)

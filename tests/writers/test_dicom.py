@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from synthmed.sampler import Case, FindingLabel
-from synthmed.writers.dicom import PRIVATE_CREATOR, SOP_CLASS_UIDS, derive_uid, dicom_bytes
+from synthmed.writers.dicom import PRIVATE_CREATOR, SOP_CLASS_UIDS, derive_uid, dicom_bytes, image_uid_root
 
 IODS = ("sc", "dx")
 BITS = (8, 12)
@@ -266,11 +266,29 @@ def test_different_case_ids_give_different_uids():
         ds = pydicom.dcmread(io.BytesIO(dicom_bytes(make_pixels(12), make_case(case_id), **PROVENANCE)))
         uids.append((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
         assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
-        assert ds.StudyInstanceUID == derive_uid(PROVENANCE["spec_hash"], case_id, "study")
-        assert ds.SeriesInstanceUID == derive_uid(PROVENANCE["spec_hash"], case_id, "series")
-        assert ds.SOPInstanceUID == derive_uid(PROVENANCE["spec_hash"], case_id, "instance")
+        root = image_uid_root(ds, PROVENANCE["spec_hash"])
+        assert ds.StudyInstanceUID == derive_uid(root, case_id, "study")
+        assert ds.SeriesInstanceUID == derive_uid(root, case_id, "series")
+        assert ds.SOPInstanceUID == derive_uid(root, case_id, "instance")
         assert len(set(uids[-1])) == 3
     assert not set(uids[0]) & set(uids[1])
+
+
+def test_different_pixels_of_one_case_never_share_a_uid():
+    """The same spec and case drawn differently (another model, backend or --steps: overrides the spec hash does
+    not see) is another image: no UID in common, so one PACS can hold both sets. The same pixels give the same
+    UIDs again."""
+    case = make_case("case-0000001")
+    pixels = make_pixels(12)
+    other = pixels.copy()
+    other[0, 0] ^= 1
+
+    def uids(values):
+        ds = pydicom.dcmread(io.BytesIO(dicom_bytes(values, case, **PROVENANCE)))
+        return {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}
+
+    assert not uids(pixels) & uids(other)
+    assert uids(pixels) == uids(pixels.copy())
 
 
 def test_derive_uid_is_2_25_and_the_first_128_bits_of_sha256():

@@ -11,7 +11,7 @@ import pytest
 
 from synthmed.qc.dciodvfy import dciodvfy_available, dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
-from synthmed.writers.dicom import dicom_dataset
+from synthmed.writers.dicom import dicom_dataset, image_uid_root
 from synthmed.writers.seg import SEGReadError, read_seg_masks, seg_bytes
 from synthmed.writers.sr import finding_tracking_uid
 
@@ -112,7 +112,7 @@ def test_segments_are_coded_like_the_sr_and_reference_the_image():
     region = effusion.AnatomicRegionSequence[0]
     assert (region.CodeValue, region.AnatomicRegionModifierSequence[0].CodeValue) == ("816094009", "24028007")
     assert pneumonia.AnatomicRegionSequence[0].CodeValue == "41224006"  # left lower lobe
-    assert [s.TrackingUID for s in seg.SegmentSequence] == [finding_tracking_uid(KW["spec_hash"], case.case_id, n)
+    assert [s.TrackingUID for s in seg.SegmentSequence] == [finding_tracking_uid(image_uid_root(image, KW["spec_hash"]), case.case_id, n)
                                                             for n in range(3)]
     assert seg.SourceImageSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
     assert seg.StudyInstanceUID == image.StudyInstanceUID and seg.PatientID == case.case_id

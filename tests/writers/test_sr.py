@@ -12,7 +12,7 @@ import pytest
 from synthmed.qc.dciodvfy import dciodvfy_available, dciodvfy_errors
 from synthmed.sampler import Case, FindingLabel
 from synthmed.vocabulary import get_vocabulary
-from synthmed.writers.dicom import dicom_dataset
+from synthmed.writers.dicom import dicom_dataset, image_uid_root
 from synthmed.writers import sr as sr_module
 from synthmed.writers.sr import SR_SOP_CLASS_UID, SRReadError, finding_tracking_uid, read_sr_labels, sr_bytes
 
@@ -127,7 +127,7 @@ def test_it_references_the_image_in_the_image_study():
 
     groups = hd.sr.srread(io.BytesIO(sr_bytes(image, case, **KW))).content.get_image_measurement_groups()
     assert [g.source_images[0].referenced_sop_instance_uid for g in groups] == [image.SOPInstanceUID] * len(groups)
-    assert [g.tracking_uid for g in groups] == [finding_tracking_uid(KW["spec_hash"], case.case_id, n)
+    assert [g.tracking_uid for g in groups] == [finding_tracking_uid(image_uid_root(image, KW["spec_hash"]), case.case_id, n)
                                                 for n in range(len(case.findings))]
 
 
