@@ -65,6 +65,36 @@ class Cell:
         return "/".join(dict.fromkeys(f.severity for f in self.findings if f.severity)) or "-"
 
 
+MAX_CELLS = 200_000  # per spec: four findings that each draw their own lobe and severity make 104,976
+
+
+def cell_bound(component, vocab: Vocabulary | None = None) -> int:
+    """How many cells :func:`enumerate_cells` goes through for one entry (before cells with the same labels merge):
+    the product of its location and severity choices. Checked against MAX_CELLS before any is built: an entry of
+    eight findings that each draw their own location and severity would be 11 billion.
+
+    Example:
+        >>> from synthmed.spec import load_spec
+        >>> spec = load_spec("dataset_specs/pneumonia.yaml")
+        >>> [cell_bound(c) for c in spec.findings]
+        [1, 9, 6]
+    """
+    vocab = vocab or get_vocabulary()
+    located = [f for f in component.findings if vocab.findings[f].location_kinds]
+    graded = [f for f in component.findings if vocab.findings[f].severity]
+    bound = 1
+    if component.location:
+        bound *= len(component.location.items) if located else 1
+    else:
+        for f in located:
+            bound *= len(vocab.findings[f].default_location)
+    if component.severity:
+        bound *= len(component.severity.items) if graded else 1
+    else:
+        bound *= len(vocab.severities) ** len(graded)
+    return bound
+
+
 def enumerate_cells(components: Sequence, vocab: Vocabulary | None = None) -> list[Cell]:
     """Every cell of the mixture in spec order; cells of one entry with the same labels are merged.
 

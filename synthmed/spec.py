@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cells import enumerate_cells
+from .cells import MAX_CELLS, cell_bound, enumerate_cells
 from .qc import registry as qc_registry
 from .strict_yaml import StrictYamlError, YamlDocument, load_strict_yaml
 from .vocabulary import get_vocabulary, normalise, schemas_dir
@@ -767,7 +767,17 @@ class _MeaningChecker:
         generator = self.generator(components)
         qc = self.qc()
         count, allocation = d.get("count"), d.get("allocation", "exact")
-        if components and isinstance(count, int) and allocation == "exact":
+        bounds = [cell_bound(c, self.vocab) for c in components or ()]
+        if sum(bounds) > MAX_CELLS:  # checked before any cell is built: planning them would take minutes and GBs
+            largest = max(range(len(bounds)), key=bounds.__getitem__)
+            comp = components[largest]
+            self.error(("findings", comp.index), f"this entry makes {bounds[largest]:,} finding x location x severity "
+                       f"cells ({len(comp.findings)} findings"
+                       + ("" if comp.location else ", each at its own location")
+                       + ("" if comp.severity else ", each at its own severity")
+                       + f"), and the spec {sum(bounds):,}; the limit is {MAX_CELLS:,}: give the entry a location "
+                       "and a severity (its findings then share them), or split it into entries of fewer findings")
+        elif components and isinstance(count, int) and allocation == "exact":
             n_cells = len(enumerate_cells(components, self.vocab))
             if count < n_cells:
                 self.error(("count",), f"{count} cases cannot cover all {n_cells} finding x location x severity cells; "

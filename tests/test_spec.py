@@ -621,6 +621,25 @@ def test_too_few_cases_for_the_cells_warns():
     assert "cannot cover all 18" in w.message
 
 
+def test_an_entry_of_too_many_cells_is_refused_before_they_are_built():
+    """Eight findings that each draw their own location and severity would be 11 billion cells: validate (and plan,
+    generate) refused at once with the entry's path and what to do, instead of running out of memory."""
+    import time
+
+    started = time.monotonic()
+    error = spec_error(with_finding("[pneumonia, atelectasis, consolidation, nodule, mass, edema, fracture, "
+                                    "pleural_effusion]"))
+    assert time.monotonic() - started < 30  # not a timing test: enumerating them would take hours
+    (problem,) = error.problems
+    assert problem.json_path == "findings[0]" and problem.line == 5
+    assert "the limit is 200,000" in problem.message and "give the entry a location and a severity" in problem.message
+    shared = load_spec(with_finding("[pneumonia, atelectasis, consolidation, nodule, mass, edema]",
+                                    "    location: right_lower_lobe\n    severity: mild\n"))
+    assert len(shared.findings[0].findings) == 6  # the same findings sharing one location and severity: 1 cell
+    four = load_spec(with_finding("[pneumonia, atelectasis, consolidation, nodule]"))  # 104,976 cells: allowed
+    assert four.findings[0].findings == ("pneumonia", "atelectasis", "consolidation", "nodule")
+
+
 def test_repeated_entry_warns():
     spec = load_spec(BASE + "  - finding: pneumonia\n    weight: 1\n")
     (w,) = spec.warnings
