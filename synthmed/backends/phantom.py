@@ -500,9 +500,11 @@ def _airspace(scene: _Scene, layers: _Layers, label, rng, *, kind: str) -> np.nd
     for side, reg in scene.region(label.location).items():
         fieldv = reg + noise_w * (0.7 * n1 + 0.3 * n2)
         soft = 0.22 if kind == "haze" else 0.2 if kind == "patchy" else 0.1
-        occ = np.clip((fieldv - thr) / soft, 0.0, 1.0)
         lung = scene.lung[side]
-        occ = occ * (lung > 0.5)
+        for grow in _GROW:  # where the noise leaves a mild one too small to see, it is grown until it shows
+            occ = np.clip((fieldv - (thr - 0.5 * grow)) / soft, 0.0, 1.0) * (lung > 0.5)
+            if np.count_nonzero(occ > 0.15) >= _min_pixels(scene):
+                break
         if kind == "haze":
             occ = _blur(occ, 2.0 * scene.px * min(scene.w, scene.h) / 128)
         occ = _blur(occ, 0.8 * min(scene.w, scene.h) / 256)
@@ -603,10 +605,9 @@ def _atelectasis(scene: _Scene, layers: _Layers, label, rng) -> np.ndarray:
     loc = label.location or "right_lower_lobe"
     sides, key = _region_key(loc)
     n = _smooth_noise(rng, (scene.h, scene.w), 8)
-    for side in sides:
+
+    def collapsed(side: str, frac: float) -> np.ndarray:
         lx, ly = scene.lung_coords(side)
-        lung = scene.lung[side]
-        frac = (0.3, 0.5, 0.75)[sev]
         if "upper" in key:
             # collapsed upper lobe against the apex and mediastinum, elevated fissure below it
             fiss = (0.18 + 0.22 * frac) - 0.12 * (lx - 0.5)
@@ -617,11 +618,27 @@ def _atelectasis(scene: _Scene, layers: _Layers, label, rng) -> np.ndarray:
         else:
             # lower lobe: a triangle against the spine and diaphragm (sail shape)
             occ = _edge(ly - (1.0 - 0.55 * frac) - 0.5 * (lx - 0.1), 0.03) * _edge(0.35 + 0.55 * frac - lx, 0.05)
-        occ = occ * (lung > 0.5) * np.clip(0.85 + 0.15 * n, 0, 1)
+        return occ * (scene.lung[side] > 0.5) * np.clip(0.85 + 0.15 * n, 0, 1)
+
+    for side in sides:
+        # a mild left lower collapse lies behind the heart, where the lung field is not: grown until it shows,
+        # so that no case is labelled atelectasis with nothing drawn
+        for grow in _GROW:
+            occ = collapsed(side, min((0.3, 0.5, 0.75)[sev] + grow, 0.95))
+            if np.count_nonzero(occ > 0.15) >= _min_pixels(scene):
+                break
         layers.fill = np.maximum(layers.fill, (0.7 + 0.1 * sev) * occ)
         layers.dense += 0.1 * occ
         mask |= occ > 0.15
     return mask
+
+
+_GROW = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6)  # how far a finding that shows too little is grown, step by step
+
+
+def _min_pixels(scene: _Scene) -> int:
+    """The fewest pixels a drawn finding's mask may have: 0.1 % of the image, at least 4."""
+    return max(4, scene.w * scene.h // 1000)
 
 
 def _edema(scene: _Scene, layers: _Layers, label, rng) -> np.ndarray:

@@ -200,6 +200,34 @@ def test_every_vocabulary_finding_renders_with_a_mask():
             assert image.masks[fid].any(), fid
 
 
+@pytest.mark.parametrize("location", ["left_lower_lobe", "left_lower_zone", "left"])
+@pytest.mark.parametrize("view, size", [("PA", 128), ("PA", 256), ("AP", 128)])
+def test_a_mild_collapse_behind_the_heart_is_still_drawn(location, view, size):
+    """A mild left lower collapse fell wholly behind the heart, where the lung field is not: labelled atelectasis,
+    nothing drawn, an empty mask. It is grown until it shows."""
+    for seed in range(3):
+        image = render_case(make_case(FindingLabel("atelectasis", location, "mild"), seed=seed, view=view), size, size)
+        assert image.masks["atelectasis"].sum() >= size * size // 1000, (location, view, size, seed)
+
+
+def test_every_finding_at_every_location_and_severity_is_drawn():
+    """No finding x location x severity the vocabulary allows gives an empty mask (64-pixel films: the smallest
+    drawings)."""
+    vocab = get_vocabulary()
+    empty = []
+    for fid, finding in vocab.findings.items():
+        if fid == "no_finding":
+            continue
+        locations = sorted({vocab.project_location(loc, fid) for loc in vocab.locations
+                            if vocab.project_location(loc, fid)}) if finding.location_kinds else [None]
+        for location in locations:
+            for severity in (list(vocab.severities) if finding.severity else [None]):
+                image = render_case(make_case(FindingLabel(fid, location, severity)), 64, 64)
+                if not image.masks[fid].any():
+                    empty.append((fid, location, severity))
+    assert not empty
+
+
 @pytest.mark.parametrize("width, height", [(128, 128), (128, 256), (256, 128), (200, 312), (1024, 1024)])
 def test_sizes_and_aspect(width, height):
     image = PhantomBackend(width, height).generate([make_case(FindingLabel("pleural_effusion", "bilateral", "mild"))], [None])[0]
