@@ -19,6 +19,7 @@ Checks:
   ``max_black_fraction`` at black. Air beside the body is black on real films too (20-40 % of a CR film),
   so black is allowed far more than white.
 - ``sha256``: every file's sha256 (PNG, DICOM, SR, SEG, masks) equals the manifest's.
+- ``empty_mask``: every mask file marks at least one pixel (a finding the manifest lists is drawn somewhere).
 - ``dicom_match``: the PNG's samples are exactly what the writer makes of the DICOM's stored values
   (:func:`synthmed.writers.png.png_values`: ``round(v * 255 / 4095)`` for an 8-bit PNG of 12 stored bits).
 The pixel tests (and the set-level figures) judge what loaders read, as a reference set's images are read: the
@@ -621,14 +622,23 @@ def check_row(out: Path, row: Mapping[str, str], expected: Expected,
         result.fail("readable", "the manifest names no DICOM file")
     # 3. the DICOM SR and SEG beside the image: sha256, and each is a DICOM object of its kind
     _check_labels_objects(out, row, result)
-    # 4. masks: sha256 only
+    # 4. masks: sha256, and something marked (a finding labelled but not drawn is a wrong label)
     if row.get("mask_paths"):
         for rel, digest in zip(row["mask_paths"].split("|"), (row.get("mask_sha256") or "").split("|")):
             data = _read(out, rel)
             if isinstance(data, str):
                 result.fail("readable", data)
-            elif digest and _sha256(data) != digest:
+                continue
+            if digest and _sha256(data) != digest:
                 result.fail("sha256", f"{rel} does not match the manifest's sha256")
+            try:
+                mask, _ = decode_png(data)
+            except ValueError as e:
+                result.fail("readable", f"{rel}: {e}")
+                continue
+            if not mask.any():
+                result.fail("empty_mask", f"{rel} marks no pixel: the manifest lists the finding, the mask shows "
+                                          "nothing of it")
     if stored is None:
         return result, None
     # 5. pixels: histogram figures, blank, saturated; small copies for the set-level checks

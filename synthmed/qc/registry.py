@@ -108,6 +108,7 @@ CHECKS: tuple[Check, ...] = (
            "black", threshold="max_saturated_fraction", regenerable=True),
     _image("sha256", "the file's sha256 differs from the manifest's"),
     _image("dicom_match", "the PNG's samples differ from what the writer makes of the DICOM's pixels"),
+    _image("empty_mask", "a finding's mask marks no pixel: the label says it is there, the mask shows nothing"),
     # Statistical checks (intensity) are reported but gate only where a spec asks: at k = 3 a large clean set
     # still has images in the tails, and regenerating them would bend the distribution.
     Check("intensity", "region means or histogram quantiles outside the reference bands (mean ± k·σ)",

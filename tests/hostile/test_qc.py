@@ -358,6 +358,33 @@ def test_labels_shifted_by_one_row_fail_the_run(out):
     assert "findings" in json.dumps(report["sections"]["manifest_consistency"])
 
 
+def test_a_listed_finding_with_an_empty_mask_fails_the_run(out):
+    """A finding the manifest lists whose mask marks nothing (the phantom once drew mild left lower atelectasis
+    behind the heart: labelled, not drawn) fails the gating empty_mask check for that row, even with every sha256
+    matching."""
+    import hashlib
+
+    from synthmed.writers.png import png_bytes
+
+    rows = rows_of(out)
+    row = next(r for r in rows if r["mask_paths"])
+    rel = row["mask_paths"].split("|")[0]
+    shape = decode_png((out / rel).read_bytes())[0].shape
+    data = png_bytes(np.zeros(shape, np.uint8), {"synthetic": "yes"})
+    (out / rel).write_bytes(data)
+    hashes = row["mask_sha256"].split("|")
+    hashes[0] = hashlib.sha256(data).hexdigest()
+    row["mask_sha256"] = "|".join(hashes)
+    rewrite_manifest(out, rows)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    report = report_of(out)
+    assert "empty_mask" in report["failed_checks"] and report["checks"]["empty_mask"]["gating"]
+    (failure,) = report["images"]["failures"]
+    assert failure["case_id"] == row["case_id"] and set(failure["messages"]) == {"empty_mask"}
+    assert rel in failure["messages"]["empty_mask"]
+
+
 def test_impossible_values_fail_the_run(out):
     """#17.15: width 'abc', age -5 and split 'nonsense' in the manifest fail manifest_consistency, naming each row."""
     rows = rows_of(out)
