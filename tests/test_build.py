@@ -739,6 +739,30 @@ def test_the_seg_of_every_image_with_masks_equals_its_mask_pngs(reference):
                 assert np.array_equal(mask, np.array(im) > 0), png
 
 
+def test_masks_and_segments_pair_with_the_findings_by_position(tmp_path):
+    """The phantom draws a fracture with the ribs, after the other findings: its mask used to come last, so
+    findings 'fracture|mass' had masks 'mass|fracture'. mask_paths and the SEG's segments follow the findings."""
+    from synthmed.writers.seg import read_seg_masks
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent("""\
+        spec_version: 1
+        name: order
+        seed: 3
+        count: 2
+        image: {size: 128}
+        findings:
+          - {finding: [fracture, mass], weight: 1, location: right, severity: moderate}
+        """), encoding="utf-8")
+    out = tmp_path / "out"
+    generate(spec, out, backend="phantom", progress=False, qc=False)
+    for row in manifest_rows(out):
+        findings = [f.split(":")[0] for f in row["findings"].split("|")]
+        assert findings == ["fracture", "mass"]
+        assert [Path(p).stem.split("_mask_")[1] for p in row["mask_paths"].split("|")] == findings
+        assert list(read_seg_masks(out / row["seg_path"])) == findings
+
+
 @pytest.mark.parametrize("old, says", [(1, r"format 3: DX images by default, a DICOM SR and SEG.*; 8-bit PNGs"),
                                        (2, r"format 3: 8-bit PNGs by default \(image.png_bit_depth\)")])
 def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_rebuilds_it(tmp_path, old, says):

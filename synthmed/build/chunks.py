@@ -99,6 +99,10 @@ class CaseWriter:
             raise BuildError(f"the backend made a {w}x{h} image for {case.case_id}, but the spec asks for "
                              f"{spec.image.width}x{spec.image.height}")
         stored = to_stored(image.pixels, spec.image.bit_depth)
+        # masks in the order of the case's findings (a backend may draw devices last), so that mask_paths, the
+        # SEG's segments and the findings column pair up by position; masks of no listed finding go last
+        order = {label.finding: n for n, label in reversed(list(enumerate(case.findings)))}
+        image_masks = dict(sorted(image.masks.items(), key=lambda item: order.get(item[0], len(order))))
         row: dict[str, Any] = {c: "" for c in _manifest_columns()}
         stem = f"{case.split}/{case.case_id}"
         if "png" in spec.image.formats:
@@ -124,12 +128,12 @@ class CaseWriter:
             # the labels and masks where imaging pipelines look for them, referencing the image
             rel = f"dicom/{stem}_sr.dcm"
             row["sr_path"], row["sr_sha256"] = rel, self._put(rel, sr_bytes(dataset, case, **provenance))
-            if image.masks:
+            if image_masks:
                 rel = f"dicom/{stem}_seg.dcm"
-                masks = {finding: mask.astype(bool) for finding, mask in image.masks.items()}
+                masks = {finding: mask.astype(bool) for finding, mask in image_masks.items()}
                 row["seg_path"], row["seg_sha256"] = rel, self._put(rel, seg_bytes(dataset, case, masks, **provenance))
         mask_paths, mask_hashes, boxes = [], [], {}
-        for finding, mask in image.masks.items():
+        for finding, mask in image_masks.items():
             rel = f"masks/{stem}_mask_{finding}.png"
             mask_paths.append(rel)
             # 0/1, not 0/255: label-map readers (TorchIO LabelMap, MONAI, ITK) get the label values themselves
