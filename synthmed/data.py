@@ -41,6 +41,18 @@ def _mask_findings() -> tuple[str, ...]:
     return tuple(f for f in get_vocabulary().findings if f != "no_finding")
 
 
+def _check_mask_findings(names: Sequence[str], argument: str) -> None:
+    """Mask channels are asked for by finding id: a misspelt one would be an all-empty channel, silently."""
+    import difflib
+
+    known = _mask_findings()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ValueError(f"{argument}: {name!r} is not a finding that has masks"
+                             + (f"; did you mean {close[0]!r}?" if close else f" (findings: {', '.join(known)})"))
+
+
 # ----------------------------------------------------------------------------- the manifest
 
 @dataclass(frozen=True)
@@ -280,6 +292,7 @@ class LoadMasks:
         self.findings = tuple(_mask_findings() if findings is None else findings)
         if len(set(self.findings)) != len(self.findings) or not all(isinstance(f, str) for f in self.findings):
             raise ValueError(f"findings must be distinct finding names, got {list(self.findings)!r}")
+        _check_mask_findings(self.findings, "findings")
         if len(self.findings) > 254:
             raise ValueError(f"a uint8 label map holds at most 254 findings, got {len(self.findings)}")
 
@@ -418,6 +431,7 @@ class _ManifestDatasetBase:
             unknown = [f for f in masks if not isinstance(f, str)]
             if unknown:
                 raise TypeError(f"masks must be True/False or a list of finding names, got {unknown[0]!r}")
+            _check_mask_findings(masks, "masks")
         dtype = torch.float32 if dtype is None else dtype
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch dtype, got {dtype}")

@@ -95,6 +95,12 @@ def build_prompt(case: "Case", prompt_spec: "PromptSpec | None" = None, vocab: V
         >>> build_prompt(case).text
         'PA chest radiograph of a 58 year old female. Moderate right lower lobe pneumonia.'
     """
+    from .spec import DatasetSpec, PromptSpec
+
+    if isinstance(prompt_spec, DatasetSpec):  # the whole spec given: its prompt section is meant
+        prompt_spec = prompt_spec.prompt
+    if prompt_spec is not None and not isinstance(prompt_spec, PromptSpec):
+        raise TypeError(f"build_prompt takes the spec's prompt section (spec.prompt), not {type(prompt_spec).__name__}")
     vocab = vocab or get_vocabulary()
     if prompt_spec is None:
         template, template_id, emphasis, negative = BUILTIN_TEMPLATES["synthmed-v1"], "synthmed-v1", {}, ""
@@ -203,6 +209,8 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
     """
     from .sampler import Case, FindingLabel
 
+    if not isinstance(text, str):
+        raise TypeError(f"parse_tag_prompt takes the prompt's text, not {type(text).__name__}")
     vocab = vocab or get_vocabulary()
     leftover = _TAG.sub("", text).strip()
     if leftover:
@@ -252,6 +260,7 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
         if severity is not None and not f.severity:
             raise ValueError(f"{finding} takes no severity")
         labels.append(FindingLabel(finding, location, severity))
+    _check_together([label.finding for label in labels], vocab)
     sex = vocab.resolve("sex", other["sex"]) if "sex" in other else None
     view = vocab.resolve("view", other["view"]) if "view" in other else None
     for key, resolved in (("sex", sex), ("view", view)):
@@ -264,6 +273,25 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
     m = re.fullmatch(r"case-(\d+)", case_id)
     return Case(case_id=case_id, index=int(m.group(1)) if m else -1, split=other.get("split"), seed=seed,
                 findings=tuple(labels), sex=sex, age=age, view=view)
+
+
+MAX_FINDINGS_PER_CASE = 8  # the schema's maxItems of findings[].finding
+
+
+def _check_together(findings: list[str], vocab: Vocabulary) -> None:
+    """The findings of one case as a spec's entry may hold them: each once, an exclusive one (no finding) alone,
+    not a finding with its parent (nodule with lung lesion), at most MAX_FINDINGS_PER_CASE."""
+    if len(findings) > MAX_FINDINGS_PER_CASE:
+        raise ValueError(f"{len(findings)} [finding: …] tags; a case holds at most {MAX_FINDINGS_PER_CASE}, as a "
+                         "spec's entry does")
+    for n, finding in enumerate(findings):
+        entry = vocab.findings[finding]
+        if finding in findings[:n]:
+            raise ValueError(f"[finding: {finding}] is given twice")
+        if entry.exclusive and len(findings) > 1:
+            raise ValueError(f"{finding} cannot occur together with other findings")
+        if entry.parent and entry.parent in findings:
+            raise ValueError(f"{finding} is a kind of {entry.parent}; give only one of them")
 
 
 def _int_tag(tags: dict, key: str) -> int | None:
@@ -286,6 +314,8 @@ def case_to_tags(case: "Case", lang: str = "en", vocab: Vocabulary | None = None
         >>> parse_tag_prompt(case_to_tags(case, "zh")) == case
         True
     """
+    if lang not in ("en", "zh"):
+        raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     vocab = vocab or get_vocabulary()
     zh = lang == "zh"
     keys = {k: words[0] for k, words in TAG_KEYS.items()}

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .cells import Cell, FindingLabel, enumerate_cells
@@ -446,6 +449,9 @@ class CaseList(Sequence[Case]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"cases are indexed by position (0..{len(self) - 1}) or a slice, not "
+                            f"{type(i).__name__}; find a case id with next(c for c in cases if c.case_id == ...)")
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
@@ -532,8 +538,8 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
     """Draw the cases of a spec: deterministic for a spec, whatever machine or process.
 
     Args:
-        spec: a loaded :class:`~synthmed.spec.DatasetSpec`.
-        limit: return only the first ``limit`` cases (the same cases a full run starts with).
+        spec: a loaded :class:`~synthmed.spec.DatasetSpec` (or what :func:`~synthmed.spec.load_spec` takes).
+        limit: return only the first ``limit`` cases (the same cases a full run starts with); at least 1.
 
     Example:
         >>> from synthmed import load_spec, sample_cases
@@ -542,6 +548,14 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
     """
     import numpy as np
 
+    from .spec import DatasetSpec, load_spec
+
+    if isinstance(spec, (str, bytes, Path, Mapping)):  # a path, YAML text or a mapping, as generate() takes
+        spec = load_spec(spec)
+    if not isinstance(spec, DatasetSpec):
+        raise TypeError(f"sample_cases takes a spec (synthmed.load_spec(path)), not {type(spec).__name__}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ValueError(f"limit must be a whole number of at least 1 (or None for every case), got {limit!r}")
     vocab = get_vocabulary()
     cells = enumerate_cells(spec.findings, vocab)
     n = spec.count

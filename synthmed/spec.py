@@ -445,6 +445,11 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
         >>> load_spec("dataset_specs/pneumonia.yaml").count  # doctest: +SKIP
         1000
     """
+    if isinstance(spec, DatasetSpec):  # already loaded (a notebook passing its spec on): nothing to check again
+        return spec
+    if not isinstance(spec, (str, Path, bytes, Mapping)):
+        raise TypeError(f"load_spec takes a spec file's path, YAML text, bytes or a mapping, not "
+                        f"{type(spec).__name__} ({spec!r:.60})")
     yaml_problems: list[SpecProblem] = []
     if base_dir is None:
         base_dir = _spec_folder(spec)
@@ -491,7 +496,13 @@ class _Files:
 
 
 def _non_json_values(value: Any, path: tuple):
-    """(path, message) for every value of a mapping spec that JSON (and so YAML) cannot hold."""
+    """(path, message) for every value of a mapping spec that JSON (and so YAML) cannot hold; nesting is bounded
+    as in YAML text (a mapping that holds itself would recurse forever)."""
+    from .strict_yaml import MAX_DEPTH
+
+    if len(path) > MAX_DEPTH and isinstance(value, (Mapping, list, tuple)):
+        yield path, f"nesting deeper than {MAX_DEPTH} levels (does a mapping or list hold itself?)"
+        return
     if isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, (str, int)) or isinstance(k, bool):

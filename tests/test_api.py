@@ -142,3 +142,28 @@ def test_notebook_chain_with_the_phantom(tmp_path):
         pytest.skip("synthmed.qc.run is not in this checkout yet: the chain stops before qc")
     report = synthmed.qc(result.out)
     assert report.report_path.is_file()
+
+
+def test_notebook_slips_get_clear_errors(tmp_path):
+    """Arguments of the wrong kind or out of range are named, instead of a wrong result (limit=-1 gave every case
+    but one) or an AttributeError from inside."""
+    spec = synthmed.load_spec("dataset_specs/pneumonia.yaml")
+    for limit in (-1, 0, True, 2.5):
+        with pytest.raises(ValueError, match="limit must be a whole number of at least 1"):
+            synthmed.sample_cases(spec, limit=limit)
+    assert list(synthmed.sample_cases("dataset_specs/pneumonia.yaml", limit=3)) == \
+        list(synthmed.sample_cases(spec, limit=3))  # a path, as generate() takes
+    with pytest.raises(TypeError, match="cases are indexed by position"):
+        synthmed.sample_cases(spec, limit=3)["case-0000001"]
+    with pytest.raises(TypeError, match="sample_cases takes a spec"):
+        synthmed.sample_cases(42)
+    for value in (42, None, [1]):
+        with pytest.raises(TypeError, match="load_spec takes a spec file's path, YAML text, bytes or a mapping"):
+            synthmed.load_spec(value)
+    assert synthmed.load_spec(spec) is spec
+    loop: dict = {"spec_version": 1}
+    loop["name"] = loop  # a mapping that holds itself
+    with pytest.raises(synthmed.SpecError, match="nesting deeper than 64 levels"):
+        synthmed.load_spec(loop)
+    with pytest.raises(ValueError, match="'pneumonai' is not a finding that has masks; did you mean 'pneumonia'"):
+        synthmed.ManifestDataset(tmp_path, masks=["pneumonai"])

@@ -280,6 +280,12 @@ def test_tag_case_id_is_deterministic():
     ("[finding: pneumonia][age: old]", "whole number"),
     ("[finding: pneumonia][sex: F][sex: M]", "twice"),
     ("", "no [key: value] tags"),
+    # what a spec's entry refuses, a tag prompt refuses too
+    ("[finding: no finding][finding: pneumonia]", "no_finding cannot occur together"),
+    ("[finding: pneumonia][finding: pneumonia]", "[finding: pneumonia] is given twice"),
+    ("[finding: nodule][finding: lung lesion]", "nodule is a kind of lung_lesion"),
+    ("".join(f"[finding: {f}]" for f in ("pneumonia", "edema", "atelectasis", "fracture", "pneumothorax",
+                                          "pacemaker", "cardiomegaly", "nodule", "pleural effusion")), "at most 8"),
 ])
 def test_tag_errors(text, fragment):
     with pytest.raises(ValueError) as info:
@@ -327,3 +333,16 @@ def test_chinese_tags_use_chinese_words():
     for word in ("重点", "胸腔积液", "位置", "左", "严重程度", "轻度", "心脏增大"):
         assert word in tags, tags
     assert parse_tag_prompt(tags) == c
+
+
+def test_api_arguments_of_the_wrong_kind_are_named():
+    """A notebook's slips give a clear error, not an AttributeError from deep inside."""
+    with pytest.raises(TypeError, match="parse_tag_prompt takes the prompt's text"):
+        parse_tag_prompt(None)
+    with pytest.raises(ValueError, match="lang must be 'en' or 'zh'"):
+        case_to_tags(Case("c", 0, None, None, (FindingLabel("no_finding"),)), lang="fr")
+    spec = load_spec("dataset_specs/pneumonia.yaml")
+    case = sample_cases(spec, limit=1)[0]
+    assert build_prompt(case, spec) == build_prompt(case, spec.prompt)  # the whole spec: its prompt section
+    with pytest.raises(TypeError, match=r"spec's prompt section \(spec.prompt\), not dict"):
+        build_prompt(case, {"template": "x"})
