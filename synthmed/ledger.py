@@ -82,7 +82,7 @@ class ForeignFileError(ValueError):
         else:
             message = f"{shown} {'exists' if one else 'exist'} and synthmed did not write {'it' if one else 'them'}"
         super().__init__(message)
-        self.root, self.rels = root, rels
+        self.root, self.rels, self.why = root, rels, why
 
 
 @dataclass
@@ -150,9 +150,53 @@ class Ledger:
             raise ValueError(f"a claim key is a plain name, got {key!r}")
         return self.dir / f"{key}.json"
 
+    def _journal_path(self, key: str) -> Path:
+        return self._claim_path(key).with_suffix(".written")
+
     def read(self, key: str) -> dict:
-        """One claim as ``{"pids": [...], "files": {rel: sha256 | None}}`` (empty if there is none)."""
-        return self._read_file(self._claim_path(key))
+        """One claim as ``{"pids": [...], "files": {rel: sha256 | None}}`` (empty if there is none), with the
+        sha256 of each file :meth:`note_written` noted since the claim was last written."""
+        claim = self._read_file(self._claim_path(key))
+        if claim["files"] and self.is_safe():
+            noted = dict(self._read_journal(self._journal_path(key)))  # a file written twice: its last line
+            for rel, sha in noted.items():
+                if rel in claim["files"] and claim["files"][rel] is None:
+                    claim["files"][rel] = sha
+        return claim
+
+    @staticmethod
+    def _read_journal(path: Path) -> list[tuple[str, str]]:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return []
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_CLAIM_BYTES)
+        entries = []
+        for line in raw.splitlines():  # a line cut short by a kill is skipped: its file is then "maybe written"
+            try:
+                rel, sha = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            if isinstance(rel, str) and isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha):
+                entries.append((rel, sha))
+        return entries
+
+    def note_written(self, key: str, rel: str, sha: str) -> None:
+        """Note the sha256 of one file of claim ``key`` just written: an append to the claim's journal, cheap enough
+        for every file. Until the claim records its files (:meth:`record`, at the end of a chunk), a file the
+        journal names is known by its bytes: one a user changes after a killed run is theirs, not ours to overwrite
+        or remove. (Only a file written in the instant before a kill, not yet noted, is taken as ours unseen.)"""
+        if not self.is_safe():
+            return
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        path = self._journal_path(key)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as e:  # a link or folder put at its name is not written through; the message names it
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        with os.fdopen(fd, "ab") as fh:
+            fh.write((json.dumps([_check_rel(rel), sha]) + "\n").encode("utf-8"))
 
     @staticmethod
     def _read_file(path: Path) -> dict:
@@ -235,6 +279,7 @@ class Ledger:
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {"pids": claim["pids"], "files": dict(sorted(claim["files"].items()))}
         atomic_write_bytes(self._claim_path(key), (json.dumps(data, indent=0) + "\n").encode("utf-8"))
+        self._journal_path(key).unlink(missing_ok=True)  # what it noted is in the claim now (read() merged it)
 
     def claim(self, key: str, rels: Iterable[str], *, repair: bool = False) -> list[tuple[str, str]]:
         """Record that this process is about to write ``rels`` (paths relative to the folder).
@@ -295,6 +340,7 @@ class Ledger:
     def forget(self, key: str) -> None:
         """Drop a claim (its files are no longer ours: only for files that are gone)."""
         self._claim_path(key).unlink(missing_ok=True)
+        self._journal_path(key).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ removing
     def temp_files(self) -> list[Path]:

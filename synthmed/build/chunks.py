@@ -72,6 +72,7 @@ class CaseWriter:
         self.made_dirs: set[Path] = set()
         self.claimed: set[str] = set()
         self.claim = None  # set by the chunk maker: claims a path no case predicted, before it is written
+        self.note = None  # set by the chunk maker: notes a written file's sha256 in its claim's journal
 
     def _put(self, rel: str, data: bytes) -> str:
         from ..atomic import atomic_write_bytes
@@ -83,11 +84,14 @@ class CaseWriter:
         if path.parent not in self.made_dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.made_dirs.add(path.parent)
+        sha = _sha256(data)
         try:
             atomic_write_bytes(path, data)
         except OSError as e:
             raise WriteFailed(rel, e) from e
-        return _sha256(data)
+        if self.note is not None:  # an error here is the journal's, named by its own path
+            self.note(rel, sha)
+        return sha
 
     def write(self, case: "Case", prompt, image: "GeneratedImage") -> dict:
         from ..writers.dicom import patient_orientation
@@ -280,6 +284,7 @@ class ChunkMaker:
         self.folder.claim(key, planned + [f"{STATE_DIR}/parts/{part.name}"])
         self.writer.claimed = set(planned)
         self.writer.claim = lambda rel: self.folder.claim(key, [rel])  # a file no case predicted (a backend's extra mask)
+        self.writer.note = lambda rel, sha: self.folder.ledger.note_written(key, rel, sha)
         pending: list[Future] = []
         for b0 in range(0, len(cases), self.batch):
             if stop is not None and stop.is_set():
