@@ -106,8 +106,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with fh:
             fh.write(data)
             commit_temp(tmp, path, fh)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # ours: open_temp made it
+        if isinstance(e, OSError) and e.filename is None:  # a full disk names the file it stopped, not nothing
+            e.filename = str(path)
         raise
 
 
@@ -121,7 +123,9 @@ def atomic_write_text_lines(path: Path, lines: Iterable[str]) -> None:
                 fh.write(line)
                 fh.write("\n")
             commit_temp(tmp, path, fh)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # ours: open_temp made it
+        if isinstance(e, OSError) and e.filename is None:  # a full disk names the file it stopped, not nothing
+            e.filename = str(path)
         raise
 

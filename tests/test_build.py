@@ -763,8 +763,9 @@ def test_masks_and_segments_pair_with_the_findings_by_position(tmp_path):
         assert list(read_seg_masks(out / row["seg_path"])) == findings
 
 
-@pytest.mark.parametrize("old, says", [(1, r"format 3: DX images by default, a DICOM SR and SEG.*; 8-bit PNGs"),
-                                       (2, r"format 3: 8-bit PNGs by default \(image.png_bit_depth\)")])
+@pytest.mark.parametrize("old, says", [(1, r"format 4: DX images by default, a DICOM SR and SEG.*; 8-bit PNGs"),
+                                       (2, r"format 4: 8-bit PNGs by default \(image.png_bit_depth\).*; DICOM UIDs"),
+                                       (3, r"format 4: DICOM UIDs derived from the image's pixels too")])
 def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_rebuilds_it(tmp_path, old, says):
     spec = write_spec(tmp_path / "specs", count=3)
     out = tmp_path / "out"
@@ -777,7 +778,7 @@ def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_
 
     Ledger(out, out / ".synthmed").record_files("run", [".synthmed/run.json"])  # as that synthmed recorded it
     before = tree(out)
-    refused = rf"earlier synthmed \(output format {old}; this one writes format 3.*--overwrite"
+    refused = rf"earlier synthmed \(output format {old}; this one writes format {RUN_FORMAT}.*--overwrite"
     with pytest.raises(BuildError, match=refused) as info:
         generate(spec, out, resume=True, backend="pattern", progress=False, qc=False)
     assert info.value.exit_code == 2 and re.search(says, str(info.value))

@@ -118,7 +118,16 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
 
     cases = sample_cases(spec, limit=limit)
     folder = RunFolder(out)
-    folder.prepare(run, resume=resume, overwrite=overwrite, planned=_planned_paths(spec, cases))
+    # the folders this run writes into: a split it has cases in, under each top it writes (no masks from diffusion)
+    tops = [top for top, fmt in (("images", "png"), ("dicom", "dicom"), ("masks", None))
+            if ((fmt in spec.image.formats) if fmt else generator["backend"] != "diffusion")]
+    counts = cases.counts()
+    splits = [s for s in spec.splits.keys if any(row[s] for row in counts)]
+    try:
+        folder.prepare(run, resume=resume, overwrite=overwrite, planned=_planned_paths(spec, cases),
+                       folders=[f"{top}/{split}" for top in tops for split in splits])
+    except OSError as e:  # a full disk while the run record or a claim is written
+        raise BuildError(os_error_message(out, e)) from None
     try:
         # 2. Plan: the chunks still to do
         chunks, todo = _plan(spec, folder, cases, limit=limit, resume=resume)

@@ -20,11 +20,13 @@ STATE_DIR = ".synthmed"
 # 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. 3: 8-bit PNG by default,
 # written by Pillow, the png_bit_depth column. A folder of another format is refused on --resume (never mixed);
 # --overwrite starts it again.
-RUN_FORMAT = 3
+RUN_FORMAT = 4
 
 
 FORMAT_CHANGES = {2: "DX images by default, a DICOM SR and SEG beside each, their manifest columns, 0/1 masks",
-                  3: "8-bit PNGs by default (image.png_bit_depth), written by Pillow, the png_bit_depth column"}
+                  3: "8-bit PNGs by default (image.png_bit_depth), written by Pillow, the png_bit_depth column",
+                  4: "DICOM UIDs derived from the image's pixels too, masks and SEG segments in the findings' order, "
+                     "the phantom's smallest findings drawn larger"}
 
 
 OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
@@ -50,9 +52,10 @@ class RunFolder:
         self.notes: list[str] = []         # what the user should know (printed by the CLI)
         self.rerun = "--resume"            # what a refused claim's message asks to rerun with (prepare sets it)
 
-    def prepare(self, run: dict, *, resume: bool, overwrite: bool, planned=None) -> None:
+    def prepare(self, run: dict, *, resume: bool, overwrite: bool, planned=None, folders=()) -> None:
         """Lock the folder and check it against an earlier run; ``planned(rel)`` says whether this run will
-        write ``rel`` (so that --overwrite stops before deleting anything when a file in the way would stay)."""
+        write ``rel`` (so that --overwrite stops before deleting anything when a file in the way would stay), and
+        ``folders`` are the folders it writes into (``images/train``): a file at one stops it before anything."""
         self.planned = planned or (lambda rel: False)
         self.rerun = "--overwrite" if overwrite else "--resume"
         out = self.out
@@ -70,12 +73,18 @@ class RunFolder:
                 raise BuildError(f"cannot read the output folder {out}: {e.strerror or e}", 2) from None
             # a run killed before it wrote run.json leaves only our own names, with .synthmed among them
             ours = STATE_DIR in entries and (set(entries) <= set(OUR_NAMES) or not self.ledger.is_empty())
+            if entries and not run_file.exists() and not ours and STATE_DIR not in entries and \
+                    {"manifest.csv", "dataset_card.json"} <= set(entries):
+                raise BuildError(f"{out} looks like a synthmed dataset whose record ({STATE_DIR}/) is gone: without it "
+                                 "synthmed cannot tell its files from anyone's, so it neither resumes nor overwrites "
+                                 "them. Build into a new folder (or delete this one yourself)", 2)
             if entries and not run_file.exists() and not ours:
                 foreign = sorted(e for e in entries if e not in OUR_NAMES)[:3]
                 raise BuildError(f"{out} already holds files synthmed did not write ({', '.join(foreign or entries[:3])}"
                                  f"{', ...' if len(entries) > 3 else ''}); choose an empty or new folder", 2)
         self.created = not out.exists()
         self._refuse_links()  # before the lock file or anything else is written into them
+        self._refuse_files_at_folders(folders)
         try:
             out.mkdir(parents=True, exist_ok=True)
             self.state.mkdir(exist_ok=True)
@@ -195,6 +204,15 @@ class RunFolder:
                 if p.is_symlink() or (p.exists() and not p.resolve().is_relative_to(base)):
                     raise BuildError(f"{p} is a symbolic link (or leads outside {self.out}); synthmed writes only "
                                      "inside the output folder and does not follow links there. Remove it and rerun", 2)
+
+    def _refuse_files_at_folders(self, folders) -> None:
+        """A file where this run writes a folder (``images/val`` made a file): no run could finish, so nothing is
+        removed and the user is told to move it (exit 2), whatever --resume or --overwrite say."""
+        for rel in folders:
+            for path in [self.out / Path(rel).parts[0], self.out / rel]:
+                if path.exists() and not path.is_dir():
+                    raise BuildError(f"{path} is a file where synthmed writes the folder {path.name}/ (synthmed did "
+                                     f"not write it); nothing was removed. Move it away and rerun with {self.rerun}", 2)
 
     def has_output(self) -> bool:
         """Whether any image or manifest part has been written into the folder."""
