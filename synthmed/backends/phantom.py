@@ -35,8 +35,8 @@ from ..spec import BACKEND_VIEWS, PHANTOM_SIZE_RANGE
 
 VIEWS = BACKEND_VIEWS["phantom"]  # frontal films only: a lateral (LL) is refused, never drawn as a PA
 
-MODEL_ID = "synthmed-phantom-v1"
-MODEL_HASH = "phantom-v1"
+MODEL_ID = "synthmed-phantom-v2"
+MODEL_HASH = "phantom-v2"  # v2: findings too small to see are grown (_GROW)
 
 # cardiothoracic ratio targets; the measured ratio is what is reported
 _CTR_BAND = {"mild": (0.528, 0.542), "moderate": (0.563, 0.587), "severe": (0.625, 0.68)}

@@ -239,8 +239,8 @@ def test_sizes_and_aspect(width, height):
 
 def test_backend_info_and_validation():
     backend = PhantomBackend(128, 136)
-    assert backend.info.name == "phantom" and backend.info.model_id == "synthmed-phantom-v1"
-    assert backend.info.model_hash == "phantom-v1"
+    assert backend.info.name == "phantom" and backend.info.model_id == "synthmed-phantom-v2"
+    assert backend.info.model_hash == "phantom-v2"
     cases = [make_case(seed=s) for s in range(3)]
     images = backend.generate(cases, [None] * 3)
     assert len(images) == 3 and all(im.pixels.shape == (136, 128) for im in images)
