@@ -300,7 +300,9 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
         click.echo(f"  qc:       {headline(result.qc.report, result.qc.seconds)}")
         for line in summary_lines(result.qc.report) if not result.qc.passed else ():
             click.echo(f"            {line}")
-        click.echo(f"            {result.qc.report_path}  {result.qc.html_path}")
+        click.echo("            " + "  ".join(str(p) for p in (result.qc.report_path, result.qc.html_path) if p))
+        for message in result.qc.not_written:
+            click.echo(f"warning: {message}", err=True)
         if not result.qc.passed:
             raise SystemExit(1)
 
@@ -615,6 +617,9 @@ def qc(out: Path, reference: Path | None, reference_uncertain: str, training_man
     except QCError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code)
+    except KeyboardInterrupt:  # its files are written whole or not at all: a rerun checks again from the start
+        click.echo("interrupted; nothing half-written was kept. Rerun synthmed qc to check the folder", err=True)
+        raise SystemExit(130)
     report = result.report
     click.echo(headline(report, result.seconds))
     for line in summary_lines(report, skip_reasons=("auditor",) if no_auditor else ()):

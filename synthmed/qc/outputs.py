@@ -125,11 +125,12 @@ class Outputs:
         for rel in rels:
             try:
                 self.ledger.claim(LEDGER_KEY, [rel])
-            except ForeignFileError:
+            except ForeignFileError as e:
                 what = ("its qc_status / qc_flags columns are not filled" if rel == "manifest.csv"
                         else "--report-dir DIR writes the report elsewhere")
-                self.not_written.append(f"{rel} exists and synthmed's record does not name it (a copied dataset, or "
-                                        f"a file of yours): left as it is; {what}")
+                why = (f"{rel} changed since synthmed wrote it" if "changed" in e.why else
+                       f"{rel} exists and synthmed's record does not name it (a copied dataset, or a file of yours)")
+                self.not_written.append(f"{why}: left as it is; {what}")
                 continue
             claimed.append(rel)
         return claimed

@@ -357,6 +357,103 @@ def test_resume_does_not_overwrite_a_file_the_user_changed(built, spec_file, tar
     assert path.read_bytes() == edited
 
 
+class _Killed(BaseException):
+    """What SIGKILL leaves: no handler runs, the chunk's claim is not completed."""
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_file_of_a_killed_chunk_the_user_changed_is_never_overwritten(spec_file, tmp_path, monkeypatch, flag):
+    """Trial A: files of the chunk a kill interrupted were claimed 'maybe written' (no sha256 yet), so one the user
+    edited after the kill was taken as synthmed's and overwritten by --resume or --overwrite. Each written file's
+    sha256 is now noted as it is written: the edit is named and kept."""
+    from synthmed.build import chunks
+
+    out = tmp_path / "out"
+    real_write, calls = chunks.CaseWriter.write, []
+
+    def write_then_die(self, case, prompt, image):
+        if len(calls) == 67:  # the fourth case of the second chunk (64 cases each)
+            raise _Killed()
+        calls.append(case.case_id)
+        return real_write(self, case, prompt, image)
+
+    monkeypatch.setattr(chunks.CaseWriter, "write", write_then_die)
+    with pytest.raises(_Killed):
+        generate(spec_file, out, backend="pattern", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    (edited,) = out.glob("images/*/case-0000065.png")
+    edited.write_bytes(b"the user's own image\n")
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(out), "--backend", "pattern", flag,
+                                           "-q"])
+    assert result.exit_code == 2, result.output
+    assert edited.read_bytes() == b"the user's own image\n"
+    assert edited.relative_to(out).as_posix() in result.output
+    assert "Traceback" not in result.output
+    edited.unlink()  # the user moves it away: the run finishes, to the same bytes as one never killed
+    assert CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(out), "--backend", "pattern", flag,
+                                         "-q"]).exit_code == 0
+    clean = tmp_path / "clean"
+    generate(spec_file, clean, backend="pattern", progress=False)
+    assert (out / "manifest.csv").read_bytes() == (clean / "manifest.csv").read_bytes()
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_user_file_where_a_split_folder_goes_stops_the_run_before_anything_is_removed(built, spec_file, flag):
+    """Trial A: images/val made a file: --overwrite removed the whole set, then failed on it; --resume failed the
+    same way on every rerun. Now both stop first (exit 2), naming it, and remove nothing."""
+    import shutil
+
+    shutil.rmtree(built / "images" / "val")
+    (built / "images" / "val").write_text("my notes", encoding="utf-8")
+    before = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern", flag,
+                                           "-q"])
+    assert result.exit_code == 2, result.output
+    assert "images/val is a file where synthmed writes the folder val/" in result.output and flag in result.output
+    assert sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()) == before
+    assert (built / "images" / "val").read_text(encoding="utf-8") == "my notes"
+
+
+def test_a_full_disk_while_the_run_record_is_written_is_a_message(built, spec_file, monkeypatch):
+    """Trial A: a disk full at the first write of a resume (the ledger's claim of run.json) gave a traceback."""
+    from synthmed import atomic
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "open_temp", full)
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "the disk is full. Free space and rerun with --resume" in result.output
+
+
+def test_a_report_the_user_edited_is_kept_and_named_not_printed_as_none(built, spec_file):
+    """Trial A: an edited report.html was kept, but the summary printed 'None' as its path and said nothing."""
+    report = built / "report.html"
+    report.write_text(report.read_text(encoding="utf-8") + "<!-- mine -->", encoding="utf-8")
+    edited = report.read_bytes()
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "None" not in result.output and report.read_bytes() == edited
+    assert "warning: report.html changed since synthmed wrote it: left as it is" in result.output
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_dataset_whose_record_was_deleted_is_named_as_such_and_left(built, spec_file, flag):
+    """Trial A: with .synthmed/ deleted, --resume said only 'choose an empty or new folder'."""
+    import shutil
+
+    shutil.rmtree(built / ".synthmed")
+    before = sorted(p.relative_to(built).as_posix() for p in built.rglob("*"))
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern", flag,
+                                           "-q"])
+    assert result.exit_code == 2 and "whose record (.synthmed/) is gone" in result.output, result.output
+    assert sorted(p.relative_to(built).as_posix() for p in built.rglob("*")) == before
+
+
 def test_overwrite_removes_nothing_when_a_kept_file_blocks_the_new_run(built, spec_file):
     """#17 re-trial 5: --overwrite deleted the old build first, then failed on a changed file it had kept."""
     edited = built / "images" / rows(built)[0]["split"] / "metadata.csv"
