@@ -31,6 +31,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,7 +142,7 @@ def check_model_folder(path: str | Path, *, allow_pickle: bool = False, width: i
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         pickled = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]
         if name in WEIGHTED_COMPONENTS:
-            for weights in (p for p in files if p.parent == folder and p.name.endswith(".safetensors")):
+            for weights in _loaded_weights(folder, [p for p in files if p.parent == folder]):
                 check_safetensors_file(weights)
             if not any(p.name.endswith(".safetensors") for p in files if p.parent == folder):
                 weights = [p for p in pickled if p.parent == folder]  # from_pretrained reads the folder, not below
@@ -261,6 +262,16 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def _loaded_weights(folder: Path, files: Sequence[Path]) -> list[Path]:
+    """The safetensors files of a component folder that loading reads: the plain weights where they are there
+    (a spare ``*.fp16.safetensors`` beside them is not read), else every variant's."""
+    weights = [p for p in files if p.name.endswith(".safetensors")]
+    plain = [p for p in weights if any(p.name == f"{stem}.safetensors" or
+                                       re.fullmatch(rf"{stem}-\d+-of-\d+\.safetensors", p.name)
+                                       for stem in WEIGHTS_STEMS)]
+    return plain or weights
+
+
 def check_safetensors_file(path: Path) -> None:
     """A safetensors file whole: its header readable JSON, and as many bytes after it as the header's tensors
     span. A copy or download cut short fails here by name, not later inside the loader with "Unable to load
@@ -289,6 +300,9 @@ def check_safetensors_file(path: Path) -> None:
     except (ValueError, RecursionError):
         header = None
     if not isinstance(header, dict):
+        if start.startswith(b"version ") or start == b"version":  # "version https://git-lfs.github.com/spec/v1"
+            raise ModelFolderError(f"{path} is a Git LFS pointer, not the weights: fetch them (git lfs pull) "
+                                   "in the folder's repository")
         cut = " or cut short" if size < 8 or length > size - 8 else ""
         raise ModelFolderError(f"{path}: not a safetensors file (its header is not readable{cut}); copy or convert "
                                "the weights again")
@@ -312,12 +326,13 @@ def _check_installed(cls: Any, what: str, slot: str) -> None:
     not installed; name that library rather than call the class unknown or of the wrong kind."""
     if type(cls).__name__ != "DummyObject":
         return
-    missing = [b for b in getattr(cls, "_backends", None) or () if importlib.util.find_spec(b) is None]
-    if missing:
-        other = (", or name DPMSolverMultistepScheduler there: synthmed samples with generator.scheduler whatever "
-                 "the folder names") if slot == "scheduler" else ""
-        raise ModelFolderError(f"{what}, which needs {', '.join(missing)}; that is not installed: install it "
-                               f"(pip install {' '.join(missing)}){other}")
+    needed = [b for b in getattr(cls, "_backends", None) or () if b not in ("torch", "transformers")]
+    missing = [b for b in needed if importlib.util.find_spec(b) is None] or needed  # (an import name may differ)
+    other = (", or name DPMSolverMultistepScheduler there: synthmed samples with generator.scheduler whatever "
+             "the folder names") if slot == "scheduler" else ""
+    raise ModelFolderError(f"{what}, which needs the optional librar{'y' if len(missing) == 1 else 'ies'} "
+                           f"{', '.join(missing) or 'its library names'}; that is not installed here (or does not "
+                           f"import): install it (pip install {' '.join(missing)}){other}")
 
 
 def _check_slot_class(name: str, library: str, cls_name: str, index_file: Path) -> None:
@@ -410,7 +425,7 @@ def check_tiny_decoder(path: str | Path, *, allow_pickle: bool = False) -> dict:
                                f"{TINY_DECODER_CLASS} (TAESD-style); no other class is loaded from there")
     _check_component_size("vae", config, config_file)
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    for weights in (p for p in files if p.name.endswith(".safetensors")):
+    for weights in _loaded_weights(folder, files):
         check_safetensors_file(weights)
     if not any(p.name.endswith(".safetensors") for p in files):
         weights = [p for p in files if p.name.endswith(PICKLE_SUFFIXES)]

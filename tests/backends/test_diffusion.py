@@ -810,6 +810,15 @@ def test_weights_that_are_not_safetensors_are_named(model_copy):
     weights = next((folder / "unet").glob("*.safetensors"))
     weights.write_bytes(b"<html>404 Not Found</html>")  # what a failed download leaves
     _assert_refused(folder, str(weights), "not a safetensors file")
+    weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 7783176\n")
+    _assert_refused(folder, str(weights), "Git LFS pointer", "git lfs pull")
+
+
+def test_a_spare_variant_file_beside_the_plain_weights_is_not_checked(model_copy):
+    """Only what loading reads is checked: a cut-short *.fp16.safetensors beside good plain weights is never read."""
+    folder = model_copy()
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"\x08")
+    check_model_folder(folder, width=SIZE, height=SIZE)
 
 
 def test_a_scheduler_whose_library_is_missing_names_the_library(model_copy):
@@ -822,9 +831,10 @@ def test_a_scheduler_whose_library_is_missing_names_the_library(model_copy):
     folder = model_copy()
     _edit_index(folder, scheduler=["diffusers", "DPMSolverSDEScheduler"])
     _edit_config(folder, SCHEDULER, _class_name="DPMSolverSDEScheduler")
-    _assert_refused(folder, "model_index.json", "DPMSolverSDEScheduler", "needs torchsde", "pip install torchsde")
+    _assert_refused(folder, "model_index.json", "DPMSolverSDEScheduler", "needs the optional library torchsde",
+                    "pip install torchsde")
     _edit_index(folder, scheduler=["diffusers", "DDIMScheduler"])  # named only in the scheduler's own config
-    _assert_refused(folder, str(Path(SCHEDULER)), "DPMSolverSDEScheduler", "needs torchsde")
+    _assert_refused(folder, str(Path(SCHEDULER)), "DPMSolverSDEScheduler", "torchsde")
 
 
 @pytest.mark.parametrize("changes", [{"prediction_type": "v_prediction"}, {"prediction_type": "sample"},
