@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cells import MAX_CELLS, cell_bound, enumerate_cells
+from .cells import MAX_CELLS, MAX_ENTRY_CELLS, cell_bound, enumerate_cells
 from .qc import registry as qc_registry
 from .strict_yaml import StrictYamlError, YamlDocument, load_strict_yaml
 from .vocabulary import get_vocabulary, normalise, schemas_dir
@@ -779,16 +779,21 @@ class _MeaningChecker:
         qc = self.qc()
         count, allocation = d.get("count"), d.get("allocation", "exact")
         bounds = [cell_bound(c, self.vocab) for c in components or ()]
-        if sum(bounds) > MAX_CELLS:  # checked before any cell is built: planning them would take minutes and GBs
-            largest = max(range(len(bounds)), key=bounds.__getitem__)
-            comp = components[largest]
-            self.error(("findings", comp.index), f"this entry makes {bounds[largest]:,} finding x location x severity "
+        # checked before any cell is built: planning them would take minutes and GBs
+        too_many = [n for n, b in enumerate(bounds) if b > MAX_ENTRY_CELLS]
+        if not too_many and sum(bounds) > MAX_CELLS:
+            too_many = [max(range(len(bounds)), key=bounds.__getitem__)]
+        for n in too_many:
+            comp = components[n]
+            limit = (f"the limit is {MAX_ENTRY_CELLS:,} per entry" if bounds[n] > MAX_ENTRY_CELLS else
+                     f"the spec makes {sum(bounds):,}, and the limit is {MAX_CELLS:,} per spec")
+            self.error(("findings", comp.index), f"this entry makes {bounds[n]:,} finding x location x severity "
                        f"cells ({len(comp.findings)} findings"
                        + ("" if comp.location else ", each at its own location")
                        + ("" if comp.severity else ", each at its own severity")
-                       + f"), and the spec {sum(bounds):,}; the limit is {MAX_CELLS:,}: give the entry a location "
-                       "and a severity (its findings then share them), or split it into entries of fewer findings")
-        elif components and isinstance(count, int) and allocation == "exact":
+                       + f"); {limit}: give the entry a location and a severity (its findings then share them), "
+                       "or split it into entries of fewer findings")
+        if components and not too_many and isinstance(count, int) and allocation == "exact":
             n_cells = len(enumerate_cells(components, self.vocab))
             if count < n_cells:
                 self.error(("count",), f"{count} cases cannot cover all {n_cells} finding x location x severity cells; "

@@ -632,12 +632,18 @@ def test_an_entry_of_too_many_cells_is_refused_before_they_are_built():
     assert time.monotonic() - started < 30  # not a timing test: enumerating them would take hours
     (problem,) = error.problems
     assert problem.json_path == "findings[0]" and problem.line == 5
-    assert "the limit is 200,000" in problem.message and "give the entry a location and a severity" in problem.message
+    assert "the limit is 200,000 per entry" in problem.message
+    assert "give the entry a location and a severity" in problem.message
     shared = load_spec(with_finding("[pneumonia, atelectasis, consolidation, nodule, mass, edema]",
                                     "    location: right_lower_lobe\n    severity: mild\n"))
     assert len(shared.findings[0].findings) == 6  # the same findings sharing one location and severity: 1 cell
     four = load_spec(with_finding("[pneumonia, atelectasis, consolidation, nodule]"))  # 104,976 cells: allowed
     assert four.findings[0].findings == ("pneumonia", "atelectasis", "consolidation", "nodule")
+    entry = "  - finding: [pneumonia, atelectasis, consolidation, nodule]\n    weight: 1\n"
+    assert len(load_spec(BASE + entry * 2).findings) == 3  # two such entries: 210,000 cells, allowed
+    error = spec_error(BASE + entry * 5)  # five: 524,880
+    assert [p.json_path for p in error.problems] == ["findings[1]"]
+    assert "the limit is 500,000 per spec" in error.problems[0].message
 
 
 def test_repeated_entry_warns():
