@@ -237,8 +237,15 @@ def _case_from_row(row: dict, number: int, problems: list[str], where: str):
     except ValueError:
         problems.append(f"{where}:row {number}: age {age!r} is not a number")
         age_value = None
+    words = {}
+    for column in ("sex", "view"):  # synonyms as a spec takes them (female, pa); anything else is named
+        value = (row.get(column) or "").strip()
+        words[column] = vocab.resolve(column, value) if value else None
+        if value and words[column] is None:
+            known = ", ".join(vocab.section(column))
+            problems.append(f"{where}:row {number}: unknown {column} {value!r} (known: {known})")
     return Case(row.get("case_id") or f"row-{number}", number, row.get("split") or "train", 0, tuple(labels),
-                (row.get("sex") or None), age_value, (row.get("view") or None))
+                words["sex"], age_value, words["view"])
 
 
 def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1", split: str | None = "train",
@@ -566,15 +573,14 @@ def _load_images(examples: Sequence[TrainingExample], progress: bool, size: int 
                  seed: int = 0, first: int = 0):
     """The images as one float16 tensor [N, 1, H, W] in [-1, 1].
 
-    ``size`` None: 16-bit and 8-bit PNGs as they are. Else any image :func:`synthmed.datasets.read_image` reads
-    (PNG, JPEG, DICOM), shorter side to ``size`` and a square crop (:func:`synthmed.datasets.prepare_image`); a
-    random crop's offset comes from :func:`_crop_rng` (``first`` is the index of ``examples[0]``).
+    Each image is read by :func:`synthmed.datasets.read_image` (PNG, JPEG, DICOM; palette, 1-bit, grey+alpha and
+    colour as a viewer shows them). ``size`` None: as they are (all of one size). Else shorter side to ``size`` and a
+    square crop (:func:`synthmed.datasets.prepare_image`); a random crop's offset comes from :func:`_crop_rng`
+    (``first`` is the index of ``examples[0]``).
     """
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from .datasets import prepare_image
+    from .datasets import prepare_image, read_image
     from .progress import progress_bar
 
     out = None
@@ -584,14 +590,8 @@ def _load_images(examples: Sequence[TrainingExample], progress: bool, size: int 
         if size is not None:
             rng = _crop_rng(seed, first + i) if crop == "random" else None
             pixels = prepare_image(ex.path, size, crop=crop, rng=rng) * 2 - 1
-        else:
-            with Image.open(ex.path) as im:
-                mode = im.mode
-                arr = np.asarray(im)
-            if arr.ndim == 3:
-                arr = arr[..., :3].mean(axis=-1)
-            scale = 65535.0 if mode.startswith("I") or arr.dtype == np.uint16 else 255.0
-            pixels = arr.astype(np.float32) / scale * 2 - 1
+        else:  # as they are, read as --size reads them (palette, 1-bit, grey+alpha, colour by luma; files named)
+            pixels = read_image(ex.path) * 2 - 1
         if out is None:
             out = torch.empty((len(examples), 1, *pixels.shape), dtype=torch.float16)
         out[i, 0] = torch.from_numpy(pixels)

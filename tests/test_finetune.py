@@ -794,6 +794,39 @@ def test_flags_that_do_not_fit_the_dataset_are_usage_errors(tmp_path, name):
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.training").exists()
 
 
+def test_sex_and_view_outside_the_vocabulary_are_named_by_row_and_synonyms_are_read(phantom_set, tmp_path):
+    """Trial C: a sex of 'O' or a view of 'oblique' gave a KeyError traceback from the prompt; 'female' and 'pa',
+    which a spec takes, did too."""
+    def edit(out, rows):
+        rows[0]["sex"], rows[1]["view"] = "O", "oblique"
+        rows[2]["sex"], rows[2]["view"] = "female", "pa"
+
+    out = _broken_copy(phantom_set, tmp_path, edit)
+    with pytest.raises(ManifestError) as err:
+        read_training_manifest(out)
+    text = str(err.value)
+    assert "row 2: unknown sex 'O' (known: F, M)" in text and "row 3: unknown view 'oblique' (known: PA, AP, LL)" in text
+    assert "row 4" not in text  # female / pa: the spec's synonyms
+
+
+def test_images_of_one_size_are_read_as_a_viewer_shows_them(tmp_path):
+    """Trial C: without --size, a palette, grey+alpha or 1-bit PNG trained on its raw samples (palette indices:
+    a mean of 0.03 for a mid-grey image)."""
+    import numpy as np
+    from PIL import Image
+
+    from synthmed.finetune import TrainingExample, _load_images
+
+    grey = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(grey).convert("LA").save(tmp_path / "alpha.png")
+    examples = [TrainingExample(tmp_path / f"{name}.png", "p", name, "train") for name in ("grey", "palette", "alpha")]
+    images = _load_images(examples, False)
+    assert torch.equal(images[0], images[1]) and torch.equal(images[0], images[2])
+    assert torch.equal(images[0, 0], torch.from_numpy(grey.astype(np.float32) / 255 * 2 - 1).half())
+
+
 def test_manifest_only_flags_and_bad_dataset_rows_are_usage_errors(phantom_set, tmp_path):
     result = _cli_finetune(phantom_set, tmp_path / "m", "--uncertain", "positive")
     assert result.exit_code == 2 and "--uncertain positive" in result.stderr
