@@ -539,7 +539,7 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
 
     Args:
         spec: a loaded :class:`~synthmed.spec.DatasetSpec` (or what :func:`~synthmed.spec.load_spec` takes).
-        limit: return only the first ``limit`` cases (the same cases a full run starts with); at least 1.
+        limit: return only the first ``limit`` cases (the same cases a full run starts with).
 
     Example:
         >>> from synthmed import load_spec, sample_cases
@@ -554,8 +554,8 @@ def sample_cases(spec: "DatasetSpec", *, limit: int | None = None) -> CaseList:
         spec = load_spec(spec)
     if not isinstance(spec, DatasetSpec):
         raise TypeError(f"sample_cases takes a spec (synthmed.load_spec(path)), not {type(spec).__name__}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
-        raise ValueError(f"limit must be a whole number of at least 1 (or None for every case), got {limit!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0):
+        raise ValueError(f"limit must be a whole number of cases, 0 or more (or None for every case), got {limit!r}")
     vocab = get_vocabulary()
     cells = enumerate_cells(spec.findings, vocab)
     n = spec.count
