@@ -1115,14 +1115,9 @@ class _MeaningChecker:
         return None
 
     def check_volumes(self, volumes: list[tuple[int, AnatomyEntry]], entries: list, components) -> None:
-        from .backends.drr.structures import required_structures  # pure Python
+        from .backends.drr.structures import spec_needs  # pure Python
 
-        needs: dict = {}
-        for cell in enumerate_cells(components, self.vocab):
-            for label in cell.findings:
-                for need in required_structures(label.finding, label.location):
-                    where = f" at {label.location}" if label.location else ""
-                    needs.setdefault(need, f"{label.finding}{where}")
+        needs = spec_needs(components, self.vocab)
         try:
             from .backends.drr.volumes import check_volume
         except ImportError as e:  # nibabel (the drr extra) missing: the files cannot be checked

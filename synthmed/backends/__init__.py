@@ -232,8 +232,33 @@ def _drr_backend(spec: "DatasetSpec"):
     from .drr.volumes import VolumeError
 
     try:
-        return DrrBackend(spec.image.width, spec.image.height, volumes=spec.generator.anatomy)
+        backend = DrrBackend(spec.image.width, spec.image.height, volumes=spec.generator.anatomy)
     except (AnatomyMissing, VolumeError) as e:
         raise BackendUnavailable(str(e)) from None
     except ValueError as e:
         raise BackendUnavailable(f"{e} (image.size in the spec)") from None
+    _check_structures_drawn(spec)
+    return backend
+
+
+def _check_structures_drawn(spec) -> None:
+    """Each structure the spec's findings need has voxels in each user label map (validation reads the structures
+    file only: a structure it lists may have been left out of the map), so that no case stops the run."""
+    import numpy as np
+
+    from ..vocabulary import get_vocabulary
+    from .drr.structures import BASE, spec_needs
+    from .drr.volumes import load_volume
+
+    needs = {need: "every film" for need in BASE} | spec_needs(spec.findings, get_vocabulary())
+    for entry in spec.generator.anatomy:
+        if entry.ct is None:
+            continue
+        anatomy = load_volume(entry)  # cached: the backend has just loaded it
+        present = {name for name, value in anatomy.names.items() if value in set(np.unique(anatomy.labels).tolist())}
+        for need, what in needs.items():
+            if not need.met_by(present):
+                raise BackendUnavailable(f"anatomy '{entry.id}': the label map {entry.labels} has no voxel of "
+                                         f"{need.text} (needed for {what}), though {entry.structures or 'it'} "
+                                         "names it; label it" + ("" if what == "every film" else
+                                                                 ", or leave that finding out of the spec"))

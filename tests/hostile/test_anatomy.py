@@ -294,3 +294,60 @@ def test_a_dangling_link_is_reported_by_the_path_written(volume):
     """#17 anatomy re-trial: a dangling link was reported by its target, not by the path the user wrote."""
     os.symlink(volume / "gone" / "labels.nii.gz", volume / "link.nii.gz")
     _refused(_spec(volume, labels="link.nii.gz"), "labels", str(volume / "link.nii.gz"))
+
+
+# ----------------------------------------------------------------------------- trial C: volumes that read but are wrong
+
+def _generate(spec: Path, out: Path):
+    result = CliRunner().invoke(cli_main, ["generate", str(spec), "-o", str(out), "--no-qc", "-q"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def test_a_truncated_nifti_gz_stored_lps_exits_2_naming_it(tmp_path):
+    """Trial C: a cut .nii.gz not stored RAS (most CTs are LPS) is read whole by nibabel's reorientation, outside
+    the voxel reader's error handling: 'Aborted!', exit 1."""
+    _ct_and_labels(tmp_path)
+    lps = np.diag([-2.0, -2.0, 2.5, 1.0])
+    labels = np.asarray(nib.load(str(tmp_path / "labels.nii.gz")).dataobj)
+    nib.save(nib.Nifti1Image(labels, lps), str(tmp_path / "labels.nii.gz"))
+    noise = np.random.default_rng(0).integers(-1000, 1000, (16, 16, 8)).astype(np.int16)
+    full = gzip.compress(nib.Nifti1Image(noise, lps).to_bytes())
+    (tmp_path / "cut.nii.gz").write_bytes(full[:len(full) // 2])
+    result = _generate(_spec(tmp_path, ct="cut.nii.gz"), tmp_path / "out")
+    assert result.exit_code == 2 and str(tmp_path / "cut.nii.gz") in result.output, result.output
+    assert "Aborted" not in result.output
+
+
+def test_a_ct_not_in_hounsfield_units_is_refused_not_projected(tmp_path):
+    """Trial C: a CT scaled 0-1 made films of noise, labelled, and qc passed them."""
+    _ct_and_labels(tmp_path)
+    hu = np.asarray(nib.load(str(tmp_path / "ct.nii.gz")).dataobj).astype(np.float32)
+    nib.save(nib.Nifti1Image((hu + 1024) / 4095, AFFINE), str(tmp_path / "ct01.nii.gz"))
+    result = _generate(_spec(tmp_path, ct="ct01.nii.gz"), tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "ct01.nii.gz does not look like a CT in Hounsfield units" in result.output
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+def test_ct_and_label_map_swapped_are_named(tmp_path):
+    _ct_and_labels(tmp_path)
+    result = _generate(_spec(tmp_path, ct="labels.nii.gz", labels="ct.nii.gz"), tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "does not hold structure numbers" in result.output and "swapped" in result.output
+
+
+@pytest.mark.parametrize("findings, needed", [("[{finding: cardiomegaly, weight: 1}]", "needed for cardiomegaly"),
+                                              ("[{finding: no_finding, weight: 1}]", "needed for every film")])
+def test_a_structure_the_map_names_but_does_not_hold_is_named_before_any_case(tmp_path, monkeypatch, findings,
+                                                                              needed):
+    """Trial C: structures.csv names the heart, the label map has no heart voxel: a FindingNotDrawable traceback
+    mid-run (exit 1); under Ray a RayTaskError dump."""
+    _ct_and_labels(tmp_path)
+    labels = np.asarray(nib.load(str(tmp_path / "labels.nii.gz")).dataobj).copy()
+    labels[labels == BASE_NAMES.index("heart") + 1] = 0
+    nib.save(nib.Nifti1Image(labels, AFFINE), str(tmp_path / "labels.nii.gz"))
+    monkeypatch.setattr(sys.modules[__name__], "FINDINGS", findings)
+    result = _generate(_spec(tmp_path), tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "has no voxel of heart" in result.output and needed in result.output

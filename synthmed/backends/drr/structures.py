@@ -109,6 +109,33 @@ def required_structures(finding: str, location: str | None = None) -> tuple[Need
     return ()
 
 
+def spec_needs(components, vocab) -> dict:
+    """Every structure need of a spec's findings (``findings`` entries, as :class:`synthmed.spec.FindingComponent`)
+    with the first finding (and location) that needs it, in words; the entries' location choices are gone through
+    one finding at a time, never as the product the cells are (an entry of many findings makes millions).
+
+    Example:
+        >>> from synthmed.spec import load_spec
+        >>> from synthmed.vocabulary import get_vocabulary
+        >>> needs = spec_needs(load_spec("dataset_specs/pneumonia.yaml").findings, get_vocabulary())
+        >>> needs[Need(("lung_lower_lobe_right",))]
+        'pneumonia at right_lower_lobe'
+    """
+    needs: dict = {}
+    for comp in components:
+        for finding in comp.findings:
+            if comp.location:
+                locations = [vocab.project_location(loc, finding) for loc in comp.location.keys]
+            elif vocab.findings[finding].location_kinds:
+                locations = [loc for loc, _ in vocab.findings[finding].default_location]
+            else:
+                locations = [None]
+            for location in dict.fromkeys(locations):
+                for need in required_structures(finding, location):
+                    needs.setdefault(need, f"{finding} at {location}" if location else finding)
+    return needs
+
+
 # structures the backend reads at all (a folder of per-structure masks loads only these)
 BONE_PREFIXES = ("rib_", "vertebrae_", "sternum", "clavicula_", "scapula_", "humerus_", "skull", "hip_",
                  "femur_", "sacrum")

@@ -146,6 +146,18 @@ def _voxels(img, where: str, dtype=None):
                           "is the file complete?") from None
 
 
+def _as_canonical(img, where: str):
+    """``nibabel.as_closest_canonical``, which reads every voxel of a volume not stored RAS (most CTs are LPS): a
+    damaged body -> VolumeError naming it, as :func:`_voxels`."""
+    import nibabel as nib
+
+    try:
+        return nib.as_closest_canonical(img)
+    except READ_ERRORS as e:
+        raise VolumeError(f"{where}: its voxels cannot be read ({type(e).__name__}: {e}); "
+                          "is the file complete?") from None
+
+
 def nifti_grid(path: Path, what: str) -> Grid:
     img = _nifti(path, what)
     return _canonical(img.shape, img.affine)
@@ -459,7 +471,7 @@ def _read_labels(entry, grid: Grid):
         g = _canonical(img.shape, img.affine)
         if g.shape != grid.shape or not np.allclose(g.affine, grid.affine, atol=AFFINE_TOLERANCE_MM):
             raise VolumeError(f"{what} is not on the CT's grid (shape {g.shape} vs {grid.shape})")
-        return _voxels(nib.as_closest_canonical(img), what)
+        return _voxels(_as_canonical(img, what), what)
 
     if labels_path.is_dir():
         used = sorted(n for n in names if is_used(n))
@@ -472,8 +484,9 @@ def _read_labels(entry, grid: Grid):
             out[np.reshape(m, grid.shape) > 0] = i
             compact[name] = i
         return out, compact
-    values = canonical(_nifti(labels_path, "label map"), f"label map {labels_path}")
-    values = np.rint(np.reshape(values, grid.shape)).astype(np.int64)
+    values = np.reshape(canonical(_nifti(labels_path, "label map"), f"label map {labels_path}"), grid.shape)
+    _check_label_values(values, labels_path)
+    values = np.rint(values).astype(np.int64)
     kept = sorted(names.items(), key=lambda kv: kv[1])
     if len(kept) > 255:
         kept = [kv for kv in kept if is_used(kv[0])]
@@ -482,6 +495,34 @@ def _read_labels(entry, grid: Grid):
     at = np.clip(np.searchsorted(keys, values), 0, len(keys) - 1)
     out = np.where(keys[at] == values, at + 1, 0).astype(np.uint8)
     return out, {name: i for i, (name, _) in enumerate(kept, start=1)}
+
+
+def _check_hounsfield(hu, path) -> None:
+    """A CT in Hounsfield units: air (outside the body, the lungs) near -1000, bone above 0. A volume scaled 0-1,
+    stored +1024 without its rescale, or a label map given as the CT would project to a film of noise, labelled."""
+    import numpy as np
+
+    finite = hu[np.isfinite(hu)]
+    if finite.size < hu.size:
+        raise VolumeError(f"CT {path}: {hu.size - finite.size:,} voxels are NaN or infinite; a CT holds Hounsfield "
+                          "units in every voxel")
+    low, high = (float(v) for v in np.percentile(finite[:: max(1, finite.size // 1_000_000)], [1, 99]))
+    if low > -500 or high < 0:
+        raise VolumeError(f"CT {path} does not look like a CT in Hounsfield units: 98 % of its voxels lie between "
+                          f"{low:g} and {high:g}, where air (the lungs, outside the body) is near -1000 and bone above "
+                          "0. Is it scaled (0-1, or stored +1024 without its rescale intercept), or are ct: and "
+                          "labels: swapped?")
+
+
+def _check_label_values(values, path) -> None:
+    """A label map holds structure numbers: whole, 0 or more. A CT given as the label map (swapped) holds neither."""
+    import numpy as np
+
+    sample = values.ravel()[:: max(1, values.size // 1_000_000)]
+    if not np.isfinite(sample).all() or (sample < 0).any() or (np.rint(sample) != sample).any():
+        raise VolumeError(f"label map {path} does not hold structure numbers (whole numbers 0 and up: its values run "
+                          f"from {float(np.nanmin(sample)):g} to {float(np.nanmax(sample)):g}); is it the CT "
+                          "(ct: and labels: swapped)?")
 
 
 @lru_cache(maxsize=None)  # every volume a process has used stays loaded (about 0.3 GiB each at the default spacing)
@@ -500,9 +541,10 @@ def load_volume(entry):
     ct = _read_ct(Path(entry.ct))
     grid = _canonical(ct.shape, ct.affine)
     labels, names = _read_labels(entry, grid)
-    ct = nib.as_closest_canonical(ct)
+    ct = _as_canonical(ct, f"CT {entry.ct}")
     spacing = tuple(float(s) for s in ct.header.get_zooms()[:3])
     hu = _voxels(ct, f"CT {entry.ct}", np.float32).reshape(grid.shape)
+    _check_hounsfield(hu, entry.ct)
     # finer than the shipped CT: down to its voxel size (memory, speed); a coarser axis keeps its own
     zoom = [min(s / t, 1.0) for s, t in zip(spacing, DEFAULT_SPACING_MM)]
     if any(z < 0.98 for z in zoom):
