@@ -72,8 +72,7 @@ MAX_CELLS = 500_000  # the whole spec: planning that many takes about 90 s and 3
 def cell_bound(component, vocab: Vocabulary | None = None) -> int:
     """How many cells :func:`enumerate_cells` goes through for one entry (before cells with the same labels merge):
     the product of its location and severity choices. Checked against MAX_ENTRY_CELLS and MAX_CELLS before any is
-    built: an entry of
-    eight findings that each draw their own location and severity would be 11 billion.
+    built: an entry of eight findings that each draw their own location and severity would be 11 billion.
 
     Example:
         >>> from synthmed.spec import load_spec

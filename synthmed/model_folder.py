@@ -658,8 +658,6 @@ def weights_variant(folder: Path, dtype=None) -> str | None:
         >>> weights_variant(folder)
         'fp16'
     """
-    import re
-
     names = {p.name for p in folder.iterdir() if p.is_file()}
     if any(f"{stem}.safetensors" in names or f"{stem}.safetensors.index.json" in names for stem in WEIGHTS_STEMS):
         return None

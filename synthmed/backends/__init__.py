@@ -255,7 +255,8 @@ def _check_structures_drawn(spec) -> None:
         if entry.ct is None:
             continue
         anatomy = load_volume(entry)  # cached: the backend has just loaded it
-        present = {name for name, value in anatomy.names.items() if value in set(np.unique(anatomy.labels).tolist())}
+        held = set(np.unique(anatomy.labels).tolist())
+        present = {name for name, value in anatomy.names.items() if value in held}
         for need, what in needs.items():
             if not need.met_by(present):
                 raise BackendUnavailable(f"anatomy '{entry.id}': the label map {entry.labels} has no voxel of "
