@@ -158,9 +158,10 @@ class Ledger:
         sha256 of each file :meth:`note_written` noted since the claim was last written."""
         claim = self._read_file(self._claim_path(key))
         if claim["files"] and self.is_safe():
-            noted = dict(self._read_journal(self._journal_path(key)))  # a file written twice: its last line
+            # the journal is newer than the claim (writing the claim empties it); a file written twice: its last line
+            noted = dict(self._read_journal(self._journal_path(key)))
             for rel, sha in noted.items():
-                if rel in claim["files"] and claim["files"][rel] is None:
+                if rel in claim["files"]:
                     claim["files"][rel] = sha
         return claim
 
@@ -320,7 +321,10 @@ class Ledger:
             os.rename(self.root / rel, aside)
             moved.append((rel, aside.relative_to(self.root).as_posix()))
         for rel in rels:
-            files[rel] = None  # about to be (re)written: its old sha256 no longer says anything
+            # about to be (re)written. Until it is, a file of ours that is still as recorded keeps its sha256: a run
+            # killed again before rewriting it must still know it (and so a user's later edit of it)
+            if not (files.get(rel) and rel in present and rel not in suspect):
+                files[rel] = None
         if writer_token() not in claim["pids"]:
             claim["pids"].append(writer_token())
         self._write(key, claim)

@@ -61,10 +61,20 @@ def test_lines_naming_other_files_or_cut_short_are_ignored(ledger):
     assert ledger.read("chunk-000000")["files"] == {A: sha(b"ours"), B: None}
 
 
-def test_reclaiming_a_file_forgets_its_old_note(ledger):
+def test_a_second_kill_before_a_file_is_rewritten_still_knows_it(ledger):
+    """Re-trial: a resume re-claims the chunk and is killed before it rewrites a file the first run wrote; the
+    file kept its 'maybe written' null, so a user's edit after that was overwritten. An unchanged file of ours keeps
+    its sha256 through the re-claim; a file not there, or rewritten with other bytes, takes the new note."""
     write(ledger, A, b"ours")
-    ledger.claim("chunk-000000", [A])  # about to be written again: its old sha256 no longer says anything
-    assert ledger.read("chunk-000000")["files"][A] is None
+    ledger.claim("chunk-000000", [A, B])  # the resume's claim: A is not rewritten yet (killed)
+    assert ledger.read("chunk-000000")["files"] == {A: sha(b"ours"), B: None}
+    (ledger.root / A).write_bytes(b"the user's edit")
+    with pytest.raises(ForeignFileError, match="changed since synthmed wrote it"):
+        ledger.claim("chunk-000000", [A, B])
+    (ledger.root / A).write_bytes(b"ours")
+    ledger.claim("chunk-000000", [A, B])
+    write(ledger, A, b"other bytes")  # rewritten: the journal is newer than the claim
+    assert ledger.read("chunk-000000")["files"][A] == sha(b"other bytes")
 
 
 def test_the_journal_is_no_claim_and_goes_with_its_claim(ledger):
