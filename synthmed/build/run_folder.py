@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,9 @@ class RunFolder:
         Nothing is removed when a file that would stay is where this run will write: the run could not finish.
         """
         _, changed = self.ledger.removal_plan()
-        foreign = self.ledger.foreign_files(sorted(p.name for p in self.out.iterdir() if p.name != STATE_DIR))
-        blocking = sorted(r for r in [*foreign, *changed] if planned(r))
+        tops = sorted(p.name for p in self.out.iterdir() if p.name != STATE_DIR)
+        foreign = self.ledger.foreign_files(tops)
+        blocking = sorted(r for r in [*foreign, *changed, *self._not_files(tops)] if planned(r))
         if blocking:
             shown = ", ".join(blocking[:3]) + (f" and {len(blocking) - 3} more" if len(blocking) > 3 else "")
             raise BuildError(f"{self.out} holds {shown}, where this run would write, and synthmed did not write "
@@ -189,6 +191,21 @@ class RunFolder:
             self.left_alone = left
             shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
             self.notes.append(f"--overwrite left {len(left)} file(s) synthmed did not write in {self.out}: {shown}")
+
+    def _not_files(self, tops) -> list[str]:
+        """Folders and links under ``tops``: where one stands at a path this run writes a file to, no run can
+        finish, and --overwrite must stop before it removes anything."""
+        found = []
+        for top in tops:
+            base = self.out / top
+            if base.is_symlink() or not base.is_dir():
+                continue
+            for dirpath, dirs, names in os.walk(base, followlinks=False):
+                for name in [*dirs, *names]:
+                    path = Path(dirpath) / name
+                    if path.is_symlink() or path.is_dir():
+                        found.append(path.relative_to(self.out).as_posix())
+        return found
 
     def _refuse_links(self) -> None:
         """Refuse a folder of ours (or a split folder in it) that leads outside OUT: writes must not follow it."""

@@ -415,6 +415,24 @@ def test_a_user_file_where_a_split_folder_goes_stops_the_run_before_anything_is_
     assert (built / "images" / "val").read_text(encoding="utf-8") == "my notes"
 
 
+@pytest.mark.parametrize("what", ["folder", "link"])
+def test_overwrite_removes_nothing_when_a_folder_or_link_stands_where_an_image_goes(built, spec_file, tmp_path, what):
+    """Re-trial: a user folder (or a link) at a planned image path was not seen as in the way: --overwrite removed
+    the whole set, then failed on it."""
+    rel = rows(built)[3]["png_path"]
+    (built / rel).unlink()
+    if what == "folder":
+        (built / rel).mkdir()
+        (built / rel / "note").write_text("mine", encoding="utf-8")
+    else:
+        (built / rel).symlink_to(tmp_path / "elsewhere.png")
+    before = sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file())
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--overwrite", "-q"])
+    assert result.exit_code == 2 and rel in result.output and "nothing was removed" in result.output, result.output
+    assert sorted(p.relative_to(built).as_posix() for p in built.rglob("*") if p.is_file()) == before
+
+
 def test_a_full_disk_while_the_run_record_is_written_is_a_message(built, spec_file, monkeypatch):
     """Trial A: a disk full at the first write of a resume (the ledger's claim of run.json) gave a traceback."""
     from synthmed import atomic
