@@ -241,6 +241,9 @@ def _drr_backend(spec: "DatasetSpec"):
     return backend
 
 
+MIN_STRUCTURE_ML = 0.5  # a floor far below any real one (a rib is 10-20 ml, the trachea 30, the heart 600)
+
+
 def _check_structures_drawn(spec) -> None:
     """Each structure the spec's findings need has voxels in each user label map (validation reads the structures
     file only: a structure it lists may have been left out of the map), so that no case stops the run."""
@@ -255,11 +258,15 @@ def _check_structures_drawn(spec) -> None:
         if entry.ct is None:
             continue
         anatomy = load_volume(entry)  # cached: the backend has just loaded it
-        held = set(np.unique(anatomy.labels).tolist())
-        present = {name for name, value in anatomy.names.items() if value in held}
+        voxels = np.bincount(anatomy.labels.ravel(), minlength=256)
+        ml = {name: float(voxels[value]) * float(np.prod(anatomy.spacing)) / 1000 for name, value in
+              anatomy.names.items()}
+        present = {name for name, size in ml.items() if size >= MIN_STRUCTURE_ML}
         for need, what in needs.items():
             if not need.met_by(present):
-                raise BackendUnavailable(f"anatomy '{entry.id}': the label map {entry.labels} has no voxel of "
-                                         f"{need.text} (needed for {what}), though {entry.structures or 'it'} "
-                                         "names it; label it" + ("" if what == "every film" else
-                                                                 ", or leave that finding out of the spec"))
+                largest = max(need.any_of, key=lambda n: ml.get(n, 0.0))
+                held = (f"only {ml[largest]:.2f} ml of {largest} (a structure the films use is at least "
+                        f"{MIN_STRUCTURE_ML:g} ml)" if ml.get(largest) else f"no voxel of {need.text}")
+                raise BackendUnavailable(f"anatomy '{entry.id}': the label map {entry.labels} has {held}, needed for "
+                                         f"{what}, though {entry.structures or 'it'} names it; label it"
+                                         + ("" if what == "every film" else ", or leave that finding out of the spec"))

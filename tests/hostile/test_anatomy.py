@@ -351,3 +351,16 @@ def test_a_structure_the_map_names_but_does_not_hold_is_named_before_any_case(tm
     result = _generate(_spec(tmp_path), tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert "has no voxel of heart" in result.output and needed in result.output
+
+
+def test_a_structure_of_a_single_voxel_is_named_too(tmp_path):
+    """Re-trial: a heart of one voxel drew 'severe cardiomegaly' from 1-2 mask pixels, and qc passed it."""
+    _ct_and_labels(tmp_path)
+    labels = np.asarray(nib.load(str(tmp_path / "labels.nii.gz")).dataobj).copy()
+    heart = BASE_NAMES.index("heart") + 1
+    labels[labels == heart] = 0
+    labels[8, 8, 4] = heart
+    nib.save(nib.Nifti1Image(labels, AFFINE), str(tmp_path / "labels.nii.gz"))
+    result = _generate(_spec(tmp_path), tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "has only 0.01 ml of heart" in result.output
