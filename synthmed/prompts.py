@@ -95,8 +95,11 @@ def build_prompt(case: "Case", prompt_spec: "PromptSpec | None" = None, vocab: V
         >>> build_prompt(case).text
         'PA chest radiograph of a 58 year old female. Moderate right lower lobe pneumonia.'
     """
+    from .sampler import Case
     from .spec import DatasetSpec, PromptSpec
 
+    if not isinstance(case, Case):
+        raise TypeError(f"build_prompt takes one Case (cases[i] of synthmed.sample_cases), not {type(case).__name__}")
     if isinstance(prompt_spec, DatasetSpec):  # the whole spec given: its prompt section is meant
         prompt_spec = prompt_spec.prompt
     if prompt_spec is not None and not isinstance(prompt_spec, PromptSpec):
@@ -228,7 +231,7 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
             close = difflib.get_close_matches(normalise(raw_key), list(_KEY_INDEX), n=1)
             raise ValueError(f"unknown tag [{raw_key}: …]" + (f"; did you mean [{close[0]}: …]?" if close else ""))
         if key == "finding":
-            findings.append(list(_parse_finding_value(value, vocab)))
+            findings.append([*_parse_finding_value(value, vocab), False, False])
         elif key in ("location", "severity"):
             if not findings:
                 raise ValueError(f"[{raw_key}: {value}] comes before any [finding: …] tag")
@@ -237,20 +240,24 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
                 if loc is None:
                     hints = vocab.suggest("location", value)
                     raise ValueError(f"unknown location {value!r}" + (f"; did you mean '{hints[0]}'?" if hints else ""))
-                findings[-1][1] = loc
+                if findings[-1][3]:  # a second [location] for one finding: which one is meant?
+                    raise ValueError(f"[{raw_key}: {value}] is the second location tag of its finding; give one")
+                findings[-1][1], findings[-1][3] = loc, True
             else:
                 sev = vocab.resolve("severity", value)
                 if sev is None and value.strip().isdigit():
                     sev = next((s.id for s in vocab.severities.values() if s.grade == int(value)), None)
                 if sev is None:
                     raise ValueError(f"unknown severity {value!r} (mild/moderate/severe or grade 1/2/3)")
-                findings[-1][2] = sev
+                if findings[-1][4]:
+                    raise ValueError(f"[{raw_key}: {value}] is the second severity tag of its finding; give one")
+                findings[-1][2], findings[-1][4] = sev, True
         else:
             if key in other:
                 raise ValueError(f"[{raw_key}: …] is given twice")
             other[key] = value
     labels = []
-    for finding, location, severity in findings:
+    for finding, location, severity, *_ in findings:
         f = vocab.findings[finding]
         if location is not None:
             projected = vocab.project_location(location, finding)
@@ -267,6 +274,8 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
         if key in other and resolved is None:
             raise ValueError(f"unknown {key} {other[key]!r}")
     age = _int_tag(other, "age")
+    if age is not None and not 0 <= age <= MAX_AGE:
+        raise ValueError(f"[age: {other['age']}] is outside 0..{MAX_AGE}, the ages a spec takes")
     seed = _int_tag(other, "seed")
     case_id = other.get("case") or "tag-" + hashlib.sha256(
         repr((labels, sex, age, view, other.get("split"), seed)).encode()).hexdigest()[:12]
@@ -276,6 +285,7 @@ def parse_tag_prompt(text: str, vocab: Vocabulary | None = None) -> "Case":
 
 
 MAX_FINDINGS_PER_CASE = 8  # the schema's maxItems of findings[].finding
+MAX_AGE = 120  # the schema's largest age
 
 
 def _check_together(findings: list[str], vocab: Vocabulary) -> None:

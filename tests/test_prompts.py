@@ -284,6 +284,9 @@ def test_tag_case_id_is_deterministic():
     ("[finding: no finding][finding: pneumonia]", "no_finding cannot occur together"),
     ("[finding: pneumonia][finding: pneumonia]", "[finding: pneumonia] is given twice"),
     ("[finding: nodule][finding: lung lesion]", "nodule is a kind of lung_lesion"),
+    ("[finding: pneumonia][location: left lower lobe][location: right upper lobe]", "second location tag"),
+    ("[finding: pneumonia][severity: mild][severity: severe]", "second severity tag"),
+    ("[finding: pneumonia][age: 200]", "outside 0..120"),
     ("".join(f"[finding: {f}]" for f in ("pneumonia", "edema", "atelectasis", "fracture", "pneumothorax",
                                           "pacemaker", "cardiomegaly", "nodule", "pleural effusion")), "at most 8"),
 ])
@@ -346,3 +349,7 @@ def test_api_arguments_of_the_wrong_kind_are_named():
     assert build_prompt(case, spec) == build_prompt(case, spec.prompt)  # the whole spec: its prompt section
     with pytest.raises(TypeError, match=r"spec's prompt section \(spec.prompt\), not dict"):
         build_prompt(case, {"template": "x"})
+    with pytest.raises(TypeError, match="build_prompt takes one Case"):
+        build_prompt([case])
+    # a [severity] tag still wins over the finding's own words, as documented
+    assert parse_tag_prompt("[finding: mild pneumonia][severity: severe]").findings[0].severity == "severe"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,8 +181,9 @@ def _check_arguments(*, spec, out, resume, overwrite, limit, backend, model, bat
     def name_of(value) -> str:
         return f"{type(value).__name__} {value!r}"[:120]
 
-    if not isinstance(spec, (DatasetSpec, str, os.PathLike)):
-        raise TypeError(f"spec must be a DatasetSpec or the path of a spec file, got {name_of(spec)}")
+    if not isinstance(spec, (DatasetSpec, str, os.PathLike, bytes, Mapping)):  # what load_spec takes
+        raise TypeError(f"spec must be a DatasetSpec, the path of a spec file, YAML text or a mapping, got "
+                        f"{name_of(spec)}")
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise TypeError(f"out must be the path of the output folder, got {name_of(out)}")
     for flag, value in (("resume", resume), ("overwrite", overwrite), ("progress", progress)):
