@@ -167,3 +167,5 @@ def test_notebook_slips_get_clear_errors(tmp_path):
         synthmed.load_spec(loop)
     with pytest.raises(ValueError, match="'pneumonai' is not a finding that has masks; did you mean 'pneumonia'"):
         synthmed.ManifestDataset(tmp_path, masks=["pneumonai"])
+    document = dict(spec.to_dict(), count=4)  # a mapping, as load_spec takes it
+    assert synthmed.generate(document, tmp_path / "out", backend="pattern", progress=False, qc=False).written == 4
