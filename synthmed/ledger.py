@@ -282,11 +282,16 @@ class Ledger:
         atomic_write_bytes(self._claim_path(key), (json.dumps(data, indent=0) + "\n").encode("utf-8"))
         self._journal_path(key).unlink(missing_ok=True)  # what it noted is in the claim now (read() merged it)
 
-    def claim(self, key: str, rels: Iterable[str], *, repair: bool = False) -> list[tuple[str, str]]:
+    def claim(self, key: str, rels: Iterable[str], *, repair: bool = False,
+              keep_recorded: bool = False) -> list[tuple[str, str]]:
         """Record that this process is about to write ``rels`` (paths relative to the folder).
 
         ``repair``: a recorded file whose bytes changed (a damaged cache or checkpoint of synthmed's own) is moved
         aside to ``<name>.changed-<token>`` and made again; by default such a file is someone's edit and is refused.
+        ``keep_recorded``: a file of ours still as recorded keeps its sha256 until it is rewritten (and noted,
+        :meth:`note_written`), so that a run killed again before rewriting it still knows it. For writers that
+        note each file and write the same bytes again (a dataset's chunks); others mark every file "maybe
+        written", as a rewrite with other bytes, killed before it is recorded, must not read as a user's edit.
         Returns the (path, kept as) pairs a repair moved aside.
 
         Raises:
@@ -320,10 +325,8 @@ class Ledger:
             aside = (self.root / rel).with_name(f"{Path(rel).name}.changed-{writer_token()}")
             os.rename(self.root / rel, aside)
             moved.append((rel, aside.relative_to(self.root).as_posix()))
-        for rel in rels:
-            # about to be (re)written. Until it is, a file of ours that is still as recorded keeps its sha256: a run
-            # killed again before rewriting it must still know it (and so a user's later edit of it)
-            if not (files.get(rel) and rel in present and rel not in suspect):
+        for rel in rels:  # about to be (re)written
+            if not (keep_recorded and files.get(rel) and rel in present and rel not in suspect):
                 files[rel] = None
         if writer_token() not in claim["pids"]:
             claim["pids"].append(writer_token())

@@ -66,15 +66,23 @@ def test_a_second_kill_before_a_file_is_rewritten_still_knows_it(ledger):
     file kept its 'maybe written' null, so a user's edit after that was overwritten. An unchanged file of ours keeps
     its sha256 through the re-claim; a file not there, or rewritten with other bytes, takes the new note."""
     write(ledger, A, b"ours")
-    ledger.claim("chunk-000000", [A, B])  # the resume's claim: A is not rewritten yet (killed)
+    ledger.claim("chunk-000000", [A, B], keep_recorded=True)  # the resume's claim: A is not rewritten yet (killed)
     assert ledger.read("chunk-000000")["files"] == {A: sha(b"ours"), B: None}
     (ledger.root / A).write_bytes(b"the user's edit")
     with pytest.raises(ForeignFileError, match="changed since synthmed wrote it"):
-        ledger.claim("chunk-000000", [A, B])
+        ledger.claim("chunk-000000", [A, B], keep_recorded=True)
     (ledger.root / A).write_bytes(b"ours")
-    ledger.claim("chunk-000000", [A, B])
+    ledger.claim("chunk-000000", [A, B], keep_recorded=True)
     write(ledger, A, b"other bytes")  # rewritten: the journal is newer than the claim
     assert ledger.read("chunk-000000")["files"][A] == sha(b"other bytes")
+
+
+def test_other_writers_mark_a_reclaimed_file_maybe_written(ledger):
+    """A writer that does not note each file (qc's report, a run's manifest) may rewrite it with other bytes; killed
+    before recording them, that file must not read as a user's edit: its claim says "maybe written"."""
+    write(ledger, A, b"ours")
+    ledger.claim("chunk-000000", [A])
+    assert ledger.read("chunk-000000")["files"][A] is None
 
 
 def test_the_journal_is_no_claim_and_goes_with_its_claim(ledger):

@@ -281,9 +281,10 @@ class ChunkMaker:
         stale = set(self.folder.ledger.read(key)["files"]) - set(planned) - {f"{STATE_DIR}/parts/{part.name}"}
         if stale:
             self.folder.ledger.remove(key, sorted(stale))
-        self.folder.claim(key, planned + [f"{STATE_DIR}/parts/{part.name}"])
+        # each file is noted as it is written, and a redone chunk writes the same bytes: what is recorded stays known
+        self.folder.claim(key, planned + [f"{STATE_DIR}/parts/{part.name}"], keep_recorded=True)
         self.writer.claimed = set(planned)
-        self.writer.claim = lambda rel: self.folder.claim(key, [rel])  # a file no case predicted (a backend's extra mask)
+        self.writer.claim = lambda rel: self.folder.claim(key, [rel], keep_recorded=True)  # a file no case predicted
         self.writer.note = lambda rel, sha: self.folder.ledger.note_written(key, rel, sha)
         pending: list[Future] = []
         for b0 in range(0, len(cases), self.batch):

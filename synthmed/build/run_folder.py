@@ -268,12 +268,13 @@ class RunFolder:
             self._lock_fh.close()
             self._lock_fh = None
 
-    def claim(self, key: str, rels) -> None:
-        """Claim files before writing them; a file there that synthmed did not write stops the run (exit 2)."""
+    def claim(self, key: str, rels, *, keep_recorded: bool = False) -> None:
+        """Claim files before writing them; a file there that synthmed did not write stops the run (exit 2).
+        ``keep_recorded``: see :meth:`synthmed.ledger.Ledger.claim` (a chunk's files)."""
         from ..ledger import ForeignFileError
 
         try:
-            self.ledger.claim(key, rels)
+            self.ledger.claim(key, rels, keep_recorded=keep_recorded)
         except ForeignFileError as e:
             raise BuildError(f"{e} (in {self.out}); synthmed overwrites only files it wrote. Move "
                              f"{'it' if len(e.rels) == 1 else 'them'} out of the folder and rerun with "
