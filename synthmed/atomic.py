@@ -21,6 +21,7 @@ from typing import Iterable
 
 
 _TOKEN: str | None = None
+TOKEN_PATTERN = r"([0-9]+)-[0-9a-f]{8}"  # writer_token(): the pid, then the random part
 
 
 def writer_token() -> str:
@@ -50,7 +51,7 @@ def leftover_temps(path: Path) -> list[Path]:
     import re
 
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{TOKEN_PATTERN}\.tmp")
     found = []
     try:
         entries = list(os.scandir(path.parent))

@@ -120,14 +120,6 @@ def validate(specs: tuple[Path, ...], quiet: bool) -> None:
         raise SystemExit(2)
 
 
-def _size_text(size: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:,} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
-        size /= 1000
-    return ""
-
-
 def _check_plan_output(output: Path, overwrite: bool) -> None:
     """A plan file goes where nothing of the user's, or of another synthmed command, is replaced."""
     from .atomic import leftover_temps
@@ -141,7 +133,7 @@ def _check_plan_output(output: Path, overwrite: bool) -> None:
             raise click.UsageError(f"--output {output} lies in {folder}, which holds {other}; write the plan "
                                    "elsewhere")
     for leftover in leftover_temps(output):
-        click.echo(f"warning: {leftover} ({_size_text(leftover.lstat().st_size)}) is the temp file of an interrupted "
+        click.echo(f"warning: {leftover} ({leftover.lstat().st_size:,} bytes) is the temp file of an interrupted "
                    "plan; synthmed did not record it, so it is left there: remove it yourself", err=True)
     if os.path.lexists(output) and (not overwrite or not output.is_file() or output.is_symlink()):
         what = "is not a plain file" if not output.is_file() or output.is_symlink() else "exists"

@@ -280,7 +280,7 @@ def test_plan_names_a_killed_plans_temp_file_and_leaves_it(tmp_path):
     mine.write_bytes(b"mine")
     result = run("plan", EXAMPLE, "-o", out, "--show", "0")
     assert result.exit_code == 0, result.output
-    assert f"{leftover} (2.0 KB) is the temp file of an interrupted plan" in result.output, result.output
+    assert f"{leftover} (2,048 bytes) is the temp file of an interrupted plan" in result.output, result.output
     assert str(mine) not in result.output
     assert leftover.read_bytes() == b"x" * 2048 and mine.read_bytes() == b"mine"
 
