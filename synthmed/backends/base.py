@@ -26,6 +26,7 @@ class BackendInfo:
     model_id: str
     model_hash: str
     settings: Mapping[str, object] = field(default_factory=dict)
+    hashed: str = "the model"  # what model_hash is a digest of, as a resume refusal names it
 
 
 @dataclass(frozen=True)

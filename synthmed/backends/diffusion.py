@@ -299,7 +299,8 @@ class DiffusionBackend:
             settings["decoder"] = "tiny"
         if self.dtype_choice == "auto":  # and which dtype was asked for where the machine chose it
             settings["dtype_choice"] = "auto"
-        self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings)
+        self.info = BackendInfo(name="diffusion", model_id=model_id, model_hash=weights_hash, settings=settings,
+                                hashed=f"the model folder {self.root}")
 
     def _load(self, name: str):
         return load_component(self.root, self.index, name, dtype=self.dtype, allow_pickle=self.allow_pickle)

@@ -1138,6 +1138,7 @@ class PhantomBackend:
                 raise ValueError(f"{name} must be an integer multiple of 8 within {lo}..{hi}, got {value!r}")
         self.width, self.height = int(width), int(height)
         self.info = BackendInfo(name="phantom", model_id=MODEL_ID, model_hash=MODEL_HASH,
+                                hashed=f"the phantom ({MODEL_HASH})",
                                 settings={"width": self.width, "height": self.height,
                                           "convention": "patient right on image left",
                                           "exposure": "1 - exp(-attenuation)"})

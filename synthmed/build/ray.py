@@ -90,7 +90,7 @@ class ChunkWorker:
         self.cases = sample_cases(spec, limit=job["limit"])
         engine = load_backend(spec, job["backend"], job["model"], self.cases)
         check_same_model(self.out, engine.info.model_hash, job.get("made_with"), engine.info.settings.get("dtype"),
-                         job.get("made_in"))
+                         job.get("made_in"), engine.info.hashed)
         self.maker = ChunkMaker(spec, self.out, engine, job["batch_size"])
         self.spec, self.check = spec, job["qc"]
         self.versions = json.dumps(software_versions(spec, engine.info.name), sort_keys=True)

@@ -150,7 +150,8 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
                 qc=run_qc, made_with=made_with, made_in=made_in)
         elif todo:
             engine = load_backend(spec, backend, model, cases)
-            check_same_model(out, engine.info.model_hash, made_with, engine.info.settings.get("dtype"), made_in)
+            check_same_model(out, engine.info.model_hash, made_with, engine.info.settings.get("dtype"), made_in,
+                             engine.info.hashed)
             maker = ChunkMaker(spec, out, engine, batch_size)
             written, interrupted = run_chunks(maker, cases, chunks, todo, progress)
         # 4. Manifest, card

@@ -254,8 +254,8 @@ class RunFolder:
 
         try:
             fh = open(self.state / "lock", "a+")
-        except OSError as e:
-            raise BuildError(f"cannot write to the output folder {self.out}: {e.strerror or e}", 2) from None
+        except OSError as e:  # e.g. a folder made at that name: named, left as it is
+            raise BuildError(f"cannot open the run lock {self.state / 'lock'}: {e.strerror or e}", 2) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -364,3 +364,25 @@ def test_a_structure_of_a_single_voxel_is_named_too(tmp_path):
     result = _generate(_spec(tmp_path), tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert "has only 0.01 ml of heart" in result.output
+
+
+def test_a_resume_after_the_users_ct_changed_names_the_ct_file(volume):
+    """A kept chunk was projected from the user's CT; after the CT file changes, --resume refuses (exit 2) and names
+    the CT files of generator.anatomy, not only a hash, so the user knows what to restore."""
+    from synthmed.build import CHUNK_SIZE, generate
+    from synthmed.build.errors import BuildError
+    from synthmed.spec import load_spec
+
+    spec = load_spec(f"spec_version: 1\nname: ct\ncount: {CHUNK_SIZE + 2}\nimage: {{size: 64}}\n"
+                     f"qc: {{enabled: false}}\nfindings: {FINDINGS}\ngenerator:\n  backend: drr\n  anatomy:\n"
+                     f"    - {{ct: '{volume}/ct.nii.gz', labels: '{volume}/labels.nii.gz', "
+                     f"structures: '{volume}/structures.csv', id: mine}}\n")
+    generate(spec, volume / "out", progress=False, limit=CHUNK_SIZE)
+    hu = np.full((16, 16, 8), -1000, np.int16)
+    hu[2:14, 3:13, 1:7] = 60  # another CT under the same name
+    nib.save(nib.Nifti1Image(hu, AFFINE), str(volume / "ct.nii.gz"))
+    with pytest.raises(BuildError) as refused:
+        generate(spec, volume / "out", progress=False, resume=True)
+    assert refused.value.exit_code == 2
+    assert f"the CT files of generator.anatomy ({volume}/ct.nii.gz" in str(refused.value)
+    assert len(list((volume / "out" / "images").rglob("*.png"))) == CHUNK_SIZE

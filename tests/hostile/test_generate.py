@@ -555,3 +555,17 @@ def test_a_run_recorded_with_a_model_path_relative_to_the_current_folder_still_r
     assert _same_model_path(old, run) == run
     other = {"model": "models/other", "generator": {"model": "models/other", "steps": 20}}
     assert _same_model_path(other, run) == other
+
+
+def test_a_folder_where_the_run_lock_goes_is_named_and_kept(built, spec_file):
+    """`.synthmed/lock` made a folder: --resume stops (exit 2) naming the run lock, not "cannot write to the output
+    folder: Is a directory", and leaves the folder and the dataset as they were."""
+    (built / ".synthmed" / "lock").unlink()
+    (built / ".synthmed" / "lock").mkdir()
+    before = sorted(p.relative_to(built) for p in built.rglob("*"))
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot open the run lock {built / '.synthmed' / 'lock'}" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.relative_to(built) for p in built.rglob("*")) == before

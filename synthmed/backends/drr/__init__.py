@@ -79,7 +79,10 @@ class DrrBackend:
             model_hash = hashlib.sha256(json.dumps({"volumes": anatomy_card(self.volumes)["volumes"],
                                                     "drawing": DRAWING_VERSION}, sort_keys=True)
                                         .encode("utf-8")).hexdigest()
-        self.info = BackendInfo(name="drr", model_id=MODEL_ID, model_hash=model_hash,
+        files = [str(path) for v in user for path in (v.ct, v.labels, v.structures) if path is not None]
+        hashed = (f"the CT files of generator.anatomy ({', '.join(files[:4])}{', ...' if len(files) > 4 else ''})"
+                  if user else f"the drr backend ({ANATOMY_ID}, drawing {DRAWING_VERSION})")
+        self.info = BackendInfo(name="drr", model_id=MODEL_ID, model_hash=model_hash, hashed=hashed,
                                 settings={"width": width, "height": height,
                                           "anatomy": [v.id for v in self.volumes] if user else ANATOMY_ID,
                                           "anatomy_source": SOURCE, "views": list(VIEWS),
