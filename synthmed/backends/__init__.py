@@ -26,6 +26,8 @@ __all__ = ["BACKENDS", "Backend", "BackendInfo", "BackendUnavailable", "Generate
            "SHIPPED_MODELS", "create_backend", "default_model_dir", "resolve_generator"]
 
 BACKENDS = ("diffusion", "phantom", "pattern", "drr")
+# draw a mask of every finding a case lists (no_finding aside), in its order: qc holds their rows to that
+MASK_BACKENDS = ("phantom", "pattern", "drr")
 
 
 def create_backend(spec: "DatasetSpec", *, backend: str | None = None, model: str | None = None,

@@ -43,7 +43,7 @@ def diversity_report(groups: dict[str, list[np.ndarray]], max_ms_ssim: float) ->
 def section(inputs: CheckInputs) -> dict:
     """The ``diversity`` section (skipped in the cheap run)."""
     if not inputs.full:
-        return {"status": "skipped", "reason": "skipped at the end of generate to keep it cheap; "
+        return {"status": "skipped", "reason": "not run in the cheap checks (qc --fast, and at the end of generate); "
                                                "run `synthmed qc OUT` for it"}
     images = inputs.diversity_images
     return diversity_report({g: [images[c] for c in ids if c in images] for g, ids in inputs.diversity_groups.items()},

@@ -34,6 +34,33 @@ def _case_columns(case, vocab) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in values.items()}
 
 
+def _path_problems(spec, case, row) -> list[str]:
+    """The row's file columns against the files generate writes for its case: a row that names another case's files
+    (rows swapped by hand) or leaves out masks a procedural backend draws would give a loader the wrong pictures."""
+    from ..backends import MASK_BACKENDS
+
+    stem = f"{case.split}/{case.case_id}"
+    formats = spec.image.formats
+    findings = [f.finding for f in case.findings if f.finding != "no_finding"]
+    masks = [f"masks/{stem}_mask_{finding}.png" for finding in findings]
+    listed = [m for m in (row.get("mask_paths") or "").split("|") if m]
+    if (row.get("backend") or "") in MASK_BACKENDS:
+        want_masks = masks
+    else:  # a backend that may know some masks only (none from diffusion): those it lists must be the case's
+        want_masks = [m for m in listed if m in masks] if len(set(listed)) == len(listed) else masks
+    want = {"png_path": f"images/{stem}.png" if "png" in formats else "",
+            "dicom_path": f"dicom/{stem}.dcm" if "dicom" in formats else "",
+            "sr_path": f"dicom/{stem}_sr.dcm" if "dicom" in formats else "",
+            "seg_path": f"dicom/{stem}_seg.dcm" if "dicom" in formats and (listed or want_masks) else ""}
+    want["file_name"] = want["png_path"] or want["dicom_path"]
+    found = [f"{column} {row.get(column) or ''!r} is not {case.case_id}'s {value!r}"
+             for column, value in want.items() if (row.get(column) or "") != value]
+    if listed != want_masks:
+        found.append(f"mask_paths {row.get('mask_paths') or ''!r} are not the masks of {case.case_id}'s findings "
+                     f"({'|'.join(want_masks) or 'none'!r})")
+    return found
+
+
 def _age_range(age) -> tuple[int, int]:
     if age.distribution == "fixed":
         return int(age.value), int(age.value)
@@ -101,6 +128,7 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
             if differ:
                 found.append(f"disagrees with {plan}: " + "; ".join(differ[:4])
                              + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
+            found += _path_problems(spec, case, row)
         if found:
             bad_rows += 1
             if len(problems) < MAX_PROBLEMS:

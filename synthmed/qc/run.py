@@ -273,7 +273,8 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
     extractor_name = getattr(extractor, "name", type(extractor).__name__) if extractor is not None else None
     predictor = auditor_obj if full and needed("prediction") else None
     if not full and auditor is not False:
-        auditor_why = "skipped at the end of generate to keep it cheap; run `synthmed qc OUT` for the full report"
+        auditor_why = ("not run in the cheap checks (qc --fast, and at the end of generate); run `synthmed qc OUT` "
+                       "for the full report")
     grid, groups = _selection(rows, config.samples_per_cell)
     shown = {cid for ids in grid.values() for cid in ids}
     diverse = {cid for ids in groups.values() for cid in ids} if full and needed("diversity_images") else set()

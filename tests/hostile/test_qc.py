@@ -385,6 +385,43 @@ def test_a_listed_finding_with_an_empty_mask_fails_the_run(out):
     assert rel in failure["messages"]["empty_mask"]
 
 
+FILE_COLUMNS = ("file_name", "png_path", "png_sha256", "dicom_path", "dicom_sha256", "sr_path", "sr_sha256",
+                "seg_path", "seg_sha256", "mask_paths", "mask_sha256")
+
+
+def test_rows_naming_each_others_files_fail_the_run(out):
+    """Two rows' file columns swapped (every file intact, every sha256 its file's): a loader would give one case's
+    labels to the other's image, so the gating manifest_consistency check fails both rows, naming the paths."""
+    rows = rows_of(out)
+    a = next(r for r in rows if r["mask_paths"])
+    b = next(r for r in rows if not r["mask_paths"])
+    for column in FILE_COLUMNS:
+        a[column], b[column] = b[column], a[column]
+    rewrite_manifest(out, rows)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    assert section["status"] == "fail" and section["rows_failed"] == 2
+    text = json.dumps(section["problems"])
+    assert f"png_path '{a['png_path']}' is not {a['case_id']}'s" in text  # a's row now names b's files
+    assert f"mask_paths '{b['mask_paths']}' are not the masks of {b['case_id']}'s findings" in text
+
+
+def test_a_row_of_a_procedural_backend_without_its_masks_fails_the_run(out):
+    """The masks and SEG of a row with findings blanked in the manifest (the files still there): a segmentation
+    loader would read every finding as absent, so manifest_consistency fails the row, naming the masks it lacks."""
+    rows = rows_of(out)
+    row = next(r for r in rows if r["mask_paths"])
+    masks = row["mask_paths"]
+    for column in ("mask_paths", "mask_sha256", "seg_path", "seg_sha256"):
+        row[column] = ""
+    rewrite_manifest(out, rows)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    assert section["rows_failed"] == 1 and masks in json.dumps(section["problems"])
+
+
 def test_impossible_values_fail_the_run(out):
     """#17.15: width 'abc', age -5 and split 'nonsense' in the manifest fail manifest_consistency, naming each row."""
     rows = rows_of(out)
