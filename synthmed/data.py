@@ -2,7 +2,9 @@
 
 Both read ``manifest.csv`` (the columns of ``schemas/manifest_columns.json``): the image is the
 row's PNG (``png_path``), else its DICOM file (``dicom_path``), else ``file_name``; the label
-is the 14 CheXpert columns, in CheXpert's order; masks are ``mask_paths``.
+is the 14 CheXpert columns, in CheXpert's order; masks are ``mask_paths``. Files are read only
+inside the set's folder: a path with ``..``, an absolute one or one through a link out is refused,
+as ``synthmed qc`` refuses it.
 
 Importing this module is light; ``ManifestDataset`` imports torch when it is first used, and
 :func:`manifest_records` needs only numpy (MONAI's loaders read the files).
@@ -28,6 +30,8 @@ from .vocabulary import CHEXPERT_COLUMNS
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
+
+    from .build import BuildResult
 
 __all__ = ["ManifestDataset", "manifest_records", "read_image", "read_mask", "collate", "LoadMasks",
            "load_transform", "MASK_FINDINGS"]
@@ -73,7 +77,14 @@ class _Manifest:
         return f"case {self.case_ids[i]} (line {self.lines[i]} of {self.path})"
 
 
-def _manifest_path(root_or_manifest: str | os.PathLike) -> Path:
+def _manifest_path(root_or_manifest: "str | os.PathLike | BuildResult") -> Path:
+    if not isinstance(root_or_manifest, (str, os.PathLike)):
+        from .build import BuildResult
+
+        if not isinstance(root_or_manifest, BuildResult):
+            raise TypeError("root_or_manifest: give an output folder of `synthmed generate`, its manifest.csv or the "
+                            f"BuildResult generate returned, not {type(root_or_manifest).__name__}")
+        root_or_manifest = root_or_manifest.out
     path = Path(root_or_manifest)
     manifest = path / "manifest.csv" if path.is_dir() else path
     if manifest.is_file():
@@ -87,10 +98,57 @@ def _manifest_path(root_or_manifest: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no manifest at {manifest}{hint}")
 
 
+def _dataset_root(manifest: Path) -> Path:
+    """The folder a manifest's paths start from: its own, but for a split's ``images/<split>/metadata.csv`` (whose
+    ``png_path`` and ``mask_paths`` start at the dataset folder, as in manifest.csv) the dataset folder above it."""
+    manifest = Path(os.path.abspath(manifest))
+    top = manifest.parent.parent.parent
+    if manifest.name == "metadata.csv" and manifest.parent.parent.name == "images" and (
+            (top / "manifest.csv").is_file() or (top / ".synthmed").is_dir()):
+        return top
+    return manifest.parent
+
+
+IMAGE_COLUMNS = ("png_path", "dicom_path", "file_name")  # the image a row names: the first of these it fills
+
+
+def _check_inside(manifest: Path, root: Path, rows: list[dict], lines: list[int], masks: bool) -> None:
+    """Every file the loader will read lies inside ``root``, by its words and after links (as ``synthmed qc``
+    holds a manifest); else ValueError naming the rows."""
+    from .qc.checks import inside_folder
+
+    base = root.resolve()
+    folders: dict[str, bool] = {}
+
+    def inside(rel: str) -> bool:
+        if not inside_folder(rel):
+            return False
+        try:
+            parent = str(Path(rel).parent)
+            if parent not in folders:
+                folders[parent] = (root / parent).resolve().is_relative_to(base)
+            path = root / rel
+            return folders[parent] and (not path.is_symlink() or path.resolve().is_relative_to(base))
+        except (OSError, RuntimeError):  # a link loop
+            return False
+
+    bad = []
+    for row, line in zip(rows, lines):
+        named = [next(((c, row[c]) for c in IMAGE_COLUMNS if row.get(c)), ("", ""))]
+        if masks:
+            named += [("mask_paths", rel) for rel in (row.get("mask_paths") or "").split("|")]
+        bad += [f"line {line} ({row['case_id'] or '?'}) {column} {rel!r}" for column, rel in named
+                if rel and not inside(rel)]
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{manifest} names files outside {root} (synthmed reads a set only inside its folder, and "
+                         f"follows no link out of it): {shown}")
+
+
 QC_STATUSES = ("pass", "warn", "fail")
 
 
-def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None,
+def _read_manifest(root_or_manifest: "str | os.PathLike | BuildResult", split: str | Sequence[str] | None,
                    label_columns: Sequence[str], *, need_masks: bool = False,
                    qc_status: str | Sequence[str] | None = None) -> _Manifest:
     import numpy as np
@@ -109,6 +167,10 @@ def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[st
             raise ValueError(f"{path} is not a synthmed manifest: it has no column {', '.join(map(repr, missing))}")
         rows, lines = [], []
         for row in reader:
+            if None in row or None in row.values():  # DictReader's fill for a short row, and key for a long one
+                fields = len(columns) + len(row.get(None) or ()) - sum(v is None for v in row.values())
+                raise ValueError(f"{path}, line {reader.line_num}: the row has {fields} fields, the header "
+                                 f"{len(columns)} (a spreadsheet's blank row, or a row cut short?); mend or delete it")
             rows.append(row)
             lines.append(reader.line_num)
 
@@ -117,8 +179,8 @@ def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[st
     if wanted is not None:
         unknown = [s for s in wanted if s not in present]
         if unknown:
-            raise ValueError(f"split {', '.join(map(repr, unknown))} is not in {path}; "
-                             f"its splits are: {', '.join(present) or '(none: the manifest is empty)'}")
+            named = ", ".join(s or "(blank)" for s in present) or "(none: the manifest is empty)"
+            raise ValueError(f"split {', '.join(map(repr, unknown))} is not in {path}; its splits are: {named}")
         keep = [i for i, r in enumerate(rows) if r["split"] in wanted]
         rows, lines = [rows[i] for i in keep], [lines[i] for i in keep]
     statuses = [qc_status] if isinstance(qc_status, str) else None if qc_status is None else list(qc_status)
@@ -144,10 +206,12 @@ def _read_manifest(root_or_manifest: str | os.PathLike, split: str | Sequence[st
             except ValueError:
                 raise ValueError(f"{path}, line {lines[i]}: column {column!r} holds {value!r}, "
                                  "not a number") from None
+    root = _dataset_root(path)
+    _check_inside(path, root, rows, lines, need_masks)
     return _Manifest(
-        path=path, root=path.parent, case_ids=[r["case_id"] for r in rows], splits=[r["split"] for r in rows],
+        path=path, root=root, case_ids=[r["case_id"] for r in rows], splits=[r["split"] for r in rows],
         findings=[r.get("findings") or "" for r in rows],
-        images=[r.get("png_path") or r.get("dicom_path") or r.get("file_name") or "" for r in rows],
+        images=[next((r[c] for c in IMAGE_COLUMNS if r.get(c)), "") for r in rows],
         mask_paths=[[p for p in (r.get("mask_paths") or "").split("|") if p] for r in rows],
         lines=lines, labels=labels)
 
@@ -222,13 +286,14 @@ def read_mask(path: str | os.PathLike) -> "np.ndarray":
 
 # ----------------------------------------------------------------------------- MONAI-style records
 
-def manifest_records(root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None, *,
+def manifest_records(root_or_manifest: "str | os.PathLike | BuildResult", split: str | Sequence[str] | None = None, *,
                      label_columns: Sequence[str] = CHEXPERT_COLUMNS,
                      qc_status: str | Sequence[str] | None = None, masks: bool = False) -> list[dict[str, Any]]:
     """The rows of a manifest as MONAI-style dicts: ``{"image": path, "label": [14], "case_id", ...}``.
 
     Args:
-        root_or_manifest: an output folder of ``synthmed generate``, or its ``manifest.csv``.
+        root_or_manifest: an output folder of ``synthmed generate``, its ``manifest.csv`` (or a split's
+            ``images/<split>/metadata.csv``: its paths start at the folder above), or the BuildResult of ``generate``.
         split: keep only this split (or these splits); default: every row.
         label_columns: manifest columns that make the label vector; default: the 14 CheXpert columns.
         qc_status: keep only rows whose quality-check verdict is this (or one of these): ``"pass"``,
@@ -309,6 +374,11 @@ class LoadMasks:
                              f"of the channels {list(self.findings)!r}")
         loaded = {f: read_mask(path) for f, path in paths.items()}
         shape = next(iter(loaded.values())).shape if loaded else self._shape(item)
+        image = item.get("image")
+        if loaded and hasattr(image, "shape") and tuple(image.shape[-2:]) != shape:
+            raise ValueError(f"mask {next(iter(paths.values()))} is {shape[1]}x{shape[0]}, the image of "
+                             f"{record.get('case_id', 'the record')} {image.shape[-1]}x{image.shape[-2]}; "
+                             "was one of them resized?")
         mask = np.zeros((len(self.findings), *shape), np.uint8)
         label_map = np.zeros((1, *shape), np.uint8)
         for k, finding in enumerate(self.findings):
@@ -392,7 +462,8 @@ class _ManifestDatasetBase:
       [x_min, y_min, x_max, y_max] are ``masks[f][0, y_min:y_max + 1, x_min:x_max + 1]``).
 
     Args:
-        root_or_manifest: an output folder of ``synthmed generate``, or its ``manifest.csv``.
+        root_or_manifest: an output folder of ``synthmed generate``, its ``manifest.csv`` (or a split's
+            ``images/<split>/metadata.csv``: its paths start at the folder above), or the BuildResult of ``generate``.
         split: keep only this split (or these splits); default: every row.
         masks: ``True``: the masks the row has, keyed by finding (the keys differ between cases: batch them
             with ``collate_fn=synthmed.data.collate``); a list of findings: exactly those keys in every
@@ -407,7 +478,9 @@ class _ManifestDatasetBase:
         FileNotFoundError: no manifest there (on construction); a missing image or mask file (on
             access), naming the file and the manifest row.
         ValueError: an unknown split (naming the splits there) or qc_status, a qc_status filter on a set
-            the quality checks did not run on, or a manifest without the needed columns.
+            the quality checks did not run on, a manifest without the needed columns, a row shorter or longer
+            than the header, or a path leading out of the folder (``..``, absolute, or through a link), each
+            naming its line; on access, a mask whose size is not its image's, naming both files.
 
     Example:
         >>> from torch.utils.data import DataLoader  # doctest: +SKIP
@@ -416,7 +489,7 @@ class _ManifestDatasetBase:
         torch.Size([32, 14])
     """
 
-    def __init__(self, root_or_manifest: str | os.PathLike, split: str | Sequence[str] | None = None,
+    def __init__(self, root_or_manifest: "str | os.PathLike | BuildResult", split: str | Sequence[str] | None = None,
                  masks: bool | Sequence[str] = False, transform: Callable[[dict], Any] | None = None,
                  label_columns: Sequence[str] = CHEXPERT_COLUMNS, dtype: "torch.dtype | None" = None,
                  qc_status: str | Sequence[str] | None = None):
@@ -475,12 +548,12 @@ class _ManifestDatasetBase:
                 "label": torch.from_numpy(m.labels[i].copy()).to(self.dtype),
                 "case_id": m.case_ids[i], "findings": m.findings[i]}
         if self.masks:
-            item["masks"] = self._masks(i, pixels.shape)
+            item["masks"] = self._masks(i, path, pixels.shape)
         if self.transform is not None:
             item = self.transform(item)
         return item
 
-    def _masks(self, i: int, shape: tuple[int, int]) -> dict[str, "torch.Tensor"]:
+    def _masks(self, i: int, image: Path, shape: tuple[int, int]) -> dict[str, "torch.Tensor"]:
         import torch
 
         m = self.manifest
@@ -488,9 +561,13 @@ class _ManifestDatasetBase:
         for relative in m.mask_paths[i]:
             path = m.root / relative
             try:
-                found[_mask_finding(relative)] = torch.from_numpy(read_mask(path))[None]
+                mask = read_mask(path)
             except FileNotFoundError:
                 raise FileNotFoundError(f"mask file {path} is missing ({m.where(i)})") from None
+            if mask.shape != shape:  # a file resized since it was written: the batch would fail later, unnamed
+                raise ValueError(f"mask file {path} is {mask.shape[1]}x{mask.shape[0]}, its image {image} "
+                                 f"{shape[1]}x{shape[0]} ({m.where(i)}); was one of them resized?")
+            found[_mask_finding(relative)] = torch.from_numpy(mask)[None]
         if self.masks is True:
             return found
         return {f: found[f] if f in found else torch.zeros((1, *shape), dtype=torch.bool) for f in self.masks}

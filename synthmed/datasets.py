@@ -1419,8 +1419,14 @@ def prepare_image(image: "str | os.PathLike | np.ndarray", size: int, *, crop: s
     ``crop="random"`` draws the offset along the longer side from ``rng`` (one integer per image, so the same
     seed gives the same crop). A square image has no offset to draw: both crops are the whole image.
 
+    An array is taken as it stands only when it says its own scale: float values in [0, 1] (as :func:`read_image`
+    returns), or uint8 (divided by 255, as ``np.asarray(Image.open(f))`` gives an 8-bit image). Any other integer
+    array is refused: its full scale (65535 for a 16-bit PNG, 4095 for 12 bits stored, a signed CT's range) is not
+    in the array, and a guess gives a dark or an all-white image without a word. Give the file instead (its bit
+    depth is read), or divide by the full scale yourself. NaN, infinity and floats outside [0, 1] are refused too.
+
     Args:
-        image: an image file, or an array [H, W] in [0, 1] as :func:`read_image` returns.
+        image: an image file, or an array [H, W]: float in [0, 1], or uint8.
         size: the training size in pixels.
         crop: ``center`` or ``random``.
         rng: a ``numpy.random.Generator``; required for ``crop="random"``.
@@ -1429,7 +1435,8 @@ def prepare_image(image: "str | os.PathLike | np.ndarray", size: int, *, crop: s
         float32 [size, size] in [0, 1], 0 black.
 
     Raises:
-        DatasetError: a bad argument, or an image file that cannot be read (naming it).
+        DatasetError: a bad argument, an array that does not say its scale, or an image file that cannot be read
+            (naming it).
 
     Example:
         >>> import numpy as np
@@ -1452,6 +1459,20 @@ def prepare_image(image: "str | os.PathLike | np.ndarray", size: int, *, crop: s
         pixels = image
         if pixels.ndim != 2 or pixels.size == 0:
             raise DatasetError(f"image: give a 2-D array [H, W], not one of shape {pixels.shape}")
+        if pixels.dtype == np.uint8:
+            pixels = pixels / np.float32(255)
+        elif pixels.dtype.kind in "biu":
+            raise DatasetError(f"image: an array of {pixels.dtype} (values {pixels.min()} to {pixels.max()}) does not "
+                               "say its full scale; divide it by that (65535 for a 16-bit PNG, 4095 for 12 bits "
+                               "stored) to give floats in [0, 1], or give the image file (its bit depth is read)")
+        elif pixels.dtype.kind != "f":
+            raise DatasetError(f"image: give a float array in [0, 1] or a uint8 one, not one of dtype {pixels.dtype}")
+        elif not np.isfinite(pixels).all():
+            raise DatasetError(f"image: the array holds NaN or infinity ({np.count_nonzero(~np.isfinite(pixels))} "
+                               "values); give floats in [0, 1]")
+        elif pixels.min() < 0 or pixels.max() > 1:
+            raise DatasetError(f"image: values from {pixels.min():g} to {pixels.max():g}; give floats in [0, 1] "
+                               "(0 black), or uint8")
     else:
         pixels = read_image(image)
     pixels = np.asarray(pixels, dtype=np.float32)

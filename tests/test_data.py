@@ -442,3 +442,131 @@ def test_torchio_reads_masks_as_0_1_label_maps(out):
             assert values == {0, 1}, relative
             with Image.open(out / relative) as im:  # TorchIO's 2-D images are [C, W, H, 1]
                 np.testing.assert_array_equal(label.data[0, :, :, 0].numpy().T, np.asarray(im))
+
+
+# ----------------------------------------------------------------------------- hand-made sets: what the loaders refuse
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    header = ["case_id", "split", "png_path", "mask_paths", *CHEXPERT_COLUMNS]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def tiny_set(folder: Path) -> tuple[Path, list[dict]]:
+    """A set made by hand (no generate): two 6 x 4 PNGs in images/train, c0 with a pneumonia mask; its rows."""
+    (folder / "images" / "train").mkdir(parents=True)
+    (folder / "masks" / "train").mkdir(parents=True)
+    rows = []
+    for n in range(2):
+        Image.fromarray(np.full((4, 6), 60 * (n + 1), np.uint8)).save(folder / f"images/train/c{n}.png")
+        rows.append({"case_id": f"c{n}", "split": "train", "png_path": f"images/train/c{n}.png"})
+    Image.fromarray(np.eye(4, 6, dtype=np.uint8)).save(folder / "masks/train/c0_mask_pneumonia.png")
+    rows[0]["mask_paths"] = "masks/train/c0_mask_pneumonia.png"
+    write_manifest(folder / "manifest.csv", rows)
+    return folder, rows
+
+
+def test_paths_leading_out_of_the_folder_are_refused_naming_the_line(tmp_path, ManifestDataset):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((4, 6), np.uint8)).save(elsewhere / "x.png")
+    Image.fromarray(np.zeros((4, 6), np.uint8)).save(elsewhere / "c0_mask_pneumonia.png")
+    cases = [("png_path", "../elsewhere/x.png"), ("png_path", str(elsewhere / "x.png")),
+             ("mask_paths", "../elsewhere/c0_mask_pneumonia.png")]
+    for n, (column, value) in enumerate(cases):
+        folder, rows = tiny_set(tmp_path / f"set{n}")
+        rows[0][column] = value
+        write_manifest(folder / "manifest.csv", rows)
+        expected = rf"manifest.csv names files outside .*set{n}.*: line 2 \(c0\) {column} '{value}'"
+        with pytest.raises(ValueError, match=expected):
+            ManifestDataset(folder, masks=True)
+        with pytest.raises(ValueError, match=expected):
+            manifest_records(folder, masks=True)
+    # a linked folder: images/train now lies elsewhere
+    folder, _ = tiny_set(tmp_path / "linked")
+    (folder / "images" / "train").rename(tmp_path / "outside-train")
+    (folder / "images" / "train").symlink_to(tmp_path / "outside-train", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"line 2 \(c0\) png_path 'images/train/c0.png'; line 3 \(c1\)"):
+        ManifestDataset(folder)
+    with pytest.raises(ValueError, match=r"line 2 \(c0\) png_path"):
+        manifest_records(folder)
+    # a linked file that leads out, and a link inside the folder that stays inside (fine)
+    folder, _ = tiny_set(tmp_path / "linked-file")
+    (folder / "images" / "train" / "c1.png").unlink()
+    (folder / "images" / "train" / "c1.png").symlink_to(elsewhere / "x.png")
+    with pytest.raises(ValueError, match=r"line 3 \(c1\) png_path 'images/train/c1.png'"):
+        ManifestDataset(folder)
+    folder, _ = tiny_set(tmp_path / "inner-link")
+    (folder / "images" / "train").rename(folder / "real")
+    (folder / "images" / "train").symlink_to(folder / "real", target_is_directory=True)
+    assert ManifestDataset(folder)[1]["image"].shape == (1, 4, 6) and len(manifest_records(folder)) == 2
+
+
+def test_a_short_or_long_row_is_refused_naming_the_line(tmp_path, ManifestDataset):
+    folder, rows = tiny_set(tmp_path / "set")
+    manifest = folder / "manifest.csv"
+    header_fields = len(manifest.read_text(encoding="utf-8").splitlines()[0].split(","))
+    text = manifest.read_text(encoding="utf-8")
+    for extra, fields in ((",,,\n", 4), ("c9,train\n", 2), (text.splitlines()[1] + ",x\n", header_fields + 1)):
+        manifest.write_text(text + extra, encoding="utf-8")
+        expected = rf"manifest.csv, line 4: the row has {fields} fields, the header {header_fields}"
+        with pytest.raises(ValueError, match=expected):
+            ManifestDataset(folder)
+        with pytest.raises(ValueError, match=expected):
+            ManifestDataset(folder, split="validation")
+        with pytest.raises(ValueError, match=expected):
+            manifest_records(folder)
+    # a full row with a blank split: the message for an unknown split names it
+    write_manifest(manifest, rows + [{"case_id": "c2", "png_path": "images/train/c1.png"}])
+    with pytest.raises(ValueError, match=r"split 'validation' is not in .*; its splits are: train, \(blank\)"):
+        ManifestDataset(folder, split="validation")
+
+
+def test_a_mask_of_another_size_than_its_image_names_both_files(tmp_path, ManifestDataset):
+    from synthmed.data import LoadMasks
+
+    folder, _ = tiny_set(tmp_path / "set")
+    image = folder / "images/train/c0.png"
+    Image.open(image).resize((3, 2)).save(image)  # a user's resize
+    expected = r"mask file .*c0_mask_pneumonia.png is 6x4, its image .*images/train/c0.png 3x2 \(case c0 \(line 2"
+    for masks in (True, ["pneumonia"]):
+        with pytest.raises(ValueError, match=expected):
+            ManifestDataset(folder, masks=masks)[0]
+    assert ManifestDataset(folder, masks=True)[1]["masks"] == {}  # the other row still loads
+    record = manifest_records(folder, masks=True)[0]
+    with pytest.raises(ValueError, match=r"c0_mask_pneumonia.png is 6x4, the image of c0 3x2"):
+        LoadMasks(("pneumonia",))({**record, "image": np.zeros((1, 2, 3), np.float32)})
+
+
+def test_a_split_metadata_csv_reads_its_paths_from_the_dataset_folder(tmp_path, ManifestDataset):
+    folder, rows = tiny_set(tmp_path / "set")
+    metadata = folder / "images/train/metadata.csv"
+    header = ["file_name", "case_id", "split", "png_path", "mask_paths", *CHEXPERT_COLUMNS]
+    with open(metadata, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows({**row, "file_name": Path(row["png_path"]).name} for row in rows)
+    split, whole = ManifestDataset(metadata, masks=True), ManifestDataset(folder, masks=True)
+    assert split.root == folder and split.case_ids == ["c0", "c1"]
+    assert torch.equal(split[0]["image"], whole[0]["image"]) and torch.equal(split[0]["masks"]["pneumonia"],
+                                                                             whole[0]["masks"]["pneumonia"])
+    assert manifest_records(metadata)[1]["image"] == str((folder / "images/train/c1.png").resolve())
+    rows[0]["png_path"] = "../../images/train/c0.png"  # still held to the dataset folder
+    write_manifest(metadata, rows)
+    with pytest.raises(ValueError, match=r"metadata.csv names files outside .*set \("):
+        ManifestDataset(metadata)
+
+
+def test_a_build_result_and_numpy_integers_are_taken(tmp_path, ManifestDataset):
+    from synthmed.build import BuildResult
+
+    folder, _ = tiny_set(tmp_path / "set")
+    result = BuildResult(out=folder, total=2, written=2, reused=0, interrupted=False, seconds=0.0)
+    ds = ManifestDataset(result)
+    assert ds.case_ids == ["c0", "c1"] and ds[np.int64(1)]["case_id"] == "c1" and ds[np.int32(-1)]["case_id"] == "c1"
+    assert [r["case_id"] for r in manifest_records(result)] == ["c0", "c1"]
+    with pytest.raises(TypeError, match=r"root_or_manifest: give an output folder .* BuildResult .*, not int"):
+        ManifestDataset(42)

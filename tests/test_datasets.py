@@ -674,3 +674,17 @@ def test_prepare_image_refuses_bad_arguments_by_name(tmp_path: Path):
         prepare_image(np.zeros((2, 8, 12)), 8)
     with pytest.raises(DatasetError, match=r"no image file .*absent\.png"):
         prepare_image(tmp_path / "absent.png", 8)
+
+
+def test_prepare_image_reads_uint8_by_its_range_and_refuses_arrays_that_do_not_say_theirs():
+    ramp = np.tile(np.arange(0, 256, 5, dtype=np.uint8), (40, 1))  # 40 x 52, as np.asarray(Image.open(f)) gives
+    out = prepare_image(ramp, np.int64(20))  # a numpy integer is a size too
+    assert out.shape == (20, 20) and np.allclose(out, prepare_image(ramp / 255, 20), atol=1e-6) and out.max() < 1
+    for bad, words in ((ramp.astype(np.uint16) * 16, r"an array of uint16 \(values 0 to 4080\) does not say its"),
+                       (ramp.astype(np.int32), r"an array of int32"), (ramp > 100, r"an array of bool"),
+                       (np.full((8, 8), np.nan, np.float32), r"NaN or infinity \(64 values\)"),
+                       (np.where(ramp > 100, np.inf, 0.5), r"NaN or infinity"),
+                       (ramp.astype(np.float32), r"values from 0 to 255; give floats in \[0, 1\]"),
+                       (ramp.astype(str), r"not one of dtype <U3")):
+        with pytest.raises(DatasetError, match=rf"image: .*{words}"):
+            prepare_image(bad, 8)
