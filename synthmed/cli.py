@@ -616,6 +616,8 @@ def qc(out: Path, reference: Path | None, reference_uncertain: str, training_man
     click.echo(headline(report, result.seconds))
     for line in summary_lines(report, skip_reasons=("auditor",) if no_auditor else ()):
         click.echo(f"  {line}")
+    for note in report.get("notes") or ():
+        click.echo(f"  note: {note}")
     for message in result.not_written:
         click.echo(f"warning: {message}", err=True)
     if result.report_path is not None:

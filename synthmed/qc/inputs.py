@@ -60,7 +60,8 @@ def read_manifest(out: Path) -> list[dict]:
     except FileNotFoundError:
         raise _no_manifest(out) from None
     except (OSError, ValueError, csv.Error) as e:
-        raise QCError(f"{path} is not a manifest this synthmed version reads: {e}") from None
+        said = str(e).startswith(str(path))  # read_part's own message names the file (and the line)
+        raise QCError(f"{e}" if said else f"{path} is not a manifest this synthmed version reads: {e}") from None
     if not rows:
         raise QCError(f"{path} has no rows: there is no image to check (a manifest of header only)")
     return rows
@@ -327,7 +328,7 @@ class ImageSet:
     stats: list = field(default_factory=list)
     regions: list[dict[str, float]] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # "path: why" of each image that could not be read
     findings: list[tuple[str, ...]] | None = None   # each read image's finding ids (in ids' order); None: no labels
     labels: str | None = None                       # where the labels came from, or why there are none
 
@@ -353,12 +354,18 @@ def read_any_image(path: Path) -> tuple[np.ndarray, int] | None:
 
     The limits of :mod:`synthmed.qc.checks` hold here too: a file or a declared size beyond them is unreadable.
     """
+    read = _any_image_or_why(path)
+    return None if isinstance(read, str) else read
+
+
+def _any_image_or_why(path: Path) -> tuple[np.ndarray, int] | str:
+    """:func:`read_any_image`, or why it cannot be read."""
     from .checks import check_declared_size, read_limited
 
     try:
         data = read_limited(path)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n":
             return stored_values(*decode_png(data))
@@ -374,29 +381,39 @@ def read_any_image(path: Path) -> tuple[np.ndarray, int] | None:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             check_declared_size(im.format or "image", im.width, im.height, 32 * len(im.getbands()))
             return np.asarray(im.convert("L")), 255
-    except Exception:
-        return None
+    except Exception as e:  # any decoder's failure is this file's, not the run's
+        from PIL import UnidentifiedImageError
+
+        if isinstance(e, UnidentifiedImageError):  # its message holds a memory address: not in a report
+            return "not a PNG, DICOM or other image format Pillow reads"
+        return _why(e, path)
 
 
-def read_reference_image(path: Path) -> tuple[np.ndarray, int] | None:
-    """A reference or training image as a viewer shows it, as (stored integer pixels, full scale); None if
-    unreadable. DICOM goes through :func:`synthmed.datasets.read_image` (Modality and VOI LUT, MONOCHROME1
+def _why(e: Exception, path: Path) -> str:
+    """An error's message on one line, without the path it may start with (the report names the path)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[len(str(path)):].lstrip(": ") or text if text.startswith(str(path)) else text
+
+
+def read_reference_image(path: Path) -> tuple[np.ndarray, int] | str:
+    """A reference or training image as a viewer shows it, as (stored integer pixels, full scale), or why it cannot
+    be read. DICOM goes through :func:`synthmed.datasets.read_image` (Modality and VOI LUT, MONOCHROME1
     inverted), at 16 bits; PNG, JPEG and the rest as :func:`read_any_image` reads them."""
     from .checks import read_limited
 
     try:
         data = read_limited(path)  # the size limits of synthmed.qc.checks, before a decoder sees the file
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
     if path.suffix.lower() in (".dcm", ".dicom") or data[128:132] == b"DICM":
         from ..datasets import DatasetError, read_image
 
         try:
             pixels = read_image(path)
-        except (DatasetError, OSError, ValueError):
-            return None
+        except (DatasetError, OSError, ValueError) as e:
+            return _why(e, path)
         return np.round(np.clip(pixels, 0.0, 1.0) * 65535.0).astype(np.uint16), 65535
-    return read_any_image(path)
+    return _any_image_or_why(path)
 
 
 def image_list(manifest: Path) -> list[tuple[str, Path]]:
@@ -417,10 +434,14 @@ def listed_images(manifest: Path, uncertain: str = "ignore") -> tuple[list[Liste
     rows = []
     if not manifest.is_dir():
         try:
-            with open(manifest, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
+            with open(manifest, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                rows = list(reader)
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise QCError(f"cannot read the manifest {manifest}: {e}") from None
+        if not rows and reader.fieldnames:
+            raise QCError(f"{manifest} has a header ({', '.join(reader.fieldnames[:5])}) and no rows: it lists no "
+                          "images")
     column = _image_path_column(rows)
     if column is not None:
         from .checks import inside_folder
@@ -430,7 +451,7 @@ def listed_images(manifest: Path, uncertain: str = "ignore") -> tuple[list[Liste
             named = column if row.get(column) else "dicom_path"
             rel = row.get(named) or ""
             if rel and not (inside_folder(rel) and (manifest.parent / rel).resolve().is_relative_to(base)):
-                bad.append(f"row {n} ({row.get('case_id') or '?'}) {named} {rel!r}")
+                bad.append(f"row {n}" + (f" ({row['case_id']})" if row.get("case_id") else "") + f" {named} {rel!r}")
         if bad:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise QCError(f"{manifest} names images outside its folder {manifest.parent} (qc reads a reference or "
@@ -474,9 +495,9 @@ def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_th
     batcher = Batcher(shape, extractor=extractor)
     for image in listed:
         image_id, path = image.image_id, image.path
-        read = read_reference_image(path) if path is not None else None
-        if read is None:
-            found.unreadable.append(image_id)
+        read = read_reference_image(path) if path is not None else "no path"
+        if isinstance(read, str):
+            found.unreadable.append(f"{path if path is not None else image_id}: {read}")
             continue
         stored, full = read
         pixels = stored.astype(np.float32) * np.float32(1.0 / full)
@@ -492,7 +513,8 @@ def read_image_set(manifest: Path, shape: tuple[int, int], extractor, *, keep_th
     found.features = batcher.feature_matrix()
     found.features_error = batcher.errors.get("features")
     if not found.ids:
-        raise QCError(f"none of the {len(listed)} images {manifest} lists could be read")
+        raise QCError(f"none of the {len(listed)} images {manifest} lists could be read: "
+                      + "; ".join(found.unreadable[:3]) + ("; ..." if len(found.unreadable) > 3 else ""))
     return found
 
 

@@ -382,7 +382,9 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
         "notes": notes,
     }
     if reference_set is not None and reference_set.unreadable:
-        report["notes"].append(f"{len(reference_set.unreadable)} reference image(s) could not be read")
+        unread = reference_set.unreadable
+        report["notes"].append(f"{len(unread)} reference image(s) could not be read, left out: "
+                               + "; ".join(unread[:10]) + (f"; and {len(unread) - 10} more" if len(unread) > 10 else ""))
     report = jsonable(report)
 
     # 8. Outputs

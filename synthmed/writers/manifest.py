@@ -68,12 +68,33 @@ def write_part(path: Path, rows: list[dict]) -> None:
 
 
 def read_part(path: Path) -> list[dict]:
-    """Rows of a manifest part or of a merged manifest, as dicts of strings."""
-    with open(path, newline="", encoding="utf-8") as fh:
+    """Rows of a manifest part or of a merged manifest, as dicts of strings.
+
+    ValueError names what is wrong: the columns that differ from this version's, or the line of a row with too few
+    or too many fields (a spreadsheet's blank ``,,,`` row, a row cut short). A byte-order mark (a spreadsheet's
+    "CSV UTF-8") is read past.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
-            raise ValueError(f"{path} does not have the manifest columns of this synthmed version")
-        return list(reader)
+        columns = tuple(reader.fieldnames or ())
+        if columns != MANIFEST_COLUMNS:
+            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+            extra = [c for c in columns if c not in MANIFEST_COLUMNS]
+            why = "; ".join(part for part in (
+                f"missing {', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''}" if missing else "",
+                f"not of it {', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''}" if extra else "",
+                "" if missing or extra else "the same columns in another order"
+                                           + (" or twice" if len(columns) != len(set(columns)) else "")) if part)
+            raise ValueError(f"{path} does not have the manifest columns of this synthmed version ({why})")
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():
+                raise ValueError(f"{path}, line {reader.line_num}: the row has "
+                                 f"{len(columns) - list(row.values()).count(None) + len(row.get(None) or ())} "
+                                 f"fields, the header {len(columns)} (a spreadsheet's blank row, or a row cut "
+                                 "short?); mend or delete it")
+            rows.append(row)
+        return rows
 
 
 def merge_parts(parts: Iterable[tuple[Path, int]], out: Path) -> int:

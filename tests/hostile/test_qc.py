@@ -232,7 +232,56 @@ def test_a_bomb_in_the_set_and_in_a_reference_is_a_clear_row_failure(out, tmp_pa
     assert "Traceback" not in result.output
     failure = next(f for f in report_of(out)["images"]["failures"] if f["case_id"] == rows[3]["case_id"])
     assert "readable" in failure["flags"] and "limit" in failure["messages"]["readable"]
-    assert any("1 reference image(s) could not be read" in n for n in report_of(out)["notes"])
+    note = next(n for n in report_of(out)["notes"] if "1 reference image(s) could not be read" in n)
+    assert f"{reference / 'images' / 'bomb.png'}: " in note and "limit" in note  # named, with why
+    assert "note: 1 reference image(s) could not be read" in result.output
+
+
+def test_unreadable_reference_images_are_named_with_why_and_reports_stay_byte_identical(out, tmp_path):
+    """A reference image Pillow cannot identify is named with why in the notes, on the terminal and in the report;
+    the reason holds no memory address, so two runs write the same report."""
+    rows = rows_of(out)
+    reference = tmp_path / "reference"
+    (reference / "images").mkdir(parents=True)
+    for k in range(3):
+        shutil.copyfile(out / rows[k]["png_path"], reference / "images" / f"r{k}.png")
+    (reference / "images" / "empty.png").write_bytes(b"")
+    (reference / "images" / "text.png").write_bytes(b"not an image")
+    (reference / "manifest.csv").write_text("file_name\n" + "".join(f"images/r{k}.png\n" for k in range(3))
+                                            + "images/empty.png\nimages/text.png\n", encoding="utf-8")
+    reports = []
+    for _ in range(2):
+        result = run("qc", out, "-q", "--no-auditor", "--fast", "--reference", reference / "manifest.csv")
+        assert result.exit_code == 0, result.output
+        reports.append((out / "qc_report.json").read_bytes())
+    assert reports[0] == reports[1]
+    assert f"{reference / 'images' / 'text.png'}: not a PNG, DICOM or other image format Pillow reads" in result.output
+    assert f"{reference / 'images' / 'empty.png'}: " in result.output and " at 0x" not in reports[0].decode()
+
+
+def test_a_reference_csv_with_a_header_and_no_rows_says_so(out, tmp_path):
+    (tmp_path / "empty.csv").write_text("path\n", encoding="utf-8")
+    result = run("qc", out, "-q", "--no-auditor", "--fast", "--reference", tmp_path / "empty.csv")
+    assert result.exit_code == 2 and "has a header (path) and no rows" in result.output, result.output
+
+
+@pytest.mark.parametrize("tail", [",,,\n", "images/train/case-0000000.png,case-0000000\n"])
+def test_a_short_manifest_row_is_named_by_line_not_a_traceback(out, tail):
+    """A spreadsheet's blank row or a row cut short: exit 2 naming manifest.csv and its line."""
+    with open(out / "manifest.csv", "a", encoding="utf-8") as fh:
+        fh.write(tail)
+    result = run("qc", out, "-q", "--no-auditor", "--fast")
+    assert result.exit_code == 2, result.output
+    assert f"{out / 'manifest.csv'}, line {COUNT + 2}: the row has" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(out):
+    """Excel's "CSV UTF-8" adds a byte-order mark: the manifest still reads (as the loaders read it)."""
+    path = out / "manifest.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    result = run("qc", out, "-q", "--no-auditor", "--fast")
+    assert result.exit_code == 0, result.output
 
 
 def test_a_png_bomb_named_dcm_in_a_reference_is_unreadable_not_a_traceback(out, tmp_path):
@@ -265,6 +314,10 @@ def test_a_reference_or_training_manifest_naming_files_outside_its_folder_is_ref
     with pytest.raises(QCError, match="outside") as err:
         image_list(manifest)  # what --training-manifest reads too
     assert str(manifest) in str(err.value) and f"row 2 (x) file_name {bad!r}" in str(err.value)
+    manifest.write_text(f"file_name\nimages/r.png\n{bad}\n", encoding="utf-8")  # no case_id: no "(?)"
+    with pytest.raises(QCError, match=f"row 2 file_name {bad!r}"):
+        image_list(manifest)
+    manifest.write_text(f"case_id,file_name\nr,images/r.png\nx,{bad}\n", encoding="utf-8")
     result = run("qc", out, "-q", "--no-auditor", "--reference", manifest)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and f"row 2 (x) file_name {bad!r}" in result.output
