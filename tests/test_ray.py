@@ -265,3 +265,51 @@ def test_the_local_executor_does_not_import_ray(spec_path, tmp_path):
         """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# ----------------------------------------------------------------------------- a killed driver's workers, a wrong address
+
+def test_a_run_waits_for_the_workers_of_a_killed_driver(spec_path, tmp_path, monkeypatch):
+    """A SIGKILLed driver's Ray workers write on for a few seconds (until Ray reaps them) while they hold
+    .synthmed/workers.lock shared: --resume waits for them, so none of their files or temp files lands in its run;
+    if they outlive the wait it stops (exit 1) and removes nothing."""
+    import fcntl
+
+    from synthmed.build import run_folder
+    from synthmed.build.ray import _hold_workers_lock
+
+    out = tmp_path / "out"
+    generate(spec_path, out, progress=False, limit=64, qc=False)
+    worker = _hold_workers_lock(out)  # what each ChunkWorker holds while it lives
+    assert worker is not None
+    monkeypatch.setattr(run_folder, "WORKERS_TIMEOUT_S", 0.5)
+    before = tree(out)
+    with pytest.raises(BuildError, match="Ray workers of an earlier run on .* are still writing there") as refused:
+        generate(spec_path, out, progress=False, resume=True, qc=False)
+    assert refused.value.exit_code == 1 and tree(out) == before
+    monkeypatch.setattr(run_folder, "WORKERS_TIMEOUT_S", 30.0)
+    threading.Timer(0.5, worker.close).start()  # the worker is reaped while the resume waits
+    started = time.monotonic()
+    result = generate(spec_path, out, progress=False, resume=True, qc=False)
+    assert result.written == COUNT - 64 and time.monotonic() - started >= 0.5
+    with open(out / ".synthmed" / "workers.lock") as fh:  # and nothing holds it now
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_ray_address_with_nothing_behind_it_is_named_at_once(spec_path, tmp_path, monkeypatch):
+    """`--address HOST:PORT` where no Ray answers: ray.init retried it for minutes printing only Ray's warnings; now
+    exit 2 at once, naming the address, and the output folder is left as it was (not made)."""
+    import socket
+
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'synthmed[ray]')")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'synthmed[ray]')")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process, whatever this module started
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with pytest.raises(BuildError, match=f"could not reach Ray at 127.0.0.1:{port}") as refused:
+        generate(spec_path, out, executor="ray", ray_address=f"127.0.0.1:{port}", progress=False)
+    assert refused.value.exit_code == 2 and time.monotonic() - started < 30
+    assert not out.exists()

@@ -40,7 +40,7 @@ from ..progress import progress_bar
 from .card import software_versions
 from .chunks import ChunkMaker, check_same_model, load_backend
 from .errors import BuildError, WriteFailed, os_error_message, write_failed_message
-from .run_folder import part_path
+from .run_folder import STATE_DIR, WORKERS_LOCK, part_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..spec import DatasetSpec
@@ -60,6 +60,23 @@ def require_ray():
     return ray
 
 
+def _hold_workers_lock(out: Path):
+    """Hold OUT/.synthmed/workers.lock shared while this worker lives (the file closes when its process ends): a
+    later run waits on it, so a killed driver's workers, which write on until Ray reaps them, finish first."""
+    import fcntl
+
+    try:
+        fh = open(out / STATE_DIR / WORKERS_LOCK, "a+")
+    except OSError:  # unwritable: the worker's writes fail anyway, named
+        return None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # a file system without flock: the run lock still guards the driver
+        fh.close()
+        return None
+    return fh
+
+
 class ChunkWorker:
     """One Ray actor: loads the spec and the backend once, then makes whole chunks.
 
@@ -75,6 +92,7 @@ class ChunkWorker:
         self.out = Path(job["out"])
         self.error: tuple[str, int] | None = None
         self.versions = ""
+        self._alive = _hold_workers_lock(self.out)
         with self._failures_as_data():
             self._load(job)
 
@@ -149,6 +167,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
     # 1. Connect (or start a local Ray); a Ray the caller started is left running
     started_here = not ray.is_initialized()
     if started_here:
+        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -199,6 +218,23 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A cluster address (host:port, or ray://host:port) must answer before ray.init, which retries an address with
+    nothing behind it for minutes, printing Ray's warnings only."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray reads that is not host:port: Ray says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BuildError(f"could not reach Ray at {address}: {e.strerror or e} (is a Ray cluster running there? "
+                         "`ray start --head` starts one; leave --address out to start a local one)", 2) from None
 
 
 def _job(spec: "DatasetSpec", out: Path, *, limit, backend, model, batch_size, qc=False) -> dict:

@@ -16,6 +16,8 @@ from typing import Any
 from .errors import BuildError
 
 STATE_DIR = ".synthmed"
+WORKERS_LOCK = "workers.lock"  # STATE_DIR/workers.lock: held shared by each Ray worker while it lives
+WORKERS_TIMEOUT_S = 60.0  # how long a run waits for a killed run's workers to be reaped
 
 
 # 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. 3: 8-bit PNG by default,
@@ -243,6 +245,7 @@ class RunFolder:
         self.release()
         if self.created:  # a folder this call made: remove what this call put there, and the folders if empty
             (self.state / "lock").unlink(missing_ok=True)
+            (self.state / WORKERS_LOCK).unlink(missing_ok=True)
             for folder in (self.ledger.dir, self.parts, self.state, self.out):
                 try:
                     folder.rmdir()
@@ -262,6 +265,35 @@ class RunFolder:
             fh.close()
             raise BuildError(f"another synthmed run is writing to {self.out}; wait for it to finish", 1) from None
         self._lock_fh = fh
+        try:
+            self._wait_for_workers()
+        except BuildError:
+            self.release()  # a caller that retries in this process must find the lock free
+            raise
+
+    def _wait_for_workers(self, timeout: float = WORKERS_TIMEOUT_S) -> None:
+        """Wait until no Ray worker of an earlier run holds the workers' lock: a killed driver's workers go on
+        writing for a few seconds (until Ray reaps them), and their files would land in this run's folder."""
+        import fcntl
+        import time
+
+        try:
+            fh = open(self.state / WORKERS_LOCK, "r")  # only where Ray workers ran: they make it
+        except OSError:
+            return
+        deadline = time.monotonic() + timeout
+        with fh:
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return  # closing the file releases it at once: this run's workers take it shared
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise BuildError(f"Ray workers of an earlier run on {self.out} are still writing there "
+                                         f"after {timeout:.0f} s; stop them (`ray stop`) and rerun", 1) from None
+                    time.sleep(0.2)
+                except OSError:  # a file system without flock: nothing to wait on
+                    return
 
     def release(self) -> None:
         if self._lock_fh is not None:
