@@ -325,13 +325,33 @@ def _open_text(path: Path):
         raise DatasetError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DatasetError:
+    """A CSV that is not UTF-8, named by the line of its first such byte (text reads in blocks, so the decoder's
+    position is not the file's)."""
+    try:
+        raw = (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")).read(MAX_CSV_SCAN_BYTES)
+        raw.decode("utf-8")
+    except UnicodeDecodeError as found:
+        line = raw.count(b"\n", 0, found.start) + 1
+        return DatasetError(f"{path}, line {line}: byte 0x{raw[found.start]:02x} is not UTF-8 (a spreadsheet's "
+                            "Latin-1 or Windows-1252 export?); save the file as UTF-8")
+    except (OSError, EOFError, gzip.BadGzipFile):
+        pass
+    return DatasetError(f"{path}: not UTF-8 text ({e}); save the file as UTF-8")
+
+
+MAX_CSV_SCAN_BYTES = 1 << 30  # read this much at most to find the line of a byte that is not UTF-8
+
+
 def _csv_header(path: Path) -> list[str]:
     if path.is_dir():
         raise DatasetError(f"{path} is a folder; a CSV file is needed here")
     with _open_text(path) as fh:
         try:
             return [c.strip() for c in next(csv.reader(fh), [])]
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error) as e:
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        except (gzip.BadGzipFile, EOFError, csv.Error) as e:
             raise DatasetError(f"{path}: not a CSV file synthmed can read ({e})") from None
 
 
@@ -346,8 +366,10 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
                 line = reader.line_num
                 if any(v.strip() for v in values):  # a blank line is no row
                     yield line, dict(zip(header, values))
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-            raise DatasetError(f"{path}: not a readable UTF-8 CSV after line {line} ({e})") from None
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise DatasetError(f"{path}: not a readable CSV after line {line} ({e})") from None
         except csv.Error as e:
             raise DatasetError(f"{path}:{reader.line_num}: {e}") from None
 
@@ -1160,9 +1182,10 @@ def _read_dicom(path: Path, *, force: bool) -> "np.ndarray":
         stored = ds.pixel_array
     except Exception as e:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        raise DatasetError(f"{path}: cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): {e}. "
-                           "Compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg "
-                           "pylibjpeg-openjpeg") from None
+        hint = (" Compressed DICOM needs a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+                if getattr(syntax, "is_compressed", True) else " The file may be cut short or damaged.")
+        raise DatasetError(f"{path}: cannot decode its pixel data ({getattr(syntax, 'name', syntax)}): {e}.{hint}"
+                           ) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     bits = int(ds.get("BitsStored", 8 * stored.dtype.itemsize))
     # 2. Colour: to grey

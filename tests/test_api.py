@@ -169,3 +169,18 @@ def test_notebook_slips_get_clear_errors(tmp_path):
         synthmed.ManifestDataset(tmp_path, masks=["pneumonai"])
     document = dict(spec.to_dict(), count=4)  # a mapping, as load_spec takes it
     assert synthmed.generate(document, tmp_path / "out", backend="pattern", progress=False, qc=False).written == 4
+
+
+def test_generate_takes_numpy_integers_for_limit_and_batch_size(tmp_path):
+    """A notebook's counts are often numpy integers: limit=np.int64(3) builds 3 cases, as sample_cases takes it."""
+    import numpy as np
+
+    from synthmed.build import generate
+
+    spec = ("spec_version: 1\nname: np\ncount: 5\nimage: {size: 64}\nqc: {enabled: false}\n"
+            "findings: [{finding: nodule, weight: 1}]\n")
+    result = generate(spec, tmp_path / "out", backend="pattern", limit=np.int64(3), batch_size=np.int32(2),
+                      progress=False)
+    assert (result.total, result.written) == (3, 3)
+    with pytest.raises(TypeError, match="limit must be a whole number"):
+        generate(spec, tmp_path / "other", backend="pattern", limit=np.float64(3), progress=False)

@@ -688,3 +688,29 @@ def test_prepare_image_reads_uint8_by_its_range_and_refuses_arrays_that_do_not_s
                        (ramp.astype(str), r"not one of dtype <U3")):
         with pytest.raises(DatasetError, match=rf"image: .*{words}"):
             prepare_image(bad, 8)
+
+
+@pytest.mark.parametrize("header_only", [False, True])
+def test_a_csv_that_is_not_utf8_names_the_line_and_says_save_it_as_utf8(tmp_path: Path, header_only: bool):
+    """A spreadsheet's Latin-1 export: the line of the first byte that is not UTF-8, and what to do (the decoder's
+    own position is within a block of text, not the file)."""
+    jpeg(tmp_path / "a.jpg")
+    rows = "".join(f"a.jpg,Frontal,PA{',' * 14}\n" for _ in range(3))
+    header = "Path,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_COLUMNS)
+    if header_only:
+        header = header.replace("Path", "P\xe4th")
+    text = header + "\n" + rows + ("" if header_only else "a.jpg,Frontal,PA,Dr. M\xfcller" + "," * 13 + "\n")
+    (tmp_path / "train.csv").write_bytes(text.encode("latin-1"))
+    line = 1 if header_only else 5
+    with pytest.raises(DatasetError, match=rf"train\.csv, line {line}: byte 0x(e4|fc) is not UTF-8 .* save the file "
+                                           "as UTF-8"):
+        read_dataset(tmp_path / "train.csv")
+
+
+def test_an_uncompressed_dicom_cut_short_is_not_blamed_on_a_missing_decoder(tmp_path: Path):
+    path = write_dicom(tmp_path / "full.dcm", np.zeros((64, 64), np.uint16), "MONOCHROME2")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(path.read_bytes()[:-4000])
+    with pytest.raises(DatasetError) as err:
+        read_image(cut)
+    assert "cut short or damaged" in str(err.value) and "needs a decoder" not in str(err.value)

@@ -8,6 +8,7 @@ Example (a whole build: see :mod:`synthmed.build`):
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Mapping
@@ -87,6 +88,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     # 1. Check inputs
     _check_arguments(spec=spec, out=out, resume=resume, overwrite=overwrite, limit=limit, backend=backend,
                      model=model, batch_size=batch_size, progress=progress, qc=qc)
+    limit, batch_size = (None if v is None else int(v) for v in (limit, batch_size))  # numpy's integers too
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
     if resume and overwrite:
@@ -195,7 +197,7 @@ def _check_arguments(*, spec, out, resume, overwrite, limit, backend, model, bat
     for arg, value in (("limit", limit), ("batch_size", batch_size)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{arg} must be a whole number, got {name_of(value)}")
         if value < 1:
             raise BuildArgumentError(f"{arg} must be at least 1, got {value}")
@@ -247,7 +249,8 @@ def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) ->
     if backend is not None and not isinstance(backend, str):
         raise BuildError(f"executor='ray' needs a backend name (each worker builds its own), got a "
                          f"{type(backend).__name__} object", 2)
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral)
+                                or workers < 1):
         raise BuildError(f"workers must be a whole number of at least 1, got {workers!r}", 2)
     if not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0:
         raise BuildError(f"gpus_per_worker must be 0 or more, got {gpus_per_worker!r}", 2)
