@@ -148,6 +148,21 @@ def _check_inside(manifest: Path, root: Path, rows: list[dict], lines: list[int]
 QC_STATUSES = ("pass", "warn", "fail")
 
 
+def _check_verdicts_are_current(manifest: Path) -> None:
+    """A qc_status filter trusts the column only in the manifest synthmed last wrote: qc leaves an edited
+    manifest as it is (it never rewrites a user's file), so its qc_status is a verdict on other rows."""
+    from .ledger import Ledger, file_sha256
+
+    state = manifest.parent / ".synthmed"
+    if manifest.name != "manifest.csv" or not state.is_dir():
+        return  # a copied set keeps no record: nothing to compare with
+    recorded = Ledger(manifest.parent, state).known_digests().get("manifest.csv") or set()
+    if recorded - {None} and file_sha256(manifest) not in recorded:
+        raise ValueError(f"{manifest} changed since synthmed wrote it, so its qc_status column is not the quality "
+                         "checks' verdict on these rows (qc leaves an edited manifest as it is); restore it, or "
+                         "drop the qc_status filter")
+
+
 def _read_manifest(root_or_manifest: "str | os.PathLike | BuildResult", split: str | Sequence[str] | None,
                    label_columns: Sequence[str], *, need_masks: bool = False,
                    qc_status: str | Sequence[str] | None = None) -> _Manifest:
@@ -194,6 +209,7 @@ def _read_manifest(root_or_manifest: "str | os.PathLike | BuildResult", split: s
         if unchecked:
             raise ValueError(f"{path}, line {unchecked[0]}: no qc_status (the quality checks did not run on this "
                              "set); run `synthmed qc` on it first, or drop the qc_status filter")
+        _check_verdicts_are_current(path)
         keep = [i for i, r in enumerate(rows) if r["qc_status"] in statuses]
         rows, lines = [rows[i] for i in keep], [lines[i] for i in keep]
 

@@ -166,6 +166,15 @@ def test_qc_status_filter(out, ManifestDataset, tmp_path):
             ManifestDataset(manifest, qc_status="ok")
     finally:
         manifest.unlink()
+    assert len(ManifestDataset(out, qc_status="pass")) == len(rows)  # the manifest qc wrote: its verdicts hold
+    original = (out / "manifest.csv").read_bytes()
+    try:  # a hand edit qc then fails leaves the old qc_status (qc never rewrites a user's file): not trusted
+        (out / "manifest.csv").write_bytes(original.replace(b"case-0000001,", b"case-0000001 ,", 1))
+        with pytest.raises(ValueError, match=r"manifest.csv changed since synthmed wrote it, so its qc_status"):
+            ManifestDataset(out, qc_status="pass")
+        assert len(ManifestDataset(out)) == len(rows)  # no filter, no complaint
+    finally:
+        (out / "manifest.csv").write_bytes(original)
     unchecked = with_statuses(out, tmp_path / "unchecked.csv", {i: "" for i in range(len(rows))})
     try:
         with pytest.raises(ValueError, match=r"unchecked.csv, line 2: no qc_status .*synthmed qc"):
