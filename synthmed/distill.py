@@ -63,7 +63,7 @@ from .finetune import (MODEL_PATHS, PLANNED_TOPS, LazyImages, ManifestError, Mod
                        TrainingLog, TrainingProgress, WorkFolder, check_arguments, check_device, earlier_record,
                        enable_gradient_checkpointing, latent_cache, load_base, load_checkpoint, logged_seconds,
                        lr_scheduler, model_geometry, only_trained, random_crops, read_json_object,
-                       read_training_set, save_checkpoint, save_pipeline, shown, token_ids)
+                       read_training_set, run_folders, save_checkpoint, save_pipeline, shown, token_ids)
 
 __all__ = ["DistillResult", "distill", "MODES", "FULL_MODE_LIMIT"]
 
@@ -315,15 +315,12 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                              "input, with a moving-average target); mode 'lora' distils the one guidance_scale into "
                              "its adapters, with the student as its own target: leave them out")
         lora_rank = 64 if lora_rank is None else lora_rank
-    out = Path(out)
-    work_path = Path(work_dir) if work_dir else out.with_name(out.name + ".training")
+    out, work_path = run_folders(out, work_dir, teacher_path, "teacher")
     if os.path.lexists(work_path) and not work_path.is_dir():
         raise ValueError(f"work_dir {work_path} exists and is not a folder")
-    if out.resolve() == teacher_path.resolve() or work_path.resolve() == teacher_path.resolve():
-        raise ValueError(f"{teacher_path} is the teacher; write the student (and its work folder) elsewhere")
     check_device(device, mixed_precision)
     work = WorkFolder(work_path, tool="distill")
-    work.check(out)
+    work.check(out, overwrite=overwrite)
     work.clean_staging()  # a killed run's half-done saves (a student caught mid-swap is put back first)
     work.ledger.remove_temp_files()
     student_folder = ModelFolder(out, MODEL_FILES, tool="distill")
@@ -381,11 +378,12 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
             why = " (the teacher's files are not those it started from)" if "teacher_hash" in changed else ""
             raise ValueError(f"{work_path} was distilled with other settings ({', '.join(changed)} changed){why}; "
                              "resume needs the same manifest, teacher and settings, or start a new work_dir")
-    elif not resume and work.checkpoints(STAGE):
+    elif not resume and (overwrite or work.checkpoints(STAGE)):
         if not overwrite:
             raise ValueError(f"{work_path} holds checkpoints of an earlier run; pass resume=True to continue it or "
                              "overwrite=True to start again")
-        work.clear()  # exactly the files the ledger names; anything else stays, named in a warning
+        # exactly the files the ledger names (its latent cache too: never reused); anything else stays, named
+        work.clear()
     theirs = [r for r in work.foreign(PLANNED_TOPS) if not r.endswith("/") and _planned(r, settings, checkpoint_every)]
     if theirs:
         raise ValueError(f"{shown(theirs)} in the work folder {work_path}: this run would write there and distill did "
@@ -801,10 +799,12 @@ them). With diffusers: `pipe.vae = AutoencoderTiny.from_pretrained(folder, subfo
 
 def _model_card(card: dict, out: Path, manifest: Path) -> str:
     """README.md: the student, its teacher (path and model hash), the method, the data and how to sample it."""
+    from .backends import SHIPPED_MODELS
+
     s, rec = card["settings"], card["recommended"]
     full = card["mode"] == "full"
-    name = f"the shipped {s['teacher']} model" if "/" not in s["teacher"] and "\\" not in s["teacher"] \
-        else Path(s["teacher"]).name
+    name = f"the shipped {s['teacher']} model" if s["teacher"] in SHIPPED_MODELS \
+        else Path(os.path.abspath(s["teacher"])).name  # a local folder by its name (that of '.' too)
     guidance = (f"an input of the UNet (`time_cond_proj_dim` {s['time_cond_proj_dim']}), learnt over guidance scales "
                 f"{s['guidance_min']:g} to {s['guidance_max']:g}; recommended {rec['guidance_scale']:g}" if full else
                 f"guidance scale {s['guidance_scale']:g} distilled into the adapters (sample at guidance 1: no "

@@ -249,8 +249,8 @@ def _case_from_row(row: dict, number: int, problems: list[str], where: str):
 
 
 def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1", split: str | None = "train",
-                           check_files: bool = True,
-                           any_size: bool = False) -> tuple[list[TrainingExample], tuple[int, int]]:
+                           check_files: bool = True, any_size: bool = False,
+                           skipped: dict | None = None) -> tuple[list[TrainingExample], tuple[int, int]]:
     """Read a synthmed-format manifest into training examples, checking it all first.
 
     The image column is ``png_path`` (else ``file_name``), relative to the manifest's folder; the
@@ -261,6 +261,7 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
     Args:
         any_size: images of any size and format (PNG, JPEG, DICOM; finetune brings them to one size): only
             their headers are read, and the size returned is (0, 0).
+        skipped: a dict to count the rows of another split in, by reason (``split test (not train)``).
 
     Returns:
         (examples, (width, height)).
@@ -302,8 +303,13 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
     examples: list[TrainingExample] = []
     sizes: dict[tuple[int, int], int] = {}
     folder = path.parent.resolve()
+    other_splits: dict[str, int] = {}
     for number, row in enumerate(rows, start=2):  # row 1 is the header
-        if split is not None and (row.get("split") or "train") != split:
+        value = row.get("split") or "train"
+        if split is not None and value != split:
+            # Train, ' train' are named as written: only the exact name is read as the split
+            reason = f"split {value if value.strip() == value else repr(value)} (not {split})"
+            other_splits[reason] = other_splits.get(reason, 0) + 1
             continue
         case = _case_from_row(row, number, problems, str(path))
         image = path.parent / (row.get(image_column) or "")
@@ -344,10 +350,13 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
         listing = ", ".join(f"{w}x{h} ({n} images)" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1]))
         problems.append(f"{path}: images have mixed sizes: {listing}; train on one size")
     if not examples and not problems:
-        problems.append(f"{path}: no rows" + (f" in split {split!r}" if split else ""))
+        problems.append(f"{path}: no rows" + (f" in split {split!r}" if split else "")
+                        + (f" (left out: {_counts(other_splits)})" if other_splits else ""))
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ManifestError(f"{len(problems)} problem(s) in the training manifest:\n  " + "\n  ".join(shown))
+    if skipped is not None:
+        skipped.update(other_splits)
     size = next(iter(sizes)) if sizes else (0, 0)
     return examples, size
 
@@ -461,8 +470,8 @@ def read_training_set(source: str | Path, *, template: str = "synthmed-v1", data
         if uncertain is not None:
             raise ValueError(f"uncertain={uncertain!r} says how to read a real dataset's uncertain labels (-1); the "
                              f"synthmed manifest {path} has none: leave it out")
-        examples, _ = read_training_manifest(path, template=template, any_size=True)
         skipped: Counter = Counter()
+        examples, _ = read_training_manifest(path, template=template, any_size=True, skipped=skipped)
         if views == "frontal":
             skipped.update(LATERAL if ex.view == "LL" else UNKNOWN_VIEW for ex in examples
                            if ex.view not in FRONTAL_VIEWS)
@@ -836,9 +845,24 @@ class _WorkFolder:
         self.notes.append(text)
         warnings.warn(text, FinetuneWarning, stacklevel=3)
 
-    def check(self, out: Path) -> None:
+    def run_tool(self) -> str | None:
+        """The command whose run the folder holds (finetune or distill), from its record; None when it holds none."""
+        keys = self.ledger.keys() if self.root.is_dir() and self.ledger.is_safe() else []
+        for tool, stages in RUN_STAGES.items():
+            if any(k.startswith(f"checkpoint-{stage}-") for k in keys for stage in stages):
+                return tool
+        if "settings.json" not in (self.ledger.read("settings")["files"] if "settings" in keys else {}):
+            return None
+        try:
+            settings = _read_json_object(self.root / "settings.json")
+        except (OSError, ValueError):
+            return None
+        return "distill" if "teacher" in settings else "finetune" if "base" in settings else None
+
+    def check(self, out: Path, *, overwrite: bool = False) -> None:
         """Before anything is written or removed: refuse a work folder that is, holds or lies in another
-        command's folder (the model folder ``out``, a dataset, a model)."""
+        command's folder (the model folder ``out``, a dataset, a model), or (without ``overwrite``) that holds a
+        run of the other training command."""
         if os.path.lexists(self.root) and not self.root.is_dir():
             raise ValueError(f"work_dir {self.root} exists and is not a folder")
         work, model = self.root.resolve(), Path(out).resolve()
@@ -851,6 +875,12 @@ class _WorkFolder:
         if other:
             raise ValueError(f"work_dir {self.root} holds {other}; synthmed {self.tool} keeps its checkpoints in a "
                              "work folder of its own and does not write into it. Choose another work_dir")
+        tool = self.run_tool()
+        if tool not in (None, self.tool) and not overwrite:
+            raise ValueError(f"work_dir {self.root} holds a run of synthmed {tool}; {self.tool} does not take it "
+                             f"over. Give {self.tool} a work_dir of its own (resume that run with synthmed {tool} and "
+                             f"resume=True), or pass overwrite=True to remove that run's files and start a "
+                             f"{self.tool} run there")
 
     # ------------------------------------------------------------------ writing
     def claim(self, key: str, rels: Sequence[str]) -> None:
@@ -1135,6 +1165,7 @@ class _ModelFolder:
                   f"{_shown(theirs)}")
 
 
+RUN_STAGES = {"finetune": ("vae", "unet"), "distill": ("student", "tiny_vae")}  # their checkpoints' stages
 PLANNED_TOPS = ("settings.json", "log.jsonl", "record.json", "latents.pt", "vae", "checkpoints", "validation")
 
 
@@ -1181,6 +1212,18 @@ def _move_in(work: _WorkFolder, staged: Path, key: str, dest: str) -> None:
     work.end_staging(staged)
 
 
+def _state_names(accelerator) -> list[str]:
+    """The files ``accelerator.save_state`` writes (safetensors; see ``_planned``), and our meta.json."""
+    def numbered(count: int, stem: str, ext: str) -> list[str]:
+        return [f"{stem}{f'_{i}' if i else ''}.{ext}" for i in range(count)]
+
+    return ["meta.json", *numbered(len(accelerator._models), "model", "safetensors"),
+            *numbered(len(accelerator._optimizers), "optimizer", "bin"),
+            *numbered(len(accelerator._schedulers), "scheduler", "bin"), "scaler.pt",
+            f"random_states_{accelerator.process_index}.pkl",
+            *(f"custom_checkpoint_{i}.pkl" for i in range(len(accelerator._custom_objects)))]
+
+
 def _save_checkpoint(work: _WorkFolder, accelerator, stage: str, step: int) -> None:
     """Save the training state to checkpoints/<stage>-<step>; keep the two newest complete ones of the stage.
 
@@ -1189,8 +1232,11 @@ def _save_checkpoint(work: _WorkFolder, accelerator, stage: str, step: int) -> N
     a final name; the files are then moved in and recorded with their sha256 (pickles among them: only these
     recorded bytes are ever loaded again).
     """
+    from .ledger import Ledger
+
     name = f"{stage}-{step:07d}"
     staged = work.begin_staging(work.state / f"checkpoint-{name}", "checkpoint")
+    Ledger(staged, staged / STATE_DIR).claim("staged", _state_names(accelerator))  # before save_state writes them
     try:
         accelerator.save_state(output_dir=str(staged), safe_serialization=True)
         meta = {"format": CHECKPOINT_FORMAT, "stage": stage, "step": step}
@@ -1470,13 +1516,12 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         raise ValueError("mode 'lora' needs a base model (LoRA adapts existing weights); use mode 'full' from scratch")
     if not scratch and not Path(base).is_dir():
         raise ValueError(f"base must be 'scratch' or a local diffusers model folder; {base} does not exist")
-    out = Path(out)
-    work_path = Path(work_dir) if work_dir else out.with_name(out.name + ".training")
+    out, work_path = _run_folders(out, work_dir, None if scratch else Path(base), "base model")
     if os.path.lexists(work_path) and not work_path.is_dir():
         raise ValueError(f"work_dir {work_path} exists and is not a folder")
     _check_device(device, mixed_precision)
     work = _WorkFolder(work_path)
-    work.check(out)
+    work.check(out, overwrite=overwrite)
     work.clean_staging()  # a killed run's half-done saves (a model caught mid-swap is put back first)
     work.ledger.remove_temp_files()  # and its temp files, by the names and pids its claims recorded
     _ModelFolder(out).check(resume=resume, overwrite=overwrite)  # its files are replaced only if finetune wrote them
@@ -1553,11 +1598,12 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                    if {"vae_design", "unet_design"} & set(changed) else "")
             raise ValueError(f"{work_path} was trained with other settings ({', '.join(changed)} changed){why}; "
                              "resume needs the same manifest, base and settings, or start a new work_dir")
-    elif not resume and any(work.checkpoints(stage) for stage in ("vae", "unet")):
+    elif not resume and (overwrite or any(work.checkpoints(stage) for stage in ("vae", "unet"))):
         if not overwrite:
             raise ValueError(f"{work_path} holds checkpoints of an earlier run; pass resume=True to continue it "
                              "or overwrite=True to start again")
-        work.clear()  # exactly the files the ledger names; anything else stays, named in a warning
+        # exactly the files the ledger names (its latent cache too: never reused); anything else stays, named
+        work.clear()
     # an empty folder holds nothing of the user's: this run may write into it (and never removes it)
     theirs = [r for r in work.foreign(PLANNED_TOPS)
               if not r.endswith("/") and _planned(r, settings, checkpoint_every, validate_every)]
@@ -1655,6 +1701,38 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     return FinetuneResult(out, work_path, steps, settings["vae_steps"], {k: v for k, v in record["losses"].items()
                                                                          if v is not None}, record["seconds"], record,
                           work.notes)
+
+
+def _run_folders(out: str | Path, work_dir: str | Path | None, model: Path | None,
+                 role: str) -> tuple[Path, Path]:
+    """The model folder and the work folder (default ``<out>.training``), checked before anything is written.
+
+    Refused (ValueError): a model folder that is or holds the current folder (a save renames the model folder
+    into place), and either folder inside, at or around ``model`` (the base or teacher, named ``role``), whose
+    files and hash the run would change.
+    """
+    out = Path(out)
+    here = Path.cwd().resolve()
+    if here.is_relative_to(out.resolve()):
+        where = "the current folder" if here == out.resolve() else "a folder that holds the current folder"
+        raise ValueError(f"the output folder {out} is {where} ({out.resolve()}); a finished model is put in place by "
+                         "renaming its folder, which cannot be done to the folder you are in. Name the model folder "
+                         "from outside it (e.g. from its parent folder)")
+    named = Path(os.path.abspath(out)) if out.name in ("", "..") else out  # /data/..: the name of what it means
+    work = Path(work_dir) if work_dir else named.with_name(named.name + ".training")
+    if model is not None:
+        theirs = model.resolve()
+        for what, path in (("the output folder", out), ("work_dir", work)):
+            mine = path.resolve()
+            if mine == theirs:
+                raise ValueError(f"{what} {path} is the {role} ({model}); write the new model and its work folder "
+                                 "elsewhere")
+            if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+                how = "lies inside" if mine.is_relative_to(theirs) else "holds"
+                raise ValueError(f"{what} {path} {how} the {role} {model}: the run's files would go into or around "
+                                 f"the {role}'s own (and could change them and its model hash); choose a folder "
+                                 "outside it")
+    return out, work
 
 
 def _earlier_record(work: _WorkFolder) -> dict:
@@ -1770,13 +1848,36 @@ def _train_vae(vae, images, work, settings, generator, accelerator, log, resume,
 
 def _save_vae(vae, work: _WorkFolder) -> None:
     """Save the trained VAE to work/vae: staged in a recorded folder of its own, then moved in file by file."""
+    from .ledger import Ledger
+
     staged = work.begin_staging(work.state / "vae", "vae")
+    Ledger(staged, staged / STATE_DIR).claim("staged", _saved_names("", vae))
     vae.save_pretrained(staged, safe_serialization=True)
     _move_in(work, staged, "vae", "vae")
 
 
+def _images_sha256(examples: Sequence[TrainingExample]) -> str:
+    """One sha256 of every training image's bytes, in order (reading them costs far less than encoding them)."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(_sha256_file(ex.path).encode("ascii"))
+    return digest.hexdigest()
+
+
+def _weights_sha256(module) -> str:
+    """The sha256 of a model's weights (names, dtypes, shapes, bytes), wherever they were loaded from."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
-    """Encode every image once; cached in work/latents.pt, keyed by the manifest and the VAE.
+    """Encode every image once; cached in work/latents.pt, keyed by what the latents are made of: the images'
+    bytes, the VAE's weights and the data settings (a cache of other images or another VAE is made again).
 
     One latent per image: a random crop (``crop="random"``) is drawn once per image, not again at every step.
     """
@@ -1785,7 +1886,8 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     from .progress import progress_bar
 
     key = {"manifest_sha256": settings["manifest_sha256"], "vae_steps": settings["vae_steps"],
-           "base": settings["base"], "images": settings["images"]}
+           "images": settings["images"], "images_sha256": _images_sha256(images.examples),
+           "vae_sha256": _weights_sha256(vae)}
     # the data settings only where they differ from a manifest trained as it is: caches written before they
     # existed keep their key
     data = {k: settings.get(k, v) for k, v in DATA_DEFAULTS.items() if settings.get(k, v) != v}
@@ -2064,6 +2166,21 @@ def _library_bars(progress: bool):
             lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
 
 
+def _saved_names(folder: str, module) -> list[str]:
+    """The files ``module.save_pretrained`` may write into ``folder`` ("": the folder itself), safetensors, unsharded:
+    a tokenizer's, a scheduler's, a diffusers model's or a transformers model's."""
+    if hasattr(module, "vocab_files_names"):
+        names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "chat_template.jinja", *module.vocab_files_names.values()]
+    elif hasattr(module, "config_name") and not hasattr(module, "state_dict"):
+        names = [module.config_name]
+    elif hasattr(module, "config_name"):
+        names = [module.config_name, "diffusion_pytorch_model.safetensors"]
+    else:
+        names = ["config.json", "generation_config.json", "model.safetensors"]
+    return [f"{folder}/{name}" if folder else name for name in dict.fromkeys(names)]
+
+
 def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manifest: Path,
                    base: Path | None, work: _WorkFolder, progress: bool = True, *,
                    record_file: str = "training.json", copied: Sequence[str] = ("tokenizer",),
@@ -2093,7 +2210,18 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
                                    tokenizer=parts["tokenizer"], unet=parts["unet"].to(dtype),
                                    scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    from .ledger import Ledger, file_sha256
+
     tmp = work.begin_staging(out.with_name(out.name + ".saving"), "saving", out)
+    # every file this save may write is claimed (maybe written) before it is written: a run killed while saving
+    # leaves only files its record names, which the next run removes
+    staged = Ledger(tmp, tmp / STATE_DIR)
+    names = ["model_index.json", record_file, *(extra_files or {})]
+    names += [r for name, module in {**pipe.components, **(extra_modules or {})}.items() if module is not None
+              for r in _saved_names(name, module)]
+    names += [f"{c}/{r}" for c in copied if base is not None and (base / c).is_dir() for r in _files_under(base / c)
+              if not r.endswith("/")]
+    staged.claim(MODEL_CLAIM, names)
     with _library_bars(progress):
         pipe.save_pretrained(tmp, safe_serialization=True)
     for component in copied:
@@ -2135,10 +2263,9 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
         data = json.loads(config.read_text(encoding="utf-8"))
         if data.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    from .ledger import Ledger, file_sha256
-
-    Ledger(tmp, tmp / STATE_DIR).record(MODEL_CLAIM, {r: file_sha256(tmp / r) for r in _files_under(tmp)
-                                                      if not r.endswith("/")})
+    written = {r: file_sha256(tmp / r) for r in _files_under(tmp) if not r.endswith("/")}
+    staged.record(MODEL_CLAIM, written)
+    staged.remove(MODEL_CLAIM, [r for r in staged.read(MODEL_CLAIM)["files"] if r not in written])  # never written
     (_ModelFolder(out) if folder is None else folder).save(tmp, work)
     for module in (parts["vae"], parts["text_encoder"], parts["unet"]):
         module.to(torch.float32)
@@ -2167,6 +2294,7 @@ save_pipeline = _save_pipeline
 read_json_object = _read_json_object
 earlier_record = _earlier_record
 logged_seconds = _logged_seconds
+run_folders = _run_folders
 shown = _shown
 
 

@@ -742,7 +742,7 @@ def test_a_manifest_trained_at_its_own_size_through_prepare_image_gives_the_same
     settings = json.loads((plain.model_dir / "training.json").read_text())["settings"]
     assert settings["size"] is None and settings["dataset_kind"] is None and settings["width"] == 64
     key = json.loads(torch.load(plain.work_dir / "latents.pt", weights_only=True)["key"])
-    assert set(key) == {"manifest_sha256", "vae_steps", "base", "images"}
+    assert set(key) == {"manifest_sha256", "vae_steps", "images", "images_sha256", "vae_sha256"}  # no "data"
     a, b = _weights(plain.model_dir), _weights(sized.model_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

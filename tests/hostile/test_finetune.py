@@ -13,9 +13,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from click.testing import CliRunner  # noqa: E402
+from test_finetune import tiny_base  # noqa: E402,F401 - the tiny SD-shaped base (a teacher for distill)
 
 from synthmed.build import generate  # noqa: E402
 from synthmed.cli import main  # noqa: E402
+from synthmed.distill import distill  # noqa: E402
 from synthmed.finetune import ManifestError, finetune  # noqa: E402
 
 SPEC = """
@@ -363,3 +365,219 @@ def test_generate_and_qc_never_replace_a_model_or_another_datasets_report(traini
     result = CliRunner().invoke(main, ["generate", str(spec), "-o", str(reports), "--overwrite", "--no-qc"])
     assert result.exit_code == 2 and "quality report" in result.stderr, result.output
     assert _snapshot(reports) == report
+
+
+# ----------------------------------------------------------------------------- hostile trial A (finetune, distill)
+
+BASE_FAST = {k: v for k, v in FAST.items() if k not in ("vae_batch_size", "vae_crop")}
+DISTILL_FAST = dict(batch_size=2, checkpoint_every=2, threads=1, progress=False)
+
+
+def _latents(work: Path):
+    return torch.load(work / "latents.pt", weights_only=True)["latents"]
+
+
+def _labels_csv(folder: Path, shade) -> Path:
+    """A user's own two films and a labels CSV in synthmed's columns; ``shade`` draws each film."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "own").mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate("ab"):
+        Image.fromarray(shade(i).astype(np.uint8)).save(folder / "own" / f"{name}.png")
+    labels = folder / "labels.csv"
+    labels.write_text("file_name,findings,sex,age,view\nown/a.png,no_finding,F,40,PA\n"
+                      "own/b.png,pneumothorax:right:severe,M,50,PA\n", encoding="utf-8")
+    return labels
+
+
+def test_the_latent_cache_is_made_again_for_other_image_bytes_and_never_reused_by_overwrite(tiny_base, tmp_path):
+    """Trial A.1: the latent cache was keyed by the CSV and the base's path: images replaced under the same names
+    were trained on as the old images' latents. Now keyed by the images' bytes; overwrite=True never reuses it; an
+    unchanged input still does (resume)."""
+    import numpy as np
+
+    ramp = lambda i: np.tile(np.linspace(0, 255, 64), (64, 1)) * (i + 1) / 2  # noqa: E731
+    labels = _labels_csv(tmp_path / "data", ramp)
+    out, work = tmp_path / "m", tmp_path / "m.training"
+    finetune(labels, tiny_base, out, steps=0, **BASE_FAST)
+    before = _latents(work)
+    _labels_csv(tmp_path / "data", lambda i: np.zeros((64, 64)))  # the right films, under the same names
+    finetune(labels, tiny_base, out, steps=0, overwrite=True, **BASE_FAST)
+    fresh = finetune(labels, tiny_base, tmp_path / "fresh", steps=0, **BASE_FAST)
+    assert torch.equal(_latents(work), _latents(fresh.work_dir)) and not torch.equal(_latents(work), before)
+    _labels_csv(tmp_path / "data", lambda i: np.full((64, 64), 255))
+    finetune(labels, tiny_base, out, steps=0, resume=True, **BASE_FAST)  # same CSV, other bytes: made again
+    white = finetune(labels, tiny_base, tmp_path / "white", steps=0, **BASE_FAST)
+    assert torch.equal(_latents(work), _latents(white.work_dir))
+    made = (work / "latents.pt").stat().st_mtime_ns
+    finetune(labels, tiny_base, out, steps=0, resume=True, **BASE_FAST)
+    assert (work / "latents.pt").stat().st_mtime_ns == made  # unchanged input: the cache is read, not made again
+
+
+def test_a_teachers_vae_replaced_at_the_same_path_makes_the_latent_cache_again(training_set, tiny_base, tmp_path):
+    """Trial A.1: a teacher whose VAE was replaced at the same path reused latents of the old VAE."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_base, teacher)
+    distill(training_set, teacher, tmp_path / "s", steps=0, **DISTILL_FAST)
+    vae = AutoencoderKL.from_pretrained(teacher / "vae")
+    torch.manual_seed(1)
+    for p in vae.parameters():
+        p.data.normal_(0, 0.2)
+    vae.save_pretrained(teacher / "vae", safe_serialization=True)
+    distill(training_set, teacher, tmp_path / "s2", work_dir=tmp_path / "s.training", steps=0, **DISTILL_FAST)
+    fresh = distill(training_set, teacher, tmp_path / "fresh", steps=0, **DISTILL_FAST)
+    assert torch.equal(_latents(tmp_path / "s.training"), _latents(fresh.work_dir))
+
+
+def test_a_work_folder_of_the_other_command_is_refused_before_anything_is_written(training_set, tiny_base, tmp_path):
+    """Trial A.2: distill --work-dir <a finetune's work folder> took it over (settings, record, cache) and the
+    finetune could never be resumed; finetune into distill's likewise. Refused (exit 2, naming it), unchanged."""
+    finetune(training_set, tiny_base, tmp_path / "mine", steps=0, **BASE_FAST)
+    distill(training_set, tiny_base, tmp_path / "student", steps=0, **DISTILL_FAST)
+    for command, base, work in (("distill", "--teacher", "mine.training"), ("finetune", "--base", "student.training")):
+        before = _snapshot(tmp_path / work)
+        result = CliRunner().invoke(main, [command, base, str(tiny_base), "--manifest", str(training_set), "-o",
+                                           str(tmp_path / "new"), "--work-dir", str(tmp_path / work), "--steps", "0",
+                                           "--threads", "1", "-q"])
+        other = "distill" if command == "finetune" else "finetune"
+        assert result.exit_code == 2 and f"holds a run of synthmed {other}" in result.stderr, result.output
+        assert "--work-dir" in result.stderr and "--overwrite" in result.stderr and "Traceback" not in result.output
+        assert _snapshot(tmp_path / work) == before and not (tmp_path / "new").exists()
+    assert finetune(training_set, tiny_base, tmp_path / "mine", steps=0, resume=True, **BASE_FAST).steps == 0
+
+
+def test_folders_inside_or_around_the_base_or_teacher_are_refused(training_set, tiny_base, tmp_path):
+    """Trial A.3: -o base/unet/mine, --work-dir tiny/unet, -o tiny/vae/student2 wrote into the base or teacher
+    (changing its hash, so that resume was refused for ever). Refused before anything is written; so is a folder
+    that holds the base."""
+    import shutil
+
+    from synthmed.model_folder import model_hash
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_base, base)
+    before, digest = _snapshot(base), model_hash(base)
+    cases = [("finetune", "--base", ["-o", base / "unet" / "mine"], "lies inside the base model"),
+             ("finetune", "--base", ["-o", tmp_path / "m", "--work-dir", base / "unet"], "lies inside the base model"),
+             ("finetune", "--base", ["-o", tmp_path / "models"], "holds the base model"),
+             ("distill", "--teacher", ["-o", tmp_path / "s", "--work-dir", base / "unet"], "lies inside the teacher"),
+             ("distill", "--teacher", ["-o", base / "vae" / "student2"], "lies inside the teacher"),
+             ("distill", "--teacher", ["-o", tmp_path / "s", "--work-dir", tmp_path / "models"], "holds the teacher")]
+    for command, flag, folders, message in cases:
+        result = CliRunner().invoke(main, [command, flag, str(base), "--manifest", str(training_set), "--steps", "0",
+                                           "--threads", "1", "-q", *map(str, folders)])
+        assert result.exit_code == 2 and message in result.stderr, (folders, result.output)
+        assert _snapshot(base) == before and model_hash(base) == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def _killed_save(monkeypatch):
+    """The model saved into its staging folder, then the run stopped (Ctrl-C, or a kill: nothing after it runs)."""
+    from diffusers import StableDiffusionPipeline
+
+    save = StableDiffusionPipeline.save_pretrained
+
+    def killed(self, folder, **kwargs):
+        save(self, folder, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", killed)
+
+
+def test_a_save_killed_while_writing_leaves_no_staging_folder_after_resume(training_set, tiny_base, tmp_path,
+                                                                          monkeypatch):
+    """Trial A.4: a save stopped while writing left OUT.saving-<pid>/ for ever ("holds file(s) it did not record");
+    its files are claimed before they are written, so the next run removes them, and only them: a file the user
+    put there is left and named."""
+    out = tmp_path / "m"
+    for users_file in (False, True):
+        with monkeypatch.context() as patch:
+            _killed_save(patch)
+            with pytest.raises(KeyboardInterrupt):
+                finetune(training_set, tiny_base, out, steps=0, overwrite=True, **BASE_FAST)
+        staging = list(tmp_path.glob("m.saving-*"))
+        assert len(staging) == 1 and (staging[0] / "unet" / "config.json").is_file()
+        if users_file:
+            (staging[0] / "unet" / "mine.txt").write_text("keep me")
+        result = finetune(training_set, tiny_base, out, steps=0, resume=True, **BASE_FAST)
+        if users_file:
+            assert _snapshot(staging[0]) == {"unet/mine.txt": b"keep me"}
+            assert any("mine.txt" in note for note in result.notes)
+        else:
+            assert not staging[0].exists() and not result.notes
+    assert (out / "model_index.json").is_file()
+
+
+def test_a_checkpoint_save_killed_before_its_record_leaves_nothing(training_set, tmp_path, monkeypatch):
+    """Trial A.4: killed (SIGKILL: no clean-up of its own) while accelerate writes a checkpoint, the files it wrote
+    are claimed already; the next run removes them with their staging folder."""
+    import synthmed.finetune as ft
+    from accelerate import Accelerator
+
+    def killed(self, output_dir=None, **kwargs):
+        for name in ("model.safetensors", "random_states_0.pkl"):
+            (Path(output_dir) / name).write_bytes(b"\0" * 64)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "save_state", killed)
+    monkeypatch.setattr(ft, "_record_staged", lambda staged: {})  # as after a kill: nothing recorded after the write
+    monkeypatch.setattr(ft._WorkFolder, "end_staging", lambda self, folder: None)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(training_set, "scratch", tmp_path / "m", steps=0, vae_steps=2, **FAST)
+    monkeypatch.undo()
+    state = tmp_path / "m.training" / ".synthmed"
+    assert [p.name for p in state.iterdir() if p.name.startswith("checkpoint-")]
+    result = finetune(training_set, "scratch", tmp_path / "m", steps=0, vae_steps=2, resume=True, **FAST)
+    assert not [p for p in state.iterdir() if p.name.startswith("checkpoint-")] and not result.notes
+
+
+def test_a_local_teacher_is_not_called_the_shipped_model(training_set, tiny_base, tmp_path, monkeypatch):
+    """Trial A.5: the card called any teacher given without a slash (a user's ./roentgen) "the shipped ... model"."""
+    import shutil
+
+    shutil.copytree(tiny_base, tmp_path / "roentgen")
+    monkeypatch.chdir(tmp_path)
+    result = distill(training_set, "roentgen", "student", steps=0, **DISTILL_FAST)
+    title = (result.model_dir / "README.md").read_text(encoding="utf-8").splitlines()[0]
+    assert "shipped" not in title and title.endswith("student of roentgen")
+
+
+def test_rows_of_a_split_not_exactly_train_are_counted_and_named(training_set, tmp_path):
+    """Trial A.6: rows whose split is Train, training or ' train' were dropped silently ("skipped: none")."""
+    from synthmed.finetune import read_training_set
+
+    import shutil
+
+    images = sorted((training_set / "images" / "train").glob("*.png"))[:4]
+    for image in images:
+        shutil.copy(image, tmp_path / image.name)
+    rows = [f"{p.name},no_finding,{split}" for p, split in zip(images, ["train", "Train", "training", " train"])]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file_name,findings,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    data = read_training_set(labels, template="roentgen-v1")
+    assert len(data.examples) == 1
+    assert data.counts["skipped"] == {"split Train (not train)": 1, "split training (not train)": 1,
+                                      "split ' train' (not train)": 1}
+    assert "skipped: none" not in data.summary[0] and "split ' train' (not train) 1" in data.summary[0]
+
+
+@pytest.mark.parametrize("command", ["finetune", "distill"])
+def test_the_current_folder_or_one_above_it_as_the_output_is_a_clear_usage_error(training_set, tiny_base, tmp_path,
+                                                                                monkeypatch, command):
+    """Trial A.7: -o . gave "PosixPath('.') has an empty name"; -o .. spoke of a --work-dir never given."""
+    here = tmp_path / "models" / "student" / "sub"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    flag = "--base" if command == "finetune" else "--teacher"
+    for out, message in ((".", "is the current folder"), ("..", "holds the current folder")):
+        result = CliRunner().invoke(main, [command, flag, str(tiny_base), "--manifest", str(training_set), "-o", out,
+                                           "--steps", "0", "--threads", "1", "-q"])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert "PosixPath" not in result.output and "Traceback" not in result.output
+        assert "--work-dir" not in result.stderr  # none was given
+    assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == ["student", "sub"]
