@@ -105,7 +105,8 @@ class DistillResult:
 
 
 def _name_of(value) -> str:
-    return f"{type(value).__name__} {value!r}"[:120]
+    numpy = type(value).__module__ == "numpy"  # np.float32(4) is not a float: say how to pass it
+    return f"{type(value).__name__} {value!r}"[:120] + (" (a numpy scalar: pass int(x) or float(x))" if numpy else "")
 
 
 def _number(name: str, value, *, whole: bool, low: float, high: float, optional: bool = False) -> None:

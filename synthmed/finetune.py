@@ -323,7 +323,8 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
             continue
         if check_files and any_size:
             if not image.is_file():
-                problems.append(f"{path}:row {number}: image {image} does not exist")
+                problems.append(f"{path}:row {number}: image {image} "
+                                + ("is a folder, not an image file" if image.is_dir() else "does not exist"))
                 continue
             problem = _header_problem(image)
             if problem is not None:
@@ -1320,7 +1321,8 @@ def _check_arguments(**args: Any) -> None:
     An argument not given is not checked: synthmed.distill passes the ones it shares with finetune.
     """
     def name_of(value) -> str:
-        return f"{type(value).__name__} {value!r}"[:120]
+        numpy = type(value).__module__ == "numpy"  # np.int64(2) is not an int: say how to pass it
+        return f"{type(value).__name__} {value!r}"[:120] + (" (a numpy scalar: pass int(x) or float(x))" if numpy else "")
 
     def number(name: str, *, whole: bool, low: float | None = None, high: float | None = None, open_low=False,
                optional: bool = False) -> None:

@@ -581,3 +581,23 @@ def test_the_current_folder_or_one_above_it_as_the_output_is_a_clear_usage_error
         assert "PosixPath" not in result.output and "Traceback" not in result.output
         assert "--work-dir" not in result.stderr  # none was given
     assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == ["student", "sub"]
+
+
+def test_a_folder_named_like_an_image_is_named_as_a_folder(tmp_path):
+    """Trial A.10: a manifest row naming a folder `x.png` said 'does not exist'; it says what it is."""
+    from synthmed.finetune import ManifestError, read_training_manifest
+
+    (tmp_path / "img" / "f.png").mkdir(parents=True)
+    (tmp_path / "m.csv").write_text("file_name,findings\nimg/f.png,no_finding\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m\.csv:row 2: image .*img/f\.png is a folder, not an image file"):
+        read_training_manifest(tmp_path / "m.csv", template="roentgen-v1", any_size=True)
+
+
+def test_a_numpy_scalar_argument_says_how_to_pass_it():
+    """Trial A.9: steps=np.int64(2) is refused (settings are written as JSON), and the message says how to pass it."""
+    import numpy as np
+
+    from synthmed.finetune import check_arguments
+
+    with pytest.raises(TypeError, match=r"steps must be a whole number, got int64 .* pass int\(x\) or float\(x\)"):
+        check_arguments(steps=np.int64(2))
