@@ -109,7 +109,7 @@ def test_generate_runs_the_checks_and_fills_the_manifest(built):
         assert {r["qc_status"] for r in csv.DictReader(fh)} == {"pass"}
     # cheap mode: no diversity, no auditor
     assert report["checks"]["diversity"]["status"] == "skipped"
-    assert "keep it cheap" in report["sections"]["auditor"]["reason"]
+    assert "not run in the cheap checks" in report["sections"]["auditor"]["reason"]
 
 
 def test_generate_qc_is_deterministic(built, tmp_path):
