@@ -153,10 +153,12 @@ def _check_verdicts_are_current(manifest: Path) -> None:
     manifest as it is (it never rewrites a user's file), so its qc_status is a verdict on other rows."""
     from .ledger import Ledger, file_sha256
 
-    state = manifest.parent / ".synthmed"
-    if manifest.name != "manifest.csv" or not state.is_dir():
+    root = _dataset_root(manifest)  # manifest.csv's folder, or the dataset above a split's metadata.csv
+    state = root / ".synthmed"
+    if not state.is_dir():
         return  # a copied set keeps no record: nothing to compare with
-    recorded = Ledger(manifest.parent, state).known_digests().get("manifest.csv") or set()
+    rel = Path(os.path.abspath(manifest)).relative_to(Path(os.path.abspath(root))).as_posix()
+    recorded = Ledger(root, state).known_digests().get(rel) or set()
     if recorded - {None} and file_sha256(manifest) not in recorded:
         raise ValueError(f"{manifest} changed since synthmed wrote it, so its qc_status column is not the quality "
                          "checks' verdict on these rows (qc leaves an edited manifest as it is); restore it, or "

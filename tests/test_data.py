@@ -175,6 +175,15 @@ def test_qc_status_filter(out, ManifestDataset, tmp_path):
         assert len(ManifestDataset(out)) == len(rows)  # no filter, no complaint
     finally:
         (out / "manifest.csv").write_bytes(original)
+    split = out / "images" / "train" / "metadata.csv"  # the same for a split's metadata.csv, which qc also writes
+    assert len(ManifestDataset(split, qc_status="pass")) == sum(r["split"] == "train" for r in rows)
+    kept = split.read_bytes()
+    try:
+        split.write_bytes(kept[:-1] + b" \n" if kept.endswith(b"\n") else kept + b" ")
+        with pytest.raises(ValueError, match=r"metadata.csv changed since synthmed wrote it"):
+            ManifestDataset(split, qc_status="pass")
+    finally:
+        split.write_bytes(kept)
     unchecked = with_statuses(out, tmp_path / "unchecked.csv", {i: "" for i in range(len(rows))})
     try:
         with pytest.raises(ValueError, match=r"unchecked.csv, line 2: no qc_status .*synthmed qc"):

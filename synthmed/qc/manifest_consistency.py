@@ -46,8 +46,9 @@ def _path_problems(spec, case, row) -> list[str]:
     listed = [m for m in (row.get("mask_paths") or "").split("|") if m]
     if (row.get("backend") or "") in MASK_BACKENDS:
         want_masks = masks
-    else:  # a backend that may know some masks only (none from diffusion): those it lists must be the case's
-        want_masks = [m for m in listed if m in masks] if len(set(listed)) == len(listed) else masks
+    else:  # another backend may draw some masks, of findings the case lists or not (those go last): the row's own
+        ours = [m for m in listed if m.startswith(f"masks/{stem}_mask_") and m.endswith(".png")]
+        want_masks = ours if len(set(ours)) == len(listed) else masks
     want = {"png_path": f"images/{stem}.png" if "png" in formats else "",
             "dicom_path": f"dicom/{stem}.dcm" if "dicom" in formats else "",
             "sr_path": f"dicom/{stem}_sr.dcm" if "dicom" in formats else "",

@@ -381,10 +381,12 @@ def _run(out, rows, spec, config, limits, expected, paths, feature_extractor, au
         "training_manifest": str(paths["training manifest"]) if "training manifest" in paths else None,
         "notes": notes,
     }
-    if reference_set is not None and reference_set.unreadable:
-        unread = reference_set.unreadable
-        report["notes"].append(f"{len(unread)} reference image(s) could not be read, left out: "
-                               + "; ".join(unread[:10]) + (f"; and {len(unread) - 10} more" if len(unread) > 10 else ""))
+    for what, found in (("reference", reference_set), ("training", training_set)):
+        unread = found.unreadable if found is not None else []
+        if unread:
+            report["notes"].append(f"{len(unread)} {what} image(s) could not be read, left out: "
+                                   + "; ".join(unread[:10]) + (f"; and {len(unread) - 10} more" if len(unread) > 10
+                                                               else ""))
     report = jsonable(report)
 
     # 8. Outputs

@@ -259,6 +259,21 @@ def test_unreadable_reference_images_are_named_with_why_and_reports_stay_byte_id
     assert f"{reference / 'images' / 'empty.png'}: " in result.output and " at 0x" not in reports[0].decode()
 
 
+def test_unreadable_training_images_are_named_too(out, tmp_path):
+    """--training-manifest: memorisation is judged on the images that read; those that did not are named."""
+    rows = rows_of(out)
+    training = tmp_path / "training"
+    training.mkdir()
+    for k in range(3):
+        shutil.copyfile(out / rows[k]["png_path"], training / f"t{k}.png")
+    (training / "empty.png").write_bytes(b"")
+    (training / "manifest.csv").write_text("file_name\n" + "".join(f"t{k}.png\n" for k in range(3)) + "empty.png\n",
+                                           encoding="utf-8")
+    result = run("qc", out, "-q", "--no-auditor", "--training-manifest", training / "manifest.csv")
+    assert f"note: 1 training image(s) could not be read, left out: {training / 'empty.png'}: not a PNG" in \
+        result.output, result.output
+
+
 def test_a_reference_csv_with_a_header_and_no_rows_says_so(out, tmp_path):
     (tmp_path / "empty.csv").write_text("path\n", encoding="utf-8")
     result = run("qc", out, "-q", "--no-auditor", "--fast", "--reference", tmp_path / "empty.csv")
@@ -473,6 +488,28 @@ def test_a_row_of_a_procedural_backend_without_its_masks_fails_the_run(out):
     assert result.exit_code == 1, result.output
     section = report_of(out)["sections"]["manifest_consistency"]
     assert section["rows_failed"] == 1 and masks in json.dumps(section["problems"])
+
+
+def test_a_users_backend_that_draws_a_mask_of_an_unlisted_finding_passes(tmp_path):
+    """A Backend object may return masks of findings a case does not list (a device it always draws): generate
+    writes them after the listed ones, and qc holds the row to its own case's mask names, not to its findings."""
+    from synthmed.backends.base import BackendInfo, GeneratedImage
+    from synthmed.backends.pattern import PatternBackend
+
+    class Mine:
+        def __init__(self):
+            self.inner = PatternBackend(64, 64)
+            self.info = BackendInfo(name="mine", model_id="mine-v1", model_hash="mine-v1")
+
+        def generate(self, cases, prompts):
+            drawn = np.zeros((64, 64), bool)
+            drawn[5:15, 5:15] = True
+            return [GeneratedImage(im.pixels, {**im.masks, "support_devices": drawn})
+                    for im in self.inner.generate(cases, prompts)]
+
+    result = generate(spec_text(), tmp_path / "out", backend=Mine(), progress=False)
+    assert result.qc is not None and result.qc.passed, result.qc.report["failed_checks"]
+    assert all(r["mask_paths"].endswith("_mask_support_devices.png") for r in rows_of(tmp_path / "out"))
 
 
 def test_impossible_values_fail_the_run(out):
