@@ -151,9 +151,64 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
                         else "cases.jsonl and the spec")}
 
 
+QC_COLUMNS = ("qc_status", "qc_flags", "qc_tries", "qc_seed")  # qc writes them after its checks: not compared
+
+
+def split_metadata_problems(out, rows: list[dict]) -> tuple[int, list[str]]:
+    """Each ``images/<split>/metadata.csv`` (what Hugging Face imagefolder reads the labels from) against the
+    manifest: the rows of its folder, each the manifest's row with ``file_name`` relative to the folder (the qc
+    columns aside). Returns (rows that differ or are missing, what is wrong)."""
+    from collections import defaultdict
+    from pathlib import PurePosixPath
+
+    from ..writers.manifest import read_part
+
+    by_folder: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        if row.get("png_path"):
+            by_folder[str(PurePosixPath(row["png_path"]).parent)][row.get("case_id") or ""] = row
+    failed, problems = 0, []
+    for folder, expected in by_folder.items():
+        rel = f"{folder}/metadata.csv"
+        if not (out / rel).is_file():
+            continue  # not written (yet): nothing a loader could read
+        try:
+            found = read_part(out / rel)
+        except (OSError, ValueError) as e:
+            failed += len(expected)
+            problems.append(f"{rel}: {e}")
+            continue
+        seen = set()
+        for n, row in enumerate(found, start=2):
+            want = expected.get(row.get("case_id") or "")
+            seen.add(row.get("case_id") or "")
+            if want is None:
+                differ = [f"case_id {row.get('case_id')!r} is no row of manifest.csv in {folder}/"]
+            else:
+                want = {**want, "file_name": PurePosixPath(want["png_path"]).name}
+                differ = [f"{c} {row.get(c)!r} (manifest.csv: {want.get(c)!r})" for c in want
+                          if c not in QC_COLUMNS and (row.get(c) or "") != (want.get(c) or "")]
+            if differ:
+                failed += 1
+                if len(problems) < MAX_PROBLEMS:
+                    problems.append(f"{rel}, line {n} ({row.get('case_id') or '?'}): " + "; ".join(differ[:4])
+                                    + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
+        missing = [c for c in expected if c not in seen]
+        if missing:
+            failed += len(missing)
+            problems.append(f"{rel} has no row for {len(missing):,} case(s) of manifest.csv: {', '.join(missing[:5])}")
+    return failed, problems
+
+
 def section(inputs: CheckInputs) -> dict:
-    """The ``manifest_consistency`` section, against cases.jsonl (or the plan drawn again without it)."""
-    return manifest_consistency_report(inputs.spec, inputs.rows, inputs.cases, inputs.cases_why)
+    """The ``manifest_consistency`` section, against cases.jsonl (or the plan drawn again without it), and each
+    split's metadata.csv against the manifest."""
+    report = manifest_consistency_report(inputs.spec, inputs.rows, inputs.cases, inputs.cases_why)
+    failed, problems = split_metadata_problems(inputs.out, inputs.rows)
+    if failed:
+        report.update(status="fail", value=report["value"] + failed, metadata_rows_failed=failed,
+                      problems=report["problems"] + problems)
+    return report
 
 
 def table_rows(section: dict, inputs: CheckInputs) -> dict[str, dict]:

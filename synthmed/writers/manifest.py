@@ -198,8 +198,8 @@ def write_split_metadata_claimed(manifest: Path, out: Path, ledger, key: str) ->
             continue
         try:
             ledger.claim(key, [rel])
-        except ForeignFileError:
-            left.append(f"{rel} exists and synthmed did not write it (no record of it in {ledger.dir.parent.name}/)")
+        except ForeignFileError as e:  # a user's file, or ours changed since: its own words say which
+            left.append(f"{e}: left as it is")
             continue
         wanted.append(rel)
     written = write_split_metadata(manifest, out, only=set(wanted)) if wanted else []

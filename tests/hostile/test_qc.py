@@ -475,6 +475,29 @@ def test_rows_naming_each_others_files_fail_the_run(out):
     assert f"mask_paths '{b['mask_paths']}' are not the masks of {b['case_id']}'s findings" in text
 
 
+def test_rows_swapped_in_a_splits_metadata_csv_fail_the_run(out):
+    """Hugging Face imagefolder reads the labels from images/<split>/metadata.csv: two of its rows naming each
+    other's images fail manifest_consistency, naming the file and lines, though manifest.csv is intact."""
+    path = out / "images" / "train" / "metadata.csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    a = next(r for r in rows if r["mask_paths"])
+    b = next(r for r in rows if not r["mask_paths"])
+    for column in FILE_COLUMNS:
+        a[column], b[column] = b[column], a[column]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = run("qc", out, "-q", "--no-auditor")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    assert section["metadata_rows_failed"] == 2 and section["rows_failed"] == 0
+    assert f"images/train/metadata.csv, line {rows.index(a) + 2} ({a['case_id']}): file_name" in \
+        json.dumps(section["problems"])
+    assert "changed since synthmed wrote it" in result.output  # and qc left the file as it is
+
+
 def test_a_row_of_a_procedural_backend_without_its_masks_fails_the_run(out):
     """The masks and SEG of a row with findings blanked in the manifest (the files still there): a segmentation
     loader would read every finding as absent, so manifest_consistency fails the row, naming the masks it lacks."""
