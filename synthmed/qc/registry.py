@@ -117,8 +117,8 @@ CHECKS: tuple[Check, ...] = (
     Check("dciodvfy", "dciodvfy (dicom3tools) reports errors", "synthmed.qc.dciodvfy", section="dciodvfy",
           gating=True, flag="dciodvfy (dicom3tools) reports errors"),
     Check("manifest_consistency", "rows that disagree with cases.jsonl or the spec (case, labels, patient, view, "
-          "size, split, file paths; each split's metadata.csv)", "synthmed.qc.manifest_consistency", section="manifest_consistency", gating=True,
-          needs=("cases",)),
+          "size, split, file paths; each split's metadata.csv)", "synthmed.qc.manifest_consistency",
+          section="manifest_consistency", gating=True, needs=("cases",)),
     Check("spec_fidelity", "lowest 1 - TVD of an attribute or pair against the plan of the cases built",
           "synthmed.qc.spec_fidelity", section="spec_fidelity", threshold="min_spec_fidelity", needs=("cases",)),
     Check("duplicates", "fraction of images in a near-duplicate pair", "synthmed.qc.duplicates",
