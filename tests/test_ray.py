@@ -313,3 +313,29 @@ def test_a_ray_address_with_nothing_behind_it_is_named_at_once(spec_path, tmp_pa
         generate(spec_path, out, executor="ray", ray_address=f"127.0.0.1:{port}", progress=False)
     assert refused.value.exit_code == 2 and time.monotonic() - started < 30
     assert not out.exists()
+
+
+def test_an_address_where_another_service_answers_is_named_and_a_real_gcs_passes(ray_local):
+    """A port typo that lands on another service: ray.init hung there for minutes; the probe speaks HTTP/2 (gRPC,
+    which Ray's GCS and client server use) and refuses what does not answer it, and lets a real GCS through."""
+    import socket
+
+    from synthmed.build.ray import _check_reachable
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    port = server.getsockname()[1]
+    with pytest.raises(BuildError, match=f"127.0.0.1:{port} answers, but not as a Ray cluster") as refused:
+        _check_reachable(f"127.0.0.1:{port}")
+    assert refused.value.exit_code == 2
+    server.close()
+    _check_reachable(ray_local.get_runtime_context().gcs_address)  # the module's own Ray: no error

@@ -230,11 +230,21 @@ def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         return  # a form Ray reads that is not host:port: Ray says what is wrong with it
+    hint = "(is a Ray cluster running there? `ray start --head` starts one; leave --address out to start a local one)"
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0") in ("0", ""):  # Ray's GCS and client server speak gRPC (HTTP/2)
+                conn.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+                reply = conn.recv(9)
+                if len(reply) < 9 or reply[3] != 0x04:  # an HTTP/2 server answers with its SETTINGS frame
+                    raise BuildError(f"{address} answers, but not as a Ray cluster (no gRPC server there: another "
+                                     f"service, or the wrong port?) {hint}", 2)
     except OSError as e:
-        raise BuildError(f"could not reach Ray at {address}: {e.strerror or e} (is a Ray cluster running there? "
-                         "`ray start --head` starts one; leave --address out to start a local one)", 2) from None
+        raise BuildError(f"could not reach Ray at {address}: {e.strerror or e} {hint}", 2) from None
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type SETTINGS, no flags, stream 0
 
 
 def _job(spec: "DatasetSpec", out: Path, *, limit, backend, model, batch_size, qc=False) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,7 @@ class RunFolder:
             self.release()  # a caller that retries in this process must find the lock free
             raise
 
-    def _wait_for_workers(self, timeout: float = WORKERS_TIMEOUT_S) -> None:
+    def _wait_for_workers(self, timeout: float | None = None) -> None:
         """Wait until no Ray worker of an earlier run holds the workers' lock: a killed driver's workers go on
         writing for a few seconds (until Ray reaps them), and their files would land in this run's folder."""
         import fcntl
@@ -281,13 +282,18 @@ class RunFolder:
             fh = open(self.state / WORKERS_LOCK, "r")  # only where Ray workers ran: they make it
         except OSError:
             return
-        deadline = time.monotonic() + timeout
+        timeout = WORKERS_TIMEOUT_S if timeout is None else timeout  # read now: a test may set it
+        deadline, said = time.monotonic() + timeout, False
         with fh:
             while True:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return  # closing the file releases it at once: this run's workers take it shared
                 except BlockingIOError:
+                    if not said:
+                        print(f"waiting for the Ray workers of an earlier run on {self.out} to stop (up to "
+                              f"{timeout:.0f} s)", file=sys.stderr, flush=True)
+                        said = True
                     if time.monotonic() > deadline:
                         raise BuildError(f"Ray workers of an earlier run on {self.out} are still writing there "
                                          f"after {timeout:.0f} s; stop them (`ray stop`) and rerun", 1) from None
