@@ -343,7 +343,9 @@ class ListedImage:
 
 
 def _image_path_column(rows: list[dict]) -> str | None:
-    for column in ("png_path", "file_name", "path", "image", "dicom_path"):
+    # file_name first: relative to the CSV's folder in a manifest.csv and in a split's metadata.csv (Hugging Face
+    # imagefolder's convention), where png_path starts at the dataset folder above
+    for column in ("file_name", "png_path", "path", "image", "dicom_path"):
         if rows and column in rows[0]:
             return column
     return None

@@ -761,3 +761,13 @@ def test_headline_names_the_failed_set_level_checks(out):
     headline = result.output.splitlines()[0]
     assert headline.startswith("FAIL") and "manifest_consistency" in headline, headline
     assert "0 failed a gating check" not in headline
+
+
+def test_a_splits_metadata_csv_is_a_usable_reference(out, tmp_path):
+    """images/<split>/metadata.csv names its images relative to its own folder (file_name, Hugging Face's
+    convention); png_path starts at the dataset above: qc --reference reads the file_name column first."""
+    from synthmed.qc.inputs import image_list
+
+    listed = image_list(out / "images" / "train" / "metadata.csv")
+    assert listed and all(path.is_file() and path.parent == out / "images" / "train" for _, path in listed)
+    assert [path for _, path in image_list(out / "manifest.csv")][:1] == [out / rows_of(out)[0]["png_path"]]
