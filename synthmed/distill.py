@@ -59,10 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .finetune import (MODEL_PATHS, PLANNED_TOPS, LazyImages, ManifestError, ModelFolder,
+from .finetune import (IMAGES_CHANGED, MODEL_PATHS, PLANNED_TOPS, LazyImages, ManifestError, ModelFolder,
                        TrainingLog, TrainingProgress, WorkFolder, check_arguments, check_device, earlier_record,
-                       enable_gradient_checkpointing, latent_cache, load_base, load_checkpoint, logged_seconds,
-                       lr_scheduler, model_geometry, only_trained, random_crops, read_json_object,
+                       enable_gradient_checkpointing, images_sha256, latent_cache, load_base, load_checkpoint,
+                       logged_seconds, lr_scheduler, model_geometry, only_trained, random_crops, read_json_object,
                        read_training_set, run_folders, save_checkpoint, save_pipeline, shown, token_ids)
 
 __all__ = ["DistillResult", "distill", "MODES", "FULL_MODE_LIMIT"]
@@ -355,7 +355,9 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                 "huber_c": huber_c, "lora_rank": lora_rank, "timestep_scaling": TIMESTEP_SCALING,
                 "tiny_decoder_steps": tiny_decoder_steps, "recommend_dtype": recommend_dtype,
                 "mixed_precision": mixed_precision, "template": template, "seed": seed,
-                "manifest_sha256": data.sha256, "images": len(examples), "width": width, "height": height,
+                "manifest_sha256": data.sha256, "images": len(examples),
+                "images_sha256": images_sha256(examples),  # a resume must not distil on images replaced since
+                "width": width, "height": height,
                 "dataset_kind": None if data.kind == "manifest" else data.kind, "prompts": prompts,
                 "no_report": (no_report or "skip") if prompts == "reports" else None,
                 "uncertain": None if data.kind == "manifest" else uncertain or "ignore", "views": views,
@@ -373,10 +375,12 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
         # a resume may train longer, add the tiny decoder, or recommend another dtype or number of sampling steps
         # (what the student was measured to sample best with; neither is part of training)
         lengthened = ("steps", "tiny_decoder_steps", "recommend_dtype", "student_steps")
+        before.setdefault("images_sha256", settings["images_sha256"])  # work folders from before it was recorded
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k)
                          and k not in lengthened)
         if changed:
-            why = " (the teacher's files are not those it started from)" if "teacher_hash" in changed else ""
+            why = (" (the teacher's files are not those it started from)" if "teacher_hash" in changed else
+                   f" ({IMAGES_CHANGED})" if "images_sha256" in changed else "")
             raise ValueError(f"{work_path} was distilled with other settings ({', '.join(changed)} changed){why}; "
                              "resume needs the same manifest, teacher and settings, or start a new work_dir")
     elif not resume and (overwrite or work.checkpoints(STAGE)):

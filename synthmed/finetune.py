@@ -1558,7 +1558,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "template": template, "seed": seed, "lora_rank": lora_rank, "cond_dropout": cond_dropout,
                 "ema_decay": ema_decay,
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": data.sha256,
-                "images": len(examples), "width": width, "height": height,
+                # the images' bytes: a resume must not train on images replaced under the same names
+                "images": len(examples), "images_sha256": _images_sha256(examples), "width": width, "height": height,
                 # what is trained on (DATA_DEFAULTS: a manifest of one-size PNGs as it is, as before these options)
                 "dataset_kind": None if data.kind == "manifest" else data.kind, "prompts": prompts,
                 "no_report": (no_report or "skip") if prompts == "reports" else None,
@@ -1590,14 +1591,16 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
         for key, value in (("lr_schedule", "constant"), ("gradient_accumulation", 1), ("mixed_precision", "no"),
                            *DATA_DEFAULTS.items()):
             before.setdefault(key, value)  # work folders from before these options
-        for key in ("base_hash", "vae_design", "unet_design"):  # work folders from before these were recorded
+        # work folders from before these were recorded
+        for key in ("base_hash", "vae_design", "unet_design", "images_sha256"):
             if key in settings:
                 before.setdefault(key, settings[key])
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k) and k != "steps")
         if changed:
             why = (" (the base model's files are not those it started from)" if "base_hash" in changed else
                    " (this synthmed's scratch design is not the one its checkpoints were made with)"
-                   if {"vae_design", "unet_design"} & set(changed) else "")
+                   if {"vae_design", "unet_design"} & set(changed) else
+                   f" ({IMAGES_CHANGED})" if "images_sha256" in changed else "")
             raise ValueError(f"{work_path} was trained with other settings ({', '.join(changed)} changed){why}; "
                              "resume needs the same manifest, base and settings, or start a new work_dir")
     elif not resume and (overwrite or any(work.checkpoints(stage) for stage in ("vae", "unet"))):
@@ -1710,8 +1713,9 @@ def _run_folders(out: str | Path, work_dir: str | Path | None, model: Path | Non
     """The model folder and the work folder (default ``<out>.training``), checked before anything is written.
 
     Refused (ValueError): a model folder that is or holds the current folder (a save renames the model folder
-    into place), and either folder inside, at or around ``model`` (the base or teacher, named ``role``), whose
-    files and hash the run would change.
+    into place), either folder inside, at or around ``model`` (the base or teacher, named ``role``), whose
+    files and hash the run would change, and either folder inside a dataset or a model that synthmed wrote (its
+    files would go into that folder and break it: a dataset that no longer loads, a model whose hash changed).
     """
     out = Path(out)
     here = Path.cwd().resolve()
@@ -1734,7 +1738,38 @@ def _run_folders(out: str | Path, work_dir: str | Path | None, model: Path | Non
                 raise ValueError(f"{what} {path} {how} the {role} {model}: the run's files would go into or around "
                                  f"the {role}'s own (and could change them and its model hash); choose a folder "
                                  "outside it")
+    for what, path in (("the output folder", out), ("work_dir", work)):
+        enclosing = _enclosing_folder(path)
+        if enclosing:
+            from .ledger import FOLDER_KINDS
+
+            folder, kind = enclosing
+            harm = ("it would no longer load as a dataset" if kind == "dataset" else
+                    "its files and model hash would change")
+            raise ValueError(f"{what} {path} lies inside {folder}, which holds {FOLDER_KINDS[kind]}: the run's "
+                             f"files would go into it and {harm}; choose a folder outside it")
     return out, work
+
+
+def _enclosing_folder(path: Path) -> tuple[Path, str] | None:
+    """The nearest folder above ``path`` that holds a dataset or a model synthmed wrote (told by the claims in its
+    ``.synthmed/``), with its kind (``"dataset"`` or ``"model"``); None when no folder above it does.
+
+    Example:
+        >>> _enclosing_folder(Path("/")) is None
+        True
+    """
+    from .ledger import Ledger
+
+    for folder in Path(os.path.abspath(path)).resolve().parents:
+        try:
+            kinds = Ledger(folder, folder / STATE_DIR).kinds() if (folder / STATE_DIR).is_dir() else set()
+        except OSError:  # a folder we may not read holds nothing we could tell
+            continue
+        for kind in ("dataset", "model"):  # a work folder (a model folder may lie in its own) or a qc report: fine
+            if kind in kinds:
+                return folder, kind
+    return None
 
 
 def _earlier_record(work: _WorkFolder) -> dict:
@@ -1858,6 +1893,9 @@ def _save_vae(vae, work: _WorkFolder) -> None:
     _move_in(work, staged, "vae", "vae")
 
 
+IMAGES_CHANGED = "the training images' bytes are not those it was trained on: images replaced under the same names"
+
+
 def _images_sha256(examples: Sequence[TrainingExample]) -> str:
     """One sha256 of every training image's bytes, in order (reading them costs far less than encoding them)."""
     digest = hashlib.sha256()
@@ -1888,7 +1926,7 @@ def _latent_cache(vae, images, work, settings, accelerator, scratch, progress):
     from .progress import progress_bar
 
     key = {"manifest_sha256": settings["manifest_sha256"], "vae_steps": settings["vae_steps"],
-           "images": settings["images"], "images_sha256": _images_sha256(images.examples),
+           "images": settings["images"], "images_sha256": settings["images_sha256"],  # the run's: read once
            "vae_sha256": _weights_sha256(vae)}
     # the data settings only where they differ from a manifest trained as it is: caches written before they
     # existed keep their key
@@ -2297,6 +2335,7 @@ read_json_object = _read_json_object
 earlier_record = _earlier_record
 logged_seconds = _logged_seconds
 run_folders = _run_folders
+images_sha256 = _images_sha256
 shown = _shown
 
 

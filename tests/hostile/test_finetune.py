@@ -407,7 +407,9 @@ def test_the_latent_cache_is_made_again_for_other_image_bytes_and_never_reused_b
     fresh = finetune(labels, tiny_base, tmp_path / "fresh", steps=0, **BASE_FAST)
     assert torch.equal(_latents(work), _latents(fresh.work_dir)) and not torch.equal(_latents(work), before)
     _labels_csv(tmp_path / "data", lambda i: np.full((64, 64), 255))
-    finetune(labels, tiny_base, out, steps=0, resume=True, **BASE_FAST)  # same CSV, other bytes: made again
+    with pytest.raises(ValueError, match="images_sha256 changed"):  # a resume on other bytes: refused (re-trial 4)
+        finetune(labels, tiny_base, out, steps=0, resume=True, **BASE_FAST)
+    finetune(labels, tiny_base, out, steps=0, overwrite=True, **BASE_FAST)  # same CSV, other bytes: made again
     white = finetune(labels, tiny_base, tmp_path / "white", steps=0, **BASE_FAST)
     assert torch.equal(_latents(work), _latents(white.work_dir))
     made = (work / "latents.pt").stat().st_mtime_ns
@@ -601,3 +603,80 @@ def test_a_numpy_scalar_argument_says_how_to_pass_it():
 
     with pytest.raises(TypeError, match=r"steps must be a whole number, got int64 .* pass int\(x\) or float\(x\)"):
         check_arguments(steps=np.int64(2))
+
+
+# ----------------------------------------------------------------------------- re-trial (finetune, distill)
+
+def test_an_output_or_work_folder_inside_a_dataset_or_a_model_is_refused(training_set, tiny_base, tmp_path):
+    """Re-trial 1: --work-dir set/images and -o set/masks/student were taken: checkpoints, latents.pt and settings
+    landed inside the dataset (which then no longer loaded as an imagefolder). A folder inside a dataset or a model
+    synthmed wrote is refused (exit 2, naming it) before anything is written; a model in its own work folder and
+    folders beside the dataset stay fine."""
+    import shutil
+
+    data = tmp_path / "set"
+    shutil.copytree(training_set, data)
+    assert finetune(data, tiny_base, tmp_path / "model", steps=0, **BASE_FAST).steps == 0
+    shutil.rmtree(tmp_path / "model.training")  # not needed: only the model folder (its claims say "model")
+    before = {"set": _snapshot(data), "model": _snapshot(tmp_path / "model")}
+    cases = [("finetune", "--base", ["-o", tmp_path / "mine", "--work-dir", data / "images"], "set"),
+             ("distill", "--teacher", ["-o", data / "masks" / "student"], "set"),
+             ("finetune", "--base", ["-o", tmp_path / "model" / "unet" / "mine"], "model"),
+             ("distill", "--teacher", ["-o", tmp_path / "s", "--work-dir", tmp_path / "model" / "w"], "model")]
+    for command, flag, folders, inside in cases:
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            result = CliRunner().invoke(main, [command, flag, str(tiny_base), "--manifest", str(data), "--steps", "0",
+                                               "--threads", "1", "-q", *map(str, folders), *extra])
+            holds = "a dataset that synthmed generate wrote" if inside == "set" else "a model that synthmed"
+            assert result.exit_code == 2, (folders, result.output)
+            assert f"lies inside {tmp_path / inside}, which holds {holds}" in result.stderr, result.output
+            assert "Traceback" not in result.output
+        assert {"set": _snapshot(data), "model": _snapshot(tmp_path / "model")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "set"]
+    with pytest.raises(ValueError, match="lies inside .*which holds a dataset"):
+        distill(data, tiny_base, tmp_path / "s", work_dir=data / "images" / "w", steps=0, **DISTILL_FAST)
+    # as before: a model folder inside its own work folder, and folders beside the dataset and the model
+    assert finetune(data, tiny_base, tmp_path / "run" / "model", work_dir=tmp_path / "run", steps=0,
+                    **BASE_FAST).steps == 0
+    assert distill(data, tiny_base, tmp_path / "student", steps=0, **DISTILL_FAST).steps == 0
+
+
+@pytest.mark.parametrize("command", ["finetune", "distill"])
+def test_a_resume_after_the_training_images_were_replaced_is_refused(tiny_base, tmp_path, command):
+    """Re-trial 4: images replaced under the same names (same CSV) after a checkpoint, then --resume: the latent
+    cache was made again without a word and training went on, steps 1-2 on the old images and 3-4 on the new.
+    Refused (exit 2, naming what changed), nothing in the work folder touched; the same images resume, also in a
+    work folder from before the images' sha256 was recorded, to the weights of a run that never stopped."""
+    import numpy as np
+
+    from synthmed.ledger import Ledger, file_sha256
+
+    ramp = lambda i: np.tile(np.linspace(0, 255, 64), (64, 1)) * (i + 1) / 2  # noqa: E731
+    labels = _labels_csv(tmp_path / "data", ramp)
+    flag = "--base" if command == "finetune" else "--teacher"
+
+    def run(out: str, steps: int, *args: str):
+        return CliRunner().invoke(main, [command, flag, str(tiny_base), "--manifest", str(labels), "-o",
+                                         str(tmp_path / out), "--steps", str(steps), "--batch-size", "2",
+                                         "--checkpoint-every", "2", "--threads", "1", "-q", *args])
+
+    assert run("m", 2).exit_code == 0
+    work = tmp_path / "m.training"
+    before = {"work": _snapshot(work), "model": _snapshot(tmp_path / "m")}
+    _labels_csv(tmp_path / "data", lambda i: np.zeros((64, 64)))  # other films, under the same names
+    result = run("m", 4, "--resume")
+    assert result.exit_code == 2, result.output
+    assert "images_sha256 changed" in result.stderr and "replaced under the same names" in result.stderr
+    assert str(work) in result.stderr and "Traceback" not in result.output
+    assert {"work": _snapshot(work), "model": _snapshot(tmp_path / "m")} == before
+    _labels_csv(tmp_path / "data", ramp)  # the films it was trained on: a work folder from before the record
+    settings = json.loads((work / "settings.json").read_text(encoding="utf-8"))
+    del settings["images_sha256"]
+    (work / "settings.json").write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    Ledger(work, work / ".synthmed").record("settings", {"settings.json": file_sha256(work / "settings.json")})
+    resumed = run("m", 4, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "images_sha256" in json.loads((work / "settings.json").read_text(encoding="utf-8"))
+    assert run("straight", 4).exit_code == 0
+    mine, straight = _weights(tmp_path / "m"), _weights(tmp_path / "straight")
+    assert mine.keys() == straight.keys() and all(torch.equal(mine[k], straight[k]) for k in mine)
