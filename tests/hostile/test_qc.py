@@ -498,6 +498,26 @@ def test_rows_swapped_in_a_splits_metadata_csv_fail_the_run(out):
     assert "changed since synthmed wrote it" in result.output  # and qc left the file as it is
 
 
+@pytest.mark.parametrize("how", ["link", "huge_field"])
+def test_a_splits_metadata_csv_that_is_a_link_or_unparsable_fails_without_reading_out(out, tmp_path, how):
+    """A metadata.csv that is a link out of the set is not read (its first line once reached the report); one with a
+    field over the csv module's limit is a named failure, not a traceback."""
+    path = out / "images" / "train" / "metadata.csv"
+    path.unlink()
+    if how == "link":
+        secret = tmp_path / "secret.csv"
+        secret.write_text("secret_token_abc123,hunter2\n", encoding="utf-8")
+        path.symlink_to(secret)
+    else:
+        path.write_text(",".join(rows_of(out)[0]) + '\n"' + "x" * 140_000 + "\n", encoding="utf-8")
+    result = run("qc", out, "-q", "--no-auditor", "--fast")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "secret_token" not in result.output
+    text = json.dumps(report_of(out)["sections"]["manifest_consistency"]["problems"])
+    assert "secret_token" not in text
+    assert ("images/train/metadata.csv is a link" if how == "link" else "cannot be read as a metadata file") in text
+
+
 def test_a_row_of_a_procedural_backend_without_its_masks_fails_the_run(out):
     """The masks and SEG of a row with findings blanked in the manifest (the files still there): a segmentation
     loader would read every finding as absent, so manifest_consistency fails the row, naming the masks it lacks."""
