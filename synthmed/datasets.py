@@ -329,7 +329,8 @@ def _not_utf8(path: Path, e: UnicodeDecodeError) -> DatasetError:
     """A CSV that is not UTF-8, named by the line of its first such byte (text reads in blocks, so the decoder's
     position is not the file's)."""
     try:
-        raw = (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")).read(MAX_CSV_SCAN_BYTES)
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as fh:
+            raw = fh.read(MAX_CSV_SCAN_BYTES)
         raw.decode("utf-8")
     except UnicodeDecodeError as found:
         line = raw.count(b"\n", 0, found.start) + 1

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .finetune import (IMAGES_CHANGED, MODEL_PATHS, PLANNED_TOPS, LazyImages, ManifestError, ModelFolder,
+from .finetune import (IMAGE_DIGESTS, IMAGES_CHANGED, MODEL_PATHS, PLANNED_TOPS, LazyImages, ManifestError, ModelFolder,
                        TrainingLog, TrainingProgress, WorkFolder, check_arguments, check_device, earlier_record,
                        enable_gradient_checkpointing, images_sha256, latent_cache, load_base, load_checkpoint,
                        logged_seconds, lr_scheduler, model_geometry, only_trained, random_crops, read_json_object,
@@ -190,7 +190,7 @@ def _choose_mode(mode: str, unet_config: dict, teacher: Path) -> str:
 
 def _planned(rel: str, settings: dict, checkpoint_every: int) -> bool:
     """Whether this run may write the work-folder file ``rel`` (a file there that is not ours is refused first)."""
-    if rel in ("settings.json", "log.jsonl", "record.json", "latents.pt"):
+    if rel in ("settings.json", "log.jsonl", "record.json", "latents.pt", IMAGE_DIGESTS):
         return True
     m = re.fullmatch(rf"checkpoints/({STAGE}|{TINY_STAGE})-(\d{{7}})/(meta\.json|(model|optimizer|scheduler)(_\d+)?"
                      r"\.(safetensors|bin)|scaler\.pt|(random_states|custom_checkpoint)_\d+\.pkl)", rel)  # save_state's
@@ -356,7 +356,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                 "tiny_decoder_steps": tiny_decoder_steps, "recommend_dtype": recommend_dtype,
                 "mixed_precision": mixed_precision, "template": template, "seed": seed,
                 "manifest_sha256": data.sha256, "images": len(examples),
-                "images_sha256": images_sha256(examples),  # a resume must not distil on images replaced since
+                "images_sha256": images_sha256(examples, work),  # a resume must not distil on images replaced since
                 "width": width, "height": height,
                 "dataset_kind": None if data.kind == "manifest" else data.kind, "prompts": prompts,
                 "no_report": (no_report or "skip") if prompts == "reports" else None,
@@ -396,6 +396,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
                          "them away or choose another work folder")
     work.keep_user_folders()
     work.write_json("settings", "settings.json", settings)
+    work.write_image_memo()
     work.claim("log", ["log.jsonl"])  # appended to: its sha256 is recorded at the end
 
     try:

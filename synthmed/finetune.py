@@ -841,6 +841,7 @@ class _WorkFolder:
         self.state = root / STATE_DIR
         self.ledger = Ledger(root, self.state)
         self.notes: list[str] = []  # warnings the run gave (also raised as FinetuneWarning)
+        self.image_memo: dict | None = None  # the images' sha256 by size and time, for write_image_memo
 
     def warn(self, text: str) -> None:
         self.notes.append(text)
@@ -908,6 +909,11 @@ class _WorkFolder:
 
     def write_json(self, key: str, rel: str, obj: Any) -> None:
         self.write_bytes(key, rel, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+    def write_image_memo(self) -> None:
+        """Keep the images' sha256 by size and time (:func:`_images_sha256`) for the next start."""
+        if self.image_memo is not None:
+            self.write_bytes("image-digests", IMAGE_DIGESTS, json.dumps(self.image_memo).encode("utf-8"))
 
     def torch_save(self, key: str, rel: str, obj: Any) -> None:
         """torch.save to a temp name the ledger knows (see synthmed.atomic), then rename: never a partial file."""
@@ -1167,14 +1173,16 @@ class _ModelFolder:
 
 
 RUN_STAGES = {"finetune": ("vae", "unet"), "distill": ("student", "tiny_vae")}  # their checkpoints' stages
-PLANNED_TOPS = ("settings.json", "log.jsonl", "record.json", "latents.pt", "vae", "checkpoints", "validation")
+IMAGE_DIGESTS = "image-digests.json"  # the work folder's memo: image path -> [size, mtime_ns, sha256]
+PLANNED_TOPS = ("settings.json", "log.jsonl", "record.json", "latents.pt", IMAGE_DIGESTS, "vae", "checkpoints",
+                "validation")
 
 
 def _planned(rel: str, settings: dict, checkpoint_every: int, validate_every: int) -> bool:
     """Whether this run may write the work-folder file ``rel`` (a file there that is not ours is refused first)."""
     import re
 
-    if rel in ("settings.json", "log.jsonl", "record.json", "latents.pt") or rel.startswith("vae/"):
+    if rel in ("settings.json", "log.jsonl", "record.json", "latents.pt", IMAGE_DIGESTS) or rel.startswith("vae/"):
         return True
     m = re.fullmatch(r"checkpoints/(vae|unet)-(\d{7})/(meta\.json|(model|optimizer|scheduler)(_\d+)?\.(safetensors|bin)"
                      r"|scaler\.pt|(random_states|custom_checkpoint)_\d+\.pkl)", rel)  # ours and save_state's
@@ -1559,7 +1567,8 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                 "ema_decay": ema_decay,
                 "min_snr_gamma": min_snr_gamma, "manifest_sha256": data.sha256,
                 # the images' bytes: a resume must not train on images replaced under the same names
-                "images": len(examples), "images_sha256": _images_sha256(examples), "width": width, "height": height,
+                "images": len(examples), "images_sha256": _images_sha256(examples, work), "width": width,
+                "height": height,
                 # what is trained on (DATA_DEFAULTS: a manifest of one-size PNGs as it is, as before these options)
                 "dataset_kind": None if data.kind == "manifest" else data.kind, "prompts": prompts,
                 "no_report": (no_report or "skip") if prompts == "reports" else None,
@@ -1620,6 +1629,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
                          "files. Move them away or choose another work folder")
     work.keep_user_folders()
     work.write_json("settings", "settings.json", settings)
+    work.write_image_memo()
     work.claim("log", ["log.jsonl"])  # appended to: its sha256 is recorded at the end
 
     try:
@@ -1896,12 +1906,40 @@ def _save_vae(vae, work: _WorkFolder) -> None:
 IMAGES_CHANGED = "the training images' bytes are not those it was trained on: images replaced under the same names"
 
 
-def _images_sha256(examples: Sequence[TrainingExample]) -> str:
-    """One sha256 of every training image's bytes, in order (reading them costs far less than encoding them)."""
-    digest = hashlib.sha256()
+def _images_sha256(examples: Sequence[TrainingExample], work: "_WorkFolder | None" = None) -> str:
+    """One sha256 of every training image's bytes, in order.
+
+    With ``work``, a file whose size and modification time are those the work folder's memo (:data:`IMAGE_DIGESTS`,
+    written by an earlier start and recorded in its ledger) holds keeps the sha256 noted there, so a resume reads no
+    image again (as make and rsync judge a file unchanged); the new memo is left on ``work.image_memo``.
+    """
+    memo = _read_image_memo(work) if work is not None else {}
+    digest, noted = hashlib.sha256(), {}
     for ex in examples:
-        digest.update(_sha256_file(ex.path).encode("ascii"))
+        stat = os.stat(ex.path)
+        key = os.path.abspath(ex.path)
+        known = memo.get(key)
+        same = isinstance(known, list) and len(known) == 3 and known[:2] == [stat.st_size, stat.st_mtime_ns]
+        sha = known[2] if same and isinstance(known[2], str) else _sha256_file(ex.path)
+        noted[key] = [stat.st_size, stat.st_mtime_ns, sha]
+        digest.update(sha.encode("ascii"))
+    if work is not None:
+        work.image_memo = noted
     return digest.hexdigest()
+
+
+def _read_image_memo(work: "_WorkFolder") -> dict:
+    """The memo an earlier start wrote, if the ledger records it as written (else none: every image is read)."""
+    from .ledger import file_sha256
+
+    path = work.root / IMAGE_DIGESTS
+    try:
+        if not path.is_file() or work.ledger.owned().get(IMAGE_DIGESTS) != file_sha256(path):
+            return {}
+        memo = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def _weights_sha256(module) -> str:

@@ -164,6 +164,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
     empty unless ``qc``, the quality checks that end the build, is set).
     """
     ray = require_ray()
+    gpus_per_worker = float(gpus_per_worker)  # numpy's numbers too
     # 1. Connect (or start a local Ray); a Ray the caller started is left running
     started_here = not ray.is_initialized()
     if started_here:

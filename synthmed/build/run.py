@@ -252,7 +252,7 @@ def _check_executor(executor, backend, ray_address, workers, gpus_per_worker) ->
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral)
                                 or workers < 1):
         raise BuildError(f"workers must be a whole number of at least 1, got {workers!r}", 2)
-    if not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0:
+    if isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, numbers.Real) or gpus_per_worker < 0:
         raise BuildError(f"gpus_per_worker must be 0 or more, got {gpus_per_worker!r}", 2)
     from .ray import require_ray
 

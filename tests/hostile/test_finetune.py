@@ -680,3 +680,34 @@ def test_a_resume_after_the_training_images_were_replaced_is_refused(tiny_base, 
     assert run("straight", 4).exit_code == 0
     mine, straight = _weights(tmp_path / "m"), _weights(tmp_path / "straight")
     assert mine.keys() == straight.keys() and all(torch.equal(mine[k], straight[k]) for k in mine)
+
+
+def test_a_resume_reads_no_image_again_to_hash_it(tmp_path, monkeypatch):
+    """Review: every start read every training image to hash it (hours on a large real set, on every resume). The
+    work folder keeps each image's sha256 by size and modification time; only a changed file is read again, and the
+    digest is the same either way."""
+    import os
+
+    import synthmed.finetune as ft
+
+    images = []
+    for k in range(3):
+        path = tmp_path / f"i{k}.png"
+        path.write_bytes(bytes([k]) * 100)
+        images.append(ft.TrainingExample(path=path, prompt="p", case_id=str(k), split="train"))
+    work = ft._WorkFolder(tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    first = ft._images_sha256(images, work)
+    assert first == ft._images_sha256(images)  # the memo changes what is read, not the digest
+    work.write_image_memo()
+    read = []
+    real = ft._sha256_file
+    monkeypatch.setattr(ft, "_sha256_file", lambda p: read.append(p) or real(p))
+    assert ft._images_sha256(images, ft._WorkFolder(tmp_path / "work")) == first and read == []
+    images[1].path.write_bytes(b"another picture of the same length" + b"\0" * 66)  # replaced under its name
+    os.utime(images[1].path, ns=(1, 1))
+    assert ft._images_sha256(images, ft._WorkFolder(tmp_path / "work")) != first and read == [images[1].path]
+    (tmp_path / "work" / ft.IMAGE_DIGESTS).write_text("{}", encoding="utf-8")  # not the memo synthmed recorded
+    read.clear()
+    ft._images_sha256(images, ft._WorkFolder(tmp_path / "work"))
+    assert len(read) == 3
