@@ -240,9 +240,9 @@ def check_same_model(out: Path, model_hash: str, made_with: str | None, dtype: s
     must be the same, and so must the dtype it ran in (``dtype: auto`` picks per machine). ``hashed``: what
     ``model_hash`` is a digest of (:attr:`BackendInfo.hashed`), named in the refusal."""
     if made_with is not None and made_with != model_hash:
-        raise BuildError(f"{out} was partly made from {hashed}, hash {made_with[:12]} then and {model_hash[:12]} now "
-                         "(a file changed since); restore what was used to resume, or rerun with --overwrite to "
-                         "start again", 2)
+        raise BuildError(f"{out} was partly made with a model of hash {made_with[:12]}; this run's, {hashed}, has "
+                         f"hash {model_hash[:12]} (another model, its files changed, or another synthmed version); "
+                         "resume with the one that began the run, or rerun with --overwrite to start again", 2)
     if made_in is not None and dtype is not None and made_in != dtype:
         raise BuildError(f"{out} was partly made in {made_in}, but this run computes in {dtype} (generator.dtype auto "
                          f"picks per machine, and a run's films are all of one dtype); finish it on a machine where "

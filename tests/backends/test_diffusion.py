@@ -972,8 +972,8 @@ def test_resume_refuses_a_model_whose_files_changed(model_copy, tmp_path):
     save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     with pytest.raises(BuildError) as excinfo:
         generate(spec, out, resume=True, progress=False, qc=False)
-    assert excinfo.value.exit_code == 2 and "a file changed" in str(excinfo.value)
-    assert f"the model folder {folder}" in str(excinfo.value)
+    assert excinfo.value.exit_code == 2 and "its files changed" in str(excinfo.value)
+    assert f"this run's, the model folder {folder}, has hash" in str(excinfo.value)
     assert len(list((out / "images").rglob("*.png"))) == CHUNK_SIZE  # nothing made with the other weights
 
 

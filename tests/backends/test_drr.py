@@ -444,7 +444,7 @@ def test_a_resume_refuses_a_run_begun_under_another_drawing(ct, tmp_path, monkey
     generate(spec, out, progress=False, limit=CHUNK_SIZE)  # one whole chunk kept, one left to make
     assert f"synthmed-drr-v{drr.DRAWING_VERSION}" in (out / "manifest.csv").read_text(encoding="utf-8")
     monkeypatch.setattr(drr, "DRAWING_VERSION", drr.DRAWING_VERSION + 1)
-    with pytest.raises(BuildError, match="partly made from the drr backend") as refused:
+    with pytest.raises(BuildError, match="partly made with a model of hash .*this run's, the drr backend") as refused:
         generate(spec, out, progress=False, resume=True)
     assert refused.value.exit_code == 2
     monkeypatch.undo()

@@ -384,5 +384,5 @@ def test_a_resume_after_the_users_ct_changed_names_the_ct_file(volume):
     with pytest.raises(BuildError) as refused:
         generate(spec, volume / "out", progress=False, resume=True)
     assert refused.value.exit_code == 2
-    assert f"the CT files of generator.anatomy ({volume}/ct.nii.gz" in str(refused.value)
+    assert f"this run's, the CT files of generator.anatomy ({volume}/ct.nii.gz" in str(refused.value)
     assert len(list((volume / "out" / "images").rglob("*.png"))) == CHUNK_SIZE
