@@ -171,6 +171,8 @@ def _read_manifest(root_or_manifest: "str | os.PathLike | BuildResult", split: s
                    qc_status: str | Sequence[str] | None = None) -> _Manifest:
     import numpy as np
 
+    from .writers.manifest import row_length_problem
+
     path = _manifest_path(root_or_manifest)
     label_columns = list(label_columns)
     with open(path, newline="", encoding="utf-8") as fh:
@@ -185,10 +187,9 @@ def _read_manifest(root_or_manifest: "str | os.PathLike | BuildResult", split: s
             raise ValueError(f"{path} is not a synthmed manifest: it has no column {', '.join(map(repr, missing))}")
         rows, lines = [], []
         for row in reader:
-            if None in row or None in row.values():  # DictReader's fill for a short row, and key for a long one
-                fields = len(columns) + len(row.get(None) or ()) - sum(v is None for v in row.values())
-                raise ValueError(f"{path}, line {reader.line_num}: the row has {fields} fields, the header "
-                                 f"{len(columns)} (a spreadsheet's blank row, or a row cut short?); mend or delete it")
+            problem = row_length_problem(row, len(columns))
+            if problem:
+                raise ValueError(f"{path}, line {reader.line_num}: {problem}")
             rows.append(row)
             lines.append(reader.line_num)
 

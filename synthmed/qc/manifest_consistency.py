@@ -163,7 +163,7 @@ def split_metadata_problems(out, rows: list[dict]) -> tuple[int, list[str]]:
     from collections import defaultdict
     from pathlib import PurePosixPath
 
-    from ..writers.manifest import MANIFEST_COLUMNS
+    from ..writers.manifest import MANIFEST_COLUMNS, row_length_problem
 
     by_folder: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in rows:
@@ -189,8 +189,9 @@ def split_metadata_problems(out, rows: list[dict]) -> tuple[int, list[str]]:
                 for row in reader:
                     n, case_id = reader.line_num, row.get("case_id") or ""
                     want = expected.get(case_id)
-                    if None in row or None in row.values():
-                        differ = ["the row's fields are not the header's"]
+                    problem = row_length_problem(row, len(MANIFEST_COLUMNS))
+                    if problem:
+                        differ = [problem]
                     elif want is None or case_id in seen:
                         differ = [f"case_id {case_id!r} is {'a second row' if case_id in seen else 'no row'} of "
                                   f"manifest.csv in {folder}/"]

@@ -88,13 +88,26 @@ def read_part(path: Path) -> list[dict]:
             raise ValueError(f"{path} does not have the manifest columns of this synthmed version ({why})")
         rows = []
         for row in reader:
-            if None in row or None in row.values():
-                raise ValueError(f"{path}, line {reader.line_num}: the row has "
-                                 f"{len(columns) - list(row.values()).count(None) + len(row.get(None) or ())} "
-                                 f"fields, the header {len(columns)} (a spreadsheet's blank row, or a row cut "
-                                 "short?); mend or delete it")
+            problem = row_length_problem(row, len(columns))
+            if problem:
+                raise ValueError(f"{path}, line {reader.line_num}: {problem}")
             rows.append(row)
         return rows
+
+
+def row_length_problem(row: dict, header: int) -> str | None:
+    """Why a ``csv.DictReader`` row does not fit its header of ``header`` columns (DictReader fills a short row
+    with None and keeps a long row's extra fields under the key None), or None when it fits.
+
+    Example:
+        >>> row_length_problem({"a": "1", "b": None}, 2)
+        "the row has 1 fields, the header 2 (a spreadsheet's blank row, or a row cut short?); mend or delete it"
+    """
+    if None not in row and None not in row.values():
+        return None
+    fields = header - sum(v is None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+    return (f"the row has {fields} fields, the header {header} (a spreadsheet's blank row, or a row cut short?); "
+            "mend or delete it")
 
 
 def merge_parts(parts: Iterable[tuple[Path, int]], out: Path) -> int:
