@@ -724,11 +724,23 @@ def _check_labels_objects(out: Path, row: Mapping[str, str], result: ImageResult
 
 # ----------------------------------------------------------------------------- the report's rows
 
+# The per-image checks that apply to some rows only: which, and what the table says when none has it
+APPLIES_TO = {"dicom_match": (lambda row: bool(row.get("png_path") and row.get("dicom_path")),
+                              "no row has both a PNG and a DICOM file (image.formats): nothing to compare"),
+              "empty_mask": (lambda row: bool(row.get("mask_paths")), "no row has a mask: nothing to check")}
+
+
 def table_rows(section: None, inputs: CheckInputs) -> dict[str, dict]:
-    """The check table's rows of the per-image checks: how many images each flagged, with its limit or note."""
+    """The check table's rows of the per-image checks: how many images each flagged (of those it applies to), with
+    its limit or note."""
     rows = {}
     for check in registry.get_family(None).checks:
         entry = flag_row(check, inputs.results, inputs.gate)
+        if check.name in APPLIES_TO:
+            applies, none = APPLIES_TO[check.name]
+            entry["checked"] = sum(applies(row) for row in inputs.rows)
+            if not entry["checked"]:
+                entry["note"] = none
         if check.note:
             entry["note"] = check.note
         if check.threshold:

@@ -34,9 +34,10 @@ def _case_columns(case, vocab) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in values.items()}
 
 
-def _path_problems(spec, case, row) -> list[str]:
+def _path_problems(spec, case, row, backend: str | None = None) -> list[str]:
     """The row's file columns against the files generate writes for its case: a row that names another case's files
-    (rows swapped by hand) or leaves out masks a procedural backend draws would give a loader the wrong pictures."""
+    (rows swapped by hand) or leaves out masks a procedural backend draws would give a loader the wrong pictures.
+    ``backend``: the set's (its card's), which decides the mask rule; else the row's own."""
     from ..backends import MASK_BACKENDS
 
     stem = f"{case.split}/{case.case_id}"
@@ -44,7 +45,7 @@ def _path_problems(spec, case, row) -> list[str]:
     findings = [f.finding for f in case.findings if f.finding != "no_finding"]
     masks = [f"masks/{stem}_mask_{finding}.png" for finding in findings]
     listed = [m for m in (row.get("mask_paths") or "").split("|") if m]
-    if (row.get("backend") or "") in MASK_BACKENDS:
+    if (backend or row.get("backend") or "") in MASK_BACKENDS:
         want_masks = masks
     else:  # another backend may draw some masks, of findings the case lists or not (those go last): the row's own
         ours = [m for m in listed if m.startswith(f"masks/{stem}_mask_") and m.endswith(".png")]
@@ -70,14 +71,15 @@ def _age_range(age) -> tuple[int, int]:
     return int(age.min), int(age.max)
 
 
-def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, cases_why: str | None = None) -> dict:
+def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, cases_why: str | None = None,
+                                backend: str | None = None) -> dict:
     """Does every row say what the build's plan (cases.jsonl) says of its case, within what the spec allows?
 
     Per row: a known, unique case id; split, findings (and their codes, locations, severities, CheXpert
     columns), sex, age and view equal to the case's; width, height and bit depth whole numbers equal to the
     spec's image; split, sex, view and finding cell among the spec's; the spec hash the card's. And every case
     of cases.jsonl has a row. ``cases``: case id -> Case; None (cases.jsonl missing or unreadable, ``cases_why``)
-    draws the plan again from the card's spec. Rows that agree with it pass; rows that do not fail with the
+    draws the plan again from the card's spec. ``backend``: the set's, by its card; each row must name it. Rows that agree with it pass; rows that do not fail with the
     reason, since a redrawn plan is not the build's record (a card may not keep the order of the spec's
     splits, sexes or views, and another order draws another plan).
     """
@@ -118,6 +120,8 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
             found.append(f"age {age!r} is not a whole number of years in the spec's {low}..{high}")
         if (row.get("findings") or "") not in cells:
             found.append(f"findings {row.get('findings')!r} are not a finding cell of the spec")
+        if backend and (row.get("backend") or "") != backend:
+            found.append(f"backend {row.get('backend')!r} is not the set's {backend!r} (dataset_card.json)")
         if row.get("spec_hash") and row["spec_hash"] != spec.spec_hash:
             found.append(f"spec_hash {row['spec_hash'][:12]} is not the card's spec ({spec.spec_hash[:12]})")
         case = cases.get(case_id)
@@ -129,7 +133,7 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
             if differ:
                 found.append(f"disagrees with {plan}: " + "; ".join(differ[:4])
                              + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
-            found += _path_problems(spec, case, row)
+            found += _path_problems(spec, case, row, backend)
         if found:
             bad_rows += 1
             if len(problems) < MAX_PROBLEMS:
@@ -171,6 +175,12 @@ def split_metadata_problems(out, rows: list[dict]) -> tuple[int, list[str]]:
             by_folder[str(PurePosixPath(row["png_path"]).parent)][row.get("case_id") or ""] = row
     failed, problems = 0, []
     base = out.resolve()
+    try:  # a split's metadata.csv whose split has no row left in manifest.csv: a loader still reads that split
+        for split in sorted((out / "images").iterdir()):
+            if split.is_dir() and not split.is_symlink() and (split / "metadata.csv").exists():
+                by_folder.setdefault(f"images/{split.name}", {})
+    except OSError:
+        pass
     for folder, expected in by_folder.items():
         rel = f"{folder}/metadata.csv"
         path = out / rel
@@ -216,10 +226,22 @@ def split_metadata_problems(out, rows: list[dict]) -> tuple[int, list[str]]:
     return failed, problems
 
 
+def card_backend(out) -> str | None:
+    """The backend that made the set, as its dataset_card.json names it; None where the card does not say."""
+    import json
+
+    try:
+        name = json.loads((out / "dataset_card.json").read_text(encoding="utf-8"))["backend"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def section(inputs: CheckInputs) -> dict:
     """The ``manifest_consistency`` section, against cases.jsonl (or the plan drawn again without it), and each
     split's metadata.csv against the manifest."""
-    report = manifest_consistency_report(inputs.spec, inputs.rows, inputs.cases, inputs.cases_why)
+    report = manifest_consistency_report(inputs.spec, inputs.rows, inputs.cases, inputs.cases_why,
+                                         card_backend(inputs.out))
     failed, problems = split_metadata_problems(inputs.out, inputs.rows)
     if failed:
         report.update(status="fail", value=report["value"] + failed, metadata_rows_failed=failed,

@@ -498,6 +498,21 @@ def test_rows_swapped_in_a_splits_metadata_csv_fail_the_run(out):
     assert "changed since synthmed wrote it" in result.output  # and qc left the file as it is
 
 
+def test_a_splits_metadata_csv_whose_split_left_the_manifest_fails_the_run(out):
+    """Every test row deleted from manifest.csv: images/test/metadata.csv still gives a loader a test split of rows
+    the manifest no longer has; manifest_consistency names its rows (it once checked only the manifest's splits)."""
+    rows = rows_of(out)
+    gone = [r["case_id"] for r in rows if r["split"] == "test"]
+    assert gone
+    rewrite_manifest(out, [r for r in rows if r["split"] != "test"])
+    result = run("qc", out, "-q", "--no-auditor", "--fast")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    assert section["metadata_rows_failed"] == len(gone)
+    assert f"images/test/metadata.csv, line 2 ({gone[0]}): case_id '{gone[0]}' is no row of manifest.csv in " \
+        "images/test/" in json.dumps(section["problems"])
+
+
 @pytest.mark.parametrize("how", ["link", "huge_field"])
 def test_a_splits_metadata_csv_that_is_a_link_or_unparsable_fails_without_reading_out(out, tmp_path, how):
     """A metadata.csv that is a link out of the set is not read (its first line once reached the report); one with a
@@ -531,6 +546,23 @@ def test_a_row_of_a_procedural_backend_without_its_masks_fails_the_run(out):
     assert result.exit_code == 1, result.output
     section = report_of(out)["sections"]["manifest_consistency"]
     assert section["rows_failed"] == 1 and masks in json.dumps(section["problems"])
+
+
+def test_a_row_whose_backend_was_edited_cannot_escape_the_mask_rule(out):
+    """The masks of a pattern row blanked and its backend column set to diffusion (whose rows need no masks): the set's
+    backend is its card's, so the row fails for both, not passes under the rule the edit chose."""
+    rows = rows_of(out)
+    row = next(r for r in rows if r["mask_paths"])
+    for column in ("mask_paths", "mask_sha256", "seg_path", "seg_sha256"):
+        row[column] = ""
+    row["backend"] = "diffusion"
+    rewrite_manifest(out, rows)
+    result = run("qc", out, "-q", "--no-auditor", "--fast")
+    assert result.exit_code == 1, result.output
+    section = report_of(out)["sections"]["manifest_consistency"]
+    text = json.dumps(section["problems"])
+    assert section["rows_failed"] == 1 and "backend 'diffusion' is not the set's 'pattern'" in text
+    assert f"are not the masks of {row['case_id']}'s findings" in text
 
 
 def test_a_users_backend_that_draws_a_mask_of_an_unlisted_finding_passes(tmp_path):
@@ -791,3 +823,17 @@ def test_a_splits_metadata_csv_is_a_usable_reference(out, tmp_path):
     listed = image_list(out / "images" / "train" / "metadata.csv")
     assert listed and all(path.is_file() and path.parent == out / "images" / "train" for _, path in listed)
     assert [path for _, path in image_list(out / "manifest.csv")][:1] == [out / rows_of(out)[0]["png_path"]]
+
+
+def test_checks_that_apply_to_some_rows_count_only_those(tmp_path):
+    """A DICOM-only set has no PNG to compare with its DICOM: dicom_match says it checked none and why, not
+    "0 of 12 failed" as if it had compared them; empty_mask counts the rows with masks."""
+    out = tmp_path / "out"
+    generate(spec_text("image: {size: 64, formats: [dicom]}\n").replace("image: {size: 64}\n", ""), out,
+             backend="pattern", progress=False, qc=False)
+    result = run("qc", out, "-q", "--no-auditor", "--fast")
+    assert result.exit_code == 0, result.output
+    checks = report_of(out)["checks"]
+    assert checks["dicom_match"]["checked"] == 0 and "no row has both a PNG and a DICOM" in checks["dicom_match"]["note"]
+    assert checks["empty_mask"]["checked"] == sum(bool(r["mask_paths"]) for r in rows_of(out)) > 0
+    assert checks["readable"]["checked"] == COUNT
