@@ -161,6 +161,18 @@ def image_uid_root(image: "Dataset", spec_hash: str) -> str:
                          "(synthmed.writers.dicom.dicom_dataset)") from None
 
 
+def patient_id(spec_hash: str, case_id: str) -> str:
+    """The Patient ID of a case's objects: its case id with the set's spec hash, so that the patients of two sets
+    (whose case ids both start at case-0000000) never share an ID in one PACS; the same spec gives the same ID.
+
+    Example:
+        >>> patient_id("f980e70110452032c52a9afe", "case-0000001")
+        'case-0000001-f980e7011045'
+    """
+    value = f"{case_id}-{spec_hash[:12]}"
+    return value if len(value) <= 64 else hashlib.sha256(value.encode("utf-8")).hexdigest()[:64]  # LO: 64 at most
+
+
 def derive_uid(spec_hash: str, case_id: str, kind: str) -> str:
     """A deterministic UID: ``2.25.`` + the first 128 bits of sha256(spec_hash NUL case_id NUL kind), in decimal.
 
@@ -273,7 +285,7 @@ def dicom_dataset(pixels: np.ndarray, case: "Case", *, iod: str = "dx", bits_sto
     # 2. Patient and study: who (nobody) and when (placeholders)
     ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: prompts and dataset names may be any language
     ds.PatientName = f"SYNTHETIC^{case_id}"
-    ds.PatientID = case_id
+    ds.PatientID = patient_id(spec_hash, case_id)
     ds.PatientBirthDate = ""
     ds.PatientSex = {None: "", "F": "F", "M": "M"}[case.sex]
     if case.age is not None:

@@ -41,7 +41,7 @@ import numpy as np
 from ..vocabulary import Code, get_vocabulary
 from .coding import UnknownCodeError, as_code, coded_concept, finding_of, finding_site
 from .dicom import (PLACEHOLDER_DATE, PLACEHOLDER_TIME, derive_uid, finish_derived_object, image_uid_root,
-                    long_string, part10_bytes)
+                    long_string, part10_bytes, patient_id)
 from .sr import finding_tracking_uid
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,7 +86,7 @@ def seg_bytes(image: "Dataset", case: "Case", masks: Mapping[str, np.ndarray], *
     vocab = get_vocabulary()
     if not masks:
         raise ValueError(f"`masks` of {case.case_id} is empty; a SEG needs at least one mask")
-    if getattr(image, "PatientID", None) != case.case_id:
+    if getattr(image, "PatientID", None) not in (case.case_id, patient_id(spec_hash, case.case_id)):
         raise ValueError(f"`image` is not the image of {case.case_id} (its Patient ID is "
                          f"{getattr(image, 'PatientID', None)!r})")
     shape = (int(image.Rows), int(image.Columns))

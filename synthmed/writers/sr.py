@@ -57,7 +57,7 @@ from ..vocabulary import Code, get_vocabulary
 from .coding import SEVERITY, UnknownCodeError, as_code, coded_concept, finding_of, finding_site, location_of, \
     severity_of
 from .dicom import (PLACEHOLDER_DATE, PLACEHOLDER_TIME, derive_uid, finish_derived_object, image_uid_root,
-                    long_string, part10_bytes)
+                    long_string, part10_bytes, patient_id)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -107,7 +107,7 @@ def sr_bytes(image: "Dataset", case: "Case", *, spec_hash: str, backend: str, mo
         >>> sr_bytes(image, case, **kw)[128:132]
         b'DICM'
     """
-    _check_inputs(image, case)
+    _check_inputs(image, case, spec_hash)
     provenance = dict(spec_hash=spec_hash, backend=backend, model_id=model_id, model_hash=model_hash,
                       synthmed_version=synthmed_version)
     key = _template_key(image, case, provenance)
@@ -124,11 +124,11 @@ def sr_bytes(image: "Dataset", case: "Case", *, spec_hash: str, backend: str, mo
     return data
 
 
-def _check_inputs(image: "Dataset", case: "Case") -> None:
+def _check_inputs(image: "Dataset", case: "Case", spec_hash: str) -> None:
     if not case.findings:
         raise ValueError(f"`case.findings` of {case.case_id} is empty; an SR needs at least one finding "
                          "(no_finding is one)")
-    if getattr(image, "PatientID", None) != case.case_id:
+    if getattr(image, "PatientID", None) not in (case.case_id, patient_id(spec_hash, case.case_id)):
         raise ValueError(f"`image` is not the image of {case.case_id} (its Patient ID is "
                          f"{getattr(image, 'PatientID', None)!r})")
 
@@ -148,7 +148,7 @@ def _sr_bytes_highdicom(image: "Dataset", case: "Case", *, spec_hash: str, backe
     from pydicom.sr.codedict import codes
 
     # 1. Check inputs
-    _check_inputs(image, case)
+    _check_inputs(image, case, spec_hash)
     vocab = get_vocabulary()
     model = f"{backend}/{model_id}"
     root = image_uid_root(image, spec_hash)

@@ -194,7 +194,7 @@ def test_read_back_marks_it_synthetic(tmp_path, iod, bits):
     assert "SYNTHETIC" in ds.DeidentificationMethod
     assert ds.BurnedInAnnotation == "NO"
     assert ds.PatientName == "SYNTHETIC^case-0000001"
-    assert ds.PatientID == "case-0000001"
+    assert ds.PatientID == "case-0000001-" + "ab" * 6  # the case id with the set's spec hash
     assert (ds.PatientSex, ds.PatientAge) == ("F", "058Y")
     for text in (ds.StudyDescription, ds.SeriesDescription, ds.ImageComments):
         assert "SYNTHETIC" in text and "pneumonia-demo" in text
@@ -272,6 +272,16 @@ def test_different_case_ids_give_different_uids():
         assert ds.SOPInstanceUID == derive_uid(root, case_id, "instance")
         assert len(set(uids[-1])) == 3
     assert not set(uids[0]) & set(uids[1])
+
+
+def test_the_same_case_id_in_two_sets_is_two_patients():
+    """Case ids start at case-0000000 in every set: the Patient ID carries the spec hash, so two sets' patients
+    (another sex, another age) never merge in one PACS; the same spec gives the same ID."""
+    ids = [pydicom.dcmread(io.BytesIO(dicom_bytes(make_pixels(12), make_case("case-0000001", sex=sex),
+                                                  **{**PROVENANCE, "spec_hash": spec_hash}))).PatientID
+           for spec_hash, sex in (("ab" * 32, "F"), ("cd" * 32, "M"), ("ab" * 32, "F"))]
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+    assert all(i.startswith("case-0000001-") and len(i) <= 64 for i in ids)
 
 
 def test_different_pixels_of_one_case_never_share_a_uid():

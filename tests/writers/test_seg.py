@@ -115,7 +115,7 @@ def test_segments_are_coded_like_the_sr_and_reference_the_image():
     assert [s.TrackingUID for s in seg.SegmentSequence] == [finding_tracking_uid(image_uid_root(image, KW["spec_hash"]), case.case_id, n)
                                                             for n in range(3)]
     assert seg.SourceImageSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
-    assert seg.StudyInstanceUID == image.StudyInstanceUID and seg.PatientID == case.case_id
+    assert seg.StudyInstanceUID == image.StudyInstanceUID and seg.PatientID == image.PatientID
     assert seg.SeriesInstanceUID not in (image.SeriesInstanceUID,)
 
 
