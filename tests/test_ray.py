@@ -287,6 +287,9 @@ def test_a_run_waits_for_the_workers_of_a_killed_driver(spec_path, tmp_path, mon
     with pytest.raises(BuildError, match="Ray workers of an earlier run on .* are still writing there") as refused:
         generate(spec_path, out, progress=False, resume=True, qc=False)
     assert refused.value.exit_code == 1 and tree(out) == before
+    if Path("/proc/locks").is_file():  # Linux: the processes holding the lock are named, to stop only them
+        assert f"processes {os.getpid()} on this machine hold" in str(refused.value)
+    assert "`ray stop` would also end every other Ray job" in str(refused.value)
     monkeypatch.setattr(run_folder, "WORKERS_TIMEOUT_S", 30.0)
     threading.Timer(0.5, worker.close).start()  # the worker is reaped while the resume waits
     started = time.monotonic()

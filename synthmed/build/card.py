@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def software_versions(spec: DatasetSpec, backend: str) -> dict[str, str]:
     return versions
 
 
+def _model_as_named(spec: DatasetSpec, model: str | None) -> str | None:
+    """The model as the card shows it: as the spec names it (relative to the spec), or a folder given on the command
+    line by its name; never the absolute path, which says where the maker's files are, not what made the set (the
+    manifest's model_hash says that)."""
+    if not isinstance(model, str) or not os.path.isabs(model):
+        return model
+    if model == spec.generator.model:
+        return spec.to_dict().get("generator", {}).get("model", Path(model).name)
+    return Path(model).name
+
+
 def write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions: dict | None = None) -> None:
     """dataset_card.json and a short README.md: what this set is, where it came from, how it may be used.
 
@@ -57,7 +69,7 @@ def write_card(spec: DatasetSpec, out: Path, cases, run: dict, worker_versions: 
         "name": spec.name, "description": spec.description, "synthetic": True, "intended_use": INTENDED_USE,
         "output_format": run["format"],
         "count": len(cases), "spec_hash": spec.spec_hash, "spec": spec.to_dict(),
-        "backend": {"name": run["backend"], "model": run["model"]},
+        "backend": {"name": run["backend"], "model": _model_as_named(spec, run["model"])},
         "counts": [{k: v for k, v in r.items() if k != "target"} | {"target": round(r["target"], 6)} for r in counts],
         "software": versions,
         **anatomy,

@@ -37,6 +37,23 @@ OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset
              "README.md", "qc_report.json", "report.html", STATE_DIR)
 
 
+def _lock_holders(path: Path) -> list[int]:
+    """The ids of the processes on this machine that hold a flock on ``path`` (Linux's /proc/locks); [] elsewhere.
+
+    Example:
+        >>> _lock_holders(Path("/nonexistent"))
+        []
+    """
+    try:
+        st = os.stat(path)
+        wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii") as fh:
+            rows = [line.split() for line in fh]
+    except (OSError, ValueError):
+        return []
+    return sorted({int(r[4]) for r in rows if len(r) > 5 and r[1] == "FLOCK" and r[5] == wanted and r[4].isdigit()})
+
+
 class RunFolder:
     """The output folder: foreign-file check, run state, lock, and the ledger of what synthmed wrote in it.
 
@@ -259,7 +276,10 @@ class RunFolder:
         try:
             fh = open(self.state / "lock", "a+")
         except OSError as e:  # e.g. a folder made at that name: named, left as it is
-            raise BuildError(f"cannot open the run lock {self.state / 'lock'}: {e.strerror or e}", 2) from None
+            hint = (f"; {self.out} is not writable by you, and a build writes into its output folder (read a "
+                    "shared set with the loaders or `synthmed qc --report-dir`; build into a folder of your own)"
+                    if isinstance(e, PermissionError) or e.errno == 30 else "")  # EROFS: a read-only file system
+            raise BuildError(f"cannot open the run lock {self.state / 'lock'}: {e.strerror or e}{hint}", 2) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -295,8 +315,14 @@ class RunFolder:
                               f"{timeout:.0f} s)", file=sys.stderr, flush=True)
                         said = True
                     if time.monotonic() > deadline:
+                        holders = _lock_holders(self.state / WORKERS_LOCK)
+                        which = (f"processes {', '.join(map(str, holders))} on this machine hold "
+                                 f"{self.state / WORKERS_LOCK}; stop them (kill {' '.join(map(str, holders))}) or "
+                                 "cancel the earlier Ray job" if holders else
+                                 "cancel the earlier Ray job (or stop its workers)")
                         raise BuildError(f"Ray workers of an earlier run on {self.out} are still writing there "
-                                         f"after {timeout:.0f} s; stop them (`ray stop`) and rerun", 1) from None
+                                         f"after {timeout:.0f} s: {which}, then rerun. `ray stop` would also "
+                                         "end every other Ray job of that cluster", 1) from None
                     time.sleep(0.2)
                 except OSError:  # a file system without flock: nothing to wait on
                     return

@@ -539,6 +539,26 @@ def test_generate_refuses_a_spec_whose_prompts_are_too_long_before_any_image(tin
     assert generate(load_spec(_spec_text(tiny_sd_dir)), tmp_path / "short", progress=False).written == 5
 
 
+def test_the_card_names_the_model_as_the_spec_does_never_by_its_absolute_path(tiny_sd_dir, tmp_path):
+    """dataset_card.json and README.md travel with a shared set: they name the model as the spec wrote it (relative
+    to the spec) or, given on the command line, by its folder's name; where the maker keeps files stays private."""
+    import shutil
+
+    from synthmed.build import generate
+
+    shutil.copytree(tiny_sd_dir, tmp_path / "models" / "mine")
+    shutil.copytree(tiny_sd_dir, tmp_path / "models" / "other")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(_spec_text(Path("models/mine")).replace("count: 5", "count: 2"), encoding="utf-8")
+    generate(spec, tmp_path / "a", progress=False, qc=False)
+    generate(spec, tmp_path / "b", progress=False, qc=False, model=tmp_path / "models" / "other")
+    for out, named in (("a", "models/mine"), ("b", "other")):
+        card = json.loads((tmp_path / out / "dataset_card.json").read_text(encoding="utf-8"))
+        assert card["backend"] == {"name": "diffusion", "model": named}
+        for name in ("dataset_card.json", "README.md", "manifest.csv"):
+            assert str(tmp_path) not in (tmp_path / out / name).read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- save / reload
 
 def test_resaved_folder_gives_identical_images(backend, tmp_path, cases):

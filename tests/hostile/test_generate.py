@@ -569,3 +569,23 @@ def test_a_folder_where_the_run_lock_goes_is_named_and_kept(built, spec_file):
     assert f"cannot open the run lock {built / '.synthmed' / 'lock'}" in result.output
     assert "Traceback" not in result.output
     assert sorted(p.relative_to(built) for p in built.rglob("*")) == before
+
+
+def test_a_set_the_user_may_not_write_is_named_as_such(built, spec_file, monkeypatch):
+    """A shared, read-only copy: --resume stops (exit 2) saying the folder is not writable and how to read it
+    instead, not only "Permission denied". (Provoked in the module: tests may run as root, whom chmod does not stop.)"""
+    import builtins
+
+    from synthmed.build import run_folder
+
+    def refused(path, *args, **kwargs):
+        if str(path).endswith("lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder, "open", refused, raising=False)
+    result = CliRunner().invoke(cli_main, ["generate", str(spec_file), "-o", str(built), "--backend", "pattern",
+                                           "--resume", "-q"])
+    assert result.exit_code == 2, result.output
+    assert f"{built} is not writable by you" in result.output and "synthmed qc --report-dir" in result.output
+    assert "Traceback" not in result.output
