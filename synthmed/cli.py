@@ -283,7 +283,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
     rate = result.written / result.seconds if result.seconds > 0 else 0.0
     click.echo(f"wrote {result.written:,} images ({result.reused:,} kept from before) of {result.total:,} "
                f"in {result.seconds:.1f} s ({rate:.1f} images/s)")
-    click.echo(f"  images:   {out / 'images'}  {out / 'dicom'}")
+    folders = [str(out / top) for top in ("images", "dicom") if (out / top).is_dir()]
+    click.echo(f"  images:   {'  '.join(folders) or '(none written)'}")
     click.echo(f"  manifest: {result.manifest}")
     click.echo(f"  card:     {out / 'dataset_card.json'}")
     if result.qc is not None:
@@ -301,8 +302,8 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
 
 @main.command()
 @click.option("--manifest", required=True, type=click.Path(path_type=Path),
-              help="A synthmed manifest.csv (or its folder): phantom images, or your own described in the same "
-                   "columns; or a real dataset's folder or CSV: CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any "
+              help="A synthmed manifest.csv (or its folder, or a split's images/<split>/metadata.csv): phantom or "
+                   "drr images, or your own described in the same columns; or a real dataset's folder or CSV: CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any "
                    "CSV with --column-map (records of split train, or of none; docs/datasets.md).")
 @click.option("--dataset-kind", type=click.Choice(["chexpert", "mimic", "nih", "csv"]),
               help="Force the real dataset's layout (default: told from its files and columns).")

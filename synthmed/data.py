@@ -98,9 +98,14 @@ def _manifest_path(root_or_manifest: "str | os.PathLike | BuildResult") -> Path:
     raise FileNotFoundError(f"no manifest at {manifest}{hint}")
 
 
-def _dataset_root(manifest: Path) -> Path:
+def manifest_root(manifest: str | Path) -> Path:
     """The folder a manifest's paths start from: its own, but for a split's ``images/<split>/metadata.csv`` (whose
-    ``png_path`` and ``mask_paths`` start at the dataset folder, as in manifest.csv) the dataset folder above it."""
+    ``png_path`` and ``mask_paths`` start at the dataset folder, as in manifest.csv) the dataset folder above it.
+
+    Example:
+        >>> manifest_root("out/drr/images/train/metadata.csv")  # doctest: +SKIP
+        PosixPath('/home/me/out/drr')
+    """
     manifest = Path(os.path.abspath(manifest))
     top = manifest.parent.parent.parent
     if manifest.name == "metadata.csv" and manifest.parent.parent.name == "images" and (
@@ -153,7 +158,7 @@ def _check_verdicts_are_current(manifest: Path) -> None:
     manifest as it is (it never rewrites a user's file), so its qc_status is a verdict on other rows."""
     from .ledger import Ledger, file_sha256
 
-    root = _dataset_root(manifest)  # manifest.csv's folder, or the dataset above a split's metadata.csv
+    root = manifest_root(manifest)  # manifest.csv's folder, or the dataset above a split's metadata.csv
     state = root / ".synthmed"
     if not state.is_dir():
         return  # a copied set keeps no record: nothing to compare with
@@ -226,7 +231,7 @@ def _read_manifest(root_or_manifest: "str | os.PathLike | BuildResult", split: s
             except ValueError:
                 raise ValueError(f"{path}, line {lines[i]}: column {column!r} holds {value!r}, "
                                  "not a number") from None
-    root = _dataset_root(path)
+    root = manifest_root(path)
     _check_inside(path, root, rows, lines, need_masks)
     return _Manifest(
         path=path, root=root, case_ids=[r["case_id"] for r in rows], splits=[r["split"] for r in rows],
@@ -357,7 +362,8 @@ class LoadMasks:
     Adds ``mask``: uint8 array [len(findings), H, W], 0/1, channel k = ``findings[k]`` (all zeros where the
     row has no such mask), and ``label_map``: uint8 array [1, H, W], 0 background, k + 1 where
     ``findings[k]`` is (where masks overlap, the later channel wins); removes ``mask_paths`` and the
-    ``mask_<finding>`` keys (their number varies between rows, which no collate can batch).
+    ``mask_<finding>`` keys (their number varies between rows, which no collate can batch). After MONAI's
+    ``LoadImaged`` (whose PIL reader gives [W, H]) the masks are laid out as the image was read.
 
     Args:
         findings: the channels; default :data:`MASK_FINDINGS` (every vocabulary finding but no_finding, in
@@ -393,8 +399,10 @@ class LoadMasks:
             raise ValueError(f"{record.get('case_id', 'the record')} has a mask of {unknown[0]!r}, which is not one "
                              f"of the channels {list(self.findings)!r}")
         loaded = {f: read_mask(path) for f, path in paths.items()}
-        shape = next(iter(loaded.values())).shape if loaded else self._shape(item)
         image = item.get("image")
+        if _read_transposed(image):  # MONAI's PIL reader gives [W, H]: the masks follow the image as it was read
+            loaded = {f: m.T for f, m in loaded.items()}
+        shape = next(iter(loaded.values())).shape if loaded else self._shape(item)
         if loaded and hasattr(image, "shape") and tuple(image.shape[-2:]) != shape:
             raise ValueError(f"mask {next(iter(paths.values()))} is {shape[1]}x{shape[0]}, the image of "
                              f"{record.get('case_id', 'the record')} {image.shape[-1]}x{image.shape[-2]}; "
@@ -418,12 +426,59 @@ class LoadMasks:
         return tuple(int(n) for n in read_image(image).shape)
 
 
+def _read_transposed(image) -> bool:
+    """Whether ``image`` was read as [..., W, H]: MONAI's ``LoadImage`` does so by default (its PIL reader's
+    ``reverse_indexing``, its pydicom reader's ``swap_ij``). Told by the file's own height and width (the PNG's, the
+    DICOM's Rows and Columns) against the image's shape, and for a square image by which layout of the file's
+    pixels it follows (any linear intensity change kept)."""
+    import numpy as np
+
+    meta = getattr(image, "meta", None)
+    shape = tuple(getattr(image, "shape", ())[-2:])
+    path = meta.get("filename_or_obj") if isinstance(meta, dict) else None
+    if len(shape) != 2 or not isinstance(path, (str, os.PathLike)):
+        return False
+    pixels = None
+    try:
+        if "width" in meta and "height" in meta:  # the PIL reader's record of the file
+            height, width = int(meta["height"]), int(meta["width"])
+        else:
+            import pydicom
+
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            height, width = int(header.Rows), int(header.Columns)
+    except Exception:  # not a file we can tell the layout of (pydicom raises many kinds): take it as read
+        return False
+    if shape not in ((width, height), (height, width)):
+        return False  # resized or cropped since: the shape check names it
+    if width != height:
+        return shape == (width, height)
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            pixels = np.asarray(im, dtype=np.float64)
+    except (OSError, ValueError):
+        try:
+            import pydicom
+
+            pixels = np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.float64)
+        except Exception:
+            return False
+    data = np.asarray(image, dtype=np.float64).reshape(-1, height, width)[0]
+    if pixels.shape != data.shape or pixels.std() == 0 or data.std() == 0:
+        return False
+    same = abs(np.corrcoef(data.ravel(), pixels.ravel())[0, 1])
+    swapped = abs(np.corrcoef(data.ravel(), pixels.T.ravel())[0, 1])
+    return bool(swapped > same)
+
+
 def load_transform(masks: bool | Sequence[str] = False):
     """MONAI transforms that load :func:`manifest_records` as synthmed's own loaders do: image [1, H, W].
 
     Rows first, as :class:`ManifestDataset`, numpy and the manifest's ``bboxes`` (x the last axis): MONAI's
-    PIL reader on its own gives [W, H]. The image is the PNG's samples (0..255 for 8-bit, 0..65535 for
-    16-bit), float32. With ``masks`` (True, or the channel findings), :class:`LoadMasks` adds ``mask``
+    PIL and pydicom readers on their own give [W, H]. The image is the PNG's samples (0..255 for 8-bit, 0..65535 for
+    16-bit), or the DICOM's where the set has no PNGs, float32. With ``masks`` (True, or the channel findings), :class:`LoadMasks` adds ``mask``
     [F, H, W] and ``label_map`` [1, H, W]. Needs MONAI (``pip install 'synthmed[monai]'``).
 
     Example:
@@ -432,13 +487,14 @@ def load_transform(masks: bool | Sequence[str] = False):
         torch.Size([1, 256, 256])
     """
     try:
-        from monai.data import PILReader
+        from monai.data import PILReader, PydicomReader
         from monai.transforms import Compose, LoadImaged
     except ImportError as err:
         raise ImportError("load_transform needs MONAI: pip install 'synthmed[monai]'") from err
 
-    steps = [LoadImaged(keys="image", reader=PILReader(reverse_indexing=False), ensure_channel_first=True,
-                        image_only=True)]
+    # both readers rows first: the DICOM file where a set has no PNGs (formats: [dicom])
+    readers = [PILReader(reverse_indexing=False), PydicomReader(swap_ij=False)]
+    steps = [LoadImaged(keys="image", reader=readers, ensure_channel_first=True, image_only=True)]
     if masks is not False:
         steps.append(LoadMasks(None if masks is True else masks))
     return Compose(steps)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .data import manifest_root
 from .prompts import build_prompt
 from .spec import BUILTIN_TEMPLATES, check_template
 from .vocabulary import get_vocabulary
@@ -77,6 +78,9 @@ UNET_CONFIG = dict(in_channels=4, out_channels=4, block_out_channels=(16, 32, 64
                    down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
                    up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3,
                    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=8)
+# Weights are saved unsharded, one safetensors file per model, so that a save writes only the names it claimed first
+# (diffusers shards above 10 GB: an SDXL UNet in float32)
+ONE_FILE = "100000GB"
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
@@ -302,7 +306,11 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
             raise ManifestError(f"{path}: line {reader.line_num}: not a readable CSV file ({e})") from None
     examples: list[TrainingExample] = []
     sizes: dict[tuple[int, int], int] = {}
-    folder = path.parent.resolve()
+    # png_path (and mask_paths) of a split's images/<split>/metadata.csv start at the dataset folder, as in
+    # manifest.csv; file_name starts at the metadata file's own folder (Hugging Face imagefolder's rule)
+    root = manifest_root(path)
+    base = path.parent if image_column == "file_name" or root == Path(os.path.abspath(path.parent)) else root
+    folder = base.resolve()
     other_splits: dict[str, int] = {}
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         value = row.get("split") or "train"
@@ -312,14 +320,14 @@ def read_training_manifest(manifest: str | Path, *, template: str = "synthmed-v1
             other_splits[reason] = other_splits.get(reason, 0) + 1
             continue
         case = _case_from_row(row, number, problems, str(path))
-        image = path.parent / (row.get(image_column) or "")
+        image = base / (row.get(image_column) or "")
         if not row.get(image_column):
             problems.append(f"{path}:row {number}: {image_column} is empty")
             continue
         if _leaves_folder(folder, row[image_column]):
             problems.append(f"{path}:row {number}: {image_column} {row[image_column]!r} is outside the manifest's "
                             f"folder (an absolute path, '..', or a link out of it); finetune reads images only "
-                            f"inside {path.parent}")
+                            f"inside {base}")
             continue
         if check_files and any_size:
             if not image.is_file():
@@ -1690,7 +1698,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
     finding_maps = None
     if settings.get("finding_loss_weight"):  # the masks on the latent grid (the VAE's scale: image / latent side)
         grid = tuple(latents.shape[-2:])
-        finding_maps = finding_cells(examples, manifest_path.parent, grid, height // grid[0], progress)
+        finding_maps = finding_cells(examples, manifest_root(manifest_path), grid, height // grid[0], progress)
     ids = _token_ids(tokenizer, [ex.prompt for ex in examples], text_encoder)
     empty_ids = _token_ids(tokenizer, [""], text_encoder)[0]
 
@@ -1899,7 +1907,7 @@ def _save_vae(vae, work: _WorkFolder) -> None:
 
     staged = work.begin_staging(work.state / "vae", "vae")
     Ledger(staged, staged / STATE_DIR).claim("staged", _saved_names("", vae))
-    vae.save_pretrained(staged, safe_serialization=True)
+    vae.save_pretrained(staged, safe_serialization=True, max_shard_size=ONE_FILE)
     _move_in(work, staged, "vae", "vae")
 
 
@@ -2281,13 +2289,19 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
         folder: the output folder's checks (default: finetune's).
     """
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from .model_folder import quiet_libraries
 
     dtype = getattr(torch, save_dtype)
-    pipe = StableDiffusionPipeline(vae=parts["vae"].to(dtype), text_encoder=parts["text_encoder"].to(dtype),
-                                   tokenizer=parts["tokenizer"], unet=parts["unet"].to(dtype),
-                                   scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    # neither diffusers' "modules that should be kept in float32" (the save casts on purpose) nor transformers'
+    # "requires torchvision" lines that importing the pipeline class prints
+    with quiet_libraries():
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=parts["vae"].to(dtype), text_encoder=parts["text_encoder"].to(dtype),
+                                       tokenizer=parts["tokenizer"], unet=parts["unet"].to(dtype),
+                                       scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     from .ledger import Ledger, file_sha256
 
     tmp = work.begin_staging(out.with_name(out.name + ".saving"), "saving", out)
@@ -2301,7 +2315,7 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
               if not r.endswith("/")]
     staged.claim(MODEL_CLAIM, names)
     with _library_bars(progress):
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size=ONE_FILE)
     for component in copied:
         if base is None or not (base / component).is_dir():
             continue
@@ -2334,9 +2348,9 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
     for rel, text in (extra_files or {}).items():
         (tmp / rel).write_text(text, encoding="utf-8")
     for name, module in (extra_modules or {}).items():
-        with _library_bars(progress):
-            module.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
-        module.to(torch.float32)
+        with _library_bars(progress), quiet_libraries():
+            module.to(dtype).save_pretrained(tmp / name, safe_serialization=True, max_shard_size=ONE_FILE)
+            module.to(torch.float32)
         config = tmp / name / "config.json"
         data = json.loads(config.read_text(encoding="utf-8"))
         if data.pop("_name_or_path", None) is not None:
@@ -2345,8 +2359,9 @@ def _save_pipeline(out: Path, parts: dict, save_dtype: str, record: dict, manife
     staged.record(MODEL_CLAIM, written)
     staged.remove(MODEL_CLAIM, [r for r in staged.read(MODEL_CLAIM)["files"] if r not in written])  # never written
     (_ModelFolder(out) if folder is None else folder).save(tmp, work)
-    for module in (parts["vae"], parts["text_encoder"], parts["unet"]):
-        module.to(torch.float32)
+    with quiet_libraries():
+        for module in (parts["vae"], parts["text_encoder"], parts["unet"]):
+            module.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- shared with synthmed.distill

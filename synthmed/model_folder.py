@@ -229,7 +229,7 @@ def _is_beta_schedule(cls_name: str, where: Path | str = "scheduler_config.json"
     """Whether diffusers' scheduler ``cls_name`` is of the DDPM family: it takes a beta schedule (beta_schedule,
     trained_betas), as DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC and LCM do and flow-matching or EDM ones do not."""
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             import diffusers
 
             cls = getattr(diffusers, cls_name, None) if cls_name.isidentifier() else None
@@ -340,7 +340,7 @@ def _check_slot_class(name: str, library: str, cls_name: str, index_file: Path) 
     would load pickled weights from a folder that should hold none)."""
     base_library, base_name, kind = SLOT_KINDS[name]
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             import diffusers
             import transformers
 
@@ -583,7 +583,7 @@ def _per_level(config: dict, key: str, default: int, levels: int, path) -> list[
 def _check_pipeline_class(class_name: str, index_file: Path) -> None:
     """The folder's pipeline class must be a diffusers text-to-image latent-diffusion pipeline."""
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             import diffusers
 
             cls = getattr(diffusers, class_name, None) if class_name.isidentifier() else None
@@ -598,9 +598,14 @@ def _check_pipeline_class(class_name: str, index_file: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_libraries():
+def quiet_libraries():
     """transformers' and diffusers' own progress bars and log lines stay off while synthmed imports and loads:
-    it reports every loading problem itself, and its progress bar is the only one (``-q`` turns that off)."""
+    it reports every loading problem itself, and its progress bar is the only one (``-q`` turns that off).
+
+    Example:
+        >>> with quiet_libraries():
+        ...     import diffusers  # its "requires torchvision" lines do not reach the user
+    """
     saved = []
     for library in ("transformers", "diffusers"):
         try:
@@ -690,7 +695,7 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
         >>> index = check_model_folder(root)  # doctest: +SKIP
         >>> unet = load_component(root, index, "unet", dtype=torch.float32)  # doctest: +SKIP
     """
-    with _quiet_libraries():
+    with quiet_libraries():
         import diffusers
         import transformers
 
@@ -713,7 +718,7 @@ def load_component(root: Path, index: dict, name: str, *, dtype, allow_pickle: b
     if weighted:
         kwargs["output_loading_info"] = True
     try:
-        with _quiet_libraries():
+        with quiet_libraries():
             loaded = cls.from_pretrained(folder, **kwargs)
     except Exception as e:  # a broken folder fails in many ways inside diffusers / transformers / safetensors
         raise ModelFolderError(f"could not load {folder} as {library}.{cls_name}: {type(e).__name__}: {e}") from None

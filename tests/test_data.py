@@ -345,8 +345,17 @@ def test_records_with_masks_name_each_mask(out):
     assert not [k for k in manifest_records(out)[0] if k.startswith("mask")]
 
 
+@pytest.fixture(scope="module")
+def dicom_only(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("data") / "dicom-only", formats="[dicom]")
+
+
 @pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")
-def test_load_transform_gives_rows_first_and_each_box_covers_its_mask(out, ManifestDataset):
+@pytest.mark.filterwarnings("ignore:PydicomReader:UserWarning")
+@pytest.mark.parametrize("formats", ["png", "dicom"])
+def test_load_transform_gives_rows_first_and_each_box_covers_its_mask(request, formats, ManifestDataset):
+    """The PNG, or the DICOM file of a set without PNGs (which MONAI's pydicom reader once gave as [W, H] while the
+    masks stayed rows first: a square film's masks lay transposed on it, unseen)."""
     pytest.importorskip("monai")
     import json
 
@@ -354,6 +363,7 @@ def test_load_transform_gives_rows_first_and_each_box_covers_its_mask(out, Manif
 
     from synthmed.data import MASK_FINDINGS, load_transform
 
+    out = request.getfixturevalue("out" if formats == "png" else "dicom_only")
     rows = manifest_rows(out)
     monai_set = Dataset(data=manifest_records(out, masks=True), transform=load_transform(masks=True))
     ours = ManifestDataset(out, masks=True)
@@ -362,7 +372,8 @@ def test_load_transform_gives_rows_first_and_each_box_covers_its_mask(out, Manif
         item = monai_set[i]
         image, mask, label_map = np.asarray(item["image"]), np.asarray(item["mask"]), np.asarray(item["label_map"])
         assert image.shape == (1, HEIGHT, WIDTH) and mask.shape == (len(MASK_FINDINGS), HEIGHT, WIDTH)
-        np.testing.assert_allclose(image / 255.0, ours[i]["image"].numpy(), atol=1e-6)  # same frame, same values
+        scale = 255.0 if formats == "png" else 2.0 ** 12 - 1  # the DICOM keeps 12 bits
+        np.testing.assert_allclose(image / scale, ours[i]["image"].numpy(), atol=1e-6)  # same frame, same values
         for finding, (x0, y0, x1, y1) in (json.loads(row["bboxes"]) if row["bboxes"] else {}).items():
             channel = mask[MASK_FINDINGS.index(finding)]
             inside = np.zeros_like(channel)
@@ -588,3 +599,59 @@ def test_a_build_result_and_numpy_integers_are_taken(tmp_path, ManifestDataset):
     assert [r["case_id"] for r in manifest_records(result)] == ["c0", "c1"]
     with pytest.raises(TypeError, match=r"root_or_manifest: give an output folder .* BuildResult .*, not int"):
         ManifestDataset(42)
+
+
+@pytest.mark.parametrize("side", [(6, 4), (5, 5)])
+def test_load_masks_after_monais_load_image_lies_on_the_image_as_it_was_read(tmp_path, side):
+    """MONAI's LoadImaged (PIL reader, reverse_indexing by default) gives [W, H]: LoadMasks after it lays the masks
+    out the same way, a square image included (where no shape tells), so each mask covers its finding's pixels."""
+    pytest.importorskip("monai")
+    from monai.data import PILReader
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
+
+    from synthmed.data import LoadMasks
+
+    width, height = side
+    drawn = np.zeros((height, width), np.uint8)
+    drawn[0, :] = 1
+    drawn[1:, 0] = 1
+    drawn[height - 1, width - 2] = 1  # no symmetry that would hide a swap
+    (tmp_path / "images/train").mkdir(parents=True)
+    (tmp_path / "masks/train").mkdir(parents=True)
+    Image.fromarray(20 + 200 * drawn).save(tmp_path / "images/train/c0.png")
+    Image.fromarray(drawn).save(tmp_path / "masks/train/c0_mask_pneumonia.png")
+    write_manifest(tmp_path / "manifest.csv", [{"case_id": "c0", "split": "train", "png_path": "images/train/c0.png",
+                                                "mask_paths": "masks/train/c0_mask_pneumonia.png"}])
+    record = manifest_records(tmp_path, masks=True)[0]
+    for reader in (None, PILReader(reverse_indexing=False)):
+        load = LoadImaged(keys="image", reader=reader) if reader else LoadImaged(keys="image")
+        item = Compose([load, EnsureChannelFirstd(keys="image"), ScaleIntensityd(keys="image"),
+                        LoadMasks(("pneumonia",))])(dict(record))
+        image = np.asarray(item["image"])[0]
+        assert item["mask"].shape[1:] == image.shape
+        np.testing.assert_array_equal(item["mask"][0], (image > 0.5).astype(np.uint8))
+
+
+@pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")
+@pytest.mark.filterwarnings("ignore:PydicomReader:UserWarning")
+def test_load_masks_after_monais_own_dicom_reader_lies_on_the_image_as_it_was_read(tmp_path, ManifestDataset):
+    """A square DICOM-only set read by LoadImaged's defaults ([W, H]): LoadMasks lays the masks out the same way."""
+    pytest.importorskip("monai")
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from synthmed.data import MASK_FINDINGS, LoadMasks
+
+    out = tmp_path / "square"
+    generate(load_spec(SPEC.format(w=64, h=64, formats="[dicom]", bits=16, png_bits=8)), out, backend="pattern",
+             progress=False)
+    ours = ManifestDataset(out, masks=True)
+    load = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), LoadMasks()])
+    checked = 0
+    for i, record in enumerate(manifest_records(out, masks=True)):
+        item = load(record)
+        image = np.asarray(item["image"])[0]
+        np.testing.assert_allclose(image.T / (2.0 ** 12 - 1), ours[i]["image"][0].numpy(), atol=1e-6)  # as read
+        for finding, mask in ours[i]["masks"].items():
+            np.testing.assert_array_equal(item["mask"][MASK_FINDINGS.index(finding)], mask[0].numpy().T)
+            checked += 1
+    assert checked >= 3

@@ -92,6 +92,20 @@ def test_manifest_gives_the_generation_prompts(phantom_set):
     assert all(ex.prompt == written[ex.case_id] for ex in examples)  # the same template, the same text
 
 
+def test_a_splits_metadata_csv_reads_the_same_images_and_masks_as_the_manifest(phantom_set):
+    """images/<split>/metadata.csv (Hugging Face imagefolder's file): png_path and mask_paths start at the dataset
+    folder, file_name at the metadata file's own; both lead to the manifest's images."""
+    from synthmed.finetune import finding_cells
+
+    whole, size = read_training_manifest(phantom_set / "manifest.csv")
+    split, split_size = read_training_manifest(phantom_set / "images" / "train" / "metadata.csv")
+    assert split_size == size and [e.case_id for e in split] == [e.case_id for e in whole]
+    assert [e.path.resolve() for e in split] == [e.path.resolve() for e in whole]
+    assert [e.masks for e in split] == [e.masks for e in whole] and any(e.masks for e in split)
+    grid = (size[1] // 4, size[0] // 4)
+    assert torch.equal(finding_cells(split, phantom_set, grid, 4), finding_cells(whole, phantom_set, grid, 4))
+
+
 def _broken_copy(phantom_set: Path, tmp_path: Path, edit) -> Path:
     out = tmp_path / "set"
     shutil.copytree(phantom_set, out)
@@ -397,6 +411,41 @@ def test_the_model_folder_carries_the_record_of_its_files(phantom_set, tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(result.model_dir, copy, ignore=shutil.ignore_patterns(".synthmed"))
     assert model_hash(copy) == model_hash(result.model_dir)
+
+
+def test_weights_are_saved_as_one_file_each_whatever_the_libraries_shard_size(phantom_set, tmp_path, monkeypatch):
+    """diffusers shards a model above 10 GB (an SDXL UNet in float32) under names the save did not claim first; the
+    save asks for one file per model, so a library default that would shard these tiny models does not."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    for cls in (ModelMixin, PreTrainedModel):
+        def small_shards(self, *args, _save=cls.save_pretrained, max_shard_size="1KB", **kwargs):
+            return _save(self, *args, max_shard_size=max_shard_size, **kwargs)
+        monkeypatch.setattr(cls, "save_pretrained", small_shards)
+    result = finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, **FAST)
+    names = {p.name for p in result.model_dir.rglob("*") if p.is_file()}
+    assert "diffusion_pytorch_model.safetensors" in names and "model.safetensors" in names
+    assert not [n for n in names if "-of-" in n or n.endswith(".index.json")]
+
+
+def test_a_save_to_float16_prints_none_of_the_libraries_warnings(phantom_set, tmp_path):
+    """The save casts to float16 on purpose; diffusers' "modules that should be kept in float32" line once reached
+    the user's terminal twice per save."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        finetune(phantom_set, "scratch", tmp_path / "m", steps=0, vae_steps=0, save_dtype="float16", **FAST)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not records, "\n".join(r.getMessage()[:150] for r in records)
 
 
 def test_a_save_killed_between_its_renames_is_put_back_and_its_folders_removed(phantom_set, tmp_path, monkeypatch):
