@@ -21,6 +21,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +448,8 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
     """
     if isinstance(spec, DatasetSpec):  # already loaded (a notebook passing its spec on): nothing to check again
         return spec
+    if isinstance(spec, os.PathLike) and not isinstance(spec, Path):  # py.path.local, a user's path class
+        spec = Path(os.fspath(spec))
     if not isinstance(spec, (str, Path, bytes, Mapping)):
         raise TypeError(f"load_spec takes a spec file's path, YAML text, bytes or a mapping, not "
                         f"{type(spec).__name__} ({spec!r:.60})")
@@ -459,7 +462,7 @@ def load_spec(spec: str | Path | bytes | Mapping[str, Any], *, source: str | Non
         bad = list(_non_json_values(spec, ()))
         if bad:
             raise SpecError([SpecProblem(path, message) for path, message in bad], source)
-        doc = YamlDocument(data=json.loads(json.dumps(spec)), source=source)
+        doc = YamlDocument(data=json.loads(json.dumps(spec, default=_python_scalar)), source=source)
     else:
         try:
             doc = load_strict_yaml(spec, source)
@@ -495,6 +498,18 @@ class _Files:
 
 
 
+def _numpy_scalar(value: Any) -> bool:
+    """A numpy scalar: a count from a data frame, a weight from a Series (``np.int64`` is no ``int``)."""
+    return type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and hasattr(value, "item")
+
+
+def _python_scalar(value: Any):
+    """``json.dumps``' default: a numpy scalar as the Python number or bool it holds."""
+    if _numpy_scalar(value):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a spec value")
+
+
 def _non_json_values(value: Any, path: tuple):
     """(path, message) for every value of a mapping spec that JSON (and so YAML) cannot hold; nesting is bounded
     as in YAML text (a mapping that holds itself would recurse forever)."""
@@ -511,8 +526,12 @@ def _non_json_values(value: Any, path: tuple):
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             yield from _non_json_values(v, path + (i,))
-    elif isinstance(value, float) and not math.isfinite(value):
-        yield path, f"{value!r}: NaN and infinity are not allowed"
+    elif _numpy_scalar(value) or isinstance(value, float):
+        number = value.item() if _numpy_scalar(value) else value
+        if not isinstance(number, (str, int, float, bool)):
+            yield path, f"expected text, a number, true/false, a list or a mapping, got {type(value).__name__}"
+        elif isinstance(number, float) and not math.isfinite(number):
+            yield path, f"{value!r}: NaN and infinity are not allowed"
     elif not (value is None or isinstance(value, (str, int, float, bool))):
         yield path, f"expected text, a number, true/false, a list or a mapping, got {type(value).__name__}"
 

@@ -157,7 +157,10 @@ class RunFolder:
                         changed.append(key if key == "spec_hash" else f"{key} {old!r} -> {new!r}")
                 if changed:
                     what = "; ".join(changed)
-                    raise BuildError(f"{out} was built from a different spec or settings (changed: {what}); "
+                    hint = (" (the hash covers every value of the spec: to lower generator.batch_size for a resume, "
+                            "keep the spec as it was and pass --batch-size, batch_size= in Python)"
+                            if "spec_hash" in changed else "")
+                    raise BuildError(f"{out} was built from a different spec or settings (changed: {what}){hint}; "
                                      f"rerun with --overwrite to start again{_as_it_began(previous, run)}", 2)
         elif overwrite and not self.ledger.is_empty():
             self.clear(self.planned)  # a run killed before it wrote run.json
