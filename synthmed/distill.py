@@ -64,6 +64,7 @@ from .finetune import (IMAGE_DIGESTS, IMAGES_CHANGED, MODEL_PATHS, PLANNED_TOPS,
                        enable_gradient_checkpointing, images_sha256, latent_cache, load_base, load_checkpoint,
                        logged_seconds, lr_scheduler, model_geometry, only_trained, random_crops, read_json_object,
                        read_training_set, run_folders, save_checkpoint, save_pipeline, shown, token_ids)
+from .process_state import keeps_caller_state, usable_cpus
 
 __all__ = ["DistillResult", "distill", "MODES", "FULL_MODE_LIMIT"]
 
@@ -204,6 +205,7 @@ def _planned(rel: str, settings: dict, checkpoint_every: int) -> bool:
 # ----------------------------------------------------------------------------- the run
 
 
+@keeps_caller_state
 def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode: str = "auto", steps: int = 2000,
             batch_size: int = 16, learning_rate: float | None = None, lr_schedule: str = "constant",
             guidance_min: float | None = None, guidance_max: float | None = None, guidance_scale: float = 4.0,
@@ -407,7 +409,7 @@ def distill(manifest: str | Path, teacher: str | Path, out: str | Path, *, mode:
             import peft  # noqa: F401
     except ImportError as e:
         raise ImportError(f"synthmed distill needs {e.name}: pip install 'synthmed[finetune]'") from None
-    torch.set_num_threads(int(threads or os.cpu_count() or 1))
+    torch.set_num_threads(int(threads or usable_cpus()))  # the caller's count is back after the call
     started = time.time()
     log = TrainingLog(work_path / "log.jsonl")
     if progress:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import manifest_root
+from .process_state import keeps_caller_state, usable_cpus
 from .prompts import build_prompt
 from .spec import BUILTIN_TEMPLATES, check_template
 from .vocabulary import get_vocabulary
@@ -1455,6 +1456,7 @@ def _check_machine(device: str, mixed_precision: str) -> None:
                          "mixed_precision='fp16'")
 
 
+@keeps_caller_state
 def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: str = "full",
              train_text_encoder: bool | None = None, steps: int = 2000, vae_steps: int = 1000, batch_size: int = 16,
              vae_batch_size: int = 8, vae_crop: int = 64, learning_rate: float | None = None,
@@ -1648,7 +1650,7 @@ def finetune(manifest: str | Path, base: str | Path, out: str | Path, *, mode: s
             import peft  # noqa: F401
     except ImportError as e:
         raise ImportError(f"synthmed finetune needs {e.name}: pip install 'synthmed[finetune]'") from None
-    torch.set_num_threads(int(threads or os.cpu_count() or 1))
+    torch.set_num_threads(int(threads or usable_cpus()))  # the caller's count is back after the call
 
     accelerate_options = dict(mixed_precision=mixed_precision, cpu=(device == "cpu"))
     started = time.time()
@@ -2223,7 +2225,8 @@ def _validation_grid(work: _WorkFolder, rel: str, unet, text_encoder, parts, ema
         backend = DiffusionBackend.from_components(unet=unet, vae=vae, text_encoder=text_encoder,
                                                    tokenizer=parts["tokenizer"], scheduler=parts["scheduler"],
                                                    width=size, height=size, steps=20, guidance_scale=4.0,
-                                                   threads=torch.get_num_threads())
+                                                   threads=torch.get_num_threads(),
+                                                   model_hash="in-training")  # writes no set: no need to hash
         cases = [Case(f"v{i}", i, "val", 1000 + i, (), None, None, None) for i in range(len(prompts))]
         images = backend.generate(cases, [Prompt(text=p) for p in prompts])
     finally:

@@ -448,6 +448,30 @@ def test_a_save_to_float16_prints_none_of_the_libraries_warnings(phantom_set, tm
     assert not records, "\n".join(r.getMessage()[:150] for r in records)
 
 
+def test_finetune_leaves_the_callers_threads_and_random_streams(phantom_set, tmp_path):
+    """A notebook's seeded torch, numpy and Python streams and its thread count are as it left them (finetune
+    seeds its model construction, and accelerate's resume sets every generator)."""
+    import random
+
+    import numpy as np
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3 if before != 3 else 2)
+    mine = torch.get_num_threads()
+    try:
+        for seed in (1, 999):
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+            expected = (random.random(), np.random.random(), torch.rand(2))
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+            finetune(phantom_set, "scratch", tmp_path / f"m{seed}", steps=2, vae_steps=2, **FAST)
+            finetune(phantom_set, "scratch", tmp_path / f"m{seed}", steps=4, vae_steps=2, resume=True, **FAST)
+            got = (random.random(), np.random.random(), torch.rand(2))
+            assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+            assert torch.get_num_threads() == mine
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_save_killed_between_its_renames_is_put_back_and_its_folders_removed(phantom_set, tmp_path, monkeypatch):
     """Killed mid-swap, the next run restores the model and removes exactly the sibling folders it recorded."""
     import os

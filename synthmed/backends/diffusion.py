@@ -32,6 +32,8 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import BackendInfo, GeneratedImage
+from ..process_state import torch_threads, usable_cpus
 from ..spec import TIMESTEP_SPACINGS, TRAILING_BY_DEFAULT, parse_late_guidance, resolve_timestep_spacing  # noqa: F401
 from ..model_folder import (
     MAX_COMPONENT_LAYERS, MAX_COMPONENT_PARAMETERS, MAX_CONFIG_BYTES, MAX_CONFIG_INTEGER, MAX_TOKENIZER_FILE_BYTES,
@@ -86,6 +89,25 @@ MICRO_BATCH = 8
 
 
 # ----------------------------------------------------------------------------- the backend
+
+def weights_sha256(*modules) -> str:
+    """One sha256 of the modules' weights (their state dicts: names, dtypes, shapes and bytes), in order.
+
+    Example:
+        >>> import torch
+        >>> weights_sha256(torch.nn.Linear(2, 2)) != weights_sha256(torch.nn.Linear(2, 2))  # other initial weights
+        True
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode("utf-8"))
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
 
 class DiffusionBackend:
     """Generate images from a local diffusers latent-diffusion folder (see the module docstring).
@@ -176,9 +198,8 @@ class DiffusionBackend:
 
         import torch
 
-        # 2. Threads and device
-        self.threads = int(threads or os.cpu_count() or 1)
-        torch.set_num_threads(self.threads)
+        # 2. Threads (set only while generating: the caller's count is theirs) and device
+        self.threads = int(threads or usable_cpus())
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -220,8 +241,13 @@ class DiffusionBackend:
                         steps: int = 20, guidance_scale: float = 4.0, scheduler_name: str = "dpm_solver",
                         threads: int | None = None, model_id: str = "in-memory",
                         timestep_spacing: str | None = None,
-                        late_guidance: dict | str | None = None) -> "DiffusionBackend":
+                        late_guidance: dict | str | None = None,
+                        model_hash: str | None = None) -> "DiffusionBackend":
         """A backend over components already in memory (e.g. a model being trained); float32 on their device.
+
+        Prompt embeddings are not cached (the weights may change between calls), and ``info.model_hash`` is a
+        sha256 of the UNet's, VAE's and text encoder's weights as they are now (:func:`weights_sha256`), so that a
+        resumed build refuses another model; ``model_hash`` gives one instead (saves hashing a large model).
 
         Example:
             >>> backend = DiffusionBackend.from_components(unet=u, vae=v, text_encoder=t, tokenizer=tok,
@@ -243,7 +269,9 @@ class DiffusionBackend:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.timestep_spacing = resolve_timestep_spacing(scheduler_name, timestep_spacing, dict(scheduler.config),
                                                          self.steps)
-        self._setup(scheduler, scheduler_name, "float32", False, 64, model_id, "in-memory")
+        weights = model_hash or weights_sha256(unet, vae, text_encoder)
+        self._setup(scheduler, scheduler_name, "float32", False, 0, model_id, weights)
+        self.info = dataclasses.replace(self.info, hashed=f"the in-memory model {model_id}")
         return self
 
     def _setup(self, base_scheduler, scheduler: str, dtype: str, compile: bool, cache_size: int, model_id: str,
@@ -411,8 +439,9 @@ class DiffusionBackend:
         """One image per case; each depends only on its case (seed) and its prompt."""
         images: list[GeneratedImage] = []
         m = self.micro_batch
-        for i in range(0, len(cases), m):
-            images += self._generate_micro_batch(cases[i:i + m], prompts[i:i + m])
+        with torch_threads(self.threads):
+            for i in range(0, len(cases), m):
+                images += self._generate_micro_batch(cases[i:i + m], prompts[i:i + m])
         return images
 
     def _generate_micro_batch(self, cases: Sequence, prompts: Sequence) -> list[GeneratedImage]:

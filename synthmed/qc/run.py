@@ -81,6 +81,7 @@ from .outputs import LEDGER_KEY, REPORT_HTML, REPORT_JSON
 from .reference_metrics import reference_report
 from .registry import SET_CHECKS
 from .spec_fidelity import ATTRIBUTES, PAIRS, expected_distributions, planned_distributions, spec_fidelity_report
+from ..process_state import keeps_caller_state
 
 REPORT_FORMAT = 1
 DISPLAY_SIDE = 96            # thumbnails in report.html
@@ -120,6 +121,7 @@ def check_rows(out: str | Path, spec, rows: Iterable[Mapping[str, str]]) -> dict
     return {row["case_id"]: check_row(Path(out), row, expected, limits)[0] for row in rows}
 
 
+@keeps_caller_state
 def qc(out: str | Path, *, reference: str | Path | None = None, training_manifest: str | Path | None = None,
        config=None, feature_extractor: FeatureExtractor | str | os.PathLike | None = None, auditor: Any = True,
        full: bool = True, dciodvfy_sample: int | None = None, write: bool = True, lock: bool = True,
@@ -128,7 +130,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     """Check a synthmed output folder and write its quality report.
 
     Args:
-        out: the output folder (manifest.csv, dataset_card.json, images/, dicom/).
+        out: the output folder (manifest.csv, dataset_card.json, images/, dicom/), or the BuildResult of
+            :func:`synthmed.build.generate`.
         reference: a manifest (CSV with png_path, file_name or path, relative to its folder) of reference
             images, or a real dataset's folder or CSV (CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14): the intensity
             bands are fitted on them and FID / KID / PRDC computed against them, per finding too where the
@@ -168,6 +171,8 @@ def qc(out: str | Path, *, reference: str | Path | None = None, training_manifes
     """
     started = time.perf_counter()
     # 1. Check inputs
+    if hasattr(out, "manifest") and isinstance(getattr(out, "out", None), Path):  # generate's BuildResult
+        out = out.out
     _check_arguments(out=out, reference=reference, training_manifest=training_manifest, report_dir=report_dir,
                      feature_extractor=feature_extractor, auditor=auditor, full=full, write=write, lock=lock,
                      progress=progress, dciodvfy_sample=dciodvfy_sample, precomputed=precomputed,
