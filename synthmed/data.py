@@ -355,6 +355,9 @@ def manifest_records(root_or_manifest: "str | os.PathLike | BuildResult", split:
     return records
 
 
+IMAGE_LAYOUTS = ("auto", "rows", "columns")  # LoadMasks: told from the image, [..., H, W], or [..., W, H]
+
+
 class LoadMasks:
     """A dict transform (MONAI-style; any callable pipeline works) that loads a record's ``mask_paths`` into
     fixed channels, so that records with different findings batch together.
@@ -363,11 +366,14 @@ class LoadMasks:
     row has no such mask), and ``label_map``: uint8 array [1, H, W], 0 background, k + 1 where
     ``findings[k]`` is (where masks overlap, the later channel wins); removes ``mask_paths`` and the
     ``mask_<finding>`` keys (their number varies between rows, which no collate can batch). After MONAI's
-    ``LoadImaged`` (whose PIL reader gives [W, H]) the masks are laid out as the image was read.
+    ``LoadImaged`` (whose PIL and pydicom readers give [W, H]) the masks are laid out as the image was read.
 
     Args:
         findings: the channels; default :data:`MASK_FINDINGS` (every vocabulary finding but no_finding, in
             vocabulary order: the same channels for every set). A row's mask of another finding is an error.
+        image_layout: ``"auto"`` tells from the image how it was read (its file's height and width, and for a
+            square image its pixels, read again); ``"rows"`` ([..., H, W], :func:`load_transform`'s) or
+            ``"columns"`` ([..., W, H], MONAI's default readers) say it and read nothing.
 
     Example:
         >>> import numpy as np, tempfile
@@ -379,7 +385,10 @@ class LoadMasks:
         ((2, 3, 3), [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     """
 
-    def __init__(self, findings: Sequence[str] | None = None):
+    def __init__(self, findings: Sequence[str] | None = None, *, image_layout: str = "auto"):
+        if image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout must be one of {', '.join(IMAGE_LAYOUTS)}, got {image_layout!r}")
+        self.image_layout = image_layout
         self.findings = tuple(_mask_findings() if findings is None else findings)
         if len(set(self.findings)) != len(self.findings) or not all(isinstance(f, str) for f in self.findings):
             raise ValueError(f"findings must be distinct finding names, got {list(self.findings)!r}")
@@ -400,7 +409,8 @@ class LoadMasks:
                              f"of the channels {list(self.findings)!r}")
         loaded = {f: read_mask(path) for f, path in paths.items()}
         image = item.get("image")
-        if _read_transposed(image):  # MONAI's PIL reader gives [W, H]: the masks follow the image as it was read
+        transposed = self.image_layout == "columns" or (self.image_layout == "auto" and _read_transposed(image))
+        if transposed:  # MONAI's readers give [W, H] by default: the masks follow the image as it was read
             loaded = {f: m.T for f, m in loaded.items()}
         shape = next(iter(loaded.values())).shape if loaded else self._shape(item)
         if loaded and hasattr(image, "shape") and tuple(image.shape[-2:]) != shape:
@@ -496,7 +506,7 @@ def load_transform(masks: bool | Sequence[str] = False):
     readers = [PILReader(reverse_indexing=False), PydicomReader(swap_ij=False)]
     steps = [LoadImaged(keys="image", reader=readers, ensure_channel_first=True, image_only=True)]
     if masks is not False:
-        steps.append(LoadMasks(None if masks is True else masks))
+        steps.append(LoadMasks(None if masks is True else masks, image_layout="rows"))
     return Compose(steps)
 
 

@@ -184,3 +184,73 @@ def test_generate_takes_numpy_integers_for_limit_and_batch_size(tmp_path):
     assert (result.total, result.written) == (3, 3)
     with pytest.raises(TypeError, match="limit must be a whole number"):
         generate(spec, tmp_path / "other", backend="pattern", limit=np.float64(3), progress=False)
+
+
+def test_a_build_result_names_its_folder_after_a_chdir_and_qc_takes_it(tmp_path, monkeypatch):
+    """generate(spec, "out/set") in one folder, then os.chdir elsewhere (a notebook): the result still names the
+    folder it built (ManifestDataset and qc once took the other folder's set of the same name)."""
+    from synthmed.build import generate
+
+    spec = ("spec_version: 1\nname: cd\ncount: 3\nimage: {size: 64}\nqc: {enabled: false}\n"
+            "findings: [{finding: nodule, weight: 1}]\n")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    result = generate(spec, "out/set", backend="pattern", progress=False)
+    assert result.out == tmp_path / "a" / "out" / "set" and result.out.is_absolute()
+    monkeypatch.chdir(tmp_path / "b")
+    assert synthmed.ManifestDataset(result).root.resolve() == (tmp_path / "a" / "out" / "set").resolve()
+    report = synthmed.qc(result, write=False)
+    assert report.passed and not (tmp_path / "b" / "out").exists()
+
+
+def test_a_spec_mapping_takes_numpy_numbers_and_any_path_object(tmp_path):
+    """count=len(frame) and weights from a Series are numpy scalars; a path may be any os.PathLike."""
+    import numpy as np
+
+    document = {"spec_version": 1, "name": np.str_("np"), "count": np.int64(4), "image": {"size": np.int32(64)},
+                "findings": [{"finding": "nodule", "weight": np.float32(0.5)},
+                             {"finding": "no_finding", "weight": np.float64(0.5)}]}
+    spec = synthmed.load_spec(document)
+    assert (spec.count, spec.image.width) == (4, 64)
+    assert spec.spec_hash == synthmed.load_spec({**document, "count": 4, "image": {"size": 64}, "name": "np",
+                                                 "findings": [{"finding": "nodule", "weight": 0.5},
+                                                              {"finding": "no_finding", "weight": 0.5}]}).spec_hash
+    with pytest.raises(synthmed.SpecError, match="NaN and infinity are not allowed"):
+        synthmed.load_spec({**document, "count": np.float64("nan")})
+
+    class MyPath:  # as py.path.local: a path object that is not a pathlib.Path
+        def __init__(self, path):
+            self.path = path
+
+        def __fspath__(self):
+            return str(self.path)
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("spec_version: 1\nname: p\ncount: 2\nfindings: [{finding: nodule, weight: 1}]\n", encoding="utf-8")
+    assert synthmed.load_spec(MyPath(path)).spec_hash == synthmed.load_spec(path).spec_hash
+
+
+def test_a_spec_whose_batch_size_was_lowered_says_how_to_resume(tmp_path):
+    """Out of memory, a user lowers generator.batch_size in the spec: every value is in the spec hash, so the resume
+    is refused; the refusal says to keep the spec and pass batch_size, which resumes."""
+    from synthmed.build import BuildError, generate
+
+    spec = ("spec_version: 1\nname: bs\ncount: 70\nimage: {size: 64}\nqc: {enabled: false}\n"
+            "generator: {batch_size: 8}\nfindings: [{finding: nodule, weight: 1}]\n")
+    generate(spec, tmp_path / "out", backend="pattern", progress=False, limit=64)
+    with pytest.raises(BuildError, match="keep the spec as it was and pass --batch-size"):
+        generate(spec.replace("batch_size: 8", "batch_size: 2"), tmp_path / "out", backend="pattern", progress=False,
+                 resume=True)
+    result = generate(spec, tmp_path / "out", backend="pattern", progress=False, resume=True, batch_size=2)
+    assert (result.reused, result.written) == (64, 6)
+
+
+def test_a_model_given_to_a_backend_that_draws_without_one_is_named_not_silently_dropped(tmp_path):
+    from synthmed.build import generate
+
+    spec = ("spec_version: 1\nname: m\ncount: 2\nimage: {size: 64}\nqc: {enabled: false}\n"
+            "findings: [{finding: nodule, weight: 1}]\n")
+    result = generate(spec, tmp_path / "out", backend="pattern", model=tmp_path / "no-such-model", progress=False)
+    assert any("is not used: the pattern backend draws without a model" in n for n in result.notes)
+    assert not generate(spec, tmp_path / "plain", backend="pattern", progress=False).notes

@@ -646,9 +646,13 @@ def test_load_masks_after_monais_own_dicom_reader_lies_on_the_image_as_it_was_re
              progress=False)
     ours = ManifestDataset(out, masks=True)
     load = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), LoadMasks()])
+    said = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), LoadMasks(image_layout="columns")])
+    with pytest.raises(ValueError, match="image_layout must be one of auto, rows, columns"):
+        LoadMasks(image_layout="xy")
     checked = 0
     for i, record in enumerate(manifest_records(out, masks=True)):
         item = load(record)
+        np.testing.assert_array_equal(item["mask"], said(dict(record))["mask"])  # told, or found: the same
         image = np.asarray(item["image"])[0]
         np.testing.assert_allclose(image.T / (2.0 ** 12 - 1), ours[i]["image"][0].numpy(), atol=1e-6)  # as read
         for finding, mask in ours[i]["masks"].items():

@@ -250,6 +250,27 @@ def check_same_model(out: Path, model_hash: str, made_with: str | None, dtype: s
                          "a run computes in it everywhere)", 2)
 
 
+# The backend settings that change what an image shows (not how fast it is made: threads, micro_batch, device, compile)
+IMAGE_SETTINGS = ("steps", "guidance_scale", "scheduler", "width", "height", "timestep_spacing", "late_guidance",
+                  "decoder", "coarse_to_fine", "quantize", "distilled")
+
+
+def check_same_settings(out: Path, settings, made_how: dict | None) -> None:
+    """A resume must not mix images made with other sampling settings: the kept rows' ``generation`` against this
+    run's backend (a spec's settings are in its hash already; a Backend object passed to ``generate`` is not)."""
+    import json
+
+    if not made_how:
+        return
+    now = json.loads(json.dumps({k: settings.get(k) for k in IMAGE_SETTINGS}, default=str))  # as the rows hold it
+    changed = [f"{key} {made_how.get(key)!r} -> {now.get(key)!r}" for key in IMAGE_SETTINGS
+               if made_how.get(key) != now.get(key)]
+    if changed:
+        raise BuildError(f"{out} was partly made with other settings than this run's backend has "
+                         f"({'; '.join(changed)}); resume with the settings that began the run, or rerun with "
+                         "--overwrite (overwrite=True) to start again", 2)
+
+
 class ChunkMaker:
     """Makes whole chunks: prompts -> backend -> files -> the chunk's manifest part, written last and atomically.
 

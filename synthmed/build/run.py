@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..spec import DatasetSpec, load_spec
 from .card import write_card
-from .chunks import CHUNK_SIZE, ChunkMaker, case_paths, check_same_model, load_backend, part_is_done
+from .chunks import (CHUNK_SIZE, ChunkMaker, case_paths, check_same_model, check_same_settings, load_backend,
+                     part_is_done)
 from .errors import BuildArgumentError, BuildError, WriteFailed, os_error_message, write_failed_message
 from .local import run_chunks
 from .run_folder import RUN_FORMAT, STATE_DIR, RunFolder, file_sha256, part_path, row_files
+from ..process_state import keeps_caller_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backends import Backend
@@ -31,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class BuildResult:
     """What a call to :func:`generate` did."""
 
-    out: Path
+    out: Path           # the output folder, absolute
     total: int          # cases in the planned range
     written: int        # images written by this call
     reused: int         # images kept from an earlier run (verified by sha256)
@@ -53,6 +55,7 @@ class BuildResult:
 EXECUTORS = ("local", "ray")
 
 
+@keeps_caller_state
 def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
              limit: int | None = None, backend: "str | Backend | None" = None, model: str | None = None,
              batch_size: int | None = None, progress: bool = True, executor: str = "local",
@@ -121,6 +124,9 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
 
     cases = sample_cases(spec, limit=limit)
     folder = RunFolder(out)
+    if model is not None and generator["backend"] != "diffusion":
+        folder.notes.append(f"model {model} is not used: the {generator['backend']} backend draws without a model "
+                            "(a model is the diffusion backend's)")
     # the folders this run writes into: a split it has cases in, under each top it writes (no masks from diffusion)
     tops = [top for top, fmt in (("images", "png"), ("dicom", "dicom"), ("masks", None))
             if ((fmt in spec.image.formats) if fmt else generator["backend"] != "diffusion")]
@@ -139,7 +145,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
         folder.claim("run", ["cases.jsonl"])
         _write_cases_jsonl(out, cases)
         folder.ledger.record_files("run", ["cases.jsonl"])
-        made_with, made_in = _model_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
+        made_with, made_in, made_how = _model_of_parts(folder, [k for k in range(len(chunks)) if k not in todo_set])
         # 3. Backend and chunks (the backend only now: loading a model is the slow part)
         written, interrupted, versions, checked = 0, False, None, {}
         run_qc = spec.qc.enabled if qc is None else qc
@@ -154,6 +160,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             engine = load_backend(spec, backend, model, cases)
             check_same_model(out, engine.info.model_hash, made_with, engine.info.settings.get("dtype"), made_in,
                              engine.info.hashed)
+            check_same_settings(out, engine.info.settings, made_how)
             maker = ChunkMaker(spec, out, engine, batch_size)
             written, interrupted = run_chunks(maker, cases, chunks, todo, progress)
         # 4. Manifest, card
@@ -163,8 +170,10 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             # 5. Quality checks: the cheap ones (the lock is ours already)
             if run_qc:
                 qc_result = _run_qc(folder, progress, checked)
-        return BuildResult(out=out, total=len(cases), written=written, reused=reused, interrupted=interrupted,
-                           seconds=time.perf_counter() - started, qc=qc_result, notes=tuple(folder.notes))
+        # absolute: the result still names this folder after the caller changes its working folder (a notebook)
+        return BuildResult(out=Path(os.path.abspath(out)), total=len(cases), written=written, reused=reused,
+                           interrupted=interrupted, seconds=time.perf_counter() - started, qc=qc_result,
+                           notes=tuple(folder.notes))
     except WriteFailed as e:
         raise BuildError(write_failed_message(out, e)) from None
     except OSError as e:
@@ -209,9 +218,10 @@ def _check_arguments(*, spec, out, resume, overwrite, limit, backend, model, bat
         raise TypeError(f"model must be 'default' or the path of a model folder, got {name_of(model)}")
 
 
-def _model_of_parts(folder: "RunFolder", kept: list[int]) -> tuple[str | None, str | None]:
-    """The model hash the kept chunks were made with and the dtype they ran in (their first row says both; the
-    dtype only for a diffusion model), or None if none is kept."""
+def _model_of_parts(folder: "RunFolder", kept: list[int]) -> tuple[str | None, str | None, dict | None]:
+    """The model hash the kept chunks were made with, the dtype they ran in (the dtype only for a diffusion model)
+    and the backend's settings (the manifest's ``generation``): their first row says all three; None if none is
+    kept."""
     import json
 
     from ..writers.manifest import read_part
@@ -220,11 +230,13 @@ def _model_of_parts(folder: "RunFolder", kept: list[int]) -> tuple[str | None, s
         rows = read_part(part_path(folder.parts, k))
         if rows:
             try:
-                dtype = json.loads(rows[0].get("generation") or "{}").get("dtype")
-            except (ValueError, AttributeError):
-                dtype = None
-            return rows[0]["model_hash"], dtype if isinstance(dtype, str) else None
-    return None, None
+                generation = json.loads(rows[0].get("generation") or "{}")
+            except ValueError:
+                generation = {}
+            generation = generation if isinstance(generation, dict) else {}
+            dtype = generation.get("dtype")
+            return rows[0]["model_hash"], dtype if isinstance(dtype, str) else None, generation or None
+    return None, None, None
 
 
 def _run_qc(folder: RunFolder, progress: bool, checked: dict):

@@ -1186,3 +1186,75 @@ def test_a_resume_refuses_to_finish_a_run_in_another_dtype_than_auto_began_it(ti
     assert excinfo.value.exit_code == 2
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)  # back where it began
     assert generate(spec, tmp_path / "run", resume=True, progress=False, qc=False).written == 2
+
+
+def test_generate_computes_with_its_threads_and_gives_the_callers_back(tiny_sd_dir, tmp_path):
+    """generator.threads (or the usable CPUs) hold only while images are made: a notebook that set its own thread
+    count, or seeded torch, finds both as it left them after building a backend and after generate."""
+    from synthmed.build import generate
+    from synthmed.spec import load_spec
+
+    before = torch.get_num_threads()
+    mine = 3 if before != 3 else 2
+    torch.set_num_threads(mine)
+    try:
+        backend = make_backend(tiny_sd_dir, threads=1)
+        assert torch.get_num_threads() == mine
+        seen = []
+        step = backend._generate_micro_batch
+        backend._generate_micro_batch = lambda *a: seen.append(torch.get_num_threads()) or step(*a)
+        backend.generate([make_case(0)], [make_prompt(make_case(0))])
+        assert seen == [1] and torch.get_num_threads() == mine
+        torch.manual_seed(11)
+        expected = torch.rand(2)
+        torch.manual_seed(11)
+        generate(load_spec(_spec_text(tiny_sd_dir).replace("count: 5", "count: 2")), tmp_path / "out", progress=False,
+                 qc=False)
+        assert torch.get_num_threads() == mine and torch.equal(torch.rand(2), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _components(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                scheduler=pipe.scheduler)
+
+
+def test_a_backend_over_a_model_in_memory_follows_its_weights(tiny_sd_dir):
+    """from_components serves a model being trained: after its weights change it draws with the new ones (no
+    cached prompt embedding of the old text encoder), and its model_hash is of the weights, not one name for all."""
+    parts = _components(tiny_sd_dir)
+    settings = dict(width=SIZE, height=SIZE, steps=STEPS, guidance_scale=GUIDANCE, threads=THREADS)
+    backend = DiffusionBackend.from_components(**parts, **settings)
+    case = make_case(0)
+    before = backend.generate([case], [make_prompt(case)])[0].pixels
+    hash_before = backend.info.model_hash
+    with torch.no_grad():
+        for p in parts["text_encoder"].parameters():
+            p.mul_(0.5)
+    after = backend.generate([case], [make_prompt(case)])[0].pixels
+    fresh = DiffusionBackend.from_components(**parts, **settings)
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, fresh.generate([case], [make_prompt(case)])[0].pixels)
+    assert fresh.info.model_hash != hash_before and len(hash_before) == 64
+    assert DiffusionBackend.from_components(**parts, **settings, model_hash="mine").info.model_hash == "mine"
+
+
+def test_a_resume_with_a_backend_object_of_other_settings_is_refused(tiny_sd_dir, tmp_path):
+    """A Backend object's sampling settings are not the spec's: a resume whose backend samples otherwise than the
+    kept rows were made is refused naming the settings, not mixed into one set; the same settings resume."""
+    from synthmed.build import BuildError, generate
+    from synthmed.spec import load_spec
+
+    spec = load_spec(_spec_text(tiny_sd_dir).replace("count: 5", "count: 70"))
+    out = tmp_path / "out"
+    generate(spec, out, backend=make_backend(tiny_sd_dir, steps=2), progress=False, qc=False, limit=64)
+    with pytest.raises(BuildError, match=r"partly made with other settings .*steps 2 -> 3") as refused:
+        generate(spec, out, backend=make_backend(tiny_sd_dir, steps=3), progress=False, qc=False, resume=True)
+    assert refused.value.exit_code == 2
+    result = generate(spec, out, backend=make_backend(tiny_sd_dir, steps=2), progress=False, qc=False, resume=True)
+    assert (result.reused, result.written) == (64, 6)

@@ -209,6 +209,26 @@ def test_a_dicom_series_reads_as_the_same_volume(user_ct, tmp_path):
     np.testing.assert_allclose(a.hu, b.hu, atol=1e-3)
 
 
+@pytest.mark.slow
+def test_a_ct_edited_between_two_loads_of_one_process_is_read_again(user_ct, tmp_path):
+    """A notebook builds, edits its CT, builds again: the second build draws the CT as it is now (its hash, which
+    the run records, is of the new file), not the volume kept from the first."""
+    import shutil
+
+    for name in ("ct.nii", "labels.nii.gz", "structures.csv"):
+        shutil.copy(user_ct / name, tmp_path / name)
+    entry = load_spec(_spec(tmp_path, NIFTI)).generator.anatomy[0]
+    first = load_volume(entry)
+    assert load_volume(entry) is first  # kept while the files are the same
+    ct = nib.load(str(tmp_path / "ct.nii"))
+    hu = np.asarray(ct.dataobj).astype(np.int16)
+    hu[hu > 100] += 300  # denser bone
+    (tmp_path / "ct.nii").unlink()
+    nib.save(nib.Nifti1Image(hu, ct.affine), str(tmp_path / "ct.nii"))
+    again = load_volume(entry)
+    assert again is not first and float(again.hu.mean()) > float(first.hu.mean())
+
+
 # ----------------------------------------------------------------------------- two volumes, end to end
 
 def _manifest(out: Path) -> list[dict]:

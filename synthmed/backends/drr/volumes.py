@@ -525,13 +525,41 @@ def _check_label_values(values, path) -> None:
                           "(ct: and labels: swapped)?")
 
 
-@lru_cache(maxsize=None)  # every volume a process has used stays loaded (about 0.3 GiB each at the default spacing)
+_LOADED: dict = {}  # entry -> (its files' stamps, Anatomy): every volume a process has used (~0.3 GiB each)
+
+
+def _stamps(path) -> tuple:
+    """What tells a file (or a folder's files) changed without reading it: size and modification time, as make."""
+    if path is None:
+        return ()
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
+                         if p.is_file())
+        st = path.stat()
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return ()
+
+
 def load_volume(entry):
-    """Read, resample and clean one user volume into the form of the shipped CT (cached per process).
+    """Read, resample and clean one user volume into the form of the shipped CT (kept per process, and read again
+    when its files change: a CT edited between two builds of one notebook is drawn as it is now, as its hash says).
 
     Returns:
         an :class:`~synthmed.backends.drr.anatomy.Anatomy`.
     """
+    stamps = tuple(_stamps(getattr(entry, key, None)) for key in ("ct", "labels", "structures"))
+    kept = _LOADED.get(entry)
+    if kept is None or kept[0] != stamps:
+        _LOADED.pop(entry, None)  # the old volume goes before the new one is read: memory
+        _LOADED[entry] = (stamps, _read_volume(entry))
+    return _LOADED[entry][1]
+
+
+def _read_volume(entry):
+    """Read, resample and clean one user volume (:func:`load_volume`)."""
     import nibabel as nib
     import numpy as np
     from scipy import ndimage
