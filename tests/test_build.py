@@ -763,9 +763,10 @@ def test_masks_and_segments_pair_with_the_findings_by_position(tmp_path):
         assert list(read_seg_masks(out / row["seg_path"])) == findings
 
 
-@pytest.mark.parametrize("old, says", [(1, r"format 4: DX images by default, a DICOM SR and SEG.*; 8-bit PNGs"),
-                                       (2, r"format 4: 8-bit PNGs by default \(image.png_bit_depth\).*; DICOM UIDs"),
-                                       (3, r"format 4: DICOM UIDs derived from the image's pixels too")])
+@pytest.mark.parametrize("old, says", [(1, r"format 5: DX images by default, a DICOM SR and SEG.*; 8-bit PNGs"),
+                                       (2, r"format 5: 8-bit PNGs by default \(image.png_bit_depth\).*; DICOM UIDs"),
+                                       (3, r"format 5: DICOM UIDs derived from the image's pixels too"),
+                                       (4, r"format 5: DICOM Patient ID of the case id and the spec hash")])
 def test_a_build_of_an_earlier_output_format_is_refused_on_resume_and_overwrite_rebuilds_it(tmp_path, old, says):
     spec = write_spec(tmp_path / "specs", count=3)
     out = tmp_path / "out"

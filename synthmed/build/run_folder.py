@@ -24,13 +24,14 @@ WORKERS_TIMEOUT_S = 60.0  # how long a run waits for a killed run's workers to b
 # 2: DX by default, a DICOM SR (and SEG) beside every DICOM image, their manifest columns. 3: 8-bit PNG by default,
 # written by Pillow, the png_bit_depth column. A folder of another format is refused on --resume (never mixed);
 # --overwrite starts it again.
-RUN_FORMAT = 4
+RUN_FORMAT = 5
 
 
 FORMAT_CHANGES = {2: "DX images by default, a DICOM SR and SEG beside each, their manifest columns, 0/1 masks",
                   3: "8-bit PNGs by default (image.png_bit_depth), written by Pillow, the png_bit_depth column",
                   4: "DICOM UIDs derived from the image's pixels too, masks and SEG segments in the findings' order, "
-                     "the phantom's smallest findings drawn larger"}
+                     "the phantom's smallest findings drawn larger",
+                  5: "DICOM Patient ID of the case id and the spec hash (two sets' patients never share one)"}
 
 
 OUR_NAMES = ("images", "dicom", "masks", "manifest.csv", "cases.jsonl", "dataset_card.json",
