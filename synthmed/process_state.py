@@ -1,8 +1,12 @@
 """What synthmed leaves as it found it in the caller's process: torch's thread count and the global random generators.
 
 A notebook that seeded its own torch stream, or set one thread for its own training loop, keeps both across
-``generate``, ``qc``, ``finetune`` and ``distill``: synthmed draws from its own generators (the sampler's, each
-case's), and sets torch's threads only while it computes.
+``generate``, ``qc``, ``finetune`` and ``distill``. ``generate`` and ``qc`` draw nothing from the global generators
+(the sampler's and each case's own; the auditor is built without initial weights) and set torch's threads only
+while the backend computes (:func:`torch_threads`; torch's count is per thread). ``finetune`` and ``distill`` train
+with torch's global generator, seeded, as accelerate's resume restores it, so they run inside :func:`kept_as_found`:
+what another thread draws from the global generators meanwhile is drawn again after they return (run training in
+one thread at a time).
 
 Example:
     >>> import random
@@ -24,7 +28,8 @@ from typing import Iterator
 
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity: taskset, a container's cpuset, a Slurm allocation), not the
-    machine's count, which oversubscribes a process given a few cores of a large node.
+    machine's count, which oversubscribes a process given a few cores of a large node. A CPU quota (a Kubernetes
+    limit) is not an affinity and is not seen: set ``generator.threads`` there.
 
     Example:
         >>> usable_cpus() >= 1
@@ -71,7 +76,7 @@ def kept_as_found() -> Iterator[None]:
     numpy_state = np.random.get_state() if np is not None else None
     torch = sys.modules.get("torch")
     torch_state = torch.random.get_rng_state() if torch is not None else None
-    cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch is not None and torch.cuda.is_initialized()  # never starts CUDA where the caller has not
     cuda_states = torch.cuda.get_rng_state_all() if cuda else None
     threads = torch.get_num_threads() if torch is not None else None
     try:
@@ -103,6 +108,11 @@ def keeps_caller_state(function):
 
     @functools.wraps(function)
     def kept(*args, **kwargs):
+        for library in ("numpy", "torch"):  # imported first, so that their state before the call is there to keep
+            try:
+                __import__(library)
+            except ImportError:
+                pass
         with kept_as_found():
             return function(*args, **kwargs)
 

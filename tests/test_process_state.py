@@ -68,3 +68,25 @@ def test_qc_with_its_auditor_leaves_the_callers_torch_stream(tmp_path):
     result = qc(out, write=False)
     assert result.report["sections"]["auditor"]["status"] != "skipped"  # the auditor ran
     assert _streams() == expected
+
+
+def test_finetune_in_a_process_that_never_imported_torch_leaves_its_defaults(tmp_path):
+    """Before the caller imports torch itself: its thread count is torch's default and its stream unseeded after
+    finetune (it once stayed seeded with finetune's seed, every process drawing the same numbers)."""
+    import subprocess
+    import sys
+
+    generate(SPEC, tmp_path / "set", backend="phantom", progress=False, qc=False)
+    code = (f"import sys, synthmed\nassert 'torch' not in sys.modules\n"
+            f"synthmed.finetune({str(tmp_path / 'set')!r}, 'scratch', {str(tmp_path / 'model')!r}, steps=1, "
+            "vae_steps=1, batch_size=2, vae_batch_size=2, vae_crop=32, threads=1, progress=False, seed=0, "
+            "validation_prompts=[])\n"
+            "import torch\nprint(torch.get_num_threads(), torch.rand(2).tolist())\n")
+    control = "import torch\nprint(torch.get_num_threads())\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    threads, drawn = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    default = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, timeout=120)
+    assert int(threads) == int(default.stdout.strip())
+    torch.manual_seed(0)
+    assert drawn != str(torch.rand(2).tolist())  # not finetune's seed-0 stream

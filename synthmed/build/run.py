@@ -24,7 +24,6 @@ from .chunks import (CHUNK_SIZE, ChunkMaker, case_paths, check_same_model, check
 from .errors import BuildArgumentError, BuildError, WriteFailed, os_error_message, write_failed_message
 from .local import run_chunks
 from .run_folder import RUN_FORMAT, STATE_DIR, RunFolder, file_sha256, part_path, row_files
-from ..process_state import keeps_caller_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backends import Backend
@@ -55,7 +54,6 @@ class BuildResult:
 EXECUTORS = ("local", "ray")
 
 
-@keeps_caller_state
 def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
              limit: int | None = None, backend: "str | Backend | None" = None, model: str | None = None,
              batch_size: int | None = None, progress: bool = True, executor: str = "local",
@@ -106,6 +104,10 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
     from ..backends import resolve_generator
 
     model = None if model is None else os.fspath(model)  # a Path from a notebook is fine
+    used = backend_name or spec.generator.backend
+    if model is not None and used != "diffusion":  # as the command line refuses --model: not kept in the records
+        raise BuildError(f"model applies to the diffusion backend only; this run uses the {used} backend, which "
+                         "draws without a model", 2)
     # the sampling settings the spec leaves out, as the model folder recommends them (a distilled student's)
     resolved = resolve_generator(spec, backend=backend_name, model=model)
     generator = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "batch_size"}
@@ -124,9 +126,6 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
 
     cases = sample_cases(spec, limit=limit)
     folder = RunFolder(out)
-    if model is not None and generator["backend"] != "diffusion":
-        folder.notes.append(f"model {model} is not used: the {generator['backend']} backend draws without a model "
-                            "(a model is the diffusion backend's)")
     # the folders this run writes into: a split it has cases in, under each top it writes (no masks from diffusion)
     tops = [top for top, fmt in (("images", "png"), ("dicom", "dicom"), ("masks", None))
             if ((fmt in spec.image.formats) if fmt else generator["backend"] != "diffusion")]
@@ -155,7 +154,7 @@ def generate(spec: DatasetSpec | str | Path, out: str | Path, *, resume: bool = 
             written, versions, checked = run_chunks_on_ray(
                 spec, folder, chunks, todo, limit=limit, backend=backend, model=model, batch_size=batch_size,
                 progress=progress, address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                qc=run_qc, made_with=made_with, made_in=made_in)
+                qc=run_qc, made_with=made_with, made_in=made_in, made_how=made_how)
         elif todo:
             engine = load_backend(spec, backend, model, cases)
             check_same_model(out, engine.info.model_hash, made_with, engine.info.settings.get("dtype"), made_in,

@@ -459,7 +459,8 @@ class Auditor:
             raise FileNotFoundError(f"auditor folder {folder} lacks {', '.join(missing)}{hint}")
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         _check_config(config)
-        network = _build_network(config)
+        with torch.device("meta"):  # no random initial weights: nothing is drawn from the caller's torch stream
+            network = _build_network(config)
         state = load_file(str(folder / WEIGHTS_NAME))
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         expected = network.state_dict()
@@ -469,7 +470,7 @@ class Auditor:
             raise ValueError(f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: "
                              f"tensors {', '.join(problems[:8])} are missing, extra or of another shape")
         with torch.no_grad():
-            network.load_state_dict(state)
+            network.load_state_dict(state, assign=True)  # every tensor the file's (the checks above: all there)
         return cls(network, config)
 
     def save(self, path: str | Path) -> Path:

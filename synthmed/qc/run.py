@@ -81,7 +81,6 @@ from .outputs import LEDGER_KEY, REPORT_HTML, REPORT_JSON
 from .reference_metrics import reference_report
 from .registry import SET_CHECKS
 from .spec_fidelity import ATTRIBUTES, PAIRS, expected_distributions, planned_distributions, spec_fidelity_report
-from ..process_state import keeps_caller_state
 
 REPORT_FORMAT = 1
 DISPLAY_SIDE = 96            # thumbnails in report.html
@@ -121,7 +120,6 @@ def check_rows(out: str | Path, spec, rows: Iterable[Mapping[str, str]]) -> dict
     return {row["case_id"]: check_row(Path(out), row, expected, limits)[0] for row in rows}
 
 
-@keeps_caller_state
 def qc(out: str | Path, *, reference: str | Path | None = None, training_manifest: str | Path | None = None,
        config=None, feature_extractor: FeatureExtractor | str | os.PathLike | None = None, auditor: Any = True,
        full: bool = True, dciodvfy_sample: int | None = None, write: bool = True, lock: bool = True,
