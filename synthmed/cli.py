@@ -360,7 +360,7 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model folder / earlier checkpoints.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: the CPUs this process may use).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto uses a CUDA GPU through accelerate when there is one.")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
@@ -478,7 +478,7 @@ def finetune(manifest: Path, base: str, out: Path, quiet: bool, **options) -> No
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the work folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a student / checkpoints an earlier run wrote.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads (default: the CPUs this process may use).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")

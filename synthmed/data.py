@@ -371,9 +371,10 @@ class LoadMasks:
     Args:
         findings: the channels; default :data:`MASK_FINDINGS` (every vocabulary finding but no_finding, in
             vocabulary order: the same channels for every set). A row's mask of another finding is an error.
-        image_layout: ``"auto"`` tells from the image how it was read (its file's height and width, and for a
-            square image its pixels, read again); ``"rows"`` ([..., H, W], :func:`load_transform`'s) or
-            ``"columns"`` ([..., W, H], MONAI's default readers) say it and read nothing.
+        image_layout: ``"auto"`` tells from each image with masks how it was read (its file's height and
+            width in MONAI's meta, and for a square image the file's pixels, read again: say the layout to save
+            that read); ``"rows"`` ([..., H, W], :func:`load_transform`'s) or ``"columns"`` ([..., W, H], MONAI's
+            default readers) say it and read nothing.
 
     Example:
         >>> import numpy as np, tempfile
@@ -389,6 +390,7 @@ class LoadMasks:
         if image_layout not in IMAGE_LAYOUTS:
             raise ValueError(f"image_layout must be one of {', '.join(IMAGE_LAYOUTS)}, got {image_layout!r}")
         self.image_layout = image_layout
+        self._warned = False  # "auto" said once that it could not tell a square image's layout
         self.findings = tuple(_mask_findings() if findings is None else findings)
         if len(set(self.findings)) != len(self.findings) or not all(isinstance(f, str) for f in self.findings):
             raise ValueError(f"findings must be distinct finding names, got {list(self.findings)!r}")
@@ -409,14 +411,28 @@ class LoadMasks:
                              f"of the channels {list(self.findings)!r}")
         loaded = {f: read_mask(path) for f, path in paths.items()}
         image = item.get("image")
-        transposed = self.image_layout == "columns" or (self.image_layout == "auto" and _read_transposed(image))
+        if loaded and self.image_layout == "auto":  # no mask: the zeros take the image's own shape
+            transposed = _read_transposed(image)
+            shape = tuple(getattr(image, "shape", ())[-2:])
+            if transposed is None and len(shape) == 2 and shape[0] == shape[1] and not self._warned:
+                import warnings
+
+                self._warned = True
+                warnings.warn("LoadMasks cannot tell how this square image was read (no MONAI meta with its file: "
+                              "track_meta off, or a plain array): taking it as rows first, [H, W]; pass "
+                              "image_layout='rows', or 'columns' after MONAI's default readers", stacklevel=2)
+        else:
+            transposed = self.image_layout == "columns"
         if transposed:  # MONAI's readers give [W, H] by default: the masks follow the image as it was read
             loaded = {f: m.T for f, m in loaded.items()}
         shape = next(iter(loaded.values())).shape if loaded else self._shape(item)
         if loaded and hasattr(image, "shape") and tuple(image.shape[-2:]) != shape:
+            swapped = tuple(image.shape[-2:]) == shape[::-1]
             raise ValueError(f"mask {next(iter(paths.values()))} is {shape[1]}x{shape[0]}, the image of "
                              f"{record.get('case_id', 'the record')} {image.shape[-1]}x{image.shape[-2]}; "
-                             "was one of them resized?")
+                             + ("was the image read as [W, H] (MONAI's default readers)? pass "
+                                f"image_layout='{'rows' if transposed else 'columns'}'" if swapped else
+                                "was one of them resized?"))
         mask = np.zeros((len(self.findings), *shape), np.uint8)
         label_map = np.zeros((1, *shape), np.uint8)
         for k, finding in enumerate(self.findings):
@@ -436,7 +452,7 @@ class LoadMasks:
         return tuple(int(n) for n in read_image(image).shape)
 
 
-def _read_transposed(image) -> bool:
+def _read_transposed(image) -> bool | None:
     """Whether ``image`` was read as [..., W, H]: MONAI's ``LoadImage`` does so by default (its PIL reader's
     ``reverse_indexing``, its pydicom reader's ``swap_ij``). Told by the file's own height and width (the PNG's, the
     DICOM's Rows and Columns) against the image's shape, and for a square image by which layout of the file's
@@ -447,7 +463,7 @@ def _read_transposed(image) -> bool:
     shape = tuple(getattr(image, "shape", ())[-2:])
     path = meta.get("filename_or_obj") if isinstance(meta, dict) else None
     if len(shape) != 2 or not isinstance(path, (str, os.PathLike)):
-        return False
+        return None
     pixels = None
     try:
         if "width" in meta and "height" in meta:  # the PIL reader's record of the file
@@ -458,9 +474,9 @@ def _read_transposed(image) -> bool:
             header = pydicom.dcmread(path, stop_before_pixels=True)
             height, width = int(header.Rows), int(header.Columns)
     except Exception:  # not a file we can tell the layout of (pydicom raises many kinds): take it as read
-        return False
+        return None
     if shape not in ((width, height), (height, width)):
-        return False  # resized or cropped since: the shape check names it
+        return None  # resized or cropped since: the shape check names it
     if width != height:
         return shape == (width, height)
     try:
@@ -474,13 +490,14 @@ def _read_transposed(image) -> bool:
 
             pixels = np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.float64)
         except Exception:
-            return False
-    data = np.asarray(image, dtype=np.float64).reshape(-1, height, width)[0]
+            return None
+    array = image.detach().cpu() if hasattr(image, "detach") else image  # a tensor on a GPU too
+    data = np.asarray(array, dtype=np.float64).reshape(-1, height, width)[0]
     if pixels.shape != data.shape or pixels.std() == 0 or data.std() == 0:
-        return False
+        return None
     same = abs(np.corrcoef(data.ravel(), pixels.ravel())[0, 1])
     swapped = abs(np.corrcoef(data.ravel(), pixels.T.ravel())[0, 1])
-    return bool(swapped > same)
+    return None if swapped == same else bool(swapped > same)
 
 
 def load_transform(masks: bool | Sequence[str] = False):

@@ -246,11 +246,36 @@ def test_a_spec_whose_batch_size_was_lowered_says_how_to_resume(tmp_path):
     assert (result.reused, result.written) == (64, 6)
 
 
-def test_a_model_given_to_a_backend_that_draws_without_one_is_named_not_silently_dropped(tmp_path):
-    from synthmed.build import generate
+def test_a_model_given_to_a_backend_that_draws_without_one_is_refused_as_the_command_line_does(tmp_path):
+    """It was dropped silently, yet recorded in the run and the card, so that a resume without it was refused."""
+    from synthmed.build import BuildError, generate
 
     spec = ("spec_version: 1\nname: m\ncount: 2\nimage: {size: 64}\nqc: {enabled: false}\n"
             "findings: [{finding: nodule, weight: 1}]\n")
-    result = generate(spec, tmp_path / "out", backend="pattern", model=tmp_path / "no-such-model", progress=False)
-    assert any("is not used: the pattern backend draws without a model" in n for n in result.notes)
-    assert not generate(spec, tmp_path / "plain", backend="pattern", progress=False).notes
+    with pytest.raises(BuildError, match="model applies to the diffusion backend only; this run uses the pattern") \
+            as refused:
+        generate(spec, tmp_path / "out", backend="pattern", model=tmp_path / "no-such-model", progress=False)
+    assert refused.value.exit_code == 2 and not (tmp_path / "out").exists()
+    assert generate(spec, tmp_path / "plain", backend="pattern", progress=False).written == 2
+
+
+def test_a_users_backend_resumes_only_with_the_settings_it_began_with(tmp_path):
+    """A Backend object of the user's own: every setting its info reports (but how fast it runs) must be the kept
+    rows', or the set would mix images drawn otherwise."""
+    from synthmed.backends.base import BackendInfo
+    from synthmed.backends.pattern import PatternBackend
+    from synthmed.build import BuildError, generate
+
+    class Mine(PatternBackend):
+        def __init__(self, level: float, threads: int = 1):
+            super().__init__(64, 64)
+            self.info = BackendInfo(name="mine", model_id="mine-1", model_hash="mine-1",
+                                    settings={"level": level, "threads": threads})
+
+    spec = ("spec_version: 1\nname: u\ncount: 70\nimage: {size: 64}\nqc: {enabled: false}\n"
+            "findings: [{finding: nodule, weight: 1}]\n")
+    generate(spec, tmp_path / "out", backend=Mine(0.3), progress=False, limit=64)
+    with pytest.raises(BuildError, match=r"other settings .*level 0.3 -> 0.8"):
+        generate(spec, tmp_path / "out", backend=Mine(0.8), progress=False, resume=True)
+    result = generate(spec, tmp_path / "out", backend=Mine(0.3, threads=2), progress=False, resume=True)
+    assert (result.reused, result.written) == (64, 6)

@@ -634,12 +634,19 @@ def test_load_masks_after_monais_load_image_lies_on_the_image_as_it_was_read(tmp
 
 @pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")
 @pytest.mark.filterwarnings("ignore:PydicomReader:UserWarning")
-def test_load_masks_after_monais_own_dicom_reader_lies_on_the_image_as_it_was_read(tmp_path, ManifestDataset):
-    """A square DICOM-only set read by LoadImaged's defaults ([W, H]): LoadMasks lays the masks out the same way."""
+def test_load_masks_after_monais_own_dicom_reader_lies_on_the_image_as_it_was_read(tmp_path, ManifestDataset,
+                                                                                    monkeypatch):
+    """A square DICOM-only set read by LoadImaged's defaults ([W, H]): LoadMasks lays the masks out the same way,
+    reading a file again only for an image with masks whose layout it is not told."""
     pytest.importorskip("monai")
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
+    import synthmed.data as data
     from synthmed.data import MASK_FINDINGS, LoadMasks
+
+    told = []
+    monkeypatch.setattr(data, "_read_transposed", lambda image, _tell=data._read_transposed: told.append(1) or
+                        _tell(image))
 
     out = tmp_path / "square"
     generate(load_spec(SPEC.format(w=64, h=64, formats="[dicom]", bits=16, png_bits=8)), out, backend="pattern",
@@ -658,4 +665,14 @@ def test_load_masks_after_monais_own_dicom_reader_lies_on_the_image_as_it_was_re
         for finding, mask in ours[i]["masks"].items():
             np.testing.assert_array_equal(item["mask"][MASK_FINDINGS.index(finding)], mask[0].numpy().T)
             checked += 1
-    assert checked >= 3
+    with_masks = sum(bool(r["mask_paths"]) for r in manifest_records(out, masks=True))
+    assert checked >= 3 and len(told) == with_masks < len(ours)  # "columns" reads nothing, nor a row without masks
+    from monai.transforms import ToNumpyd
+
+    plain = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), ToNumpyd(keys="image"),
+                     LoadMasks()])  # the meta gone: it cannot tell, and says so once
+    records = [r for r in manifest_records(out, masks=True) if r["mask_paths"]]
+    with pytest.warns(UserWarning, match="cannot tell how this square image was read") as said_once:
+        for record in records[:2]:
+            plain(dict(record))
+    assert len([w for w in said_once if "cannot tell" in str(w.message)]) == 1

@@ -342,3 +342,23 @@ def test_an_address_where_another_service_answers_is_named_and_a_real_gcs_passes
     assert refused.value.exit_code == 2
     server.close()
     _check_reachable(ray_local.get_runtime_context().gcs_address)  # the module's own Ray: no error
+
+
+def test_a_ray_resume_holds_the_kept_rows_to_its_workers_settings(ray_local, tmp_path):
+    """A run begun locally with a Backend object (its settings are not the spec's) and finished on Ray: the workers
+    refuse to mix their images with the kept rows made otherwise, as the local executor does."""
+    from synthmed.backends.base import BackendInfo
+    from synthmed.backends.pattern import PatternBackend
+
+    spec = spec_text(70).replace("backend: phantom", "backend: pattern").replace("size: 128", "size: 64")
+
+    class Mine(PatternBackend):  # the pattern's images and hash, made with a setting the spec's backend lacks
+        def __init__(self):
+            super().__init__(64, 64)
+            self.info = BackendInfo(name="pattern", model_id=self.info.model_id, model_hash=self.info.model_hash,
+                                    settings={**self.info.settings, "steps": 2})
+
+    out = tmp_path / "out"
+    generate(spec, out, backend=Mine(), progress=False, qc=False, limit=64)
+    with pytest.raises(BuildError, match=r"partly made with other settings .*steps 2 -> None"):
+        generate(spec, out, progress=False, qc=False, resume=True, executor="ray", workers=1)

@@ -133,7 +133,7 @@ class DiffusionBackend:
         coarse_to_fine: ``{"scale": 0.5, "strength": 0.6}``: generate at scale x size, upscale, refine.
         decoder: ``"full"`` (the folder's VAE) or ``"tiny"`` (its ``tiny_vae/`` AutoencoderTiny); None: the
             folder's recommendation (:func:`recommended_sampling`).
-        threads: torch CPU threads (default: all cores).
+        threads: torch CPU threads while images are made (default: the CPUs this process may use).
         cache_size: prompt embeddings kept.
     """
 
@@ -272,7 +272,32 @@ class DiffusionBackend:
         weights = model_hash or weights_sha256(unet, vae, text_encoder)
         self._setup(scheduler, scheduler_name, "float32", False, 0, model_id, weights)
         self.info = dataclasses.replace(self.info, hashed=f"the in-memory model {model_id}")
+        if model_hash is None:  # the hash follows the weights: trained further between two builds, it is another
+            self._weights_key = self._weights_now()
         return self
+
+    # the in-memory components' (id, version) of every tensor when info.model_hash was taken; None: a folder's
+    _weights_key: tuple | None = None
+
+    @property
+    def info(self) -> BackendInfo:
+        """What makes the images (recorded in the manifest); for in-memory components, of their weights now."""
+        if self._weights_key is not None:
+            now = self._weights_now()
+            if now != self._weights_key:
+                self._info = dataclasses.replace(self._info, model_hash=weights_sha256(self.unet, self.vae,
+                                                                                       self.text_encoder))
+                self._weights_key = now
+        return self._info
+
+    @info.setter
+    def info(self, value: BackendInfo) -> None:
+        self._info = value
+
+    def _weights_now(self) -> tuple:
+        """Each tensor's identity and in-place version: an optimiser step or load_state_dict changes them."""
+        return tuple((id(t), t._version) for m in (self.unet, self.vae, self.text_encoder)
+                     for t in m.state_dict(keep_vars=True).values())
 
     def _setup(self, base_scheduler, scheduler: str, dtype: str, compile: bool, cache_size: int, model_id: str,
                weights_hash: str) -> None:

@@ -41,9 +41,9 @@ def software_versions(spec: DatasetSpec, backend: str) -> dict[str, str]:
 
 
 def _model_as_named(spec: DatasetSpec, model: str | None) -> str | None:
-    """The model as the card shows it: as the spec names it (relative to the spec), or a folder given on the command
-    line by its name; never the absolute path, which says where the maker's files are, not what made the set (the
-    manifest's model_hash says that)."""
+    """The model as the card shows it: as the spec names it (relative to the spec, as written), or a folder given on
+    the command line by its name; not the absolute path synthmed resolved, which says where the maker's files are,
+    not what made the set (the manifest's model_hash says that)."""
     if not isinstance(model, str) or not os.path.isabs(model):
         return model
     if model == spec.generator.model:

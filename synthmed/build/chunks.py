@@ -251,19 +251,27 @@ def check_same_model(out: Path, model_hash: str, made_with: str | None, dtype: s
 
 
 # The backend settings that change what an image shows (not how fast it is made: threads, micro_batch, device, compile)
+SPEED_SETTINGS = ("threads", "micro_batch", "device", "compile", "batch_size")  # a user's backend may report these
 IMAGE_SETTINGS = ("steps", "guidance_scale", "scheduler", "width", "height", "timestep_spacing", "late_guidance",
                   "decoder", "coarse_to_fine", "quantize", "distilled")
 
 
 def check_same_settings(out: Path, settings, made_how: dict | None) -> None:
     """A resume must not mix images made with other sampling settings: the kept rows' ``generation`` against this
-    run's backend (a spec's settings are in its hash already; a Backend object passed to ``generate`` is not)."""
+    run's backend. The run record holds what a spec, the model folder's recommendations and the command line set;
+    a Backend object passed to ``generate`` has settings of its own, and a run begun with one may be finished
+    without it (or on Ray)."""
     import json
+
+    from ..backends import BACKENDS
 
     if not made_how:
         return
-    now = json.loads(json.dumps({k: settings.get(k) for k in IMAGE_SETTINGS}, default=str))  # as the rows hold it
-    changed = [f"{key} {made_how.get(key)!r} -> {now.get(key)!r}" for key in IMAGE_SETTINGS
+    keys = IMAGE_SETTINGS
+    if made_how.get("backend") not in BACKENDS:  # a user's backend: every setting it reports but how fast it runs
+        keys = tuple(k for k in dict.fromkeys([*made_how, *settings]) if k != "backend" and k not in SPEED_SETTINGS)
+    now = json.loads(json.dumps({k: settings.get(k) for k in keys}, default=str))  # as the rows hold it
+    changed = [f"{key} {made_how.get(key)!r} -> {now.get(key)!r}" for key in keys
                if made_how.get(key) != now.get(key)]
     if changed:
         raise BuildError(f"{out} was partly made with other settings than this run's backend has "

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..progress import progress_bar
 from .card import software_versions
-from .chunks import ChunkMaker, check_same_model, load_backend
+from .chunks import ChunkMaker, check_same_model, check_same_settings, load_backend
 from .errors import BuildError, WriteFailed, os_error_message, write_failed_message
 from .run_folder import STATE_DIR, WORKERS_LOCK, part_path
 
@@ -109,6 +109,7 @@ class ChunkWorker:
         engine = load_backend(spec, job["backend"], job["model"], self.cases)
         check_same_model(self.out, engine.info.model_hash, job.get("made_with"), engine.info.settings.get("dtype"),
                          job.get("made_in"), engine.info.hashed)
+        check_same_settings(self.out, engine.info.settings, job.get("made_how"))
         self.maker = ChunkMaker(spec, self.out, engine, job["batch_size"])
         self.spec, self.check = spec, job["qc"]
         self.versions = json.dumps(software_versions(spec, engine.info.name), sort_keys=True)
@@ -157,7 +158,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
                       limit: int | None, backend: str | None, model: str | None, batch_size: int | None,
                       progress: bool, address: str | None, workers: int | None,
                       gpus_per_worker: float, qc: bool = False, made_with: str | None = None,
-                      made_in: str | None = None) -> tuple[int, dict, dict]:
+                      made_in: str | None = None, made_how: dict | None = None) -> tuple[int, dict, dict]:
     """Make the chunks in ``todo`` on Ray workers.
 
     Returns (images written, the workers' software versions, per-image check results by case id:
@@ -177,7 +178,7 @@ def run_chunks_on_ray(spec: "DatasetSpec", folder: "RunFolder", chunks: list[tup
     try:
         # 2. The job every worker gets, and the pool size
         job = _job(spec, folder.out, limit=limit, backend=backend, model=model, batch_size=batch_size, qc=qc)
-        job["made_with"], job["made_in"] = made_with, made_in
+        job["made_with"], job["made_in"], job["made_how"] = made_with, made_in, made_how
         workers = min(workers or _default_workers(ray, gpus_per_worker), len(todo))
         # 3. One row per chunk, one block per row, two chunks in flight per actor: the next chunk is already on the
         #    actor when one ends (with one in flight, an actor idled 0.15-0.2 s per 1.9 s chunk while a busy

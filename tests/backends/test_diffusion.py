@@ -1241,6 +1241,7 @@ def test_a_backend_over_a_model_in_memory_follows_its_weights(tiny_sd_dir):
     assert not np.array_equal(before, after)
     assert np.array_equal(after, fresh.generate([case], [make_prompt(case)])[0].pixels)
     assert fresh.info.model_hash != hash_before and len(hash_before) == 64
+    assert backend.info.model_hash == fresh.info.model_hash  # the same object, trained further: another model
     assert DiffusionBackend.from_components(**parts, **settings, model_hash="mine").info.model_hash == "mine"
 
 

@@ -511,6 +511,16 @@ def test_a_splits_metadata_csv_whose_split_left_the_manifest_fails_the_run(out):
     assert section["metadata_rows_failed"] == len(gone)
     assert f"images/test/metadata.csv, line 2 ({gone[0]}): case_id '{gone[0]}' is no row of manifest.csv in " \
         "images/test/" in json.dumps(section["problems"])
+    for how in ("link", "junk"):  # nothing of it can be read: the file itself still fails the run
+        path = out / "images" / "test" / "metadata.csv"
+        path.unlink()
+        if how == "link":
+            path.symlink_to(out / "manifest.csv")
+        else:
+            path.write_bytes(b"\xff\xfe\x00binary")
+        result = run("qc", out, "-q", "--no-auditor", "--fast")
+        assert result.exit_code == 1, (how, result.output)
+        assert report_of(out)["sections"]["manifest_consistency"]["metadata_rows_failed"] >= 1
 
 
 @pytest.mark.parametrize("how", ["link", "huge_field"])

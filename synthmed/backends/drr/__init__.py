@@ -69,8 +69,9 @@ class DrrBackend:
             for path in (v.ct, v.labels, v.structures):
                 if path is not None and not Path(path).exists():
                     raise VolumeError(f"anatomy '{v.id}': {path} is gone (it was there when the spec was validated)")
-        for v in user:  # validate read headers only; cached per process, every case's volume is loaded anyway
-            load_volume(v)
+        # every user volume loaded here, once (a damaged file is refused before any case), and kept for the run: a CT
+        # edited meanwhile is read by the next backend, whose hash is of it (load_volume reads changed files again)
+        self._loaded = {v: load_volume(v) for v in user}
         model_hash = f"{ANATOMY_ID}+drawing-{DRAWING_VERSION}"
         if user:  # a resume must not mix volumes: their files' sha256 (and the drawing) make the backend's hash
             import hashlib
@@ -110,14 +111,15 @@ class DrrBackend:
         return out
 
     def _anatomy(self, case):
-        """The volume a case is projected from: ``volumes[seed % n]`` (loaded once per process)."""
+        """The volume a case is projected from: ``volumes[seed % n]`` (the shipped CT loaded once per process, a
+        user's when the backend was made)."""
         from .anatomy import load_anatomy
-        from .volumes import choose_volume, load_volume
+        from .volumes import choose_volume
 
         if not self.volumes:
             return load_anatomy(self.anatomy_dir)
         entry = self.volumes[choose_volume(case.seed, len(self.volumes))]
-        return load_anatomy(self.anatomy_dir) if entry.ct is None else load_volume(entry)
+        return load_anatomy(self.anatomy_dir) if entry.ct is None else self._loaded[entry]
 
 
 # ----------------------------------------------------------------------------- geometry and provenance

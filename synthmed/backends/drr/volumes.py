@@ -535,8 +535,8 @@ def _stamps(path) -> tuple:
     path = Path(path)
     try:
         if path.is_dir():
-            return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
-                         if p.is_file())
+            stats = [(p.name, p.stat()) for p in sorted(path.iterdir())]
+            return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats if stat.S_ISREG(st.st_mode))
         st = path.stat()
         return (st.st_size, st.st_mtime_ns)
     except OSError:
@@ -545,7 +545,8 @@ def _stamps(path) -> tuple:
 
 def load_volume(entry):
     """Read, resample and clean one user volume into the form of the shipped CT (kept per process, and read again
-    when its files change: a CT edited between two builds of one notebook is drawn as it is now, as its hash says).
+    when its files' size or modification time changed: a CT edited between two builds of one notebook is drawn as it
+    is now, as the next backend's hash says; a drr backend keeps the volumes it was made with for its run).
 
     Returns:
         an :class:`~synthmed.backends.drr.anatomy.Anatomy`.
