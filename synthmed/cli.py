@@ -285,7 +285,7 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
                f"in {result.seconds:.1f} s ({rate:.1f} images/s)")
     folders = [str(out / top) for top in ("images", "dicom") if (out / top).is_dir()]
     click.echo(f"  images:   {'  '.join(folders) or '(none written)'}")
-    click.echo(f"  manifest: {result.manifest}")
+    click.echo(f"  manifest: {out / 'manifest.csv'}")  # as the other lines: the folder as it was given
     click.echo(f"  card:     {out / 'dataset_card.json'}")
     if result.qc is not None:
         from .qc.report import headline, summary_lines
