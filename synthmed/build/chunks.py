@@ -250,8 +250,9 @@ def check_same_model(out: Path, model_hash: str, made_with: str | None, dtype: s
                          "a run computes in it everywhere)", 2)
 
 
-# The backend settings that change what an image shows (not how fast it is made: threads, micro_batch, device, compile)
-SPEED_SETTINGS = ("threads", "micro_batch", "device", "compile", "batch_size")  # a user's backend may report these
+# How fast a backend makes images, not what they show: never held against the kept rows (a user's backend may report)
+SPEED_SETTINGS = ("threads", "micro_batch", "device", "compile", "batch_size")
+# The built-in backends' settings that change what an image shows
 IMAGE_SETTINGS = ("steps", "guidance_scale", "scheduler", "width", "height", "timestep_spacing", "late_guidance",
                   "decoder", "coarse_to_fine", "quantize", "distilled")
 
