@@ -303,8 +303,9 @@ def generate(spec_path: Path, out: Path, resume: bool, overwrite: bool, limit: i
 @main.command()
 @click.option("--manifest", required=True, type=click.Path(path_type=Path),
               help="A synthmed manifest.csv (or its folder, or a split's images/<split>/metadata.csv): phantom or "
-                   "drr images, or your own described in the same columns; or a real dataset's folder or CSV: CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any "
-                   "CSV with --column-map (records of split train, or of none; docs/datasets.md).")
+                   "drr images, or your own described in the same columns; or a real dataset's folder or CSV: "
+                   "CheXpert, MIMIC-CXR-JPG, NIH ChestX-ray14, or any CSV with --column-map (records of split "
+                   "train, or of none; docs/datasets.md).")
 @click.option("--dataset-kind", type=click.Choice(["chexpert", "mimic", "nih", "csv"]),
               help="Force the real dataset's layout (default: told from its files and columns).")
 @click.option("--column-map", type=click.Path(dir_okay=False, path_type=Path), metavar="YAML",

@@ -504,9 +504,10 @@ def load_transform(masks: bool | Sequence[str] = False):
     """MONAI transforms that load :func:`manifest_records` as synthmed's own loaders do: image [1, H, W].
 
     Rows first, as :class:`ManifestDataset`, numpy and the manifest's ``bboxes`` (x the last axis): MONAI's
-    PIL and pydicom readers on their own give [W, H]. The image is the PNG's samples (0..255 for 8-bit, 0..65535 for
-    16-bit), or the DICOM's where the set has no PNGs, float32. With ``masks`` (True, or the channel findings), :class:`LoadMasks` adds ``mask``
-    [F, H, W] and ``label_map`` [1, H, W]. Needs MONAI (``pip install 'synthmed[monai]'``).
+    PIL and pydicom readers on their own give [W, H]. The image is the PNG's samples (0..255 for 8-bit, 0..65535
+    for 16-bit), or the DICOM's where the set has no PNGs, float32. With ``masks`` (True, or the channel
+    findings), :class:`LoadMasks` adds ``mask`` [F, H, W] and ``label_map`` [1, H, W]. Needs MONAI
+    (``pip install 'synthmed[monai]'``).
 
     Example:
         >>> from monai.data import Dataset  # doctest: +SKIP

@@ -79,9 +79,10 @@ def manifest_consistency_report(spec, rows: list[dict], cases: Mapping | None, c
     columns), sex, age and view equal to the case's; width, height and bit depth whole numbers equal to the
     spec's image; split, sex, view and finding cell among the spec's; the spec hash the card's. And every case
     of cases.jsonl has a row. ``cases``: case id -> Case; None (cases.jsonl missing or unreadable, ``cases_why``)
-    draws the plan again from the card's spec. ``backend``: the set's, by its card; each row must name it. Rows that agree with it pass; rows that do not fail with the
+    draws the plan again from the card's spec. Rows that agree with it pass; rows that do not fail with the
     reason, since a redrawn plan is not the build's record (a card may not keep the order of the spec's
-    splits, sexes or views, and another order draws another plan).
+    splits, sexes or views, and another order draws another plan). ``backend``: the set's, by its card; each row
+    must name it.
     """
     from ..cells import enumerate_cells
     from ..sampler import sample_cases

@@ -86,7 +86,7 @@ def seg_bytes(image: "Dataset", case: "Case", masks: Mapping[str, np.ndarray], *
     vocab = get_vocabulary()
     if not masks:
         raise ValueError(f"`masks` of {case.case_id} is empty; a SEG needs at least one mask")
-    if getattr(image, "PatientID", None) not in (case.case_id, patient_id(spec_hash, case.case_id)):
+    if getattr(image, "PatientID", None) != patient_id(spec_hash, case.case_id):
         raise ValueError(f"`image` is not the image of {case.case_id} (its Patient ID is "
                          f"{getattr(image, 'PatientID', None)!r})")
     shape = (int(image.Rows), int(image.Columns))

@@ -128,7 +128,7 @@ def _check_inputs(image: "Dataset", case: "Case", spec_hash: str) -> None:
     if not case.findings:
         raise ValueError(f"`case.findings` of {case.case_id} is empty; an SR needs at least one finding "
                          "(no_finding is one)")
-    if getattr(image, "PatientID", None) not in (case.case_id, patient_id(spec_hash, case.case_id)):
+    if getattr(image, "PatientID", None) != patient_id(spec_hash, case.case_id):
         raise ValueError(f"`image` is not the image of {case.case_id} (its Patient ID is "
                          f"{getattr(image, 'PatientID', None)!r})")
 
